@@ -1,0 +1,260 @@
+"""The ``batchscore`` command line: click commands that parse options and call the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+import yaml
+
+from . import __version__
+from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
+from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one 'Error:' line and their exit code; anything else is a bug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BatchscoreError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; nothing was committed", err=True)
+            sys.exit(EXIT_FAILURE)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # pragma: no cover - exercised only by bugs
+            traceback.print_exc()
+            click.echo(f"Error: unexpected {type(exc).__name__}: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper
+
+
+def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option takes key=value, got {item!r}")
+        options[key] = yaml.safe_load(value) if value else ""
+    return options
+
+
+JOB_OPTIONS = [
+    click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."),
+    click.option("--input", "input_", multiple=True, help="Parquet file, directory, or glob; local, file:// or s3://. Repeatable."),
+    click.option("--output", help="Output dataset directory (local or s3://)."),
+    click.option("--model", help="joblib model artifact (a classifier, regressor or a whole Pipeline)."),
+    click.option("--scaler", help="joblib scaler artifact applied before the model (omit for a Pipeline)."),
+    click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
+    click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
+    click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
+    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 65536]."),
+    click.option("--on-invalid", type=click.Choice(ON_INVALID_CHOICES), help="Rows with null/NaN/inf features: fail, skip, or quarantine to _rejected/ [default: fail]."),
+    click.option("--max-invalid-fraction", type=float, help="Most invalid rows allowed as a fraction of input rows [default: 0.05]."),
+    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),
+    click.option("--workers", type=int, help="Worker processes [default: all cores]."),
+    click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
+    click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines as text or JSON [default: text]."),
+]
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(JOB_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _config(kw: dict[str, Any]) -> JobConfig:
+    """Pop the job options out of a command's keyword arguments into a JobConfig."""
+    return build_config(
+        kw.pop("config_path"),
+        input=kw.pop("input_"),
+        output=kw.pop("output"),
+        model=kw.pop("model"),
+        scaler=kw.pop("scaler"),
+        model_version=kw.pop("model_version"),
+        features=kw.pop("features"),
+        keep=kw.pop("keep"),
+        batch_size=kw.pop("batch_size"),
+        on_invalid=kw.pop("on_invalid"),
+        max_invalid_fraction=kw.pop("max_invalid_fraction"),
+        overwrite=kw.pop("overwrite"),
+        workers=kw.pop("workers"),
+        storage_options=_parse_storage_options(kw.pop("storage_option")),
+        log_format=kw.pop("log_format"),
+    )
+
+
+def _reporter(config: JobConfig) -> Any:
+    from .report import Reporter
+
+    return Reporter(config.log_format)
+
+
+def _summary(config: JobConfig, manifest: dict[str, Any]) -> None:
+    rows = manifest["rows"]
+    if config.log_format == "json":
+        click.echo(json.dumps({"output": manifest["output"], "rows": rows, "parts": len(manifest["parts"]),
+                               "seconds": manifest.get("seconds"), "plan_id": manifest["plan_id"]}))
+        return
+    seconds = manifest.get("seconds")
+    speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
+    click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
+    click.echo(f"output: {manifest['output']} ({len(manifest['parts'])} part(s), _SUCCESS written)")
+
+
+def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
+    if value is None:
+        return None, None
+    index, _, count = value.partition("/")
+    try:
+        return int(index), (int(count) if count else None)
+    except ValueError:
+        raise ConfigError(f"--shard takes I or I/N, got {value!r}") from None
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchscore")
+def main() -> None:
+    """Score Parquet tables with a fitted scikit-learn model, streaming, locally or on S3.
+
+    Start with `batchscore run --config configs/sample.yaml`.
+    """
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@job_options
+@click.option("--plan", "plan_uri", help="Plan JSON (from `batchscore plan`) whose shard to score.")
+@click.option("--shard", help="Score only shard I of --plan, or I/N to plan N shards on the fly; writes no _SUCCESS.")
+@_handle_errors
+def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
+    """Score the input and commit the output (parts, _manifest.json, then _SUCCESS).
+
+    With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
+    """
+    from . import job
+    from .plan import make_plan
+
+    config = _config(kw)
+    reporter = _reporter(config)
+    index, count = _parse_shard(shard)
+    if index is None:
+        if plan_uri:
+            raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
+        _summary(config, job.run(config, reporter))
+        return
+    if plan_uri:
+        the_plan = job.load_plan(plan_uri, config)
+        if count is not None and count != the_plan.num_shards:
+            raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
+    elif count is not None:
+        prepared = job.prepare(config)
+        the_plan = make_plan(prepared.files, prepared.output, [a.to_dict() for a in prepared.model.artifacts], shards=count)
+    else:
+        raise ConfigError("--shard I needs --plan, or give it as I/N")
+    receipt = job.run_shard(config, the_plan, index, reporter)
+    click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@job_options
+@click.option("--shards", type=int, help="Number of shards [default: 1].")
+@click.option("--rows-per-shard", type=int, help="Aim for this many rows per shard instead of --shards.")
+@click.option("--out", "out", help="Also write the plan JSON here (e.g. <output>/_plan.json).")
+@_handle_errors
+def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: Any) -> None:
+    """Check the job and split its row groups into balanced shards, from footers only.
+
+    Prints the plan as JSON. The same input always gives the same plan.
+    """
+    from . import job
+
+    config = _config(kw)
+    the_plan = job.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+    click.echo(json.dumps(the_plan.to_dict()))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@job_options
+@click.option("--plan", "plan_uri", help="The plan the shards ran from.")
+@click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
+@_handle_errors
+def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
+    """Check every shard receipt against the plan, then write _manifest.json and _SUCCESS.
+
+    Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
+    """
+    from . import job
+    from .plan import make_plan
+
+    config = _config(kw)
+    if plan_uri:
+        the_plan = job.load_plan(plan_uri, config)
+    elif shards:
+        prepared = job.prepare(config)
+        the_plan = make_plan(prepared.files, prepared.output, [a.to_dict() for a in prepared.model.artifacts], shards=shards)
+    else:
+        raise ConfigError("commit needs --plan (or --shards N to plan again)")
+    manifest = job.commit(config, the_plan, _reporter(config))
+    _summary(config, manifest)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@job_options
+@_handle_errors
+def validate(**kw: Any) -> None:
+    """Check the model, every input footer and schema, and the output location; score nothing."""
+    from . import job
+
+    config = _config(kw)
+    prepared = job.validate(config)
+    rows = sum(f.num_rows for f in prepared.files)
+    click.echo(f"ok: {len(prepared.files)} file(s), {rows:,} rows; features {', '.join(prepared.model.features)}; "
+               f"output columns {', '.join(prepared.output_schema.names)}")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("model")
+@click.option("--scaler", help="Scaler artifact to inspect with the model.")
+@click.option("--features", help="Comma-separated feature names, for a model fitted without them.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_handle_errors
+def inspect(model: str, scaler: str | None, features: str | None, storage_option: tuple[str, ...]) -> None:
+    """Print a model's type, features, classes, scikit-learn version and sha256 as JSON."""
+    from .model import describe, load_model
+
+    names = tuple(f.strip() for f in features.split(",")) if features else None
+    loaded = load_model(model, scaler, names, _parse_storage_options(storage_option))
+    click.echo(json.dumps(describe(loaded), indent=2, default=str))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--rows", default=None, type=int, help="Rows of sample data [default: 10000].")
+@click.option("--model-only", is_flag=True, help="Only (re)train the model from the existing sample data.")
+@_handle_errors
+def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
+    """Write the sample churn Parquet file and train its scaler + classifier."""
+    import os
+
+    from . import sample as samples
+
+    data = os.path.join(out_dir, samples.DATA_FILE)
+    if not model_only:
+        samples.write_sample_data(out_dir, rows or samples.SAMPLE_ROWS)
+    elif not os.path.exists(data):
+        raise ConfigError(f"--model-only needs existing sample data at {data}")
+    scaler_path, model_path = samples.train_sample_model(data, os.path.join(out_dir, samples.MODEL_DIR))
+    click.echo(f"sample data: {data}\nscaler: {scaler_path}\nmodel: {model_path}")

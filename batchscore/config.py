@@ -1,0 +1,131 @@
+"""One validated ``JobConfig`` from a YAML file plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
+LOG_FORMATS = ("text", "json")
+DEFAULT_BATCH_SIZE = 65_536
+DEFAULT_MAX_INVALID_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a scoring job needs; every field is also a YAML key of the same name."""
+
+    input: tuple[str, ...] = ()
+    output: str | None = None
+    model: str | None = None
+    scaler: str | None = None
+    model_version: str = "unversioned"
+    features: tuple[str, ...] | None = None
+    keep: tuple[str, ...] | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    on_invalid: str = "fail"
+    max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
+    overwrite: bool = False
+    workers: int | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    log_format: str = "text"
+
+    def require(self, *names: str) -> None:
+        """Fail with a usage error naming the first required setting that is missing."""
+        for name in names:
+            if not getattr(self, name):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
+
+    @property
+    def worker_count(self) -> int:
+        """Workers to use: the configured number, else every core this process may run on."""
+        if self.workers:
+            return self.workers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(JobConfig))
+#: Sections the scorer ignores: they belong to the scheduler (see dags/).
+IGNORED_SECTIONS = ("dag",)
+
+
+def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.split(",")] if key in ("features", "keep") else [value]
+        return tuple(p for p in parts if p)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"setting '{key}' must be a string or a list of strings, got {value!r}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Type-check one setting, naming it in the error."""
+    if key in ("input", "features", "keep"):
+        return _as_tuple(value, key)
+    if key in ("output", "model", "scaler", "model_version"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
+        return str(value)
+    if key in ("batch_size", "workers"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"setting '{key}' must be a positive integer, got {value!r}")
+        return value
+    if key == "max_invalid_fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"setting 'max_invalid_fraction' must be a number from 0 to 1, got {value!r}")
+        return float(value)
+    if key == "on_invalid" and value not in ON_INVALID_CHOICES:
+        raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")
+    if key == "log_format" and value not in LOG_FORMATS:
+        raise ConfigError(f"setting 'log_format' must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    if key == "overwrite" and not isinstance(value, bool):
+        raise ConfigError(f"setting 'overwrite' must be true or false, got {value!r}")
+    if key == "storage_options":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"setting 'storage_options' must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML job file into raw settings, rejecting unknown keys by name."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(CONFIG_KEYS) - set(IGNORED_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(CONFIG_KEYS)}"
+        )
+    return {k: v for k, v in data.items() if k not in IGNORED_SECTIONS}
+
+
+def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
+    """Merge the YAML file (if any) with overrides; ``None`` overrides mean "not given"."""
+    raw: dict[str, Any] = read_config_file(path) if path else {}
+    for key, value in overrides.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"unknown setting '{key}'")
+        if value is None or value == () or (key == "storage_options" and not value):
+            continue
+        if key == "storage_options":
+            value = {**raw.get("storage_options", {}), **value}
+        raw[key] = value
+    settings = {key: _coerce(key, value) for key, value in raw.items() if value is not None}
+    return JobConfig(**settings)

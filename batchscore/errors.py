@@ -1,0 +1,49 @@
+"""Exception types and the exit codes they map to: the one source of truth for both."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+
+#: Exit code -> meaning, rendered into ``--help`` and checked against the README by the tests.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success: the output is committed (_SUCCESS written)",
+    EXIT_FAILURE: "anything else: storage failure, interrupted run, internal error",
+    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output inside input",
+    EXIT_INPUT: "input data invalid: no file matched, unreadable Parquet, missing or non-numeric "
+    "feature column, invalid feature values, plan or receipts inconsistent",
+    EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch",
+}
+
+
+class BatchscoreError(Exception):
+    """Base of every error a user can cause; ``exit_code`` tells the CLI how to exit."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(BatchscoreError):
+    """The job's settings are wrong or refer to an output we must not touch."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputDataError(BatchscoreError):
+    """The input (files, schema, values) or the plan/receipts describing it are unusable."""
+
+    exit_code = EXIT_INPUT
+
+
+class ModelError(BatchscoreError):
+    """The model or scaler artifact cannot be used to score."""
+
+    exit_code = EXIT_MODEL
+
+
+class StorageError(BatchscoreError):
+    """Reading or writing storage failed for reasons outside the data itself."""
+
+    exit_code = EXIT_FAILURE

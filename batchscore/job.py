@@ -1,0 +1,341 @@
+"""The library API behind the CLI: validate, plan, score a shard, commit, or all in one run."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from . import __version__
+from .config import JobConfig
+from .engine import Predictor
+from .errors import ConfigError, InputDataError
+from .model import LoadedModel, load_model
+from .plan import Plan, make_plan
+from .report import Reporter
+from .scorer import ScoreTask, score_units
+from .sink import (
+    MANIFEST_FILE,
+    PART_PATTERN,
+    PLAN_FILE,
+    RECEIPTS_DIR,
+    SUCCESS_FILE,
+    iter_own_files,
+    listing,
+    read_json,
+    receipt_path,
+    uncommit,
+    write_json,
+)
+from .source import GLOB_CHARS, InputFile, list_inputs, read_footers
+from .storage import filesystem, full_uri, is_local, join, remove_if_exists, write_bytes_atomic
+from .validate import check_schemas, passthrough_columns
+
+
+@dataclass
+class Prepared:
+    """A job whose model, inputs and schemas have all been checked; nothing scored yet."""
+
+    config: JobConfig
+    model: LoadedModel
+    files: list[InputFile]
+    output: str  # full URI
+    passthrough: tuple[str, ...]
+    output_schema: pa.Schema
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _normalize_output(config: JobConfig) -> str:
+    config.require("output")
+    fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
+    return full_uri(fs, fs._strip_protocol(path).rstrip("/"))
+
+
+def prepare(config: JobConfig, input_uris: Sequence[str] | None = None) -> Prepared:
+    """Load the model first (a bad model costs no I/O), then read footers and check every schema."""
+    config.require("model")
+    output = _normalize_output(config)
+    model = load_model(config.model, config.scaler, config.features, config.storage_options)  # type: ignore[arg-type]
+    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
+    files = read_footers(uris, config.storage_options)
+    predictor_fields = Predictor(model, config.model_version, _now()).fields
+    check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
+    passthrough = passthrough_columns(files[0], config.keep)
+    fields = [files[0].schema.field(c) for c in passthrough] + list(predictor_fields)
+    return Prepared(config, model, files, output, passthrough, pa.schema(fields))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _input_root(spec: str, config: JobConfig) -> str:
+    """The folder or file an input spec covers; for a glob, the folder before its first wildcard."""
+    fs, path = filesystem(spec, config.storage_options)
+    path = fs._strip_protocol(path)
+    if any(ch in path for ch in GLOB_CHARS):
+        head = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
+        path = head.rsplit("/", 1)[0] if "/" in head else "."
+    return full_uri(fs, os.path.abspath(path) if is_local(fs) else path)
+
+
+def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
+    """Never write where the input lives; never replace a finished output unless asked to."""
+    for spec in config.input:
+        root = _input_root(spec, config)
+        if _overlaps(root, output):
+            raise ConfigError(f"output {output} overlaps input {spec}: refusing to write where the input lives")
+    for file in files:
+        if _overlaps(file.uri, output):
+            raise ConfigError(f"output {output} overlaps input file {file.uri}: refusing to write where the input lives")
+    fs, path = filesystem(output, config.storage_options)
+    if fs.exists(path):
+        if not fs.isdir(path):
+            raise ConfigError(f"output {output} exists and is a file")
+        leftovers = [n for n in listing(fs, path) if n != PLAN_FILE]
+        if leftovers and not config.overwrite:
+            raise ConfigError(
+                f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
+                f"pass --overwrite to replace it"
+            )
+
+
+def validate(config: JobConfig) -> Prepared:
+    """Check model, inputs and schemas, and that the output may be written; score nothing."""
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)
+    return prepared
+
+
+def _artifact_dicts(model: LoadedModel) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in model.artifacts]
+
+
+def plan(
+    config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None, out: str | None = None
+) -> Plan:
+    """Check the whole job from footers and the model, then split it into shards.
+
+    Writing the plan next to the output (``out``) also un-commits an output being redone.
+    """
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)
+    result = make_plan(
+        prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=shards,
+        rows_per_shard=rows_per_shard, predicted_at=_now().isoformat(),
+    )
+    if out:
+        fs, path = filesystem(prepared.output, config.storage_options)
+        uncommit(fs, path)
+        plan_fs, plan_path = filesystem(out, config.storage_options)
+        write_json(plan_fs, plan_path, result.to_dict())
+    return result
+
+
+def load_plan(uri: str, config: JobConfig) -> Plan:
+    fs, path = filesystem(uri, config.storage_options)
+    try:
+        data = read_json(fs, path)
+    except FileNotFoundError:
+        raise ConfigError(f"plan not found: {uri}") from None
+    except ValueError as exc:
+        raise InputDataError(f"plan {uri} is not valid JSON: {exc}") from None
+    result = Plan.from_dict(data, source=uri)
+    if config.output and _normalize_output(config) != result.output:
+        raise ConfigError(f"plan {uri} is for output {result.output}, not {_normalize_output(config)}")
+    return result
+
+
+def _check_inputs_unchanged(files: Sequence[InputFile], entries: Sequence[dict[str, Any]]) -> None:
+    for file, entry in zip(files, entries):
+        if list(file.row_groups) != list(entry["row_groups"]) or file.size != entry["size"]:
+            raise InputDataError(
+                f"{file.uri} changed since the plan was made (row groups {list(entry['row_groups'])} -> "
+                f"{list(file.row_groups)}, {entry['size']} -> {file.size} bytes); plan again"
+            )
+
+
+def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Score one shard of a plan and write its receipt; a retry rewrites the same parts."""
+    reporter = reporter or Reporter(quiet=True)
+    shard = the_plan.shard(index)
+    config = _with_output(config, the_plan.output)
+    shard_files = sorted({u.file for u in shard.units})
+    uris = [the_plan.files[i]["uri"] for i in shard_files] or [the_plan.files[0]["uri"]]
+    prepared = prepare(config, input_uris=uris)
+    planned = [a["sha256"] for a in the_plan.artifacts]
+    if [a.sha256 for a in prepared.model.artifacts] != planned:
+        raise InputDataError(
+            f"model artifacts changed since the plan was made (planned sha256 {planned}, "
+            f"now {[a.sha256 for a in prepared.model.artifacts]}); plan again"
+        )
+    _check_inputs_unchanged(prepared.files, [the_plan.files[i] for i in shard_files])
+    return _score_shard(prepared, the_plan, index, reporter)
+
+
+def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Reporter) -> dict[str, Any]:
+    config, shard = prepared.config, the_plan.shard(index)
+    started, clock = _now(), time.perf_counter()
+    planned = [a["sha256"] for a in the_plan.artifacts]
+    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    remove_if_exists(fs, receipt_path(out_path, index))
+    predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
+    task = ScoreTask(
+        model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
+        files=the_plan.files, output=out_path, passthrough=prepared.passthrough,
+        output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
+        max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
+        storage_options=config.storage_options,
+    )
+    workers = config.worker_count
+    reporter.event("shard_start", f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
+                   f"{min(workers, max(1, len(shard.units)))} worker(s)", shard=index, rows=shard.rows)
+    with reporter.progress(shard.rows) as progress:
+        results = score_units(task, shard.units, workers, progress.advance)
+    invalid = sum(r.rows_invalid for r in results)
+    if invalid > task.max_invalid_rows:
+        raise InputDataError(
+            f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
+            f"of {the_plan.total_rows} input rows"
+        )
+    receipt = {
+        "plan_id": the_plan.plan_id,
+        "shard": index,
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": sum(r.rows_out for r in results),
+        "rows_invalid": invalid,
+        "parts": [{"name": r.part, "rows": r.rows_out} for r in results],
+        "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
+        "artifacts": planned,
+        "model_version": config.model_version,
+        "schema": [{"name": f.name, "type": str(f.type)} for f in prepared.output_schema],
+        "workers": min(workers, max(1, len(shard.units))),
+        "started_at": started.isoformat(),
+        "seconds": round(time.perf_counter() - clock, 3),
+    }
+    write_json(fs, receipt_path(out_path, index), receipt)
+    return receipt
+
+
+def _with_output(config: JobConfig, output: str) -> JobConfig:
+    from dataclasses import replace
+
+    return replace(config, output=output)
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    return {"batchscore": __version__, "scikit-learn": sklearn.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version()}
+
+
+def commit(
+    config: JobConfig, the_plan: Plan, reporter: Reporter | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS."""
+    reporter = reporter or Reporter(quiet=True)
+    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    receipts: dict[int, dict[str, Any]] = {}
+    missing, foreign, inconsistent = [], [], []
+    for shard in the_plan.shards:
+        try:
+            receipt = read_json(fs, receipt_path(out_path, shard.index))
+        except FileNotFoundError:
+            missing.append(shard.index)
+            continue
+        except ValueError:
+            inconsistent.append(f"{shard.index} (unreadable receipt)")
+            continue
+        if receipt.get("plan_id") != the_plan.plan_id:
+            foreign.append(shard.index)
+            continue
+        expected_parts = [u.part_name for u in shard.units]
+        listed = [p["name"] for p in receipt.get("parts", [])]
+        if receipt.get("rows_in") != shard.rows:
+            inconsistent.append(f"{shard.index} (rows in {receipt.get('rows_in')} != planned {shard.rows})")
+        elif listed != expected_parts:
+            inconsistent.append(f"{shard.index} (parts {listed} != planned {expected_parts})")
+        elif receipt.get("artifacts") != [a["sha256"] for a in the_plan.artifacts]:
+            inconsistent.append(f"{shard.index} (scored with other model artifacts)")
+        elif receipt.get("rows_out", 0) + receipt.get("rows_invalid", 0) != shard.rows:
+            inconsistent.append(f"{shard.index} (rows out + invalid != rows in)")
+        receipts[shard.index] = receipt
+    problems = []
+    if missing:
+        problems.append(f"missing receipts for shard(s) {', '.join(map(str, missing))}")
+    if foreign:
+        problems.append(f"receipts from another plan for shard(s) {', '.join(map(str, foreign))}")
+    if inconsistent:
+        problems.append(f"inconsistent shard(s): {'; '.join(inconsistent)}")
+    if problems:
+        raise InputDataError(f"cannot commit {the_plan.output} (plan {the_plan.plan_id}): " + "; ".join(problems))
+    invalid = sum(r["rows_invalid"] for r in receipts.values())
+    allowed = math.floor(config.max_invalid_fraction * the_plan.total_rows)
+    if invalid > allowed:
+        raise InputDataError(
+            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed --max-invalid-fraction "
+            f"{config.max_invalid_fraction} of {the_plan.total_rows} rows"
+        )
+    parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
+    rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
+    present = {name for name in listing(fs, out_path) if PART_PATTERN.match(name)}
+    absent = [p["name"] for p in parts if p["name"] not in present]
+    if absent:
+        raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
+    keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, "_rejected", r) for r in rejected}
+    stray = [path for _, path in iter_own_files(fs, out_path) if path not in keep]
+    for path in stray:
+        remove_if_exists(fs, path)
+    for name in listing(fs, join(out_path, RECEIPTS_DIR)):
+        if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
+            remove_if_exists(fs, join(out_path, RECEIPTS_DIR, name))
+    first = receipts[min(receipts)]
+    manifest = {
+        "output": the_plan.output,
+        "plan_id": the_plan.plan_id,
+        "committed_at": _now().isoformat(),
+        "predicted_at": the_plan.predicted_at,
+        "model_version": first["model_version"],
+        "artifacts": list(the_plan.artifacts),
+        "versions": _versions(),
+        "inputs": [{"uri": f["uri"], "bytes": f["size"], "rows": sum(f["row_groups"])} for f in the_plan.files],
+        "rows": {"in": the_plan.total_rows, "out": sum(r["rows_out"] for r in receipts.values()), "invalid": invalid},
+        "on_invalid": config.on_invalid,
+        "schema": first["schema"],
+        "parts": parts,
+        "rejected_parts": rejected,
+        "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
+                    "seconds": r["seconds"]} for i, r in sorted(receipts.items())],
+        "removed_stray_files": len(stray),
+        **(extra or {}),
+    }
+    write_json(fs, join(out_path, MANIFEST_FILE), manifest)
+    write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
+    reporter.event("committed", f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
+                   output=the_plan.output, rows_out=manifest["rows"]["out"])
+    return manifest
+
+
+def run(config: JobConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Score everything as one shard and commit: the terminal user's one command."""
+    reporter = reporter or Reporter(quiet=True)
+    clock = time.perf_counter()
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)
+    fs, out_path = filesystem(prepared.output, config.storage_options)
+    uncommit(fs, out_path)
+    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=1,
+                         predicted_at=_now().isoformat())
+    _score_shard(prepared, the_plan, 0, reporter)
+    return commit(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)})

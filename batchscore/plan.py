@@ -1,0 +1,198 @@
+"""Split the input into shards of whole row groups, from footers alone, deterministically."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from .errors import ConfigError, InputDataError
+from .source import InputFile
+
+PLAN_FORMAT = 1
+#: A part (one output file) holds at most this many rows; parts are the unit of parallel work.
+DEFAULT_ROWS_PER_PART = 1_048_576
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Consecutive row groups of one file that become one output part."""
+
+    file: int
+    row_groups: tuple[int, ...]
+    rows: int
+
+    @property
+    def part_name(self) -> str:
+        first = self.row_groups[0] if self.row_groups else 0
+        return f"part-{self.file:05d}-{first:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    units: tuple[Unit, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every shard reads and writes; its ``plan_id`` ties receipts to it."""
+
+    files: tuple[dict[str, Any], ...]  # uri, size, row_groups
+    shards: tuple[Shard, ...]
+    output: str
+    artifacts: tuple[dict[str, Any], ...]  # role, uri, sha256, bytes
+    predicted_at: str | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(sum(f["row_groups"]) for f in self.files)
+
+    @property
+    def plan_id(self) -> str:
+        """Content hash of what is read, written and with which model (not when it was planned)."""
+        body = {
+            "files": self.files,
+            "shards": [[asdict(u) for u in s.units] for s in self.shards],
+            "output": self.output,
+            "artifacts": [a["sha256"] for a in self.artifacts],
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "plan_id": self.plan_id,
+            "output": self.output,
+            "predicted_at": self.predicted_at,
+            "total_rows": self.total_rows,
+            "num_shards": self.num_shards,
+            "artifacts": list(self.artifacts),
+            "files": list(self.files),
+            "shards": [
+                {
+                    "index": s.index,
+                    "rows": s.rows,
+                    "units": [{"file": u.file, "row_groups": list(u.row_groups), "rows": u.rows} for u in s.units],
+                }
+                for s in self.shards
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
+        try:
+            if data.get("format") != PLAN_FORMAT:
+                raise InputDataError(f"{source}: unsupported plan format {data.get('format')!r}")
+            shards = tuple(
+                Shard(
+                    index=s["index"],
+                    units=tuple(Unit(u["file"], tuple(u["row_groups"]), u["rows"]) for u in s["units"]),
+                )
+                for s in data["shards"]
+            )
+            files = tuple(
+                {"uri": f["uri"], "size": f["size"], "row_groups": list(f["row_groups"])} for f in data["files"]
+            )
+            plan = cls(files, shards, data["output"], tuple(data["artifacts"]), data.get("predicted_at"))
+        except (KeyError, TypeError) as exc:
+            raise InputDataError(f"{source}: not a batchscore plan (missing or malformed {exc})") from None
+        if data.get("plan_id") not in (None, plan.plan_id):
+            raise InputDataError(f"{source}: plan was edited after it was made (plan_id does not match its content)")
+        return plan
+
+    def shard(self, index: int) -> Shard:
+        if not 0 <= index < self.num_shards:
+            raise ConfigError(f"shard {index} does not exist: the plan has shards 0 to {self.num_shards - 1}")
+        return self.shards[index]
+
+
+def _split_points(weights: Sequence[int], parts: int) -> list[int]:
+    """Indices that cut ``weights`` into ``parts`` contiguous runs of nearly equal sums.
+
+    Each cut goes to the boundary closest to its ideal cumulative share; runs may be empty
+    when there are fewer items than parts.
+    """
+    total = sum(weights)
+    cumulative = [0]
+    for w in weights:
+        cumulative.append(cumulative[-1] + w)
+    cuts = [0]
+    for k in range(1, parts):
+        if total == 0:  # nothing to balance: spread items evenly by count
+            cuts.append(max(cuts[-1], round(len(weights) * k / parts)))
+            continue
+        target = total * k / parts
+        i = bisect.bisect_left(cumulative, target, lo=cuts[-1])
+        candidates = [c for c in (i - 1, i) if cuts[-1] <= c <= len(weights)]
+        cuts.append(min(candidates, key=lambda c: (abs(cumulative[c] - target), c)))
+    cuts.append(len(weights))
+    return cuts
+
+
+def _units(files: Sequence[InputFile], items: Sequence[tuple[int, int]], rows_per_part: int) -> list[Unit]:
+    """Group consecutive (file, row group) items into parts of at most ``rows_per_part`` rows."""
+    units: list[Unit] = []
+    current: list[int] = []
+    current_file, current_rows = -1, 0
+
+    def flush() -> None:
+        nonlocal current, current_rows
+        if current:
+            units.append(Unit(current_file, tuple(current), current_rows))
+        current, current_rows = [], 0
+
+    for file_index, rg in items:
+        if rg < 0:  # a file without row groups still gets an (empty) part carrying the schema
+            flush()
+            units.append(Unit(file_index, (), 0))
+            continue
+        rows = files[file_index].row_groups[rg]
+        if current and (file_index != current_file or current_rows + rows > rows_per_part):
+            flush()
+        current_file = file_index
+        current.append(rg)
+        current_rows += rows
+    flush()
+    return units
+
+
+def make_plan(
+    files: Sequence[InputFile],
+    output: str,
+    artifacts: Sequence[dict[str, Any]],
+    shards: int | None = None,
+    rows_per_shard: int | None = None,
+    rows_per_part: int = DEFAULT_ROWS_PER_PART,
+    predicted_at: str | None = None,
+) -> Plan:
+    """Balanced contiguous shards of whole row groups; the same input always gives the same plan."""
+    if shards is not None and rows_per_shard is not None:
+        raise ConfigError("give either --shards or --rows-per-shard, not both")
+    if shards is not None and shards < 1:
+        raise ConfigError(f"--shards must be at least 1, got {shards}")
+    if rows_per_shard is not None and rows_per_shard < 1:
+        raise ConfigError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    # Every row group is an item; a file with none is one empty item so it still has a part.
+    items = [(i, rg) for i, f in enumerate(files) for rg in (range(len(f.row_groups)) or [-1])]
+    weights = [files[i].row_groups[rg] if rg >= 0 else 0 for i, rg in items]
+    total = sum(weights)
+    if rows_per_shard is not None:
+        shards = max(1, -(-total // rows_per_shard))
+    count = shards or 1
+    cuts = _split_points(weights, count)
+    shard_list = tuple(
+        Shard(k, tuple(_units(files, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count)
+    )
+    file_entries = tuple({"uri": f.uri, "size": f.size, "row_groups": list(f.row_groups)} for f in files)
+    return Plan(file_entries, shard_list, output, tuple(artifacts), predicted_at)

@@ -1,0 +1,201 @@
+"""Score plan units: read a unit's row groups, check values, predict, write its part.
+
+A unit is the smallest piece of work with its own output file, so units can run in any order
+and in any process, and the output is identical whichever way they are spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .engine import Predictor
+from .errors import InputDataError
+from .model import LoadedModel
+from .plan import Unit
+from .sink import REJECT_REASON, part_path, part_writer, rejected_path
+from .source import iter_batches
+from .storage import filesystem
+from .validate import invalid_mask, invalid_reasons
+
+
+@dataclass
+class ScoreTask:
+    """Everything a process needs to score units; sent once to each worker."""
+
+    model: LoadedModel
+    model_version: str
+    predicted_at: datetime
+    files: Sequence[Mapping[str, Any]]  # plan file entries: uri, size, row_groups
+    output: str
+    passthrough: tuple[str, ...]
+    output_schema: pa.Schema
+    batch_size: int
+    on_invalid: str
+    max_invalid_rows: int
+    storage_options: Mapping[str, Any]
+
+    @property
+    def read_columns(self) -> list[str]:
+        """Passthrough columns, then features not among them; nothing else is read."""
+        return list(self.passthrough) + [f for f in self.model.features if f not in self.passthrough]
+
+    @property
+    def rejected_schema(self) -> pa.Schema:
+        return pa.schema([self.output_schema.field(c) for c in self.passthrough] + [pa.field(REJECT_REASON, pa.string())])
+
+
+@dataclass
+class UnitResult:
+    part: str
+    rows_in: int
+    rows_out: int
+    rows_invalid: int
+    rejected_part: str | None
+    seconds: float
+
+
+def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
+    return sum(file["row_groups"][: unit.row_groups[0]]) if unit.row_groups else 0
+
+
+class _UnitScorer:
+    """One unit's pass over its batches, with the invalid-row policy applied."""
+
+    def __init__(self, task: ScoreTask, predictor: Predictor, unit: Unit):
+        self.task, self.predictor, self.unit = task, predictor, unit
+        self.file = task.files[unit.file]
+        self.invalid = 0
+        self.rejected_writer: Any = None
+
+    def _handle_invalid(self, batch: pa.RecordBatch, bad: np.ndarray, offset: int, stack: contextlib.ExitStack) -> None:
+        rows = np.flatnonzero(bad)
+        uri = self.file["uri"]
+        first = invalid_reasons(batch, self.task.model.features, rows[:1])[0]
+        if self.task.on_invalid == "fail":
+            raise InputDataError(
+                f"{uri}: row {offset + int(rows[0])} has an invalid feature value ({first}); "
+                f"--on-invalid fail stops at the first null/NaN/inf feature (use skip or quarantine to set rows aside)"
+            )
+        self.invalid += rows.size
+        if self.invalid > self.task.max_invalid_rows:
+            raise InputDataError(
+                f"{uri}: more invalid rows than --max-invalid-fraction allows "
+                f"({self.task.max_invalid_rows} in all); e.g. row {offset + int(rows[0])}: {first}"
+            )
+        if self.task.on_invalid == "quarantine":
+            if self.rejected_writer is None:
+                fs, _ = filesystem(self.task.output, self.task.storage_options)
+                path = rejected_path(self.task.output, self.unit.part_name)
+                self.rejected_writer = stack.enter_context(part_writer(fs, path, self.task.rejected_schema))
+            picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
+            reasons = pa.array(invalid_reasons(batch, self.task.model.features, rows), pa.string())
+            self.rejected_writer.write_batch(
+                pa.RecordBatch.from_arrays(list(picked.columns) + [reasons], schema=self.task.rejected_schema)
+            )
+
+    def run(self, on_rows: Callable[[int], None] | None = None) -> UnitResult:
+        task, predictor = self.task, self.predictor
+        started = time.perf_counter()
+        rows_in = rows_out = 0
+        offset = _first_row(self.file, self.unit)
+        fs, _ = filesystem(task.output, task.storage_options)
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(part_writer(fs, part_path(task.output, self.unit.part_name), task.output_schema))
+            batches = iter_batches(
+                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options
+            )
+            for batch in batches:
+                n = batch.num_rows
+                matrix = predictor.feature_matrix(batch)
+                bad = invalid_mask(matrix)
+                if bad is not None:
+                    self._handle_invalid(batch, bad, offset, stack)
+                    batch = batch.filter(pa.array(~bad))
+                    matrix = matrix[~bad]
+                if batch.num_rows:
+                    columns = [batch.column(c) for c in task.passthrough] + predictor.predict(matrix)
+                    writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=task.output_schema))
+                rows_in += n
+                rows_out += batch.num_rows
+                offset += n
+                if on_rows is not None:
+                    on_rows(n)
+        return UnitResult(
+            part=self.unit.part_name,
+            rows_in=rows_in,
+            rows_out=rows_out,
+            rows_invalid=self.invalid,
+            rejected_part=self.unit.part_name if self.rejected_writer is not None else None,
+            seconds=time.perf_counter() - started,
+        )
+
+
+def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit, on_rows: Callable[[int], None] | None = None) -> UnitResult:
+    return _UnitScorer(task, predictor, unit).run(on_rows)
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+_WORKER: tuple[ScoreTask, Predictor] | None = None
+
+
+def _init_worker(task: ScoreTask) -> None:
+    """Give each worker one compute thread so N workers use N cores, not N x cores."""
+    global _WORKER
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    pa.set_cpu_count(1)
+    _WORKER = (task, Predictor(task.model, task.model_version, task.predicted_at))
+
+
+def _worker_score(unit: Unit) -> UnitResult:
+    assert _WORKER is not None
+    return score_unit(*_WORKER, unit)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Fork where available: workers inherit the imported libraries and the loaded model."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def score_units(
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None
+) -> list[UnitResult]:
+    """Score every unit, in this process or in ``workers`` processes; results in unit order."""
+    if workers <= 1 or len(units) <= 1:
+        predictor = Predictor(task.model, task.model_version, task.predicted_at)
+        return [score_unit(task, predictor, unit, on_rows) for unit in units]
+    results: dict[int, UnitResult] = {}
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(units)), mp_context=_pool_context(), initializer=_init_worker, initargs=(task,)
+    ) as pool:
+        pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, u): i for i, u in enumerate(units)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    index = pending.pop(future)
+                    results[index] = future.result()
+                    if on_rows is not None:
+                        on_rows(results[index].rows_in)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return [results[i] for i in range(len(units))]
+
+
+def iter_unit_parts(results: Sequence[UnitResult]) -> Iterator[str]:
+    for r in results:
+        yield r.part

@@ -1,0 +1,100 @@
+"""The output dataset's files: parts written atomically, shard receipts, manifest, ``_SUCCESS``.
+
+Layout under the output directory::
+
+    part-FFFFF-RRRRR.parquet        predictions; name order is input order
+    _rejected/part-FFFFF-RRRRR.parquet   invalid rows with a reason (``--on-invalid quarantine``)
+    _receipts/shard-IIIII.json      what each shard wrote
+    _plan.json                      the plan, when a scheduler shares it between shards
+    _manifest.json, _SUCCESS        written last, by commit
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import re
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import atomic_writer, join, remove_if_exists, write_bytes_atomic
+
+REJECTED_DIR = "_rejected"
+RECEIPTS_DIR = "_receipts"
+PLAN_FILE = "_plan.json"
+MANIFEST_FILE = "_manifest.json"
+SUCCESS_FILE = "_SUCCESS"
+REJECT_REASON = "reject_reason"
+PART_PATTERN = re.compile(r"^part-\d{5}-\d{5}\.parquet$")
+TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
+
+#: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
+#: only pays for repetitive (string-like) columns, not for model outputs.
+COMPRESSION = "snappy"
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    repetitive = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_dictionary)
+    return [f.name for f in schema if any(check(f.type) for check in repetitive)]
+
+
+@contextlib.contextmanager
+def part_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A streaming Parquet writer whose file becomes visible at ``path`` only when complete."""
+    with atomic_writer(fs, path) as sink:
+        writer = pq.ParquetWriter(
+            sink, schema, compression=COMPRESSION, use_dictionary=_dictionary_columns(schema), write_statistics=True
+        )
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def part_path(output: str, name: str) -> str:
+    return join(output, name)
+
+
+def rejected_path(output: str, name: str) -> str:
+    return join(output, REJECTED_DIR, name)
+
+
+def receipt_path(output: str, shard: int) -> str:
+    return join(output, RECEIPTS_DIR, f"shard-{shard:05d}.json")
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Names directly inside ``folder``; empty when it does not exist."""
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple[str, str]]:
+    """(kind, path) of every data or temp file this tool may have left in ``output``."""
+    for name in listing(fs, output):
+        if PART_PATTERN.match(name) or TEMP_PATTERN.match(name):
+            yield "part", join(output, name)
+    for name in listing(fs, join(output, REJECTED_DIR)):
+        if PART_PATTERN.match(name) or TEMP_PATTERN.match(name):
+            yield "rejected", join(output, REJECTED_DIR, name)
+
+
+def uncommit(fs: fsspec.AbstractFileSystem, output: str) -> None:
+    """Make an existing output stop looking finished before anything in it changes."""
+    remove_if_exists(fs, join(output, SUCCESS_FILE))
+    remove_if_exists(fs, join(output, MANIFEST_FILE))

@@ -1,0 +1,125 @@
+"""Find the input files, read their footers, and stream their rows in row-group batches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputDataError
+from .storage import filesystem, full_uri, is_local
+
+GLOB_CHARS = "*?["
+FOOTER_THREADS = 16
+REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file and what its footer says, without any of its data."""
+
+    uri: str
+    size: int
+    row_groups: tuple[int, ...]  # rows in each row group
+    schema: pa.Schema
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_groups)
+
+
+def _is_data_file(path: str) -> bool:
+    """Parquet files only; hidden and underscore files (temp parts, _SUCCESS) are never data."""
+    name = posixpath.basename(path)
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Expand files, directories (recursively) and globs into a deterministic list of URIs.
+
+    Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
+    """
+    if not specs:
+        raise InputDataError("no input given (--input or YAML 'input')")
+    found: list[str] = []
+    for spec in specs:
+        fs, path = filesystem(spec, storage_options)
+        if any(ch in path for ch in GLOB_CHARS):
+            matches = [p for p in fs.glob(path) if not fs.isdir(p)]
+        elif fs.isdir(path):
+            matches = [p for p in fs.find(path) if _is_data_file(p)]
+        elif fs.exists(path):
+            matches = [path]
+        else:
+            raise InputDataError(f"input not found: {spec}")
+        if not matches:
+            raise InputDataError(f"no Parquet file matched input {spec}")
+        found.extend(full_uri(fs, p) for p in sorted(matches))
+    return list(dict.fromkeys(found))
+
+
+@contextlib.contextmanager
+def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[pq.ParquetFile, int]]:
+    """Open a Parquet file (natively when local, through fsspec when remote) with its size in bytes.
+
+    Any failure to open it is reported as bad input naming the file.
+    """
+    fs, path = filesystem(uri, storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            if is_local(fs):
+                size = os.path.getsize(path)
+                source: Any = path
+            else:
+                source = stack.enter_context(fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead"))
+                size = source.size
+            pf = stack.enter_context(pq.ParquetFile(source))
+        except FileNotFoundError:
+            raise InputDataError(f"input file not found: {uri}") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise InputDataError(f"cannot read Parquet file {uri}: {exc}") from None
+        yield pf, int(size)
+
+
+def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
+    """Row groups and schema from the footer alone."""
+    with open_parquet(uri, storage_options) as (pf, size):
+        meta = pf.metadata
+        row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        return InputFile(uri=uri, size=size, row_groups=row_groups, schema=pf.schema_arrow)
+
+
+def read_footers(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[InputFile]:
+    """Footers of many files fetched concurrently (object stores are latency-bound)."""
+    if len(uris) <= 1:
+        return [read_footer(u, storage_options) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
+        return list(pool.map(lambda u: read_footer(u, storage_options), uris))
+
+
+def iter_batches(
+    uri: str,
+    row_groups: Sequence[int],
+    columns: Sequence[str],
+    batch_size: int,
+    storage_options: Mapping[str, Any] | None = None,
+    use_threads: bool = True,
+) -> Iterator[pa.RecordBatch]:
+    """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time."""
+    if not row_groups:
+        return
+    with open_parquet(uri, storage_options) as (pf, _):
+        try:
+            yield from pf.iter_batches(
+                batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads
+            )
+        except (pa.ArrowException, OSError) as exc:
+            raise InputDataError(
+                f"cannot read Parquet file {uri} (row groups {row_groups[0]}-{row_groups[-1]}): {exc}"
+            ) from None

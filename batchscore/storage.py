@@ -1,0 +1,89 @@
+"""fsspec helpers shared by every module that touches files: one place knows local vs remote."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from typing import IO, Any, Iterator, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import StorageError
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``uri`` to its filesystem and the path inside it.
+
+    Storage options only reach remote filesystems: a local path must keep working when a job
+    configured for S3 also reads a local model.
+    """
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    options = dict(storage_options or {}) if protocol not in ("file", "local") else {}
+    try:
+        return url_to_fs(uri, **options)
+    except (ValueError, ImportError) as exc:
+        raise StorageError(f"cannot open storage for {uri}: {exc}") from None
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL a user would type for ``path`` on ``fs`` (plain path when local)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def join(base: str, *names: str) -> str:
+    return posixpath.join(base.rstrip("/"), *names)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+@contextlib.contextmanager
+def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """Open ``path`` for writing so that it appears at its final name only when complete.
+
+    Local files go to a hidden temporary name in the same folder and are renamed; object stores
+    publish an object only when its upload completes, so a failed write is discarded instead.
+    """
+    if is_local(fs):
+        folder, name = posixpath.split(path)
+        fs.makedirs(folder, exist_ok=True)
+        tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fh = fs.open(path, "wb")
+    try:
+        yield fh
+    except BaseException:
+        discard = getattr(fh, "discard", None)
+        if discard is not None:
+            discard()
+        raise
+    fh.close()
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    with atomic_writer(fs, path) as fh:
+        fh.write(data)
+
+
+def remove_if_exists(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
