@@ -40,8 +40,6 @@ PREDICTED_AT = "predicted_at"
 MODEL_VERSION = "model_version"
 PREDICTED_AT_TYPE = pa.timestamp("us", tz="UTC")
 
-# Features arrive as a plain array; the estimator may have been fitted on a DataFrame.
-warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
 
 def _class_name(label: Any) -> str:
@@ -80,8 +78,12 @@ class Predictor:
         return tuple(f.name for f in self.fields)
 
     def feature_matrix(self, batch: pa.RecordBatch) -> np.ndarray:
-        """A C-ordered float64 matrix straight from the Arrow columns; nulls become NaN."""
-        matrix = np.empty((batch.num_rows, len(self.model.features)), dtype=np.float64)
+        """A float64 matrix straight from the Arrow columns; nulls become NaN.
+
+        Column-major, like the matrix pandas hands scikit-learn for a DataFrame, so the BLAS takes
+        the same path (and rounds the same way) as ``model.predict_proba(scaler.transform(df))``.
+        """
+        matrix = np.empty((batch.num_rows, len(self.model.features)), dtype=np.float64, order="F")
         for j, name in enumerate(self.model.features):
             column = batch.column(name)
             if column.type != pa.float64():
@@ -94,6 +96,12 @@ class Predictor:
 
     def predict(self, matrix: np.ndarray) -> list[pa.Array]:
         """Prediction columns for the rows of ``matrix``, in ``self.fields`` order."""
+        with warnings.catch_warnings():
+            # Features arrive as a plain array; the estimator may have been fitted on a DataFrame.
+            warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
+            return self._predict(matrix)
+
+    def _predict(self, matrix: np.ndarray) -> list[pa.Array]:
         n = matrix.shape[0]
         estimator = self.model.estimator
         scaled = self._scaled(matrix)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from airflow_fixtures import airflow_env, airflow_home, moto_s3  # noqa: F401  (fixtures)
+from helpers import binary_model, write_inputs
+
+
+@pytest.fixture(scope="session")
+def binary_model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return binary_model(tmp_path_factory.mktemp("binary-model"))
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> list[Path]:
+    return write_inputs(tmp_path / "in")
+
+
+@pytest.fixture
+def s3(moto_s3: str) -> Iterator[tuple[object, str, dict[str, str]]]:
+    """A fresh bucket on the loopback S3 server: (s3fs filesystem, bucket, storage options)."""
+    import s3fs
+
+    options = {"endpoint_url": moto_s3}
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"bs-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket, options
+    fs.rm(bucket, recursive=True)
