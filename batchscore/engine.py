@@ -31,6 +31,8 @@ ARGMAX_CLASSIFIERS = frozenset(
         "GradientBoostingClassifier",
     }
 )
+#: Feature matrices have a multiple of this many rows (see ``Predictor.feature_matrix``).
+ROW_ALIGNMENT = 16
 #: Gap between the top two probabilities under which a row is re-predicted with ``predict``.
 TIE_MARGIN = 1e-9
 
@@ -78,31 +80,33 @@ class Predictor:
         return tuple(f.name for f in self.fields)
 
     def feature_matrix(self, batch: pa.RecordBatch) -> np.ndarray:
-        """A float64 matrix straight from the Arrow columns; nulls become NaN.
+        """A float64 matrix straight from the Arrow columns (nulls become NaN), padded with zero rows.
 
-        Column-major, like the matrix pandas hands scikit-learn for a DataFrame, so the BLAS takes
-        the same path (and rounds the same way) as ``model.predict_proba(scaler.transform(df))``.
+        Column-major, like the matrix pandas hands scikit-learn for a DataFrame. Its row count is
+        padded to a multiple of ``ROW_ALIGNMENT`` because BLAS and SIMD kernels round the last few
+        rows of a matrix (the remainder of their unrolled loop) differently: padded, no real row is
+        ever a remainder row, so a row's value never depends on how the input was split up.
         """
-        matrix = np.empty((batch.num_rows, len(self.model.features)), dtype=np.float64, order="F")
+        rows = batch.num_rows
+        matrix = np.zeros((rows + (-rows) % ROW_ALIGNMENT, len(self.model.features)), dtype=np.float64, order="F")
         for j, name in enumerate(self.model.features):
             column = batch.column(name)
             if column.type != pa.float64():
                 column = pc.cast(column, pa.float64())
-            matrix[:, j] = column.to_numpy(zero_copy_only=False)
+            matrix[:rows, j] = column.to_numpy(zero_copy_only=False)
         return matrix
 
     def _scaled(self, matrix: np.ndarray) -> np.ndarray:
         return self.model.scaler.transform(matrix) if self.model.scaler is not None else matrix
 
-    def predict(self, matrix: np.ndarray) -> list[pa.Array]:
-        """Prediction columns for the rows of ``matrix``, in ``self.fields`` order."""
+    def predict(self, matrix: np.ndarray, rows: int) -> list[pa.Array]:
+        """Prediction columns for the first ``rows`` rows of a ``feature_matrix``, in ``self.fields`` order."""
         with warnings.catch_warnings():
             # Features arrive as a plain array; the estimator may have been fitted on a DataFrame.
             warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-            return self._predict(matrix)
+            return self._predict(matrix, rows)
 
-    def _predict(self, matrix: np.ndarray) -> list[pa.Array]:
-        n = matrix.shape[0]
+    def _predict(self, matrix: np.ndarray, n: int) -> list[pa.Array]:
         estimator = self.model.estimator
         scaled = self._scaled(matrix)
         columns: list[np.ndarray] = []
@@ -115,7 +119,7 @@ class Predictor:
                 columns += [proba[:, k] for k in range(proba.shape[1])]
         else:
             columns.append(estimator.predict(scaled))
-        arrays = [pa.array(values, type=f.type) for values, f in zip(columns, self.fields)]
+        arrays = [pa.array(values[:n], type=f.type) for values, f in zip(columns, self.fields)]
         arrays.append(pa.nulls(n, PREDICTED_AT_TYPE).fill_null(self.predicted_at))
         arrays.append(pa.nulls(n, pa.string()).fill_null(self.model_version))
         return arrays

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -116,16 +116,19 @@ class _UnitScorer:
             for batch in batches:
                 n = batch.num_rows
                 matrix = predictor.feature_matrix(batch)
-                bad = invalid_mask(matrix)
+                bad = invalid_mask(matrix[:n])
                 if bad is not None:
                     self._handle_invalid(batch, bad, offset, stack)
-                    batch = batch.filter(pa.array(~bad))
-                    matrix = matrix[~bad]
-                if batch.num_rows:
-                    columns = [batch.column(c) for c in task.passthrough] + predictor.predict(matrix)
-                    writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=task.output_schema))
+                    matrix[:n][bad] = 0.0  # scored like any row, then dropped: neighbours stay put
+                if n:
+                    columns = [batch.column(c) for c in task.passthrough] + predictor.predict(matrix, n)
+                    scored = pa.RecordBatch.from_arrays(columns, schema=task.output_schema)
+                    if bad is not None:
+                        scored = scored.filter(pa.array(~bad))
+                    if scored.num_rows:
+                        writer.write_batch(scored)
+                    rows_out += scored.num_rows
                 rows_in += n
-                rows_out += batch.num_rows
                 offset += n
                 if on_rows is not None:
                     on_rows(n)
@@ -194,8 +197,3 @@ def score_units(
                 future.cancel()
             raise
     return [results[i] for i in range(len(units))]
-
-
-def iter_unit_parts(results: Sequence[UnitResult]) -> Iterator[str]:
-    for r in results:
-        yield r.part
