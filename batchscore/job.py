@@ -192,7 +192,7 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
-        files=the_plan.files, output=out_path, passthrough=prepared.passthrough,
+        files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
         storage_options=config.storage_options,

@@ -35,7 +35,7 @@ class ScoreTask:
     model_version: str
     predicted_at: datetime
     files: Sequence[Mapping[str, Any]]  # plan file entries: uri, size, row_groups
-    output: str
+    output: str  # full URI of the output dataset
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
     batch_size: int
@@ -93,8 +93,8 @@ class _UnitScorer:
             )
         if self.task.on_invalid == "quarantine":
             if self.rejected_writer is None:
-                fs, _ = filesystem(self.task.output, self.task.storage_options)
-                path = rejected_path(self.task.output, self.unit.part_name)
+                fs, base = filesystem(self.task.output, self.task.storage_options)
+                path = rejected_path(base, self.unit.part_name)
                 self.rejected_writer = stack.enter_context(part_writer(fs, path, self.task.rejected_schema))
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
             reasons = pa.array(invalid_reasons(batch, self.task.model.features, rows), pa.string())
@@ -107,9 +107,9 @@ class _UnitScorer:
         started = time.perf_counter()
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
-        fs, _ = filesystem(task.output, task.storage_options)
+        fs, base = filesystem(task.output, task.storage_options)
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(part_writer(fs, part_path(task.output, self.unit.part_name), task.output_schema))
+            writer = stack.enter_context(part_writer(fs, part_path(base, self.unit.part_name), task.output_schema))
             batches = iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options
             )

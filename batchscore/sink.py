@@ -77,7 +77,11 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 
 
 def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """Names directly inside ``folder``; empty when it does not exist."""
+    """Names directly inside ``folder``; empty when it does not exist.
+
+    Listings are never served from cache: other processes (workers, other shards) write here.
+    """
+    fs.invalidate_cache(folder)
     try:
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
     except FileNotFoundError:

@@ -32,3 +32,11 @@ def s3(moto_s3: str) -> Iterator[tuple[object, str, dict[str, str]]]:
     fs.mkdir(bucket)
     yield fs, bucket, options
     fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_s3_server_log() -> None:
+    """One line per request from the loopback S3 server would drown failure reports."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
