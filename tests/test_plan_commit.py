@@ -1,0 +1,176 @@
+"""plan -> run --shard -> commit: the three steps a scheduler runs, and their safety checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore.errors import EXIT_INPUT, EXIT_USAGE
+from batchscore.plan import make_plan
+from batchscore.source import InputFile
+from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
+
+
+def job_args(inputs: list[Path], out: Path, model: dict[str, Path]) -> list[str]:
+    args = ["--output", out, "--model", model["model"], "--scaler", model["scaler"]]
+    for path in inputs:
+        args += ["--input", path]
+    return [str(a) for a in args]
+
+
+def test_sharded_job_equals_single_run(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=5, rows=1_600, row_group_size=400)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    result = cli("plan", *common, "--shards", "3", "--out", out / "_plan.json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.output)
+    assert plan["num_shards"] == 3 and plan["total_rows"] == 8_000
+    assert [s["rows"] for s in plan["shards"]] == [2_800, 2_400, 2_800]
+    for shard in range(3):
+        result = cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard))
+        assert result.exit_code == 0, result.stderr
+        assert not (out / "_SUCCESS").exists()
+    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "_SUCCESS").exists()
+    single = tmp_path / "single"
+    assert cli("run", *job_args(inputs, single, binary_model_paths)).exit_code == 0
+    sharded_table = read_output(out)
+    assert sharded_table.drop(["predicted_at"]).equals(read_output(single).drop(["predicted_at"]))
+    assert_exact(sharded_table, read_inputs(inputs), binary_model_paths)
+    assert len(set(sharded_table.column("predicted_at").to_pylist())) == 1  # one timestamp for the job
+    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0  # idempotent
+
+
+def test_shard_i_of_n_without_plan_file(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=800, row_group_size=200)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    for shard in range(2):
+        assert cli("run", *common, "--shard", f"{shard}/2").exit_code == 0
+    result = cli("commit", *common, "--shards", "2")
+    assert result.exit_code == 0, result.stderr
+    assert_exact(read_output(out), read_inputs(inputs), binary_model_paths)
+
+
+def test_retried_shard_overwrites_its_parts_and_commit_drops_strays(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=3, rows=800, row_group_size=200)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    for shard in (0, 1, 1):  # shard 1 runs twice, as after a retry
+        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard)).exit_code == 0
+    (out / "part-00099-00000.parquet").write_bytes(b"left by an earlier failed attempt")
+    (out / ".part-00000-00000.parquet.tmp-0123abcd").write_bytes(b"temp")
+    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if "part-" in p.name) == [
+        "part-00000-00000.parquet", "part-00001-00000.parquet", "part-00001-00002.parquet", "part-00002-00000.parquet"]
+    table = read_output(out)
+    assert table.num_rows == 2_400 and len(set(table.column("customer_id").to_pylist())) == 2_400
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["removed_stray_files"] == 2
+
+
+def test_commit_refuses_missing_or_foreign_receipts(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=3, rows=800, row_group_size=200)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--shards", "3", "--out", out / "_plan.json").exit_code == 0
+    for shard in (0, 2):
+        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard)).exit_code == 0
+    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert result.exit_code == EXIT_INPUT
+    assert "missing receipts for shard(s) 1" in result.stderr
+    assert not (out / "_SUCCESS").exists()
+
+    receipt = out / "_receipts" / "shard-00002.json"
+    data = json.loads(receipt.read_text())
+    receipt.write_text(json.dumps({**data, "plan_id": "0000000000000000"}))
+    assert cli("run", *common, "--plan", out / "_plan.json", "--shard", "1").exit_code == 0
+    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert result.exit_code == EXIT_INPUT
+    assert "receipts from another plan for shard(s) 2" in result.stderr
+    assert not (out / "_SUCCESS").exists()
+
+    receipt.write_text(json.dumps({**data, "rows_in": data["rows_in"] - 1}))
+    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert result.exit_code == EXIT_INPUT and "inconsistent shard(s): 2" in result.stderr
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_shard_refuses_changed_input_or_model(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=400, row_group_size=200)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    pq.write_table(pq.read_table(inputs[0]).slice(0, 100), inputs[0])
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    assert result.exit_code == EXIT_INPUT and f"{inputs[0]} changed since the plan" in result.stderr
+    other = dict(binary_model_paths, model=tmp_path / "other.joblib")
+    other["model"].write_bytes(binary_model_paths["model"].read_bytes() + b"")
+    import joblib
+
+    joblib.dump(joblib.load(binary_model_paths["model"]), other["model"], compress=3)
+    result = cli("run", *job_args(inputs, out, other), "--plan", out / "_plan.json", "--shard", "1")
+    assert result.exit_code == EXIT_INPUT and "model artifacts changed since the plan" in result.stderr
+
+
+def test_plan_errors(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=1, rows=400)
+    out = tmp_path / "out"
+    common = job_args(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--shards", "2", "--rows-per-shard", "5").exit_code == EXIT_USAGE
+    assert cli("plan", *common, "--shards", "0").exit_code == EXIT_USAGE
+    assert cli("plan", *common, "--out", out / "_plan.json").exit_code == 0
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "4")
+    assert result.exit_code == EXIT_USAGE and "shard 4 does not exist" in result.stderr
+    edited = json.loads((out / "_plan.json").read_text())
+    edited["files"][0]["row_groups"][0] += 1
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    result = cli("run", *common, "--plan", tmp_path / "edited.json", "--shard", "0")
+    assert result.exit_code == EXIT_INPUT and "edited" in result.stderr
+    result = cli("run", *job_args(inputs, tmp_path / "elsewhere", binary_model_paths), "--plan", out / "_plan.json",
+                 "--shard", "0")
+    assert result.exit_code == EXIT_USAGE and "is for output" in result.stderr
+
+
+def _fake_files(sizes: list[list[int]]) -> list[InputFile]:
+    schema = pa.schema([("a", pa.int64())])
+    return [InputFile(f"f{i}.parquet", 1, tuple(groups), schema) for i, groups in enumerate(sizes)]
+
+
+def test_plan_balances_whole_row_groups_deterministically() -> None:
+    files = _fake_files([[100] * 7, [50, 50], [], [300], [0, 10]])
+    plans = [make_plan(files, "out", [], shards=4) for _ in range(2)]
+    assert plans[0].to_dict() == plans[1].to_dict()
+    covered = [(u.file, rg) for s in plans[0].shards for u in s.units for rg in u.row_groups]
+    expected = [(i, rg) for i, f in enumerate(files) for rg in range(len(f.row_groups))]
+    assert covered == expected  # every row group exactly once, in order
+    assert [s.rows for s in plans[0].shards] == [300, 300, 200, 310]
+    assert make_plan(files, "out", [], rows_per_shard=400).num_shards == 3
+    assert make_plan(files, "out", [], shards=50).num_shards == 50  # more shards than row groups: some empty
+
+
+@pytest.mark.slow
+def test_plan_over_a_thousand_files(tmp_path: Path, binary_model_paths) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    table = read_inputs(write_inputs(tmp_path / "seed", files=1, rows=64, row_group_size=16))
+    for i in range(1_000):
+        pq.write_table(table.slice(0, 16 + 16 * (i % 4)), folder / f"f{i:04d}.parquet", row_group_size=16)
+    out = tmp_path / "out"
+    result = cli("plan", "--input", folder, *job_args([], out, binary_model_paths), "--shards", "16")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.output)
+    assert len(plan["files"]) == 1_000
+    covered = [(u["file"], rg) for s in plan["shards"] for u in s["units"] for rg in u["row_groups"]]
+    expected = [(i, rg) for i, f in enumerate(plan["files"]) for rg in range(len(f["row_groups"]))]
+    assert covered == expected
+    rows = [s["rows"] for s in plan["shards"]]
+    assert sum(rows) == plan["total_rows"] == sum(16 + 16 * (i % 4) for i in range(1_000))
+    assert max(rows) - min(rows) <= 16
