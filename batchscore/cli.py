@@ -241,7 +241,7 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False), help="Folder for churn.parquet and model/.")
 @click.option("--rows", default=None, type=int, help="Rows of sample data [default: 10000].")
 @click.option("--model-only", is_flag=True, help="Only (re)train the model from the existing sample data.")
 @_handle_errors

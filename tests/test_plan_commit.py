@@ -28,7 +28,7 @@ def test_sharded_job_equals_single_run(tmp_path: Path, binary_model_paths) -> No
     common = job_args(inputs, out, binary_model_paths)
     result = cli("plan", *common, "--shards", "3", "--out", out / "_plan.json")
     assert result.exit_code == 0, result.stderr
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert plan["num_shards"] == 3 and plan["total_rows"] == 8_000
     assert [s["rows"] for s in plan["shards"]] == [2_800, 2_400, 2_800]
     for shard in range(3):
@@ -166,7 +166,7 @@ def test_plan_over_a_thousand_files(tmp_path: Path, binary_model_paths) -> None:
     out = tmp_path / "out"
     result = cli("plan", "--input", folder, *job_args([], out, binary_model_paths), "--shards", "16")
     assert result.exit_code == 0, result.stderr
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert len(plan["files"]) == 1_000
     covered = [(u["file"], rg) for s in plan["shards"] for u in s["units"] for rg in u["row_groups"]]
     expected = [(i, rg) for i, f in enumerate(plan["files"]) for rg in range(len(f["row_groups"]))]

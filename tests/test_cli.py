@@ -1,0 +1,97 @@
+"""The CLI's help, docs and small commands: what users read must match what the code does."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from batchscore.cli import main
+from batchscore.config import CONFIG_KEYS
+from batchscore.errors import EXIT_CODES, EXIT_USAGE
+from helpers import REPO, cli, write_inputs
+
+README = (REPO / "README.md").read_text()
+COMMANDS = sorted(main.commands)
+
+
+def test_every_command_and_option_has_help() -> None:
+    assert COMMANDS == ["commit", "inspect", "plan", "run", "sample", "validate"]
+    for name, command in main.commands.items():
+        assert command.help, f"{name} has no help"
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} has no help"
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help_lists_exit_codes(command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    for code, meaning in EXIT_CODES.items():
+        assert f"    {code}  {meaning}\n" in result.output
+
+
+def test_readme_documents_commands_keys_and_exit_codes() -> None:
+    for name in COMMANDS:
+        assert f"batchscore {name}" in README, name
+    for key in CONFIG_KEYS:
+        assert f"| `{key}` |" in README, key
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in README, code
+    assert re.search(r"^make run", README, re.M) and re.search(r"^make test", README, re.M)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_inspect(binary_model_paths) -> None:
+    result = cli("inspect", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["type"] == "LogisticRegression" and info["scaler"] == "StandardScaler"
+    assert info["features"] == ["age", "tenure", "monthly_charges", "total_charges"]
+    assert info["classes"] == [False, True] and info["task"] == "classification"
+    assert [a["role"] for a in info["artifacts"]] == ["model", "scaler"]
+    assert all(len(a["sha256"]) == 64 for a in info["artifacts"])
+
+
+def test_validate_scores_nothing(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=64)
+    result = cli("validate", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
+                 binary_model_paths["model"], "--scaler", binary_model_paths["scaler"])
+    assert result.exit_code == 0, result.stderr
+    assert "ok: 2 file(s), 128 rows" in result.output
+    assert not (tmp_path / "out").exists()
+    del inputs
+
+
+def test_flags_override_config(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=1, rows=64)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {inputs[0]}\noutput: {tmp_path / 'a'}\nmodel: {binary_model_paths['model']}\n"
+                      f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\n")
+    result = cli("run", "--config", config, "--output", tmp_path / "b", "--model-version", "2", "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert not (tmp_path / "a").exists()
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == {"in": 64, "out": 64, "invalid": 0}
+    events = [json.loads(line)["event"] for line in result.stderr.splitlines()]
+    assert events[0] == "shard_start" and events[-1] == "committed"
+
+
+def test_storage_option_needs_key_value(tmp_path: Path) -> None:
+    result = cli("run", "--storage-option", "endpoint_url", "--output", tmp_path)
+    assert result.exit_code == EXIT_USAGE and "key=value" in result.stderr
+
+
+def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "batchscore", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "batchscore" in result.stdout
