@@ -127,11 +127,17 @@ class Predictor:
     def _classes_from(self, proba: np.ndarray, scaled: np.ndarray) -> np.ndarray:
         index = proba.argmax(axis=1)
         labels = np.asarray(self.model.classes).take(index)
-        if proba.shape[1] > 1:
-            top_two = np.partition(proba, -2, axis=1)[:, -2:]
-            close = np.flatnonzero(top_two[:, 1] - top_two[:, 0] <= TIE_MARGIN)
-            if close.size:
-                labels[close] = self.model.estimator.predict(scaled[close])
+        if proba.shape[1] == 2:
+            gap = np.abs(proba[:, 1] - proba[:, 0])
+        else:
+            rest = proba.copy()
+            rest[np.arange(len(index)), index] = -np.inf
+            gap = proba.max(axis=1) - rest.max(axis=1)
+        close = np.flatnonzero(gap <= TIE_MARGIN)
+        if close.size:  # re-predicted in an aligned matrix too, so they round like every other row
+            subset = np.zeros((close.size + (-close.size) % ROW_ALIGNMENT, scaled.shape[1]), order="F")
+            subset[: close.size] = scaled[close]
+            labels[close] = self.model.estimator.predict(subset)[: close.size]
         return labels
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 from .engine import Predictor
 from .errors import InputDataError
 from .model import LoadedModel
+from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
 from .sink import REJECT_REASON, part_path, part_writer, rejected_path
 from .source import iter_batches
@@ -109,10 +110,11 @@ class _UnitScorer:
         offset = _first_row(self.file, self.unit)
         fs, base = filesystem(task.output, task.storage_options)
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(part_writer(fs, part_path(base, self.unit.part_name), task.output_schema))
-            batches = iter_batches(
+            parquet = stack.enter_context(part_writer(fs, part_path(base, self.unit.part_name), task.output_schema))
+            writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
+            batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options
-            )
+            ))
             for batch in batches:
                 n = batch.num_rows
                 matrix = predictor.feature_matrix(batch)
@@ -126,7 +128,7 @@ class _UnitScorer:
                     if bad is not None:
                         scored = scored.filter(pa.array(~bad))
                     if scored.num_rows:
-                        writer.write_batch(scored)
+                        writer.write(scored)
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
