@@ -95,3 +95,12 @@ def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
 
     result = subprocess.run([sys.executable, "-m", "batchscore", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "batchscore" in result.stdout
+
+
+def test_sample_command_regenerates_the_committed_sample(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    result = cli("sample", "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(tmp_path / "churn.parquet").equals(pq.read_table(REPO / "sample_data" / "churn.parquet"))
+    assert (tmp_path / "model" / "model.joblib").exists() and (tmp_path / "model" / "scaler.joblib").exists()
