@@ -23,6 +23,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _interrupt_on_sigterm()
         try:
             return func(*args, **kwargs)
         except BatchscoreError as exc:
@@ -39,6 +40,18 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_FAILURE)
 
     return wrapper
+
+
+def _interrupt_on_sigterm() -> None:
+    """Schedulers stop tasks with SIGTERM: unwind like Ctrl-C so unfinished parts are discarded."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -45,13 +46,34 @@ class JobConfig:
 
     @property
     def worker_count(self) -> int:
-        """Workers to use: the configured number, else every core this process may run on."""
-        if self.workers:
-            return self.workers
+        """Workers to use: the configured number, else every core this process may use."""
+        return self.workers or available_cores()
+
+
+def available_cores() -> int:
+    """Cores this process may use: CPU affinity, capped by a container's CPU quota (cgroup v2 or v1).
+
+    A pod limited to 2 CPUs on a 64-core node must not start 64 workers.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
         try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
+            with open(quota_file) as fh:
+                fields = fh.read().split()
+            if period_file:
+                with open(period_file) as fh:
+                    fields.append(fh.read().strip())
+            quota, period = fields[0], fields[1]
+            if quota not in ("max", "-1") and int(period) > 0:
+                cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return cores
 
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(JobConfig))

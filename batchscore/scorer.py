@@ -10,6 +10,7 @@ import contextlib
 import multiprocessing
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Mapping, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .engine import Predictor
-from .errors import InputDataError
+from .errors import InputDataError, StorageError
 from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
@@ -194,6 +195,11 @@ def score_units(
                     results[index] = future.result()
                     if on_rows is not None:
                         on_rows(results[index].rows_in)
+        except BrokenProcessPool:
+            raise StorageError(
+                "a worker process died while scoring (killed, perhaps for lack of memory); "
+                "nothing was committed; try fewer --workers or a smaller --batch-size"
+            ) from None
         except BaseException:
             for future in pending:
                 future.cancel()

@@ -86,3 +86,29 @@ def test_corrupt_row_group_mid_file_leaves_no_part(tmp_path: Path, binary_model_
     assert str(path) in result.stderr
     assert not (out / "_SUCCESS").exists()
     assert [name for name in os.listdir(out) if "part-" in name] == []
+
+
+def test_sigterm_mid_run_discards_unfinished_parts(tmp_path: Path, binary_model_paths) -> None:
+    """Schedulers stop tasks with SIGTERM: exit 1, nothing committed, no partial or temporary part."""
+    import signal
+    import subprocess
+    import sys
+
+    inputs = write_inputs(tmp_path / "in", files=1, rows=200_000, row_group_size=50_000)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchscore", "run", "--input", str(inputs[0]), "--output", str(out), "--model",
+         str(binary_model_paths["model"]), "--scaler", str(binary_model_paths["scaler"]), "--batch-size", "64",
+         "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(n.startswith(".part-") for n in os.listdir(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert "interrupted; nothing was committed" in stderr
+    assert not (out / "_SUCCESS").exists()
+    assert [n for n in os.listdir(out) if "part-" in n] == []
