@@ -234,9 +234,10 @@ def _with_output(config: JobConfig, output: str) -> JobConfig:
 
 
 def _versions() -> dict[str, str]:
-    import sklearn
+    """Library versions for the manifest, without importing scikit-learn just to ask."""
+    from importlib.metadata import version
 
-    return {"batchscore": __version__, "scikit-learn": sklearn.__version__, "pyarrow": pa.__version__,
+    return {"batchscore": __version__, "scikit-learn": version("scikit-learn"), "pyarrow": pa.__version__,
             "python": platform.python_version()}
 
 

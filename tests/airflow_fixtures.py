@@ -1,0 +1,171 @@
+"""Fixtures and data builders for the DAG tests: a throwaway Airflow home, an S3 server on loopback.
+
+Import the fixtures into ``conftest.py`` (``from airflow_fixtures import airflow_env, airflow_home, moto_s3``).
+Airflow reads its configuration when first imported, so ``airflow_home`` sets the environment
+before anything imports ``airflow``; the test modules import it lazily for that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DAGS_FOLDER = REPO / "dags"
+FEATURES = ("tenure", "monthly_charges", "support_calls", "usage_gb")
+
+
+def _require_airflow() -> None:
+    if importlib.util.find_spec("airflow") is None:
+        pytest.skip("Airflow is not installed (pip install '.[airflow]')")
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point Airflow at a fresh AIRFLOW_HOME (sqlite) and this repository's dags/; enough for a DagBag."""
+    _require_airflow()
+    if "airflow" in sys.modules:
+        configured = os.environ.get("AIRFLOW_HOME", "")
+        if not configured.startswith(str(tmp_path_factory.getbasetemp())):
+            pytest.fail("airflow was imported before the airflow_home fixture set its environment")
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def airflow_home(airflow_env: Path) -> Path:
+    """``airflow_env`` plus a migrated metadata database, as ``dag.test()`` needs."""
+    from airflow.utils import db
+
+    db.initdb()
+    return airflow_env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[str]:
+    """An S3 API (moto) on 127.0.0.1; yields its endpoint URL. Fake credentials only."""
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --------------------------------------------------------------------------- data builders
+
+
+def write_events(folder: str, files: int = 3, rows: int = 1200, row_group_size: int = 300, fs=None) -> int:
+    """Write ``files`` Parquet files of churn-like events with several row groups each; return total rows.
+
+    ``folder`` is a local path, or a bucket path when ``fs`` (an fsspec filesystem) is given.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    total = 0
+    for i in range(files):
+        n = rows + 37 * i  # unequal files, so shards cut through files
+        table = pa.table(
+            {
+                "customer_id": pa.array(np.arange(total, total + n, dtype=np.int64)),
+                "tenure": rng.integers(0, 72, n).astype(np.float64),
+                "monthly_charges": rng.normal(70, 25, n),
+                "support_calls": rng.poisson(1.5, n).astype(np.float64),
+                "usage_gb": rng.gamma(2.0, 10.0, n),
+                "segment": pa.array(rng.choice(["a", "b", "c"], n)),
+            }
+        )
+        name = f"{folder.rstrip('/')}/events-{i:03d}.parquet"
+        if fs is None:
+            os.makedirs(folder, exist_ok=True)
+            pq.write_table(table, name, row_group_size=row_group_size)
+        else:
+            with fs.open(name, "wb") as fh:
+                pq.write_table(table, fh, row_group_size=row_group_size)
+        total += n
+    return total
+
+
+def fit_model(folder: str) -> tuple[str, str]:
+    """Fit a small scaler + logistic regression on synthetic data; return (model, scaler) paths."""
+    import joblib
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "tenure": rng.integers(0, 72, 500).astype(float),
+            "monthly_charges": rng.normal(70, 25, 500),
+            "support_calls": rng.poisson(1.5, 500).astype(float),
+            "usage_gb": rng.gamma(2.0, 10.0, 500),
+        }
+    )
+    target = (frame["support_calls"] * 0.8 - frame["tenure"] * 0.05 + rng.normal(0, 1, 500) > 0).astype(int)
+    scaler = StandardScaler().fit(frame[list(FEATURES)])
+    model = LogisticRegression().fit(scaler.transform(frame[list(FEATURES)]), target)
+    os.makedirs(folder, exist_ok=True)
+    model_path, scaler_path = os.path.join(folder, "model.joblib"), os.path.join(folder, "scaler.joblib")
+    joblib.dump(model, model_path)
+    joblib.dump(scaler, scaler_path)
+    return model_path, scaler_path
+
+
+def read_parts(folder: str, fs=None):
+    """The committed rows: every ``part-*.parquet`` in name order (= input order), concatenated."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fs is None:
+        names = sorted(p for p in os.listdir(folder) if p.startswith("part-") and p.endswith(".parquet"))
+        tables = [pq.read_table(os.path.join(folder, n)) for n in names]
+    else:
+        names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+        tables = []
+        for name in names:
+            with fs.open(name, "rb") as fh:
+                tables.append(pq.read_table(fh))
+    assert tables, f"no part files in {folder}"
+    return pa.concat_tables(tables)

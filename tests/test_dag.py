@@ -1,0 +1,378 @@
+"""The Airflow side: DAG parsing, the pods it would start, and whole runs through ``dag.test()``.
+
+Runs use the ``local`` runner (each shard a ``batchscore run`` subprocess of the worker), so
+the task graph, templating, mapping, retries and the commit are Airflow's and batchscore's own;
+only the container is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow_fixtures import DAGS_FOLDER, FEATURES, fit_model, read_parts, write_events
+
+if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
+    sys.path.append(str(DAGS_FOLDER))
+
+DAY = "2024-06-01"
+LOGICAL_DATE = datetime(2024, 6, 1, tzinfo=timezone.utc)
+
+
+def load_dags(configs_dir: Path | None = None) -> dict[str, Any]:
+    """Parse dags/ the way the DAG processor does and fail on any import error."""
+    from airflow.models import DagBag
+
+    if configs_dir is not None:
+        assert os.environ.get("BATCHSCORE_CONFIGS_DIR") == str(configs_dir)
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+@pytest.fixture
+def configs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    monkeypatch.setenv("BATCHSCORE_CONFIGS_DIR", str(folder))
+    monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
+    return folder
+
+
+def write_job(folder: Path, name: str, job: dict[str, Any], dag: dict[str, Any]) -> Path:
+    import yaml
+
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**job, "dag": dag}, sort_keys=False))
+    return path
+
+
+def single_process_run(inputs: str, output: str, model: str, scaler: str, *extra: str) -> None:
+    """The reference: one ``batchscore run`` over the whole input, no plan, no shards."""
+    subprocess.run(
+        [sys.executable, "-m", "batchscore", "run", "--input", inputs, "--output", output,
+         "--model", model, "--scaler", scaler, "--model-version", "test-1",
+         "--features", ",".join(FEATURES), "--overwrite", *extra],
+        check=True,
+    )  # fmt: skip
+
+
+def assert_same_scores(committed, reference, total_rows: int) -> None:
+    """Same rows in the same order with the same values; only the scoring timestamp may differ."""
+    ids = committed.column("customer_id").to_pylist()
+    assert len(ids) == total_rows and len(set(ids)) == total_rows, "duplicate or missing rows"
+    assert committed.drop_columns(["predicted_at"]).equals(reference.drop_columns(["predicted_at"]))
+
+
+def score_tis(dag_run) -> list[Any]:
+    return sorted((ti for ti in dag_run.get_task_instances() if ti.task_id == "score"), key=lambda t: t.map_index)
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three multi-row-group files for one date, a fitted model, and the single-process reference."""
+    root = tmp_path_factory.mktemp("local_data")
+    rows = write_events(str(root / "events" / f"dt={DAY}"))
+    model, scaler = fit_model(str(root / "model"))
+    reference = root / "reference"
+    single_process_run(str(root / "events" / f"dt={DAY}"), str(reference), model, scaler)
+    return {"root": root, "rows": rows, "model": model, "scaler": scaler, "reference": read_parts(str(reference))}
+
+
+def local_job(data: dict[str, Any], output_root: Path) -> dict[str, Any]:
+    return {
+        "input": str(data["root"] / "events" / "dt={{ ds }}") + "/",
+        "output": str(output_root / "dt={{ ds }}") + "/",
+        "model": data["model"],
+        "scaler": data["scaler"],
+        "model_version": "test-1",
+        "features": list(FEATURES),
+    }
+
+
+LOCAL_DAG = {
+    "schedule": "@daily",
+    "start_date": "2024-01-01",
+    "runner": "local",
+    "shards": 3,
+    "retries": 2,
+    "retry_delay": 1,
+    "retry_exponential_backoff": False,
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_repository_configs_make_the_expected_graph(airflow_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/daily_churn.yaml becomes sensor -> plan -> mapped pods -> commit -> Asset."""
+    monkeypatch.delenv("BATCHSCORE_CONFIGS_DIR", raising=False)
+    monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
+    dags = load_dags()
+    dag = dags["batchscore_daily_churn"]
+    assert set(dag.task_dict) == {"wait_for_input", "plan", "score", "commit"}
+    assert dag.get_task("plan").upstream_task_ids == {"wait_for_input"}
+    assert dag.get_task("score").upstream_task_ids == {"plan"}
+    assert dag.get_task("commit").upstream_task_ids == {"score"}
+    score = dag.get_task("score")
+    assert score.operator_class.__name__ == "KubernetesPodOperator"
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 8
+    assert score.partial_kwargs["retries"] == 3
+    assert score.partial_kwargs["execution_timeout"].total_seconds() == 7200
+    [outlet] = dag.get_task("commit").outlets
+    assert outlet.uri == "s3://acme-scores/churn"
+    assert dag.catchup is False and dag.max_active_runs == 1
+    # Runs cover data intervals: the run that starts on June 2nd at 03:00 scores dt=2024-06-01.
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert dag.params["image"] == "ghcr.io/acme/batchscore:0.1.0"
+    assert dag.params["shards"] is None
+    # A job file without a dag: section (the sample) is no DAG.
+    assert all(d.startswith("batchscore_") for d in dags) and "batchscore_sample" not in dags
+
+
+def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Render shard 2's pod with the provider's own builder, no cluster needed."""
+    monkeypatch.delenv("BATCHSCORE_CONFIGS_DIR", raising=False)
+    monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
+    dag = load_dags()["batchscore_daily_churn"]
+    context = {"ds": DAY, "params": {"image": dag.params["image"]}}
+    plan = dag.get_task("plan")
+    common = plan.render_template(plan.op_args[0], context)  # what the plan task receives
+    from batchscore_dagfactory import plan_uri, shard_arguments
+
+    shard_args = shard_arguments(common, plan_uri(f"s3://acme-scores/churn/dt={DAY}/"), 4)
+
+    pod_op = dag.get_task("score").unmap({"arguments": shard_args[2]})
+    pod_op.render_template_fields(context)
+    pod = pod_op.build_pod_request_obj(dry_run=True)
+
+    [container] = pod.spec.containers
+    assert container.image == "ghcr.io/acme/batchscore:0.1.0"
+    assert not container.command  # empty: the image's ENTRYPOINT (batchscore) runs the args
+    args = container.args
+    assert args[0] == "run" and args[-4:] == ["--plan", f"s3://acme-scores/churn/dt={DAY}/_plan.json", "--shard", "2"]
+    assert args[args.index("--input") + 1] == f"s3://acme-events/churn/dt={DAY}/"
+    assert args[args.index("--output") + 1] == f"s3://acme-scores/churn/dt={DAY}/"
+    assert "--overwrite" in args and "region_name=eu-west-1" in args and "{{" not in " ".join(args)
+    assert container.resources.requests == {"cpu": "2", "memory": "4Gi"}
+    assert container.resources.limits == {"cpu": "2", "memory": "6Gi"}
+    env = {e.name: e for e in container.env}
+    assert env["AWS_DEFAULT_REGION"].value == "eu-west-1"
+    key_ref = env["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref
+    assert (key_ref.name, key_ref.key) == ("churn-s3-credentials", "secret_access_key")
+    assert env["AWS_SECRET_ACCESS_KEY"].value is None
+    assert pod.metadata.namespace == "batchscore" and pod.spec.service_account_name == "batchscore"
+    assert pod.spec.restart_policy == "Never"
+
+    # A run's params pick another image without touching the job file.
+    override = dag.get_task("score").unmap({"arguments": shard_args[0]})
+    override.render_template_fields({**context, "params": {"image": "ghcr.io/acme/batchscore:0.2.0"}})
+    assert override.build_pod_request_obj(dry_run=True).spec.containers[0].image.endswith(":0.2.0")
+
+
+def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
+    """The Docker alternative: same arguments as the command, limits translated, secrets by name only."""
+    write_job(
+        configs_dir,
+        "docker_job",
+        {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/", "model": "s3://b/m.joblib"},
+        {
+            "schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev",
+            "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}}, "env": {"LOG": "1"},
+            "secrets": [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
+        },
+    )  # fmt: skip
+    dag = load_dags(configs_dir)["batchscore_docker_job"]
+    op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
+    op.render_template_fields({"params": {"image": "batchscore:dev"}})
+    assert type(op).__mro__[1].__name__ == "DockerOperator"
+    assert (op.image, op.command, op.environment) == ("batchscore:dev", ["run", "--shard", "0"], {"LOG": "1"})
+    assert (op.mem_limit, op.cpus) == ("3g", 1.5)
+    assert op.secret_env == ("AWS_ACCESS_KEY_ID",)
+
+
+def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, configs_dir: Path) -> None:
+    from batchscore_dagfactory import DagConfigError, load_jobs
+
+    base = {"input": "in/", "output": "out/"}
+    write_job(configs_dir, "typo", base, {"schedule": "@daily", "start_date": "2024-01-01", "shard": 3})
+    with pytest.raises(DagConfigError, match=r"typo\.yaml: unknown dag key\(s\) shard"):
+        load_jobs(configs_dir)
+    (configs_dir / "typo.yaml").unlink()
+    write_job(configs_dir, "noimage", base, {"schedule": "@daily", "start_date": "2024-01-01"})
+    with pytest.raises(DagConfigError, match="dag.image is required for the kubernetes runner"):
+        load_jobs(configs_dir)
+    (configs_dir / "noimage.yaml").unlink()
+    leaky = {**base, "storage_options": {"endpoint_url": "http://s3", "secret": "x"}}
+    write_job(configs_dir, "leaky", leaky, {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"})
+    with pytest.raises(DagConfigError, match="storage_options secret look like credentials"):
+        load_jobs(configs_dir)
+    (configs_dir / "leaky.yaml").unlink()
+    write_job(configs_dir, "leaky_env", base, {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local",
+                                               "env": {"AWS_SECRET_ACCESS_KEY": "x"}})  # fmt: skip
+    with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
+        load_jobs(configs_dir)
+    (configs_dir / "leaky_env.yaml").unlink()
+    write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
+    assert load_jobs(configs_dir) == []
+
+
+def test_permanent_cli_errors_are_not_retried(airflow_env: Path) -> None:
+    """Exit 2/3/4 (config, data, model) fail for good; exit 1 is left to the retries."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from batchscore_dagfactory import run_cli
+
+    with pytest.raises(AirflowFailException, match="code 3 .input data invalid"):
+        run_cli([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(AirflowException, match="code 1") as info:
+        run_cli([sys.executable, "-c", "raise SystemExit(1)"])
+    assert not isinstance(info.value, AirflowFailException)
+    assert run_cli([sys.executable, "-c", "print('{}')"], capture_stdout=True).strip() == "{}"
+
+
+@pytest.mark.slow
+def test_parsing_imports_nothing_heavy(tmp_path: Path, airflow_env: Path) -> None:
+    """A DagBag of a local-runner job loads no data stack, no model code and no Kubernetes client."""
+    write_job(
+        tmp_path,
+        "light",
+        {"input": "in/", "output": "out/"},
+        {"schedule": None, "start_date": "2024-01-01", "runner": "local"},
+    )
+    probe = textwrap.dedent(
+        f"""
+        import json, sys
+        from airflow.models import DagBag
+        bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
+        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore", "kubernetes", "docker",
+                 "airflow.providers.cncf.kubernetes.operators.pod"]
+        print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
+                          "loaded": [m for m in heavy if m in sys.modules]}}))
+        """
+    )
+    env = {**os.environ, "BATCHSCORE_CONFIGS_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"errors": [], "dags": ["batchscore_light"], "loaded": []}
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.slow
+def test_local_run_commits_what_a_single_process_scores(
+    airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """Three shards of a three-file input, committed; then a rerun of the date with another shard count."""
+    from airflow.utils.state import DagRunState
+
+    scores = tmp_path / "scores"
+    write_job(configs_dir, "local_e2e", local_job(local_data, scores), LOCAL_DAG)
+    neighbour = scores / "dt=2024-05-31" / "part-00000-00000.parquet"  # another date's output
+    neighbour.parent.mkdir(parents=True)
+    neighbour.write_bytes(b"not touched")
+    dag = load_dags(configs_dir)["batchscore_local_e2e"]
+
+    run = dag.test(logical_date=LOGICAL_DATE)
+    assert run.state == DagRunState.SUCCESS
+    assert [ti.map_index for ti in score_tis(run)] == [0, 1, 2]
+    output = scores / f"dt={DAY}"
+    assert (output / "_SUCCESS").exists() and (output / "_manifest.json").exists()
+    assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+    first_parts = sorted(p.name for p in output.glob("part-*.parquet"))
+
+    rerun = dag.test(logical_date=LOGICAL_DATE, run_conf={"shards": 2})
+    assert rerun.state == DagRunState.SUCCESS and len(score_tis(rerun)) == 2
+    assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+    # Shard boundaries moved, so parts were named differently: the first run's leftovers are gone.
+    assert sorted(p.name for p in output.glob("part-*.parquet")) != first_parts
+    assert neighbour.read_bytes() == b"not touched"
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).all()
+        assert [e.extra.get("output") for e in events] == [str(output) + "/"] * 2
+
+
+@pytest.mark.slow
+def test_s3_run_through_moto_commits_what_a_single_process_scores(
+    airflow_home: Path, moto_s3: str, configs_dir: Path, tmp_path: Path
+) -> None:
+    """Input, model and output on S3 (moto over loopback); a run's params raise the shard count."""
+    import s3fs
+    from airflow.utils.state import DagRunState
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)
+    fs.mkdir("bs-data")
+    rows = write_events(f"bs-data/events/dt={DAY}", files=3, rows=900, row_group_size=200, fs=fs)
+    model, scaler = fit_model(str(tmp_path / "model"))
+    fs.put(model, "bs-data/models/model.joblib")
+    fs.put(scaler, "bs-data/models/scaler.joblib")
+    options = ["--storage-option", f"endpoint_url={moto_s3}"]
+    single_process_run(f"s3://bs-data/events/dt={DAY}/", str(tmp_path / "reference"),
+                       "s3://bs-data/models/model.joblib", "s3://bs-data/models/scaler.joblib", *options)  # fmt: skip
+
+    job = {
+        "input": "s3://bs-data/events/dt={{ ds }}/",
+        "output": "s3://bs-data/scores/dt={{ ds }}/",
+        "model": "s3://bs-data/models/model.joblib",
+        "scaler": "s3://bs-data/models/scaler.joblib",
+        "model_version": "test-1",
+        "features": list(FEATURES),
+        "storage_options": {"endpoint_url": moto_s3},
+    }
+    write_job(configs_dir, "s3_e2e", job, {**LOCAL_DAG, "shards": 1, "sensor": {"poke_interval": 1, "timeout": 30}})
+    dag = load_dags(configs_dir)["batchscore_s3_e2e"]
+
+    run = dag.test(logical_date=LOGICAL_DATE, run_conf={"shards": 2})
+    assert run.state == DagRunState.SUCCESS
+    assert [ti.map_index for ti in score_tis(run)] == [0, 1]
+    fs.invalidate_cache()
+    assert fs.exists(f"bs-data/scores/dt={DAY}/_SUCCESS")
+    committed = read_parts(f"bs-data/scores/dt={DAY}", fs=fs)
+    assert_same_scores(committed, read_parts(str(tmp_path / "reference")), rows)
+
+
+FLAKY_WRAPPER = """\
+import os, subprocess, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as fh:
+    fh.write(" ".join(args) + "\\n")
+code = subprocess.call([sys.executable, "-m", "batchscore", *args])
+if code == 0 and args[0] == "run" and args[-2:] == ["--shard", "1"] and not os.path.exists({marker!r}):
+    open({marker!r}, "w").close()
+    sys.exit(1)  # the shard's output is written, then the worker dies before reporting success
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_shard_failing_once_is_retried_without_duplicates(
+    airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
+) -> None:
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    log, marker = tmp_path / "calls.log", tmp_path / "failed-once"
+    wrapper = tmp_path / "flaky_batchscore.py"
+    wrapper.write_text(FLAKY_WRAPPER.format(log=str(log), marker=str(marker)))
+    scores = tmp_path / "scores"
+    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
+    write_job(configs_dir, "retry_e2e", local_job(local_data, scores), dag_cfg)
+    dag = load_dags(configs_dir)["batchscore_retry_e2e"]
+
+    run = dag.test(logical_date=LOGICAL_DATE)
+    assert run.state == DagRunState.SUCCESS
+    tries = {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(run)}
+    assert tries == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2)}
+    shard_calls = [line for line in log.read_text().splitlines() if line.startswith("run ")]
+    assert sum(line.endswith("--shard 1") for line in shard_calls) == 2 and len(shard_calls) == 3
+    assert_same_scores(read_parts(str(scores / f"dt={DAY}")), local_data["reference"], local_data["rows"])
