@@ -27,7 +27,7 @@ test: $(VENV)/.dev-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-deps
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
