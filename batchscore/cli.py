@@ -73,7 +73,7 @@ JOB_OPTIONS = [
     click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
     click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
     click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
-    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 65536]."),
+    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 32768]."),
     click.option("--on-invalid", type=click.Choice(ON_INVALID_CHOICES), help="Rows with null/NaN/inf features: fail, skip, or quarantine to _rejected/ [default: fail]."),
     click.option("--max-invalid-fraction", type=float, help="Most invalid rows allowed as a fraction of input rows [default: 0.05]."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),

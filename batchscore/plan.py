@@ -13,7 +13,7 @@ from .source import InputFile
 
 PLAN_FORMAT = 1
 #: A part (one output file) holds at most this many rows; parts are the unit of parallel work.
-DEFAULT_ROWS_PER_PART = 1_048_576
+DEFAULT_ROWS_PER_PART = 524_288
 
 
 @dataclass(frozen=True)
