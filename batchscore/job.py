@@ -34,7 +34,7 @@ from .sink import (
     write_json,
 )
 from .source import GLOB_CHARS, InputFile, list_inputs, read_footers
-from .storage import filesystem, full_uri, is_local, join, remove_if_exists, write_bytes_atomic
+from .storage import filesystem, full_uri, is_local, join, make_durable, remove_if_exists, write_bytes_atomic
 from .validate import check_schemas, passthrough_columns
 
 
@@ -298,6 +298,7 @@ def commit(
     stray = [path for _, path in iter_own_files(fs, out_path) if path not in keep]
     for path in stray:
         remove_if_exists(fs, path)
+    make_durable(fs, sorted(keep))
     for name in listing(fs, join(out_path, RECEIPTS_DIR)):
         if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
             remove_if_exists(fs, join(out_path, RECEIPTS_DIR, name))

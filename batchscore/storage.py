@@ -6,7 +6,7 @@ import contextlib
 import os
 import posixpath
 import uuid
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -48,11 +48,12 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True) -> Iterator[IO[bytes]]:
     """Open ``path`` for writing so that it appears at its final name only when complete.
 
     Local files go to a hidden temporary name in the same folder and are renamed; object stores
     publish an object only when its upload completes, so a failed write is discarded instead.
+    ``durable=False`` skips the local fsync; whoever commits must then call ``make_durable``.
     """
     if is_local(fs):
         folder, name = posixpath.split(path)
@@ -61,8 +62,9 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes
         try:
             with open(tmp, "wb") as fh:
                 yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -77,6 +79,30 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes
             discard()
         raise
     fh.close()
+
+
+def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
+    """Flush local files (and their folders) to disk before a marker claims they are complete.
+
+    Parts are flushed here, at commit, rather than as each is written: by then the kernel has
+    usually written them back already, so scoring never waits on the disk.
+    """
+    if not is_local(fs):
+        return  # an object store's completed upload is already durable
+    folders = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.add(posixpath.dirname(path))
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
