@@ -101,8 +101,12 @@ class Predictor:
 
     def predict(self, matrix: np.ndarray, rows: int) -> list[pa.Array]:
         """Prediction columns for the first ``rows`` rows of a ``feature_matrix``, in ``self.fields`` order."""
-        with warnings.catch_warnings():
-            # Features arrive as a plain array; the estimator may have been fitted on a DataFrame.
+        import sklearn
+
+        # Every value is already known to be finite (invalid rows were set aside and zeroed), so
+        # scikit-learn need not check again; features arrive as a plain array even if the
+        # estimator was fitted on a DataFrame.
+        with sklearn.config_context(assume_finite=True), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
             return self._predict(matrix, rows)
 

@@ -149,15 +149,20 @@ def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit, on_rows: Calla
     return _UnitScorer(task, predictor, unit).run(on_rows)
 
 
+#: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
+#: one's pages (returning them at once costs page faults), short enough that memory stays flat.
+JEMALLOC_DECAY_MS = 1000
+
+
 def use_lean_memory_pool() -> None:
-    """Prefer jemalloc, returning freed memory at once: a long stream of batches then keeps the
-    resident size flat instead of letting the allocator hold on to every batch's pages."""
+    """Prefer jemalloc with a short decay: the resident size of a long stream of batches stays
+    flat instead of the allocator holding on to pages it has used once."""
     try:
         pool = pa.jemalloc_memory_pool()
     except NotImplementedError:  # a pyarrow build without jemalloc: keep its default
         return
     pa.set_memory_pool(pool)
-    pa.jemalloc_set_decay_ms(0)
+    pa.jemalloc_set_decay_ms(JEMALLOC_DECAY_MS)
 
 
 # --- worker processes -------------------------------------------------------------------------
