@@ -73,11 +73,11 @@ JOB_OPTIONS = [
     click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
     click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
     click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
-    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 32768]."),
+    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 65536]."),
     click.option("--on-invalid", type=click.Choice(ON_INVALID_CHOICES), help="Rows with null/NaN/inf features: fail, skip, or quarantine to _rejected/ [default: fail]."),
     click.option("--max-invalid-fraction", type=float, help="Most invalid rows allowed as a fraction of input rows [default: 0.05]."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),
-    click.option("--workers", type=int, help="Worker processes [default: all cores]."),
+    click.option("--workers", type=int, help="Worker processes, one core each [default: all cores]."),
     click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines as text or JSON [default: text]."),
 ]
@@ -158,7 +158,6 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
     from . import job
-    from .plan import make_plan
 
     config = _config(kw)
     reporter = _reporter(config)
@@ -172,12 +171,11 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
         the_plan = job.load_plan(plan_uri, config)
         if count is not None and count != the_plan.num_shards:
             raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
+        receipt = job.run_shard(config, the_plan, index, reporter)
     elif count is not None:
-        prepared = job.prepare(config)
-        the_plan = make_plan(prepared.files, prepared.output, [a.to_dict() for a in prepared.model.artifacts], shards=count)
+        receipt = job.run_shard_of(config, index, count, reporter)
     else:
         raise ConfigError("--shard I needs --plan, or give it as I/N")
-    receipt = job.run_shard(config, the_plan, index, reporter)
     click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
 
 
@@ -210,14 +208,12 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
     from . import job
-    from .plan import make_plan
 
     config = _config(kw)
     if plan_uri:
         the_plan = job.load_plan(plan_uri, config)
     elif shards:
-        prepared = job.prepare(config)
-        the_plan = make_plan(prepared.files, prepared.output, [a.to_dict() for a in prepared.model.artifacts], shards=shards)
+        the_plan = job.plan_again(config, shards)
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
     manifest = job.commit(config, the_plan, _reporter(config))

@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
-DEFAULT_BATCH_SIZE = 32_768
+DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
 
 

@@ -16,7 +16,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import Predictor
 from .errors import ConfigError, InputDataError
-from .model import LoadedModel, load_model
+from .model import LoadedModel, artifact_digests, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
 from .scorer import ScoreTask, score_units
@@ -91,13 +91,7 @@ def _input_root(spec: str, config: JobConfig) -> str:
 
 def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
     """Never write where the input lives; never replace a finished output unless asked to."""
-    for spec in config.input:
-        root = _input_root(spec, config)
-        if _overlaps(root, output):
-            raise ConfigError(f"output {output} overlaps input {spec}: refusing to write where the input lives")
-    for file in files:
-        if _overlaps(file.uri, output):
-            raise ConfigError(f"output {output} overlaps input file {file.uri}: refusing to write where the input lives")
+    guard_overlap(config, output, files)
     fs, path = filesystem(output, config.storage_options)
     if fs.exists(path):
         if not fs.isdir(path):
@@ -108,6 +102,17 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
                 f"pass --overwrite to replace it"
             )
+
+
+def guard_overlap(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
+    """Refuse an output equal to, inside, or holding any input: the input is never at risk."""
+    for spec in config.input:
+        root = _input_root(spec, config)
+        if _overlaps(root, output):
+            raise ConfigError(f"output {output} overlaps input {spec}: refusing to write where the input lives")
+    for file in files:
+        if _overlaps(file.uri, output):
+            raise ConfigError(f"output {output} overlaps input file {file.uri}: refusing to write where the input lives")
 
 
 def validate(config: JobConfig) -> Prepared:
@@ -140,6 +145,27 @@ def plan(
         plan_fs, plan_path = filesystem(out, config.storage_options)
         write_json(plan_fs, plan_path, result.to_dict())
     return result
+
+
+def plan_again(config: JobConfig, shards: int) -> Plan:
+    """The plan ``plan --shards N`` would make, rebuilt from footers and artifact digests.
+
+    Plans are deterministic, so shards started as ``--shard I/N`` and a ``commit --shards N``
+    agree on it without sharing a file; the model is hashed, not loaded.
+    """
+    config.require("model")
+    output = _normalize_output(config)
+    artifacts = artifact_digests(config.model, config.scaler, config.storage_options)  # type: ignore[arg-type]
+    files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
+    return make_plan(files, output, [a.to_dict() for a in artifacts], shards=shards)
+
+
+def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
+    prepared = prepare(config)
+    guard_overlap(config, prepared.output, prepared.files)
+    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=count)
+    return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True))
 
 
 def load_plan(uri: str, config: JobConfig) -> Plan:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -104,7 +105,7 @@ class _UnitScorer:
                 pa.RecordBatch.from_arrays(list(picked.columns) + [reasons], schema=self.task.rejected_schema)
             )
 
-    def run(self, on_rows: Callable[[int], None] | None = None) -> UnitResult:
+    def run(self) -> UnitResult:
         task, predictor = self.task, self.predictor
         started = time.perf_counter()
         rows_in = rows_out = 0
@@ -133,8 +134,6 @@ class _UnitScorer:
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
-                if on_rows is not None:
-                    on_rows(n)
         return UnitResult(
             part=self.unit.part_name,
             rows_in=rows_in,
@@ -145,8 +144,8 @@ class _UnitScorer:
         )
 
 
-def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit, on_rows: Callable[[int], None] | None = None) -> UnitResult:
-    return _UnitScorer(task, predictor, unit).run(on_rows)
+def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
+    return _UnitScorer(task, predictor, unit).run()
 
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
@@ -171,7 +170,12 @@ _WORKER: tuple[ScoreTask, Predictor] | None = None
 
 
 def _init_worker(task: ScoreTask) -> None:
-    """Give each worker one compute thread so N workers use N cores, not N x cores."""
+    """One compute thread per worker, so N workers use N cores, not N x cores.
+
+    One thread also keeps a forked worker safe: GNU OpenMP's thread pool does not survive a fork
+    (a parent that ever ran a parallel region would deadlock its children's), but a single
+    thread runs parallel regions inline without it.
+    """
     global _WORKER
     from threadpoolctl import threadpool_limits
 
@@ -194,14 +198,19 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def score_units(
     task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None
 ) -> list[UnitResult]:
-    """Score every unit, in this process or in ``workers`` processes; results in unit order."""
+    """Score every unit in ``workers`` worker processes (one core each); results in unit order.
+
+    Scoring always happens in workers, one or many: each starts as a fork of this process, so the
+    imported libraries and the loaded model cost nothing to share, a worker's memory is only what
+    it touches itself, and one code path serves every worker count.
+    """
     use_lean_memory_pool()
-    if workers <= 1 or len(units) <= 1:
-        predictor = Predictor(task.model, task.model_version, task.predicted_at)
-        return [score_unit(task, predictor, unit, on_rows) for unit in units]
+    if not units:
+        return []
     results: dict[int, UnitResult] = {}
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(units)), mp_context=_pool_context(), initializer=_init_worker, initargs=(task,)
+        max_workers=max(1, min(workers, len(units))), mp_context=_pool_context(), initializer=_init_worker,
+        initargs=(task,),
     ) as pool:
         pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, u): i for i, u in enumerate(units)}
         try:
@@ -220,5 +229,16 @@ def score_units(
         except BaseException:
             for future in pending:
                 future.cancel()
+            _interrupt_workers(pool)
             raise
     return [results[i] for i in range(len(units))]
+
+
+def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the units in flight now rather than let them finish: each worker unwinds on SIGTERM
+    (discarding its unfinished part) and the pool then shuts down."""
+    import signal
+
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)

@@ -21,16 +21,14 @@ from typing import Any
 import yaml
 from airflow.sdk import DAG, Asset, Param, task
 
+# Light: the job keys and their checks only (no data stack, no model code).
+from batchscore.config import CONFIG_KEYS
+
 RUNNERS = ("kubernetes", "docker", "local")
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
 RUNNER_ENV = "BATCHSCORE_RUNNER"
 PLAN_NAME = "_plan.json"
 
-#: Top-level job keys and how each becomes command-line flags of the scoring container.
-_JOB_KEYS = (
-    "input", "output", "model", "scaler", "model_version", "features", "keep", "batch_size",
-    "on_invalid", "max_invalid_fraction", "overwrite", "workers", "storage_options", "log_format",
-)  # fmt: skip
 _DAG_KEYS = (
     "dag_id", "description", "tags", "schedule", "timezone", "start_date", "end_date", "catchup",
     "max_active_runs", "runner", "image", "image_pull_policy", "shards", "rows_per_shard",
@@ -233,7 +231,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
 
     ``--overwrite`` is always given: a run of a logical date owns that date's output.
     """
-    unknown = sorted(set(job) - set(_JOB_KEYS))
+    unknown = sorted(set(job) - set(CONFIG_KEYS))
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(unknown)}")
     options = _str_map(job.get("storage_options"), "storage_options", source)
