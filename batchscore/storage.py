@@ -89,16 +89,9 @@ def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
     """
     if not is_local(fs):
         return  # an object store's completed upload is already durable
-    folders = set()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        folders.add(posixpath.dirname(path))
-    for folder in folders:
-        fd = os.open(folder, os.O_RDONLY)
+    paths = list(paths)
+    for path in paths + sorted({posixpath.dirname(p) for p in paths}):
+        fd = os.open(path, os.O_RDONLY)  # a folder too: its entries (the renames) must persist
         try:
             os.fsync(fd)
         finally:
