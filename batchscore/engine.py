@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -144,10 +144,3 @@ class Predictor:
             labels[close] = self.model.estimator.predict(subset)[: close.size]
         return labels
 
-
-def output_schema(passthrough: pa.Schema, predictor: Predictor) -> pa.Schema:
-    return pa.schema(list(passthrough) + list(predictor.fields))
-
-
-def select(batch: pa.RecordBatch, names: Sequence[str]) -> list[pa.Array]:
-    return [batch.column(name) for name in names]

@@ -152,20 +152,3 @@ def fit_model(folder: str) -> tuple[str, str]:
     joblib.dump(scaler, scaler_path)
     return model_path, scaler_path
 
-
-def read_parts(folder: str, fs=None):
-    """The committed rows: every ``part-*.parquet`` in name order (= input order), concatenated."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if fs is None:
-        names = sorted(p for p in os.listdir(folder) if p.startswith("part-") and p.endswith(".parquet"))
-        tables = [pq.read_table(os.path.join(folder, n)) for n in names]
-    else:
-        names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
-        tables = []
-        for name in names:
-            with fs.open(name, "rb") as fh:
-                tables.append(pq.read_table(fh))
-    assert tables, f"no part files in {folder}"
-    return pa.concat_tables(tables)

@@ -96,8 +96,11 @@ def read_output(output: Path | str, filesystem: Any = None) -> pa.Table:
     """Every committed part, in name order (which is input order)."""
     if filesystem is None:
         names = sorted(p for p in os.listdir(output) if p.startswith("part-"))
+        assert names, f"no part files in {output}"
         return pa.concat_tables([pq.read_table(os.path.join(output, n)) for n in names])
+    filesystem.invalidate_cache(str(output))
     names = sorted(p for p in filesystem.ls(str(output), detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+    assert names, f"no part files in {output}"
     return pa.concat_tables([pq.read_table(n, filesystem=filesystem) for n in names])
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow_fixtures import DAGS_FOLDER, FEATURES, fit_model, read_parts, write_events
+from airflow_fixtures import DAGS_FOLDER, FEATURES, fit_model, write_events
+from helpers import read_output as read_parts
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
     sys.path.append(str(DAGS_FOLDER))
@@ -338,7 +339,7 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
     assert [ti.map_index for ti in score_tis(run)] == [0, 1]
     fs.invalidate_cache()
     assert fs.exists(f"bs-data/scores/dt={DAY}/_SUCCESS")
-    committed = read_parts(f"bs-data/scores/dt={DAY}", fs=fs)
+    committed = read_parts(f"bs-data/scores/dt={DAY}", fs)
     assert_same_scores(committed, read_parts(str(tmp_path / "reference")), rows)
 
 
