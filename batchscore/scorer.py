@@ -7,10 +7,11 @@ and in any process, and the output is identical whichever way they are spread.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +27,7 @@ from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
 from .sink import REJECT_REASON, part_path, part_writer, rejected_path
 from .source import iter_batches
-from .storage import filesystem
+from .storage import filesystem, make_durable
 from .validate import invalid_mask, invalid_reasons
 
 
@@ -207,20 +208,30 @@ def score_units(
     use_lean_memory_pool()
     if not units:
         return []
+    # Python's recipe for fork without exec: everything alive now (libraries, the model) lives as
+    # long as the run, so take it out of the collector's reach. Workers then never write to, and
+    # so never copy, those pages, and no collection walks them again, exit included.
+    gc.freeze()
     results: dict[int, UnitResult] = {}
-    with ProcessPoolExecutor(
+    fs, base = filesystem(task.output, task.storage_options)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush") as flusher, ProcessPoolExecutor(
         max_workers=max(1, min(workers, len(units))), mp_context=_pool_context(), initializer=_init_worker,
         initargs=(task,),
     ) as pool:
         pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, u): i for i, u in enumerate(units)}
+        flushes: list[Future[None]] = []
         try:
             while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     index = pending.pop(future)
-                    results[index] = future.result()
+                    result = results[index] = future.result()
+                    # Written back while the other units score, so commit's flush finds little left.
+                    flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
                     if on_rows is not None:
-                        on_rows(results[index].rows_in)
+                        on_rows(result.rows_in)
+            for flush in flushes:
+                flush.result()
         except BrokenProcessPool:
             raise StorageError(
                 "a worker process died while scoring (killed, perhaps for lack of memory); "
@@ -232,6 +243,13 @@ def score_units(
             _interrupt_workers(pool)
             raise
     return [results[i] for i in range(len(units))]
+
+
+def _written_paths(base: str, result: UnitResult) -> list[str]:
+    paths = [part_path(base, result.part)]
+    if result.rejected_part:
+        paths.append(rejected_path(base, result.rejected_part))
+    return paths
 
 
 def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
