@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from typing import Any, Callable
+
+# Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
+# thread pool; OpenBLAS would start one as NumPy loads and keep it spinning while start-up runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
 import yaml

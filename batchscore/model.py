@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ModelError
 from .storage import filesystem, full_uri, read_bytes
@@ -67,13 +69,27 @@ def artifact_digests(
     return tuple(fetch_artifact(role, uri, storage_options)[1] for role, uri in pairs)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Loading the first artifact imports scikit-learn, SciPy and pandas: about a million objects
+    that live as long as the process. Collecting while they are created only slows the start."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _unpickle(role: str, uri: str, data: bytes) -> tuple[Any, str | None]:
     """Unpickle an artifact; also return the scikit-learn version it was saved with, if that differs."""
-    import joblib
-    from sklearn.exceptions import InconsistentVersionWarning
+    with _collector_paused():
+        import joblib
+        from sklearn.exceptions import InconsistentVersionWarning
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _collector_paused(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InconsistentVersionWarning)
             obj = joblib.load(io.BytesIO(data))
     except Exception as exc:  # a corrupt or foreign pickle can raise nearly anything
