@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -12,7 +13,8 @@ from .errors import ConfigError, InputDataError
 from .source import InputFile
 
 PLAN_FORMAT = 1
-#: A part (one output file) holds at most this many rows; parts are the unit of parallel work.
+#: A part (one output file) holds about this many rows (whole row groups); parts are the unit of
+#: parallel work.
 DEFAULT_ROWS_PER_PART = 524_288
 
 
@@ -141,29 +143,23 @@ def _split_points(weights: Sequence[int], parts: int) -> list[int]:
 
 
 def _units(files: Sequence[InputFile], items: Sequence[tuple[int, int]], rows_per_part: int) -> list[Unit]:
-    """Group consecutive (file, row group) items into parts of at most ``rows_per_part`` rows."""
+    """Cut each file's consecutive (file, row group) items into the fewest parts of about
+    ``rows_per_part`` rows, all of nearly equal size.
+
+    Equal parts keep workers finishing together: a greedy cut would leave a small remainder part,
+    and one worker busy with the last full part while the others wait.
+    """
     units: list[Unit] = []
-    current: list[int] = []
-    current_file, current_rows = -1, 0
-
-    def flush() -> None:
-        nonlocal current, current_rows
-        if current:
-            units.append(Unit(current_file, tuple(current), current_rows))
-        current, current_rows = [], 0
-
-    for file_index, rg in items:
-        if rg < 0:  # a file without row groups still gets an (empty) part carrying the schema
-            flush()
+    for file_index, group in itertools.groupby(items, key=lambda item: item[0]):
+        row_groups = [rg for _, rg in group]
+        if row_groups == [-1]:  # a file without row groups still gets an (empty) part carrying the schema
             units.append(Unit(file_index, (), 0))
             continue
-        rows = files[file_index].row_groups[rg]
-        if current and (file_index != current_file or current_rows + rows > rows_per_part):
-            flush()
-        current_file = file_index
-        current.append(rg)
-        current_rows += rows
-    flush()
+        sizes = [files[file_index].row_groups[rg] for rg in row_groups]
+        cuts = _split_points(sizes, max(1, -(-sum(sizes) // rows_per_part)))
+        units += [
+            Unit(file_index, tuple(row_groups[a:b]), sum(sizes[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a
+        ]
     return units
 
 

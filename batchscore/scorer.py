@@ -218,7 +218,10 @@ def score_units(
         max_workers=max(1, min(workers, len(units))), mp_context=_pool_context(), initializer=_init_worker,
         initargs=(task,),
     ) as pool:
-        pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, u): i for i, u in enumerate(units)}
+        # Largest first, so the units still running at the end are the small ones and workers
+        # finish nearly together; results are put back in unit order.
+        order = sorted(range(len(units)), key=lambda i: -units[i].rows)
+        pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, units[i]): i for i in order}
         flushes: list[Future[None]] = []
         try:
             while pending:

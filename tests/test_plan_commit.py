@@ -156,6 +156,17 @@ def test_plan_balances_whole_row_groups_deterministically() -> None:
     assert make_plan(files, "out", [], shards=50).num_shards == 50  # more shards than row groups: some empty
 
 
+def test_parts_are_equal_slices_of_each_file() -> None:
+    files = _fake_files([[100] * 77, [100] * 3, [250, 10, 10]])
+    units = make_plan(files, "out", [], rows_per_part=400).shards[0].units
+    first = [u.rows for u in units if u.file == 0]
+    assert len(first) == 20 and set(first) == {300, 400}  # not 19 x 400 and a 100-row remainder
+    assert [u.rows for u in units if u.file == 1] == [300]
+    assert [u.row_groups for u in units if u.file == 2] == [(0, 1, 2)]
+    assert [(u.file, rg) for u in units for rg in u.row_groups] == [
+        (i, rg) for i, f in enumerate(files) for rg in range(len(f.row_groups))]
+
+
 @pytest.mark.slow
 def test_plan_over_a_thousand_files(tmp_path: Path, binary_model_paths) -> None:
     folder = tmp_path / "many"
