@@ -57,7 +57,7 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
 def part_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A streaming Parquet writer whose file becomes visible at ``path`` only when complete.
 
-    Parts are flushed to disk by ``commit`` (``make_durable``), not here.
+    Parts are flushed to disk later (``make_durable``), so the worker writing them never waits.
     """
     with atomic_writer(fs, path, durable=False) as sink:
         writer = pq.ParquetWriter(

@@ -84,8 +84,8 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
 def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
     """Flush local files (and their folders) to disk before a marker claims they are complete.
 
-    Parts are flushed here, at commit, rather than as each is written: by then the kernel has
-    usually written them back already, so scoring never waits on the disk.
+    Workers never wait for this: the scoring process flushes each part on a background thread
+    once it is finished, and commit flushes every part again (cheap by then) before ``_SUCCESS``.
     """
     if not is_local(fs):
         return  # an object store's completed upload is already durable
