@@ -70,14 +70,19 @@ class Peaks:
     samples: int = 0
 
 
-def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float) -> None:
-    """Sum RSS over the tree every `interval`; every 5th tick rescan for new descendants and sum PSS.
+#: How often the sampler lists descendants (reads all of /proc, ~2.5 ms) and sums PSS (the
+#: kernel walks each process's page tables, ~5 ms per process): rarely enough that on a 2-core
+#: machine the sampler does not slow a job of several processes more than a single process.
+RESCAN_S, PSS_S = 0.25, 1.0
 
-    Listing descendants means reading every /proc entry (~2 ms here) and PSS
-    needs smaps_rollup (~0.5 ms per process), so both run 5x less often than
-    reading the RSS of the processes already known, which keeps the sampler's
-    own CPU use small on a 2-core machine. PSS splits shared pages between the
-    processes mapping them, so its sum does not double-count forked workers.
+
+def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float) -> None:
+    """Sum RSS over the tree every `interval`; rescan for new descendants every RESCAN_S and sum
+    PSS every PSS_S.
+
+    Reading RSS and the kernel's peak (VmHWM) costs ~0.1 ms per process, so it runs often. PSS
+    splits shared pages between the processes mapping them, so its sum does not double-count
+    forked workers.
     """
     known: dict[int, psutil.Process] = {}
     commands: dict[int, str] = {}
@@ -85,15 +90,19 @@ def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float)
         known[root_pid] = psutil.Process(root_pid)
     except psutil.NoSuchProcess:
         return
-    tick = 0
+    next_rescan = next_pss = 0.0
     while not stop.is_set():
-        if tick % 5 == 0:
+        now = time.monotonic()
+        if now >= next_rescan:
             try:
                 for child in known[root_pid].children(recursive=True):
                     known.setdefault(child.pid, child)
             except (psutil.NoSuchProcess, KeyError):
                 pass
+            next_rescan = now + RESCAN_S
+        if now >= next_pss:
             peaks.tree_pss = max(peaks.tree_pss, _pss_sum(known.values()))
+            next_pss = now + PSS_S
         total, alive = 0, 0
         for pid, proc in list(known.items()):
             try:
@@ -115,7 +124,6 @@ def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float)
         peaks.tree = max(peaks.tree, total)
         peaks.processes = max(peaks.processes, alive)
         peaks.samples += 1
-        tick += 1
         stop.wait(interval)
 
 
@@ -619,7 +627,7 @@ def markdown(results: dict) -> str:
               ("- tree peak: max over time of the summed RSS of the process and all its descendants (shared pages "
               "are counted once per process, so this is an upper bound); max proc: the largest single process "
               "(kernel high-water mark). tree PSS: the same sum with proportional set size, sampled every "
-              "5th tick, which shares pages between processes instead of counting them in each. "
+              f"{PSS_S:g} s, which shares pages between processes instead of counting them in each. "
               "MB = 10^6 bytes."), ""]
     for size in sorted(results["sizes"], key=int):
         block = results["sizes"][size]
@@ -733,7 +741,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-outputs", action="store_true", help="keep the scored outputs after checking them")
     p.add_argument("--batchscore", help="command to run batchscore (default: the console script of this Python)")
     p.add_argument("--batchscore-args", default="", help="extra flags for both `batchscore run` jobs")
-    p.add_argument("--interval", type=float, default=0.02, help="RSS sampling interval, seconds")
+    p.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval, seconds")
     p.add_argument("--json", type=Path, help="results file [default: bench/out/results.json]")
     p.add_argument("--markdown", type=Path, help="write the Markdown report here")
     p.add_argument("--from-json", type=Path, help="only re-render --markdown from an earlier --json file")
