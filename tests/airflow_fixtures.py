@@ -1,4 +1,4 @@
-"""Fixtures and data builders for the DAG tests: a throwaway Airflow home, an S3 server on loopback.
+"""Fixtures for the DAG tests: a throwaway Airflow home, an S3 server on loopback.
 
 Import the fixtures into ``conftest.py`` (``from airflow_fixtures import airflow_env, airflow_home, moto_s3``).
 Airflow reads its configuration when first imported, so ``airflow_home`` sets the environment
@@ -18,7 +18,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
-FEATURES = ("tenure", "monthly_charges", "support_calls", "usage_gb")
 
 
 def _require_airflow() -> None:
@@ -87,68 +86,3 @@ def moto_s3() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-# --------------------------------------------------------------------------- data builders
-
-
-def write_events(folder: str, files: int = 3, rows: int = 1200, row_group_size: int = 300, fs=None) -> int:
-    """Write ``files`` Parquet files of churn-like events with several row groups each; return total rows.
-
-    ``folder`` is a local path, or a bucket path when ``fs`` (an fsspec filesystem) is given.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(7)
-    total = 0
-    for i in range(files):
-        n = rows + 37 * i  # unequal files, so shards cut through files
-        table = pa.table(
-            {
-                "customer_id": pa.array(np.arange(total, total + n, dtype=np.int64)),
-                "tenure": rng.integers(0, 72, n).astype(np.float64),
-                "monthly_charges": rng.normal(70, 25, n),
-                "support_calls": rng.poisson(1.5, n).astype(np.float64),
-                "usage_gb": rng.gamma(2.0, 10.0, n),
-                "segment": pa.array(rng.choice(["a", "b", "c"], n)),
-            }
-        )
-        name = f"{folder.rstrip('/')}/events-{i:03d}.parquet"
-        if fs is None:
-            os.makedirs(folder, exist_ok=True)
-            pq.write_table(table, name, row_group_size=row_group_size)
-        else:
-            with fs.open(name, "wb") as fh:
-                pq.write_table(table, fh, row_group_size=row_group_size)
-        total += n
-    return total
-
-
-def fit_model(folder: str) -> tuple[str, str]:
-    """Fit a small scaler + logistic regression on synthetic data; return (model, scaler) paths."""
-    import joblib
-    import numpy as np
-    import pandas as pd
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    rng = np.random.default_rng(3)
-    frame = pd.DataFrame(
-        {
-            "tenure": rng.integers(0, 72, 500).astype(float),
-            "monthly_charges": rng.normal(70, 25, 500),
-            "support_calls": rng.poisson(1.5, 500).astype(float),
-            "usage_gb": rng.gamma(2.0, 10.0, 500),
-        }
-    )
-    target = (frame["support_calls"] * 0.8 - frame["tenure"] * 0.05 + rng.normal(0, 1, 500) > 0).astype(int)
-    scaler = StandardScaler().fit(frame[list(FEATURES)])
-    model = LogisticRegression().fit(scaler.transform(frame[list(FEATURES)]), target)
-    os.makedirs(folder, exist_ok=True)
-    model_path, scaler_path = os.path.join(folder, "model.joblib"), os.path.join(folder, "scaler.joblib")
-    joblib.dump(model, model_path)
-    joblib.dump(scaler, scaler_path)
-    return model_path, scaler_path
-

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow_fixtures import DAGS_FOLDER, FEATURES, fit_model, write_events
+from airflow_fixtures import DAGS_FOLDER
+from helpers import binary_model, read_inputs, write_inputs
 from helpers import read_output as read_parts
+
+from batchscore.sample import FEATURES
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
     sys.path.append(str(DAGS_FOLDER))
@@ -80,8 +83,9 @@ def score_tis(dag_run) -> list[Any]:
 def local_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Three multi-row-group files for one date, a fitted model, and the single-process reference."""
     root = tmp_path_factory.mktemp("local_data")
-    rows = write_events(str(root / "events" / f"dt={DAY}"))
-    model, scaler = fit_model(str(root / "model"))
+    rows = read_inputs(write_inputs(root / "events" / f"dt={DAY}", files=3, rows=1_200, row_group_size=300)).num_rows
+    paths = binary_model(root / "model")
+    model, scaler = str(paths["model"]), str(paths["scaler"])
     reference = root / "reference"
     single_process_run(str(root / "events" / f"dt={DAY}"), str(reference), model, scaler)
     return {"root": root, "rows": rows, "model": model, "scaler": scaler, "reference": read_parts(str(reference))}
@@ -314,10 +318,13 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)
     fs.mkdir("bs-data")
-    rows = write_events(f"bs-data/events/dt={DAY}", files=3, rows=900, row_group_size=200, fs=fs)
-    model, scaler = fit_model(str(tmp_path / "model"))
-    fs.put(model, "bs-data/models/model.joblib")
-    fs.put(scaler, "bs-data/models/scaler.joblib")
+    inputs = write_inputs(tmp_path / "events", files=3, rows=900, row_group_size=200)
+    for path in inputs:
+        fs.put(str(path), f"bs-data/events/dt={DAY}/{path.name}")
+    rows = read_inputs(inputs).num_rows
+    paths = binary_model(tmp_path / "model")
+    fs.put(str(paths["model"]), "bs-data/models/model.joblib")
+    fs.put(str(paths["scaler"]), "bs-data/models/scaler.joblib")
     options = ["--storage-option", f"endpoint_url={moto_s3}"]
     single_process_run(f"s3://bs-data/events/dt={DAY}/", str(tmp_path / "reference"),
                        "s3://bs-data/models/model.joblib", "s3://bs-data/models/scaler.joblib", *options)  # fmt: skip
