@@ -88,12 +88,12 @@ def _unpickle(role: str, uri: str, data: bytes) -> tuple[Any, str | None]:
         import joblib
         from sklearn.exceptions import InconsistentVersionWarning
 
-    try:
-        with _collector_paused(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", InconsistentVersionWarning)
-            obj = joblib.load(io.BytesIO(data))
-    except Exception as exc:  # a corrupt or foreign pickle can raise nearly anything
-        raise ModelError(f"{role} artifact {uri} could not be loaded with joblib: {type(exc).__name__}: {exc}") from None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InconsistentVersionWarning)
+                obj = joblib.load(io.BytesIO(data))
+        except Exception as exc:  # a corrupt or foreign pickle can raise nearly anything
+            raise ModelError(f"{role} artifact {uri} could not be loaded with joblib: {type(exc).__name__}: {exc}") from None
     saved_with = None
     for warning in caught:
         if issubclass(warning.category, InconsistentVersionWarning):
