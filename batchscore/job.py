@@ -16,7 +16,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import Predictor
 from .errors import ConfigError, InputDataError
-from .model import LoadedModel, artifact_digests, load_model
+from .model import Artifact, LoadedModel, artifact_digests, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
 from .scorer import ScoreTask, score_units
@@ -122,8 +122,8 @@ def validate(config: JobConfig) -> Prepared:
     return prepared
 
 
-def _artifact_dicts(model: LoadedModel) -> list[dict[str, Any]]:
-    return [a.to_dict() for a in model.artifacts]
+def _artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in artifacts]
 
 
 def plan(
@@ -136,7 +136,7 @@ def plan(
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
     result = make_plan(
-        prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=shards,
+        prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=shards,
         rows_per_shard=rows_per_shard, predicted_at=_now().isoformat(),
     )
     if out:
@@ -157,14 +157,14 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     output = _normalize_output(config)
     artifacts = artifact_digests(config.model, config.scaler, config.storage_options)  # type: ignore[arg-type]
     files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
-    return make_plan(files, output, [a.to_dict() for a in artifacts], shards=shards)
+    return make_plan(files, output, _artifact_dicts(artifacts), shards=shards)
 
 
 def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter | None = None) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config)
     guard_overlap(config, prepared.output, prepared.files)
-    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=count)
+    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=count)
     return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True))
 
 
@@ -363,7 +363,7 @@ def run(config: JobConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     guard_output(config, prepared.output, prepared.files)
     fs, out_path = filesystem(prepared.output, config.storage_options)
     uncommit(fs, out_path)
-    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model), shards=1,
+    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=1,
                          predicted_at=_now().isoformat())
     _score_shard(prepared, the_plan, 0, reporter)
     return commit(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)})
