@@ -91,11 +91,14 @@ def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
         return  # an object store's completed upload is already durable
     paths = list(paths)
     for path in paths + sorted({posixpath.dirname(p) for p in paths}):
-        fd = os.open(path, os.O_RDONLY)  # a folder too: its entries (the renames) must persist
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDONLY)  # a folder too: its entries (the renames) must persist
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot flush {path} to disk: {exc}") from None
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

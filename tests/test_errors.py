@@ -212,3 +212,14 @@ def test_config_errors(tmp_path: Path, binary_model_paths, inputs) -> None:
     assert_refused(cli("run", "--config", config), EXIT_USAGE, "batch_size")
     assert_refused(cli("run", "--input", inputs[0], "--model", binary_model_paths["model"]), EXIT_USAGE, "output")
     assert cli("run", "--on-invalid", "maybe").exit_code == EXIT_USAGE
+
+
+def test_a_part_that_cannot_be_flushed_is_a_storage_error(tmp_path: Path) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from batchscore.errors import StorageError
+    from batchscore.storage import make_durable
+
+    missing = str(tmp_path / "part-00000-00000.parquet")
+    with pytest.raises(StorageError, match="cannot flush .*part-00000-00000.parquet"):
+        make_durable(LocalFileSystem(), [missing])
