@@ -22,7 +22,6 @@ from .report import Reporter
 from .scorer import ScoreTask, score_units
 from .sink import (
     MANIFEST_FILE,
-    PART_PATTERN,
     PLAN_FILE,
     RECEIPTS_DIR,
     SUCCESS_FILE,
@@ -316,12 +315,13 @@ def commit(
         )
     parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
-    present = {name for name in listing(fs, out_path) if PART_PATTERN.match(name)}
-    absent = [p["name"] for p in parts if p["name"] not in present]
+    own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
+    present = {path for kind, path in own if kind == "part"}
+    absent = [p["name"] for p in parts if join(out_path, p["name"]) not in present]
     if absent:
         raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
     keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, "_rejected", r) for r in rejected}
-    stray = [path for _, path in iter_own_files(fs, out_path) if path not in keep]
+    stray = [path for _, path in own if path not in keep]
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))

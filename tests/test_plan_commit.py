@@ -102,6 +102,13 @@ def test_commit_refuses_missing_or_foreign_receipts(tmp_path: Path, binary_model
     assert result.exit_code == EXIT_INPUT and "inconsistent shard(s): 2" in result.stderr
     assert not (out / "_SUCCESS").exists()
 
+    receipt.write_text(json.dumps(data))
+    (out / data["parts"][0]["name"]).unlink()  # a receipt whose part has gone
+    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert result.exit_code == EXIT_INPUT
+    assert f"parts listed in receipts are missing: {data['parts'][0]['name']}" in result.stderr
+    assert not (out / "_SUCCESS").exists()
+
 
 def test_shard_refuses_changed_input_or_model(tmp_path: Path, binary_model_paths) -> None:
     inputs = write_inputs(tmp_path / "in", files=2, rows=400, row_group_size=200)
