@@ -69,12 +69,32 @@ def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+#: What an artifact must be before it is loaded; shared by the job commands and ``inspect``.
+ARTIFACT_OPTIONS = [
+    click.option("--model-sha256", metavar="HEX", help="Refuse the model unless its bytes have this sha256; checked before it is loaded (see inspect)."),
+    click.option("--scaler-sha256", metavar="HEX", help="Refuse the scaler unless its bytes have this sha256; checked before it is loaded."),
+    click.option("--trust", multiple=True, metavar="TYPE", help="Let .skops artifacts hold this type too, e.g. sklearn.tree._tree.Tree. Repeatable."),
+    click.option("--no-pickle", is_flag=True, default=None, help="Refuse joblib (pickle) artifacts: only .skops artifacts load."),
+]
+
+
+def _artifact_settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the artifact options out of a command's keyword arguments, as JobConfig settings."""
+    return {
+        "model_sha256": kw.pop("model_sha256"),
+        "scaler_sha256": kw.pop("scaler_sha256"),
+        "trusted_types": kw.pop("trust"),
+        "allow_pickle": False if kw.pop("no_pickle") else None,
+    }
+
+
 JOB_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."),
     click.option("--input", "input_", multiple=True, help="Parquet file, directory, or glob; local, file:// or s3://. Repeatable."),
     click.option("--output", help="Output dataset directory (local or s3://)."),
-    click.option("--model", help="joblib model artifact (a classifier, regressor or a whole Pipeline)."),
-    click.option("--scaler", help="joblib scaler artifact applied before the model (omit for a Pipeline)."),
+    click.option("--model", help="Model artifact, .joblib or .skops (a classifier, regressor or a whole Pipeline)."),
+    click.option("--scaler", help="Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline)."),
+    *ARTIFACT_OPTIONS,
     click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
     click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
     click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
@@ -112,6 +132,7 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         workers=kw.pop("workers"),
         storage_options=_parse_storage_options(kw.pop("storage_option")),
         log_format=kw.pop("log_format"),
+        **_artifact_settings(kw),
     )
 
 
@@ -239,18 +260,36 @@ def validate(**kw: Any) -> None:
                f"output columns {', '.join(prepared.output_schema.names)}")
 
 
+def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(ARTIFACT_OPTIONS):
+        func = option(func)
+    return func
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model")
 @click.option("--scaler", help="Scaler artifact to inspect with the model.")
 @click.option("--features", help="Comma-separated feature names, for a model fitted without them.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_artifact_options
+@click.option("--sha256-only", is_flag=True, help="Print only each artifact's format and sha256, without loading it: safe on a file not yet trusted.")
 @_handle_errors
-def inspect(model: str, scaler: str | None, features: str | None, storage_option: tuple[str, ...]) -> None:
-    """Print a model's type, features, classes, scikit-learn version and sha256 as JSON."""
-    from .model import describe, load_model
+def inspect(model: str, scaler: str | None, features: str | None, storage_option: tuple[str, ...], sha256_only: bool,
+            **kw: Any) -> None:
+    """Print a model's type, features, classes, scikit-learn version and sha256 as JSON.
 
-    names = tuple(f.strip() for f in features.split(",")) if features else None
-    loaded = load_model(model, scaler, names, _parse_storage_options(storage_option))
+    Its "pin" line gives the --model-sha256 (and --scaler-sha256) flags that pin exactly these files.
+    """
+    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
+
+    config = build_config(None, model=model, scaler=scaler, features=features,
+                          storage_options=_parse_storage_options(storage_option), **_artifact_settings(kw))
+    policy = ArtifactPolicy.of(config)
+    if sha256_only:
+        artifacts = artifact_digests(model, config.scaler, config.storage_options, policy)
+        click.echo(json.dumps({"artifacts": [a.to_dict() for a in artifacts], "pin": pin_flags(artifacts)}, indent=2))
+        return
+    loaded = load_model(model, config.scaler, config.features, config.storage_options, policy)
     click.echo(json.dumps(describe(loaded), indent=2, default=str))
 
 

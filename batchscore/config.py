@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -16,6 +17,9 @@ ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+#: How skops names a type: its module, a dot, its name (e.g. sklearn.tree._tree.Tree).
+TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class JobConfig:
     output: str | None = None
     model: str | None = None
     scaler: str | None = None
+    model_sha256: str | None = None
+    scaler_sha256: str | None = None
+    trusted_types: tuple[str, ...] = ()
+    allow_pickle: bool = True
     model_version: str = "unversioned"
     features: tuple[str, ...] | None = None
     keep: tuple[str, ...] | None = None
@@ -98,6 +106,19 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
         return str(value)
+    if key in ("model_sha256", "scaler_sha256"):
+        if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
+            raise ConfigError(f"setting '{key}' must be a sha256 digest (64 hex characters), got {value!r}")
+        return value.lower()
+    if key == "trusted_types":
+        names = _as_tuple(value, key)
+        bad = [name for name in names if not TYPE_NAME.fullmatch(name)]
+        if bad:
+            raise ConfigError(
+                f"setting 'trusted_types' names each type by module and name, e.g. sklearn.tree._tree.Tree; "
+                f"got {', '.join(map(repr, bad))}"
+            )
+        return names
     if key in ("batch_size", "workers"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"setting '{key}' must be a positive integer, got {value!r}")
@@ -110,8 +131,8 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")
     if key == "log_format" and value not in LOG_FORMATS:
         raise ConfigError(f"setting 'log_format' must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-    if key == "overwrite" and not isinstance(value, bool):
-        raise ConfigError(f"setting 'overwrite' must be true or false, got {value!r}")
+    if key in ("overwrite", "allow_pickle") and not isinstance(value, bool):
+        raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
     if key == "storage_options":
         if not isinstance(value, Mapping):
             raise ConfigError(f"setting 'storage_options' must be a mapping, got {value!r}")
@@ -150,4 +171,8 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
             value = {**raw.get("storage_options", {}), **value}
         raw[key] = value
     settings = {key: _coerce(key, value) for key, value in raw.items() if value is not None}
+    if settings.get("scaler_sha256") and not settings.get("scaler"):
+        raise ConfigError(
+            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
+        )
     return JobConfig(**settings)

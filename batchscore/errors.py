@@ -15,7 +15,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output inside input",
     EXIT_INPUT: "input data invalid: no file matched, unreadable Parquet, missing or non-numeric "
     "feature column, invalid feature values, plan or receipts inconsistent",
-    EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch",
+    EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch, "
+    "sha256 not as pinned or planned, untrusted type, pickle refused",
 }
 
 

@@ -16,7 +16,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import Predictor
 from .errors import ConfigError, InputDataError
-from .model import Artifact, LoadedModel, artifact_digests, load_model
+from .model import Artifact, ArtifactPolicy, LoadedModel, artifact_digests, artifact_roles, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
 from .scorer import ScoreTask, score_units
@@ -59,11 +59,19 @@ def _normalize_output(config: JobConfig) -> str:
     return full_uri(fs, fs._strip_protocol(path).rstrip("/"))
 
 
-def prepare(config: JobConfig, input_uris: Sequence[str] | None = None) -> Prepared:
-    """Load the model first (a bad model costs no I/O), then read footers and check every schema."""
+def prepare(
+    config: JobConfig, input_uris: Sequence[str] | None = None, policy: ArtifactPolicy | None = None
+) -> Prepared:
+    """Load the model first (a bad model costs no I/O), then read footers and check every schema.
+
+    The artifacts must pass ``policy`` (by default the job's pins and formats) before loading.
+    """
     config.require("model")
     output = _normalize_output(config)
-    model = load_model(config.model, config.scaler, config.features, config.storage_options)  # type: ignore[arg-type]
+    policy = policy or ArtifactPolicy.of(config)
+    model = load_model(
+        config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
+    )
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
     files = read_footers(uris, config.storage_options)
     predictor_fields = Predictor(model, config.model_version, _now()).fields
@@ -150,11 +158,12 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     """The plan ``plan --shards N`` would make, rebuilt from footers and artifact digests.
 
     Plans are deterministic, so shards started as ``--shard I/N`` and a ``commit --shards N``
-    agree on it without sharing a file; the model is hashed, not loaded.
+    agree on it without sharing a file; the model is hashed (and checked against its pins), not loaded.
     """
     config.require("model")
     output = _normalize_output(config)
-    artifacts = artifact_digests(config.model, config.scaler, config.storage_options)  # type: ignore[arg-type]
+    policy = ArtifactPolicy.of(config)
+    artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
     files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
     return make_plan(files, output, _artifact_dicts(artifacts), shards=shards)
 
@@ -176,6 +185,7 @@ def load_plan(uri: str, config: JobConfig) -> Plan:
     except ValueError as exc:
         raise InputDataError(f"plan {uri} is not valid JSON: {exc}") from None
     result = Plan.from_dict(data, source=uri)
+    ArtifactPolicy.of(config).check_planned(result.artifacts, uri)
     if config.output and _normalize_output(config) != result.output:
         raise ConfigError(f"plan {uri} is for output {result.output}, not {_normalize_output(config)}")
     return result
@@ -197,13 +207,8 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter 
     config = _with_output(config, the_plan.output)
     shard_files = sorted({u.file for u in shard.units})
     uris = [the_plan.files[i]["uri"] for i in shard_files] or [the_plan.files[0]["uri"]]
-    prepared = prepare(config, input_uris=uris)
-    planned = [a["sha256"] for a in the_plan.artifacts]
-    if [a.sha256 for a in prepared.model.artifacts] != planned:
-        raise InputDataError(
-            f"model artifacts changed since the plan was made (planned sha256 {planned}, "
-            f"now {[a.sha256 for a in prepared.model.artifacts]}); plan again"
-        )
+    policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
+    prepared = prepare(config, input_uris=uris, policy=policy)
     _check_inputs_unchanged(prepared.files, [the_plan.files[i] for i in shard_files])
     return _score_shard(prepared, the_plan, index, reporter)
 

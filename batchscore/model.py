@@ -1,4 +1,10 @@
-"""Load model artifacts, check they can score, and describe what they expect and produce."""
+"""Load model artifacts, check they can score, and describe what they expect and produce.
+
+A joblib (pickle) artifact runs whatever code it names while it is unpickled, so every artifact's
+bytes are read once, checked against the job's pins and allowed formats, and only then
+deserialized, from those same bytes. A ``.skops`` artifact never reaches pickle: skops.io builds
+only the types it trusts and the types the job allows by name.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,22 @@ import gc
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .errors import ModelError
 from .storage import filesystem, full_uri, read_bytes
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+JOBLIB = "joblib"
+SKOPS = "skops"
+
+
+def artifact_format(uri: str) -> str:
+    """How an artifact is read, decided by its name alone, so a ``.skops`` file never reaches pickle."""
+    return SKOPS if uri.lower().endswith(".skops") else JOBLIB
 
 
 @dataclass(frozen=True)
@@ -22,9 +39,81 @@ class Artifact:
     uri: str
     sha256: str
     bytes: int
+    format: str = JOBLIB
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "uri": self.uri, "sha256": self.sha256, "bytes": self.bytes}
+        return {"role": self.role, "uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> "Artifact":
+        """An artifact as a plan recorded it (plans made before formats were recorded name none)."""
+        uri = entry["uri"]
+        return cls(entry["role"], uri, entry["sha256"], entry["bytes"], entry.get("format") or artifact_format(uri))
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A digest an artifact must have before its bytes are deserialized, and what a mismatch means."""
+
+    sha256: str
+    mismatch: str  # completes "<role> artifact <uri> ..."
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class ArtifactPolicy:
+    """What an artifact's bytes must satisfy before they are deserialized: its pins, and whether
+    pickle may be used at all; plus the types a ``.skops`` artifact may hold beyond skops' own."""
+
+    pins: Mapping[str, tuple[Pin, ...]] = field(default_factory=dict)  # by role
+    trusted_types: tuple[str, ...] = ()
+    allow_pickle: bool = True
+
+    @classmethod
+    def of(cls, config: "JobConfig") -> "ArtifactPolicy":
+        pins = {
+            role: (Pin(digest, f"does not match its pinned digest (--{role}-sha256 / {role}_sha256)"),)
+            for role, digest in (("model", config.model_sha256), ("scaler", config.scaler_sha256))
+            if digest
+        }
+        return cls(pins, tuple(config.trusted_types), config.allow_pickle)
+
+    def with_plan(self, planned: Sequence[Mapping[str, Any]], plan_id: str, roles: Sequence[str]) -> "ArtifactPolicy":
+        """Also require the digests a plan recorded: a shard scores with the plan's model or not at all."""
+        planned_roles = [entry["role"] for entry in planned]
+        if sorted(planned_roles) != sorted(roles):
+            raise ModelError(
+                f"plan {plan_id} was made with artifact(s) {', '.join(planned_roles)} but this job gives "
+                f"{', '.join(roles)}; plan again"
+            )
+        pins = dict(self.pins)
+        for entry in planned:
+            hint = f" (plan {plan_id}); plan again to score with it"
+            pin = Pin(entry["sha256"], "changed since the plan was made", hint)
+            pins[entry["role"]] = pins.get(entry["role"], ()) + (pin,)
+        return replace(self, pins=pins)
+
+    def check(self, artifact: Artifact) -> None:
+        """Refuse an artifact from its digest and format alone, before anything deserializes it."""
+        for pin in self.pins.get(artifact.role, ()):
+            if artifact.sha256 != pin.sha256:
+                raise ModelError(
+                    f"{artifact.role} artifact {artifact.uri} {pin.mismatch}: expected sha256 {pin.sha256}, "
+                    f"got {artifact.sha256}; nothing was loaded from it{pin.hint}"
+                )
+        if artifact.format == JOBLIB and not self.allow_pickle:
+            raise ModelError(
+                f"{artifact.role} artifact {artifact.uri} is a joblib (pickle) file and pickles are not allowed "
+                f"(--no-pickle / allow_pickle: false); save it with skops.io.dump as a .skops file"
+            )
+
+    def check_planned(self, planned: Sequence[Mapping[str, Any]], source: str) -> None:
+        """Refuse a plan made with artifacts this job would refuse (checked without reading them)."""
+        for entry in planned:
+            try:
+                self.check(Artifact.from_dict(entry))
+            except ModelError as exc:
+                raise ModelError(f"plan {source}: {exc}") from None
 
 
 @dataclass
@@ -46,8 +135,11 @@ class LoadedModel:
         return steps[-1][1] if steps else self.estimator
 
 
-def fetch_artifact(role: str, uri: str, storage_options: Mapping[str, Any] | None) -> tuple[bytes, Artifact]:
-    """Read an artifact's bytes once: they give both its sha256 and the object."""
+def fetch_artifact(
+    role: str, uri: str, storage_options: Mapping[str, Any] | None, policy: ArtifactPolicy | None = None
+) -> tuple[bytes, Artifact]:
+    """Read an artifact's bytes once and check them against ``policy``: the same bytes then give
+    the object, so what was checked is exactly what is loaded."""
     fs, path = filesystem(uri, storage_options)
     try:
         data = read_bytes(fs, path)
@@ -58,15 +150,30 @@ def fetch_artifact(role: str, uri: str, storage_options: Mapping[str, Any] | Non
     except OSError as exc:
         raise ModelError(f"cannot read {role} artifact {uri}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
-    return data, Artifact(role, full_uri(fs, path), digest, len(data))
+    artifact = Artifact(role, full_uri(fs, path), digest, len(data), artifact_format(path))
+    (policy or ArtifactPolicy()).check(artifact)
+    return data, artifact
+
+
+def artifact_roles(scaler_uri: str | None) -> list[str]:
+    return ["model", "scaler"] if scaler_uri else ["model"]
 
 
 def artifact_digests(
-    model_uri: str, scaler_uri: str | None, storage_options: Mapping[str, Any] | None
+    model_uri: str,
+    scaler_uri: str | None,
+    storage_options: Mapping[str, Any] | None,
+    policy: ArtifactPolicy | None = None,
 ) -> tuple[Artifact, ...]:
-    """sha256 of each artifact without unpickling it (cheap enough for a planning step)."""
-    pairs = [("model", model_uri)] + ([("scaler", scaler_uri)] if scaler_uri else [])
-    return tuple(fetch_artifact(role, uri, storage_options)[1] for role, uri in pairs)
+    """Each artifact's sha256 and format, checked against ``policy``, without deserializing it
+    (cheap enough for a planning step, and safe on a file not yet trusted)."""
+    uris = {"model": model_uri, "scaler": scaler_uri}
+    return tuple(fetch_artifact(role, uris[role], storage_options, policy)[1] for role in artifact_roles(scaler_uri))
+
+
+def pin_flags(artifacts: Sequence[Artifact]) -> str:
+    """The flags that pin exactly these artifacts (YAML: ``model_sha256``, ``scaler_sha256``)."""
+    return " ".join(f"--{a.role}-sha256 {a.sha256}" for a in artifacts)
 
 
 @contextlib.contextmanager
@@ -82,23 +189,64 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _unpickle(role: str, uri: str, data: bytes) -> tuple[Any, str | None]:
-    """Unpickle an artifact; also return the scikit-learn version it was saved with, if that differs."""
+def _load_joblib(artifact: Artifact, data: bytes) -> Any:
+    import joblib
+
+    try:
+        return joblib.load(io.BytesIO(data))
+    except Exception as exc:  # a corrupt or foreign pickle can raise nearly anything
+        raise ModelError(
+            f"{artifact.role} artifact {artifact.uri} could not be loaded with joblib: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _load_skops(artifact: Artifact, data: bytes, trusted_types: Sequence[str]) -> Any:
+    """Build the object with skops.io, refusing any type neither skops nor the job trusts.
+
+    skops leaves out even some scikit-learn types on purpose (e.g. the tree structures of forests
+    and gradient boosting, whose raw node indices a crafted file could point out of bounds), so
+    those too are loaded only when named.
+    """
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(data=data)
+    except Exception as exc:  # not a zip, or not skops' layout
+        raise ModelError(
+            f"{artifact.role} artifact {artifact.uri} is not a readable skops file: {type(exc).__name__}: {exc}"
+        ) from None
+    refused = [name for name in untrusted if name not in trusted_types]
+    if refused:
+        raise ModelError(
+            f"{artifact.role} artifact {artifact.uri} holds type(s) that are not trusted: {', '.join(refused)}; "
+            f"if you trust the file's source, allow each by name "
+            f"({' '.join(f'--trust {name}' for name in refused)}, or YAML trusted_types)"
+        )
+    try:
+        return sio.loads(data, trusted=untrusted)
+    except Exception as exc:
+        raise ModelError(
+            f"{artifact.role} artifact {artifact.uri} could not be loaded with skops: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _deserialize(artifact: Artifact, data: bytes, trusted_types: Sequence[str]) -> tuple[Any, str | None]:
+    """Build an artifact's object from its checked bytes; also return the scikit-learn version it
+    was saved with, if that differs from the installed one."""
     with _collector_paused():
-        import joblib
         from sklearn.exceptions import InconsistentVersionWarning
 
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", InconsistentVersionWarning)
-                obj = joblib.load(io.BytesIO(data))
-        except Exception as exc:  # a corrupt or foreign pickle can raise nearly anything
-            raise ModelError(f"{role} artifact {uri} could not be loaded with joblib: {type(exc).__name__}: {exc}") from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InconsistentVersionWarning)
+            if artifact.format == SKOPS:
+                obj = _load_skops(artifact, data, trusted_types)
+            else:
+                obj = _load_joblib(artifact, data)
     saved_with = None
     for warning in caught:
         if issubclass(warning.category, InconsistentVersionWarning):
             saved_with = getattr(warning.message, "original_sklearn_version", None)
-            warnings.warn(f"{role} artifact {uri}: {warning.message}", stacklevel=2)
+            warnings.warn(f"{artifact.role} artifact {artifact.uri}: {warning.message}", stacklevel=2)
     return obj, saved_with
 
 
@@ -146,16 +294,24 @@ def load_model(
     scaler_uri: str | None = None,
     features: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    policy: ArtifactPolicy | None = None,
 ) -> LoadedModel:
-    """Load and check the artifacts before any row is read, so a bad model costs no I/O."""
-    data, model_artifact = fetch_artifact("model", model_uri, storage_options)
-    estimator, saved_with = _unpickle("model", model_artifact.uri, data)
+    """Load and check the artifacts before any row is read, so a bad model costs no I/O.
+
+    Both artifacts pass ``policy`` before either is deserialized: a swapped scaler must not
+    get to run code because the model was fine.
+    """
+    policy = policy or ArtifactPolicy()
+    data, model_artifact = fetch_artifact("model", model_uri, storage_options, policy)
+    scaler_data, scaler_artifact = (
+        fetch_artifact("scaler", scaler_uri, storage_options, policy) if scaler_uri else (b"", None)
+    )
+    estimator, saved_with = _deserialize(model_artifact, data, policy.trusted_types)
     _check_fitted("model", model_artifact.uri, estimator, "predict")
     artifacts = [model_artifact]
     scaler = None
-    if scaler_uri:
-        data, scaler_artifact = fetch_artifact("scaler", scaler_uri, storage_options)
-        scaler, _ = _unpickle("scaler", scaler_artifact.uri, data)
+    if scaler_artifact is not None:
+        scaler, _ = _deserialize(scaler_artifact, scaler_data, policy.trusted_types)
         _check_fitted("scaler", scaler_artifact.uri, scaler, "transform")
         artifacts.append(scaler_artifact)
         n_scaler = getattr(scaler, "n_features_out_", None) or getattr(scaler, "n_features_in_", None)
@@ -205,4 +361,5 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "saved_with_sklearn": model.sklearn_version,
         "installed_sklearn": sklearn.__version__,
         "artifacts": [a.to_dict() for a in model.artifacts],
+        "pin": pin_flags(model.artifacts),
     }

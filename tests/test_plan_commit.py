@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.errors import EXIT_INPUT, EXIT_USAGE
+from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
 from batchscore.plan import make_plan
 from batchscore.source import InputFile
 from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
@@ -124,7 +124,7 @@ def test_shard_refuses_changed_input_or_model(tmp_path: Path, binary_model_paths
 
     joblib.dump(joblib.load(binary_model_paths["model"]), other["model"], compress=3)
     result = cli("run", *job_args(inputs, out, other), "--plan", out / "_plan.json", "--shard", "1")
-    assert result.exit_code == EXIT_INPUT and "model artifacts changed since the plan" in result.stderr
+    assert result.exit_code == EXIT_MODEL and f"model artifact {other['model']} changed since the plan" in result.stderr
 
 
 def test_plan_errors(tmp_path: Path, binary_model_paths) -> None:
