@@ -243,10 +243,18 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     inputs = job.get("input")
     for value in [inputs] if isinstance(inputs, str) else list(inputs or []):
         args += ["--input", str(value)]
-    for key in ("output", "model", "scaler", "model_version", "batch_size", "on_invalid",
-                "max_invalid_fraction", "workers", "log_format"):  # fmt: skip
+    for key in ("output", "model", "scaler", "model_sha256", "scaler_sha256", "model_version", "batch_size",
+                "on_invalid", "max_invalid_fraction", "workers", "log_format"):  # fmt: skip
         if job.get(key) is not None:
             args += ["--" + key.replace("_", "-"), _flag_value(job[key])]
+    trusted = job.get("trusted_types")
+    for name in [trusted] if isinstance(trusted, str) else list(trusted or []):
+        args += ["--trust", str(name)]
+    allow_pickle = job.get("allow_pickle", True)
+    if not isinstance(allow_pickle, bool):  # a typo must not quietly allow pickles again
+        raise _fail(source, f"allow_pickle must be true or false, got {allow_pickle!r}")
+    if not allow_pickle:
+        args.append("--no-pickle")
     for key in ("features", "keep"):
         value = job.get(key)
         if value:

@@ -229,6 +229,35 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     assert load_jobs(configs_dir) == []
 
 
+def test_model_pins_and_trust_reach_the_container(airflow_env: Path, tmp_path: Path) -> None:
+    """Each artifact key becomes its flag, and the CLI given those flags enforces it."""
+    import hashlib
+    import warnings
+
+    import joblib
+    import skops.io
+    from batchscore_dagfactory import DagConfigError, common_args
+    from helpers import cli, pipeline_model
+
+    model = tmp_path / "model.skops"
+    with warnings.catch_warnings():  # skops looks for numpy ufuncs in every module, Airflow's deprecated ones too
+        warnings.simplefilter("ignore")
+        skops.io.dump(joblib.load(pipeline_model(tmp_path)["model"]), model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    inputs = write_inputs(tmp_path / "in", files=1, rows=496)
+    job = {"input": str(inputs[0]), "output": str(tmp_path / "out"), "model": str(model), "model_sha256": "0" * 64,
+           "trusted_types": ["sklearn.tree._tree.Tree", "numpy.float64"], "allow_pickle": False}  # fmt: skip
+    args = common_args(job, "job.yaml")
+    assert args[args.index("--model-sha256") + 1] == "0" * 64 and "--no-pickle" in args
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--trust"] == job["trusted_types"]
+    result = cli("validate", *args)
+    assert result.exit_code == 4 and "does not match its pinned digest" in result.stderr
+    assert cli("validate", *common_args({**job, "model_sha256": digest}, "job.yaml")).exit_code == 0
+    assert "--no-pickle" not in common_args({**job, "allow_pickle": True}, "job.yaml")
+    with pytest.raises(DagConfigError, match="job.yaml: allow_pickle must be true or false, got 'no'"):
+        common_args({**job, "allow_pickle": "no"}, "job.yaml")
+
+
 def test_permanent_cli_errors_are_not_retried(airflow_env: Path) -> None:
     """Exit 2/3/4 (config, data, model) fail for good; exit 1 is left to the retries."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
