@@ -299,7 +299,7 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 @click.option("--model-only", is_flag=True, help="Only (re)train the model from the existing sample data.")
 @_handle_errors
 def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
-    """Write the sample churn Parquet file and train its scaler + classifier."""
+    """Write the sample churn Parquet file and train its scaler + classifier (.joblib and .skops)."""
     import os
 
     from . import sample as samples
@@ -310,4 +310,5 @@ def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
     elif not os.path.exists(data):
         raise ConfigError(f"--model-only needs existing sample data at {data}")
     scaler_path, model_path = samples.train_sample_model(data, os.path.join(out_dir, samples.MODEL_DIR))
-    click.echo(f"sample data: {data}\nscaler: {scaler_path}\nmodel: {model_path}")
+    click.echo(f"sample data: {data}\nscaler: {scaler_path}\nmodel: {model_path}\n"
+               f"pickle-free copies: {samples.skops_path(scaler_path)}, {samples.skops_path(model_path)}")

@@ -52,8 +52,12 @@ def write_sample_data(out_dir: str, rows: int = SAMPLE_ROWS, row_group_size: int
 
 
 def train_sample_model(data_path: str, model_dir: str) -> tuple[str, str]:
-    """Fit StandardScaler on the feature DataFrame (so it knows the names) and a LogisticRegression."""
+    """Fit StandardScaler on the feature DataFrame (so it knows the names) and a LogisticRegression.
+
+    Both are saved with joblib and, as the pickle-free alternative, with skops (``.skops``).
+    """
     import joblib
+    import skops.io
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -64,4 +68,10 @@ def train_sample_model(data_path: str, model_dir: str) -> tuple[str, str]:
     scaler_path, model_path = os.path.join(model_dir, "scaler.joblib"), os.path.join(model_dir, "model.joblib")
     joblib.dump(scaler, scaler_path)
     joblib.dump(model, model_path)
+    skops.io.dump(scaler, skops_path(scaler_path))
+    skops.io.dump(model, skops_path(model_path))
     return scaler_path, model_path
+
+
+def skops_path(joblib_path: str) -> str:
+    return os.path.splitext(joblib_path)[0] + ".skops"
