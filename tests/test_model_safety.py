@@ -56,11 +56,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def skops_copies(paths: dict[str, Path]) -> dict[str, Path]:
-    """The same fitted objects saved with skops next to their joblib files."""
+def skops_copies(paths: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """The same fitted objects saved with skops, as ``<role>.skops`` in ``folder``."""
     copies = {}
     for role, path in paths.items():
-        copies[role] = path.with_suffix(".skops")
+        copies[role] = folder / f"{role}.skops"
         skops.io.dump(joblib.load(path), copies[role])
     return copies
 
@@ -226,7 +226,7 @@ def test_commit_refuses_a_plan_made_with_another_model_than_pinned(job: dict[str
 ], ids=["logistic", "hist-gradient-boosting", "random-forest-pipeline"])  # fmt: skip
 def test_skops_artifacts_score_exactly_like_joblib(tmp_path: Path, inputs: list[Path], make, trust) -> None:
     joblib_paths = make(tmp_path / "m")
-    paths = skops_copies(joblib_paths)
+    paths = skops_copies(joblib_paths, tmp_path)
     model_args = ["--model", paths["model"]] + (["--scaler", paths["scaler"]] if "scaler" in paths else [])
     common = ["--input", inputs[0].parent, "--output", tmp_path / "out", *model_args, "--no-pickle"]
     if trust:  # tree structures are loaded only when named: skops cannot check their node indices
@@ -263,3 +263,22 @@ def test_a_skops_type_not_trusted_exits_4_naming_it_until_trusted_by_name(tmp_pa
     result = cli("run", *common, "--trust", name)
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), {"model": tmp_path / "model.joblib"})
+
+
+def test_pinned_skops_artifacts_on_s3(tmp_path: Path, s3, inputs: list[Path], binary_model_paths) -> None:
+    fs, bucket, options = s3
+    paths = skops_copies(binary_model_paths, tmp_path)
+    for role, path in paths.items():
+        fs.put_file(str(path), f"{bucket}/models/{path.name}")
+    common = ["--input", inputs[0].parent, "--output", tmp_path / "out", "--no-pickle",
+              "--model", f"s3://{bucket}/models/model.skops", "--scaler", f"s3://{bucket}/models/scaler.skops",
+              "--storage-option", f"endpoint_url={options['endpoint_url']}"]  # fmt: skip
+    result = cli("validate", *common, "--model-sha256", sha256(paths["scaler"]))
+    assert result.exit_code == EXIT_MODEL
+    assert f"model artifact s3://{bucket}/models/model.skops does not match its pinned digest" in result.stderr
+    result = cli("run", *common, "--model-sha256", sha256(paths["model"]), "--scaler-sha256", sha256(paths["scaler"]))
+    assert result.exit_code == 0, result.stderr
+    assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), binary_model_paths)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert [(a["uri"], a["format"]) for a in manifest["artifacts"]] == [
+        (f"s3://{bucket}/models/model.skops", "skops"), (f"s3://{bucket}/models/scaler.skops", "skops")]
