@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -33,7 +32,16 @@ from .sink import (
     write_json,
 )
 from .source import GLOB_CHARS, InputFile, list_inputs, read_footers
-from .storage import filesystem, full_uri, is_local, join, make_durable, remove_if_exists, write_bytes_atomic
+from .storage import (
+    filesystem,
+    full_uri,
+    join,
+    location,
+    make_durable,
+    overlapping,
+    remove_if_exists,
+    write_bytes_atomic,
+)
 from .validate import check_schemas, passthrough_columns
 
 
@@ -73,24 +81,19 @@ def prepare(config: JobConfig, input_uris: Sequence[str] | None = None) -> Prepa
     return Prepared(config, model, files, output, passthrough, pa.schema(fields))
 
 
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
 def _input_root(spec: str, config: JobConfig) -> str:
     """The folder or file an input spec covers; for a glob, the folder before its first wildcard."""
     fs, path = filesystem(spec, config.storage_options)
     path = fs._strip_protocol(path)
     if any(ch in path for ch in GLOB_CHARS):
         head = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
-        path = head.rsplit("/", 1)[0] if "/" in head else "."
-    return full_uri(fs, os.path.abspath(path) if is_local(fs) else path)
+        path = head.rsplit("/", 1)[0] if "/" in head else ""
+    return full_uri(fs, path)
 
 
 def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
     """Never write where the input lives; never replace a finished output unless asked to."""
-    guard_overlap(config, output, files)
+    guard_overlap(config, output, [f.uri for f in files])
     fs, path = filesystem(output, config.storage_options)
     if fs.exists(path):
         if not fs.isdir(path):
@@ -103,15 +106,22 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
             )
 
 
-def guard_overlap(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
-    """Refuse an output equal to, inside, or holding any input: the input is never at risk."""
-    for spec in config.input:
-        root = _input_root(spec, config)
-        if _overlaps(root, output):
-            raise ConfigError(f"output {output} overlaps input {spec}: refusing to write where the input lives")
-    for file in files:
-        if _overlaps(file.uri, output):
-            raise ConfigError(f"output {output} overlaps input file {file.uri}: refusing to write where the input lives")
+def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:
+    """Refuse an output equal to, inside, or holding any input: the input is never at risk.
+
+    Locations are compared, not spellings: ``out/../data``, ``data/./``, a symlink to the input
+    folder, ``file://`` and relative paths all resolve to where they really are, and so does each
+    input file (which may itself be a symlink into the output).
+    """
+    options = config.storage_options
+    out = location(output, options)
+    inputs = [(spec, location(_input_root(spec, config), options)) for spec in config.input]
+    inputs += [(uri, location(uri, options)) for uri in input_uris]
+    for name, where in inputs:
+        if overlapping(where, out):
+            raise ConfigError(
+                f"output {output} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
+            )
 
 
 def validate(config: JobConfig) -> Prepared:
@@ -134,6 +144,8 @@ def plan(
     """
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
+    if out:
+        guard_overlap(config, out, [f.uri for f in prepared.files])
     result = make_plan(
         prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=shards,
         rows_per_shard=rows_per_shard, predicted_at=_now().isoformat(),
@@ -162,7 +174,7 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
 def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter | None = None) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config)
-    guard_overlap(config, prepared.output, prepared.files)
+    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=count)
     return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True))
 
@@ -195,6 +207,7 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter 
     reporter = reporter or Reporter(quiet=True)
     shard = the_plan.shard(index)
     config = _with_output(config, the_plan.output)
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
     shard_files = sorted({u.file for u in shard.units})
     uris = [the_plan.files[i]["uri"] for i in shard_files] or [the_plan.files[0]["uri"]]
     prepared = prepare(config, input_uris=uris)
@@ -271,6 +284,7 @@ def commit(
 ) -> dict[str, Any]:
     """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS."""
     reporter = reporter or Reporter(quiet=True)
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, inconsistent = [], [], []

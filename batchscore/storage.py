@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import uuid
 from typing import IO, Any, Iterable, Iterator, Mapping
 
@@ -36,6 +37,26 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URL a user would type for ``path`` on ``fs`` (plain path when local)."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def location(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Where ``uri`` really is, so that two spellings of one place compare equal.
+
+    Local paths are made absolute with ``.``, ``..`` and symlinks resolved (an existing symlinked
+    prefix is resolved even when the rest does not exist yet); remote paths become
+    ``protocol://bucket/key`` with duplicate and trailing slashes dropped (``s3a://`` is ``s3://``).
+    """
+    fs, path = filesystem(uri, storage_options)
+    if is_local(fs):
+        return "file://" + os.path.realpath(fs._strip_protocol(path))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return f"{protocol}://" + re.sub("/+", "/", fs._strip_protocol(path)).strip("/")
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether two locations are equal or one lies inside the other (``data`` and ``data2`` do not)."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def join(base: str, *names: str) -> str:
