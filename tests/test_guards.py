@@ -1,14 +1,25 @@
-"""The input is only ever read: every spelling of an output that overlaps it is refused before
-anything is written."""
+"""The input is only ever read, a rewritten input is caught, and a job writes one schema.
+
+Every spelling of an output that overlaps the input is refused before anything is written; a file
+rewritten after the plan (even to the same size) stops the shard that reads it; shards that wrote
+another schema or model version are never committed together.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from batchscore.errors import EXIT_USAGE
+from batchscore import job
+from batchscore.config import JobConfig
+from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
+from batchscore.sample import churn_table
 from batchscore.storage import location, overlapping
 from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
 
@@ -146,3 +157,168 @@ def test_s3_spellings_of_one_key_overlap(tmp_path: Path, s3, binary_model_paths)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/x")) == ["a.parquet"]
     result = cli("validate", "--input", f"s3://{bucket}/x/y", "--output", f"s3://{bucket}/x/y2", *model_args(binary_model_paths), *endpoint)
     assert result.exit_code == 0, result.stderr
+
+
+# -- changed input ------------------------------------------------------------------------------
+
+
+def _write_plain(table: pa.Table, path: Path) -> None:
+    """Uncompressed, without statistics or dictionaries: other values give the very same size."""
+    pq.write_table(table, path, compression="none", write_statistics=False, use_dictionary=False, row_group_size=160)
+
+
+def _same_size_other_values(path: Path) -> None:
+    """Rewrite ``path`` in place (same inode) with other feature values and exactly its size."""
+    table = pq.read_table(path)
+    size = path.stat().st_size
+    age = pa.compute.add(table.column("age"), 7.5)
+    time.sleep(0.02)  # past the file system's timestamp granularity, as any real rewrite is
+    _write_plain(table.set_column(table.schema.get_field_index("age"), "age", age), path)
+    assert path.stat().st_size == size and not pq.read_table(path).equals(table)
+
+
+def _plain_inputs(folder: Path, files: int = 2, rows: int = 480) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(files):
+        paths.append(folder / f"day-{i:02d}.parquet")
+        _write_plain(churn_table(rows, seed=20 + i, first_id=1 + i * rows), paths[-1])
+    return paths
+
+
+def _job(inputs: list[Path], out: Path, model: dict[str, Path], *extra: str) -> list[str]:
+    args = ["--output", str(out), *model_args(model), *extra]
+    for path in inputs:
+        args += ["--input", str(path)]
+    return args
+
+
+def test_same_size_rewrite_after_plan_stops_the_shard(tmp_path: Path, binary_model_paths) -> None:
+    inputs = _plain_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    common = _job(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    plan = json.loads((out / "_plan.json").read_text())
+    assert set(plan["files"][0]["identity"]) == {"size", "mtime_ns", "inode", "device"}
+    _same_size_other_values(inputs[0])
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    assert result.exit_code == EXIT_INPUT, result.stderr
+    assert f"input file {inputs[0]} changed since the plan was made (mtime_ns" in result.stderr
+    assert not list(out.glob("part-*")) and not (out / "_receipts").exists()
+    # A replacement by rename that even restores the old mtime is another inode.
+    stat = inputs[1].stat()
+    replacement = tmp_path / "replacement.parquet"
+    replacement.write_bytes(inputs[1].read_bytes())
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, inputs[1])
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "1")
+    assert result.exit_code == EXIT_INPUT and f"input file {inputs[1]} changed since the plan was made (inode" in result.stderr
+    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == EXIT_INPUT
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_same_size_rewrite_between_shards_is_not_committed(tmp_path: Path, binary_model_paths) -> None:
+    inputs = _plain_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    common = _job(inputs, out, binary_model_paths)
+    assert cli("run", *common, "--shard", "0/2").exit_code == 0  # shard 0 reads day-00
+    _same_size_other_values(inputs[0])
+    assert cli("run", *common, "--shard", "1/2").exit_code == 0  # shard 1 plans again, on the new day-00
+    result = cli("commit", *common, "--shards", "2")
+    assert result.exit_code == EXIT_INPUT, result.stderr
+    assert f"input changed since the plan was made: shard 0 read {inputs[0]}" in result.stderr
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Path, binary_model_paths) -> None:
+    """The whole-job run checks each file again when a worker opens it."""
+    inputs = _plain_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    config = JobConfig(input=tuple(map(str, inputs)), output=str(out), model=str(binary_model_paths["model"]),
+                       scaler=str(binary_model_paths["scaler"]), workers=1)
+    prepared = job.prepare(config)
+    the_plan = job._plan_of(prepared, shards=1)
+    _same_size_other_values(inputs[1])
+    with pytest.raises(InputDataError, match=f"input file {inputs[1]} changed since the plan was made"):
+        job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True))
+    assert not (out / "part-00001-00000.parquet").exists() and not (out / "_SUCCESS").exists()
+
+
+def test_s3_reupload_after_plan_stops_the_shard(tmp_path: Path, s3, binary_model_paths) -> None:
+    fs, bucket, options = s3
+    inputs = _plain_inputs(tmp_path / "in", files=1)
+    fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")
+    out = f"s3://{bucket}/out"
+    common = ["--input", f"s3://{bucket}/in/", "--output", out, *model_args(binary_model_paths),
+              "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    plan_file = tmp_path / "plan.json"
+    assert cli("plan", *common, "--out", plan_file).exit_code == 0
+    identity = json.loads(plan_file.read_text())["files"][0]["identity"]
+    assert identity["etag"] == fs.info(f"{bucket}/in/a.parquet")["ETag"]
+    _same_size_other_values(inputs[0])
+    fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")
+    result = cli("run", *common, "--plan", plan_file, "--shard", "0")
+    assert result.exit_code == EXIT_INPUT, result.stderr
+    assert f"input file s3://{bucket}/in/a.parquet changed since the plan was made (etag" in result.stderr
+    assert not fs.exists(f"{bucket}/out/part-00000-00000.parquet")
+
+
+def test_an_old_plan_format_is_refused_clearly(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=1, rows=160)
+    out = tmp_path / "out"
+    common = _job(inputs, out, binary_model_paths)
+    assert cli("plan", *common, "--out", out / "_plan.json").exit_code == 0
+    plan = json.loads((out / "_plan.json").read_text())
+    (out / "_plan.json").write_text(json.dumps({**plan, "format": 1}))
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    assert result.exit_code == EXIT_INPUT and "unsupported plan format 1" in result.stderr
+    del plan["files"][0]["identity"]
+    (out / "_plan.json").write_text(json.dumps(plan))
+    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    assert result.exit_code == EXIT_INPUT and "not a batchscore plan (missing or malformed 'identity')" in result.stderr
+
+
+# -- one schema ---------------------------------------------------------------------------------
+
+
+def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=480, row_group_size=160)
+    out = tmp_path / "out"
+    common = _job(inputs, out, binary_model_paths, "--model-version", "1.4.0")
+    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    plan = json.loads((out / "_plan.json").read_text())
+    assert plan["model_version"] == "1.4.0"
+    assert plan["schema"][0] == {"name": "customer_id", "type": "int64"} and plan["schema"][-1]["name"] == "model_version"
+    result = cli("run", *_job(inputs, out, binary_model_paths, "--model-version", "1.5.0"),
+                 "--plan", out / "_plan.json", "--shard", "1")
+    assert result.exit_code == EXIT_INPUT
+    assert "shard 1: --model-version '1.5.0' differs from the plan's '1.4.0'" in result.stderr
+    for shard in ("0", "1"):
+        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", shard).exit_code == 0
+    receipt_path = out / "_receipts" / "shard-00001.json"
+    receipt = json.loads(receipt_path.read_text())
+    tampered = [dict(c, type="float") if c["name"] == "probability" else c for c in receipt["schema"]]
+    cases = {
+        "model_version": ("2.0.0", "1 (model version '2.0.0' != planned '1.4.0')"),
+        "schema": (tampered, "1 (output schema differs from planned: probability float != double)"),
+        "artifacts": (["0" * 64, "1" * 64], "1 (scored with model artifacts sha256"),
+    }
+    for key, (value, message) in cases.items():
+        receipt_path.write_text(json.dumps({**receipt, key: value}))
+        result = cli("commit", *common, "--plan", out / "_plan.json")
+        assert result.exit_code == EXIT_INPUT and message in result.stderr, (key, result.stderr)
+        assert not (out / "_SUCCESS").exists()
+    receipt_path.write_text(json.dumps(receipt))
+    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0
+    assert_exact(read_output(out), read_inputs(inputs), binary_model_paths)
+
+
+def test_shards_planned_on_the_fly_must_agree_on_the_model_version(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=480, row_group_size=160)
+    out = tmp_path / "out"
+    assert cli("run", *_job(inputs, out, binary_model_paths, "--model-version", "a"), "--shard", "0/2").exit_code == 0
+    assert cli("run", *_job(inputs, out, binary_model_paths, "--model-version", "b"), "--shard", "1/2").exit_code == 0
+    result = cli("commit", *_job(inputs, out, binary_model_paths), "--shards", "2")
+    assert result.exit_code == EXIT_INPUT
+    assert "inconsistent shard(s): 1 (model version 'b' != shard 0's 'a')" in result.stderr
+    assert not (out / "_SUCCESS").exists()
