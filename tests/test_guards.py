@@ -281,6 +281,27 @@ def test_an_old_plan_format_is_refused_clearly(tmp_path: Path, binary_model_path
 # -- one schema ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", [["validate"], ["plan"], ["run"], ["run", "--shard", "0/2"]])
+def test_a_passthrough_column_missing_from_a_later_file_is_refused(tmp_path: Path, binary_model_paths, command) -> None:
+    inputs = write_inputs(tmp_path / "in", files=3, rows=480, row_group_size=160)
+    pq.write_table(pq.read_table(inputs[2]).drop(["region"]), inputs[2])
+    out = tmp_path / "out"
+    result = cli(*command, *_job(inputs, out, binary_model_paths))
+    assert result.exit_code == EXIT_INPUT, result.stderr
+    assert f"{inputs[2]}: passthrough column(s) region missing (named by the first input file {inputs[0]})" in result.stderr
+    assert "Traceback" not in result.stderr and not (out / "_SUCCESS").exists()
+
+
+def test_a_passthrough_column_of_another_type_is_refused(tmp_path: Path, binary_model_paths) -> None:
+    inputs = write_inputs(tmp_path / "in", files=2, rows=480, row_group_size=160)
+    table = pq.read_table(inputs[1])
+    plan_column = table.column("plan").cast(pa.large_string())
+    pq.write_table(table.set_column(table.schema.get_field_index("plan"), "plan", plan_column), inputs[1])
+    result = cli("run", *_job(inputs, tmp_path / "out", binary_model_paths))
+    assert result.exit_code == EXIT_INPUT
+    assert f"{inputs[1]}: column 'plan' has type large_string but the first input file {inputs[0]} has string" in result.stderr
+
+
 def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: Path, binary_model_paths) -> None:
     inputs = write_inputs(tmp_path / "in", files=2, rows=480, row_group_size=160)
     out = tmp_path / "out"
