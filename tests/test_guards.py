@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -242,6 +245,48 @@ def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Pa
     with pytest.raises(InputDataError, match=f"input file {inputs[1]} changed since the plan was made"):
         job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True))
     assert not (out / "part-00001-00000.parquet").exists() and not (out / "_SUCCESS").exists()
+
+
+@pytest.mark.fault
+def test_a_file_replaced_while_the_run_scores_is_never_mixed_in(tmp_path: Path, binary_model_paths) -> None:
+    """A real run with one worker: day-01 is replaced (same size, other values) while day-00 is
+    being scored, so the run either refuses it or, had it already read it, keeps the old rows."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_plain(churn_table(240_016, seed=31), folder / "day-00.parquet")  # scored first: the biggest
+    _write_plain(churn_table(4_816, seed=32, first_id=240_017), folder / "day-01.parquet")
+    original = read_inputs([folder / "day-00.parquet", folder / "day-01.parquet"])
+    replacement = tmp_path / "day-01.parquet"
+    replacement.write_bytes((folder / "day-01.parquet").read_bytes())
+    _same_size_other_values(replacement)
+    out = tmp_path / "out"
+    replaced = threading.Event()
+
+    def replace_once_scoring_starts() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not replaced.is_set():
+            if out.exists() and any(n.startswith(".part-00000") for n in os.listdir(out)):
+                os.replace(replacement, folder / "day-01.parquet")
+                replaced.set()
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=replace_once_scoring_starts, daemon=True)
+    watcher.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "batchscore", "run", "--input", str(folder), "--output", str(out),
+             *model_args(binary_model_paths), "--workers", "1"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        replaced.set()
+        watcher.join(timeout=5)
+    if result.returncode == 0:  # day-01 was read whole before it was replaced: the old rows only
+        assert_exact(read_output(out), original, binary_model_paths)
+    else:
+        assert result.returncode == EXIT_INPUT, result.stderr
+        assert f"input file {folder / 'day-01.parquet'} changed since" in result.stderr, result.stderr
+        assert not (out / "_SUCCESS").exists() and not (out / "part-00001-00000.parquet").exists()
 
 
 def test_s3_reupload_after_plan_stops_the_shard(tmp_path: Path, s3, binary_model_paths) -> None:
