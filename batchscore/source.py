@@ -78,22 +78,25 @@ def _local_identity(stat: os.stat_result) -> dict[str, Any]:
 def _remote_identity(opened: Any) -> dict[str, Any]:
     """Size, ETag and (on a versioned bucket) version id of an object as it was opened."""
     details = getattr(opened, "details", None) or {}
-    identity = {"size": int(opened.size), "etag": details.get("ETag", details.get("etag"))}
-    if details.get("VersionId"):
-        identity["version_id"] = details["VersionId"]
-    return identity
+    identity = {"size": int(opened.size), "etag": details.get("ETag", details.get("etag")),
+                "version_id": details.get("VersionId")}
+    return {key: value for key, value in identity.items() if value is not None}
 
 
 def check_identity(
     uri: str, expected: Mapping[str, Any] | None, actual: Mapping[str, Any], since: str = "the plan was made"
 ) -> None:
-    """Refuse a file that is no longer the one the plan was made from (rewritten, replaced)."""
+    """Refuse a file that is no longer the one the plan was made from (rewritten, replaced).
+
+    Only what both sides know is compared: an object's version id, for one, is in a HEAD
+    response but not in a listing.
+    """
     if not expected:
         return
     changed = [
-        f"{key} {expected[key]} -> {actual.get(key)}"
+        f"{key} {expected[key]} -> {actual[key]}"
         for key in COMPARED_IDENTITY
-        if key in expected and expected[key] != actual.get(key)
+        if key in expected and key in actual and expected[key] != actual[key]
     ]
     if changed:
         raise InputDataError(f"input file {uri} changed since {since} ({', '.join(changed)}); plan again")

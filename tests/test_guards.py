@@ -388,3 +388,19 @@ def test_shards_planned_on_the_fly_must_agree_on_the_model_version(tmp_path: Pat
     assert result.exit_code == EXIT_INPUT
     assert "inconsistent shard(s): 1 (model version 'b' != shard 0's 'a')" in result.stderr
     assert not (out / "_SUCCESS").exists()
+
+
+def test_s3_versioned_object_records_its_version(tmp_path: Path, s3, binary_model_paths) -> None:
+    fs, bucket, options = s3
+    fs.make_bucket_versioned(bucket)
+    inputs = _plain_inputs(tmp_path / "in", files=1)
+    fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")
+    common = ["--input", f"s3://{bucket}/in/a.parquet", "--output", f"s3://{bucket}/out", *model_args(binary_model_paths),
+              "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    plan_file = tmp_path / "plan.json"
+    assert cli("plan", *common, "--out", plan_file).exit_code == 0
+    identity = json.loads(plan_file.read_text())["files"][0]["identity"]
+    assert identity["version_id"] == fs.info(f"{bucket}/in/a.parquet")["VersionId"]
+    fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")  # the same bytes again: same ETag, new version
+    result = cli("run", *common, "--plan", plan_file, "--shard", "0")
+    assert result.exit_code == EXIT_INPUT and f"changed since the plan was made (version_id {identity['version_id']}" in result.stderr
