@@ -326,6 +326,11 @@ def commit(
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs = {f["uri"]: f["identity"] for f in the_plan.files}
+    planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
+    # What every shard must have written. A plan rebuilt without the model (commit --shards) knows
+    # no schema or version: the first receipt's stand in, so the shards must at least agree.
+    schema = None if the_plan.schema is None else list(the_plan.schema)
+    reference, ref = {"schema": schema, "model_version": the_plan.model_version}, "planned"
     for shard in the_plan.shards:
         try:
             receipt = read_json(fs, receipt_path(out_path, shard.index))
@@ -336,7 +341,8 @@ def commit(
             inconsistent.append(f"{shard.index} (unreadable receipt)")
             continue
         if receipt.get("plan_id") != the_plan.plan_id:
-            read = [i["uri"] for i in receipt.get("inputs", []) if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
+            read = [i["uri"] for i in receipt.get("inputs", [])
+                    if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
             if read:
                 changed.append(f"shard {shard.index} read {', '.join(read)}")
             else:
@@ -344,13 +350,9 @@ def commit(
             continue
         expected_parts = [u.part_name for u in shard.units]
         listed = [p["name"] for p in receipt.get("parts", [])]
-        planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
-        # A plan rebuilt without the model (commit --shards) knows no schema or version: the
-        # first receipt's stand in, so every shard must at least agree with the others.
-        first, ref = (receipts[min(receipts)], f"shard {min(receipts)}'s") if receipts else (receipt, "")
-        if the_plan.schema is not None:
-            first, ref = {"schema": list(the_plan.schema), "model_version": the_plan.model_version}, "planned"
-        schema, version = first.get("schema"), first.get("model_version")
+        if the_plan.schema is None and not receipts:
+            reference, ref = receipt, f"shard {shard.index}'s"
+        schema, version = reference.get("schema"), reference.get("model_version")
         if receipt.get("rows_in") != shard.rows:
             inconsistent.append(f"{shard.index} (rows in {receipt.get('rows_in')} != planned {shard.rows})")
         elif listed != expected_parts:

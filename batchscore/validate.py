@@ -34,10 +34,12 @@ def check_file_schema(
     passthrough: Sequence[str],
     output_columns: Sequence[str],
     reference: InputFile | None = None,
+    chosen_by: str = "--keep",
 ) -> None:
     """Refuse a file whose columns cannot give the model its features or the output its schema.
 
-    ``reference`` (the first input file) fixes the passthrough columns' types for the whole job.
+    ``reference`` (the first input file) fixes the passthrough columns' types for the whole job;
+    ``chosen_by`` says where the passthrough columns came from, for the message.
     """
     names = set(file.schema.names)
     missing = [c for c in features if c not in names]
@@ -52,9 +54,8 @@ def check_file_schema(
             raise InputDataError(f"{file.uri}: feature column '{column}' has type {dtype}; features must be numeric")
     absent = [c for c in passthrough if c not in names]
     if absent:
-        source = "--keep" if reference is None or file is reference else f"the first input file {reference.uri}"
         raise InputDataError(
-            f"{file.uri}: passthrough column(s) {', '.join(absent)} missing (named by {source}); "
+            f"{file.uri}: passthrough column(s) {', '.join(absent)} missing (named by {chosen_by}); "
             f"every input file must have them, or choose columns with --keep"
         )
     clashes = [c for c in passthrough if c in output_columns]
@@ -82,8 +83,9 @@ def check_schemas(
     if not files:
         return
     passthrough = passthrough_columns(files[0], keep)
+    chosen_by = "--keep" if keep is not None else f"the first input file {files[0].uri}"
     for file in files:
-        check_file_schema(file, features, passthrough, output_columns, files[0])
+        check_file_schema(file, features, passthrough, output_columns, files[0], chosen_by)
 
 
 def invalid_mask(matrix: np.ndarray) -> np.ndarray | None:

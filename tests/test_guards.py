@@ -335,6 +335,9 @@ def test_a_passthrough_column_missing_from_a_later_file_is_refused(tmp_path: Pat
     assert result.exit_code == EXIT_INPUT, result.stderr
     assert f"{inputs[2]}: passthrough column(s) region missing (named by the first input file {inputs[0]})" in result.stderr
     assert "Traceback" not in result.stderr and not (out / "_SUCCESS").exists()
+    result = cli(*command, *_job(inputs, out, binary_model_paths), "--keep", "customer_id,region")
+    assert result.exit_code == EXIT_INPUT and f"{inputs[2]}: passthrough column(s) region missing (named by --keep)" in result.stderr
+    assert not (out / "_SUCCESS").exists()
 
 
 def test_a_passthrough_column_of_another_type_is_refused(tmp_path: Path, binary_model_paths) -> None:
