@@ -113,10 +113,9 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
     input file (which may itself be a symlink into the output).
     """
-    options = config.storage_options
-    out = location(output, options)
-    inputs = [(spec, location(_input_root(spec, config), options)) for spec in config.input]
-    inputs += [(uri, location(uri, options)) for uri in input_uris]
+    out = location(output)
+    inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
+    inputs += [(uri, location(uri)) for uri in input_uris]
     for name, where in inputs:
         if overlapping(where, out):
             raise ConfigError(
