@@ -308,6 +308,26 @@ def test_s3_reupload_after_plan_stops_the_shard(tmp_path: Path, s3, binary_model
     assert not fs.exists(f"{bucket}/out/part-00000-00000.parquet")
 
 
+def test_s3_object_replaced_after_the_listing_stops_its_unit(tmp_path: Path, s3, binary_model_paths) -> None:
+    """The whole-job run checks each object again (its ETag) when a worker opens it."""
+    import s3fs
+
+    fs, bucket, options = s3
+    inputs = _plain_inputs(tmp_path / "in", files=2)
+    for path in inputs:
+        fs.put_file(str(path), f"{bucket}/in/{path.name}")
+    config = JobConfig(input=(f"s3://{bucket}/in/",), output=f"s3://{bucket}/out", model=str(binary_model_paths["model"]),
+                       scaler=str(binary_model_paths["scaler"]), storage_options=options, workers=1)
+    prepared = job.prepare(config)
+    the_plan = job._plan_of(prepared, shards=1)
+    _same_size_other_values(inputs[1])
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(str(inputs[1]), f"{bucket}/in/{inputs[1].name}")
+    with pytest.raises(InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"):
+        job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True))
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out/part-00001-00000.parquet") and not fs.exists(f"{bucket}/out/_SUCCESS")
+
+
 def test_an_old_plan_format_is_refused_clearly(tmp_path: Path, binary_model_paths) -> None:
     inputs = write_inputs(tmp_path / "in", files=1, rows=160)
     out = tmp_path / "out"
