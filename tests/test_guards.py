@@ -116,6 +116,23 @@ def test_the_refusal_names_both_locations(tmp_path: Path, binary_model_paths, mo
     assert f"output {tmp_path}/lnk/scored (at file://{real}/scored) overlaps input data (at file://{real})" in result.stderr
 
 
+def test_shards_and_commit_check_the_plan_output_again(tmp_path: Path, binary_model_paths) -> None:
+    """A symlink repointed into the input after planning stops every later step."""
+    data, elsewhere, lnk = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "lnk"
+    write_inputs(data, files=2, rows=480, row_group_size=160)
+    elsewhere.mkdir()
+    lnk.symlink_to(elsewhere, target_is_directory=True)
+    common = ["--input", str(data), "--output", str(lnk / "scored"), *model_args(binary_model_paths)]
+    assert cli("plan", *common, "--shards", "2", "--out", tmp_path / "plan.json").exit_code == 0
+    lnk.unlink()
+    lnk.symlink_to(data, target_is_directory=True)
+    before = snapshot(data)
+    for command in (["run", "--plan", tmp_path / "plan.json", "--shard", "0"], ["commit", "--plan", tmp_path / "plan.json"]):
+        result = cli(*command, *common)
+        assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr, (command, result.stderr)
+    assert snapshot(data) == before
+
+
 def test_a_plan_file_is_never_written_into_the_input(tmp_path: Path, binary_model_paths) -> None:
     data = tmp_path / "data"
     write_inputs(data, files=1, rows=160)
