@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -32,8 +31,17 @@ from .sink import (
     uncommit,
     write_json,
 )
-from .source import GLOB_CHARS, InputFile, list_inputs, read_footers
-from .storage import filesystem, full_uri, is_local, join, make_durable, remove_if_exists, write_bytes_atomic
+from .source import GLOB_CHARS, InputFile, check_identity, list_inputs, read_footers
+from .storage import (
+    filesystem,
+    full_uri,
+    join,
+    location,
+    make_durable,
+    overlapping,
+    remove_if_exists,
+    write_bytes_atomic,
+)
 from .validate import check_schemas, passthrough_columns
 
 
@@ -81,24 +89,19 @@ def prepare(
     return Prepared(config, model, files, output, passthrough, pa.schema(fields))
 
 
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
 def _input_root(spec: str, config: JobConfig) -> str:
     """The folder or file an input spec covers; for a glob, the folder before its first wildcard."""
     fs, path = filesystem(spec, config.storage_options)
     path = fs._strip_protocol(path)
     if any(ch in path for ch in GLOB_CHARS):
         head = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
-        path = head.rsplit("/", 1)[0] if "/" in head else "."
-    return full_uri(fs, os.path.abspath(path) if is_local(fs) else path)
+        path = head.rsplit("/", 1)[0] if "/" in head else ""
+    return full_uri(fs, path)
 
 
 def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
     """Never write where the input lives; never replace a finished output unless asked to."""
-    guard_overlap(config, output, files)
+    guard_overlap(config, output, [f.uri for f in files])
     fs, path = filesystem(output, config.storage_options)
     if fs.exists(path):
         if not fs.isdir(path):
@@ -111,15 +114,21 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
             )
 
 
-def guard_overlap(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
-    """Refuse an output equal to, inside, or holding any input: the input is never at risk."""
-    for spec in config.input:
-        root = _input_root(spec, config)
-        if _overlaps(root, output):
-            raise ConfigError(f"output {output} overlaps input {spec}: refusing to write where the input lives")
-    for file in files:
-        if _overlaps(file.uri, output):
-            raise ConfigError(f"output {output} overlaps input file {file.uri}: refusing to write where the input lives")
+def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:
+    """Refuse an output equal to, inside, or holding any input: the input is never at risk.
+
+    Locations are compared, not spellings: ``out/../data``, ``data/./``, a symlink to the input
+    folder, ``file://`` and relative paths all resolve to where they really are, and so does each
+    input file (which may itself be a symlink into the output).
+    """
+    out = location(output)
+    inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
+    inputs += [(uri, location(uri)) for uri in input_uris]
+    for name, where in inputs:
+        if overlapping(where, out):
+            raise ConfigError(
+                f"output {output} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
+            )
 
 
 def validate(config: JobConfig) -> Prepared:
@@ -133,6 +142,18 @@ def _artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
     return [a.to_dict() for a in artifacts]
 
 
+def _schema_dicts(schema: pa.Schema) -> list[dict[str, str]]:
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def _plan_of(prepared: Prepared, **split: Any) -> Plan:
+    """The plan of a checked job, recording what every shard must write (schema, model version)."""
+    return make_plan(
+        prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts),
+        schema=_schema_dicts(prepared.output_schema), model_version=prepared.config.model_version, **split,
+    )
+
+
 def plan(
     config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None, out: str | None = None
 ) -> Plan:
@@ -142,10 +163,9 @@ def plan(
     """
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
-    result = make_plan(
-        prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=shards,
-        rows_per_shard=rows_per_shard, predicted_at=_now().isoformat(),
-    )
+    if out:
+        guard_overlap(config, out, [f.uri for f in prepared.files])
+    result = _plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=_now().isoformat())
     if out:
         fs, path = filesystem(prepared.output, config.storage_options)
         uncommit(fs, path)
@@ -171,8 +191,8 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
 def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter | None = None) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config)
-    guard_overlap(config, prepared.output, prepared.files)
-    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=count)
+    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
+    the_plan = _plan_of(prepared, shards=count)
     return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True))
 
 
@@ -191,25 +211,52 @@ def load_plan(uri: str, config: JobConfig) -> Plan:
     return result
 
 
-def _check_inputs_unchanged(files: Sequence[InputFile], entries: Sequence[dict[str, Any]]) -> None:
-    for file, entry in zip(files, entries):
-        if list(file.row_groups) != list(entry["row_groups"]) or file.size != entry["size"]:
+def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan) -> None:
+    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
+    planned = {f["uri"]: f for f in the_plan.files}
+    for file in files:
+        entry = planned[file.uri]
+        if list(file.row_groups) != list(entry["row_groups"]):
             raise InputDataError(
-                f"{file.uri} changed since the plan was made (row groups {list(entry['row_groups'])} -> "
-                f"{list(file.row_groups)}, {entry['size']} -> {file.size} bytes); plan again"
+                f"input file {file.uri} changed since the plan was made (row groups {list(entry['row_groups'])} -> "
+                f"{list(file.row_groups)}); plan again"
             )
+        check_identity(file.uri, entry["identity"], file.identity)
+
+
+def _schema_difference(expected: Sequence[dict[str, str]], actual: Sequence[dict[str, str]]) -> str:
+    """What tells two output schemas apart, in words: ``score double != float``, ``missing x``."""
+    want, have = {c["name"]: c["type"] for c in expected}, {c["name"]: c["type"] for c in actual}
+    words = [f"{n} {have[n]} != {t}" for n, t in want.items() if n in have and have[n] != t]
+    words += [f"missing {n}" for n in want if n not in have] + [f"extra {n}" for n in have if n not in want]
+    return ", ".join(words) or "column order differs"
 
 
 def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Score one shard of a plan and write its receipt; a retry rewrites the same parts."""
+    """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
+
+    The plan's first file's footer is read too, so the shard picks the same passthrough columns as
+    the plan did; the output schema must then be the planned one.
+    """
     reporter = reporter or Reporter(quiet=True)
     shard = the_plan.shard(index)
     config = _with_output(config, the_plan.output)
-    shard_files = sorted({u.file for u in shard.units})
-    uris = [the_plan.files[i]["uri"] for i in shard_files] or [the_plan.files[0]["uri"]]
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
+    if the_plan.model_version is not None and config.model_version != the_plan.model_version:
+        raise InputDataError(
+            f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
+            f"{the_plan.model_version!r}; run every shard of a plan with its model version"
+        )
+    shard_uris = [the_plan.files[i]["uri"] for i in sorted({u.file for u in shard.units})]
     policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
-    prepared = prepare(config, input_uris=uris, policy=policy)
-    _check_inputs_unchanged(prepared.files, [the_plan.files[i] for i in shard_files])
+    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files[0]["uri"]] + shard_uris)), policy=policy)
+    _check_inputs_unchanged([f for f in prepared.files if f.uri in shard_uris], the_plan)
+    schema = _schema_dicts(prepared.output_schema)
+    if the_plan.schema is not None and schema != list(the_plan.schema):
+        raise InputDataError(
+            f"shard {index}: output schema differs from the plan ({_schema_difference(the_plan.schema, schema)}); "
+            f"plan again"
+        )
     return _score_shard(prepared, the_plan, index, reporter)
 
 
@@ -248,7 +295,9 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
         "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
         "artifacts": planned,
         "model_version": config.model_version,
-        "schema": [{"name": f.name, "type": str(f.type)} for f in prepared.output_schema],
+        "schema": _schema_dicts(prepared.output_schema),
+        "inputs": [{"uri": the_plan.files[i]["uri"], "identity": the_plan.files[i]["identity"]}
+                   for i in sorted({u.file for u in shard.units})],
         "workers": min(workers, max(1, len(shard.units))),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
@@ -276,9 +325,16 @@ def commit(
 ) -> dict[str, Any]:
     """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS."""
     reporter = reporter or Reporter(quiet=True)
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
-    missing, foreign, inconsistent = [], [], []
+    missing, foreign, changed, inconsistent = [], [], [], []
+    planned_inputs = {f["uri"]: f["identity"] for f in the_plan.files}
+    planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
+    # What every shard must have written. A plan rebuilt without the model (commit --shards) knows
+    # no schema or version: the first receipt's stand in, so the shards must at least agree.
+    schema = None if the_plan.schema is None else list(the_plan.schema)
+    reference, ref = {"schema": schema, "model_version": the_plan.model_version}, "planned"
     for shard in the_plan.shards:
         try:
             receipt = read_json(fs, receipt_path(out_path, shard.index))
@@ -289,22 +345,41 @@ def commit(
             inconsistent.append(f"{shard.index} (unreadable receipt)")
             continue
         if receipt.get("plan_id") != the_plan.plan_id:
-            foreign.append(shard.index)
+            read = [i["uri"] for i in receipt.get("inputs", [])
+                    if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
+            if read:
+                changed.append(f"shard {shard.index} read {', '.join(read)}")
+            else:
+                foreign.append(shard.index)
             continue
         expected_parts = [u.part_name for u in shard.units]
         listed = [p["name"] for p in receipt.get("parts", [])]
+        if the_plan.schema is None and not receipts:
+            reference, ref = receipt, f"shard {shard.index}'s"
+        schema, version = reference.get("schema"), reference.get("model_version")
         if receipt.get("rows_in") != shard.rows:
             inconsistent.append(f"{shard.index} (rows in {receipt.get('rows_in')} != planned {shard.rows})")
         elif listed != expected_parts:
             inconsistent.append(f"{shard.index} (parts {listed} != planned {expected_parts})")
-        elif receipt.get("artifacts") != [a["sha256"] for a in the_plan.artifacts]:
-            inconsistent.append(f"{shard.index} (scored with other model artifacts)")
+        elif receipt.get("artifacts") != planned_artifacts:
+            inconsistent.append(
+                f"{shard.index} (scored with model artifacts sha256 {receipt.get('artifacts')}, planned {planned_artifacts})"
+            )
+        elif receipt.get("model_version") != version:
+            inconsistent.append(f"{shard.index} (model version {receipt.get('model_version')!r} != {ref} {version!r})")
+        elif receipt.get("schema") != schema:
+            inconsistent.append(
+                f"{shard.index} (output schema differs from {ref}: "
+                f"{_schema_difference(schema or [], receipt.get('schema') or [])})"
+            )
         elif receipt.get("rows_out", 0) + receipt.get("rows_invalid", 0) != shard.rows:
             inconsistent.append(f"{shard.index} (rows out + invalid != rows in)")
         receipts[shard.index] = receipt
     problems = []
     if missing:
         problems.append(f"missing receipts for shard(s) {', '.join(map(str, missing))}")
+    if changed:
+        problems.append(f"input changed since the plan was made: {'; '.join(changed)}; plan again")
     if foreign:
         problems.append(f"receipts from another plan for shard(s) {', '.join(map(str, foreign))}")
     if inconsistent:
@@ -368,7 +443,6 @@ def run(config: JobConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     guard_output(config, prepared.output, prepared.files)
     fs, out_path = filesystem(prepared.output, config.storage_options)
     uncommit(fs, out_path)
-    the_plan = make_plan(prepared.files, prepared.output, _artifact_dicts(prepared.model.artifacts), shards=1,
-                         predicted_at=_now().isoformat())
+    the_plan = _plan_of(prepared, shards=1, predicted_at=_now().isoformat())
     _score_shard(prepared, the_plan, 0, reporter)
     return commit(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)})

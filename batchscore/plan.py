@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from .errors import ConfigError, InputDataError
 from .source import InputFile
 
-PLAN_FORMAT = 1
+#: 2: each file's identity (to catch a rewritten input), the output schema and the model version.
+PLAN_FORMAT = 2
 #: A part (one output file) holds about this many rows (whole row groups); parts are the unit of
 #: parallel work.
 DEFAULT_ROWS_PER_PART = 524_288
@@ -46,11 +47,15 @@ class Shard:
 class Plan:
     """What every shard reads and writes; its ``plan_id`` ties receipts to it."""
 
-    files: tuple[dict[str, Any], ...]  # uri, size, row_groups
+    files: tuple[dict[str, Any], ...]  # uri, size, row_groups, identity
     shards: tuple[Shard, ...]
     output: str
     artifacts: tuple[dict[str, Any], ...]  # role, uri, sha256, bytes
     predicted_at: str | None = None
+    #: What every shard must write: output columns and types, and the model version. Not part of
+    #: ``plan_id``; None when the plan was rebuilt without loading the model (``commit --shards``).
+    schema: tuple[dict[str, str], ...] | None = None
+    model_version: str | None = None
 
     @property
     def num_shards(self) -> int:
@@ -80,6 +85,8 @@ class Plan:
             "total_rows": self.total_rows,
             "num_shards": self.num_shards,
             "artifacts": list(self.artifacts),
+            "model_version": self.model_version,
+            "schema": None if self.schema is None else list(self.schema),
             "files": list(self.files),
             "shards": [
                 {
@@ -95,7 +102,10 @@ class Plan:
     def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
         try:
             if data.get("format") != PLAN_FORMAT:
-                raise InputDataError(f"{source}: unsupported plan format {data.get('format')!r}")
+                raise InputDataError(
+                    f"{source}: unsupported plan format {data.get('format')!r} (this batchscore reads format "
+                    f"{PLAN_FORMAT}); make the plan again with `batchscore plan`"
+                )
             shards = tuple(
                 Shard(
                     index=s["index"],
@@ -104,9 +114,15 @@ class Plan:
                 for s in data["shards"]
             )
             files = tuple(
-                {"uri": f["uri"], "size": f["size"], "row_groups": list(f["row_groups"])} for f in data["files"]
+                {"uri": f["uri"], "size": f["size"], "row_groups": list(f["row_groups"]), "identity": dict(f["identity"])}
+                for f in data["files"]
             )
-            plan = cls(files, shards, data["output"], tuple(data["artifacts"]), data.get("predicted_at"))
+            schema = data["schema"]
+            plan = cls(
+                files, shards, data["output"], tuple(data["artifacts"]), data.get("predicted_at"),
+                schema=None if schema is None else tuple({"name": c["name"], "type": c["type"]} for c in schema),
+                model_version=data["model_version"],
+            )
         except (KeyError, TypeError) as exc:
             raise InputDataError(f"{source}: not a batchscore plan (missing or malformed {exc})") from None
         if data.get("plan_id") not in (None, plan.plan_id):
@@ -171,6 +187,8 @@ def make_plan(
     rows_per_shard: int | None = None,
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
     predicted_at: str | None = None,
+    schema: Sequence[dict[str, str]] | None = None,
+    model_version: str | None = None,
 ) -> Plan:
     """Balanced contiguous shards of whole row groups; the same input always gives the same plan."""
     if shards is not None and rows_per_shard is not None:
@@ -190,5 +208,10 @@ def make_plan(
     shard_list = tuple(
         Shard(k, tuple(_units(files, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count)
     )
-    file_entries = tuple({"uri": f.uri, "size": f.size, "row_groups": list(f.row_groups)} for f in files)
-    return Plan(file_entries, shard_list, output, tuple(artifacts), predicted_at)
+    file_entries = tuple(
+        {"uri": f.uri, "size": f.size, "row_groups": list(f.row_groups), "identity": dict(f.identity)} for f in files
+    )
+    return Plan(
+        file_entries, shard_list, output, tuple(artifacts), predicted_at,
+        schema=None if schema is None else tuple(schema), model_version=model_version,
+    )

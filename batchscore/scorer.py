@@ -116,7 +116,8 @@ class _UnitScorer:
             parquet = stack.enter_context(part_writer(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
             batches = prefetch(iter_batches(
-                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options
+                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
+                expected=self.file["identity"],
             ))
             for batch in batches:
                 n = batch.num_rows

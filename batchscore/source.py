@@ -6,7 +6,7 @@ import contextlib
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -28,6 +28,8 @@ class InputFile:
     size: int
     row_groups: tuple[int, ...]  # rows in each row group
     schema: pa.Schema
+    #: What tells this version of the file from a rewritten one (size, mtime, inode; or ETag, version id).
+    identity: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -64,35 +66,82 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
     return list(dict.fromkeys(found))
 
 
-@contextlib.contextmanager
-def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[pq.ParquetFile, int]]:
-    """Open a Parquet file (natively when local, through fsspec when remote) with its size in bytes.
+#: Identity fields compared to decide that a file is the one planned. A local file's device number
+#: is recorded but not compared: a shared mount may get another one on each machine running a shard.
+COMPARED_IDENTITY = ("size", "mtime_ns", "inode", "etag", "version_id")
 
-    Any failure to open it is reported as bad input naming the file.
+
+def _local_identity(stat: os.stat_result) -> dict[str, Any]:
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def _remote_identity(opened: Any) -> dict[str, Any]:
+    """Size, ETag and (on a versioned bucket) version id of an object as it was opened."""
+    details = getattr(opened, "details", None) or {}
+    identity = {"size": int(opened.size), "etag": details.get("ETag", details.get("etag")),
+                "version_id": details.get("VersionId")}
+    return {key: value for key, value in identity.items() if value is not None}
+
+
+def check_identity(
+    uri: str, expected: Mapping[str, Any] | None, actual: Mapping[str, Any], since: str = "the plan was made"
+) -> None:
+    """Refuse a file that is no longer the one the plan was made from (rewritten, replaced).
+
+    Only what both sides know is compared: an object's version id, for one, is in a HEAD
+    response but not in a listing.
+    """
+    if not expected:
+        return
+    changed = [
+        f"{key} {expected[key]} -> {actual[key]}"
+        for key in COMPARED_IDENTITY
+        if key in expected and key in actual and expected[key] != actual[key]
+    ]
+    if changed:
+        raise InputDataError(f"input file {uri} changed since {since} ({', '.join(changed)}); plan again")
+
+
+@contextlib.contextmanager
+def open_parquet(
+    uri: str, storage_options: Mapping[str, Any] | None = None, expected: Mapping[str, Any] | None = None
+) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
+    """Open a Parquet file (natively when local, through fsspec when remote) with its identity.
+
+    Any failure to open it is reported as bad input naming the file; with ``expected``, so is a
+    file that is not the planned one, both when opened and (locally) once it has been read.
     """
     fs, path = filesystem(uri, storage_options)
     with contextlib.ExitStack() as stack:
         try:
             if is_local(fs):
-                size = os.path.getsize(path)
+                identity = _local_identity(os.stat(path))
                 source: Any = path
             else:
                 source = stack.enter_context(fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead"))
-                size = source.size
+                identity = _remote_identity(source)
+            check_identity(uri, expected, identity)
             pf = stack.enter_context(pq.ParquetFile(source))
         except FileNotFoundError:
             raise InputDataError(f"input file not found: {uri}") from None
         except (pa.ArrowException, OSError) as exc:
             raise InputDataError(f"cannot read Parquet file {uri}: {exc}") from None
-        yield pf, int(size)
+        yield pf, identity
+        if is_local(fs):  # s3fs reads with If-Match on the ETag it opened; a local file has no such pin
+            try:
+                after = _local_identity(os.stat(path))
+            except FileNotFoundError:
+                raise InputDataError(f"input file {uri} was removed while being read") from None
+            check_identity(uri, identity, after, since="it was opened")
 
 
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
-    """Row groups and schema from the footer alone."""
-    with open_parquet(uri, storage_options) as (pf, size):
+    """Row groups, schema and identity from the footer alone."""
+    with open_parquet(uri, storage_options) as (pf, identity):
         meta = pf.metadata
         row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        return InputFile(uri=uri, size=size, row_groups=row_groups, schema=pf.schema_arrow)
+        schema = pf.schema_arrow
+    return InputFile(uri=uri, size=identity["size"], row_groups=row_groups, schema=schema, identity=identity)
 
 
 def read_footers(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[InputFile]:
@@ -110,11 +159,15 @@ def iter_batches(
     batch_size: int,
     storage_options: Mapping[str, Any] | None = None,
     use_threads: bool = True,
+    expected: Mapping[str, Any] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time."""
+    """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time.
+
+    With ``expected`` (the identity the plan recorded) a file rewritten since is refused.
+    """
     if not row_groups:
         return
-    with open_parquet(uri, storage_options) as (pf, _):
+    with open_parquet(uri, storage_options, expected) as (pf, _):
         try:
             yield from pf.iter_batches(
                 batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import uuid
 from typing import IO, Any, Iterable, Iterator, Mapping
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.registry import get_filesystem_class
 
 from .errors import StorageError
 
@@ -36,6 +38,32 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URL a user would type for ``path`` on ``fs`` (plain path when local)."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def location(uri: str) -> str:
+    """Where ``uri`` really is, so that two spellings of one place compare equal.
+
+    Local paths are made absolute with ``.``, ``..`` and symlinks resolved (an existing symlinked
+    prefix is resolved even when the rest does not exist yet); remote paths become
+    ``protocol://bucket/key`` with duplicate and trailing slashes dropped (``s3a://`` is ``s3://``).
+    No filesystem is opened for a remote path: a job may list many thousands of files.
+    """
+    protocol = split_protocol(uri)[0] or "file"
+    try:
+        cls = get_filesystem_class(protocol)
+    except (ValueError, ImportError) as exc:
+        raise StorageError(f"cannot open storage for {uri}: {exc}") from None
+    path = cls._strip_protocol(uri)
+    if protocol in ("file", "local"):
+        return "file://" + os.path.realpath(path)
+    canonical = cls.protocol[0] if isinstance(cls.protocol, tuple) else cls.protocol
+    return f"{canonical}://" + re.sub("/+", "/", path).strip("/")
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether two locations are equal or one lies inside the other (``data`` and ``data2`` do not)."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def join(base: str, *names: str) -> str:

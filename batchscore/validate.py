@@ -31,11 +31,16 @@ def passthrough_columns(file: InputFile, keep: Sequence[str] | None) -> tuple[st
 def check_file_schema(
     file: InputFile,
     features: Sequence[str],
-    keep: Sequence[str] | None,
+    passthrough: Sequence[str],
     output_columns: Sequence[str],
-    reference: pa.Schema | None = None,
+    reference: InputFile | None = None,
+    chosen_by: str = "--keep",
 ) -> None:
-    """Refuse a file whose columns cannot give the model its features or the output its schema."""
+    """Refuse a file whose columns cannot give the model its features or the output its schema.
+
+    ``reference`` (the first input file) fixes the passthrough columns' types for the whole job;
+    ``chosen_by`` says where the passthrough columns came from, for the message.
+    """
     names = set(file.schema.names)
     missing = [c for c in features if c not in names]
     if missing:
@@ -47,10 +52,12 @@ def check_file_schema(
         dtype = file.schema.field(column).type
         if not is_numeric(dtype):
             raise InputDataError(f"{file.uri}: feature column '{column}' has type {dtype}; features must be numeric")
-    passthrough = passthrough_columns(file, keep)
     absent = [c for c in passthrough if c not in names]
     if absent:
-        raise InputDataError(f"{file.uri}: --keep names column(s) not in the file: {', '.join(absent)}")
+        raise InputDataError(
+            f"{file.uri}: passthrough column(s) {', '.join(absent)} missing (named by {chosen_by}); "
+            f"every input file must have them, or choose columns with --keep"
+        )
     clashes = [c for c in passthrough if c in output_columns]
     if clashes:
         raise InputDataError(
@@ -59,22 +66,26 @@ def check_file_schema(
         )
     if reference is not None:
         for column in passthrough:
-            expected = reference.field(column).type if column in reference.names else None
+            expected = reference.schema.field(column).type if column in reference.schema.names else None
             actual = file.schema.field(column).type
             if expected is not None and actual != expected:
                 raise InputDataError(
-                    f"{file.uri}: column '{column}' has type {actual} but earlier input files have {expected}; "
-                    f"all input files must share one schema for the passthrough columns"
+                    f"{file.uri}: column '{column}' has type {actual} but the first input file {reference.uri} "
+                    f"has {expected}; all input files must share one schema for the passthrough columns"
                 )
 
 
 def check_schemas(
     files: Sequence[InputFile], features: Sequence[str], keep: Sequence[str] | None, output_columns: Sequence[str]
 ) -> None:
-    """Check every file against the model and against the first file's passthrough types."""
-    reference = files[0].schema if files else None
+    """Check every file against the model, and that each has the first file's passthrough columns
+    with the same types: the job writes one schema, and a worker must never find a column missing."""
+    if not files:
+        return
+    passthrough = passthrough_columns(files[0], keep)
+    chosen_by = "--keep" if keep is not None else f"the first input file {files[0].uri}"
     for file in files:
-        check_file_schema(file, features, keep, output_columns, reference)
+        check_file_schema(file, features, passthrough, output_columns, files[0], chosen_by)
 
 
 def invalid_mask(matrix: np.ndarray) -> np.ndarray | None:
