@@ -12,8 +12,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputDataError
-from .storage import filesystem, full_uri, is_local
+from .errors import InputDataError, StorageError
+from .storage import failure_cause, filesystem, full_uri, is_local, translated
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16
@@ -50,14 +50,15 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
     found: list[str] = []
     for spec in specs:
         fs, path = filesystem(spec, storage_options)
-        if any(ch in path for ch in GLOB_CHARS):
-            matches = [p for p in fs.glob(path) if not fs.isdir(p)]
-        elif fs.isdir(path):
-            matches = [p for p in fs.find(path) if _is_data_file(p)]
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputDataError(f"input not found: {spec}")
+        with translated("list input", spec):
+            if any(ch in path for ch in GLOB_CHARS):
+                matches = [p for p in fs.glob(path) if not fs.isdir(p)]
+            elif fs.isdir(path):
+                matches = [p for p in fs.find(path) if _is_data_file(p)]
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                raise InputDataError(f"input not found: {spec}")
         if not matches:
             raise InputDataError(f"no Parquet file matched input {spec}")
         found.extend(full_uri(fs, p) for p in sorted(matches))
@@ -68,7 +69,8 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
 def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[pq.ParquetFile, int]]:
     """Open a Parquet file (natively when local, through fsspec when remote) with its size in bytes.
 
-    Any failure to open it is reported as bad input naming the file.
+    A file that is missing or not Parquet is bad input; storage that cannot be reached or read
+    (timeout, refused connection, permission) is a storage failure. Both name the file.
     """
     fs, path = filesystem(uri, storage_options)
     with contextlib.ExitStack() as stack:
@@ -82,9 +84,19 @@ def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
             pf = stack.enter_context(pq.ParquetFile(source))
         except FileNotFoundError:
             raise InputDataError(f"input file not found: {uri}") from None
-        except (pa.ArrowException, OSError) as exc:
-            raise InputDataError(f"cannot read Parquet file {uri}: {exc}") from None
+        except Exception as exc:
+            raise _read_error(uri, exc) from None
         yield pf, int(size)
+
+
+def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
+    """Bad Parquet is the input's fault (exit 3); anything storage says is storage's (exit 1)."""
+    if isinstance(exc, pa.ArrowException):  # pyarrow's own complaint about the bytes
+        return InputDataError(f"cannot read Parquet file {uri}{where}: {exc}")
+    cause = failure_cause(exc)
+    if cause is None:
+        return exc
+    return StorageError(f"cannot read {uri}{where}: {cause}")
 
 
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
@@ -119,7 +131,5 @@ def iter_batches(
             yield from pf.iter_batches(
                 batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads
             )
-        except (pa.ArrowException, OSError) as exc:
-            raise InputDataError(
-                f"cannot read Parquet file {uri} (row groups {row_groups[0]}-{row_groups[-1]}): {exc}"
-            ) from None
+        except Exception as exc:
+            raise _read_error(uri, exc, f" (row groups {row_groups[0]}-{row_groups[-1]})") from None
