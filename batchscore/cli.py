@@ -94,7 +94,11 @@ def _interrupt_on_sigterm() -> None:
     import signal
     import threading
 
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker: unwind (its part is discarded), quietly when idle
+            raise SystemExit(128 + signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():

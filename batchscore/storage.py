@@ -13,7 +13,7 @@ from typing import IO, Any, Iterable, Iterator, Mapping
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import BatchscoreError, StorageError
+from .errors import BatchscoreError, StorageError, StorageUnreachableError
 
 
 #: Seconds one storage request may wait for a connection or for the next bytes of an answer.
@@ -109,9 +109,10 @@ def endpoint_unreachable(exc: BaseException) -> bool:
     """True when no further call to the same storage can be expected to succeed soon."""
     import botocore.exceptions as boto
 
-    cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc
-    return isinstance(cause, (boto.ConnectionError, boto.HTTPClientError, asyncio.TimeoutError, TimeoutError)) or (
-        type(cause).__name__ == "FSTimeoutError"
+    if isinstance(exc, StorageUnreachableError):  # a class survives the trip from a worker process
+        return True
+    return isinstance(exc, (boto.ConnectionError, boto.HTTPClientError, asyncio.TimeoutError, TimeoutError)) or (
+        type(exc).__name__ == "FSTimeoutError"
     )
 
 
@@ -129,7 +130,8 @@ def translated(action: str, target: str, passthrough: tuple[type[BaseException],
         cause = failure_cause(exc)
         if cause is None:
             raise
-        raise StorageError(f"cannot {action} {target}: {cause}") from exc
+        error = StorageUnreachableError if endpoint_unreachable(exc) else StorageError
+        raise error(f"cannot {action} {target}: {cause}") from exc
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -195,10 +197,10 @@ def _discard(fh: Any, exc: BaseException) -> None:
     """Abort an unfinished upload, best effort: when the endpoint is unreachable the abort could
     only wait out its own timeout, so it is left to the clean-up at the start of the next run."""
     discard = getattr(fh, "discard", None)
-    if discard is None or endpoint_unreachable(exc):
-        return
-    with contextlib.suppress(Exception):
-        discard()
+    if discard is not None and not endpoint_unreachable(exc):
+        with contextlib.suppress(Exception):
+            discard()
+    fh.closed = True  # never completed later, when the garbage collector would close it
 
 
 def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
@@ -246,7 +248,10 @@ def abort_uploads(fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[st
     markers: dict[str, str] = {}
     with translated("clean up incomplete uploads under", full_uri(fs, folder)):
         while True:
-            page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            try:
+                page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            except FileNotFoundError:  # no bucket, no uploads: writing will say what is wrong
+                return aborted
             for upload in page.get("Uploads", []):
                 key = upload["Key"]
                 if not key.startswith(prefix) or (wanted is not None and key not in wanted):
