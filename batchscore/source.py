@@ -12,8 +12,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputDataError, StorageError
-from .storage import failure_cause, filesystem, full_uri, is_local, translated
+from .errors import InputDataError
+from .storage import filesystem, full_uri, is_local, storage_error, translated
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16
@@ -65,6 +65,30 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
     return list(dict.fromkeys(found))
 
 
+class _FailFast:
+    """A remote file whose reads, once one has failed, fail at once with the same error.
+
+    pyarrow serializes reads of a Python file but may queue several (one per column chunk); each
+    would wait out the storage timeout again, one after another, on an endpoint that has stalled.
+    """
+
+    def __init__(self, fh: Any):
+        self._fh = fh
+        self._error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._fh.read(size)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
 @contextlib.contextmanager
 def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[pq.ParquetFile, int]]:
     """Open a Parquet file (natively when local, through fsspec when remote) with its size in bytes.
@@ -79,7 +103,8 @@ def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
                 size = os.path.getsize(path)
                 source: Any = path
             else:
-                source = stack.enter_context(fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead"))
+                source = _FailFast(stack.enter_context(
+                    fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead")))
                 size = source.size
             pf = stack.enter_context(pq.ParquetFile(source))
         except FileNotFoundError:
@@ -93,10 +118,7 @@ def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
     """Bad Parquet is the input's fault (exit 3); anything storage says is storage's (exit 1)."""
     if isinstance(exc, pa.ArrowException):  # pyarrow's own complaint about the bytes
         return InputDataError(f"cannot read Parquet file {uri}{where}: {exc}")
-    cause = failure_cause(exc)
-    if cause is None:
-        return exc
-    return StorageError(f"cannot read {uri}{where}: {cause}")
+    return storage_error(f"cannot read {uri}{where}", exc) or exc
 
 
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:

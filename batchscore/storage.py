@@ -37,19 +37,22 @@ def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], float,
     """s3fs options whose every request is bounded in time and attempts.
 
     botocore makes at most ``retries + 1`` attempts per request (standard mode: connection errors,
-    timeouts, throttling and 5xx answers are retried after a jittered backoff of at most
-    1, 2, 4 ... s), each waiting at most ``timeout`` s to connect and ``timeout`` s for every read
-    of the answer; s3fs's own retry loop is cut to one pass so the two never multiply. So a call
-    to a stalled endpoint fails after at most ``(retries + 1) * timeout + (2**retries - 1)`` s:
-    33 s with the defaults (10 s, 2 retries), which leaves a job time to fail, abort what it
-    started and exit within two minutes. Keys the user set in ``config_kwargs`` are kept.
+    timeouts, throttling and 5xx answers are retried after a jittered backoff of at most 1, 2,
+    4 ... s), each waiting at most ``timeout`` s to connect and ``timeout`` s for each read of the
+    answer; s3fs's own retry loop is cut to one pass so the two never multiply. A call to a
+    stalled endpoint thus fails after at most ``(retries + 1) * timeout + 2**retries - 1`` s:
+    33 s with the defaults (measured: 31 s). A job then fails at once; only workers stopped
+    mid-upload still try to abort their multipart upload (one more bounded call, in parallel),
+    and nothing else waits on an unreachable endpoint, so a stalled store ends a job within
+    about 70 s. A refused connection fails within the backoff alone (about 1-3 s). Keys the
+    user set in ``config_kwargs`` are kept.
     """
     timeout = float(options.pop("storage_timeout", DEFAULT_STORAGE_TIMEOUT))
     retries = int(options.pop("storage_retries", DEFAULT_STORAGE_RETRIES))
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("connect_timeout", timeout)
     config.setdefault("read_timeout", timeout)
-    config.setdefault("retries", {"max_attempts": retries + 1, "mode": "standard"})
+    config.setdefault("retries", {"total_max_attempts": retries + 1, "mode": "standard"})
     options["config_kwargs"] = config
     return options, timeout, retries
 
@@ -127,11 +130,20 @@ def translated(action: str, target: str, passthrough: tuple[type[BaseException],
     except (BatchscoreError, *passthrough):
         raise
     except Exception as exc:
-        cause = failure_cause(exc)
-        if cause is None:
+        error = storage_error(f"cannot {action} {target}", exc)
+        if error is None:
             raise
-        error = StorageUnreachableError if endpoint_unreachable(exc) else StorageError
-        raise error(f"cannot {action} {target}: {cause}") from exc
+        raise error from exc
+
+
+def storage_error(doing: str, exc: BaseException) -> StorageError | None:
+    """``StorageError("DOING: cause")`` for a storage failure, else ``None``; unreachable storage
+    gets the subclass that tells clean-up not to wait on it."""
+    cause = failure_cause(exc)
+    if cause is None:
+        return None
+    error = StorageUnreachableError if endpoint_unreachable(exc) else StorageError
+    return error(f"{doing}: {cause}")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
