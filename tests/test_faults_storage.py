@@ -293,3 +293,59 @@ def test_a_failed_multipart_write_leaves_no_upload(server: MotoServer, binary_mo
     assert_one_line_error(result.stderr, "invalid feature value")
     assert _uploads(fs, bucket) == []
     assert not fs.exists(f"{bucket}/out/part-00000-00000.parquet")
+
+
+def _saved_with_old_sklearn(model_path: Path, target: Path) -> Path:
+    """The model, pickled as if by another scikit-learn version (scikit-learn warns on load)."""
+    import copyreg
+    import io
+    import pickle
+
+    import joblib
+
+    model = joblib.load(model_path)
+
+    class OldVersion(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if obj is model:
+                state = {**obj.__getstate__(), "_sklearn_version": "1.0"}
+                return copyreg.__newobj__, (type(obj),), state
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    OldVersion(buffer, protocol=4).dump(model)
+    target.write_bytes(buffer.getvalue())
+    return target
+
+
+def test_json_logs_make_warnings_and_the_error_json_lines(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+    model = _saved_with_old_sklearn(binary_model_paths["model"], tmp_path / "old-model.joblib")
+    job = local_job(tmp_path, {**binary_model_paths, "model": model}, tmp_path / "out")
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    result = batchscore("validate", *job, "--log-format", "json", timeout=60)
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    warnings = [r for r in records if r["event"] == "warning"]
+    assert warnings and "old-model.joblib" in warnings[0]["message"] and warnings[0]["level"] == "warning"
+    assert "version 1.0" in warnings[0]["message"], warnings[0]
+    assert records[-1]["level"] == "error" and records[-1]["exit_code"] == 2, records[-1]
+    assert result.returncode == 2
+    text = batchscore("validate", *job, timeout=60)
+    assert "version 1.0" in text.stderr and "{" not in text.stderr and text.stderr.rstrip().splitlines()[-1].startswith("Error:")
+
+
+def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+    from batchscore.config import JobConfig
+    from batchscore.storage import filesystem
+
+    config = JobConfig(storage_options={"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 60}},
+                       storage_timeout=3, storage_retries=0)
+    fs, _ = filesystem("s3://bucket/out", config.storage_options)
+    assert fs._prepare_config_kwargs() == {"read_timeout": 60, "connect_timeout": 3.0,
+                                           "retries": {"total_max_attempts": 1, "mode": "standard"}}
+    assert fs.retries == 1
+    default, _ = filesystem("s3://bucket/out", {"endpoint_url": "http://127.0.0.1:9"})
+    assert default._prepare_config_kwargs()["retries"] == {"total_max_attempts": 3, "mode": "standard"}
+    job = local_job(tmp_path, binary_model_paths, tmp_path / "out")
+    for flag, value in (("--storage-timeout", "0"), ("--storage-retries", "-1")):
+        result = cli("validate", *job, flag, value)
+        assert result.exit_code == 2 and flag.lstrip("-").replace("-", "_") in result.stderr, result.stderr
