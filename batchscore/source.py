@@ -116,7 +116,7 @@ def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
 
 def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
     """Bad Parquet is the input's fault (exit 3); anything storage says is storage's (exit 1)."""
-    if isinstance(exc, pa.ArrowException):  # pyarrow's own complaint about the bytes
+    if isinstance(exc, pa.ArrowException) or (type(exc) is OSError and exc.errno is None):  # pyarrow's complaint
         return InputDataError(f"cannot read Parquet file {uri}{where}: {exc}")
     return storage_error(f"cannot read {uri}{where}", exc) or exc
 
