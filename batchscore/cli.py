@@ -23,28 +23,70 @@ from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
+#: How the final error is written: set from the job's ``log_format`` once it is known.
+_error_format = {"log_format": "text"}
+
+
+def _fail(message: str, exit_code: int) -> None:
+    """Write the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
+    if _error_format["log_format"] == "json":
+        from .report import json_line
+
+        click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
+    else:
+        click.echo(f"Error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """One sentence for a storage failure that reached the top without a path-specific message."""
+    from .storage import failure_cause
+
+    cause = failure_cause(exc)
+    if cause is None:
+        return None
+    filename = getattr(exc, "filename", None)
+    return f"storage failure on {filename}: {cause}" if filename else f"storage failure: {cause}"
+
+
 def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one 'Error:' line and their exit code; anything else is a bug."""
+    """Turn our errors and storage failures into one 'Error:' line and their exit code; anything
+    else is a bug and keeps its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _interrupt_on_sigterm()
+        _error_format["log_format"] = kwargs.get("log_format") or "text"
         try:
             return func(*args, **kwargs)
         except BatchscoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Error: interrupted; nothing was committed", err=True)
-            sys.exit(EXIT_FAILURE)
+            _fail("interrupted; nothing was committed", EXIT_FAILURE)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as exc:  # pragma: no cover - exercised only by bugs
-            traceback.print_exc()
-            click.echo(f"Error: unexpected {type(exc).__name__}: {exc}", err=True)
-            sys.exit(EXIT_FAILURE)
+        except Exception as exc:
+            message = _storage_failure(exc)
+            if message is None:  # pragma: no cover - exercised only by bugs
+                traceback.print_exc()
+                message = f"unexpected {type(exc).__name__}: {exc}"
+            _fail(message, EXIT_FAILURE)
 
     return wrapper
+
+
+def _json_warnings() -> None:
+    """Python warnings (e.g. scikit-learn's about a model's version) as JSON lines on stderr."""
+    import warnings
+
+    from .report import json_line
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = json_line("warning", "warning", f"{category.__name__}: {message}", category=category.__name__,
+                         source=f"{filename}:{lineno}")
+        (file or sys.stderr).write(text + "\n")
+
+    warnings.showwarning = show
 
 
 def _interrupt_on_sigterm() -> None:
@@ -52,7 +94,11 @@ def _interrupt_on_sigterm() -> None:
     import signal
     import threading
 
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker: unwind (its part is discarded), quietly when idle
+            raise SystemExit(128 + signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
@@ -104,7 +150,9 @@ JOB_OPTIONS = [
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),
     click.option("--workers", type=int, help="Worker processes, one core each [default: all cores]."),
     click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
-    click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines as text or JSON [default: text]."),
+    click.option("--storage-timeout", type=float, help="Seconds one storage request may wait to connect or for data [default: 10]."),
+    click.option("--storage-retries", type=int, help="Retries of a failed storage request [default: 2]."),
+    click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
 ]
 
 
@@ -116,7 +164,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _config(kw: dict[str, Any]) -> JobConfig:
     """Pop the job options out of a command's keyword arguments into a JobConfig."""
-    return build_config(
+    config = build_config(
         kw.pop("config_path"),
         input=kw.pop("input_"),
         output=kw.pop("output"),
@@ -131,9 +179,15 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         overwrite=kw.pop("overwrite"),
         workers=kw.pop("workers"),
         storage_options=_parse_storage_options(kw.pop("storage_option")),
+        storage_timeout=kw.pop("storage_timeout"),
+        storage_retries=kw.pop("storage_retries"),
         log_format=kw.pop("log_format"),
         **_artifact_settings(kw),
     )
+    _error_format["log_format"] = config.log_format
+    if config.log_format == "json":
+        _json_warnings()
+    return config
 
 
 def _reporter(config: JobConfig) -> Any:

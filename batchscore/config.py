@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_TIMEOUT, with_bounds
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
@@ -43,7 +44,14 @@ class JobConfig:
     overwrite: bool = False
     workers: int | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_timeout: float = DEFAULT_STORAGE_TIMEOUT
+    storage_retries: int = DEFAULT_STORAGE_RETRIES
     log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        # Every filesystem is opened from storage_options, so they carry the bounds to each one.
+        bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries)
+        object.__setattr__(self, "storage_options", bounded)
 
     def require(self, *names: str) -> None:
         """Fail with a usage error naming the first required setting that is missing."""
@@ -122,6 +130,14 @@ def _coerce(key: str, value: Any) -> Any:
     if key in ("batch_size", "workers"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"setting '{key}' must be a positive integer, got {value!r}")
+        return value
+    if key == "storage_timeout":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            raise ConfigError(f"setting 'storage_timeout' must be a number of seconds from 0 to 3600, got {value!r}")
+        return float(value)
+    if key == "storage_retries":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+            raise ConfigError(f"setting 'storage_retries' must be an integer from 0 to 20, got {value!r}")
         return value
     if key == "max_invalid_fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

@@ -49,3 +49,7 @@ class StorageError(BatchscoreError):
     """Reading or writing storage failed for reasons outside the data itself."""
 
     exit_code = EXIT_FAILURE
+
+
+class StorageUnreachableError(StorageError):
+    """Storage did not answer (refused, timed out): further calls to it would only wait too."""

@@ -23,6 +23,7 @@ from .sink import (
     MANIFEST_FILE,
     PLAN_FILE,
     RECEIPTS_DIR,
+    REJECTED_DIR,
     SUCCESS_FILE,
     iter_own_files,
     listing,
@@ -33,12 +34,15 @@ from .sink import (
 )
 from .source import GLOB_CHARS, InputFile, check_identity, list_inputs, read_footers
 from .storage import (
+    abort_uploads,
+    abort_uploads_after_failure,
     filesystem,
     full_uri,
     join,
     location,
     make_durable,
     overlapping,
+    probe_writable,
     remove_if_exists,
     write_bytes_atomic,
 )
@@ -132,9 +136,12 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
 
 
 def validate(config: JobConfig) -> Prepared:
-    """Check model, inputs and schemas, and that the output may be written; score nothing."""
+    """Check model, inputs and schemas, and that the output may be written (a probe file is
+    written and removed); score nothing."""
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
+    fs, path = filesystem(prepared.output, config.storage_options)
+    probe_writable(fs, path)
     return prepared
 
 
@@ -277,8 +284,16 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
     workers = config.worker_count
     reporter.event("shard_start", f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
                    f"{min(workers, max(1, len(shard.units)))} worker(s)", shard=index, rows=shard.rows)
-    with reporter.progress(shard.rows) as progress:
-        results = score_units(task, shard.units, workers, progress.advance)
+    # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
+    # this attempt leaves if it fails: only this shard's own part names, never anything else.
+    uploads = [u.part_name for u in shard.units] + [f"{REJECTED_DIR}/{u.part_name}" for u in shard.units]
+    abort_uploads(fs, out_path, uploads)
+    try:
+        with reporter.progress(shard.rows) as progress:
+            results = score_units(task, shard.units, workers, progress.advance)
+    except BaseException as exc:
+        abort_uploads_after_failure(fs, out_path, uploads, exc)
+        raise
     invalid = sum(r.rows_invalid for r in results)
     if invalid > task.max_invalid_rows:
         raise InputDataError(

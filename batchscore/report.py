@@ -13,6 +13,13 @@ import click
 LOG_INTERVAL_SECONDS = 10.0
 
 
+def json_line(level: str, event: str, message: str, **fields: Any) -> str:
+    """One JSON log record: events, warnings and the final error share this shape."""
+    record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": level, "event": event,
+              "message": message, **fields}
+    return json.dumps(record, default=str)
+
+
 class Reporter:
     """Writes events to stderr as text or JSON lines; ``progress`` tracks rows against a total."""
 
@@ -25,9 +32,7 @@ class Reporter:
         if self.quiet:
             return
         if self.log_format == "json":
-            record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": name,
-                      "message": message, **fields}
-            self.stream.write(json.dumps(record, default=str) + "\n")
+            self.stream.write(json_line("info", name, message, **fields) + "\n")
         else:
             self.stream.write(f"batchscore: {message}\n")
         self.stream.flush()

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import atomic_writer, join, remove_if_exists, write_bytes_atomic
+from .storage import atomic_writer, full_uri, join, remove_if_exists, translated, write_bytes_atomic
 
 REJECTED_DIR = "_rejected"
 RECEIPTS_DIR = "_receipts"
@@ -90,8 +90,9 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
+    with translated("read", full_uri(fs, path), passthrough=(FileNotFoundError,)), fs.open(path, "rb") as fh:
+        data = fh.read()
+    return json.loads(data)
 
 
 def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
@@ -101,7 +102,8 @@ def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     """
     fs.invalidate_cache(folder)
     try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
+        with translated("list", full_uri(fs, folder), passthrough=(FileNotFoundError,)):
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
     except FileNotFoundError:
         return []
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputDataError
-from .storage import filesystem, full_uri, is_local
+from .storage import filesystem, full_uri, is_local, storage_error, translated
 
 GLOB_CHARS = "*?["
 FOOTER_THREADS = 16
@@ -52,14 +52,15 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
     found: list[str] = []
     for spec in specs:
         fs, path = filesystem(spec, storage_options)
-        if any(ch in path for ch in GLOB_CHARS):
-            matches = [p for p in fs.glob(path) if not fs.isdir(p)]
-        elif fs.isdir(path):
-            matches = [p for p in fs.find(path) if _is_data_file(p)]
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputDataError(f"input not found: {spec}")
+        with translated("list input", spec):
+            if any(ch in path for ch in GLOB_CHARS):
+                matches = [p for p in fs.glob(path) if not fs.isdir(p)]
+            elif fs.isdir(path):
+                matches = [p for p in fs.find(path) if _is_data_file(p)]
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                raise InputDataError(f"input not found: {spec}")
         if not matches:
             raise InputDataError(f"no Parquet file matched input {spec}")
         found.extend(full_uri(fs, p) for p in sorted(matches))
@@ -102,14 +103,40 @@ def check_identity(
         raise InputDataError(f"input file {uri} changed since {since} ({', '.join(changed)}); plan again")
 
 
+class _FailFast:
+    """A remote file whose reads, once one has failed, fail at once with the same error.
+
+    pyarrow serializes reads of a Python file but may queue several (one per column chunk); each
+    would wait out the storage timeout again, one after another, on an endpoint that has stalled.
+    """
+
+    def __init__(self, fh: Any):
+        self._fh = fh
+        self._error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._fh.read(size)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
 @contextlib.contextmanager
 def open_parquet(
     uri: str, storage_options: Mapping[str, Any] | None = None, expected: Mapping[str, Any] | None = None
 ) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
     """Open a Parquet file (natively when local, through fsspec when remote) with its identity.
 
-    Any failure to open it is reported as bad input naming the file; with ``expected``, so is a
-    file that is not the planned one, both when opened and (locally) once it has been read.
+    A missing file or one that is not Parquet is bad input; storage that cannot be reached or read
+    (timeout, refused connection, permission) is a storage failure. Both name the file. With
+    ``expected``, a file that is not the planned one is bad input too, both when opened and
+    (locally) once it has been read.
     """
     fs, path = filesystem(uri, storage_options)
     with contextlib.ExitStack() as stack:
@@ -118,14 +145,18 @@ def open_parquet(
                 identity = _local_identity(os.stat(path))
                 source: Any = path
             else:
-                source = stack.enter_context(fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead"))
+                fs.invalidate_cache(path)  # another process may have replaced it since we last looked
+                source = _FailFast(stack.enter_context(
+                    fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead")))
                 identity = _remote_identity(source)
             check_identity(uri, expected, identity)
             pf = stack.enter_context(pq.ParquetFile(source))
         except FileNotFoundError:
             raise InputDataError(f"input file not found: {uri}") from None
-        except (pa.ArrowException, OSError) as exc:
-            raise InputDataError(f"cannot read Parquet file {uri}: {exc}") from None
+        except InputDataError:
+            raise
+        except Exception as exc:
+            raise _read_error(uri, exc) from None
         yield pf, identity
         if is_local(fs):  # s3fs reads with If-Match on the ETag it opened; a local file has no such pin
             try:
@@ -133,6 +164,15 @@ def open_parquet(
             except FileNotFoundError:
                 raise InputDataError(f"input file {uri} was removed while being read") from None
             check_identity(uri, identity, after, since="it was opened")
+
+
+def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
+    """Bad Parquet is the input's fault (exit 3); anything storage says is storage's (exit 1)."""
+    if type(exc).__name__ == "FileExpired":  # s3fs: the object's ETag changed under an open file
+        return InputDataError(f"input file {uri} changed since it was opened{where}; plan again")
+    if isinstance(exc, pa.ArrowException) or (type(exc) is OSError and exc.errno is None):  # pyarrow's complaint
+        return InputDataError(f"cannot read Parquet file {uri}{where}: {exc}")
+    return storage_error(f"cannot read {uri}{where}", exc) or exc
 
 
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
@@ -172,7 +212,5 @@ def iter_batches(
             yield from pf.iter_batches(
                 batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads
             )
-        except (pa.ArrowException, OSError) as exc:
-            raise InputDataError(
-                f"cannot read Parquet file {uri} (row groups {row_groups[0]}-{row_groups[-1]}): {exc}"
-            ) from None
+        except Exception as exc:
+            raise _read_error(uri, exc, f" (row groups {row_groups[0]}-{row_groups[-1]})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import posixpath
@@ -13,21 +14,137 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import get_filesystem_class
 
-from .errors import StorageError
+from .errors import BatchscoreError, StorageError, StorageUnreachableError
+
+
+#: Seconds one storage request may wait for a connection or for the next bytes of an answer.
+DEFAULT_STORAGE_TIMEOUT = 10.0
+#: Times a failed request is retried (connection refused, timeout, throttling, server error).
+DEFAULT_STORAGE_RETRIES = 2
+#: Keys of ``storage_options`` that are batchscore's own bounds, never passed to fsspec.
+BOUND_KEYS = ("storage_timeout", "storage_retries")
+S3_PROTOCOLS = ("s3", "s3a")
+
+
+def with_bounds(storage_options: Mapping[str, Any] | None, timeout: float, retries: int) -> dict[str, Any]:
+    """``storage_options`` carrying a job's storage bounds to :func:`filesystem`.
+
+    Timeouts or retries the user gave botocore in ``config_kwargs`` still win over them there.
+    """
+    return {**dict(storage_options or {}), "storage_timeout": timeout, "storage_retries": retries}
+
+
+def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], float, int]:
+    """s3fs options whose every request is bounded in time and attempts.
+
+    botocore makes at most ``retries + 1`` attempts per request (standard mode: connection errors,
+    timeouts, throttling and 5xx answers are retried after a jittered backoff of at most 1, 2,
+    4 ... s), each waiting at most ``timeout`` s to connect and ``timeout`` s for each read of the
+    answer; s3fs's own retry loop is cut to one pass so the two never multiply. A call to a
+    stalled endpoint thus fails after at most ``(retries + 1) * timeout + 2**retries - 1`` s:
+    33 s with the defaults (measured: 31 s). A job then fails at once; only workers stopped
+    mid-upload still try to abort their multipart upload (one more bounded call, in parallel),
+    and nothing else waits on an unreachable endpoint, so a stalled store ends a job within
+    about 70 s. A refused connection fails within the backoff alone (about 1-3 s). Keys the
+    user set in ``config_kwargs`` are kept.
+    """
+    timeout = float(options.pop("storage_timeout", DEFAULT_STORAGE_TIMEOUT))
+    retries = int(options.pop("storage_retries", DEFAULT_STORAGE_RETRIES))
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", timeout)
+    config.setdefault("read_timeout", timeout)
+    config.setdefault("retries", {"total_max_attempts": retries + 1, "mode": "standard"})
+    options["config_kwargs"] = config
+    return options, timeout, retries
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``uri`` to its filesystem and the path inside it.
 
     Storage options only reach remote filesystems: a local path must keep working when a job
-    configured for S3 also reads a local model.
+    configured for S3 also reads a local model. Every S3 filesystem is bounded (see
+    ``_bounded_s3_options``), and so is every file opened on it, pyarrow's reads included.
     """
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     options = dict(storage_options or {}) if protocol not in ("file", "local") else {}
+    bounds = {k: options.pop(k) for k in BOUND_KEYS if k in options}
+    if protocol in S3_PROTOCOLS:
+        options, _, _ = _bounded_s3_options({**options, **bounds})
     try:
-        return url_to_fs(uri, **options)
+        fs, path = url_to_fs(uri, **options)
     except (ValueError, ImportError) as exc:
         raise StorageError(f"cannot open storage for {uri}: {exc}") from None
+    if protocol in S3_PROTOCOLS:
+        fs.retries = 1  # botocore retries each request; s3fs repeating them would multiply the bound
+    return fs, path
+
+
+def failure_cause(exc: BaseException) -> str | None:
+    """The cause of a storage failure in a few words, or ``None`` when ``exc`` is not one.
+
+    Disk full, read-only or forbidden storage, a missing bucket, a refused connection and a
+    timeout are conditions of the storage, not bugs: they deserve one line, not a traceback.
+    """
+    import botocore.exceptions as boto
+
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    if isinstance(exc, (boto.ConnectTimeoutError, boto.ReadTimeoutError, asyncio.TimeoutError, TimeoutError)) or (
+        type(exc).__name__ == "FSTimeoutError"
+    ):
+        return f"storage did not answer in time ({exc or 'timed out'})"
+    if isinstance(exc, boto.EndpointConnectionError):
+        return f"cannot connect to storage ({exc})"
+    if isinstance(exc, (boto.BotoCoreError, boto.ClientError)):
+        return str(exc)
+    try:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return f"storage connection failed ({exc})"
+    except ImportError:  # pragma: no cover - s3fs depends on it
+        pass
+    if isinstance(exc, OSError):  # s3fs's translations: PermissionError("Access Denied"), missing bucket...
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def endpoint_unreachable(exc: BaseException) -> bool:
+    """True when no further call to the same storage can be expected to succeed soon."""
+    import botocore.exceptions as boto
+
+    if isinstance(exc, StorageUnreachableError):  # a class survives the trip from a worker process
+        return True
+    return isinstance(exc, (boto.ConnectionError, boto.HTTPClientError, asyncio.TimeoutError, TimeoutError)) or (
+        type(exc).__name__ == "FSTimeoutError"
+    )
+
+
+@contextlib.contextmanager
+def translated(action: str, target: str, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Re-raise a storage failure inside the block as one ``StorageError``: "cannot ACTION TARGET: cause".
+
+    ``passthrough`` names exceptions the caller handles itself (e.g. a file that may be missing).
+    """
+    try:
+        yield
+    except (BatchscoreError, *passthrough):
+        raise
+    except Exception as exc:
+        error = storage_error(f"cannot {action} {target}", exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def storage_error(doing: str, exc: BaseException) -> StorageError | None:
+    """``StorageError("DOING: cause")`` for a storage failure, else ``None``; unreachable storage
+    gets the subclass that tells clean-up not to wait on it."""
+    cause = failure_cause(exc)
+    if cause is None:
+        return None
+    error = StorageUnreachableError if endpoint_unreachable(exc) else StorageError
+    return error(f"{doing}: {cause}")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -71,8 +188,9 @@ def join(base: str, *names: str) -> str:
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    with fs.open(path, "rb") as fh:
-        return fh.read()
+    with translated("read", full_uri(fs, path), passthrough=(FileNotFoundError, IsADirectoryError)):
+        with fs.open(path, "rb") as fh:
+            return fh.read()
 
 
 @contextlib.contextmanager
@@ -80,33 +198,48 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
     """Open ``path`` for writing so that it appears at its final name only when complete.
 
     Local files go to a hidden temporary name in the same folder and are renamed; object stores
-    publish an object only when its upload completes, so a failed write is discarded instead.
-    ``durable=False`` skips the local fsync; whoever commits must then call ``make_durable``.
+    publish an object only when its upload completes, so a failed write is discarded instead
+    (aborting its multipart upload). ``durable=False`` skips the local fsync; whoever commits
+    must then call ``make_durable``. A storage failure, raised by this or by writes to the file,
+    becomes one ``StorageError`` naming ``path``; nothing is left at a name a retry trips on.
     """
-    if is_local(fs):
-        folder, name = posixpath.split(path)
-        fs.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    with translated("write", full_uri(fs, path)):
+        if is_local(fs):
+            folder, name = posixpath.split(path)
+            fs.makedirs(folder, exist_ok=True)
+            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+            try:
+                with open(tmp, "wb") as fh:
+                    yield fh
+                    if durable:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return
+        fh = fs.open(path, "wb")
         try:
-            with open(tmp, "wb") as fh:
-                yield fh
-                if durable:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    fh = fs.open(path, "wb")
-    try:
-        yield fh
-    except BaseException:
-        discard = getattr(fh, "discard", None)
-        if discard is not None:
+            yield fh
+        except BaseException as exc:
+            _discard(fh, exc)
+            raise
+        try:
+            fh.close()
+        except BaseException as exc:
+            _discard(fh, exc)
+            raise
+
+
+def _discard(fh: Any, exc: BaseException) -> None:
+    """Abort an unfinished upload, best effort: when the endpoint is unreachable the abort could
+    only wait out its own timeout, so it is left to the clean-up at the start of the next run."""
+    discard = getattr(fh, "discard", None)
+    if discard is not None and not endpoint_unreachable(exc):
+        with contextlib.suppress(Exception):
             discard()
-        raise
-    fh.close()
+    fh.closed = True  # never completed later, when the garbage collector would close it
 
 
 def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
@@ -135,5 +268,72 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
 
 
 def remove_if_exists(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError), translated("remove", full_uri(fs, path), (FileNotFoundError,)):
         fs.rm_file(path)
+
+
+def abort_uploads(fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[str] | None = None) -> int:
+    """Abort incomplete multipart uploads of objects under ``folder`` (only of ``names``, paths
+    relative to it, when given); returns how many. They hold storage, invisible, until aborted, and a run
+    killed mid-upload leaves them behind. Nothing outside ``folder`` is ever touched; local
+    storage has no such uploads.
+    """
+    if is_local(fs):
+        return 0
+    bucket, _, prefix = fs._strip_protocol(folder).rstrip("/").partition("/")
+    prefix = prefix + "/" if prefix else ""
+    wanted = {prefix + n for n in names} if names is not None else None
+    aborted = 0
+    markers: dict[str, str] = {}
+    with translated("clean up incomplete uploads under", full_uri(fs, folder)):
+        while True:
+            try:
+                page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            except FileNotFoundError:  # no bucket, no uploads: writing will say what is wrong
+                return aborted
+            for upload in page.get("Uploads", []):
+                key = upload["Key"]
+                if not key.startswith(prefix) or (wanted is not None and key not in wanted):
+                    continue
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def probe_writable(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Prove ``folder`` takes writes by writing and removing a hidden probe file there.
+
+    A folder the probe had to create is removed again, so checking leaves nothing behind.
+    """
+    target = full_uri(fs, folder)
+    probe = join(folder, f".batchscore-probe-{uuid.uuid4().hex}")
+    with translated("write to", target):
+        if is_local(fs):
+            missing = []
+            parent = folder
+            while parent and not os.path.isdir(parent):
+                missing.append(parent)
+                parent = posixpath.dirname(parent)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with open(probe, "wb") as fh:
+                    fh.write(b"probe")
+                os.remove(probe)
+            finally:
+                for created in missing:  # innermost first
+                    with contextlib.suppress(OSError):
+                        os.rmdir(created)
+        else:
+            fs.pipe_file(probe, b"probe")
+            fs.rm_file(probe)
+
+
+def abort_uploads_after_failure(fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[str], exc: BaseException) -> None:
+    """After a failed run, abort what its workers left uploading; best effort, and skipped when
+    the endpoint is unreachable (the next run's start does it then)."""
+    if is_local(fs) or endpoint_unreachable(exc):
+        return
+    with contextlib.suppress(Exception):
+        abort_uploads(fs, folder, names)
