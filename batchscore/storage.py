@@ -12,6 +12,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from .errors import StorageError
+from .pool import publish_allowed
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -65,6 +66,7 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
                 if durable:
                     fh.flush()
                     os.fsync(fh.fileno())
+            _check_publish_allowed(path)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -73,12 +75,19 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
     fh = fs.open(path, "wb")
     try:
         yield fh
+        _check_publish_allowed(path)
     except BaseException:
         discard = getattr(fh, "discard", None)
         if discard is not None:
             discard()
         raise
     fh.close()
+
+
+def _check_publish_allowed(path: str) -> None:
+    """A worker whose parent has gone never puts a file in place: no run is left to own it."""
+    if not publish_allowed():
+        raise StorageError(f"not writing {path}: the process that started this worker has exited")
 
 
 def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
