@@ -218,7 +218,7 @@ class WorkerPool:
         for process in alive:
             if process.exitcode is None:
                 _signal(process, signal.SIGKILL)
-                process.join(timeout=grace)
+                process.join(timeout=max(grace, 1.0))  # only reaping is left: quick
         for conn in self._conns:
             conn.close()
 

@@ -146,7 +146,10 @@ class _UnitScorer:
 
 
 def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
-    return _UnitScorer(task, predictor, unit).run()
+    try:
+        return _UnitScorer(task, predictor, unit).run()
+    except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
+        raise StorageError(f"cannot write part {join(task.output, unit.part_name)}: {exc.strerror or exc}") from None
 
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
@@ -228,12 +231,15 @@ def score_units(
         for flush in flushes:
             flush.result()
     except BaseException as exc:
-        pool.stop()
+        try:
+            pool.stop()
+        except KeyboardInterrupt:  # asked again while stopping: no more grace
+            pool.stop(grace=0)
         flusher.shutdown(wait=False, cancel_futures=True)
         remove_temporary_parts(fs, base, units)
         if isinstance(exc, WorkerDied):
             raise StorageError(
-                f"a {exc} while scoring (killed, perhaps for lack of memory); nothing was committed; "
+                f"{exc} while scoring, perhaps for lack of memory; nothing was committed; "
                 f"try fewer --workers or a smaller --batch-size"
             ) from None
         raise
