@@ -6,6 +6,7 @@ checked as "the group has no live member". Every wait is bounded: a hang fails t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -241,6 +242,52 @@ def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
         _run_ok(_cli("run", *job.options(out), "--plan", plan, "--shard", str(1 - shard)))
         _run_ok(_cli("commit", *job.options(out), "--plan", plan))
         _assert_committed_like(out, job.clean)
+
+
+# --- workers and their parent ---------------------------------------------------------------
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+if sys.argv[1] == "portable":
+    sys.platform = "portable"  # take the path for systems without PR_SET_PDEATHSIG: a watch thread
+import batchscore.pool as pool
+from batchscore.storage import atomic_writer, filesystem
+pool.PARENT_POLL_SECONDS = float(sys.argv[2])
+target = sys.argv[3]
+
+def work(item):
+    fs, path = filesystem(target)
+    with atomic_writer(fs, path) as fh:
+        fh.write(b"x")
+        time.sleep(float(sys.argv[4]))  # the parent is killed meanwhile
+    return item
+
+workers = pool.WorkerPool(1, lambda: None, work)
+print(workers._processes[0].pid, flush=True)
+list(workers.map_unordered([1], [0]))
+"""
+
+
+@pytest.mark.parametrize("how, poll, write", [("kernel", "0.2", "30"), ("portable", "0.2", "30"), ("portable", "60", "1")])
+def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: str, poll: str, write: str) -> None:
+    """kill -9 of a worker's parent mid-write: the worker ends at once (kernel signal or watch
+    thread), and never renames its file into place, even when its watch would look too late."""
+    target = tmp_path / "part-00000-00000.parquet"
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, how, poll, str(target), write],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker = int(proc.stdout.readline())  # type: ignore[union-attr]
+        time.sleep(0.3)
+        with_kill(proc.pid)
+        proc.wait(timeout=10)
+        if poll == "60":  # the watch is asleep: the worker finishes its write and must not publish it
+            time.sleep(1.5)
+            with_kill(worker)
+        _assert_group_gone(proc.pid)
+        assert not target.exists(), "an orphaned worker put its file in place"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --- threads whose other side is gone -------------------------------------------------------
