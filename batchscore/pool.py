@@ -134,7 +134,7 @@ class WorkerPool:
                 inherited = [c for j, pair in enumerate(pipes) for c in pair if c is not theirs and j >= i] + self._conns
                 process = context.Process(
                     target=_worker_main, args=(theirs, inherited, parent, init, work),
-                    name=f"batchscore-worker-{i}", daemon=True,
+                    name=f"batchscore-worker-{i}",
                 )
                 # A stop signal must not reach the child before it can handle it (it would
                 # raise inside fork's own hooks): held back here, released by the child.
@@ -148,6 +148,9 @@ class WorkerPool:
                 theirs.close()
         except BaseException:
             self.stop()
+            for pair in pipes:
+                for conn in pair:
+                    conn.close()
             raise
 
     def map_unordered(self, items: Sequence[Any], order: Sequence[int]) -> Iterator[tuple[int, Any]]:

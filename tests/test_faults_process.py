@@ -225,6 +225,27 @@ def test_kill_worker_fails_promptly_then_retry(job: Job, tmp_path: Path) -> None
     assert finished_first <= 3, f"{finished_first} of 10 kills came too late to test anything"
 
 
+def test_sigterm_stops_every_worker_and_leaves_no_temporary(job: Job, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler stopping the task) at a random point while workers score: exit 1 at
+    once, workers gone, no temporary file and no _SUCCESS."""
+    rng = random.Random(3)
+    for trial in range(6):
+        out = tmp_path / f"out-{trial}"
+        proc = _start(job.run_args(out))
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not _workers(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, job.scoring_seconds * 0.7))
+        proc.send_signal(signal.SIGTERM)
+        code, stderr = _finish(proc, timeout=15)
+        if code == 0:
+            continue  # it had finished already
+        assert code == 1 and stderr.strip().splitlines()[-1].startswith("Error: interrupted"), stderr
+        assert not (out / "_SUCCESS").exists()
+        assert _temporaries(out) == []
+
+
 def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
     """kill -9 of `run --plan P --shard I` at a random point; the same shard again, the other
     shard, then `commit`: exactly the clean output, every part listed by a receipt."""
