@@ -13,6 +13,14 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
+#: How often a side waiting on the other checks that it is still there.
+POLL_SECONDS = 0.1
+#: How long an abandoned reader gets to see its stop and end; it is a daemon and is otherwise left.
+ABANDON_SECONDS = 5.0
+
+
+class SideGone(RuntimeError):
+    """The thread on the other side of a queue ended without saying it was done."""
 
 
 class _Failure:
@@ -24,11 +32,25 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     """Put unless the other side has gone away; never blocks forever."""
     while not stop.is_set():
         try:
-            q.put(item, timeout=0.1)
+            q.put(item, timeout=POLL_SECONDS)
             return True
         except queue.Full:
             continue
     return False
+
+
+def _get(q: "queue.Queue[Any]", feeder: threading.Thread, stop: threading.Event | None = None) -> Any:
+    """The next item; raises ``SideGone`` once ``feeder`` has ended (or ``stop`` is set) with
+    nothing left in ``q``: a side never waits forever for one that is gone."""
+    while True:
+        try:
+            return q.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if not feeder.is_alive() or (stop is not None and stop.is_set()):
+                try:
+                    return q.get_nowait()
+                except queue.Empty:
+                    raise SideGone(f"{feeder.name} ended without finishing") from None
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -54,7 +76,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     thread.start()
     try:
         while True:
-            item = q.get()
+            item = _get(q, thread)
             if item is _DONE:
                 return
             if isinstance(item, _Failure):
@@ -62,7 +84,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=ABANDON_SECONDS)  # a read stuck in storage is left to its timeout
 
 
 class BackgroundWriter:
@@ -73,12 +95,16 @@ class BackgroundWriter:
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._owner = threading.current_thread()
         self._thread = threading.Thread(target=self._consume, name="batchscore-writer", daemon=True)
         self._thread.start()
 
     def _consume(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = _get(self._queue, self._owner, self._stop)
+            except SideGone:  # the thread that writes through us is gone, or aborted
+                return
             if item is _DONE:
                 return
             try:

@@ -7,12 +7,11 @@ and in any process, and the output is identical whichever way they are spread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Mapping, Sequence
@@ -25,9 +24,10 @@ from .errors import InputDataError, StorageError
 from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
-from .sink import REJECT_REASON, part_path, part_writer, rejected_path
+from .pool import WorkerDied, WorkerPool
+from .sink import REJECT_REASON, REJECTED_DIR, TEMP_PATTERN, part_path, part_writer, rejected_path
 from .source import iter_batches
-from .storage import filesystem, make_durable
+from .storage import filesystem, is_local, join, make_durable
 from .validate import invalid_mask, invalid_reasons
 
 
@@ -147,7 +147,10 @@ class _UnitScorer:
 
 
 def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
-    return _UnitScorer(task, predictor, unit).run()
+    try:
+        return _UnitScorer(task, predictor, unit).run()
+    except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
+        raise StorageError(f"cannot write part {join(task.output, unit.part_name)}: {exc.strerror or exc}") from None
 
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
@@ -187,14 +190,9 @@ def _init_worker(task: ScoreTask) -> None:
 
 
 def _worker_score(unit: Unit) -> UnitResult:
+    """Score one unit in a worker (``_init_worker`` has run there)."""
     assert _WORKER is not None
     return score_unit(*_WORKER, unit)
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Fork where available: workers inherit the imported libraries and the loaded model."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def score_units(
@@ -204,7 +202,9 @@ def score_units(
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
     imported libraries and the loaded model cost nothing to share, a worker's memory is only what
-    it touches itself, and one code path serves every worker count.
+    it touches itself, and one code path serves every worker count. However the run fails or is
+    interrupted, every worker is gone within a bounded time and none of this run's temporary
+    parts is left behind.
     """
     use_lean_memory_pool()
     if not units:
@@ -215,37 +215,36 @@ def score_units(
     gc.freeze()
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush") as flusher, ProcessPoolExecutor(
-        max_workers=max(1, min(workers, len(units))), mp_context=_pool_context(), initializer=_init_worker,
-        initargs=(task,),
-    ) as pool:
-        # Largest first, so the units still running at the end are the small ones and workers
-        # finish nearly together; results are put back in unit order.
-        order = sorted(range(len(units)), key=lambda i: -units[i].rows)
-        pending: dict[Future[UnitResult], int] = {pool.submit(_worker_score, units[i]): i for i in order}
+    # Largest first, so the units still running at the end are the small ones and workers
+    # finish nearly together; results are put back in unit order.
+    order = sorted(range(len(units)), key=lambda i: -units[i].rows)
+    pool = WorkerPool(max(1, min(workers, len(units))), functools.partial(_init_worker, task), _worker_score)
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
+    try:
         flushes: list[Future[None]] = []
+        for index, result in pool.map_unordered(units, order):
+            results[index] = result
+            # Written back while the other units score, so commit's flush finds little left.
+            flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
+            if on_rows is not None:
+                on_rows(result.rows_in)
+        pool.close()
+        for flush in flushes:
+            flush.result()
+    except BaseException as exc:
         try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index = pending.pop(future)
-                    result = results[index] = future.result()
-                    # Written back while the other units score, so commit's flush finds little left.
-                    flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
-                    if on_rows is not None:
-                        on_rows(result.rows_in)
-            for flush in flushes:
-                flush.result()
-        except BrokenProcessPool:
+            pool.stop()
+        except KeyboardInterrupt:  # asked again while stopping: no more grace
+            pool.stop(grace=0)
+        flusher.shutdown(wait=False, cancel_futures=True)
+        remove_temporary_parts(fs, base, units)
+        if isinstance(exc, WorkerDied):
             raise StorageError(
-                "a worker process died while scoring (killed, perhaps for lack of memory); "
-                "nothing was committed; try fewer --workers or a smaller --batch-size"
+                f"{exc} while scoring, perhaps for lack of memory; nothing was committed; "
+                f"try fewer --workers or a smaller --batch-size"
             ) from None
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            _interrupt_workers(pool)
-            raise
+        raise
+    flusher.shutdown(wait=True)
     return [results[i] for i in range(len(units))]
 
 
@@ -256,11 +255,18 @@ def _written_paths(base: str, result: UnitResult) -> list[str]:
     return paths
 
 
-def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
-    """Stop the units in flight now rather than let them finish: each worker unwinds on SIGTERM
-    (discarding its unfinished part) and the pool then shuts down."""
-    import signal
+def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit]) -> None:
+    """Remove the temporary files that stopped workers left for these units' parts.
 
-    for process in list(getattr(pool, "_processes", {}).values()):
-        if process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
+    Only these units' names: other shards may be writing their own parts in the same folder.
+    Best effort, as the run is failing anyway; ``commit`` removes whatever is left.
+    """
+    if not is_local(fs):
+        return  # object stores publish nothing until an upload completes
+    prefixes = tuple(f".{u.part_name}.tmp-" for u in units)
+    for folder in (base, join(base, REJECTED_DIR)):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefixes) and TEMP_PATTERN.match(name):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))

@@ -15,6 +15,7 @@ from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import get_filesystem_class
 
 from .errors import BatchscoreError, StorageError, StorageUnreachableError
+from .pool import publish_allowed
 
 
 #: Seconds one storage request may wait for a connection or for the next bytes of an answer.
@@ -214,6 +215,7 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
                     if durable:
                         fh.flush()
                         os.fsync(fh.fileno())
+                _check_publish_allowed(path)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -222,6 +224,7 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
         fh = fs.open(path, "wb")
         try:
             yield fh
+            _check_publish_allowed(path)
         except BaseException as exc:
             _discard(fh, exc)
             raise
@@ -240,6 +243,12 @@ def _discard(fh: Any, exc: BaseException) -> None:
         with contextlib.suppress(Exception):
             discard()
     fh.closed = True  # never completed later, when the garbage collector would close it
+
+
+def _check_publish_allowed(path: str) -> None:
+    """A worker whose parent has gone never puts a file in place: no run is left to own it."""
+    if not publish_allowed():
+        raise StorageError(f"not writing {path}: the process that started this worker has exited")
 
 
 def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
