@@ -85,6 +85,8 @@ JOB_OPTIONS = [
     click.option("--workers", type=int, help="Worker processes, one core each [default: all cores]."),
     click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines as text or JSON [default: text]."),
+    click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
+    click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
 ]
 
 
@@ -112,6 +114,8 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         workers=kw.pop("workers"),
         storage_options=_parse_storage_options(kw.pop("storage_option")),
         log_format=kw.pop("log_format"),
+        lease_seconds=kw.pop("lease_seconds"),
+        lock_timeout=kw.pop("lock_timeout"),
     )
 
 

@@ -16,6 +16,9 @@ ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
+#: How long a lease on the output outlives a holder that stopped renewing it (crashed on another
+#: host, or paused): long enough for a slow store to renew it, short enough for a retry to wait.
+DEFAULT_LEASE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class JobConfig:
     workers: int | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     log_format: str = "text"
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    lock_timeout: float = 0.0
 
     def require(self, *names: str) -> None:
         """Fail with a usage error naming the first required setting that is missing."""
@@ -105,6 +110,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "max_invalid_fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(f"setting 'max_invalid_fraction' must be a number from 0 to 1, got {value!r}")
+        return float(value)
+    if key in ("lease_seconds", "lock_timeout"):
+        low = 1 if key == "lease_seconds" else 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+            raise ConfigError(f"setting '{key}' must be a number of seconds, at least {low}, got {value!r}")
         return float(value)
     if key == "on_invalid" and value not in ON_INVALID_CHOICES:
         raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")

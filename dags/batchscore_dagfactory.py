@@ -244,7 +244,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     for value in [inputs] if isinstance(inputs, str) else list(inputs or []):
         args += ["--input", str(value)]
     for key in ("output", "model", "scaler", "model_version", "batch_size", "on_invalid",
-                "max_invalid_fraction", "workers", "log_format"):  # fmt: skip
+                "max_invalid_fraction", "workers", "log_format", "lease_seconds", "lock_timeout"):  # fmt: skip
         if job.get(key) is not None:
             args += ["--" + key.replace("_", "-"), _flag_value(job[key])]
     for key in ("features", "keep"):
