@@ -19,6 +19,7 @@ DEFAULT_MAX_INVALID_FRACTION = 0.05
 #: How long a lease on the output outlives a holder that stopped renewing it (crashed on another
 #: host, or paused): long enough for a slow store to renew it, short enough for a retry to wait.
 DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_LOCK_TIMEOUT = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class JobConfig:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     log_format: str = "text"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
-    lock_timeout: float = 0.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def require(self, *names: str) -> None:
         """Fail with a usage error naming the first required setting that is missing."""

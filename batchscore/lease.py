@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from .config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from .errors import ConfigError, StorageError
 from .storage import PreconditionFailed, create_exclusive, filesystem, join, read_tagged, replace_if
 
 LEASE_FILE = "_lease.json"
-DEFAULT_LEASE_SECONDS = 120.0
-DEFAULT_LOCK_TIMEOUT = 0.0
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its
 #: workers stop publishing parts this long before the lease's recorded expiry.
 SKEW_MARGIN = 0.25
@@ -137,14 +136,18 @@ class Fence:
         self._until = multiprocessing.RawValue("d", 0.0)
         self.grace_seconds = grace_seconds
 
+    @property
+    def until(self) -> float:
+        return float(self._until.value)
+
     def set(self, until: float) -> None:
         self._until.value = until
 
     def check(self, what: str) -> None:
         """Return once ``what`` may be published; raise if the lease is gone or not renewed in time."""
         give_up = time.monotonic() + self.grace_seconds
-        while time.time() >= self._until.value:
-            if self._until.value == self.LOST:
+        while time.time() >= self.until:
+            if self.until == self.LOST:
                 raise OutputBusyError(f"the lease on the output was lost; not publishing {what}")
             if time.monotonic() >= give_up:
                 raise StorageError(f"the lease on the output ran out before {what} could be published; "
@@ -184,6 +187,8 @@ class Lease:
     def _read(self) -> tuple[LeaseRecord | None, str] | None:
         try:
             found = read_tagged(self.fs, self.path)
+        except NotADirectoryError:
+            raise ConfigError(f"output {self.output} exists and is a file") from None
         except OSError as exc:
             raise StorageError(f"cannot read the lease {self.path} on output {self.output}: {exc}") from None
         return None if found is None else (LeaseRecord.from_bytes(found[0]), found[1])
@@ -295,7 +300,7 @@ class Lease:
             except OutputBusyError as exc:
                 return self._lose(exc)
             except Exception as exc:  # storage trouble: keep trying while the lease lasts
-                if time.time() >= self.fence._until.value:
+                if time.time() >= self.fence.until:
                     return self._lose(StorageError(
                         f"could not renew the lease on output {self.output} before it ran out ({exc}); "
                         f"stopped before committing"
