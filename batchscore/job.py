@@ -31,8 +31,10 @@ from .sink import (
     SUCCESS_FILE,
     iter_own_files,
     listing,
+    part_path,
     read_json,
     receipt_path,
+    rejected_path,
     uncommit,
     write_json,
 )
@@ -276,9 +278,9 @@ def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dic
     """Every listed part must still be the one its receipt describes: written by that shard's
     attempt (named in the footer), with its row count. A part another writer replaced after the
     receipt (a paused or zombie attempt) is refused by name rather than committed."""
-    expected = [(i, join(output, p["name"]), p["rows"], r.get("attempt")) for i, r in sorted(receipts.items())
+    expected = [(i, part_path(output, p["name"]), p["rows"], r.get("attempt")) for i, r in sorted(receipts.items())
                 for p in r["parts"]]
-    expected += [(i, join(output, "_rejected", name), None, r.get("attempt")) for i, r in sorted(receipts.items())
+    expected += [(i, rejected_path(output, name), None, r.get("attempt")) for i, r in sorted(receipts.items())
                  for name in r["rejected_parts"]]
 
     def problem(item: tuple[int, str, int | None, str | None]) -> str | None:

@@ -21,14 +21,14 @@ from batchscore.lease import LEASE_FILE, Lease, LeaseRecord, OutputBusyError, pl
 from helpers import assert_exact, binary_model, cli, multiclass_model, read_inputs, read_output, write_inputs
 
 #: Rows in the racing jobs' input: enough that scoring takes a second or more on a busy machine.
-RACE_ROWS_PER_FILE = 24_008
+RACE_ROWS_PER_FILE = 8_016
 
 
 @pytest.fixture(scope="module")
 def race_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], pa.Table, dict[str, dict[str, Path]]]:
     """Input files, their table, and two models that score them differently."""
     root = tmp_path_factory.mktemp("race")
-    inputs = write_inputs(root / "in", files=2, rows=RACE_ROWS_PER_FILE, row_group_size=6_000, seed=21)
+    inputs = write_inputs(root / "in", files=6, rows=RACE_ROWS_PER_FILE, row_group_size=4_000, seed=21)
     models = {"logistic": binary_model(root / "logistic"), "boosting": multiclass_model(root / "boosting")}
     return inputs, read_inputs(inputs), models
 
@@ -68,9 +68,16 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _writing_part(out: Path):
-    """Whether a run is in the middle of writing a part into ``out``."""
-    return lambda: out.exists() and any(".tmp-" in n for n in os.listdir(out))
+def _start_writing(argv: list[str], out: Path) -> subprocess.Popen[str]:
+    """A run started and caught in the middle of writing a part into ``out``."""
+    proc = _start(argv)
+    try:
+        _wait_for(lambda: out.exists() and any(".tmp-" in n for n in os.listdir(out)), 60, "a part being written")
+    except BaseException:
+        _kill_group(proc)
+        raise
+    assert proc.poll() is None
+    return proc
 
 
 def _committed_model(out: Path, models: dict[str, dict[str, Path]]) -> str:
@@ -125,9 +132,9 @@ def test_waiting_run_commits_after_the_holder(race_job, tmp_path: Path) -> None:
     """With --lock-timeout the second job waits, then replaces the first's output with its own, whole."""
     inputs, table, models = race_job
     out = tmp_path / "out"
-    first = _start(_argv("run", inputs, out, models["boosting"], "--overwrite"))
+    first = _start_writing(_argv("run", inputs, out, models["boosting"], "--overwrite"), out)
+    second = None
     try:
-        _wait_for(_writing_part(out), 60, "a part being written")
         os.killpg(first.pid, signal.SIGSTOP)  # held (its lease not expired) while the second one starts
         second = _start(_argv("run", inputs, out, models["logistic"], "--overwrite", "--lock-timeout", "120"))
         time.sleep(5)
@@ -136,7 +143,9 @@ def test_waiting_run_commits_after_the_holder(race_job, tmp_path: Path) -> None:
         rc2, err2 = _finish(second)
         rc1, err1 = _finish(first)
     finally:
-        _kill_group(first)
+        for proc in (first, second):
+            if proc is not None:
+                _kill_group(proc)
     assert (rc1, rc2) == (0, 0), (err1, err2)
     assert _committed_model(out, models) == "logistic"
     assert_exact(read_output(out), table, models["logistic"])
@@ -146,13 +155,8 @@ def test_waiting_run_commits_after_the_holder(race_job, tmp_path: Path) -> None:
 def test_retry_after_kill_9_takes_the_lease_at_once(race_job, tmp_path: Path) -> None:
     inputs, table, models = race_job
     out = tmp_path / "out"
-    proc = _start(_argv("run", inputs, out, models["boosting"], "--overwrite"))
-    try:
-        _wait_for(_writing_part(out), 60, "a part being written")
-        assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        _kill_group(proc)
+    proc = _start_writing(_argv("run", inputs, out, models["boosting"], "--overwrite"), out)
+    _kill_group(proc)  # kill -9 of the run and its workers, in the middle of a part
     dead = _lease(out)
     assert dead["pid"] == proc.pid and not dead["released"] and dead["expires_at"] > time.time() + 60
     started = time.monotonic()
@@ -168,9 +172,8 @@ def test_paused_run_loses_its_lease_and_publishes_nothing(race_job, tmp_path: Pa
     it stops without touching the committed output."""
     inputs, table, models = race_job
     out = tmp_path / "out"
-    paused = _start(_argv("run", inputs, out, models["boosting"], "--overwrite", "--lease-seconds", "3"))
+    paused = _start_writing(_argv("run", inputs, out, models["boosting"], "--overwrite", "--lease-seconds", "3"), out)
     try:
-        _wait_for(_writing_part(out), 60, "a part being written")
         os.killpg(paused.pid, signal.SIGSTOP)
         held = _lease(out)
         time.sleep(max(0.0, held["expires_at"] - time.time()) + 0.2)
