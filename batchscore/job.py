@@ -379,6 +379,7 @@ def commit(
     _check_part_attempts(config, the_plan.output, receipts)
     keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, "_rejected", r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
+    lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
@@ -401,7 +402,7 @@ def commit(
         "parts": parts,
         "rejected_parts": rejected,
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
-                    "seconds": r["seconds"]} for i, r in sorted(receipts.items())],
+                    "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
         **(extra or {}),
     }

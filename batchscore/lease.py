@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from .config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from .errors import ConfigError, StorageError
-from .storage import PreconditionFailed, create_exclusive, filesystem, join, read_tagged, replace_if
+from .storage import PreconditionFailed, create_exclusive, filesystem, full_uri, join, read_tagged, replace_if
 
 LEASE_FILE = "_lease.json"
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its
@@ -162,7 +162,8 @@ class Lease:
                  seconds: float = DEFAULT_LEASE_SECONDS):
         self.output, self.holder, self.plan_id, self.command, self.seconds = output, holder, plan_id, command, seconds
         self.fs, folder = filesystem(output, storage_options)
-        self.path = join(self.fs._strip_protocol(folder), LEASE_FILE)
+        self.path = join(folder, LEASE_FILE)
+        self.uri = full_uri(self.fs, self.path)
         self.fence = Fence(grace_seconds=seconds / 3)
         self.lost: BaseException | None = None
         self._stop = threading.Event()
@@ -190,14 +191,14 @@ class Lease:
         except NotADirectoryError:
             raise ConfigError(f"output {self.output} exists and is a file") from None
         except OSError as exc:
-            raise StorageError(f"cannot read the lease {self.path} on output {self.output}: {exc}") from None
+            raise StorageError(f"cannot read the lease {self.uri} on output {self.output}: {exc}") from None
         return None if found is None else (LeaseRecord.from_bytes(found[0]), found[1])
 
     def _replace(self, record: LeaseRecord, tag: str) -> None:
         try:
             replace_if(self.fs, self.path, record.to_bytes(), tag)
         except OSError as exc:
-            raise StorageError(f"cannot write the lease {self.path} on output {self.output}: {exc}") from None
+            raise StorageError(f"cannot write the lease {self.uri} on output {self.output}: {exc}") from None
 
     def _wrote(self, record: LeaseRecord) -> None:
         self.fence.set(record.expires_at - SKEW_MARGIN * self.seconds)
@@ -222,7 +223,7 @@ class Lease:
             except (NotADirectoryError, FileExistsError):
                 raise ConfigError(f"output {self.output} exists and is a file") from None
             except OSError as exc:
-                raise StorageError(f"cannot take the lease {self.path} on output {self.output}: {exc}") from None
+                raise StorageError(f"cannot take the lease {self.uri} on output {self.output}: {exc}") from None
             if time.monotonic() >= give_up:
                 raise OutputBusyError(
                     f"output {self.output} is being written by {current.describe()}; "
@@ -276,7 +277,8 @@ class Lease:
     def start_heartbeat(self) -> None:
         """Renew every third of the lease; on loss, interrupt the main thread (when it holds us)."""
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_lost_signal)
+            previous = signal.signal(signal.SIGUSR1, self._on_lost_signal)
+            self._previous_handler = signal.SIG_DFL if previous is None else previous
             self._interruptible = True
         self._beat = threading.Thread(target=self._heartbeat, name="batchscore-lease", daemon=True)
         self._beat.start()

@@ -169,7 +169,8 @@ def _s3_put(fs: Any, path: str, data: bytes, **condition: str) -> str:
     try:
         response = _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, **extra, **condition)
     except Exception as exc:
-        if _s3_error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+        lost = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+        if _s3_error_code(exc) in lost + (("NoSuchKey", "404") if "IfMatch" in condition else ()):
             raise PreconditionFailed(full_uri(fs, path)) from None
         raise OSError(f"{full_uri(fs, path)}: {exc}") from None
     fs.invalidate_cache(path)
