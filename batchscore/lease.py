@@ -242,7 +242,8 @@ class Lease:
             current = found[0] if found else None
             if current is None or current.holder != self.holder or current.released:
                 self.fence.set(Fence.LOST)
-                taker = f"now held by {current.describe()}" if current and not current.released else "released or removed"
+                taker = ("it was removed" if current is None else "it was released" if current.holder == self.holder
+                         else f"taken over by {current.describe()}")
                 raise OutputBusyError(
                     f"lost the lease on output {self.output} ({taker}); stopped before committing"
                 )

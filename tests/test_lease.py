@@ -185,7 +185,8 @@ def test_paused_run_loses_its_lease_and_publishes_nothing(race_job, tmp_path: Pa
         rc, err = _finish(paused, timeout=60)
     finally:
         _kill_group(paused)
-    assert rc in (1, EXIT_USAGE) and "lease" in err and "Traceback" not in err, err
+    assert rc == EXIT_USAGE and "lost the lease on output" in err and "taken over by another run" in err, err
+    assert "Traceback" not in err, err
     assert {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.startswith("part-")} == committed
     assert (out / "_SUCCESS").exists() and _committed_model(out, models) == "logistic"
     assert_exact(read_output(out), table, models["logistic"])
