@@ -153,6 +153,8 @@ JOB_OPTIONS = [
     click.option("--storage-timeout", type=float, help="Seconds one storage request may wait to connect or for data [default: 10]."),
     click.option("--storage-retries", type=int, help="Retries of a failed storage request [default: 2]."),
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
+    click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
+    click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
 ]
 
 
@@ -183,6 +185,8 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         storage_retries=kw.pop("storage_retries"),
         log_format=kw.pop("log_format"),
         **_artifact_settings(kw),
+        lease_seconds=kw.pop("lease_seconds"),
+        lock_timeout=kw.pop("lock_timeout"),
     )
     _error_format["log_format"] = config.log_format
     if config.log_format == "json":

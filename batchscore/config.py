@@ -21,6 +21,10 @@ DEFAULT_MAX_INVALID_FRACTION = 0.05
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 #: How skops names a type: its module, a dot, its name (e.g. sklearn.tree._tree.Tree).
 TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+#: How long a lease on the output outlives a holder that stopped renewing it (crashed on another
+#: host, or paused): long enough for a slow store to renew it, short enough for a retry to wait.
+DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_LOCK_TIMEOUT = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class JobConfig:
     storage_timeout: float = DEFAULT_STORAGE_TIMEOUT
     storage_retries: int = DEFAULT_STORAGE_RETRIES
     log_format: str = "text"
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
@@ -142,6 +148,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "max_invalid_fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(f"setting 'max_invalid_fraction' must be a number from 0 to 1, got {value!r}")
+        return float(value)
+    if key in ("lease_seconds", "lock_timeout"):
+        low = 1 if key == "lease_seconds" else 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+            raise ConfigError(f"setting '{key}' must be a number of seconds, at least {low}, got {value!r}")
         return float(value)
     if key == "on_invalid" and value not in ON_INVALID_CHOICES:
         raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import platform
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -15,11 +17,13 @@ from . import __version__
 from .config import JobConfig
 from .engine import Predictor
 from .errors import ConfigError, InputDataError
+from .lease import LEASE_FILE, Lease, held, plan_holder, run_holder
 from .model import Artifact, ArtifactPolicy, LoadedModel, artifact_digests, artifact_roles, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
 from .scorer import ScoreTask, score_units
 from .sink import (
+    ATTEMPT_KEY,
     MANIFEST_FILE,
     PLAN_FILE,
     RECEIPTS_DIR,
@@ -27,12 +31,14 @@ from .sink import (
     SUCCESS_FILE,
     iter_own_files,
     listing,
+    part_path,
     read_json,
     receipt_path,
+    rejected_path,
     uncommit,
     write_json,
 )
-from .source import GLOB_CHARS, InputFile, check_identity, list_inputs, read_footers
+from .source import FOOTER_THREADS, GLOB_CHARS, InputFile, check_identity, list_inputs, open_parquet, read_footers
 from .storage import (
     abort_uploads,
     abort_uploads_after_failure,
@@ -110,7 +116,7 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")
-        leftovers = [n for n in listing(fs, path) if n != PLAN_FILE]
+        leftovers = [n for n in listing(fs, path) if n not in (PLAN_FILE, LEASE_FILE)]
         if leftovers and not config.overwrite:
             raise ConfigError(
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
@@ -169,16 +175,25 @@ def plan(
     Writing the plan next to the output (``out``) also un-commits an output being redone.
     """
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)
+    guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
     if out:
         guard_overlap(config, out, [f.uri for f in prepared.files])
     result = _plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=_now().isoformat())
-    if out:
+    if not out:  # nothing is written: the job's first shard takes the lease
+        return result
+    with _held(config, result, "plan", release="never"):
+        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
         fs, path = filesystem(prepared.output, config.storage_options)
         uncommit(fs, path)
         plan_fs, plan_path = filesystem(out, config.storage_options)
         write_json(plan_fs, plan_path, result.to_dict())
     return result
+
+
+def _held(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
+    """The lease on the plan's output, for a sharded job's step (or under ``holder``, a run)."""
+    return held(the_plan.output, config.storage_options, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
+                command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout, release=release)
 
 
 def plan_again(config: JobConfig, shards: int) -> Plan:
@@ -200,7 +215,8 @@ def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter |
     prepared = prepare(config)
     guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = _plan_of(prepared, shards=count)
-    return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True))
+    with _held(config, the_plan, "shard", release="never") as lease:
+        return _score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True), lease)
 
 
 def load_plan(uri: str, config: JobConfig) -> Plan:
@@ -264,22 +280,26 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter 
             f"shard {index}: output schema differs from the plan ({_schema_difference(the_plan.schema, schema)}); "
             f"plan again"
         )
-    return _score_shard(prepared, the_plan, index, reporter)
+    with _held(config, the_plan, "shard", release="never") as lease:
+        return _score_shard(prepared, the_plan, index, reporter, lease)
 
 
-def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Reporter) -> dict[str, Any]:
+def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Reporter, lease: Lease) -> dict[str, Any]:
+    """Score a shard under the output's lease; its parts and receipt name this attempt."""
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = _now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     remove_if_exists(fs, receipt_path(out_path, index))
+    uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
+    attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
         files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
-        storage_options=config.storage_options,
+        storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
     )
     workers = config.worker_count
     reporter.event("shard_start", f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
@@ -302,6 +322,7 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
         )
     receipt = {
         "plan_id": the_plan.plan_id,
+        "attempt": attempt,
         "shard": index,
         "rows_in": sum(r.rows_in for r in results),
         "rows_out": sum(r.rows_out for r in results),
@@ -317,8 +338,35 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
     }
+    lease.renew()  # still ours: no other job replaced these parts while we scored
     write_json(fs, receipt_path(out_path, index), receipt)
     return receipt
+
+
+def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dict[str, Any]]) -> None:
+    """Every listed part must still be the one its receipt describes: written by that shard's
+    attempt (named in the footer), with its row count. A part another writer replaced after the
+    receipt (a paused or zombie attempt) is refused by name rather than committed."""
+    expected = [(i, part_path(output, p["name"]), p["rows"], r.get("attempt")) for i, r in sorted(receipts.items())
+                for p in r["parts"]]
+    expected += [(i, rejected_path(output, name), None, r.get("attempt")) for i, r in sorted(receipts.items())
+                 for name in r["rejected_parts"]]
+
+    def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
+        index, uri, rows, attempt = item
+        with open_parquet(uri, config.storage_options) as (pf, _):
+            found = (pf.metadata.metadata or {}).get(ATTEMPT_KEY.encode(), b"").decode()
+            if found != attempt:
+                return f"{uri} was written by attempt {found or 'unknown'}, not shard {index}'s attempt {attempt}"
+            if rows is not None and pf.metadata.num_rows != rows:
+                return f"{uri} holds {pf.metadata.num_rows} rows, not the {rows} in shard {index}'s receipt"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(expected)))) as pool:
+        problems = [p for p in pool.map(problem, expected) if p]
+    if problems:
+        raise InputDataError(f"cannot commit {output}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if
+                             len(problems) > 1 else "") + "; run that shard again")
 
 
 def _with_output(config: JobConfig, output: str) -> JobConfig:
@@ -336,9 +384,17 @@ def _versions() -> dict[str, str]:
 
 
 def commit(
-    config: JobConfig, the_plan: Plan, reporter: Reporter | None = None, extra: dict[str, Any] | None = None
+    config: JobConfig, the_plan: Plan, reporter: Reporter | None = None, extra: dict[str, Any] | None = None,
+    lease: Lease | None = None,
 ) -> dict[str, Any]:
-    """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS."""
+    """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS.
+
+    Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
+    once committed).
+    """
+    if lease is None:
+        with _held(config, the_plan, "commit", release="on_success") as own:
+            return commit(config, the_plan, reporter, extra, own)
     reporter = reporter or Reporter(quiet=True)
     guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
     fs, out_path = filesystem(the_plan.output, config.storage_options)
@@ -415,8 +471,10 @@ def commit(
     absent = [p["name"] for p in parts if join(out_path, p["name"]) not in present]
     if absent:
         raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
+    _check_part_attempts(config, the_plan.output, receipts)
     keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, "_rejected", r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
+    lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
@@ -439,10 +497,11 @@ def commit(
         "parts": parts,
         "rejected_parts": rejected,
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
-                    "seconds": r["seconds"]} for i, r in sorted(receipts.items())],
+                    "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
         **(extra or {}),
     }
+    lease.renew()  # proof, just before publishing, that no other job has taken the output
     write_json(fs, join(out_path, MANIFEST_FILE), manifest)
     write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
     reporter.event("committed", f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
@@ -455,9 +514,10 @@ def run(config: JobConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     reporter = reporter or Reporter(quiet=True)
     clock = time.perf_counter()
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)
-    fs, out_path = filesystem(prepared.output, config.storage_options)
-    uncommit(fs, out_path)
+    guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
     the_plan = _plan_of(prepared, shards=1, predicted_at=_now().isoformat())
-    _score_shard(prepared, the_plan, 0, reporter)
-    return commit(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)})
+    with _held(config, the_plan, "run", release="always", holder=run_holder()) as lease:
+        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        _score_shard(prepared, the_plan, 0, reporter, lease)
+        return commit(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)},
+                      lease=lease)

@@ -46,11 +46,19 @@ class ScoreTask:
     on_invalid: str
     max_invalid_rows: int
     storage_options: Mapping[str, Any]
+    attempt: str = ""  # named in every part's footer, checked by commit against the receipt
+    fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
 
     @property
     def read_columns(self) -> list[str]:
         """Passthrough columns, then features not among them; nothing else is read."""
         return list(self.passthrough) + [f for f in self.model.features if f not in self.passthrough]
+
+    def open_part(self, fs: Any, path: str, schema: pa.Schema) -> Any:
+        """A part writer that names this attempt and publishes only under the lease."""
+        fence = self.fence
+        check = (lambda: fence.check(path)) if fence is not None else None
+        return part_writer(fs, path, schema, self.attempt, check)
 
     @property
     def rejected_schema(self) -> pa.Schema:
@@ -99,7 +107,7 @@ class _UnitScorer:
             if self.rejected_writer is None:
                 fs, base = filesystem(self.task.output, self.task.storage_options)
                 path = rejected_path(base, self.unit.part_name)
-                self.rejected_writer = stack.enter_context(part_writer(fs, path, self.task.rejected_schema))
+                self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
             reasons = pa.array(invalid_reasons(batch, self.task.model.features, rows), pa.string())
             self.rejected_writer.write_batch(
@@ -113,7 +121,7 @@ class _UnitScorer:
         offset = _first_row(self.file, self.unit)
         fs, base = filesystem(task.output, task.storage_options)
         with contextlib.ExitStack() as stack:
-            parquet = stack.enter_context(part_writer(fs, part_path(base, self.unit.part_name), task.output_schema))
+            parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,

@@ -5,6 +5,7 @@ Layout under the output directory::
     part-FFFFF-RRRRR.parquet        predictions; name order is input order
     _rejected/part-FFFFF-RRRRR.parquet   invalid rows with a reason (``--on-invalid quarantine``)
     _receipts/shard-IIIII.json      what each shard wrote
+    _lease.json                     which job may write here now (see lease.py)
     _plan.json                      the plan, when a scheduler shares it between shards
     _manifest.json, _SUCCESS        written last, by commit
 """
@@ -15,7 +16,7 @@ import contextlib
 import json
 import posixpath
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -35,6 +36,9 @@ TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
 #: only pays for repetitive (string-like) columns, not for model outputs.
 COMPRESSION = "snappy"
+#: Parquet key-value metadata naming the attempt that wrote a part; commit checks it against the
+#: receipt, so a part replaced by another writer after its receipt is never committed.
+ATTEMPT_KEY = "batchscore.attempt"
 
 
 def _is_string_like(dtype: pa.DataType) -> bool:
@@ -54,12 +58,18 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
 
 
 @contextlib.contextmanager
-def part_writer(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+def part_writer(
+    fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, attempt: str = "",
+    before_publish: Callable[[], None] | None = None,
+) -> Iterator[pq.ParquetWriter]:
     """A streaming Parquet writer whose file becomes visible at ``path`` only when complete.
 
     Parts are flushed to disk later (``make_durable``), so the worker writing them never waits.
+    The footer names the writing ``attempt``.
     """
-    with atomic_writer(fs, path, durable=False) as sink:
+    if attempt:
+        schema = schema.with_metadata({**(schema.metadata or {}), ATTEMPT_KEY: attempt})
+    with atomic_writer(fs, path, durable=False, before_publish=before_publish) as sink:
         writer = pq.ParquetWriter(
             sink,
             schema,

@@ -8,7 +8,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -195,7 +195,9 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True) -> Iterator[IO[bytes]]:
+def atomic_writer(
+    fs: fsspec.AbstractFileSystem, path: str, durable: bool = True, before_publish: Callable[[], None] | None = None
+) -> Iterator[IO[bytes]]:
     """Open ``path`` for writing so that it appears at its final name only when complete.
 
     Local files go to a hidden temporary name in the same folder and are renamed; object stores
@@ -203,6 +205,7 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
     (aborting its multipart upload). ``durable=False`` skips the local fsync; whoever commits
     must then call ``make_durable``. A storage failure, raised by this or by writes to the file,
     becomes one ``StorageError`` naming ``path``; nothing is left at a name a retry trips on.
+    ``before_publish`` runs last before the file appears; raising there discards it.
     """
     with translated("write", full_uri(fs, path)):
         if is_local(fs):
@@ -216,6 +219,8 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
                         fh.flush()
                         os.fsync(fh.fileno())
                 _check_publish_allowed(path)
+                if before_publish is not None:
+                    before_publish()
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -225,6 +230,8 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, durable: bool = True
         try:
             yield fh
             _check_publish_allowed(path)
+            if before_publish is not None:
+                before_publish()
         except BaseException as exc:
             _discard(fh, exc)
             raise
