@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from .config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from .errors import ConfigError, StorageError
-from .storage import filesystem, full_uri, join
+from .storage import filesystem, full_uri, join, storage_error
 
 LEASE_FILE = "_lease.json"
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its
@@ -192,14 +192,14 @@ class Lease:
         except NotADirectoryError:
             raise ConfigError(f"output {self.output} exists and is a file") from None
         except OSError as exc:
-            raise StorageError(f"cannot read the lease {self.uri} on output {self.output}: {exc}") from None
+            raise _storage_failure(f"cannot read the lease {self.uri} on output {self.output}", exc) from None
         return None if found is None else (LeaseRecord.from_bytes(found[0]), found[1])
 
     def _replace(self, record: LeaseRecord, tag: str) -> None:
         try:
             replace_if(self.fs, self.path, record.to_bytes(), tag)
         except OSError as exc:
-            raise StorageError(f"cannot write the lease {self.uri} on output {self.output}: {exc}") from None
+            raise _storage_failure(f"cannot write the lease {self.uri} on output {self.output}", exc) from None
 
     def _wrote(self, record: LeaseRecord) -> None:
         self.fence.set(record.expires_at - SKEW_MARGIN * self.seconds)
@@ -224,7 +224,7 @@ class Lease:
             except (NotADirectoryError, FileExistsError):
                 raise ConfigError(f"output {self.output} exists and is a file") from None
             except OSError as exc:
-                raise StorageError(f"cannot take the lease {self.uri} on output {self.output}: {exc}") from None
+                raise _storage_failure(f"cannot take the lease {self.uri} on output {self.output}", exc) from None
             if time.monotonic() >= give_up:
                 raise OutputBusyError(
                     f"output {self.output} is being written by {current.describe()}; "
@@ -347,3 +347,8 @@ def held(output: str, storage_options: Any, holder: str, plan_id: str, command: 
                 if succeeded:
                     raise
                 # else the job's own error matters more, and the lease expires anyway
+
+
+def _storage_failure(doing: str, exc: OSError) -> StorageError:
+    """One line naming the lease and the cause, worded like every other storage failure."""
+    return storage_error(doing, exc) or StorageError(f"{doing}: {exc}")

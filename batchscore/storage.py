@@ -275,7 +275,8 @@ def make_durable(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise StorageError(f"cannot flush {path} to disk: {exc}") from None
+            doing = f"cannot flush {path} to disk"
+            raise storage_error(doing, exc) or StorageError(f"{doing}: {exc}") from None
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
