@@ -392,11 +392,11 @@ def commit(
     Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
     once committed).
     """
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])  # before the lease is written
     if lease is None:
         with _held(config, the_plan, "commit", release="on_success") as own:
             return commit(config, the_plan, reporter, extra, own)
     reporter = reporter or Reporter(quiet=True)
-    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []

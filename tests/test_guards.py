@@ -243,6 +243,20 @@ def test_same_size_rewrite_between_shards_is_not_committed(tmp_path: Path, binar
     common = _job(inputs, out, binary_model_paths)
     assert cli("run", *common, "--shard", "0/2").exit_code == 0  # shard 0 reads day-00
     _same_size_other_values(inputs[0])
+    # Shard 1 plans again, on the new day-00: another plan, while shard 0's plan holds the output.
+    result = cli("run", *common, "--shard", "1/2")
+    assert result.exit_code == EXIT_USAGE and "is being written by" in result.stderr, result.stderr
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_same_size_rewrite_seen_by_commit(tmp_path: Path, binary_model_paths) -> None:
+    """Once the first plan's lease is gone, commit still refuses receipts that read another file."""
+    inputs = _plain_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    common = [*_job(inputs, out, binary_model_paths), "--lease-seconds", "1"]
+    assert cli("run", *common, "--shard", "0/2").exit_code == 0  # shard 0 reads day-00
+    _same_size_other_values(inputs[0])
+    time.sleep(1.1)  # shard 0's plan's lease expires
     assert cli("run", *common, "--shard", "1/2").exit_code == 0  # shard 1 plans again, on the new day-00
     result = cli("commit", *common, "--shards", "2")
     assert result.exit_code == EXIT_INPUT, result.stderr
@@ -260,7 +274,8 @@ def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Pa
     the_plan = job._plan_of(prepared, shards=1)
     _same_size_other_values(inputs[1])
     with pytest.raises(InputDataError, match=f"input file {inputs[1]} changed since the plan was made"):
-        job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True))
+        with job._held(config, the_plan, "run", release="always") as lease:
+            job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True), lease)
     assert not (out / "part-00001-00000.parquet").exists() and not (out / "_SUCCESS").exists()
 
 
@@ -340,7 +355,8 @@ def test_s3_object_replaced_after_the_listing_stops_its_unit(tmp_path: Path, s3,
     _same_size_other_values(inputs[1])
     s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(str(inputs[1]), f"{bucket}/in/{inputs[1].name}")
     with pytest.raises(InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"):
-        job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True))
+        with job._held(config, the_plan, "run", release="always") as lease:
+            job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True), lease)
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/part-00001-00000.parquet") and not fs.exists(f"{bucket}/out/_SUCCESS")
 
