@@ -28,7 +28,8 @@ except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
 
 # Light: the job keys and their checks only (no data stack, no model code).
-from batchscore.config import CONFIG_KEYS
+from batchscore.config import CONFIG_KEYS, TEXT_KEYS, check_text
+from batchscore.errors import ConfigError
 
 RUNNERS = ("kubernetes", "docker", "local")
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
@@ -262,6 +263,12 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     if leaked:
         raise _fail(source, f"storage_options {', '.join(leaked)} look like credentials: they would be "
                     "passed as arguments; use dag.secrets or the worker's environment instead")  # fmt: skip
+    for key in TEXT_KEYS:
+        if job.get(key) is not None:
+            try:
+                check_text(key, job[key])
+            except ConfigError as exc:
+                raise _fail(source, str(exc)) from None
     args: list[str] = []
     inputs = job.get("input")
     for value in [inputs] if isinstance(inputs, str) else list(inputs or []):

@@ -229,6 +229,16 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky_env.yaml").unlink()
+    write_job(configs_dir, "version", {**base, "model_version": 1.10}, {"schedule": "@daily",
+                                                                      "start_date": "2024-01-01", "runner": "local"})  # fmt: skip
+    with pytest.raises(DagConfigError, match=r"version\.yaml: setting 'model_version' must be text.*quote it"):
+        load_jobs(configs_dir)
+    (configs_dir / "version.yaml").unlink()
+    write_job(configs_dir, "nulls", {**base, "storage_options": None, "keep": None},
+              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local", "env": None, "tags": None})  # fmt: skip
+    [nulls] = load_jobs(configs_dir)
+    assert "--storage-option" not in nulls.common_args and "--keep" not in nulls.common_args
+    (configs_dir / "nulls.yaml").unlink()
     write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
     assert load_jobs(configs_dir) == []
 
