@@ -296,17 +296,25 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     return tuple(args)
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in a YAML value, however deep in its lists and mappings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return [s for item in value for s in _strings(item)] if isinstance(value, list) else []
+
+
 def _check_templates(values: Mapping[str, Any], source: str) -> None:
     """A template that cannot even be parsed fails when the DAG is parsed, not at 3 a.m."""
     env = jinja2.Environment()
     for key, value in values.items():
-        items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, str) and ("{{" in item or "{%" in item):
+        for text in _strings(value):
+            if "{{" in text or "{%" in text:
                 try:
-                    env.parse(item)
+                    env.parse(text)
                 except jinja2.TemplateSyntaxError as exc:
-                    raise _fail(source, f"{key}: template {item!r} is not valid: {exc}") from None
+                    raise _fail(source, f"{key}: template {text!r} is not valid: {exc}") from None
 
 
 def asset_uri(output: str) -> str:
@@ -481,7 +489,7 @@ def last_interval(schedule: str | None, tz: str, moment: datetime) -> tuple[date
 
 
 def run_dates(settings: JobSettings, params: Mapping[str, Any], logical_date: Any, run_after: Any) -> dict[str, Any]:
-    """The date keys (``ds``, ``logical_date``, ...) a run's templates see, and which date that is.
+    """The date keys (``ds``, ``logical_date``, ...) that a run's templates see.
 
     A run with a logical date (the scheduler's runs, ``--logical-date``, backfills) keeps Airflow's
     own values. A run without one (``airflow dags trigger`` or the API on Airflow 3) scores the
@@ -498,7 +506,8 @@ def run_dates(settings: JobSettings, params: Mapping[str, Any], logical_date: An
         try:
             day = date.fromisoformat(str(chosen))
         except ValueError:
-            raise AirflowFailException(f"the '{DATE_PARAM}' param must be a date like 2024-06-01, got {chosen!r}") from None
+            message = f"the '{DATE_PARAM}' param must be a date like 2024-06-01, got {chosen!r}"
+            raise AirflowFailException(message) from None
         start = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(settings.timezone))
         end, ds = start + timedelta(days=1), day.isoformat()
     elif logical_date is not None:

@@ -79,6 +79,11 @@ def score_tis(dag_run) -> list[Any]:
     return sorted((ti for ti in dag_run.get_task_instances() if ti.task_id == "score"), key=lambda t: t.map_index)
 
 
+def shard_tries(dag_run) -> dict[int, tuple[Any, int]]:
+    """Each shard's final state and how many tries it took."""
+    return {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(dag_run)}
+
+
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Three multi-row-group files for one date, a fitted model, and the single-process reference."""
@@ -229,15 +234,15 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky_env.yaml").unlink()
-    write_job(configs_dir, "version", {**base, "model_version": 1.10}, {"schedule": "@daily",
-                                                                      "start_date": "2024-01-01", "runner": "local"})  # fmt: skip
+    local = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
+    write_job(configs_dir, "version", {**base, "model_version": 1.10}, local)
     with pytest.raises(DagConfigError, match=r"version\.yaml: setting 'model_version' must be text.*quote it"):
         load_jobs(configs_dir)
     (configs_dir / "version.yaml").unlink()
-    write_job(configs_dir, "nulls", {**base, "storage_options": None, "keep": None},
-              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local", "env": None, "tags": None})  # fmt: skip
-    [nulls] = load_jobs(configs_dir)
-    assert "--storage-option" not in nulls.common_args and "--keep" not in nulls.common_args
+    nulls = {**base, "storage_options": None, "keep": None}
+    write_job(configs_dir, "nulls", nulls, {**local, "env": None, "tags": None})
+    [parsed] = load_jobs(configs_dir)
+    assert "--storage-option" not in parsed.common_args and "--keep" not in parsed.common_args
     (configs_dir / "nulls.yaml").unlink()
     write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
     assert load_jobs(configs_dir) == []
@@ -365,8 +370,8 @@ def test_exit_codes_no_retry_can_fix_fail_the_container_at_once(airflow_env: Pat
     """The Docker runner: exit 2/3/4 fail for good, exit 1 stays retryable, 0 succeeds (no Docker engine)."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    write_job(configs_dir, "docker_codes", {"input": "s3://b/in/", "output": "s3://b/out/"},
-              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev"})  # fmt: skip
+    docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev"}
+    write_job(configs_dir, "docker_codes", {"input": "s3://b/in/", "output": "s3://b/out/"}, docker)
     dag = load_dags(configs_dir)["batchscore_docker_codes"]
 
     def run_container(exit_code: int) -> FakeDockerEngine:
@@ -407,8 +412,8 @@ def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_en
     # Like Airflow's own ds, the UTC date of the interval's start (Amsterdam's June 1st starts May 31st 22:00 UTC).
     assert ds("@daily", datetime(2024, 6, 2, 10, 0, tzinfo=utc), tz="Europe/Amsterdam") == "2024-05-31"
     # A run with a logical date keeps Airflow's values.
-    job = parse_job("job.yaml", {"input": "in/", "output": "out/",
-                                 "dag": {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}})  # fmt: skip
+    daily = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
+    job = parse_job("job.yaml", {"input": "in/", "output": "out/", "dag": daily})
     assert run_dates(job, {}, LOGICAL_DATE, datetime(2024, 6, 2, tzinfo=utc)) == {}
 
 
@@ -529,6 +534,13 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
     assert_same_scores(committed, read_parts(str(tmp_path / "reference")), rows)
 
 
+def run_wrapped(configs_dir: Path, data: dict[str, Any], scores: Path, name: str, wrapper: Path) -> Any:
+    """One dated run of a two-shard local job whose ``batchscore`` is started through ``wrapper``."""
+    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
+    write_job(configs_dir, name, local_job(data, scores), dag_cfg)
+    return load_dags(configs_dir)[f"batchscore_{name}"].test(logical_date=LOGICAL_DATE)
+
+
 FLAKY_WRAPPER = """\
 import os, subprocess, sys
 args = sys.argv[1:]
@@ -552,14 +564,9 @@ def test_a_shard_failing_once_is_retried_without_duplicates(
     wrapper = tmp_path / "flaky_batchscore.py"
     wrapper.write_text(FLAKY_WRAPPER.format(log=str(log), marker=str(marker)))
     scores = tmp_path / "scores"
-    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
-    write_job(configs_dir, "retry_e2e", local_job(local_data, scores), dag_cfg)
-    dag = load_dags(configs_dir)["batchscore_retry_e2e"]
-
-    run = dag.test(logical_date=LOGICAL_DATE)
+    run = run_wrapped(configs_dir, local_data, scores, "retry_e2e", wrapper)
     assert run.state == DagRunState.SUCCESS
-    tries = {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(run)}
-    assert tries == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2)}
+    assert shard_tries(run) == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2)}
     shard_calls = [line for line in log.read_text().splitlines() if line.startswith("run ")]
     assert sum(line.endswith("--shard 1") for line in shard_calls) == 2 and len(shard_calls) == 3
     assert_same_scores(read_parts(str(scores / f"dt={DAY}")), local_data["reference"], local_data["rows"])
@@ -612,13 +619,9 @@ def test_failures_no_retry_can_fix_use_one_try(
     wrapper = tmp_path / "invalid_input.py"
     wrapper.write_text(EXIT_WRAPPER.format(code=3))
     scores = tmp_path / "scores"
-    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
-    write_job(configs_dir, "exit3_e2e", local_job(local_data, scores), dag_cfg)
-    dag = load_dags(configs_dir)["batchscore_exit3_e2e"]
-    run = dag.test(logical_date=LOGICAL_DATE)
+    run = run_wrapped(configs_dir, local_data, scores, "exit3_e2e", wrapper)
     assert run.state == DagRunState.FAILED
-    tries = {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(run)}
-    assert tries == {0: (TaskInstanceState.FAILED, 1), 1: (TaskInstanceState.FAILED, 1)}
+    assert shard_tries(run) == {0: (TaskInstanceState.FAILED, 1), 1: (TaskInstanceState.FAILED, 1)}
     assert not (scores / f"dt={DAY}" / "_SUCCESS").exists()
 
     typo = {**local_job(local_data, scores), "output": str(scores / "dt={{ dss }}") + "/"}
