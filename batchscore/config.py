@@ -112,14 +112,32 @@ def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
     raise ConfigError(f"setting '{key}' must be a string or a list of strings, got {value!r}")
 
 
+#: Settings that are text: a path or a version, never a number YAML guessed.
+TEXT_KEYS = ("output", "model", "scaler", "model_version")
+
+
+def check_text(key: str, value: Any) -> str:
+    """A text setting as written, or a usage error.
+
+    An unquoted ``model_version: 1.10`` reaches us as the number 1.1 (and ``yes`` as true), so the
+    text the user wrote is already lost: refuse it and say how to keep it.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        raise ConfigError(
+            f"setting '{key}' must be text, but YAML read {value!r} as a {type(value).__name__}; "
+            f"quote it in the YAML file, e.g. {key}: \"1.10\" (unquoted, 1.10 becomes 1.1)"
+        )
+    raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Type-check one setting, naming it in the error."""
     if key in ("input", "features", "keep"):
         return _as_tuple(value, key)
-    if key in ("output", "model", "scaler", "model_version"):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
-        return str(value)
+    if key in TEXT_KEYS:
+        return check_text(key, value)
     if key in ("model_sha256", "scaler_sha256"):
         if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
             raise ConfigError(f"setting '{key}' must be a sha256 digest (64 hex characters), got {value!r}")
@@ -187,15 +205,18 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
-    """Merge the YAML file (if any) with overrides; ``None`` overrides mean "not given"."""
+    """Merge the YAML file (if any) with overrides.
+
+    ``None`` means "not given", whether a flag left out or a YAML key without a value.
+    """
     raw: dict[str, Any] = read_config_file(path) if path else {}
     for key, value in overrides.items():
         if key not in CONFIG_KEYS:
             raise ConfigError(f"unknown setting '{key}'")
         if value is None or value == () or (key == "storage_options" and not value):
             continue
-        if key == "storage_options":
-            value = {**raw.get("storage_options", {}), **value}
+        if key == "storage_options":  # ``storage_options:`` with no value in YAML is null: none given
+            value = {**(raw.get("storage_options") or {}), **value}
         raw[key] = value
     settings = {key: _coerce(key, value) for key, value in raw.items() if value is not None}
     if settings.get("scaler_sha256") and not settings.get("scaler"):

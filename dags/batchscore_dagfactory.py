@@ -18,11 +18,18 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 from airflow.sdk import DAG, Asset, Param, task
 
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 3.0
+    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+
 # Light: the job keys and their checks only (no data stack, no model code).
-from batchscore.config import CONFIG_KEYS
+from batchscore.config import CONFIG_KEYS, TEXT_KEYS, check_text
+from batchscore.errors import ConfigError
 
 RUNNERS = ("kubernetes", "docker", "local")
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
@@ -42,6 +49,23 @@ _SENSOR_KEYS = ("path", "marker", "poke_interval", "timeout", "mode")
 _SECRET_NAME = re.compile(r"secret|token|passw|credential|private|(^|_)key$|access_key", re.IGNORECASE)
 #: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error).
 _PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error"}
+#: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
+DATE_PARAM = "date"
+#: Cron presets Airflow knows and croniter does not.
+_CRON_PRESETS = {"@quarterly": "0 0 1 */3 *"}
+
+
+class TemplateUndefinedError(jinja2.UndefinedError, AirflowFailException):
+    """A template names a variable the run does not have; rendering it again cannot succeed."""
+
+
+class RunTemplateUndefined(jinja2.StrictUndefined):
+    """Undefined names fail the task at once instead of using up its retries."""
+
+    __slots__ = ()
+
+    def __init__(self, hint: Any = None, obj: Any = jinja2.utils.missing, name: Any = None, exc: Any = None) -> None:
+        super().__init__(hint, obj, name, TemplateUndefinedError)
 
 
 class DagConfigError(ValueError):
@@ -239,6 +263,12 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     if leaked:
         raise _fail(source, f"storage_options {', '.join(leaked)} look like credentials: they would be "
                     "passed as arguments; use dag.secrets or the worker's environment instead")  # fmt: skip
+    for key in TEXT_KEYS:
+        if job.get(key) is not None:
+            try:
+                check_text(key, job[key])
+            except ConfigError as exc:
+                raise _fail(source, str(exc)) from None
     args: list[str] = []
     inputs = job.get("input")
     for value in [inputs] if isinstance(inputs, str) else list(inputs or []):
@@ -266,6 +296,27 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     return tuple(args)
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in a YAML value, however deep in its lists and mappings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return [s for item in value for s in _strings(item)] if isinstance(value, list) else []
+
+
+def _check_templates(values: Mapping[str, Any], source: str) -> None:
+    """A template that cannot even be parsed fails when the DAG is parsed, not at 3 a.m."""
+    env = jinja2.Environment()
+    for key, value in values.items():
+        for text in _strings(value):
+            if "{{" in text or "{%" in text:
+                try:
+                    env.parse(text)
+                except jinja2.TemplateSyntaxError as exc:
+                    raise _fail(source, f"{key}: template {text!r} is not valid: {exc}") from None
+
+
 def asset_uri(output: str) -> str:
     """The stable part of a templated output (``s3://b/scores/dt={{ ds }}/`` -> ``s3://b/scores``)."""
     head = output.split("{{", 1)[0]
@@ -287,6 +338,7 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
         raise _fail(source, f"unknown dag key(s) {', '.join(unknown)}; known: {', '.join(_DAG_KEYS)}")
     job = {k: v for k, v in data.items() if k != "dag"}
     args = common_args(job, source)
+    _check_templates({**job, "dag.env": dag_cfg.get("env"), "dag.sensor": dag_cfg.get("sensor")}, source)
     if not job.get("input") or not job.get("output"):
         raise _fail(source, "a scheduled job needs 'input' and 'output'")
     name = Path(source).stem
@@ -401,11 +453,6 @@ def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdou
     import logging
     import subprocess
 
-    try:
-        from airflow.sdk.exceptions import AirflowException, AirflowFailException
-    except ImportError:  # Airflow 3.0
-        from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
-
     log = logging.getLogger("batchscore.dag")
     log.info("running: %s", shlex.join(argv))
     proc = subprocess.Popen(
@@ -417,14 +464,92 @@ def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdou
     )
     out, _ = proc.communicate()
     command = next((a for a in argv if a in ("plan", "run", "commit", "validate")), "")
-    if proc.returncode in _PERMANENT_EXIT_CODES:
-        raise AirflowFailException(
-            f"batchscore {command} exited with code {proc.returncode} "
-            f"({_PERMANENT_EXIT_CODES[proc.returncode]}); not retrying"
-        )
+    permanent = permanent_failure(proc.returncode, f"batchscore {command}")
+    if permanent is not None:
+        raise permanent
     if proc.returncode != 0:
         raise AirflowException(f"batchscore {command} exited with code {proc.returncode}")
     return out or ""
+
+
+def last_interval(schedule: str | None, tz: str, moment: datetime) -> tuple[datetime, datetime] | None:
+    """The schedule's last complete interval at ``moment`` (what the scheduler's latest run covered)."""
+    from zoneinfo import ZoneInfo
+
+    from croniter import croniter
+
+    if schedule is None or schedule in ("@once", "@continuous"):
+        return None
+    zone = ZoneInfo(tz)
+    local = moment.astimezone(zone).replace(tzinfo=None)
+    fires = croniter(_CRON_PRESETS.get(schedule, schedule), local + timedelta(microseconds=1))
+    end = fires.get_prev(datetime)
+    start = fires.get_prev(datetime)
+    return start.replace(tzinfo=zone), end.replace(tzinfo=zone)
+
+
+def run_dates(settings: JobSettings, params: Mapping[str, Any], logical_date: Any, run_after: Any) -> dict[str, Any]:
+    """The date keys (``ds``, ``logical_date``, ...) that a run's templates see.
+
+    A run with a logical date (the scheduler's runs, ``--logical-date``, backfills) keeps Airflow's
+    own values. A run without one (``airflow dags trigger`` or the API on Airflow 3) scores the
+    schedule's last complete interval at its ``run_after``, the date the scheduler's latest run
+    scored; a job without a cron schedule scores the ``run_after`` date. The ``date`` param wins over
+    both. Returns ``{}`` when Airflow's own values stand.
+    """
+    from zoneinfo import ZoneInfo
+
+    import pendulum
+
+    chosen = params.get(DATE_PARAM)
+    if chosen:
+        try:
+            day = date.fromisoformat(str(chosen))
+        except ValueError:
+            message = f"the '{DATE_PARAM}' param must be a date like 2024-06-01, got {chosen!r}"
+            raise AirflowFailException(message) from None
+        start = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(settings.timezone))
+        end, ds = start + timedelta(days=1), day.isoformat()
+    elif logical_date is not None:
+        return {}
+    else:
+        moment = pendulum.instance(run_after) if run_after is not None else pendulum.now("UTC")
+        start, end = last_interval(settings.schedule, settings.timezone, moment) or (moment, moment)
+        ds = pendulum.instance(start).in_timezone("UTC").strftime("%Y-%m-%d")  # as Airflow's own ``ds``
+    start, end = pendulum.instance(start), pendulum.instance(end)
+    ts = start.isoformat()
+    return {
+        "logical_date": start,
+        "data_interval_start": start,
+        "data_interval_end": end,
+        "ds": ds,
+        "ds_nodash": ds.replace("-", ""),
+        "ts": ts,
+        "ts_nodash": start.strftime("%Y%m%dT%H%M%S"),
+        "ts_nodash_with_tz": ts.replace("-", "").replace(":", ""),
+    }
+
+
+def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any:
+    """Render the job's templates for this run, on every kind of run (see ``run_dates``).
+
+    A template that still fails fails the task for good, naming the job file: a retry renders
+    the same template.
+    """
+    import logging
+
+    dag_run = context["dag_run"]
+    dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
+                      getattr(dag_run, "run_after", None))  # fmt: skip
+    if dates:
+        logging.getLogger("batchscore.dag").info("templates see ds=%s (%s)", dates["ds"], "the 'date' param"
+                                                 if context["params"].get(DATE_PARAM) else "no logical date: "
+                                                 "the schedule's last complete interval")  # fmt: skip
+    task_ = context["task"]
+    try:
+        return task_.render_template(value, {**context, **dates}, task_.dag.get_template_env())
+    except jinja2.TemplateError as exc:
+        raise AirflowFailException(f"{settings.source}: cannot render the job's templates: {exc}") from None
 
 
 def plan_uri(output: str) -> str:
@@ -471,11 +596,43 @@ def input_present(paths: list[str], marker: str | None, storage_options: Mapping
 # --------------------------------------------------------------------------- operators
 
 
+def permanent_failure(exit_code: int | None, where: str) -> AirflowFailException | None:
+    """The no-retry failure for an exit code that no retry can fix, else None."""
+    if exit_code not in _PERMANENT_EXIT_CODES:
+        return None
+    return AirflowFailException(
+        f"{where} exited with code {exit_code} ({_PERMANENT_EXIT_CODES[exit_code]}); not retrying"
+    )
+
+
+def pod_exit_code(pod: Any, container: str) -> int | None:
+    """The exit code of one container of a finished pod, if it terminated."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    return terminated.exit_code if terminated is not None else None
+
+
 def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
     """Score shards in pods: the image's entrypoint is ``batchscore``, the arguments the shard."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
+
+    class BatchscorePodOperator(KubernetesPodOperator):
+        """Fails for good when the scorer exits 2, 3 or 4 (every path, deferrable too, ends in cleanup)."""
+
+        def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().cleanup(pod, remote_pod, *args, **kwargs)
+            except AirflowFailException:
+                raise
+            except Exception as exc:
+                name = pod.metadata.name if pod is not None and pod.metadata else "?"
+                permanent = permanent_failure(pod_exit_code(remote_pod, self.base_container_name), f"pod {name}")
+                if permanent is not None:
+                    raise permanent from exc
+                raise
 
     secrets = [Secret("env", ref.env if ref.key else None, ref.secret, ref.key) for ref in settings.secrets]
     resources = k8s.V1ResourceRequirements(requests=settings.requests or None, limits=settings.limits or None)
@@ -486,7 +643,7 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
         optional["service_account_name"] = settings.service_account
     if settings.image_pull_policy:
         optional["image_pull_policy"] = settings.image_pull_policy
-    return KubernetesPodOperator.partial(
+    return BatchscorePodOperator.partial(
         task_id="score",
         name=f"batchscore-{settings.name}".lower().replace("_", "-")[:50],
         image="{{ params.image }}",
@@ -506,18 +663,29 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
 
 def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     """Score shards in local Docker containers; secrets are forwarded from the worker's environment."""
+    from airflow.providers.docker.exceptions import DockerContainerFailedSkipException
     from airflow.providers.docker.operators.docker import DockerOperator
 
     class BatchscoreDockerOperator(DockerOperator):
-        """Reads secret values at run time only, so they never reach the DAG, the UI or the logs."""
+        """Reads secret values at run time only, so they never reach the DAG, the UI or the logs.
+
+        Exit codes 2, 3 and 4 are the provider's "skip" codes, turned here into a failure without
+        retries: the provider reports those codes apart from any other failure.
+        """
 
         def __init__(self, *, secret_env: tuple[str, ...] = (), **kwargs: Any) -> None:
-            super().__init__(**kwargs)
+            super().__init__(skip_on_exit_code=sorted(_PERMANENT_EXIT_CODES), **kwargs)
             self.secret_env = secret_env
 
         def execute(self, context: Any) -> Any:
             self._private_environment = {k: os.environ[k] for k in self.secret_env if k in os.environ}
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except DockerContainerFailedSkipException as exc:
+                codes = ", ".join(f"{code} ({meaning})" for code, meaning in _PERMANENT_EXIT_CODES.items())
+                raise AirflowFailException(
+                    f"the scoring container exited with one of {codes}; see its log above; not retrying"
+                ) from exc
 
     optional: dict[str, Any] = {}
     if settings.docker_url:
@@ -613,6 +781,8 @@ def build_dag(settings: JobSettings) -> DAG:
         "rows_per_shard": Param(None, type=["null", "integer"], minimum=1,
                                 description=f"Rows per shard (job file: {settings.rows_per_shard or 'unset'})."),
     }  # fmt: skip
+    params[DATE_PARAM] = Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
+                               description="Score this date (YYYY-MM-DD) instead of the run's own.")  # fmt: skip
     if settings.runner != "local":
         params["image"] = Param(settings.image, type="string", description="Scoring image for this run.")
 
@@ -627,19 +797,20 @@ def build_dag(settings: JobSettings) -> DAG:
         tags=list(settings.tags),
         params=params,
         default_args=_retry_kwargs(settings),
+        template_undefined=RunTemplateUndefined,
         doc_md=f"Scores `{', '.join(settings.inputs)}` into `{settings.output}` "
         f"with the **{settings.runner}** runner. Job file: `{settings.source}`.",
     ) as dag:
-        common = list(settings.common_args)
-
         @task(task_id="plan")
-        def plan(common: list[str], output: str) -> list[list[str]]:
+        def plan() -> list[list[str]]:
             """Split the input into shards (Parquet footers only) and hand each shard its arguments."""
             import json
 
             from airflow.sdk import get_current_context
 
-            params = get_current_context()["params"]
+            context = get_current_context()
+            params = context["params"]
+            common, output = render(settings, [list(settings.common_args), settings.output], context)
             out = plan_uri(output)
             argv = [*_cli(settings), "plan", *common, *size_args(settings, params), "--out", out]
             document = json.loads(run_cli(argv, env=settings.env, capture_stdout=True))
@@ -649,15 +820,16 @@ def build_dag(settings: JobSettings) -> DAG:
             return shard_arguments(common, out, num_shards)
 
         @task(task_id="commit", outlets=[output_asset])
-        def commit(common: list[str], output: str) -> str:
+        def commit() -> str:
             """Publish the output only once every shard's receipt checks out."""
             from airflow.sdk import get_current_context
 
+            common, output = render(settings, [list(settings.common_args), settings.output], get_current_context())
             run_cli([*_cli(settings), "commit", *common, "--plan", plan_uri(output)], env=settings.env)
             get_current_context()["outlet_events"][output_asset].extra = {"output": output}
             return output
 
-        shard_args = plan(common, settings.output)
+        shard_args = plan()
         if settings.sensor is not None:
             sensor = settings.sensor
 
@@ -667,14 +839,18 @@ def build_dag(settings: JobSettings) -> DAG:
                 timeout=sensor.timeout,
                 mode=sensor.mode,
             )
-            def wait_for_input(paths: list[str], storage_options: dict[str, str]) -> bool:
+            def wait_for_input() -> bool:
+                from airflow.sdk import get_current_context
+
+                values = [list(sensor.path), dict(settings.storage_options)]
+                paths, storage_options = render(settings, values, get_current_context())
                 return input_present(paths, sensor.marker, storage_options)
 
-            wait_for_input(list(sensor.path), settings.storage_options) >> shard_args
+            wait_for_input() >> shard_args
 
         builders = {"kubernetes": _k8s_score, "docker": _docker_score, "local": _local_score}
         scored = builders[settings.runner](settings, shard_args)
-        scored >> commit(common, settings.output)
+        scored >> commit()
     return dag
 
 

@@ -89,6 +89,39 @@ def test_storage_option_needs_key_value(tmp_path: Path) -> None:
     assert result.exit_code == EXIT_USAGE and "key=value" in result.stderr
 
 
+def test_yaml_keys_without_a_value_count_as_absent(tmp_path: Path, binary_model_paths) -> None:
+    """``storage_options:`` or ``keep:`` with nothing after them are YAML nulls: as if not written."""
+    inputs = write_inputs(tmp_path / "in", files=1, rows=64)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {inputs[0]}\noutput: {tmp_path / 'out'}\nmodel: {binary_model_paths['model']}\n"
+                      f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\nstorage_options:\nkeep:\n"
+                      "features:\ntrusted_types:\n")
+    result = cli("run", "--config", config, "--storage-option", "auto_mkdir=true", "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rows"]["out"] == 64
+    import pyarrow.parquet as pq
+
+    # No keep list: every input column is passed through, as when the key is absent.
+    scored = pq.read_table(next((tmp_path / "out").glob("part-*.parquet")))
+    assert set(pq.read_schema(inputs[0]).names) <= set(scored.column_names)
+
+
+@pytest.mark.parametrize("written", ["1.10", "2", "yes", "true"])
+def test_a_version_yaml_reads_as_a_number_is_refused(tmp_path: Path, written: str) -> None:
+    from batchscore.config import build_config
+    from batchscore.errors import ConfigError
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: in/\noutput: out/\nmodel_version: {written}\n")
+    result = cli("validate", "--config", config)
+    assert result.exit_code == EXIT_USAGE
+    assert "setting 'model_version' must be text" in result.stderr and "quote it" in result.stderr
+    config.write_text(f"input: in/\noutput: out/\nmodel_version: '{written}'\n")
+    assert build_config(str(config)).model_version == written
+    with pytest.raises(ConfigError, match="setting 'output' must be text, but YAML read 2024 as a int"):
+        build_config(None, output=2024)
+
+
 def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -79,6 +79,11 @@ def score_tis(dag_run) -> list[Any]:
     return sorted((ti for ti in dag_run.get_task_instances() if ti.task_id == "score"), key=lambda t: t.map_index)
 
 
+def shard_tries(dag_run) -> dict[int, tuple[Any, int]]:
+    """Each shard's final state and how many tries it took."""
+    return {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(dag_run)}
+
+
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Three multi-row-group files for one date, a fitted model, and the single-process reference."""
@@ -127,7 +132,9 @@ def test_repository_configs_make_the_expected_graph(airflow_env: Path, monkeypat
     assert dag.get_task("score").upstream_task_ids == {"plan"}
     assert dag.get_task("commit").upstream_task_ids == {"score"}
     score = dag.get_task("score")
-    assert score.operator_class.__name__ == "KubernetesPodOperator"
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    assert issubclass(score.operator_class, KubernetesPodOperator)
     assert score.partial_kwargs["max_active_tis_per_dagrun"] == 8
     assert score.partial_kwargs["retries"] == 3
     assert score.partial_kwargs["execution_timeout"].total_seconds() == 7200
@@ -148,9 +155,11 @@ def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
     dag = load_dags()["batchscore_daily_churn"]
     context = {"ds": DAY, "params": {"image": dag.params["image"]}}
-    plan = dag.get_task("plan")
-    common = plan.render_template(plan.op_args[0], context)  # what the plan task receives
-    from batchscore_dagfactory import plan_uri, shard_arguments
+    from airflow_fixtures import REPO
+    from batchscore_dagfactory import load_jobs, plan_uri, shard_arguments
+
+    [job] = [j for j in load_jobs(REPO / "configs") if j.dag_id == dag.dag_id]
+    common = dag.get_task("plan").render_template(list(job.common_args), context)  # what the plan task runs
 
     shard_args = shard_arguments(common, plan_uri(f"s3://acme-scores/churn/dt={DAY}/"), 4)
 
@@ -225,6 +234,16 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky_env.yaml").unlink()
+    local = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
+    write_job(configs_dir, "version", {**base, "model_version": 1.10}, local)
+    with pytest.raises(DagConfigError, match=r"version\.yaml: setting 'model_version' must be text.*quote it"):
+        load_jobs(configs_dir)
+    (configs_dir / "version.yaml").unlink()
+    nulls = {**base, "storage_options": None, "keep": None}
+    write_job(configs_dir, "nulls", nulls, {**local, "env": None, "tags": None})
+    [parsed] = load_jobs(configs_dir)
+    assert "--storage-option" not in parsed.common_args and "--keep" not in parsed.common_args
+    (configs_dir / "nulls.yaml").unlink()
     write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
     assert load_jobs(configs_dir) == []
 
@@ -269,6 +288,142 @@ def test_permanent_cli_errors_are_not_retried(airflow_env: Path) -> None:
         run_cli([sys.executable, "-c", "raise SystemExit(1)"])
     assert not isinstance(info.value, AirflowFailException)
     assert run_cli([sys.executable, "-c", "print('{}')"], capture_stdout=True).strip() == "{}"
+
+
+def test_exit_codes_no_retry_can_fix_fail_the_pod_at_once(airflow_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod whose scorer exited 2/3/4 fails for good; exit 1 or an OOM kill stay retryable (no cluster)."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from kubernetes.client import models as k8s
+
+    monkeypatch.delenv("BATCHSCORE_CONFIGS_DIR", raising=False)
+    monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
+    dag = load_dags()["batchscore_daily_churn"]
+    op = dag.get_task("score").unmap({"arguments": ["run", "--shard", "0"]})
+    op.render_template_fields({"params": {"image": dag.params["image"]}})
+
+    def finished_pod(exit_code: int, reason: str = "Error") -> k8s.V1Pod:
+        terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, reason=reason)
+        status = k8s.V1ContainerStatus(name=op.base_container_name, image=op.image, image_id="", ready=False,
+                                       restart_count=0, state=k8s.V1ContainerState(terminated=terminated))  # fmt: skip
+        return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="batchscore-daily-churn-x", namespace="batchscore"),
+                         spec=k8s.V1PodSpec(containers=[k8s.V1Container(name=op.base_container_name)]),
+                         status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))  # fmt: skip
+
+    class FakeCoreV1:
+        """The two Kubernetes API calls cleanup makes for a failed pod: read it, label it as checked."""
+
+        def __init__(self) -> None:
+            self.pod: k8s.V1Pod | None = None
+            self.labelled: list[str] = []
+
+        def read_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> k8s.V1Pod:
+            return self.pod
+
+        def patch_namespaced_pod(self, name: str, namespace: str, body: dict[str, Any], **kwargs: Any) -> None:
+            self.labelled.append(name)
+
+    api = FakeCoreV1()
+    op.__dict__["client"] = api
+    for code, meaning in ((2, "usage or config error"), (3, "input data invalid"), (4, "model error")):
+        pod = api.pod = finished_pod(code)
+        with pytest.raises(AirflowFailException, match=f"exited with code {code} .{meaning}.; not retrying"):
+            op.cleanup(pod, pod)
+    for pod in (finished_pod(1), finished_pod(137, "OOMKilled")):
+        api.pod = pod
+        with pytest.raises(AirflowException, match="returned a failure") as info:
+            op.cleanup(pod, pod)
+        assert not isinstance(info.value, AirflowFailException)
+    assert len(api.labelled) == 5  # each failed pod was handled as the provider handles it
+
+
+class FakeDockerEngine:
+    """The few Docker Engine API calls DockerOperator makes, answering with a given exit code."""
+
+    def __init__(self, exit_code: int) -> None:
+        self.exit_code = exit_code
+        self.calls: list[str] = []
+
+    def images(self, name: str) -> list[dict[str, str]]:
+        return [{"Id": name}]
+
+    def create_host_config(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    def create_container(self, **kwargs: Any) -> dict[str, str]:
+        self.calls.append("create " + " ".join(kwargs["command"]))
+        return {"Id": "c0"}
+
+    def attach(self, **kwargs: Any) -> list[bytes]:
+        return [b"batchscore: input data invalid\n"]
+
+    def start(self, container: str) -> None:
+        self.calls.append("start")
+
+    def wait(self, container: str) -> dict[str, Any]:
+        return {"StatusCode": self.exit_code, "Error": None}
+
+    def remove_container(self, container: str, **kwargs: Any) -> None:
+        self.calls.append("remove")
+
+
+def test_exit_codes_no_retry_can_fix_fail_the_container_at_once(airflow_env: Path, configs_dir: Path) -> None:
+    """The Docker runner: exit 2/3/4 fail for good, exit 1 stays retryable, 0 succeeds (no Docker engine)."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev"}
+    write_job(configs_dir, "docker_codes", {"input": "s3://b/in/", "output": "s3://b/out/"}, docker)
+    dag = load_dags(configs_dir)["batchscore_docker_codes"]
+
+    def run_container(exit_code: int) -> FakeDockerEngine:
+        op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
+        op.render_template_fields({"params": {"image": "batchscore:dev"}})
+        engine = FakeDockerEngine(exit_code)
+        op.__dict__["hook"] = type("Hook", (), {"api_client": engine})()
+        op.execute({})
+        return engine
+
+    for code in (2, 3, 4):
+        with pytest.raises(AirflowFailException, match="not retrying"):
+            run_container(code)
+    with pytest.raises(AirflowException, match="Docker container failed") as info:
+        run_container(1)
+    assert not isinstance(info.value, AirflowFailException)
+    assert run_container(0).calls == ["create run --shard 0", "start", "remove"]
+
+
+def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_env: Path) -> None:
+    """Manual and API runs on Airflow 3 have no logical date: ``{{ ds }}`` is the date the scheduler last scored."""
+    from batchscore_dagfactory import parse_job, run_dates
+
+    def ds(schedule: str | None, run_after: datetime, params: dict[str, Any] | None = None, tz: str = "UTC") -> str:
+        job = parse_job("job.yaml", {"input": "in/", "output": "out/dt={{ ds }}/",
+                                     "dag": {"schedule": schedule, "start_date": "2024-01-01", "runner": "local",
+                                             "timezone": tz}})  # fmt: skip
+        return run_dates(job, params or {}, None, run_after)["ds"]
+
+    utc = timezone.utc
+    assert ds("@daily", datetime(2024, 6, 2, 10, 0, tzinfo=utc)) == DAY
+    assert ds("@daily", datetime(2024, 6, 2, 0, 0, tzinfo=utc)) == DAY  # right on the boundary
+    assert ds("0 3 * * *", datetime(2024, 6, 2, 2, 59, tzinfo=utc)) == "2024-05-31"  # 06-01 is not over yet
+    assert ds("0 3 * * *", datetime(2024, 6, 2, 3, 0, tzinfo=utc)) == DAY
+    assert ds("@weekly", datetime(2024, 6, 5, tzinfo=utc)) == "2024-05-26"
+    assert ds(None, datetime(2024, 6, 2, 10, 0, tzinfo=utc)) == "2024-06-02"  # manual-only job: the trigger date
+    assert ds("@daily", datetime(2024, 7, 15, tzinfo=utc), {"date": DAY}) == DAY
+    # Like Airflow's own ds, the UTC date of the interval's start (Amsterdam's June 1st starts May 31st 22:00 UTC).
+    assert ds("@daily", datetime(2024, 6, 2, 10, 0, tzinfo=utc), tz="Europe/Amsterdam") == "2024-05-31"
+    # A run with a logical date keeps Airflow's values.
+    daily = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
+    job = parse_job("job.yaml", {"input": "in/", "output": "out/", "dag": daily})
+    assert run_dates(job, {}, LOGICAL_DATE, datetime(2024, 6, 2, tzinfo=utc)) == {}
+
+
+def test_template_syntax_errors_fail_parsing(airflow_env: Path, configs_dir: Path) -> None:
+    from batchscore_dagfactory import DagConfigError, load_jobs
+
+    write_job(configs_dir, "broken", {"input": "in/", "output": "out/dt={{ ds }/"},
+              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"})  # fmt: skip
+    with pytest.raises(DagConfigError, match=r"broken\.yaml: output: template 'out/dt=\{\{ ds \}/' is not valid"):
+        load_jobs(configs_dir)
 
 
 @pytest.mark.slow
@@ -379,6 +534,13 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
     assert_same_scores(committed, read_parts(str(tmp_path / "reference")), rows)
 
 
+def run_wrapped(configs_dir: Path, data: dict[str, Any], scores: Path, name: str, wrapper: Path) -> Any:
+    """One dated run of a two-shard local job whose ``batchscore`` is started through ``wrapper``."""
+    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
+    write_job(configs_dir, name, local_job(data, scores), dag_cfg)
+    return load_dags(configs_dir)[f"batchscore_{name}"].test(logical_date=LOGICAL_DATE)
+
+
 FLAKY_WRAPPER = """\
 import os, subprocess, sys
 args = sys.argv[1:]
@@ -402,14 +564,70 @@ def test_a_shard_failing_once_is_retried_without_duplicates(
     wrapper = tmp_path / "flaky_batchscore.py"
     wrapper.write_text(FLAKY_WRAPPER.format(log=str(log), marker=str(marker)))
     scores = tmp_path / "scores"
-    dag_cfg = {**LOCAL_DAG, "shards": 2, "local_command": [sys.executable, str(wrapper)]}
-    write_job(configs_dir, "retry_e2e", local_job(local_data, scores), dag_cfg)
-    dag = load_dags(configs_dir)["batchscore_retry_e2e"]
-
-    run = dag.test(logical_date=LOGICAL_DATE)
+    run = run_wrapped(configs_dir, local_data, scores, "retry_e2e", wrapper)
     assert run.state == DagRunState.SUCCESS
-    tries = {ti.map_index: (ti.state, ti.try_number) for ti in score_tis(run)}
-    assert tries == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2)}
+    assert shard_tries(run) == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2)}
     shard_calls = [line for line in log.read_text().splitlines() if line.startswith("run ")]
     assert sum(line.endswith("--shard 1") for line in shard_calls) == 2 and len(shard_calls) == 3
     assert_same_scores(read_parts(str(scores / f"dt={DAY}")), local_data["reference"], local_data["rows"])
+
+
+@pytest.mark.slow
+def test_a_run_without_a_logical_date_scores_the_last_complete_day(
+    airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """``airflow dags trigger`` on Airflow 3: no logical date, so the run scores the day that last ended.
+
+    Then the ``date`` param picks the date explicitly, whenever the run is triggered.
+    """
+    from airflow.utils.state import DagRunState
+
+    scores = tmp_path / "scores"
+    write_job(configs_dir, "manual_e2e", local_job(local_data, scores), {**LOCAL_DAG, "shards": 2})
+    dag = load_dags(configs_dir)["batchscore_manual_e2e"]
+    output = scores / f"dt={DAY}"
+
+    run = dag.test(logical_date=None, run_after=datetime(2024, 6, 2, 9, 30, tzinfo=timezone.utc))
+    assert run.logical_date is None and run.state == DagRunState.SUCCESS
+    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"]
+    assert (output / "_SUCCESS").exists()
+    assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+
+    (output / "_SUCCESS").unlink()
+    rerun = dag.test(logical_date=None, run_after=datetime(2024, 7, 15, tzinfo=timezone.utc), run_conf={"date": DAY})
+    assert rerun.state == DagRunState.SUCCESS and len(score_tis(rerun)) == 2
+    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
+    assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+
+
+EXIT_WRAPPER = """\
+import subprocess, sys
+args = sys.argv[1:]
+if args[0] == "run":
+    sys.exit({code})  # e.g. the shard's input turned out to be invalid
+sys.exit(subprocess.call([sys.executable, "-m", "batchscore", *args]))
+"""
+
+
+@pytest.mark.slow
+def test_failures_no_retry_can_fix_use_one_try(
+    airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """With two retries configured, exit 3 from a shard and an undefined template each fail in one try."""
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    wrapper = tmp_path / "invalid_input.py"
+    wrapper.write_text(EXIT_WRAPPER.format(code=3))
+    scores = tmp_path / "scores"
+    run = run_wrapped(configs_dir, local_data, scores, "exit3_e2e", wrapper)
+    assert run.state == DagRunState.FAILED
+    assert shard_tries(run) == {0: (TaskInstanceState.FAILED, 1), 1: (TaskInstanceState.FAILED, 1)}
+    assert not (scores / f"dt={DAY}" / "_SUCCESS").exists()
+
+    typo = {**local_job(local_data, scores), "output": str(scores / "dt={{ dss }}") + "/"}
+    write_job(configs_dir, "typo_e2e", typo, LOCAL_DAG)
+    dag = load_dags(configs_dir)["batchscore_typo_e2e"]
+    run = dag.test(logical_date=LOGICAL_DATE)
+    assert run.state == DagRunState.FAILED
+    [plan] = [ti for ti in run.get_task_instances() if ti.task_id == "plan"]
+    assert (plan.state, plan.try_number) == (TaskInstanceState.FAILED, 1)
