@@ -93,7 +93,8 @@ def _lease(out: Path) -> dict:
 
 @pytest.mark.fault
 def test_racing_runs_commit_one_model_whole(race_job, tmp_path: Path) -> None:
-    """Two `run --overwrite` jobs with different models on one output, 0-0.2 s apart, 10 times."""
+    """Two `run --overwrite` jobs with different models on one output, 0-0.2 s apart, 10 times;
+    then twice with the second started while the first is writing."""
     inputs, table, models = race_job
     out = tmp_path / "out"
     rng = random.Random(20261125)
@@ -124,8 +125,21 @@ def test_racing_runs_commit_one_model_whole(race_job, tmp_path: Path) -> None:
         assert_exact(read_output(out), table, models[committed])
         assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left"
         assert _lease(out)["released"]
+    # How often the random starts overlap depends on how busy the machine is; the forced overlap
+    # below makes sure the refusal itself is exercised every time.
     print(f"{refused} of 10 racing trials overlapped (the later run refused)")
-    assert refused >= 3, f"only {refused} of 10 trials overlapped: the race was hardly tried"
+    for name, other in (("logistic", "boosting"), ("boosting", "logistic")):
+        first = _start_writing(_argv("run", inputs, out, models[name], "--overwrite"), out)
+        try:
+            os.killpg(first.pid, signal.SIGSTOP)  # mid-part, its lease held, while the other one starts
+            rc, err = _finish(_start(_argv("run", inputs, out, models[other], "--overwrite")))
+            assert rc == EXIT_USAGE and "is being written by another run: `run` on host" in err, err
+            os.killpg(first.pid, signal.SIGCONT)
+            assert _finish(first)[0] == 0
+        finally:
+            _kill_group(first)
+        assert _committed_model(out, models) == name
+        assert_exact(read_output(out), table, models[name])
 
 
 @pytest.mark.fault
