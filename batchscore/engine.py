@@ -73,11 +73,13 @@ def pandas_dtype(dtype: pa.DataType, has_nulls: bool) -> np.dtype:
     return np.dtype(dtype.to_pandas_dtype())
 
 
-def matrix_dtype(columns: Sequence[pa.Array | pa.ChunkedArray]) -> np.dtype:
+def matrix_dtype(columns: Sequence[pa.Array | pa.ChunkedArray], with_nulls: Sequence[bool] = ()) -> np.dtype:
     """The dtype scikit-learn gets from ``df[features]`` for these columns: NumPy's common type
     (scikit-learn's rule for a DataFrame), with objects (decimals, nullable booleans) as the
-    float64 it converts them to, value by value with ``float()``."""
-    common = np.result_type(*(pandas_dtype(c.type, c.null_count > 0) for c in columns))
+    float64 it converts them to, value by value with ``float()``. ``with_nulls`` marks columns
+    whose file holds nulls elsewhere (pandas types a column by the whole file)."""
+    marked = list(with_nulls) or [False] * len(columns)
+    common = np.result_type(*(pandas_dtype(c.type, c.null_count > 0 or m) for c, m in zip(columns, marked)))
     return np.dtype(np.float64) if common == object else common
 
 
@@ -116,11 +118,12 @@ class Predictor:
     def column_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
-    def feature_matrix(self, batch: pa.RecordBatch) -> np.ndarray:
+    def feature_matrix(self, batch: pa.RecordBatch, file_nulls: frozenset[str] = frozenset()) -> np.ndarray:
         """The matrix scikit-learn would get from this batch as a pandas DataFrame, padded with zero rows.
 
-        Its dtype is the one ``df[features]`` gives (float32 features stay float32, integers stay
-        integers until scikit-learn converts them, nulls become NaN); each value converts as NumPy
+        Its dtype is the one ``df[features]`` gives for the batch's file (float32 features stay
+        float32, integers stay integers until scikit-learn converts them, unless ``file_nulls``
+        names them: columns with nulls somewhere in the file); each value converts as NumPy
         converts it (decimals with ``float()``, int64 to float64 by rounding). Column-major, like the
         matrix pandas hands scikit-learn for a DataFrame. Its row count is
         padded to a multiple of ``ROW_ALIGNMENT`` because BLAS and SIMD kernels round the last few
@@ -129,7 +132,7 @@ class Predictor:
         """
         rows = batch.num_rows
         columns = [batch.column(name) for name in self.model.features]
-        dtype = matrix_dtype(columns)
+        dtype = matrix_dtype(columns, [name in file_nulls for name in self.model.features])
         matrix = np.zeros((rows + (-rows) % ROW_ALIGNMENT, len(columns)), dtype=dtype, order="F")
         for j, column in enumerate(columns):
             matrix[:rows, j] = column.to_numpy(zero_copy_only=False)  # decimals: Decimal objects, float() each

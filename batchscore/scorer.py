@@ -26,7 +26,7 @@ from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
 from .pool import WorkerDied, WorkerPool, report_progress
 from .sink import REJECT_REASON, REJECTED_DIR, TEMP_PATTERN, part_path, part_writer, rejected_path
-from .source import iter_batches
+from .source import columns_with_nulls, iter_batches
 from .storage import filesystem, is_local, join, make_durable
 from .validate import invalid_mask, invalid_reasons
 
@@ -123,13 +123,19 @@ class _UnitScorer:
         with contextlib.ExitStack() as stack:
             parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
+            file_nulls: frozenset[str] = frozenset()
+
+            def footer(meta: Any) -> None:
+                nonlocal file_nulls
+                file_nulls = columns_with_nulls(meta, task.model.features)
+
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
-                expected=self.file["identity"],
+                expected=self.file["identity"], on_footer=footer,
             ))
             for batch in batches:
                 n = batch.num_rows
-                matrix = predictor.feature_matrix(batch)
+                matrix = predictor.feature_matrix(batch, file_nulls)
                 bad = invalid_mask(matrix[:n])
                 if bad is not None:
                     self._handle_invalid(batch, bad, offset, stack)

@@ -49,10 +49,16 @@ def _columns(kind: str, rng: np.random.Generator, rows: int) -> dict[str, pa.Arr
         mask = np.zeros(rows, dtype=bool)
         mask[rng.choice(rows, 32, replace=False)] = True
         return {"a": pa.array(ints, mask=mask), "b": pa.array(x[:, 1]), "c": pa.array(x[:, 2].astype(np.float32))}
+    if kind == "int16_nulls_float32":  # nulls only early in the file: pandas makes the column float64 throughout
+        ints = np.round(x[:, 1] * 100).astype(np.int16)
+        mask = np.zeros(rows, dtype=bool)
+        mask[rng.choice(min(rows, 160), 16, replace=False)] = True
+        return {"a": pa.array(x[:, 0].astype(np.float32)), "b": pa.array(ints, mask=mask),
+                "c": pa.array(x[:, 2].astype(np.float32))}
     raise AssertionError(kind)
 
 
-KINDS = ["float32", "float16", "decimal", "int64_big", "all_int", "bool_float32", "int_nulls"]
+KINDS = ["float32", "float16", "decimal", "int64_big", "all_int", "bool_float32", "int_nulls", "int16_nulls_float32"]
 
 
 def _classifiers() -> dict[str, Callable[[], object]]:
