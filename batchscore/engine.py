@@ -6,6 +6,7 @@ estimator returns for ``scaler.transform`` of that row.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from datetime import datetime
 from typing import Any, Sequence
@@ -16,24 +17,25 @@ import pyarrow as pa
 from .model import LoadedModel
 
 
+#: Classifiers whose ``predict`` is the argmax of ``predict_proba`` (or of a decision function that
+#: ``predict_proba`` maps monotonically), so the class can be derived from the probabilities. Rows
+#: whose top two probabilities (nearly) tie are re-predicted with ``predict`` itself, which settles
+#: rounding at the decision boundary exactly. By module, as scikit-learn exports them.
+ARGMAX_CLASSIFIERS = {
+    "sklearn.linear_model": ("LogisticRegression",),
+    "sklearn.ensemble": ("HistGradientBoostingClassifier", "RandomForestClassifier", "ExtraTreesClassifier",
+                         "GradientBoostingClassifier"),
+    "sklearn.tree": ("DecisionTreeClassifier", "ExtraTreeClassifier"),
+}
+
+
 def argmax_classifiers() -> tuple[type, ...]:
-    """Classifiers whose ``predict`` is the argmax of ``predict_proba`` (or of a decision function
-    that ``predict_proba`` maps monotonically), so the class can be derived from the probabilities.
-
-    Rows whose top two probabilities (nearly) tie are re-predicted with ``predict`` itself, which
-    settles rounding at the decision boundary exactly.
-    """
-    from sklearn.ensemble import (
-        ExtraTreesClassifier,
-        GradientBoostingClassifier,
-        HistGradientBoostingClassifier,
-        RandomForestClassifier,
+    """The ``ARGMAX_CLASSIFIERS`` classes among those already imported: an instance of one of them
+    was loaded only if its module was imported, so nothing is imported just to ask."""
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, names in ARGMAX_CLASSIFIERS.items() if module in sys.modules for name in names
     )
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.tree import DecisionTreeClassifier, ExtraTreeClassifier
-
-    return (LogisticRegression, HistGradientBoostingClassifier, RandomForestClassifier, ExtraTreesClassifier,
-            DecisionTreeClassifier, ExtraTreeClassifier, GradientBoostingClassifier)
 
 
 def derives_class_from_proba(estimator: Any) -> bool:

@@ -136,3 +136,18 @@ def test_forest_saved_with_every_core_scores_single_threaded(tmp_path: Path) -> 
     x, table = read_inputs(inputs).to_pandas()[list(FEATURES)], read_output(out)
     assert np.array_equal(table.column("probability").to_numpy(), reference.predict_proba(x)[:, 1])
     assert np.array_equal(table.column("prediction").to_numpy(), reference.predict(x))
+
+
+def test_shortcut_is_chosen_by_class_not_by_name() -> None:
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.svm import SVC
+
+    from batchscore.engine import derives_class_from_proba
+
+    LookAlike = type("LogisticRegression", (SVC,), {})  # the name alone proves nothing
+    patched = LogisticRegression()
+    patched.predict = patched.decision_function  # an instance that replaces predict
+    assert derives_class_from_proba(LogisticRegression()) and derives_class_from_proba(GradientBoostingClassifier())
+    assert not derives_class_from_proba(LookAlike())
+    assert not derives_class_from_proba(CautiousLogisticRegression())
+    assert not derives_class_from_proba(patched)
