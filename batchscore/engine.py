@@ -16,6 +16,18 @@ import pyarrow as pa
 
 from .model import LoadedModel
 
+#: Feature matrices have a multiple of this many rows (see ``Predictor.feature_matrix``).
+ROW_ALIGNMENT = 16
+#: Gap between the top two probabilities under which a row is re-predicted with ``predict``.
+TIE_MARGIN = 1e-9
+#: Rows of each batch whose derived class is checked against ``predict`` itself.
+CHECKED_ROWS = 16
+
+PREDICTION = "prediction"
+PROBABILITY = "probability"
+PREDICTED_AT = "predicted_at"
+MODEL_VERSION = "model_version"
+PREDICTED_AT_TYPE = pa.timestamp("us", tz="UTC")
 
 #: Classifiers whose ``predict`` is the argmax of ``predict_proba`` (or of a decision function that
 #: ``predict_proba`` maps monotonically), so the class can be derived from the probabilities. Rows
@@ -49,20 +61,6 @@ def derives_class_from_proba(estimator: Any) -> bool:
                 for name in ("predict", "predict_proba")
             )
     return False
-
-#: Feature matrices have a multiple of this many rows (see ``Predictor.feature_matrix``).
-ROW_ALIGNMENT = 16
-#: Gap between the top two probabilities under which a row is re-predicted with ``predict``.
-TIE_MARGIN = 1e-9
-#: Rows of each batch whose derived class is checked against ``predict`` itself.
-CHECKED_ROWS = 16
-
-PREDICTION = "prediction"
-PROBABILITY = "probability"
-PREDICTED_AT = "predicted_at"
-MODEL_VERSION = "model_version"
-PREDICTED_AT_TYPE = pa.timestamp("us", tz="UTC")
-
 
 
 def pandas_dtype(dtype: pa.DataType, has_nulls: bool) -> np.dtype:
@@ -166,7 +164,8 @@ class Predictor:
             else:
                 columns += [proba[:, k] for k in range(proba.shape[1])]
         else:
-            columns.append(estimator.predict(scaled))
+            predicted = estimator.predict(scaled)
+            columns.append(predicted.ravel() if predicted.ndim == 2 else predicted)  # fitted on a one-column y
         arrays = [pa.array(values[:n], type=f.type) for values, f in zip(columns, self.fields)]
         arrays.append(pa.nulls(n, PREDICTED_AT_TYPE).fill_null(self.predicted_at))
         arrays.append(pa.nulls(n, pa.string()).fill_null(self.model_version))

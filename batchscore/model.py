@@ -332,7 +332,7 @@ def _refuse_multi_output(estimator: Any, uri: str, scaler: Any, width: int) -> N
                 answer = estimator.predict(scaler.transform(row) if scaler is not None else row)
         except Exception:  # a model that refuses a row of zeros: the run itself will tell
             return
-        if np.ndim(answer) <= 1:
+        if np.ndim(answer) <= 1 or np.shape(answer)[1] == 1:  # one column is one prediction per row
             return
         shape = f"{np.shape(answer)[1]} outputs"
     raise ModelError(

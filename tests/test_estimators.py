@@ -151,3 +151,17 @@ def test_shortcut_is_chosen_by_class_not_by_name() -> None:
     assert not derives_class_from_proba(LookAlike())
     assert not derives_class_from_proba(CautiousLogisticRegression())
     assert not derives_class_from_proba(patched)
+
+
+def test_regressor_fitted_on_a_one_column_target_scores(tmp_path: Path) -> None:
+    from sklearn.linear_model import Ridge
+    from sklearn.multioutput import MultiOutputRegressor
+
+    frame = training_frame()
+    model = MultiOutputRegressor(Ridge()).fit(frame[list(FEATURES)], frame[["total_charges"]])
+    assert model.predict(frame[list(FEATURES)].iloc[:2]).shape == (2, 1)
+    paths = save(tmp_path / "model", model=model)
+    result, inputs, out = _run(tmp_path, paths)
+    assert result.exit_code == 0, result.output + result.stderr
+    x = read_inputs(inputs).to_pandas()[list(FEATURES)]
+    assert np.array_equal(read_output(out).column("prediction").to_numpy(), model.predict(x).ravel())
