@@ -289,6 +289,58 @@ def _resolve_features(first: Any, features: Sequence[str] | None, expected: int 
     return tuple(features)
 
 
+@contextlib.contextmanager
+def _probing() -> Iterator[None]:
+    """Quiet, unchecked calls on a made-up row: only the shape of the answer matters."""
+    import sklearn
+
+    with sklearn.config_context(assume_finite=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _output_width(scaler: Any) -> int | None:
+    """How many columns the scaler's ``transform`` gives, from transforming one row: scikit-learn
+    records no output width on most transformers (PCA, PolynomialFeatures, ...). None if unknown
+    (a transformer that refuses a row of zeros is judged by the run itself)."""
+    import numpy as np
+
+    width = getattr(scaler, "n_features_in_", None)
+    if width is not None:
+        try:
+            with _probing():
+                shape = getattr(scaler.transform(np.zeros((1, width))), "shape", ())
+            if len(shape) == 2:
+                return int(shape[1])
+        except Exception:
+            pass
+    return getattr(scaler, "n_features_out_", None) or width
+
+
+def _refuse_multi_output(estimator: Any, uri: str, scaler: Any, width: int) -> None:
+    """A model that predicts several values per row has no one prediction column to write."""
+    import numpy as np
+
+    classes = getattr(estimator, "classes_", None)
+    outputs = getattr(estimator, "n_outputs_", 1)
+    if isinstance(classes, list) or (isinstance(outputs, int) and outputs > 1):
+        shape = f"{len(classes) if isinstance(classes, list) else outputs} outputs"
+    else:
+        try:
+            with _probing():
+                row = np.zeros((1, width))
+                answer = estimator.predict(scaler.transform(row) if scaler is not None else row)
+        except Exception:  # a model that refuses a row of zeros: the run itself will tell
+            return
+        if np.ndim(answer) <= 1 or np.shape(answer)[1] == 1:  # one column is one prediction per row
+            return
+        shape = f"{np.shape(answer)[1]} outputs"
+    raise ModelError(
+        f"model {uri} is a multi-output {type(estimator).__name__} ({shape} per row); batchscore writes one "
+        f"prediction per row: save one model per output and score each separately"
+    )
+
+
 def load_model(
     model_uri: str,
     scaler_uri: str | None = None,
@@ -314,7 +366,7 @@ def load_model(
         scaler, _ = _deserialize(scaler_artifact, scaler_data, policy.trusted_types)
         _check_fitted("scaler", scaler_artifact.uri, scaler, "transform")
         artifacts.append(scaler_artifact)
-        n_scaler = getattr(scaler, "n_features_out_", None) or getattr(scaler, "n_features_in_", None)
+        n_scaler = _output_width(scaler)
         n_model = getattr(estimator, "n_features_in_", None)
         if n_scaler is not None and n_model is not None and n_scaler != n_model:
             raise ModelError(
@@ -323,6 +375,7 @@ def load_model(
             )
     first, first_uri = (scaler, artifacts[1].uri) if scaler is not None else (estimator, model_artifact.uri)
     names = _resolve_features(first, features, getattr(first, "n_features_in_", None), first_uri)
+    _refuse_multi_output(estimator, model_artifact.uri, scaler, len(names))
 
     import sklearn
     from sklearn.base import is_classifier

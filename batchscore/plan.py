@@ -6,7 +6,7 @@ import bisect
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from .errors import ConfigError, InputDataError
@@ -19,6 +19,10 @@ PLAN_FORMAT = 2
 DEFAULT_ROWS_PER_PART = 524_288
 
 
+#: Fewest digits of the file and row group numbers in a part's name.
+PART_NUMBER_DIGITS = 5
+
+
 @dataclass(frozen=True)
 class Unit:
     """Consecutive row groups of one file that become one output part."""
@@ -26,11 +30,28 @@ class Unit:
     file: int
     row_groups: tuple[int, ...]
     rows: int
+    #: Digits of both numbers in the part's name: the same for every part of a plan, so that name
+    #: order is input order however many files and row groups there are. Not part of the plan's id.
+    digits: int = field(default=PART_NUMBER_DIGITS, compare=False)
+
+    @property
+    def first_row_group(self) -> int:
+        return self.row_groups[0] if self.row_groups else 0
 
     @property
     def part_name(self) -> str:
-        first = self.row_groups[0] if self.row_groups else 0
-        return f"part-{self.file:05d}-{first:05d}.parquet"
+        return f"part-{self.file:0{self.digits}d}-{self.first_row_group:0{self.digits}d}.parquet"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "row_groups": list(self.row_groups), "rows": self.rows}
+
+
+def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
+    """The shards with part names of one width: at least ``PART_NUMBER_DIGITS`` digits, more when
+    a file or row group number needs them."""
+    largest = max((max(u.file, u.first_row_group) for s in shards for u in s.units), default=0)
+    digits = max(PART_NUMBER_DIGITS, len(str(largest)))
+    return tuple(Shard(s.index, tuple(replace(u, digits=digits) for u in s.units)) for s in shards)
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,7 @@ class Plan:
         """Content hash of what is read, written and with which model (not when it was planned)."""
         body = {
             "files": self.files,
-            "shards": [[asdict(u) for u in s.units] for s in self.shards],
+            "shards": [[u.to_dict() for u in s.units] for s in self.shards],
             "output": self.output,
             "artifacts": [a["sha256"] for a in self.artifacts],
         }
@@ -92,7 +113,7 @@ class Plan:
                 {
                     "index": s.index,
                     "rows": s.rows,
-                    "units": [{"file": u.file, "row_groups": list(u.row_groups), "rows": u.rows} for u in s.units],
+                    "units": [u.to_dict() for u in s.units],
                 }
                 for s in self.shards
             ],
@@ -106,13 +127,13 @@ class Plan:
                     f"{source}: unsupported plan format {data.get('format')!r} (this batchscore reads format "
                     f"{PLAN_FORMAT}); make the plan again with `batchscore plan`"
                 )
-            shards = tuple(
+            shards = _named(tuple(
                 Shard(
                     index=s["index"],
                     units=tuple(Unit(u["file"], tuple(u["row_groups"]), u["rows"]) for u in s["units"]),
                 )
                 for s in data["shards"]
-            )
+            ))
             files = tuple(
                 {"uri": f["uri"], "size": f["size"], "row_groups": list(f["row_groups"]), "identity": dict(f["identity"])}
                 for f in data["files"]
@@ -205,9 +226,9 @@ def make_plan(
         shards = max(1, -(-total // rows_per_shard))
     count = shards or 1
     cuts = _split_points(weights, count)
-    shard_list = tuple(
+    shard_list = _named(tuple(
         Shard(k, tuple(_units(files, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count)
-    )
+    ))
     file_entries = tuple(
         {"uri": f.uri, "size": f.size, "row_groups": list(f.row_groups), "identity": dict(f.identity)} for f in files
     )

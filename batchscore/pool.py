@@ -28,6 +28,17 @@ PARENT_POLL_SECONDS = 0.2
 
 _PR_SET_PDEATHSIG = 1
 _parent_pid: int | None = None  # set in a worker: the process that forked it
+_report: Callable[[Any], None] | None = None  # set in a worker while it works on an item
+
+#: What a worker's message on its pipe is: the item's result, its exception, or progress on it.
+DONE, FAILED, PROGRESS = "done", "failed", "progress"
+
+
+def report_progress(value: Any) -> None:
+    """From a worker's ``work``: hand ``value`` to the parent's ``on_progress`` now, on the worker's
+    own pipe, before the item is done. Does nothing outside a worker."""
+    if _report is not None:
+        _report(value)
 
 
 class WorkerDied(Exception):
@@ -82,6 +93,7 @@ def _worker_main(
     conn: Connection, inherited: Sequence[Connection], parent: int,
     init: Callable[[], None], work: Callable[[Any], Any],
 ) -> None:
+    global _report
     try:
         # SIGTERM from the parent unwinds the unit in hand (its temporary file is removed on the
         # way out); Ctrl-C reaches the whole process group, but only the parent decides what stops.
@@ -104,18 +116,21 @@ def _worker_main(
             if item is None:
                 return
             token, payload = item
+            _report = lambda value, token=token: conn.send((token, PROGRESS, value))  # noqa: E731
             try:
                 if failed is not None:
                     raise failed
-                reply = (token, True, work(payload))
+                reply = (token, DONE, work(payload))
             except Exception as exc:
-                reply = (token, False, exc)
+                reply = (token, FAILED, exc)
+            finally:
+                _report = None
             try:
                 conn.send(reply)
             except (BrokenPipeError, EOFError):
                 raise
             except Exception as exc:  # an error that cannot be pickled: send its text
-                conn.send((token, False, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]} ({exc})")))
+                conn.send((token, FAILED, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]} ({exc})")))
     except (KeyboardInterrupt, BrokenPipeError, EOFError):
         os._exit(1)  # told to stop or orphaned: quietly, the parent reports what happened
 
@@ -153,8 +168,11 @@ class WorkerPool:
                     conn.close()
             raise
 
-    def map_unordered(self, items: Sequence[Any], order: Sequence[int]) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, result)`` as each item finishes, handing items out in ``order``.
+    def map_unordered(
+        self, items: Sequence[Any], order: Sequence[int], on_progress: Callable[[Any], None] | None = None
+    ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, result)`` as each item finishes, handing items out in ``order``; what
+        workers pass to ``report_progress`` meanwhile goes to ``on_progress``, as it arrives.
 
         A worker's exception is raised here; a worker that dies raises ``WorkerDied``.
         """
@@ -185,11 +203,15 @@ class WorkerPool:
                 if conn not in busy:  # a worker speaks only when asked: this is its end-of-file
                     raise self._died(conn)
                 try:
-                    index, ok, value = conn.recv()
+                    index, kind, value = conn.recv()
                 except (EOFError, OSError):
                     raise self._died(conn) from None
+                if kind == PROGRESS:
+                    if on_progress is not None:
+                        on_progress(value)
+                    continue
                 del busy[conn]
-                if not ok:
+                if kind == FAILED:
                     raise value
                 hand_out(conn)
                 yield index, value

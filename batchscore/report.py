@@ -23,10 +23,14 @@ def json_line(level: str, event: str, message: str, **fields: Any) -> str:
 class Reporter:
     """Writes events to stderr as text or JSON lines; ``progress`` tracks rows against a total."""
 
-    def __init__(self, log_format: str = "text", stream: IO[str] | None = None, quiet: bool = False):
+    def __init__(
+        self, log_format: str = "text", stream: IO[str] | None = None, quiet: bool = False,
+        log_interval: float = LOG_INTERVAL_SECONDS,
+    ):
         self.log_format = log_format
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.log_interval = log_interval  # seconds between progress lines when not interactive
 
     def event(self, name: str, message: str, **fields: Any) -> None:
         if self.quiet:
@@ -43,7 +47,10 @@ class Reporter:
 
 
 class Progress:
-    """Rows scored so far; a bar with rows/s and ETA when interactive, else periodic log lines."""
+    """Rows scored so far; a bar with rows/s and ETA when interactive, else periodic log lines.
+
+    Workers report every batch they score, so both move while a part is still being written.
+    """
 
     def __init__(self, reporter: Reporter, total: int, interactive: bool):
         self.reporter, self.total, self.interactive = reporter, total, interactive
@@ -71,7 +78,7 @@ class Progress:
             self._bar.update(rows, current_item=self.done)
             return
         now = time.monotonic()
-        if now - self.last_log >= LOG_INTERVAL_SECONDS:
+        if now - self.last_log >= self.reporter.log_interval:
             self.last_log = now
             share = self.done / self.total if self.total else 1.0
             eta = (self.total - self.done) / self.rate if self.rate else 0.0

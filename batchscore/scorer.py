@@ -24,9 +24,9 @@ from .errors import InputDataError, StorageError
 from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
-from .pool import WorkerDied, WorkerPool
+from .pool import WorkerDied, WorkerPool, report_progress
 from .sink import REJECT_REASON, REJECTED_DIR, TEMP_PATTERN, part_path, part_writer, rejected_path
-from .source import iter_batches
+from .source import columns_with_nulls, iter_batches
 from .storage import filesystem, is_local, join, make_durable
 from .validate import invalid_mask, invalid_reasons
 
@@ -123,13 +123,19 @@ class _UnitScorer:
         with contextlib.ExitStack() as stack:
             parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
+            file_nulls: frozenset[str] = frozenset()
+
+            def footer(meta: Any) -> None:
+                nonlocal file_nulls
+                file_nulls = columns_with_nulls(meta, task.model.features)
+
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
-                expected=self.file["identity"],
+                expected=self.file["identity"], on_footer=footer,
             ))
             for batch in batches:
                 n = batch.num_rows
-                matrix = predictor.feature_matrix(batch)
+                matrix = predictor.feature_matrix(batch, file_nulls)
                 bad = invalid_mask(matrix[:n])
                 if bad is not None:
                     self._handle_invalid(batch, bad, offset, stack)
@@ -144,6 +150,7 @@ class _UnitScorer:
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
+                report_progress(n)
         return UnitResult(
             part=self.unit.part_name,
             rows_in=rows_in,
@@ -194,7 +201,25 @@ def _init_worker(task: ScoreTask) -> None:
 
     threadpool_limits(1)
     pa.set_cpu_count(1)
+    for part in (task.model.estimator, task.model.scaler):
+        single_threaded(part)
     _WORKER = (task, Predictor(task.model, task.model_version, task.predicted_at))
+
+
+def single_threaded(estimator: Any) -> None:
+    """Set every ``n_jobs`` of an estimator (and of its steps) to 1: a forest saved with
+    ``n_jobs=-1`` would otherwise start a thread per core in each worker. Its predictions are
+    then the model's own single-threaded ones (threads add up trees' votes in whatever order
+    they finish)."""
+    get_params = getattr(estimator, "get_params", None)
+    if get_params is None:
+        return
+    try:
+        names = [name for name in get_params(deep=True) if name == "n_jobs" or name.endswith("__n_jobs")]
+        if names:
+            estimator.set_params(**{name: 1 for name in names})
+    except Exception:  # an estimator whose parameters cannot be set back: leave it as it is
+        pass
 
 
 def _worker_score(unit: Unit) -> UnitResult:
@@ -207,6 +232,8 @@ def score_units(
     task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None
 ) -> list[UnitResult]:
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
+
+    ``on_rows`` hears of every batch as its rows are scored, not only of whole units.
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
     imported libraries and the loaded model cost nothing to share, a worker's memory is only what
@@ -230,12 +257,10 @@ def score_units(
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     try:
         flushes: list[Future[None]] = []
-        for index, result in pool.map_unordered(units, order):
+        for index, result in pool.map_unordered(units, order, on_rows):
             results[index] = result
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
-            if on_rows is not None:
-                on_rows(result.rows_in)
         pool.close()
         for flush in flushes:
             flush.result()

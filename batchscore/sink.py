@@ -2,7 +2,8 @@
 
 Layout under the output directory::
 
-    part-FFFFF-RRRRR.parquet        predictions; name order is input order
+    part-FFFFF-RRRRR.parquet        predictions; name order is input order (file and first row
+                                    group, with more digits when an output needs them, all alike)
     _rejected/part-FFFFF-RRRRR.parquet   invalid rows with a reason (``--on-invalid quarantine``)
     _receipts/shard-IIIII.json      what each shard wrote
     _lease.json                     which job may write here now (see lease.py)
@@ -30,7 +31,7 @@ PLAN_FILE = "_plan.json"
 MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 REJECT_REASON = "reject_reason"
-PART_PATTERN = re.compile(r"^part-\d{5}-\d{5}\.parquet$")
+PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet$")
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding

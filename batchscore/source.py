@@ -7,7 +7,7 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,6 +175,21 @@ def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
     return storage_error(f"cannot read {uri}{where}", exc) or exc
 
 
+def columns_with_nulls(meta: pq.FileMetaData, columns: Sequence[str]) -> frozenset[str]:
+    """Which of ``columns`` hold a null anywhere in the file, by the footer's statistics (a column
+    chunk without a null count is taken to hold none: its batches still tell their own nulls)."""
+    index = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
+    found = set()
+    for name in columns:
+        j = index.get(name)
+        for i in range(meta.num_row_groups if j is not None else 0):
+            stats = meta.row_group(i).column(j).statistics
+            if stats is not None and stats.has_null_count and stats.null_count > 0:
+                found.add(name)
+                break
+    return frozenset(found)
+
+
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
     """Row groups, schema and identity from the footer alone."""
     with open_parquet(uri, storage_options) as (pf, identity):
@@ -200,14 +215,18 @@ def iter_batches(
     storage_options: Mapping[str, Any] | None = None,
     use_threads: bool = True,
     expected: Mapping[str, Any] | None = None,
+    on_footer: Callable[[pq.FileMetaData], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time.
 
-    With ``expected`` (the identity the plan recorded) a file rewritten since is refused.
+    With ``expected`` (the identity the plan recorded) a file rewritten since is refused;
+    ``on_footer`` is shown the file's footer before the first batch.
     """
     if not row_groups:
         return
     with open_parquet(uri, storage_options, expected) as (pf, _):
+        if on_footer is not None:
+            on_footer(pf.metadata)
         try:
             yield from pf.iter_batches(
                 batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads

@@ -90,6 +90,8 @@ def check_schemas(
 
 def invalid_mask(matrix: np.ndarray) -> np.ndarray | None:
     """Rows with a null, NaN or infinite feature (nulls are NaN by now); None when all are valid."""
+    if matrix.dtype.kind in "biu":  # integers and booleans hold no NaN: a null made the matrix float
+        return None
     finite = np.isfinite(matrix)
     if finite.all():
         return None

@@ -192,3 +192,50 @@ def test_plan_over_a_thousand_files(tmp_path: Path, binary_model_paths) -> None:
     rows = [s["rows"] for s in plan["shards"]]
     assert sum(rows) == plan["total_rows"] == sum(16 + 16 * (i % 4) for i in range(1_000))
     assert max(rows) - min(rows) <= 16
+
+
+def _footers(row_groups: list[int]) -> list[InputFile]:
+    schema = pa.schema([("x", pa.float64())])
+    return [InputFile(f"/data/{i}.parquet", 10, (1,) * n, schema, {"size": 10}) for i, n in enumerate(row_groups)]
+
+
+def test_part_names_grow_past_five_digits_and_keep_input_order() -> None:
+    """100,001 row groups cut one per part: every name of the output gets six digits, so that
+    name order is still input order, and every check that matches part names accepts them."""
+    import hashlib
+
+    from batchscore.plan import Plan
+    from batchscore.sink import PART_PATTERN
+
+    plan = make_plan(_footers([3, 100_001]), "/out", [], shards=2, rows_per_part=1)
+    units = [u for s in plan.shards for u in s.units]
+    names = [u.part_name for u in units]
+    assert len(names) == 100_004 and len(set(names)) == len(names)
+    assert names[0] == "part-000000-000000.parquet" and names[-1] == "part-000001-100000.parquet"
+    assert sorted(names) == names
+    assert all(PART_PATTERN.match(n) for n in names)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert [u.part_name for s in again.shards for u in s.units] == names and again.plan_id == plan.plan_id
+
+    small = make_plan(_footers([3, 2]), "/out", [], rows_per_part=1)
+    assert [u.part_name for u in small.shards[0].units][:2] == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
+    # Plans made before names could grow keep their id: it hashes the same content.
+    body = {"files": small.files, "output": small.output, "artifacts": [],
+            "shards": [[{"file": u.file, "row_groups": list(u.row_groups), "rows": u.rows} for u in s.units]
+                       for s in small.shards]}
+    assert small.plan_id == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_commit_clean_up_knows_wide_part_names(tmp_path: Path) -> None:
+    import fsspec
+
+    from batchscore.sink import iter_own_files
+
+    (tmp_path / "_rejected").mkdir()
+    for name in ["part-123456-000000.parquet", "part-00001-00000.parquet", ".part-123456-000000.parquet.tmp-0a1b",
+                 "_rejected/part-100000-000007.parquet", "parts.txt", "part-1-2.parquet"]:
+        (tmp_path / name).write_bytes(b"")
+    found = sorted(path.rsplit("/", 2)[-1] if "_rejected" not in path else "_rejected/" + path.rsplit("/", 1)[-1]
+                   for _, path in iter_own_files(fsspec.filesystem("file"), str(tmp_path)))
+    assert found == [".part-123456-000000.parquet.tmp-0a1b", "_rejected/part-100000-000007.parquet",
+                     "part-00001-00000.parquet", "part-123456-000000.parquet"]

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from batchscore import report
+from batchscore import job
+from batchscore.config import JobConfig
 from batchscore.report import Reporter
-from helpers import REPO, cli
+from helpers import REPO, cli, write_inputs
 
 
 class Terminal(io.StringIO):
@@ -29,10 +30,9 @@ def test_progress_bar_in_a_terminal_shows_rate_and_eta() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
-def test_periodic_lines_when_not_a_terminal(monkeypatch, fmt: str) -> None:
-    monkeypatch.setattr(report, "LOG_INTERVAL_SECONDS", 0.0)
+def test_periodic_lines_when_not_a_terminal(fmt: str) -> None:
     stream = io.StringIO()
-    with Reporter(fmt, stream).progress(300) as progress:
+    with Reporter(fmt, stream, log_interval=0.0).progress(300) as progress:
         for _ in range(3):
             progress.advance(100)
     lines = stream.getvalue().splitlines()
@@ -53,3 +53,21 @@ def test_sample_model_loads_without_version_warnings(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         result = cli("inspect", tmp_path / "model" / "model.joblib", "--scaler", tmp_path / "model" / "scaler.joblib")
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_moves_with_every_batch_not_every_part(tmp_path: Path, binary_model_paths, workers: int) -> None:
+    """Each part here is a whole file of 8 batches: progress must hear of each batch as it is
+    scored, from every worker (counted, not timed)."""
+    inputs = write_inputs(tmp_path / "in", files=2, rows=4_816, row_group_size=1_204)
+    config = JobConfig(
+        input=tuple(str(p) for p in inputs), output=str(tmp_path / "out"), model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]), batch_size=602, workers=workers, log_format="json",
+    )
+    stream = io.StringIO()
+    manifest = job.run(config, Reporter("json", stream, log_interval=0.0))
+    assert len(manifest["parts"]) == 2
+    done = [json.loads(line)["rows_done"] for line in stream.getvalue().splitlines() if '"progress"' in line]
+    assert len(done) == 16  # 2 files x 4 row groups x 2 batches
+    assert [b - a for a, b in zip([0] + done, done)] == [602] * 16
+    assert done[-1] == 9_632
