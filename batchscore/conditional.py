@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 
 from .errors import StorageError
-from .storage import full_uri, is_local, write_bytes_atomic
+from .storage import S3_PROTOCOLS, full_uri, is_local, write_bytes_atomic
 
 
 class PreconditionFailed(Exception):
@@ -31,7 +31,7 @@ def _content_tag(data: bytes) -> str:
 
 def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return bool({"s3", "s3a"} & set(protocols))
+    return bool(set(S3_PROTOCOLS) & set(protocols))
 
 
 def _require_conditional(fs: fsspec.AbstractFileSystem, path: str) -> None:
