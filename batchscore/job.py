@@ -17,24 +17,25 @@ from . import __version__
 from .config import JobConfig
 from .engine import Predictor
 from .errors import ConfigError, InputDataError
-from .lease import LEASE_FILE, Lease, held, plan_holder, run_holder
+from .layout import check_output, plan_path, state_folder
+from .lease import Lease, held, plan_holder, run_holder
 from .model import Artifact, ArtifactPolicy, LoadedModel, artifact_digests, artifact_roles, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
 from .scorer import ScoreTask, score_units
 from .sink import (
     ATTEMPT_KEY,
-    MANIFEST_FILE,
-    PLAN_FILE,
-    RECEIPTS_DIR,
-    REJECTED_DIR,
-    SUCCESS_FILE,
     iter_own_files,
     listing,
+    manifest_path,
     part_path,
     read_json,
     receipt_path,
+    receipts_folder,
+    rejected_folder,
+    rejected_name,
     rejected_path,
+    success_path,
     uncommit,
     write_json,
 )
@@ -74,7 +75,9 @@ def _now() -> datetime:
 def _normalize_output(config: JobConfig) -> str:
     config.require("output")
     fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
-    return full_uri(fs, fs._strip_protocol(path).rstrip("/"))
+    output = full_uri(fs, fs._strip_protocol(path).rstrip("/"))
+    check_output(output)  # its state goes beside it: a root has no beside
+    return output
 
 
 def prepare(
@@ -116,7 +119,7 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")
-        leftovers = [n for n in listing(fs, path) if n not in (PLAN_FILE, LEASE_FILE)]
+        leftovers = listing(fs, path)
         if leftovers and not config.overwrite:
             raise ConfigError(
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
@@ -125,20 +128,22 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
 
 
 def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:
-    """Refuse an output equal to, inside, or holding any input: the input is never at risk.
+    """Refuse an output (or its state folder) equal to, inside, or holding any input: the input is
+    never at risk.
 
     Locations are compared, not spellings: ``out/../data``, ``data/./``, a symlink to the input
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
     input file (which may itself be a symlink into the output).
     """
-    out = location(output)
+    written = [(f"output {output}", location(output)), (f"output {output}'s state folder", location(state_folder(output)))]
     inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
-    for name, where in inputs:
-        if overlapping(where, out):
-            raise ConfigError(
-                f"output {output} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
-            )
+    for what, out in written:
+        for name, where in inputs:
+            if overlapping(where, out):
+                raise ConfigError(
+                    f"{what} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
+                )
 
 
 def validate(config: JobConfig) -> Prepared:
@@ -178,6 +183,7 @@ def plan(
     guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
     if out:
         guard_overlap(config, out, [f.uri for f in prepared.files])
+        guard_plan_file(prepared.output, out)
     result = _plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=_now().isoformat())
     if not out:  # nothing is written: the job's first shard takes the lease
         return result
@@ -188,6 +194,13 @@ def plan(
         plan_fs, plan_path = filesystem(out, config.storage_options)
         write_json(plan_fs, plan_path, result.to_dict())
     return result
+
+
+def guard_plan_file(output: str, out: str) -> None:
+    """A plan written into the output folder would be read as data (Polars refuses the folder)."""
+    if overlapping(location(out), location(output)):
+        raise ConfigError(f"plan --out {out} is inside output {output}, where readers would see it; "
+                          f"write it to {plan_path(output)}")
 
 
 def _held(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
@@ -306,13 +319,16 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
                    f"{min(workers, max(1, len(shard.units)))} worker(s)", shard=index, rows=shard.rows)
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
-    uploads = [u.part_name for u in shard.units] + [f"{REJECTED_DIR}/{u.part_name}" for u in shard.units]
-    abort_uploads(fs, out_path, uploads)
+    uploads = {out_path: [u.part_name for u in shard.units],
+               rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
+    for folder, names in uploads.items():
+        abort_uploads(fs, folder, names)
     try:
         with reporter.progress(shard.rows) as progress:
             results = score_units(task, shard.units, workers, progress.advance)
     except BaseException as exc:
-        abort_uploads_after_failure(fs, out_path, uploads, exc)
+        for folder, names in uploads.items():
+            abort_uploads_after_failure(fs, folder, names, exc)
         raise
     invalid = sum(r.rows_invalid for r in results)
     if invalid > task.max_invalid_rows:
@@ -468,19 +484,19 @@ def commit(
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
     own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
     present = {path for kind, path in own if kind == "part"}
-    absent = [p["name"] for p in parts if join(out_path, p["name"]) not in present]
+    absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
     if absent:
         raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
     _check_part_attempts(config, the_plan.output, receipts)
-    keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, "_rejected", r) for r in rejected}
+    keep = {part_path(out_path, p["name"]) for p in parts} | {rejected_path(out_path, r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
     lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
-    for name in listing(fs, join(out_path, RECEIPTS_DIR)):
+    for name in listing(fs, receipts_folder(out_path)):
         if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
-            remove_if_exists(fs, join(out_path, RECEIPTS_DIR, name))
+            remove_if_exists(fs, join(receipts_folder(out_path), name))
     first = receipts[min(receipts)]
     manifest = {
         "output": the_plan.output,
@@ -495,15 +511,16 @@ def commit(
         "on_invalid": config.on_invalid,
         "schema": first["schema"],
         "parts": parts,
-        "rejected_parts": rejected,
+        "state": state_folder(the_plan.output),
+        "rejected_parts": [rejected_name(r) for r in rejected],
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
                     "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
-    write_json(fs, join(out_path, MANIFEST_FILE), manifest)
-    write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
+    write_json(fs, manifest_path(out_path), manifest)
+    write_bytes_atomic(fs, success_path(out_path), b"")
     reporter.event("committed", f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
                    output=the_plan.output, rows_out=manifest["rows"]["out"])
     return manifest

@@ -25,7 +25,7 @@ from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .plan import Unit
 from .pool import WorkerDied, WorkerPool, report_progress
-from .sink import REJECT_REASON, REJECTED_DIR, TEMP_PATTERN, part_path, part_writer, rejected_path
+from .sink import REJECT_REASON, TEMP_PATTERN, part_path, part_writer, rejected_folder, rejected_name, rejected_path
 from .source import columns_with_nulls, iter_batches
 from .storage import filesystem, is_local, join, make_durable
 from .validate import invalid_mask, invalid_reasons
@@ -296,8 +296,8 @@ def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit]) -> None:
     """
     if not is_local(fs):
         return  # object stores publish nothing until an upload completes
-    prefixes = tuple(f".{u.part_name}.tmp-" for u in units)
-    for folder in (base, join(base, REJECTED_DIR)):
+    prefixes = tuple(f".{name}.tmp-" for u in units for name in (u.part_name, rejected_name(u.part_name)))
+    for folder in (base, rejected_folder(base)):
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):
                 if name.startswith(prefixes) and TEMP_PATTERN.match(name):

@@ -30,11 +30,11 @@ except ImportError:  # Airflow 3.0
 # Light: the job keys and their checks only (no data stack, no model code).
 from batchscore.config import CONFIG_KEYS, TEXT_KEYS, check_text
 from batchscore.errors import ConfigError
+from batchscore.layout import check_output, plan_path
 
 RUNNERS = ("kubernetes", "docker", "local")
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
 RUNNER_ENV = "BATCHSCORE_RUNNER"
-PLAN_NAME = "_plan.json"
 
 _DAG_KEYS = (
     "dag_id", "description", "tags", "schedule", "timezone", "start_date", "end_date", "catchup",
@@ -341,6 +341,10 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     _check_templates({**job, "dag.env": dag_cfg.get("env"), "dag.sensor": dag_cfg.get("sensor")}, source)
     if not job.get("input") or not job.get("output"):
         raise _fail(source, "a scheduled job needs 'input' and 'output'")
+    try:
+        check_output(str(job["output"]))
+    except ConfigError as exc:
+        raise _fail(source, str(exc)) from None
     name = Path(source).stem
 
     runner = os.environ.get(RUNNER_ENV) or dag_cfg.get("runner", "kubernetes")
@@ -553,7 +557,8 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
 
 
 def plan_uri(output: str) -> str:
-    return output.rstrip("/") + "/" + PLAN_NAME
+    """The shared plan, in the output's state folder (never inside the output, where readers look)."""
+    return plan_path(output)
 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:

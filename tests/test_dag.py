@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from airflow_fixtures import DAGS_FOLDER
-from helpers import binary_model, read_inputs, write_inputs
+from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 
+from batchscore.layout import STATE_ROOT, plan_path
 from batchscore.sample import FEATURES
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
@@ -171,7 +172,7 @@ def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPat
     assert container.image == "ghcr.io/acme/batchscore:0.1.0"
     assert not container.command  # empty: the image's ENTRYPOINT (batchscore) runs the args
     args = container.args
-    assert args[0] == "run" and args[-4:] == ["--plan", f"s3://acme-scores/churn/dt={DAY}/_plan.json", "--shard", "2"]
+    assert args[0] == "run" and args[-4:] == ["--plan", plan_path(f"s3://acme-scores/churn/dt={DAY}"), "--shard", "2"]
     assert args[args.index("--input") + 1] == f"s3://acme-events/churn/dt={DAY}/"
     assert args[args.index("--output") + 1] == f"s3://acme-scores/churn/dt={DAY}/"
     assert "--overwrite" in args and "region_name=eu-west-1" in args and "{{" not in " ".join(args)
@@ -473,7 +474,7 @@ def test_local_run_commits_what_a_single_process_scores(
     assert run.state == DagRunState.SUCCESS
     assert [ti.map_index for ti in score_tis(run)] == [0, 1, 2]
     output = scores / f"dt={DAY}"
-    assert (output / "_SUCCESS").exists() and (output / "_manifest.json").exists()
+    assert (output / "_SUCCESS").exists() and read_manifest(output)["rows"]["out"] == local_data["rows"]
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
     first_parts = sorted(p.name for p in output.glob("part-*.parquet"))
 
@@ -589,14 +590,14 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
 
     run = dag.test(logical_date=None, run_after=datetime(2024, 6, 2, 9, 30, tzinfo=timezone.utc))
     assert run.logical_date is None and run.state == DagRunState.SUCCESS
-    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"]
+    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"]
     assert (output / "_SUCCESS").exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
 
     (output / "_SUCCESS").unlink()
     rerun = dag.test(logical_date=None, run_after=datetime(2024, 7, 15, tzinfo=timezone.utc), run_conf={"date": DAY})
     assert rerun.state == DagRunState.SUCCESS and len(score_tis(rerun)) == 2
-    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
+    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
 
 
