@@ -556,6 +556,27 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
         raise AirflowFailException(f"{settings.source}: cannot render the job's templates: {exc}") from None
 
 
+class RunDatesMixin:
+    """For an operator class: its templated fields (``dag.env`` among them) see the same dates as the
+    job's templates (see ``run_dates``), so ``{{ ds }}`` means one date everywhere in a run."""
+
+    job_settings: JobSettings
+
+    def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Any, jinja_env: Any,
+                                   seen_oids: set[int]) -> None:  # fmt: skip
+        dag_run = context.get("dag_run")
+        if dag_run is not None:
+            dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
+                              getattr(dag_run, "run_after", None))  # fmt: skip
+            context = {**context, **dates}
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]
+
+
+def rendered_env(settings: JobSettings, context: Mapping[str, Any]) -> dict[str, str]:
+    """``dag.env`` for the command the worker itself runs, rendered like the job's templates."""
+    return render(settings, dict(settings.env), context)
+
+
 def plan_uri(output: str) -> str:
     """The shared plan, in the output's state folder (never inside the output, where readers look)."""
     return plan_path(output)
@@ -624,8 +645,10 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
 
-    class BatchscorePodOperator(KubernetesPodOperator):
+    class BatchscorePodOperator(RunDatesMixin, KubernetesPodOperator):
         """Fails for good when the scorer exits 2, 3 or 4 (every path, deferrable too, ends in cleanup)."""
+
+        job_settings = settings
 
         def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -671,12 +694,14 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     from airflow.providers.docker.exceptions import DockerContainerFailedSkipException
     from airflow.providers.docker.operators.docker import DockerOperator
 
-    class BatchscoreDockerOperator(DockerOperator):
+    class BatchscoreDockerOperator(RunDatesMixin, DockerOperator):
         """Reads secret values at run time only, so they never reach the DAG, the UI or the logs.
 
         Exit codes 2, 3 and 4 are the provider's "skip" codes, turned here into a failure without
         retries: the provider reports those codes apart from any other failure.
         """
+
+        job_settings = settings
 
         def __init__(self, *, secret_env: tuple[str, ...] = (), **kwargs: Any) -> None:
             super().__init__(skip_on_exit_code=sorted(_PERMANENT_EXIT_CODES), **kwargs)
@@ -723,7 +748,9 @@ def _local_score(settings: JobSettings, shard_args: Any) -> Any:
         execution_timeout=settings.execution_timeout,
     )
     def score(arguments: list[str]) -> None:
-        run_cli([*_cli(settings), *arguments], env=settings.env)
+        from airflow.sdk import get_current_context
+
+        run_cli([*_cli(settings), *arguments], env=rendered_env(settings, get_current_context()))
 
     return score.expand(arguments=shard_args)
 
@@ -818,7 +845,7 @@ def build_dag(settings: JobSettings) -> DAG:
             common, output = render(settings, [list(settings.common_args), settings.output], context)
             out = plan_uri(output)
             argv = [*_cli(settings), "plan", *common, *size_args(settings, params), "--out", out]
-            document = json.loads(run_cli(argv, env=settings.env, capture_stdout=True))
+            document = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
             num_shards = int(document["num_shards"])
             if num_shards < 1:
                 raise ValueError(f"the plan for {output} has no shard")
@@ -829,8 +856,9 @@ def build_dag(settings: JobSettings) -> DAG:
             """Publish the output only once every shard's receipt checks out."""
             from airflow.sdk import get_current_context
 
-            common, output = render(settings, [list(settings.common_args), settings.output], get_current_context())
-            run_cli([*_cli(settings), "commit", *common, "--plan", plan_uri(output)], env=settings.env)
+            context = get_current_context()
+            common, output = render(settings, [list(settings.common_args), settings.output], context)
+            run_cli([*_cli(settings), "commit", *common, "--plan", plan_uri(output)], env=rendered_env(settings, context))
             get_current_context()["outlet_events"][output_asset].extra = {"output": output}
             return output
 
