@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -200,6 +199,13 @@ def test_invalid_rows_skip_and_quarantine(tmp_path: Path, binary_model_paths) ->
     rejected = pq.read_table(rejected_file(out))
     assert rejected.column("customer_id").to_pylist() == [11, 501, 701]
     assert rejected.column("reject_reason").to_pylist() == ["age is NaN", "age is +inf", "tenure is null"]
+
+    # The input fixed and scored again: the earlier rejected rows go with the earlier output.
+    pq.write_table(table.filter(valid), path, row_group_size=300)
+    result = run([path], out, binary_model_paths, "--on-invalid", "quarantine", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert not rejected_file(out).exists() and read_manifest(out)["rejected_parts"] == []
+    assert_exact(read_output(out), table.filter(valid), binary_model_paths)
 
 
 def test_too_many_invalid_rows(tmp_path: Path, binary_model_paths) -> None:
