@@ -240,6 +240,10 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match=r"version\.yaml: setting 'model_version' must be text.*quote it"):
         load_jobs(configs_dir)
     (configs_dir / "version.yaml").unlink()
+    write_job(configs_dir, "bucket_root", {**base, "output": "s3://scores/"}, local)
+    with pytest.raises(DagConfigError, match=r"bucket_root\.yaml: output s3://scores/ is a bucket or filesystem root"):
+        load_jobs(configs_dir)
+    (configs_dir / "bucket_root.yaml").unlink()
     nulls = {**base, "storage_options": None, "keep": None}
     write_job(configs_dir, "nulls", nulls, {**local, "env": None, "tags": None})
     [parsed] = load_jobs(configs_dir)
