@@ -135,7 +135,8 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
     input file (which may itself be a symlink into the output).
     """
-    written = [(f"output {output}", location(output)), (f"output {output}'s state folder", location(state_folder(output)))]
+    written = [(f"output {output}", location(output)),
+               (f"output {output}'s state folder", location(state_folder(output)))]
     inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
     for what, out in written:

@@ -1,11 +1,11 @@
 """One output, one writer: a lease on the output folder that one job holds while it writes.
 
-The lease is ``lease.json`` in the output's state folder (see layout.py), on local disk and S3 alike. It is taken with an
-exclusive create (a link into place locally, ``If-None-Match: *`` on S3) and changed only by a
-conditional replace (``If-Match`` on S3, a ``flock`` of the file locally), so two jobs can never
-both believe they hold it. A ``run`` holds it under a fresh random name for its whole duration; a
-sharded job holds it under its plan id from ``plan --out`` to ``commit``, so its shards (and their
-retries) join it while any other job is refused, naming the holder.
+The lease is ``lease.json`` in the output's state folder (see layout.py), on local disk and S3
+alike. It is taken with an exclusive create (a link into place locally, ``If-None-Match: *`` on S3)
+and changed only by a conditional replace (``If-Match`` on S3, a ``flock`` of the file locally), so
+two jobs can never both believe they hold it. A ``run`` holds it under a fresh random name for its
+whole duration; a sharded job holds it under its plan id from ``plan --out`` to ``commit``, so its
+shards (and their retries) join it while any other job is refused, naming the holder.
 
 A lease ends when its holder releases it, when it expires (``lease_seconds`` after its last renewal:
 how long a crashed holder blocks the output), or at once when it belongs to a ``run`` on this host

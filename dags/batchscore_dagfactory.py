@@ -858,7 +858,8 @@ def build_dag(settings: JobSettings) -> DAG:
 
             context = get_current_context()
             common, output = render(settings, [list(settings.common_args), settings.output], context)
-            run_cli([*_cli(settings), "commit", *common, "--plan", plan_uri(output)], env=rendered_env(settings, context))
+            argv = [*_cli(settings), "commit", *common, "--plan", plan_uri(output)]
+            run_cli(argv, env=rendered_env(settings, context))
             get_current_context()["outlet_events"][output_asset].extra = {"output": output}
             return output
 

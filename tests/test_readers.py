@@ -79,7 +79,9 @@ def _expected(data: dict[str, Any], days: tuple[str, ...], dt: bool) -> pd.DataF
     return pd.concat(frames).sort_values("customer_id").reset_index(drop=True)
 
 
-def assert_scored_rows(got: Any, data: dict[str, Any], days: tuple[str, ...] = DATES[:1], dt: bool | None = None) -> None:
+def assert_scored_rows(
+    got: Any, data: dict[str, Any], days: tuple[str, ...] = DATES[:1], dt: bool | None = None
+) -> None:
     """Exactly the scored rows of ``days``: the manifest's count, the expected predictions, no rejected row;
     with the Hive partition column ``dt`` when ``dt`` is true, without it when false (either way when None:
     some readers find ``dt=`` in a single folder's path too)."""
