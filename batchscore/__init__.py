@@ -11,10 +11,26 @@ from .errors import BatchscoreError, ConfigError, InputDataError, ModelError  # 
 
 
 def __getattr__(name: str):  # heavy modules load only when the API is used
-    if name in ("validate", "plan", "run_shard", "commit", "run", "load_plan", "prepare"):
+    if name in ("validate", "run"):
         from . import job
 
         return getattr(job, name)
+    if name in ("plan", "load_plan"):
+        from . import planning
+
+        return getattr(planning, name)
+    if name == "run_shard":
+        from .shard import run_shard
+
+        return run_shard
+    if name == "commit":
+        from .committing import commit
+
+        return commit
+    if name == "prepare":
+        from .preparation import prepare
+
+        return prepare
     raise AttributeError(name)
 
 

@@ -241,7 +241,7 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
-    from . import job
+    from . import job, planning, shard as shards
 
     config = _config(kw)
     reporter = _reporter(config)
@@ -252,12 +252,12 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
         _summary(config, job.run(config, reporter))
         return
     if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
+        the_plan = planning.load_plan(plan_uri, config)
         if count is not None and count != the_plan.num_shards:
             raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
-        receipt = job.run_shard(config, the_plan, index, reporter)
+        receipt = shards.run_shard(config, the_plan, index, reporter)
     elif count is not None:
-        receipt = job.run_shard_of(config, index, count, reporter)
+        receipt = shards.run_shard_of(config, index, count, reporter)
     else:
         raise ConfigError("--shard I needs --plan, or give it as I/N")
     click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
@@ -274,10 +274,10 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
     Prints the plan as JSON. The same input always gives the same plan.
     """
-    from . import job
+    from . import planning
 
     config = _config(kw)
-    the_plan = job.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+    the_plan = planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
     click.echo(json.dumps(the_plan.to_dict()))
 
 
@@ -291,16 +291,16 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
-    from . import job
+    from . import committing, planning
 
     config = _config(kw)
     if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
+        the_plan = planning.load_plan(plan_uri, config)
     elif shards:
-        the_plan = job.plan_again(config, shards)
+        the_plan = planning.plan_again(config, shards)
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    manifest = job.commit(config, the_plan, _reporter(config))
+    manifest = committing.commit(config, the_plan, _reporter(config))
     _summary(config, manifest)
 
 
