@@ -135,11 +135,18 @@ def _worker_main(
         os._exit(1)  # told to stop or orphaned: quietly, the parent reports what happened
 
 
+def start_method() -> str | None:
+    """``fork`` on Linux, where forking a process that has loaded the model is safe and shares
+    it for free; elsewhere the platform's default (``spawn`` on macOS and Windows, where a fork
+    of a process that has started threads or system frameworks may crash)."""
+    return "fork" if sys.platform.startswith("linux") else None
+
+
 class WorkerPool:
     """``workers`` forked processes that each run ``init()`` once, then ``work(item)`` per item."""
 
     def __init__(self, workers: int, init: Callable[[], None], work: Callable[[Any], Any]):
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        context = multiprocessing.get_context(start_method())
         pipes = [context.Pipe(duplex=True) for _ in range(workers)]
         parent = os.getpid()
         self._processes: list[Any] = []

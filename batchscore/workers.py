@@ -11,7 +11,7 @@ import functools
 import gc
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -30,7 +30,10 @@ JEMALLOC_DECAY_MS = 1000
 
 def use_lean_memory_pool() -> None:
     """Prefer jemalloc with a short decay: the resident size of a long stream of batches stays
-    flat instead of the allocator holding on to pages it has used once."""
+    flat instead of the allocator holding on to pages it has used once.
+
+    Called in each worker only (a process of our own), never in the caller's: pyarrow's wheels
+    default to mimalloc, and which pool a library caller's process uses is its own choice."""
     try:
         pool = pa.jemalloc_memory_pool()
     except NotImplementedError:  # a pyarrow build without jemalloc: keep its default
@@ -54,6 +57,7 @@ def _init_worker(task: ScoreTask) -> None:
 
     threadpool_limits(1)
     pa.set_cpu_count(1)
+    use_lean_memory_pool()
     for part in (task.model.estimator, task.model.scaler):
         single_threaded(part)
     _WORKER = (task, Predictor(task.model, task.model_version, task.predicted_at))
@@ -94,13 +98,31 @@ def score_units(
     interrupted, every worker is gone within a bounded time and none of this run's temporary
     parts is left behind.
     """
-    use_lean_memory_pool()
     if not units:
         return []
-    # Python's recipe for fork without exec: everything alive now (libraries, the model) lives as
-    # long as the run, so take it out of the collector's reach. Workers then never write to, and
-    # so never copy, those pages, and no collection walks them again, exit included.
+    with _frozen_collector():
+        return _score_in_workers(task, units, workers, on_rows)
+
+
+@contextlib.contextmanager
+def _frozen_collector() -> Iterator[None]:
+    """Python's recipe for fork without exec, for the length of a run: everything alive now
+    (libraries, the model) lives as long as the run, so take it out of the collector's reach.
+    Forked workers then never write to, and so never copy, those pages, and no collection walks
+    them again, exit included. Afterwards the collector is given them back, unless the caller had
+    frozen objects of its own (they stay as the caller left them)."""
+    already = gc.get_freeze_count()
     gc.freeze()
+    try:
+        yield
+    finally:
+        if not already:
+            gc.unfreeze()
+
+
+def _score_in_workers(
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None
+) -> list[UnitResult]:
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
     # Largest first, so the units still running at the end are the small ones and workers
