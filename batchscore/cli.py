@@ -16,7 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 import yaml
 
-from . import __version__
+from . import __version__, api
 from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
@@ -200,16 +200,17 @@ def _reporter(config: JobConfig) -> Any:
     return Reporter(config.log_format)
 
 
-def _summary(config: JobConfig, manifest: dict[str, Any]) -> None:
-    rows = manifest["rows"]
+def _summary(config: JobConfig, result: Any) -> None:
+    """What a committed output holds (``api.CommitResult``; a ``RunResult`` adds the time taken)."""
+    rows = {"in": result.rows_in, "out": result.rows_out, "invalid": result.rows_invalid}
+    seconds = getattr(result, "seconds", None)
     if config.log_format == "json":
-        click.echo(json.dumps({"output": manifest["output"], "rows": rows, "parts": len(manifest["parts"]),
-                               "seconds": manifest.get("seconds"), "plan_id": manifest["plan_id"]}))
+        click.echo(json.dumps({"output": result.output, "rows": rows, "parts": len(result.parts),
+                               "seconds": seconds, "plan_id": result.plan_id}))
         return
-    seconds = manifest.get("seconds")
     speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
-    click.echo(f"output: {manifest['output']} ({len(manifest['parts'])} part(s), _SUCCESS written)")
+    click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")
 
 
 def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
@@ -241,26 +242,17 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
-    from . import job, planning, shard as shards
-
     config = _config(kw)
     reporter = _reporter(config)
     index, count = _parse_shard(shard)
     if index is None:
         if plan_uri:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
-        _summary(config, job.run(config, reporter))
+        _summary(config, api.run(config, reporter))
         return
-    if plan_uri:
-        the_plan = planning.load_plan(plan_uri, config)
-        if count is not None and count != the_plan.num_shards:
-            raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
-        receipt = shards.run_shard(config, the_plan, index, reporter)
-    elif count is not None:
-        receipt = shards.run_shard_of(config, index, count, reporter)
-    else:
-        raise ConfigError("--shard I needs --plan, or give it as I/N")
-    click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
+    done = api.run_shard(config, index, plan=plan_uri, count=count, reporter=reporter)
+    click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
+                           "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -274,10 +266,8 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
     Prints the plan as JSON. The same input always gives the same plan.
     """
-    from . import planning
-
     config = _config(kw)
-    the_plan = planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+    the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
     click.echo(json.dumps(the_plan.to_dict()))
 
 
@@ -291,17 +281,8 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
-    from . import committing, planning
-
     config = _config(kw)
-    if plan_uri:
-        the_plan = planning.load_plan(plan_uri, config)
-    elif shards:
-        the_plan = planning.plan_again(config, shards)
-    else:
-        raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    manifest = committing.commit(config, the_plan, _reporter(config))
-    _summary(config, manifest)
+    _summary(config, api.commit(config, plan=plan_uri, shards=shards, reporter=_reporter(config)))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -309,13 +290,10 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
 @_handle_errors
 def validate(**kw: Any) -> None:
     """Check the model, every input footer and schema, and the output location; score nothing."""
-    from . import job
-
     config = _config(kw)
-    prepared = job.validate(config)
-    rows = sum(f.num_rows for f in prepared.files)
-    click.echo(f"ok: {len(prepared.files)} file(s), {rows:,} rows; features {', '.join(prepared.model.features)}; "
-               f"output columns {', '.join(prepared.output_schema.names)}")
+    checked = api.validate(config)
+    click.echo(f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
+               f"output columns {', '.join(checked.output_columns)}")
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -338,17 +316,9 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 
     Its "pin" line gives the --model-sha256 (and --scaler-sha256) flags that pin exactly these files.
     """
-    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
-
     config = build_config(None, model=model, scaler=scaler, features=features,
                           storage_options=_parse_storage_options(storage_option), **_artifact_settings(kw))
-    policy = ArtifactPolicy.of(config)
-    if sha256_only:
-        artifacts = artifact_digests(model, config.scaler, config.storage_options, policy)
-        click.echo(json.dumps({"artifacts": [a.to_dict() for a in artifacts], "pin": pin_flags(artifacts)}, indent=2))
-        return
-    loaded = load_model(model, config.scaler, config.features, config.storage_options, policy)
-    click.echo(json.dumps(describe(loaded), indent=2, default=str))
+    click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

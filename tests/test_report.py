@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore import job
+import batchscore
 from batchscore.config import JobConfig
 from batchscore.report import Reporter
 from helpers import REPO, cli, write_inputs
@@ -65,8 +65,8 @@ def test_progress_moves_with_every_batch_not_every_part(tmp_path: Path, binary_m
         scaler=str(binary_model_paths["scaler"]), batch_size=602, workers=workers, log_format="json",
     )
     stream = io.StringIO()
-    manifest = job.run(config, Reporter("json", stream, log_interval=0.0))
-    assert len(manifest["parts"]) == 2
+    result = batchscore.run(config, Reporter("json", stream, log_interval=0.0))
+    assert len(result.parts) == 2
     done = [json.loads(line)["rows_done"] for line in stream.getvalue().splitlines() if '"progress"' in line]
     assert len(done) == 16  # 2 files x 4 row groups x 2 batches
     assert [b - a for a, b in zip([0] + done, done)] == [602] * 16
