@@ -21,7 +21,6 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .planning import Plan
-    from .report import Reporter
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,7 @@ def load_plan(uri: str, config: JobConfig) -> "Plan":
     return planning.load_plan(uri, config)
 
 
-def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None,
-              reporter: "Reporter | None" = None) -> ShardResult:
+def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None) -> ShardResult:
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
     planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
     from . import planning, shard
@@ -137,16 +135,15 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     if plan is None:
         if count is None:
             raise ConfigError("--shard I needs --plan, or give it as I/N")
-        return ShardResult.of(shard.run_shard_of(config, index, count, reporter))
+        return ShardResult.of(shard.run_shard_of(config, index, count))
     the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
     if count is not None and count != the_plan.num_shards:
         raise ConfigError(f"--shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
                           f"has {the_plan.num_shards} shards, not {count}")
-    return ShardResult.of(shard.run_shard(config, the_plan, index, reporter))
+    return ShardResult.of(shard.run_shard(config, the_plan, index))
 
 
-def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None,
-           reporter: "Reporter | None" = None) -> CommitResult:
+def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None) -> CommitResult:
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
     plan of ``shards`` shards made again, then write the manifest and ``_SUCCESS``. Safe to repeat."""
     from . import committing, planning
@@ -157,28 +154,26 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
         the_plan = planning.plan_again(config, shards)
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    return CommitResult.of(committing.commit(config, the_plan, reporter))
+    return CommitResult.of(committing.commit(config, the_plan))
 
 
-def run(config: JobConfig, reporter: "Reporter | None" = None) -> RunResult:
+def run(config: JobConfig) -> RunResult:
     """Score everything as one shard and commit: the terminal user's one command."""
     from .committing import commit as commit_plan
     from .lease import run_holder
     from .output_guard import guard_output
     from .planning import hold, plan_of
     from .preparation import now, prepare
-    from .report import Reporter
     from .shard import score_shard
 
-    reporter = reporter or Reporter(quiet=True)
     clock = time.perf_counter()
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
     the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
     with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
-        score_shard(prepared, the_plan, 0, reporter, lease)
-        manifest = commit_plan(config, the_plan, reporter, extra={"seconds": round(time.perf_counter() - clock, 3)},
+        score_shard(prepared, the_plan, 0, lease)
+        manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
                                lease=lease)
     return RunResult.of(manifest)
 

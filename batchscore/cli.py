@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
@@ -16,25 +16,19 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 import yaml
 
-from . import __version__, api
+from . import __version__, api, logs
 from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
-#: How the final error is written: set from the job's ``log_format`` once it is known.
-_error_format = {"log_format": "text"}
+log = logging.getLogger(__name__)
 
 
-def _fail(message: str, exit_code: int) -> None:
-    """Write the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
-    if _error_format["log_format"] == "json":
-        from .report import json_line
-
-        click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
-    else:
-        click.echo(f"Error: {message}", err=True)
+def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
+    """Log the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
+    log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
     sys.exit(exit_code)
 
 
@@ -56,7 +50,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _interrupt_on_sigterm()
-        _error_format["log_format"] = kwargs.get("log_format") or "text"
+        logs.configure(kwargs.get("log_format") or "text")  # until the job's own setting is known
         try:
             return func(*args, **kwargs)
         except BatchscoreError as exc:
@@ -68,25 +62,10 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             message = _storage_failure(exc)
             if message is None:  # pragma: no cover - exercised only by bugs
-                traceback.print_exc()
-                message = f"unexpected {type(exc).__name__}: {exc}"
+                _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE, with_traceback=True)
             _fail(message, EXIT_FAILURE)
 
     return wrapper
-
-
-def _json_warnings() -> None:
-    """Python warnings (e.g. scikit-learn's about a model's version) as JSON lines on stderr."""
-    import warnings
-
-    from .report import json_line
-
-    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        text = json_line("warning", "warning", f"{category.__name__}: {message}", category=category.__name__,
-                         source=f"{filename}:{lineno}")
-        (file or sys.stderr).write(text + "\n")
-
-    warnings.showwarning = show
 
 
 def _interrupt_on_sigterm() -> None:
@@ -188,16 +167,8 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         lease_seconds=kw.pop("lease_seconds"),
         lock_timeout=kw.pop("lock_timeout"),
     )
-    _error_format["log_format"] = config.log_format
-    if config.log_format == "json":
-        _json_warnings()
+    logs.configure(config.log_format)  # once: every line after this one takes the job's format
     return config
-
-
-def _reporter(config: JobConfig) -> Any:
-    from .report import Reporter
-
-    return Reporter(config.log_format)
 
 
 def _summary(config: JobConfig, result: Any) -> None:
@@ -243,14 +214,13 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
     config = _config(kw)
-    reporter = _reporter(config)
     index, count = _parse_shard(shard)
     if index is None:
         if plan_uri:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
-        _summary(config, api.run(config, reporter))
+        _summary(config, api.run(config))
         return
-    done = api.run_shard(config, index, plan=plan_uri, count=count, reporter=reporter)
+    done = api.run_shard(config, index, plan=plan_uri, count=count)
     click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
                            "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
 
@@ -282,7 +252,7 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
     config = _config(kw)
-    _summary(config, api.commit(config, plan=plan_uri, shards=shards, reporter=_reporter(config)))
+    _summary(config, api.commit(config, plan=plan_uri, shards=shards))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

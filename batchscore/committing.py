@@ -7,6 +7,7 @@ version, and every part must still be the one its receipt names; only then are t
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from .lease import Lease
 from .output_guard import guard_overlap
 from .planning import Plan, hold
 from .preparation import now, schema_difference
-from .report import Reporter
+from .logs import event
 from .sink import (
     ATTEMPT_KEY,
     MANIFEST_FILE,
@@ -38,6 +39,8 @@ from .sink import (
 )
 from .source import FOOTER_THREADS, open_parquet
 from .storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dict[str, Any]]) -> None:
@@ -73,8 +76,7 @@ def _versions() -> dict[str, str]:
 
 
 def commit(
-    config: JobConfig, the_plan: Plan, reporter: Reporter | None = None, extra: dict[str, Any] | None = None,
-    lease: Lease | None = None,
+    config: JobConfig, the_plan: Plan, extra: dict[str, Any] | None = None, lease: Lease | None = None,
 ) -> dict[str, Any]:
     """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS.
 
@@ -84,8 +86,7 @@ def commit(
     guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])  # before the lease is written
     if lease is None:
         with hold(config, the_plan, "commit", release="on_success") as own:
-            return commit(config, the_plan, reporter, extra, own)
-    reporter = reporter or Reporter(quiet=True)
+            return commit(config, the_plan, extra, own)
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
@@ -193,6 +194,6 @@ def commit(
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     write_json(fs, join(out_path, MANIFEST_FILE), manifest)
     write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
-    reporter.event("committed", f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
-                   output=the_plan.output, rows_out=manifest["rows"]["out"])
+    log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
+             extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
     return manifest

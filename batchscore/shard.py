@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -16,21 +17,23 @@ from .model import ArtifactPolicy, artifact_roles
 from .output_guard import guard_overlap
 from .planning import Plan, hold, plan_of
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
-from .report import Reporter
+from .logs import event, progress
 from .scorer import ScoreTask
 from .sink import REJECTED_DIR, receipt_path, uncommit, write_json
 from .source import InputFile, check_identity
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
 from .workers import score_units
 
+log = logging.getLogger(__name__)
 
-def run_shard_of(config: JobConfig, index: int, count: int, reporter: Reporter | None = None) -> dict[str, Any]:
+
+def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config)
     guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = plan_of(prepared, shards=count)
     with hold(config, the_plan, "shard", release="never") as lease:
-        return score_shard(prepared, the_plan, index, reporter or Reporter(quiet=True), lease)
+        return score_shard(prepared, the_plan, index, lease)
 
 
 def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan) -> None:
@@ -46,13 +49,12 @@ def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan) -> None:
         check_identity(file.uri, entry["identity"], file.identity)
 
 
-def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter | None = None) -> dict[str, Any]:
+def run_shard(config: JobConfig, the_plan: Plan, index: int) -> dict[str, Any]:
     """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
 
     The plan's first file's footer is read too, so the shard picks the same passthrough columns as
     the plan did; the output schema must then be the planned one.
     """
-    reporter = reporter or Reporter(quiet=True)
     shard = the_plan.shard(index)
     config = replace(config, output=the_plan.output)
     guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
@@ -72,10 +74,10 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, reporter: Reporter 
             f"plan again"
         )
     with hold(config, the_plan, "shard", release="never") as lease:
-        return score_shard(prepared, the_plan, index, reporter, lease)
+        return score_shard(prepared, the_plan, index, lease)
 
 
-def score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Reporter, lease: Lease) -> dict[str, Any]:
+def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) -> dict[str, Any]:
     """Score a shard under the output's lease; its parts and receipt name this attempt."""
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = now(), time.perf_counter()
@@ -93,15 +95,15 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Report
         storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
     )
     workers = config.worker_count
-    reporter.event("shard_start", f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
-                   f"{min(workers, max(1, len(shard.units)))} worker(s)", shard=index, rows=shard.rows)
+    log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
+             f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
     uploads = [u.part_name for u in shard.units] + [f"{REJECTED_DIR}/{u.part_name}" for u in shard.units]
     abort_uploads(fs, out_path, uploads)
     try:
-        with reporter.progress(shard.rows) as progress:
-            results = score_units(task, shard.units, workers, progress.advance)
+        with progress(log, shard.rows) as rows:
+            results = score_units(task, shard.units, workers, rows.advance)
     except BaseException as exc:
         abort_uploads_after_failure(fs, out_path, uploads, exc)
         raise

@@ -21,7 +21,6 @@ import pytest
 
 from batchscore import planning
 from batchscore.preparation import prepare
-from batchscore.report import Reporter
 from batchscore.shard import score_shard
 from batchscore.config import JobConfig
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
@@ -278,7 +277,7 @@ def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Pa
     _same_size_other_values(inputs[1])
     with pytest.raises(InputDataError, match=f"input file {inputs[1]} changed since the plan was made"):
         with planning.hold(config, the_plan, "run", release="always") as lease:
-            score_shard(prepared, the_plan, 0, Reporter(quiet=True), lease)
+            score_shard(prepared, the_plan, 0, lease)
     assert not (out / "part-00001-00000.parquet").exists() and not (out / "_SUCCESS").exists()
 
 
@@ -359,7 +358,7 @@ def test_s3_object_replaced_after_the_listing_stops_its_unit(tmp_path: Path, s3,
     s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(str(inputs[1]), f"{bucket}/in/{inputs[1].name}")
     with pytest.raises(InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"):
         with planning.hold(config, the_plan, "run", release="always") as lease:
-            score_shard(prepared, the_plan, 0, Reporter(quiet=True), lease)
+            score_shard(prepared, the_plan, 0, lease)
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/part-00001-00000.parquet") and not fs.exists(f"{bucket}/out/_SUCCESS")
 
