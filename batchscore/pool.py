@@ -1,7 +1,8 @@
-"""A small pool of forked worker processes whose every way out is bounded.
+"""A small pool of worker processes whose every way out is bounded.
 
-Each worker is a fork of the scoring process (it inherits the libraries and the loaded model) with
-a pipe of its own: the parent sends it one item at a time and it answers on the same pipe. No
+On Linux each worker is a fork of the scoring process (it inherits the libraries and the loaded
+model; elsewhere it starts the platform's default way, see ``start_method``), with a pipe of its
+own: the parent sends it one item at a time and it answers on the same pipe. No
 queue or lock is shared between workers, so a worker killed at any instant cannot leave a lock
 held that another process then waits on forever; the parent waits on the pipes and the workers'
 exit sentinels together, so a death is seen the moment it happens.

@@ -135,3 +135,31 @@ def test_readme_library_examples_run(tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert (tmp_path / "out" / "churn-scores" / "_SUCCESS").exists()
+
+
+def test_modules_import_each_other_without_a_cycle() -> None:
+    """Each module's imports of the package's other modules (at import time, not inside functions)
+    form no cycle, so any module can be imported first."""
+    import ast
+
+    package = Path(batchscore.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {
+            (node.module or "").split(".")[0] or alias.name
+            for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1
+            for alias in node.names
+        }
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        if module in done:
+            return
+        for other in sorted(imports.get(module, ())):
+            visit(other, path + (module,))
+        done.add(module)
+
+    for module in sorted(imports):
+        visit(module, ())
