@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
@@ -16,25 +16,19 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 import yaml
 
-from . import __version__
+from . import __version__, api, logs
 from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
-#: How the final error is written: set from the job's ``log_format`` once it is known.
-_error_format = {"log_format": "text"}
+log = logging.getLogger(__name__)
 
 
-def _fail(message: str, exit_code: int) -> None:
-    """Write the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
-    if _error_format["log_format"] == "json":
-        from .report import json_line
-
-        click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
-    else:
-        click.echo(f"Error: {message}", err=True)
+def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
+    """Log the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
+    log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
     sys.exit(exit_code)
 
 
@@ -56,7 +50,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _interrupt_on_sigterm()
-        _error_format["log_format"] = kwargs.get("log_format") or "text"
+        logs.configure(kwargs.get("log_format") or "text")  # until the job's own setting is known
         try:
             return func(*args, **kwargs)
         except BatchscoreError as exc:
@@ -68,25 +62,10 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             message = _storage_failure(exc)
             if message is None:  # pragma: no cover - exercised only by bugs
-                traceback.print_exc()
-                message = f"unexpected {type(exc).__name__}: {exc}"
+                _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE, with_traceback=True)
             _fail(message, EXIT_FAILURE)
 
     return wrapper
-
-
-def _json_warnings() -> None:
-    """Python warnings (e.g. scikit-learn's about a model's version) as JSON lines on stderr."""
-    import warnings
-
-    from .report import json_line
-
-    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        text = json_line("warning", "warning", f"{category.__name__}: {message}", category=category.__name__,
-                         source=f"{filename}:{lineno}")
-        (file or sys.stderr).write(text + "\n")
-
-    warnings.showwarning = show
 
 
 def _interrupt_on_sigterm() -> None:
@@ -188,28 +167,21 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         lease_seconds=kw.pop("lease_seconds"),
         lock_timeout=kw.pop("lock_timeout"),
     )
-    _error_format["log_format"] = config.log_format
-    if config.log_format == "json":
-        _json_warnings()
+    logs.configure(config.log_format)  # once: every line after this one takes the job's format
     return config
 
 
-def _reporter(config: JobConfig) -> Any:
-    from .report import Reporter
-
-    return Reporter(config.log_format)
-
-
-def _summary(config: JobConfig, manifest: dict[str, Any]) -> None:
-    rows = manifest["rows"]
+def _summary(config: JobConfig, result: Any) -> None:
+    """What a committed output holds (``api.CommitResult``; a ``RunResult`` adds the time taken)."""
+    rows = {"in": result.rows_in, "out": result.rows_out, "invalid": result.rows_invalid}
+    seconds = getattr(result, "seconds", None)
     if config.log_format == "json":
-        click.echo(json.dumps({"output": manifest["output"], "rows": rows, "parts": len(manifest["parts"]),
-                               "seconds": manifest.get("seconds"), "plan_id": manifest["plan_id"]}))
+        click.echo(json.dumps({"output": result.output, "rows": rows, "parts": len(result.parts),
+                               "seconds": seconds, "plan_id": result.plan_id}))
         return
-    seconds = manifest.get("seconds")
     speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
-    click.echo(f"output: {manifest['output']} ({len(manifest['parts'])} part(s), _SUCCESS written)")
+    click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")
 
 
 def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
@@ -241,26 +213,16 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
-    from . import job
-
     config = _config(kw)
-    reporter = _reporter(config)
     index, count = _parse_shard(shard)
     if index is None:
         if plan_uri:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
-        _summary(config, job.run(config, reporter))
+        _summary(config, api.run(config))
         return
-    if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
-        if count is not None and count != the_plan.num_shards:
-            raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
-        receipt = job.run_shard(config, the_plan, index, reporter)
-    elif count is not None:
-        receipt = job.run_shard_of(config, index, count, reporter)
-    else:
-        raise ConfigError("--shard I needs --plan, or give it as I/N")
-    click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
+    done = api.run_shard(config, index, plan=plan_uri, count=count)
+    click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
+                           "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -274,10 +236,8 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
     Prints the plan as JSON. The same input always gives the same plan.
     """
-    from . import job
-
     config = _config(kw)
-    the_plan = job.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+    the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
     click.echo(json.dumps(the_plan.to_dict()))
 
 
@@ -291,17 +251,8 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
-    from . import job
-
     config = _config(kw)
-    if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
-    elif shards:
-        the_plan = job.plan_again(config, shards)
-    else:
-        raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    manifest = job.commit(config, the_plan, _reporter(config))
-    _summary(config, manifest)
+    _summary(config, api.commit(config, plan=plan_uri, shards=shards))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -309,13 +260,10 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
 @_handle_errors
 def validate(**kw: Any) -> None:
     """Check the model, every input footer and schema, and the output location; score nothing."""
-    from . import job
-
     config = _config(kw)
-    prepared = job.validate(config)
-    rows = sum(f.num_rows for f in prepared.files)
-    click.echo(f"ok: {len(prepared.files)} file(s), {rows:,} rows; features {', '.join(prepared.model.features)}; "
-               f"output columns {', '.join(prepared.output_schema.names)}")
+    checked = api.validate(config)
+    click.echo(f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
+               f"output columns {', '.join(checked.output_columns)}")
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -338,17 +286,9 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 
     Its "pin" line gives the --model-sha256 (and --scaler-sha256) flags that pin exactly these files.
     """
-    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
-
     config = build_config(None, model=model, scaler=scaler, features=features,
                           storage_options=_parse_storage_options(storage_option), **_artifact_settings(kw))
-    policy = ArtifactPolicy.of(config)
-    if sha256_only:
-        artifacts = artifact_digests(model, config.scaler, config.storage_options, policy)
-        click.echo(json.dumps({"artifacts": [a.to_dict() for a in artifacts], "pin": pin_flags(artifacts)}, indent=2))
-        return
-    loaded = load_model(model, config.scaler, config.features, config.storage_options, policy)
-    click.echo(json.dumps(describe(loaded), indent=2, default=str))
+    click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

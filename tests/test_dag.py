@@ -440,7 +440,7 @@ def test_parsing_imports_nothing_heavy(tmp_path: Path, airflow_env: Path) -> Non
         import json, sys
         from airflow.models import DagBag
         bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
-        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.job", "batchscore.engine", "kubernetes", "docker",
+        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.preparation", "batchscore.engine", "kubernetes", "docker",
                  "airflow.providers.cncf.kubernetes.operators.pod"]
         print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
                           "loaded": [m for m in heavy if m in sys.modules]}}))
