@@ -4,7 +4,12 @@ The library API mirrors the CLI: ``validate``, ``plan``, ``run_shard``, ``commit
 (all in one) take a ``JobConfig`` built by ``build_config``.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version is pyproject.toml's, as installed
+    __version__ = version("batchscore")
+except PackageNotFoundError:  # pragma: no cover - a source tree used without installing it
+    __version__ = "0+unknown"
 
 from .config import JobConfig, build_config  # noqa: E402
 from .errors import BatchscoreError, ConfigError, InputDataError, ModelError  # noqa: E402

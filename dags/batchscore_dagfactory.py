@@ -267,7 +267,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         if job.get(key) is not None:
             try:
                 check_text(key, job[key])
-            except ConfigError as exc:
+            except (ConfigError, ValueError) as exc:
                 raise _fail(source, str(exc)) from None
     args: list[str] = []
     inputs = job.get("input")
