@@ -176,13 +176,14 @@ def check_text(key: str, value: Any) -> str:
     raise ValueError(f"setting '{key}' must be a string, got {value!r}")
 
 
-def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str]) -> JobConfig:
-    """A JobConfig of these settings, or one ConfigError naming every bad one (``where(key)`` says
-    where the key was written, e.g. ``config file job.yaml: ``)."""
+def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] = lambda key: "",
+                      name: Callable[[str], str] = lambda key: f"setting '{key}'") -> JobConfig:
+    """A JobConfig of these settings, or one ConfigError naming every bad one: ``where(key)`` says
+    where the key was written (e.g. ``config file job.yaml: ``), ``name(key)`` how to call it."""
     try:
         config = JobConfig(**settings)
     except ValidationError as exc:
-        raise ConfigError(schema.explain(exc, FIELDS, lambda loc: f"setting '{loc[0]}'", where)) from None
+        raise ConfigError(schema.explain(exc, FIELDS, lambda loc: name(str(loc[0])), where)) from None
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
             "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"

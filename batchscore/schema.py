@@ -14,6 +14,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Callable, Iterable, Literal, Union
 
 import annotated_types
@@ -95,9 +96,11 @@ def expectation(info: FieldInfo) -> str:
         return f"{word}, at least {_number(low)}" if low is not None else word
     origin = typing.get_origin(kind)
     if origin is tuple:
-        return "a string or a list of strings"
+        return "a string or a list of strings" if typing.get_args(kind)[0] is str else "a list"
     if kind is dict or origin in (dict, Mapping):
         return "a mapping"
+    if kind is datetime:
+        return "a date like 2024-06-01"
     return "text" if kind is str else f"a {getattr(kind, '__name__', kind)}"
 
 
