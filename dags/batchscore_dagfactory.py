@@ -18,9 +18,8 @@ from batchscore.dagrun import (
     execution_timeout, inputs_ready, permanent_failure, plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli,
     run_dates, secret_environment, shard_arguments, timetable,
 )  # fmt: skip
-from batchscore.dagspec import (
-    DagConfigError, JobSettings, asset_uri, common_args, configs_dir, docker_cpus, docker_memory, load_jobs, parse_job,
-)  # fmt: skip
+from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
+from batchscore.quantity import docker_cpus, docker_memory
 
 __all__ = ["DagConfigError", "JobSettings", "build_dag", "common_args", "configs_dir", "load_jobs", "parse_job",
            "plan_uri", "run_cli", "run_dates", "shard_arguments"]  # fmt: skip
