@@ -105,9 +105,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    from .schema import parse_pairs
-
-    return parse_pairs(values, "--storage-option")
+    return schema.parse_pairs(values, "--storage-option")
 
 
 #: What an artifact must be before it is loaded; shared by the job commands and ``inspect``.

@@ -245,6 +245,16 @@ class JobSettings:
     #: What the input sensor waits for (the inputs unless ``dag.sensor.path`` says).
     sensor_paths: tuple[str, ...]
 
+    @property
+    def pod_name(self) -> str:
+        """The job's pods' name: a DNS label, short enough for the suffix Kubernetes adds."""
+        return f"batchscore-{self.name}".lower().replace("_", "-")[:50]
+
+    @property
+    def label(self) -> str:
+        """The job's name as a Kubernetes label value."""
+        return self.name.lower().replace("_", "-")[:63]
+
 
 def _dag_name(loc: tuple[Any, ...]) -> str:
     return "dag." + ".".join(map(str, loc))

@@ -36,15 +36,16 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     default as documented when the value itself says little (``None`` meaning "all cores");
     ``unit`` words the expected value ("a number of seconds").
     """
-    extra = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
+    faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
              "shown": shown, "unit": unit}  # fmt: skip
-    extra = {key: value for key, value in extra.items() if value is not None}
+    faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
-        return Field(default_factory=dict, description=help, json_schema_extra=extra, **constraints)
-    return Field(default, description=help, json_schema_extra=extra, **constraints)
+        return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)
+    return Field(default, description=help, json_schema_extra=faces, **constraints)
 
 
 def extra(info: FieldInfo) -> dict[str, Any]:
+    """What :func:`setting` recorded about a field's faces (flag, metavar, repeat ...)."""
     return dict(info.json_schema_extra or {}) if isinstance(info.json_schema_extra, dict) else {}
 
 

@@ -54,14 +54,14 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
                 "image_pull_policy": spec.image_pull_policy}  # fmt: skip
     return BatchscorePodOperator.partial(
         task_id="score",
-        name=f"batchscore-{settings.name}".lower().replace("_", "-")[:50],
+        name=settings.pod_name,
         image="{{ params.image }}",
         namespace=spec.namespace,
         env_vars=dict(spec.env),
         secrets=secrets,
         container_resources=resources,
         node_selector=dict(spec.node_selector) or None,
-        labels={"app": "batchscore", "batchscore-job": settings.name.lower().replace("_", "-")[:63]},
+        labels={"app": "batchscore", "batchscore-job": settings.label},
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
         max_active_tis_per_dagrun=spec.max_active_tis_per_dagrun,
