@@ -5,9 +5,12 @@ The library API mirrors the CLI (see ``batchscore.api``): ``validate``, ``plan``
 and return typed results.
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = version("batchscore")
+try:  # the one version is pyproject.toml's, as installed
+    __version__ = version("batchscore")
+except PackageNotFoundError:  # pragma: no cover - a source tree used without installing it
+    __version__ = "0+unknown"
 
 from .api import (  # noqa: E402
     CommitResult,

@@ -14,10 +14,9 @@ from typing import Any, Callable
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
-import yaml
 
-from . import __version__, api, logs
-from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
+from . import __version__, api, logs, schema
+from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -85,55 +84,22 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option takes key=value, got {item!r}")
-        options[key] = yaml.safe_load(value) if value else ""
-    return options
+    return schema.parse_pairs(values, "--storage-option")
 
 
 #: What an artifact must be before it is loaded; shared by the job commands and ``inspect``.
-ARTIFACT_OPTIONS = [
-    click.option("--model-sha256", metavar="HEX", help="Refuse the model unless its bytes have this sha256; checked before it is loaded (see inspect)."),
-    click.option("--scaler-sha256", metavar="HEX", help="Refuse the scaler unless its bytes have this sha256; checked before it is loaded."),
-    click.option("--trust", multiple=True, metavar="TYPE", help="Let .skops artifacts hold this type too, e.g. sklearn.tree._tree.Tree. Repeatable."),
-    click.option("--no-pickle", is_flag=True, default=None, help="Refuse joblib (pickle) artifacts: only .skops artifacts load."),
-]
+ARTIFACT_OPTIONS = schema.click_options(FIELDS, ARTIFACT_KEYS)
 
 
 def _artifact_settings(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the artifact options out of a command's keyword arguments, as JobConfig settings."""
-    return {
-        "model_sha256": kw.pop("model_sha256"),
-        "scaler_sha256": kw.pop("scaler_sha256"),
-        "trusted_types": kw.pop("trust"),
-        "allow_pickle": False if kw.pop("no_pickle") else None,
-    }
+    return schema.from_click(FIELDS, ARTIFACT_KEYS, kw)
 
 
+#: One option per JobConfig field (see config.py), after ``--config``.
 JOB_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."),
-    click.option("--input", "input_", multiple=True, help="Parquet file, directory, or glob; local, file:// or s3://. Repeatable."),
-    click.option("--output", help="Output dataset directory (local or s3://)."),
-    click.option("--model", help="Model artifact, .joblib or .skops (a classifier, regressor or a whole Pipeline)."),
-    click.option("--scaler", help="Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline)."),
-    *ARTIFACT_OPTIONS,
-    click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
-    click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
-    click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
-    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 65536]."),
-    click.option("--on-invalid", type=click.Choice(ON_INVALID_CHOICES), help="Rows with null/NaN/inf features: fail, skip, or quarantine to _rejected/ [default: fail]."),
-    click.option("--max-invalid-fraction", type=float, help="Most invalid rows allowed as a fraction of input rows [default: 0.05]."),
-    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),
-    click.option("--workers", type=int, help="Worker processes, one core each [default: all cores]."),
-    click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
-    click.option("--storage-timeout", type=float, help="Seconds one storage request may wait to connect or for data [default: 10]."),
-    click.option("--storage-retries", type=int, help="Retries of a failed storage request [default: 2]."),
-    click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
-    click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
-    click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
+    *schema.click_options(FIELDS, CONFIG_KEYS),
 ]
 
 
@@ -145,28 +111,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _config(kw: dict[str, Any]) -> JobConfig:
     """Pop the job options out of a command's keyword arguments into a JobConfig."""
-    config = build_config(
-        kw.pop("config_path"),
-        input=kw.pop("input_"),
-        output=kw.pop("output"),
-        model=kw.pop("model"),
-        scaler=kw.pop("scaler"),
-        model_version=kw.pop("model_version"),
-        features=kw.pop("features"),
-        keep=kw.pop("keep"),
-        batch_size=kw.pop("batch_size"),
-        on_invalid=kw.pop("on_invalid"),
-        max_invalid_fraction=kw.pop("max_invalid_fraction"),
-        overwrite=kw.pop("overwrite"),
-        workers=kw.pop("workers"),
-        storage_options=_parse_storage_options(kw.pop("storage_option")),
-        storage_timeout=kw.pop("storage_timeout"),
-        storage_retries=kw.pop("storage_retries"),
-        log_format=kw.pop("log_format"),
-        **_artifact_settings(kw),
-        lease_seconds=kw.pop("lease_seconds"),
-        lock_timeout=kw.pop("lock_timeout"),
-    )
+    config = build_config(kw.pop("config_path"), **schema.from_click(FIELDS, CONFIG_KEYS, kw))
     logs.configure(config.log_format)  # once: every line after this one takes the job's format
     return config
 
