@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from .config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from .errors import ConfigError, StorageError
-from .layout import LEASE_FILE, lease_path  # noqa: F401  (LEASE_FILE re-exported)
+from .layout import lease_path
 from .storage import filesystem, full_uri, storage_error
 
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its

@@ -18,13 +18,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import (  # noqa: F401  (re-exported: the names every module uses)
-    MANIFEST_FILE,
-    PLAN_FILE,
-    RECEIPTS_DIR,
-    REJECTED_DIR,
+from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     REJECTED_SUFFIX,
-    SUCCESS_FILE,
     manifest_path,
     part_path,
     receipt_path,
