@@ -55,7 +55,8 @@ class ShardResult:
 
 @dataclass(frozen=True)
 class CommitResult:
-    """A committed output, from its manifest (``manifest``, written with ``_SUCCESS``)."""
+    """A committed output, from its manifest (``manifest``, written with ``_SUCCESS``); ``state`` is
+    the folder beside the output that holds the manifest, receipts and rejected rows."""
 
     output: str
     plan_id: str
@@ -63,13 +64,14 @@ class CommitResult:
     rows_out: int
     rows_invalid: int
     parts: tuple[str, ...]
+    state: str
     manifest: Mapping[str, Any]
 
     @classmethod
     def of(cls, manifest: Mapping[str, Any]) -> Any:
         rows = manifest["rows"]
         return cls(manifest["output"], manifest["plan_id"], rows["in"], rows["out"], rows["invalid"],
-                   tuple(p["name"] for p in manifest["parts"]), manifest)
+                   tuple(p["name"] for p in manifest["parts"]), manifest["state"], manifest)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def main() -> None:
 @click.option("--shard", help="Score only shard I of --plan, or I/N to plan N shards on the fly; writes no _SUCCESS.")
 @_handle_errors
 def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
-    """Score the input and commit the output (parts, _manifest.json, then _SUCCESS).
+    """Score the input and commit the output (parts, the manifest, then _SUCCESS).
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
@@ -174,7 +174,8 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 @job_options
 @click.option("--shards", type=int, help="Number of shards [default: 1].")
 @click.option("--rows-per-shard", type=int, help="Aim for this many rows per shard instead of --shards.")
-@click.option("--out", "out", help="Also write the plan JSON here (e.g. <output>/_plan.json).")
+@click.option("--out", "out", help="Also write the plan JSON here, never inside the output "
+              "(e.g. <parent>/_batchscore/<output name>/plan.json, beside it).")
 @_handle_errors
 def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: Any) -> None:
     """Check the job and split its row groups into balanced shards, from footers only.
@@ -192,7 +193,7 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
 @_handle_errors
 def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
-    """Check every shard receipt against the plan, then write _manifest.json and _SUCCESS.
+    """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """

@@ -25,16 +25,17 @@ from .preparation import now, schema_difference
 from .logs import event
 from .sink import (
     ATTEMPT_KEY,
-    MANIFEST_FILE,
-    RECEIPTS_DIR,
-    REJECTED_DIR,
-    SUCCESS_FILE,
     iter_own_files,
     listing,
+    manifest_path,
     part_path,
     read_json,
     receipt_path,
+    receipts_folder,
+    rejected_name,
     rejected_path,
+    state_folder,
+    success_path,
     write_json,
 )
 from .source import FOOTER_THREADS, open_parquet
@@ -158,19 +159,19 @@ def commit(
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
     own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
     present = {path for kind, path in own if kind == "part"}
-    absent = [p["name"] for p in parts if join(out_path, p["name"]) not in present]
+    absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
     if absent:
         raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
     _check_part_attempts(config, the_plan.output, receipts)
-    keep = {join(out_path, p["name"]) for p in parts} | {join(out_path, REJECTED_DIR, r) for r in rejected}
+    keep = {part_path(out_path, p["name"]) for p in parts} | {rejected_path(out_path, r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
     lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
-    for name in listing(fs, join(out_path, RECEIPTS_DIR)):
+    for name in listing(fs, receipts_folder(out_path)):
         if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
-            remove_if_exists(fs, join(out_path, RECEIPTS_DIR, name))
+            remove_if_exists(fs, join(receipts_folder(out_path), name))
     first = receipts[min(receipts)]
     manifest = {
         "output": the_plan.output,
@@ -185,15 +186,16 @@ def commit(
         "on_invalid": config.on_invalid,
         "schema": first["schema"],
         "parts": parts,
-        "rejected_parts": rejected,
+        "state": state_folder(the_plan.output),
+        "rejected_parts": [rejected_name(r) for r in rejected],
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
                     "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
-    write_json(fs, join(out_path, MANIFEST_FILE), manifest)
-    write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
+    write_json(fs, manifest_path(out_path), manifest)
+    write_bytes_atomic(fs, success_path(out_path), b"")
     log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
              extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
     return manifest

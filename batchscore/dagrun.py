@@ -22,6 +22,7 @@ except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
 
 from .dagspec import JobSettings
+from .layout import plan_path
 
 log = logging.getLogger(__name__)
 #: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error).
@@ -153,6 +154,27 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
         raise AirflowFailException(f"{settings.source}: cannot render the job's templates: {exc}") from None
 
 
+class RunDatesMixin:
+    """For an operator class: its templated fields (``dag.env`` among them) see the same dates as the
+    job's templates (see ``run_dates``), so ``{{ ds }}`` means one date everywhere in a run."""
+
+    job_settings: JobSettings
+
+    def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Any, jinja_env: Any,
+                                   seen_oids: set[int]) -> None:  # fmt: skip
+        dag_run = context.get("dag_run")
+        if dag_run is not None:
+            dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
+                              getattr(dag_run, "run_after", None))  # fmt: skip
+            context = {**context, **dates}
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]
+
+
+def rendered_env(settings: JobSettings, context: Mapping[str, Any]) -> dict[str, str]:
+    """``dag.env`` for the command the worker itself runs, rendered like the job's templates."""
+    return render(settings, dict(settings.dag.env), context)
+
+
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
     """``--shards``/``--rows-per-shard``: a run's params win over the job file."""
@@ -240,10 +262,9 @@ def secret_environment(names: tuple[str, ...], environ: Mapping[str, str] = os.e
 
 
 def plan_uri(output: str) -> str:
-    """Where the plan task stores the plan the shards and the commit read."""
-    from .sink import PLAN_FILE
-
-    return output.rstrip("/") + "/" + PLAN_FILE
+    """Where the plan task stores the plan the shards and the commit read: in the output's state
+    folder, never inside the output, where readers look."""
+    return plan_path(output)
 
 
 def timetable(settings: JobSettings) -> Any:
@@ -273,7 +294,7 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
     common, output = render(settings, [list(settings.common_args), settings.output], context)
     out = plan_uri(output)
     argv = [*cli_command(settings), "plan", *common, *size_args(settings, context["params"]), "--out", out]
-    document = json.loads(run_cli(argv, env=settings.dag.env, capture_stdout=True))
+    document = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
     num_shards = int(document["num_shards"])
     if num_shards < 1:
         raise ValueError(f"the plan for {output} has no shard")
@@ -283,7 +304,8 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
 def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:
     """``batchscore commit`` of this run's plan; the output it committed."""
     common, output = render(settings, [list(settings.common_args), settings.output], context)
-    run_cli([*cli_command(settings), "commit", *common, "--plan", plan_uri(output)], env=settings.dag.env)
+    argv = [*cli_command(settings), "commit", *common, "--plan", plan_uri(output)]
+    run_cli(argv, env=rendered_env(settings, context))
     return output
 
 

@@ -24,6 +24,7 @@ from . import schema
 from .config import FIELDS as JOB_FIELDS
 from .config import validate_settings
 from .errors import ConfigError
+from .layout import check_output
 from .quantity import Quantity
 from .schema import setting
 
@@ -334,6 +335,10 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     check_templates({**job, "dag.env": section.get("env"), "dag.sensor": sensor}, source)
     if not job.get("input") or not job.get("output"):
         raise DagConfigError(f"{source}: a scheduled job needs 'input' and 'output'")
+    try:
+        check_output(str(job["output"]))
+    except ConfigError as exc:
+        raise DagConfigError(f"{source}: {exc}") from None
     name = Path(source).stem
     inputs = _strings(job["input"])
     return JobSettings(

@@ -1,11 +1,11 @@
 """One output, one writer: a lease on the output folder that one job holds while it writes.
 
-The lease is ``_lease.json`` inside the output, on local disk and S3 alike. It is taken with an
-exclusive create (a link into place locally, ``If-None-Match: *`` on S3) and changed only by a
-conditional replace (``If-Match`` on S3, a ``flock`` of the file locally), so two jobs can never
-both believe they hold it. A ``run`` holds it under a fresh random name for its whole duration; a
-sharded job holds it under its plan id from ``plan --out`` to ``commit``, so its shards (and their
-retries) join it while any other job is refused, naming the holder.
+The lease is ``lease.json`` in the output's state folder (see layout.py), on local disk and S3
+alike. It is taken with an exclusive create (a link into place locally, ``If-None-Match: *`` on S3)
+and changed only by a conditional replace (``If-Match`` on S3, a ``flock`` of the file locally), so
+two jobs can never both believe they hold it. A ``run`` holds it under a fresh random name for its
+whole duration; a sharded job holds it under its plan id from ``plan --out`` to ``commit``, so its
+shards (and their retries) join it while any other job is refused, naming the holder.
 
 A lease ends when its holder releases it, when it expires (``lease_seconds`` after its last renewal:
 how long a crashed holder blocks the output), or at once when it belongs to a ``run`` on this host
@@ -32,9 +32,9 @@ from typing import Any, Iterator
 from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from .config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from .errors import ConfigError, StorageError
-from .storage import filesystem, full_uri, join, storage_error
+from .layout import lease_path
+from .storage import filesystem, full_uri, storage_error
 
-LEASE_FILE = "_lease.json"
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its
 #: workers stop publishing parts this long before the lease's recorded expiry.
 SKEW_MARGIN = 0.25
@@ -84,7 +84,7 @@ def _process_alive(pid: int, started: str | None) -> bool:
 
 @dataclass(frozen=True)
 class LeaseRecord:
-    """What ``_lease.json`` holds; ``expires_at`` and ``acquired_at`` are POSIX seconds."""
+    """What ``lease.json`` holds; ``expires_at`` and ``acquired_at`` are POSIX seconds."""
 
     holder: str
     plan_id: str
@@ -163,7 +163,7 @@ class Lease:
                  seconds: float = DEFAULT_LEASE_SECONDS):
         self.output, self.holder, self.plan_id, self.command, self.seconds = output, holder, plan_id, command, seconds
         self.fs, folder = filesystem(output, storage_options)
-        self.path = join(folder, LEASE_FILE)
+        self.path = lease_path(folder)
         self.uri = full_uri(self.fs, self.path)
         self.fence = Fence(grace_seconds=seconds / 3)
         self.lost: BaseException | None = None
@@ -190,7 +190,7 @@ class Lease:
         try:
             found = read_tagged(self.fs, self.path)
         except NotADirectoryError:
-            raise ConfigError(f"output {self.output} exists and is a file") from None
+            raise self._not_a_folder() from None
         except OSError as exc:
             raise _storage_failure(f"cannot read the lease {self.uri} on output {self.output}", exc) from None
         return None if found is None else (LeaseRecord.from_bytes(found[0]), found[1])
@@ -200,6 +200,10 @@ class Lease:
             replace_if(self.fs, self.path, record.to_bytes(), tag)
         except OSError as exc:
             raise _storage_failure(f"cannot write the lease {self.uri} on output {self.output}", exc) from None
+
+    def _not_a_folder(self) -> ConfigError:
+        return ConfigError(f"cannot keep the lease {self.uri} of output {self.output}: a file stands where its "
+                           f"folder should be")
 
     def _wrote(self, record: LeaseRecord) -> None:
         self.fence.set(record.expires_at - SKEW_MARGIN * self.seconds)
@@ -222,7 +226,7 @@ class Lease:
             except PreconditionFailed:
                 continue  # another job wrote it between our read and our write: look again
             except (NotADirectoryError, FileExistsError):
-                raise ConfigError(f"output {self.output} exists and is a file") from None
+                raise self._not_a_folder() from None
             except OSError as exc:
                 raise _storage_failure(f"cannot take the lease {self.uri} on output {self.output}", exc) from None
             if time.monotonic() >= give_up:

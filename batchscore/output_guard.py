@@ -6,8 +6,8 @@ from typing import Sequence
 
 from .config import JobConfig
 from .errors import ConfigError
-from .lease import LEASE_FILE
-from .sink import PLAN_FILE, listing
+from .layout import plan_path, state_folder
+from .sink import listing
 from .source import GLOB_CHARS, InputFile
 from .storage import filesystem, full_uri, location, overlapping
 
@@ -29,7 +29,7 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")
-        leftovers = [n for n in listing(fs, path) if n not in (PLAN_FILE, LEASE_FILE)]
+        leftovers = listing(fs, path)
         if leftovers and not config.overwrite:
             raise ConfigError(
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
@@ -38,17 +38,27 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
 
 
 def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:
-    """Refuse an output equal to, inside, or holding any input: the input is never at risk.
+    """Refuse an output (or its state folder) equal to, inside, or holding any input: the input is
+    never at risk.
 
     Locations are compared, not spellings: ``out/../data``, ``data/./``, a symlink to the input
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
     input file (which may itself be a symlink into the output).
     """
-    out = location(output)
+    written = [(f"output {output}", location(output)),
+               (f"output {output}'s state folder", location(state_folder(output)))]
     inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
-    for name, where in inputs:
-        if overlapping(where, out):
-            raise ConfigError(
-                f"output {output} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
-            )
+    for what, out in written:
+        for name, where in inputs:
+            if overlapping(where, out):
+                raise ConfigError(
+                    f"{what} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
+                )
+
+
+def guard_plan_file(output: str, out: str) -> None:
+    """A plan written into the output folder would be read as data (Polars refuses the folder)."""
+    if overlapping(location(out), location(output)):
+        raise ConfigError(f"plan --out {out} is inside output {output}, where readers would see it; "
+                          f"write it to {plan_path(output)}")

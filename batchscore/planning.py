@@ -17,7 +17,7 @@ from .config import JobConfig
 from .errors import ConfigError, InputDataError
 from .lease import held, plan_holder
 from .model import Artifact, ArtifactPolicy, artifact_digests
-from .output_guard import guard_output, guard_overlap
+from .output_guard import guard_output, guard_overlap, guard_plan_file
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 from .sink import read_json, uncommit, write_json
 from .source import InputFile, list_inputs, read_footers
@@ -275,6 +275,7 @@ def plan(
     guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
     if out:
         guard_overlap(config, out, [f.uri for f in prepared.files])
+        guard_plan_file(prepared.output, out)
     result = plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=now().isoformat())
     if not out:  # nothing is written: the job's first shard takes the lease
         return result

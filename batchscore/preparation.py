@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from .config import JobConfig
 from .engine import Predictor
+from .layout import check_output
 from .model import ArtifactPolicy, LoadedModel, load_model
 from .source import InputFile, list_inputs, read_footers
 from .storage import filesystem, full_uri
@@ -35,7 +36,9 @@ def now() -> datetime:
 def normalize_output(config: JobConfig) -> str:
     config.require("output")
     fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
-    return full_uri(fs, fs._strip_protocol(path).rstrip("/"))
+    output = full_uri(fs, fs._strip_protocol(path).rstrip("/"))
+    check_output(output)  # its state goes beside it: a root has no beside
+    return output
 
 
 def prepare(

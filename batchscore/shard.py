@@ -19,7 +19,7 @@ from .planning import Plan, hold, plan_of
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
 from .scorer import ScoreTask
-from .sink import REJECTED_DIR, receipt_path, uncommit, write_json
+from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from .source import InputFile, check_identity
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
 from .workers import score_units
@@ -99,13 +99,16 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
              f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
-    uploads = [u.part_name for u in shard.units] + [f"{REJECTED_DIR}/{u.part_name}" for u in shard.units]
-    abort_uploads(fs, out_path, uploads)
+    uploads = {out_path: [u.part_name for u in shard.units],
+               rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
+    for folder, names in uploads.items():
+        abort_uploads(fs, folder, names)
     try:
         with progress(log, shard.rows) as rows:
             results = score_units(task, shard.units, workers, rows.advance)
     except BaseException as exc:
-        abort_uploads_after_failure(fs, out_path, uploads, exc)
+        for folder, names in uploads.items():
+            abort_uploads_after_failure(fs, folder, names, exc)
         raise
     invalid = sum(r.rows_invalid for r in results)
     if invalid > task.max_invalid_rows:

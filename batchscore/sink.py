@@ -1,14 +1,9 @@
 """The output dataset's files: parts written atomically, shard receipts, manifest, ``_SUCCESS``.
 
-Layout under the output directory::
-
-    part-FFFFF-RRRRR.parquet        predictions; name order is input order (file and first row
-                                    group, with more digits when an output needs them, all alike)
-    _rejected/part-FFFFF-RRRRR.parquet   invalid rows with a reason (``--on-invalid quarantine``)
-    _receipts/shard-IIIII.json      what each shard wrote
-    _lease.json                     which job may write here now (see lease.py)
-    _plan.json                      the plan, when a scheduler shares it between shards
-    _manifest.json, _SUCCESS        written last, by commit
+Where each lives is layout.py's to say: the output folder holds only the parts and ``_SUCCESS``,
+the rest lives in the state folder beside it. Part names (``part-FFFFF-RRRRR.parquet``) put the
+parts in input order (file and first row group, with more digits when an output needs them, all
+alike).
 """
 
 from __future__ import annotations
@@ -23,15 +18,23 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import atomic_writer, full_uri, join, remove_if_exists, translated, write_bytes_atomic
+from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
+    REJECTED_SUFFIX,
+    manifest_path,
+    part_path,
+    receipt_path,
+    receipts_folder,
+    rejected_folder,
+    rejected_name,
+    rejected_path,
+    state_folder,
+    success_path,
+)
+from .storage import atomic_writer, full_uri, remove_if_exists, translated, write_bytes_atomic
 
-REJECTED_DIR = "_rejected"
-RECEIPTS_DIR = "_receipts"
-PLAN_FILE = "_plan.json"
-MANIFEST_FILE = "_manifest.json"
-SUCCESS_FILE = "_SUCCESS"
 REJECT_REASON = "reject_reason"
 PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet$")
+REJECTED_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet" + re.escape(REJECTED_SUFFIX) + "$")
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
@@ -84,18 +87,6 @@ def part_writer(
             writer.close()
 
 
-def part_path(output: str, name: str) -> str:
-    return join(output, name)
-
-
-def rejected_path(output: str, name: str) -> str:
-    return join(output, REJECTED_DIR, name)
-
-
-def receipt_path(output: str, shard: int) -> str:
-    return join(output, RECEIPTS_DIR, f"shard-{shard:05d}.json")
-
-
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
     write_bytes_atomic(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -120,16 +111,18 @@ def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
 
 
 def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple[str, str]]:
-    """(kind, path) of every data or temp file this tool may have left in ``output``."""
+    """(kind, path) of every data or temp file this tool may have left in ``output`` and in its
+    rejected rows' folder."""
     for name in listing(fs, output):
         if PART_PATTERN.match(name) or TEMP_PATTERN.match(name):
-            yield "part", join(output, name)
-    for name in listing(fs, join(output, REJECTED_DIR)):
-        if PART_PATTERN.match(name) or TEMP_PATTERN.match(name):
-            yield "rejected", join(output, REJECTED_DIR, name)
+            yield "part", part_path(output, name)
+    folder = rejected_folder(output)
+    for name in listing(fs, folder):
+        if REJECTED_PATTERN.match(name) or TEMP_PATTERN.match(name):
+            yield "rejected", posixpath.join(folder, name)
 
 
 def uncommit(fs: fsspec.AbstractFileSystem, output: str) -> None:
     """Make an existing output stop looking finished before anything in it changes."""
-    remove_if_exists(fs, join(output, SUCCESS_FILE))
-    remove_if_exists(fs, join(output, MANIFEST_FILE))
+    remove_if_exists(fs, success_path(output))
+    remove_if_exists(fs, manifest_path(output))

@@ -20,8 +20,8 @@ from .errors import StorageError
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
 from .scorer import ScoreTask, UnitResult, score_unit
-from .sink import REJECTED_DIR, TEMP_PATTERN, part_path, rejected_path
-from .storage import filesystem, is_local, join, make_durable
+from .sink import TEMP_PATTERN, part_path, rejected_folder, rejected_name, rejected_path
+from .storage import filesystem, is_local, make_durable
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
 #: one's pages (returning them at once costs page faults), short enough that memory stays flat.
@@ -171,8 +171,8 @@ def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit]) -> None:
     """
     if not is_local(fs):
         return  # object stores publish nothing until an upload completes
-    prefixes = tuple(f".{u.part_name}.tmp-" for u in units)
-    for folder in (base, join(base, REJECTED_DIR)):
+    prefixes = tuple(f".{name}.tmp-" for u in units for name in (u.part_name, rejected_name(u.part_name)))
+    for folder in (base, rejected_folder(base)):
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):
                 if name.startswith(prefixes) and TEMP_PATTERN.match(name):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from batchscore.layout import receipts_folder
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent  # every job runs with the repository root as working directory
 FEATURES = "age,tenure,monthly_charges,total_charges"
@@ -301,7 +303,7 @@ def run_group(jobs: list[Job], repeats: int, logs: Path, env: dict[str, str], in
 def receipt_workers(output: Path | None) -> int | None:
     """How many worker processes batchscore used, from its shard receipt."""
     try:
-        receipts = sorted((output / "_receipts").glob("*.json"))  # type: ignore[operator]
+        receipts = sorted(Path(receipts_folder(str(output))).glob("*.json"))
         return sum(json.loads(p.read_text()).get("workers", 0) for p in receipts) or None
     except (OSError, TypeError, ValueError):
         return None

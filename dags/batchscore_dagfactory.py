@@ -14,9 +14,9 @@ from typing import Any
 from airflow.sdk import DAG, Asset, Param, task
 
 from batchscore.dagrun import (
-    DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunTemplateUndefined, cli_command, commit_shards,
-    execution_timeout, inputs_ready, permanent_failure, plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli,
-    run_dates, secret_environment, shard_arguments, timetable,
+    DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, cli_command,
+    commit_shards, execution_timeout, inputs_ready, permanent_failure, plan_shards, plan_uri, pod_exit_code,
+    rendered_env, retry_kwargs, run_cli, run_dates, secret_environment, shard_arguments, timetable,
 )  # fmt: skip
 from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
 from batchscore.quantity import docker_cpus, docker_memory
@@ -31,8 +31,10 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
 
-    class BatchscorePodOperator(KubernetesPodOperator):
+    class BatchscorePodOperator(RunDatesMixin, KubernetesPodOperator):
         """Fails for good when the scorer exits 2, 3 or 4 (every path, deferrable too, ends in cleanup)."""
+
+        job_settings = settings
 
         def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -75,12 +77,14 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     from airflow.providers.docker.exceptions import DockerContainerFailedSkipException
     from airflow.providers.docker.operators.docker import DockerOperator
 
-    class BatchscoreDockerOperator(DockerOperator):
+    class BatchscoreDockerOperator(RunDatesMixin, DockerOperator):
         """Reads secret values at run time only, so they never reach the DAG, the UI or the logs.
 
         Exit codes 2, 3 and 4 are the provider's "skip" codes, turned here into a failure without
         retries: the provider reports those codes apart from any other failure.
         """
+
+        job_settings = settings
 
         def __init__(self, *, secret_env: tuple[str, ...] = (), **kwargs: Any) -> None:
             super().__init__(skip_on_exit_code=sorted(PERMANENT_EXIT_CODES), **kwargs)
@@ -122,7 +126,9 @@ def _local_score(settings: JobSettings, shard_args: Any) -> Any:
         execution_timeout=execution_timeout(settings),
     )
     def score(arguments: list[str]) -> None:
-        run_cli([*cli_command(settings), *arguments], env=settings.dag.env)
+        from airflow.sdk import get_current_context
+
+        run_cli([*cli_command(settings), *arguments], env=rendered_env(settings, get_current_context()))
 
     return score.expand(arguments=shard_args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from click.testing import CliRunner, Result
 
+from batchscore import layout
 from batchscore.cli import main
 from batchscore.sample import FEATURES, churn_table
 
@@ -102,6 +104,36 @@ def read_output(output: Path | str, filesystem: Any = None) -> pa.Table:
     names = sorted(p for p in filesystem.ls(str(output), detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
     assert names, f"no part files in {output}"
     return pa.concat_tables([pq.read_table(n, filesystem=filesystem) for n in names])
+
+
+def state(output: Path) -> Path:
+    """The job's state folder beside a local output (see batchscore/layout.py)."""
+    return Path(layout.state_folder(str(output)))
+
+
+def read_manifest(output: Path | str, filesystem: Any = None) -> dict[str, Any]:
+    """The manifest commit wrote for ``output`` (local, or a bucket path on ``filesystem``)."""
+    path = layout.manifest_path(str(output))
+    return json.loads(filesystem.cat_file(path) if filesystem is not None else Path(path).read_bytes())
+
+
+def plan_file(output: Path) -> Path:
+    """Where the README and the DAG put a sharded job's plan."""
+    return Path(layout.plan_path(str(output)))
+
+
+def receipt_file(output: Path, shard: int) -> Path:
+    return Path(layout.receipt_path(str(output), shard))
+
+
+def rejected_file(output: Path, part_name: str = "part-00000-00000.parquet") -> Path:
+    return Path(layout.rejected_path(str(output), part_name))
+
+
+def read_rejected(output: Path | str) -> pa.Table:
+    """Every rejected row of a local output, in part order."""
+    folder = Path(layout.rejected_folder(str(output)))
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.iterdir())])
 
 
 def read_inputs(paths: Sequence[Path]) -> pa.Table:

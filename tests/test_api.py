@@ -49,6 +49,7 @@ def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_
     first = batchscore.run(config)
     assert isinstance(first, batchscore.RunResult)
     assert (first.rows_in, first.rows_out, first.rows_invalid) == (3 * ROWS, 3 * ROWS, 0) and first.seconds > 0
+    assert first.state == str(tmp_path / "_batchscore" / "out") == first.manifest["state"]  # beside the output
     assert_exact(read_output(out), inputs, binary_model_paths)
     reference = _scores(out)
     # What a run leaves the calling process as it found it: collector, memory pool, start method.

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from airflow_fixtures import DAGS_FOLDER
-from helpers import binary_model, read_inputs, write_inputs
+from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 
+from batchscore.layout import STATE_ROOT, plan_path
 from batchscore.sample import FEATURES
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
@@ -171,7 +172,7 @@ def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPat
     assert container.image == "ghcr.io/acme/batchscore:0.1.0"
     assert not container.command  # empty: the image's ENTRYPOINT (batchscore) runs the args
     args = container.args
-    assert args[0] == "run" and args[-4:] == ["--plan", f"s3://acme-scores/churn/dt={DAY}/_plan.json", "--shard", "2"]
+    assert args[0] == "run" and args[-4:] == ["--plan", plan_path(f"s3://acme-scores/churn/dt={DAY}"), "--shard", "2"]
     assert args[args.index("--input") + 1] == f"s3://acme-events/churn/dt={DAY}/"
     assert args[args.index("--output") + 1] == f"s3://acme-scores/churn/dt={DAY}/"
     assert "--overwrite" in args and "region_name=eu-west-1" in args and "{{" not in " ".join(args)
@@ -206,7 +207,7 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
     dag = load_dags(configs_dir)["batchscore_docker_job"]
     op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
     op.render_template_fields({"params": {"image": "batchscore:dev"}})
-    assert type(op).__mro__[1].__name__ == "DockerOperator"
+    assert "DockerOperator" in [cls.__name__ for cls in type(op).__mro__]
     assert (op.image, op.command, op.environment) == ("batchscore:dev", ["run", "--shard", "0"], {"LOG": "1"})
     assert (op.mem_limit, op.cpus) == ("3g", 1.5)
     assert op.secret_env == ("AWS_ACCESS_KEY_ID",)
@@ -239,6 +240,10 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match=r"version\.yaml: setting 'model_version' must be text.*quote it"):
         load_jobs(configs_dir)
     (configs_dir / "version.yaml").unlink()
+    write_job(configs_dir, "bucket_root", {**base, "output": "s3://scores/"}, local)
+    with pytest.raises(DagConfigError, match=r"bucket_root\.yaml: output s3://scores/ is a bucket or filesystem root"):
+        load_jobs(configs_dir)
+    (configs_dir / "bucket_root.yaml").unlink()
     nulls = {**base, "storage_options": None, "keep": None}
     write_job(configs_dir, "nulls", nulls, {**local, "env": None, "tags": None})
     [parsed] = load_jobs(configs_dir)
@@ -444,6 +449,32 @@ def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_en
     assert run_dates(job, {}, LOGICAL_DATE, datetime(2024, 6, 2, tzinfo=utc)) == {}
 
 
+def test_container_env_sees_the_date_the_output_does(airflow_env: Path, configs_dir: Path) -> None:
+    """``{{ ds }}`` in dag.env renders on runs without a logical date too, as the date the output gets."""
+    from types import SimpleNamespace
+
+    job = {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/"}
+    dag_cfg = {"schedule": "@daily", "start_date": "2024-01-01", "image": "batchscore:dev",
+               "env": {"SCORED_DAY": "{{ ds }}"}}  # fmt: skip
+    write_job(configs_dir, "env_docker", job, {**dag_cfg, "runner": "docker"})
+    write_job(configs_dir, "env_kubernetes", job, {**dag_cfg, "runner": "kubernetes"})
+    dags = load_dags(configs_dir)
+
+    def scored_day(runner: str, logical_date: datetime | None, params: dict[str, Any], **context: Any) -> str:
+        kwarg = {"docker": "command", "kubernetes": "arguments"}[runner]
+        op = dags[f"batchscore_env_{runner}"].get_task("score").unmap({kwarg: ["run", "--shard", "0"]})
+        run = SimpleNamespace(logical_date=logical_date, run_after=datetime(2024, 6, 2, 9, 30, tzinfo=timezone.utc))
+        op.render_template_fields({"params": {"image": "batchscore:dev", **params}, "dag_run": run, **context})
+        if runner == "docker":
+            return op.environment["SCORED_DAY"]
+        return {e.name: e.value for e in op.env_vars}["SCORED_DAY"]
+
+    for runner in ("docker", "kubernetes"):
+        assert scored_day(runner, None, {}) == DAY  # manual run: the last complete day
+        assert scored_day(runner, None, {"date": "2024-05-20"}) == "2024-05-20"
+        assert scored_day(runner, LOGICAL_DATE, {}, ds="2024-06-03") == "2024-06-03"  # Airflow's own ds stands
+
+
 def test_template_syntax_errors_fail_parsing(airflow_env: Path, configs_dir: Path) -> None:
     from batchscore_dagfactory import DagConfigError, load_jobs
 
@@ -500,7 +531,7 @@ def test_local_run_commits_what_a_single_process_scores(
     assert run.state == DagRunState.SUCCESS
     assert [ti.map_index for ti in score_tis(run)] == [0, 1, 2]
     output = scores / f"dt={DAY}"
-    assert (output / "_SUCCESS").exists() and (output / "_manifest.json").exists()
+    assert (output / "_SUCCESS").exists() and read_manifest(output)["rows"]["out"] == local_data["rows"]
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
     first_parts = sorted(p.name for p in output.glob("part-*.parquet"))
 
@@ -599,6 +630,14 @@ def test_a_shard_failing_once_is_retried_without_duplicates(
     assert_same_scores(read_parts(str(scores / f"dt={DAY}")), local_data["reference"], local_data["rows"])
 
 
+ENV_WRAPPER = """\
+import os, subprocess, sys
+with open({log!r}, "a") as fh:
+    fh.write(os.environ.get("SCORED_DAY", "unset") + " " + " ".join(sys.argv[1:]) + "\\n")
+sys.exit(subprocess.call([sys.executable, "-m", "batchscore", *sys.argv[1:]]))
+"""
+
+
 @pytest.mark.slow
 def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
@@ -609,21 +648,29 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     """
     from airflow.utils.state import DagRunState
 
-    scores = tmp_path / "scores"
-    write_job(configs_dir, "manual_e2e", local_job(local_data, scores), {**LOCAL_DAG, "shards": 2})
+    scores, log = tmp_path / "scores", tmp_path / "calls.log"
+    wrapper = tmp_path / "env_logging_batchscore.py"
+    wrapper.write_text(ENV_WRAPPER.format(log=str(log)))
+    dag_cfg = {**LOCAL_DAG, "shards": 2, "env": {"SCORED_DAY": "{{ ds }}"},
+               "local_command": [sys.executable, str(wrapper)]}  # fmt: skip
+    write_job(configs_dir, "manual_e2e", local_job(local_data, scores), dag_cfg)
     dag = load_dags(configs_dir)["batchscore_manual_e2e"]
     output = scores / f"dt={DAY}"
 
     run = dag.test(logical_date=None, run_after=datetime(2024, 6, 2, 9, 30, tzinfo=timezone.utc))
     assert run.logical_date is None and run.state == DagRunState.SUCCESS
-    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"]
+    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"]
     assert (output / "_SUCCESS").exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+    # dag.env sees the same date as the output: in plan, in every shard and in commit.
+    calls = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert [command.split()[0] for _, command in calls] == ["plan", "run", "run", "commit"]
+    assert {day for day, _ in calls} == {DAY}
 
     (output / "_SUCCESS").unlink()
     rerun = dag.test(logical_date=None, run_after=datetime(2024, 7, 15, tzinfo=timezone.utc), run_conf={"date": DAY})
     assert rerun.state == DagRunState.SUCCESS and len(score_tis(rerun)) == 2
-    assert [p.name for p in scores.iterdir()] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
+    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
 
 

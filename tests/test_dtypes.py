@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import cli, save
+from helpers import cli, read_rejected, save
 
 ROWS = 2_416
 FEATURES = ["a", "b", "c"]
@@ -169,7 +169,7 @@ def test_int_nulls_follow_the_invalid_policy(tmp_path: Path, binary_model_paths)
     result = cli("run", "--input", data, "--output", out, "--model", binary_model_paths["model"],
                  "--scaler", binary_model_paths["scaler"], "--on-invalid", "quarantine")
     assert result.exit_code == 0, result.output + result.stderr
-    rejected = pq.read_table(out / "_rejected")
+    rejected = read_rejected(out)
     assert rejected.column("reject_reason").to_pylist() == ["tenure is null"] * 3
     assert pq.read_table(out).num_rows == 1_613
     failed = cli("run", "--input", data, "--output", tmp_path / "out2", "--model", binary_model_paths["model"],

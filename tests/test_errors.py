@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,16 @@ import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
 from batchscore.sample import churn_table
-from helpers import assert_exact, cli, no_success, only_complete_parts, read_output, write_inputs
+from helpers import (
+    assert_exact,
+    cli,
+    no_success,
+    only_complete_parts,
+    read_manifest,
+    read_output,
+    rejected_file,
+    write_inputs,
+)
 
 
 def run(inputs, out, model, *extra):
@@ -181,16 +189,23 @@ def test_invalid_rows_skip_and_quarantine(tmp_path: Path, binary_model_paths) ->
     result = run([path], out, binary_model_paths, "--on-invalid", "skip", "--batch-size", "256")
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(out), table.filter(valid), binary_model_paths)
-    assert json.loads((out / "_manifest.json").read_text())["rows"] == {"in": 1027, "out": 1024, "invalid": 3}
-    assert not (out / "_rejected").exists()
+    assert read_manifest(out)["rows"] == {"in": 1027, "out": 1024, "invalid": 3}
+    assert not rejected_file(out).parent.exists()
 
     out = tmp_path / "quarantine"
     result = run([path], out, binary_model_paths, "--on-invalid", "quarantine")
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(out), table.filter(valid), binary_model_paths)
-    rejected = pq.read_table(out / "_rejected" / "part-00000-00000.parquet")
+    rejected = pq.read_table(rejected_file(out))
     assert rejected.column("customer_id").to_pylist() == [11, 501, 701]
     assert rejected.column("reject_reason").to_pylist() == ["age is NaN", "age is +inf", "tenure is null"]
+
+    # The input fixed and scored again: the earlier rejected rows go with the earlier output.
+    pq.write_table(table.filter(valid), path, row_group_size=300)
+    result = run([path], out, binary_model_paths, "--on-invalid", "quarantine", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert not rejected_file(out).exists() and read_manifest(out)["rejected_parts"] == []
+    assert_exact(read_output(out), table.filter(valid), binary_model_paths)
 
 
 def test_too_many_invalid_rows(tmp_path: Path, binary_model_paths) -> None:

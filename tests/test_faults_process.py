@@ -25,7 +25,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.pipeline import ABANDON_SECONDS, BackgroundWriter, prefetch
-from helpers import assert_exact, binary_model, read_inputs, read_output, write_inputs
+from helpers import (
+    assert_exact,
+    binary_model,
+    plan_file,
+    read_inputs,
+    read_manifest,
+    read_output,
+    receipt_file,
+    write_inputs,
+)
 
 pytestmark = [
     pytest.mark.fault,
@@ -125,8 +134,8 @@ def _temporaries(output: Path) -> list[str]:
 def _assert_committed_like(output: Path, clean: pa.Table) -> None:
     """The committed output has exactly the clean run's rows, in parts that the receipts list."""
     assert (output / "_SUCCESS").exists()
-    manifest = json.loads((output / "_manifest.json").read_text())
-    receipts = [json.loads(p.read_text()) for p in sorted((output / "_receipts").glob("shard-*.json"))]
+    manifest = read_manifest(output)
+    receipts = [json.loads(p.read_text()) for p in sorted(receipt_file(output, 0).parent.glob("shard-*.json"))]
     listed = [p["name"] for r in receipts for p in r["parts"]]
     on_disk = sorted(p.name for p in output.iterdir() if p.name.startswith("part-"))
     assert [p["name"] for p in manifest["parts"]] == listed == on_disk
@@ -254,7 +263,7 @@ def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
     rng = random.Random(99)
     for trial in range(8):
         out = tmp_path / f"out-{trial}"
-        plan = out / "_plan.json"
+        plan = plan_file(out)
         _run_ok(_cli("plan", *job.options(out), "--shards", "2", "--out", plan))
         shard = rng.randrange(2)
         args = _cli("run", *job.options(out), "--plan", plan, "--shard", str(shard))

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from batchscore.layout import rejected_path
 from batchscore.sample import churn_table
 from helpers import cli
 
@@ -263,7 +264,7 @@ def _uploads(fs: Any, bucket: str) -> list[str]:
 @pytest.mark.fault
 def test_incomplete_uploads_of_a_killed_attempt_are_aborted_and_only_under_the_output(s3_job: dict[str, Any]) -> None:
     fs, bucket = s3_job["fs"], s3_job["bucket"]
-    leftovers = ["out/part-00000-00000.parquet", "out/_rejected/part-00001-00000.parquet"]
+    leftovers = ["out/part-00000-00000.parquet", rejected_path("out", "part-00001-00000.parquet")]
     strangers = ["out2/part-00000-00000.parquet", "other/out/part-00000-00000.parquet"]
     for key in leftovers + strangers:
         fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)

@@ -26,7 +26,7 @@ from batchscore.config import JobConfig
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
 from batchscore.sample import churn_table
 from batchscore.storage import location, overlapping
-from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
+from helpers import assert_exact, cli, plan_file, read_inputs, read_output, receipt_file, state, write_inputs
 
 
 def model_args(model: dict[str, Path]) -> list[str]:
@@ -140,8 +140,38 @@ def test_a_plan_file_is_never_written_into_the_input(tmp_path: Path, binary_mode
     write_inputs(data, files=1, rows=160)
     before = snapshot(data)
     result = cli("plan", "--input", data, "--output", tmp_path / "out", *model_args(binary_model_paths),
-                 "--out", data / "_plan.json")
+                 "--out", data / "plan.json")
     assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr
+    assert snapshot(data) == before
+
+
+def test_a_plan_file_is_never_written_into_the_output(tmp_path: Path, binary_model_paths) -> None:
+    """Readers such as Polars refuse a folder with a JSON file in it: the plan goes beside the output."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_inputs(data, files=1, rows=160)
+    common = ["--input", data, "--output", out, *model_args(binary_model_paths)]
+    result = cli("plan", *common, "--out", out / "plan.json")
+    assert result.exit_code == EXIT_USAGE and f"write it to {plan_file(out)}" in result.stderr
+    assert not out.exists()
+    assert cli("plan", *common, "--out", plan_file(out)).exit_code == 0
+
+
+@pytest.mark.parametrize("output", ["/", "file:///", "s3://bucket", "s3://bucket/"])
+def test_an_output_at_a_root_is_refused(tmp_path: Path, binary_model_paths, output: str) -> None:
+    """A root has no folder beside it for the job's state."""
+    write_inputs(tmp_path / "data", files=1, rows=160)
+    result = cli("validate", "--input", tmp_path / "data", "--output", output, *model_args(binary_model_paths))
+    assert result.exit_code == EXIT_USAGE and "is a bucket or filesystem root" in result.stderr, result.stderr
+
+
+def test_a_state_folder_in_the_input_is_refused(tmp_path: Path, binary_model_paths) -> None:
+    """The output's state (plan, receipts, rejected rows) lives beside it: that place must not hold input either."""
+    data = tmp_path / "data"
+    write_inputs(state(data / "out"), files=1, rows=160)
+    before = snapshot(data)
+    result = cli("run", "--input", state(data / "out"), "--output", data / "out",
+                 *model_args(binary_model_paths))
+    assert result.exit_code == EXIT_USAGE and "state folder" in result.stderr and "overlaps input" in result.stderr
     assert snapshot(data) == before
 
 
@@ -219,23 +249,23 @@ def test_same_size_rewrite_after_plan_stops_the_shard(tmp_path: Path, binary_mod
     inputs = _plain_inputs(tmp_path / "in")
     out = tmp_path / "out"
     common = _job(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
-    plan = json.loads((out / "_plan.json").read_text())
+    assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
+    plan = json.loads((plan_file(out)).read_text())
     assert set(plan["files"][0]["identity"]) == {"size", "mtime_ns", "inode", "device"}
     _same_size_other_values(inputs[0])
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "0")
     assert result.exit_code == EXIT_INPUT, result.stderr
     assert f"input file {inputs[0]} changed since the plan was made (mtime_ns" in result.stderr
-    assert not list(out.glob("part-*")) and not (out / "_receipts").exists()
+    assert not list(out.glob("part-*")) and not receipt_file(out, 0).parent.exists()
     # A replacement by rename that even restores the old mtime is another inode.
     stat = inputs[1].stat()
     replacement = tmp_path / "replacement.parquet"
     replacement.write_bytes(inputs[1].read_bytes())
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(replacement, inputs[1])
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "1")
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "1")
     assert result.exit_code == EXIT_INPUT and f"input file {inputs[1]} changed since the plan was made (inode" in result.stderr
-    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == EXIT_INPUT
+    assert cli("commit", *common, "--plan", plan_file(out)).exit_code == EXIT_INPUT
     assert not (out / "_SUCCESS").exists()
 
 
@@ -367,14 +397,14 @@ def test_an_old_plan_format_is_refused_clearly(tmp_path: Path, binary_model_path
     inputs = write_inputs(tmp_path / "in", files=1, rows=160)
     out = tmp_path / "out"
     common = _job(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--out", out / "_plan.json").exit_code == 0
-    plan = json.loads((out / "_plan.json").read_text())
-    (out / "_plan.json").write_text(json.dumps({**plan, "format": 1}))
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    assert cli("plan", *common, "--out", plan_file(out)).exit_code == 0
+    plan = json.loads((plan_file(out)).read_text())
+    (plan_file(out)).write_text(json.dumps({**plan, "format": 1}))
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "0")
     assert result.exit_code == EXIT_INPUT and "unsupported plan format 1" in result.stderr
     del plan["files"][0]["identity"]
-    (out / "_plan.json").write_text(json.dumps(plan))
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    (plan_file(out)).write_text(json.dumps(plan))
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "0")
     assert result.exit_code == EXIT_INPUT and "not a batchscore plan (missing or malformed 'identity')" in result.stderr
 
 
@@ -409,17 +439,17 @@ def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: P
     inputs = write_inputs(tmp_path / "in", files=2, rows=480, row_group_size=160)
     out = tmp_path / "out"
     common = _job(inputs, out, binary_model_paths, "--model-version", "1.4.0")
-    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
-    plan = json.loads((out / "_plan.json").read_text())
+    assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
+    plan = json.loads((plan_file(out)).read_text())
     assert plan["model_version"] == "1.4.0"
     assert plan["schema"][0] == {"name": "customer_id", "type": "int64"} and plan["schema"][-1]["name"] == "model_version"
     result = cli("run", *_job(inputs, out, binary_model_paths, "--model-version", "1.5.0"),
-                 "--plan", out / "_plan.json", "--shard", "1")
+                 "--plan", plan_file(out), "--shard", "1")
     assert result.exit_code == EXIT_INPUT
     assert "shard 1: --model-version '1.5.0' differs from the plan's '1.4.0'" in result.stderr
     for shard in ("0", "1"):
-        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", shard).exit_code == 0
-    receipt_path = out / "_receipts" / "shard-00001.json"
+        assert cli("run", *common, "--plan", plan_file(out), "--shard", shard).exit_code == 0
+    receipt_path = receipt_file(out, 1)
     receipt = json.loads(receipt_path.read_text())
     tampered = [dict(c, type="float") if c["name"] == "probability" else c for c in receipt["schema"]]
     cases = {
@@ -429,11 +459,11 @@ def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: P
     }
     for key, (value, message) in cases.items():
         receipt_path.write_text(json.dumps({**receipt, key: value}))
-        result = cli("commit", *common, "--plan", out / "_plan.json")
+        result = cli("commit", *common, "--plan", plan_file(out))
         assert result.exit_code == EXIT_INPUT and message in result.stderr, (key, result.stderr)
         assert not (out / "_SUCCESS").exists()
     receipt_path.write_text(json.dumps(receipt))
-    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0
+    assert cli("commit", *common, "--plan", plan_file(out)).exit_code == 0
     assert_exact(read_output(out), read_inputs(inputs), binary_model_paths)
 
 

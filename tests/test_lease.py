@@ -17,8 +17,19 @@ import pyarrow as pa
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE
-from batchscore.lease import LEASE_FILE, Lease, LeaseRecord, OutputBusyError, plan_holder, run_holder
-from helpers import assert_exact, binary_model, cli, multiclass_model, read_inputs, read_output, write_inputs
+from batchscore.layout import lease_path
+from batchscore.lease import Lease, LeaseRecord, OutputBusyError, plan_holder, run_holder
+from helpers import (
+    assert_exact,
+    binary_model,
+    cli,
+    multiclass_model,
+    plan_file,
+    read_inputs,
+    read_manifest,
+    read_output,
+    write_inputs,
+)
 
 #: Rows in the racing jobs' input: enough that scoring takes a second or more on a busy machine.
 RACE_ROWS_PER_FILE = 8_016
@@ -81,14 +92,14 @@ def _start_writing(argv: list[str], out: Path) -> subprocess.Popen[str]:
 
 
 def _committed_model(out: Path, models: dict[str, dict[str, Path]]) -> str:
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     uris = {a["uri"] for a in manifest["artifacts"]}
     [name] = [n for n, paths in models.items() if str(paths["model"]) in uris]
     return name
 
 
 def _lease(out: Path) -> dict:
-    return json.loads((out / LEASE_FILE).read_text())
+    return json.loads(Path(lease_path(str(out))).read_text())
 
 
 @pytest.mark.fault
@@ -219,14 +230,14 @@ def test_lease_of_another_plan_refuses_every_step(tmp_path: Path, binary_model_p
     other_model = multiclass_model(tmp_path / "other")
     out = tmp_path / "out"
     ours, theirs = _job(inputs, out, binary_model_paths), _job(inputs, out, other_model)
-    result = cli("plan", *ours, "--shards", "2", "--out", out / "_plan.json")
+    result = cli("plan", *ours, "--shards", "2", "--out", plan_file(out))
     assert result.exit_code == 0, result.stderr
     plan_id = json.loads(result.stdout)["plan_id"]
     holder = f"sharded job (plan {plan_id}): `plan` on host"
 
-    result = cli("plan", *theirs, "--shards", "2", "--out", out / "_plan2.json", "--overwrite")
+    result = cli("plan", *theirs, "--shards", "2", "--out", tmp_path / "plan2.json", "--overwrite")
     assert result.exit_code == EXIT_USAGE and holder in result.stderr, result.stderr
-    assert not (out / "_plan2.json").exists()
+    assert not (tmp_path / "plan2.json").exists()
     result = cli("plan", *theirs, "--shards", "2")  # writes nothing, so needs no lease
     assert result.exit_code == 0, result.stderr
     (tmp_path / "theirs.json").write_text(result.stdout)
@@ -239,17 +250,17 @@ def test_lease_of_another_plan_refuses_every_step(tmp_path: Path, binary_model_p
     for argv in refusals:
         result = cli(*argv)
         assert result.exit_code == EXIT_USAGE and holder in result.stderr, (argv, result.stderr)
-    assert not [n for n in os.listdir(out) if n.startswith("part-")]
+    assert not list(out.glob("part-*"))
 
     # our own steps join the lease, retries included; commit releases it
     for shard in ("0", "1", "1"):
-        result = cli("run", *ours, "--plan", out / "_plan.json", "--shard", shard)
+        result = cli("run", *ours, "--plan", plan_file(out), "--shard", shard)
         assert result.exit_code == 0, result.stderr
-    result = cli("plan", *ours, "--shards", "2", "--out", out / "_plan.json", "--overwrite")  # a retried plan
+    result = cli("plan", *ours, "--shards", "2", "--out", plan_file(out), "--overwrite")  # a retried plan
     assert result.exit_code == 0, result.stderr
     for shard in ("0", "1"):
-        assert cli("run", *ours, "--plan", out / "_plan.json", "--shard", shard).exit_code == 0
-    result = cli("commit", *ours, "--plan", out / "_plan.json")
+        assert cli("run", *ours, "--plan", plan_file(out), "--shard", shard).exit_code == 0
+    result = cli("commit", *ours, "--plan", plan_file(out))
     assert result.exit_code == 0, result.stderr
     assert _lease(out)["released"]
     assert_exact(read_output(out), read_inputs(inputs), binary_model_paths)
@@ -265,18 +276,18 @@ def test_commit_refuses_a_part_replaced_after_its_receipt(tmp_path: Path, binary
     inputs = write_inputs(tmp_path / "in", files=2, rows=1_216, row_group_size=400)
     out = tmp_path / "out"
     common = _job(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
-    assert cli("run", *common, "--plan", out / "_plan.json", "--shard", "0").exit_code == 0
+    assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
+    assert cli("run", *common, "--plan", plan_file(out), "--shard", "0").exit_code == 0
     shutil.copy(out / "part-00000-00000.parquet", tmp_path / "zombie.parquet")
     for shard in ("0", "1"):
-        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", shard).exit_code == 0
+        assert cli("run", *common, "--plan", plan_file(out), "--shard", shard).exit_code == 0
     shutil.copy(tmp_path / "zombie.parquet", out / "part-00000-00000.parquet")
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == EXIT_INPUT, result.stderr
     assert "part-00000-00000.parquet was written by attempt" in result.stderr and "shard 0" in result.stderr
     assert not (out / "_SUCCESS").exists()
-    assert cli("run", *common, "--plan", out / "_plan.json", "--shard", "0").exit_code == 0
-    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0
+    assert cli("run", *common, "--plan", plan_file(out), "--shard", "0").exit_code == 0
+    assert cli("commit", *common, "--plan", plan_file(out)).exit_code == 0
     assert_exact(read_output(out), read_inputs(inputs), binary_model_paths)
 
 
@@ -332,7 +343,9 @@ def test_one_of_many_contenders_takes_the_lease(tmp_path: Path, start: str) -> N
         folder.mkdir()
         if start == "stale":
             old = LeaseRecord(run_holder(), "p", "run", "elsewhere", 1, None, True, time.time() - 9, time.time() - 1)
-            (folder / LEASE_FILE).write_bytes(old.to_bytes())
+            stale = Path(lease_path(str(folder)))
+            stale.parent.mkdir(parents=True)
+            stale.write_bytes(old.to_bytes())
         barrier, results = context.Barrier(8), context.Queue()
         procs = [context.Process(target=_contend, args=(str(folder), f"run {i}", barrier, results)) for i in range(8)]
         for proc in procs:
@@ -342,7 +355,7 @@ def test_one_of_many_contenders_takes_the_lease(tmp_path: Path, start: str) -> N
             proc.join(timeout=60)
         winners = [g for g in got if g]
         assert len(winners) == 1, got
-        assert json.loads((folder / LEASE_FILE).read_text())["holder"] == winners[0]
+        assert json.loads(Path(lease_path(str(folder))).read_text())["holder"] == winners[0]
 
 
 @pytest.mark.fault
@@ -357,7 +370,7 @@ def test_s3_lease_is_exclusive_and_expires(tmp_path: Path, s3, binary_model_path
     # a crashed run on another host: its lease blocks until it expires, then is taken over
     expires = time.time() + 3
     crashed = LeaseRecord(run_holder(), "p", "run", "node-7", 4242, None, True, time.time() - 30, expires)
-    fs.pipe_file(f"{bucket}/out/{LEASE_FILE}", crashed.to_bytes())
+    fs.pipe_file(lease_path(f"{bucket}/out"), crashed.to_bytes())
     job = ["--input", str(inputs[0]), "--output", output, "--model", str(binary_model_paths["model"]),
            "--scaler", str(binary_model_paths["scaler"]), "--storage-option", f"endpoint_url={options['endpoint_url']}"]
     result = cli("run", *job)
@@ -367,7 +380,7 @@ def test_s3_lease_is_exclusive_and_expires(tmp_path: Path, s3, binary_model_path
     assert result.exit_code == 0, result.stderr
     assert time.time() >= expires
     assert_exact(read_output(f"{bucket}/out", fs), read_inputs(inputs), binary_model_paths)
-    lease = json.loads(fs.cat_file(f"{bucket}/out/{LEASE_FILE}"))
+    lease = json.loads(fs.cat_file(lease_path(f"{bucket}/out")))
     assert lease["released"] and lease["host"] != "node-7"
     # a sharded job's steps join their plan's lease on S3 too
     plan = Lease(output, options, plan_holder("abc"), "abc", "plan", 60).acquire()

@@ -19,13 +19,16 @@ import joblib
 import pytest
 import skops.io
 from helpers import (
-    binary_model,
     assert_exact,
+    binary_model,
     cli,
     multiclass_model,
     pipeline_model,
+    plan_file,
     read_inputs,
+    read_manifest,
     read_output,
+    receipt_file,
     training_frame,
     write_inputs,
 )
@@ -85,7 +88,8 @@ def job(tmp_path: Path, inputs: list[Path], binary_model_paths: dict[str, Path])
     evil = tmp_path / "evil.joblib"
     joblib.dump(_TouchOnLoad(marker), evil)
     return {"model": model, "scaler": binary_model_paths["scaler"], "good_sha256": sha256(model), "evil": evil,
-            "marker": marker, "out": tmp_path / "out", "common": ["--input", inputs[0].parent]}  # fmt: skip
+            "marker": marker, "out": tmp_path / "out", "plan": plan_file(tmp_path / "out"),
+            "common": ["--input", inputs[0].parent]}  # fmt: skip
 
 
 @pytest.mark.fault
@@ -101,7 +105,7 @@ def test_the_malicious_file_runs_code_when_nothing_stops_it(job: dict[str, Any])
     ["inspect", "{evil}"],
     ["validate", "{common}", "--output", "{out}", "--model", "{evil}"],
     ["run", "{common}", "--output", "{out}", "--model", "{evil}"],
-    ["plan", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2", "--out", "{out}/_plan.json"],
+    ["plan", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2", "--out", "{plan}"],
     ["run", "{common}", "--output", "{out}", "--model", "{evil}", "--shard", "1/2"],
     ["commit", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2"],
 ], ids=["inspect", "validate", "run", "plan", "run-shard-I/N", "commit-shards-N"])  # fmt: skip
@@ -121,15 +125,15 @@ def test_a_pinned_digest_stops_a_swapped_model_before_it_is_unpickled(job: dict[
 @pytest.mark.fault
 def test_a_plan_stops_a_model_swapped_after_it_was_made(job: dict[str, Any]) -> None:
     common = [*job["common"], "--output", job["out"], "--model", job["model"], "--scaler", job["scaler"]]
-    plan_file = job["out"] / "_plan.json"
-    assert batchscore("plan", *common, "--shards", "2", "--out", plan_file).returncode == 0
+    plan = plan_file(job["out"])
+    assert batchscore("plan", *common, "--shards", "2", "--out", plan).returncode == 0
     shutil.copyfile(job["evil"], job["model"])  # same name, new bytes: no pin given anywhere
-    result = batchscore("run", *common, "--plan", plan_file, "--shard", "0")
+    result = batchscore("run", *common, "--plan", plan, "--shard", "0")
     assert result.returncode == EXIT_MODEL, result.stderr
     assert not job["marker"].exists(), "the model's code ran"
     assert f"model artifact {job['model']} changed since the plan was made" in result.stderr
     assert f"expected sha256 {job['good_sha256']}" in result.stderr and "plan again" in result.stderr
-    assert not (job["out"] / "_receipts" / "shard-00000.json").exists()
+    assert not receipt_file(job["out"], 0).exists()
 
 
 @pytest.mark.fault
@@ -175,7 +179,7 @@ def test_a_correct_pin_scores_normally_in_any_case(job: dict[str, Any], inputs: 
                  "--model-sha256", job["good_sha256"], "--scaler-sha256", scaler_sha256)  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(job["out"]), read_inputs(inputs), {"model": job["model"], "scaler": job["scaler"]})
-    manifest = json.loads((job["out"] / "_manifest.json").read_text())
+    manifest = read_manifest(job["out"])
     assert [(a["role"], a["format"], a["sha256"]) for a in manifest["artifacts"]] == [
         ("model", "joblib", job["good_sha256"]), ("scaler", "joblib", scaler_sha256.lower())]
 
@@ -210,13 +214,13 @@ def test_inspect_prints_the_pin_to_use(job: dict[str, Any]) -> None:
 
 def test_commit_refuses_a_plan_made_with_another_model_than_pinned(job: dict[str, Any]) -> None:
     common = [*job["common"], "--output", job["out"], "--model", job["model"], "--scaler", job["scaler"]]
-    plan_file = job["out"] / "_plan.json"
-    assert cli("plan", *common, "--shards", "1", "--out", plan_file).exit_code == 0
-    assert cli("run", *common, "--plan", plan_file, "--shard", "0").exit_code == 0
-    result = cli("commit", *common, "--plan", plan_file, "--model-sha256", "f" * 64)
-    assert result.exit_code == EXIT_MODEL and f"plan {plan_file}: model artifact" in result.stderr
+    plan = plan_file(job["out"])
+    assert cli("plan", *common, "--shards", "1", "--out", plan).exit_code == 0
+    assert cli("run", *common, "--plan", plan, "--shard", "0").exit_code == 0
+    result = cli("commit", *common, "--plan", plan, "--model-sha256", "f" * 64)
+    assert result.exit_code == EXIT_MODEL and f"plan {plan}: model artifact" in result.stderr
     assert not (job["out"] / "_SUCCESS").exists()
-    assert cli("commit", *common, "--plan", plan_file, "--model-sha256", job["good_sha256"]).exit_code == 0
+    assert cli("commit", *common, "--plan", plan, "--model-sha256", job["good_sha256"]).exit_code == 0
 
 
 @pytest.mark.parametrize("make, trust", [
@@ -237,7 +241,7 @@ def test_skops_artifacts_score_exactly_like_joblib(tmp_path: Path, inputs: list[
     result = cli("run", *common, *[arg for name in trust for arg in ("--trust", name)])
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), joblib_paths)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert [(a["role"], a["uri"], a["format"], a["sha256"]) for a in manifest["artifacts"]] == [
         (role, str(path), "skops", sha256(path)) for role, path in paths.items()]
 
@@ -279,6 +283,6 @@ def test_pinned_skops_artifacts_on_s3(tmp_path: Path, s3, inputs: list[Path], bi
     result = cli("run", *common, "--model-sha256", sha256(paths["model"]), "--scaler-sha256", sha256(paths["scaler"]))
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), binary_model_paths)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert [(a["uri"], a["format"]) for a in manifest["artifacts"]] == [
         (f"s3://{bucket}/models/model.skops", "skops"), (f"s3://{bucket}/models/scaler.skops", "skops")]

@@ -12,7 +12,17 @@ import pytest
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
 from batchscore.planning import make_plan
 from batchscore.source import InputFile
-from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
+from helpers import (
+    assert_exact,
+    cli,
+    plan_file,
+    read_inputs,
+    read_manifest,
+    read_output,
+    receipt_file,
+    rejected_file,
+    write_inputs,
+)
 
 
 def job_args(inputs: list[Path], out: Path, model: dict[str, Path]) -> list[str]:
@@ -26,16 +36,16 @@ def test_sharded_job_equals_single_run(tmp_path: Path, binary_model_paths) -> No
     inputs = write_inputs(tmp_path / "in", files=5, rows=1_600, row_group_size=400)
     out = tmp_path / "out"
     common = job_args(inputs, out, binary_model_paths)
-    result = cli("plan", *common, "--shards", "3", "--out", out / "_plan.json")
+    result = cli("plan", *common, "--shards", "3", "--out", plan_file(out))
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["num_shards"] == 3 and plan["total_rows"] == 8_000
     assert [s["rows"] for s in plan["shards"]] == [2_800, 2_400, 2_800]
     for shard in range(3):
-        result = cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard))
+        result = cli("run", *common, "--plan", plan_file(out), "--shard", str(shard))
         assert result.exit_code == 0, result.stderr
         assert not (out / "_SUCCESS").exists()
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == 0, result.stderr
     assert (out / "_SUCCESS").exists()
     single = tmp_path / "single"
@@ -44,7 +54,7 @@ def test_sharded_job_equals_single_run(tmp_path: Path, binary_model_paths) -> No
     assert sharded_table.drop(["predicted_at"]).equals(read_output(single).drop(["predicted_at"]))
     assert_exact(sharded_table, read_inputs(inputs), binary_model_paths)
     assert len(set(sharded_table.column("predicted_at").to_pylist())) == 1  # one timestamp for the job
-    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0  # idempotent
+    assert cli("commit", *common, "--plan", plan_file(out)).exit_code == 0  # idempotent
 
 
 def test_shard_i_of_n_without_plan_file(tmp_path: Path, binary_model_paths) -> None:
@@ -62,17 +72,17 @@ def test_retried_shard_overwrites_its_parts_and_commit_drops_strays(tmp_path: Pa
     inputs = write_inputs(tmp_path / "in", files=3, rows=800, row_group_size=200)
     out = tmp_path / "out"
     common = job_args(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
     for shard in (0, 1, 1):  # shard 1 runs twice, as after a retry
-        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard)).exit_code == 0
+        assert cli("run", *common, "--plan", plan_file(out), "--shard", str(shard)).exit_code == 0
     (out / "part-00099-00000.parquet").write_bytes(b"left by an earlier failed attempt")
     (out / ".part-00000-00000.parquet.tmp-0123abcd").write_bytes(b"temp")
-    assert cli("commit", *common, "--plan", out / "_plan.json").exit_code == 0
+    assert cli("commit", *common, "--plan", plan_file(out)).exit_code == 0
     assert sorted(p.name for p in out.iterdir() if "part-" in p.name) == [
         "part-00000-00000.parquet", "part-00001-00000.parquet", "part-00001-00002.parquet", "part-00002-00000.parquet"]
     table = read_output(out)
     assert table.num_rows == 2_400 and len(set(table.column("customer_id").to_pylist())) == 2_400
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["removed_stray_files"] == 2
 
 
@@ -80,31 +90,31 @@ def test_commit_refuses_missing_or_foreign_receipts(tmp_path: Path, binary_model
     inputs = write_inputs(tmp_path / "in", files=3, rows=800, row_group_size=200)
     out = tmp_path / "out"
     common = job_args(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--shards", "3", "--out", out / "_plan.json").exit_code == 0
+    assert cli("plan", *common, "--shards", "3", "--out", plan_file(out)).exit_code == 0
     for shard in (0, 2):
-        assert cli("run", *common, "--plan", out / "_plan.json", "--shard", str(shard)).exit_code == 0
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+        assert cli("run", *common, "--plan", plan_file(out), "--shard", str(shard)).exit_code == 0
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == EXIT_INPUT
     assert "missing receipts for shard(s) 1" in result.stderr
     assert not (out / "_SUCCESS").exists()
 
-    receipt = out / "_receipts" / "shard-00002.json"
+    receipt = receipt_file(out, 2)
     data = json.loads(receipt.read_text())
     receipt.write_text(json.dumps({**data, "plan_id": "0000000000000000"}))
-    assert cli("run", *common, "--plan", out / "_plan.json", "--shard", "1").exit_code == 0
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+    assert cli("run", *common, "--plan", plan_file(out), "--shard", "1").exit_code == 0
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == EXIT_INPUT
     assert "receipts from another plan for shard(s) 2" in result.stderr
     assert not (out / "_SUCCESS").exists()
 
     receipt.write_text(json.dumps({**data, "rows_in": data["rows_in"] - 1}))
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == EXIT_INPUT and "inconsistent shard(s): 2" in result.stderr
     assert not (out / "_SUCCESS").exists()
 
     receipt.write_text(json.dumps(data))
     (out / data["parts"][0]["name"]).unlink()  # a receipt whose part has gone
-    result = cli("commit", *common, "--plan", out / "_plan.json")
+    result = cli("commit", *common, "--plan", plan_file(out))
     assert result.exit_code == EXIT_INPUT
     assert f"parts listed in receipts are missing: {data['parts'][0]['name']}" in result.stderr
     assert not (out / "_SUCCESS").exists()
@@ -114,16 +124,16 @@ def test_shard_refuses_changed_input_or_model(tmp_path: Path, binary_model_paths
     inputs = write_inputs(tmp_path / "in", files=2, rows=400, row_group_size=200)
     out = tmp_path / "out"
     common = job_args(inputs, out, binary_model_paths)
-    assert cli("plan", *common, "--shards", "2", "--out", out / "_plan.json").exit_code == 0
+    assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
     pq.write_table(pq.read_table(inputs[0]).slice(0, 100), inputs[0])
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "0")
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "0")
     assert result.exit_code == EXIT_INPUT and f"{inputs[0]} changed since the plan" in result.stderr
     other = dict(binary_model_paths, model=tmp_path / "other.joblib")
     other["model"].write_bytes(binary_model_paths["model"].read_bytes() + b"")
     import joblib
 
     joblib.dump(joblib.load(binary_model_paths["model"]), other["model"], compress=3)
-    result = cli("run", *job_args(inputs, out, other), "--plan", out / "_plan.json", "--shard", "1")
+    result = cli("run", *job_args(inputs, out, other), "--plan", plan_file(out), "--shard", "1")
     assert result.exit_code == EXIT_MODEL and f"model artifact {other['model']} changed since the plan" in result.stderr
 
 
@@ -133,15 +143,15 @@ def test_plan_errors(tmp_path: Path, binary_model_paths) -> None:
     common = job_args(inputs, out, binary_model_paths)
     assert cli("plan", *common, "--shards", "2", "--rows-per-shard", "5").exit_code == EXIT_USAGE
     assert cli("plan", *common, "--shards", "0").exit_code == EXIT_USAGE
-    assert cli("plan", *common, "--out", out / "_plan.json").exit_code == 0
-    result = cli("run", *common, "--plan", out / "_plan.json", "--shard", "4")
+    assert cli("plan", *common, "--out", plan_file(out)).exit_code == 0
+    result = cli("run", *common, "--plan", plan_file(out), "--shard", "4")
     assert result.exit_code == EXIT_USAGE and "shard 4 does not exist" in result.stderr
-    edited = json.loads((out / "_plan.json").read_text())
+    edited = json.loads((plan_file(out)).read_text())
     edited["files"][0]["row_groups"][0] += 1
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     result = cli("run", *common, "--plan", tmp_path / "edited.json", "--shard", "0")
     assert result.exit_code == EXIT_INPUT and "edited" in result.stderr
-    result = cli("run", *job_args(inputs, tmp_path / "elsewhere", binary_model_paths), "--plan", out / "_plan.json",
+    result = cli("run", *job_args(inputs, tmp_path / "elsewhere", binary_model_paths), "--plan", plan_file(out),
                  "--shard", "0")
     assert result.exit_code == EXIT_USAGE and "is for output" in result.stderr
 
@@ -231,11 +241,15 @@ def test_commit_clean_up_knows_wide_part_names(tmp_path: Path) -> None:
 
     from batchscore.sink import iter_own_files
 
-    (tmp_path / "_rejected").mkdir()
+    output = tmp_path / "out"
+    rejected = rejected_file(output, "part-100000-000007.parquet")
+    rejected.parent.mkdir(parents=True)
+    output.mkdir()
     for name in ["part-123456-000000.parquet", "part-00001-00000.parquet", ".part-123456-000000.parquet.tmp-0a1b",
-                 "_rejected/part-100000-000007.parquet", "parts.txt", "part-1-2.parquet"]:
-        (tmp_path / name).write_bytes(b"")
-    found = sorted(path.rsplit("/", 2)[-1] if "_rejected" not in path else "_rejected/" + path.rsplit("/", 1)[-1]
-                   for _, path in iter_own_files(fsspec.filesystem("file"), str(tmp_path)))
-    assert found == [".part-123456-000000.parquet.tmp-0a1b", "_rejected/part-100000-000007.parquet",
-                     "part-00001-00000.parquet", "part-123456-000000.parquet"]
+                 "parts.txt", "part-1-2.parquet"]:
+        (output / name).write_bytes(b"")
+    for name in [rejected.name, "part-100000-000008.parquet", ".part-1-2.parquet.rejected"]:
+        (rejected.parent / name).write_bytes(b"")
+    found = sorted((kind, Path(path).name) for kind, path in iter_own_files(fsspec.filesystem("file"), str(output)))
+    assert found == [("part", ".part-123456-000000.parquet.tmp-0a1b"), ("part", "part-00001-00000.parquet"),
+                     ("part", "part-123456-000000.parquet"), ("rejected", "part-100000-000007.parquet.rejected")]

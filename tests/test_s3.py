@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL
-from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
+from helpers import assert_exact, cli, read_inputs, read_manifest, read_output, write_inputs
 
 
 def _upload(fs, local: Path, remote: str) -> None:
@@ -32,7 +31,7 @@ def test_s3_in_s3_out_with_model_on_s3(tmp_path: Path, s3, binary_model_paths) -
     assert result.exit_code == 0, result.stderr
     assert fs.exists(f"{bucket}/scores/2026-11-24/_SUCCESS")
     assert_exact(read_output(f"{bucket}/scores/2026-11-24", fs), read_inputs(inputs), binary_model_paths)
-    manifest = json.loads(fs.cat_file(f"{bucket}/scores/2026-11-24/_manifest.json"))
+    manifest = read_manifest(f"{bucket}/scores/2026-11-24", fs)
     assert [i["uri"] for i in manifest["inputs"]] == [f"s3://{bucket}/daily/2026-11-24/{p.name}" for p in inputs]
     assert manifest["artifacts"][0]["uri"] == f"s3://{bucket}/models/1.2.0/model.joblib"
     # no temporary or partial objects left behind

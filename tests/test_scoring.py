@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from helpers import (
     multiclass_model,
     pipeline_model,
     read_inputs,
+    read_manifest,
     read_output,
     regressor_model,
     write_inputs,
@@ -150,7 +150,7 @@ def test_empty_files_and_zero_row_groups(tmp_path: Path, binary_model_paths) -> 
     _run([tmp_path / "in"], tmp_path / "out", binary_model_paths)
     expected = read_inputs([inputs[0], tmp_path / "in" / "empty.parquet", tmp_path / "in" / "zero-rg.parquet"])
     assert_exact(read_output(tmp_path / "out"), expected, binary_model_paths)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert manifest["rows"] == {"in": 416, "out": 416, "invalid": 0}
 
 
@@ -159,7 +159,7 @@ def test_manifest_records_inputs_artifacts_and_versions(tmp_path: Path, binary_m
 
     inputs = write_inputs(tmp_path / "in", files=2, rows=320)
     _run(inputs, tmp_path / "out", binary_model_paths, "--model-version", "2.1.0")
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert [i["uri"] for i in manifest["inputs"]] == [str(p) for p in inputs]
     digests = {a["role"]: a["sha256"] for a in manifest["artifacts"]}
     assert digests["model"] == hashlib.sha256(binary_model_paths["model"].read_bytes()).hexdigest()
