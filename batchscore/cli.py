@@ -17,7 +17,7 @@ import click
 import yaml
 
 from . import __version__
-from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
+from .config import ENGINES, LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -155,6 +155,8 @@ JOB_OPTIONS = [
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
     click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
     click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
+    click.option("--engine", type=click.Choice(ENGINES), help="Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or auto (compiled where it qualifies and agrees) [default: sklearn]."),
+    click.option("--compiled-cache", metavar="DIR", help="Folder of compiled model libraries [default: $BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled]."),
 ]
 
 
@@ -187,6 +189,8 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         **_artifact_settings(kw),
         lease_seconds=kw.pop("lease_seconds"),
         lock_timeout=kw.pop("lock_timeout"),
+        engine=kw.pop("engine"),
+        compiled_cache=kw.pop("compiled_cache"),
     )
     _error_format["log_format"] = config.log_format
     if config.log_format == "json":
@@ -349,6 +353,28 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
         return
     loaded = load_model(model, config.scaler, config.features, config.storage_options, policy)
     click.echo(json.dumps(describe(loaded), indent=2, default=str))
+
+
+@main.command(name="compile", epilog=EXIT_CODES_HELP)
+@click.argument("model")
+@click.option("--out", help="Folder to put the library in [default: the compiled cache, see run --compiled-cache].")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_artifact_options
+@_handle_errors
+def compile_(model: str, out: str | None, storage_option: tuple[str, ...], **kw: Any) -> None:
+    """Compile a tree ensemble for --engine compiled/auto ahead of time (needs a C compiler).
+
+    Runs that find the library in their --compiled-cache load it without compiling, so an image
+    without a compiler can use it. Prints the library's path and sha256 as JSON.
+    """
+    from .compiled import compile_ahead
+    from .model import ArtifactPolicy
+
+    config = build_config(None, model=model, storage_options=_parse_storage_options(storage_option),
+                          **_artifact_settings(kw))
+    artifact, library = compile_ahead(model, config.storage_options, ArtifactPolicy.of(config), out)
+    click.echo(json.dumps({"model": artifact.uri, "model_sha256": artifact.sha256, "path": library.path,
+                           **library.to_dict()}))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

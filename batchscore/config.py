@@ -16,6 +16,7 @@ from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_TIMEOUT, with_boun
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
+ENGINES = ("sklearn", "compiled", "auto")
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -53,6 +54,8 @@ class JobConfig:
     log_format: str = "text"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    engine: str = "sklearn"
+    compiled_cache: str | None = None
 
     def __post_init__(self) -> None:
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
@@ -113,7 +116,7 @@ def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
 
 
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache")
 
 
 def check_text(key: str, value: Any) -> str:
@@ -174,6 +177,8 @@ def _coerce(key: str, value: Any) -> Any:
         return float(value)
     if key == "on_invalid" and value not in ON_INVALID_CHOICES:
         raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")
+    if key == "engine" and value not in ENGINES:
+        raise ConfigError(f"setting 'engine' must be one of {', '.join(ENGINES)}, got {value!r}")
     if key == "log_format" and value not in LOG_FORMATS:
         raise ConfigError(f"setting 'log_format' must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
     if key in ("overwrite", "allow_pickle") and not isinstance(value, bool):

@@ -53,6 +53,7 @@ from .storage import (
     write_bytes_atomic,
 )
 from .validate import check_schemas, passthrough_columns
+from .verification import choose_engine, engine_manifest
 
 
 @dataclass
@@ -294,12 +295,17 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
+    engine = choose_engine(config, prepared.model, [the_plan.files[i] for i in sorted({u.file for u in shard.units})],
+                           config.model_version, predicted_at)
+    if config.engine != "sklearn":
+        reporter.event("engine", engine.describe(), **engine.to_dict())
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
         files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
         storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+        compiled_library=engine.library_path,
     )
     workers = config.worker_count
     reporter.event("shard_start", f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
@@ -335,6 +341,7 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
         "inputs": [{"uri": the_plan.files[i]["uri"], "identity": the_plan.files[i]["identity"]}
                    for i in sorted({u.file for u in shard.units})],
         "workers": min(workers, max(1, len(shard.units))),
+        "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
     }
@@ -499,6 +506,7 @@ def commit(
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
                     "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
+        "engine": engine_manifest(receipts),
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output

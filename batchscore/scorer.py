@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from .compiled import predictor
 from .engine import Predictor
 from .errors import InputDataError, StorageError
 from .model import LoadedModel
@@ -48,6 +49,7 @@ class ScoreTask:
     storage_options: Mapping[str, Any]
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
+    compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
 
     @property
     def read_columns(self) -> list[str]:
@@ -203,7 +205,7 @@ def _init_worker(task: ScoreTask) -> None:
     pa.set_cpu_count(1)
     for part in (task.model.estimator, task.model.scaler):
         single_threaded(part)
-    _WORKER = (task, Predictor(task.model, task.model_version, task.predicted_at))
+    _WORKER = (task, predictor(task.model, task.model_version, task.predicted_at, task.compiled_library))
 
 
 def single_threaded(estimator: Any) -> None:

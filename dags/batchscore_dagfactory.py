@@ -275,7 +275,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         args += ["--input", str(value)]
     for key in ("output", "model", "scaler", "model_sha256", "scaler_sha256", "model_version", "batch_size",
                 "on_invalid", "max_invalid_fraction", "workers", "storage_timeout", "storage_retries",
-                "log_format", "lease_seconds", "lock_timeout"):  # fmt: skip
+                "log_format", "lease_seconds", "lock_timeout", "engine", "compiled_cache"):  # fmt: skip
         if job.get(key) is not None:
             args += ["--" + key.replace("_", "-"), _flag_value(job[key])]
     trusted = job.get("trusted_types")
