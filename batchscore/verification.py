@@ -203,7 +203,12 @@ def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, row
     if not rows:
         return
     expected = expected if expected is not None else reference.predict(matrix, rows)
-    got = candidate.predict(matrix, rows)
+    try:
+        got = candidate.predict(matrix, rows)
+    except Exception as exc:  # a library built for another model may not even have its shape
+        agreement.largest = np.inf
+        agreement.first_problem = agreement.first_problem or f"{uri}: {type(exc).__name__}: {exc}"
+        return
     model = reference.model
     for position, f in enumerate(reference.fields[: len(reference.fields) - 2]):  # predicted_at, model_version
         want, have = expected[position], got[position]
