@@ -60,6 +60,21 @@ def evaluate_goals(results: dict) -> list[dict]:
     else:
         out.append(goal("batchscore tree peak big / small size", None, "<=", 1.15, "needs --sizes with two sizes",
                         ran=False))
+    out.append(goal(f"HGB: batchscore --engine compiled throughput vs naive {at}", job("hgb", "bs_c").get("x_naive"),
+                    ">=", 6.0, ran=ran("hgb", "bs_c", "naive")))
+    dask = job("hgb", "dask").get("wall_s")
+    out.append(goal(f"HGB: batchscore --engine compiled throughput vs dask map_partitions {at}",
+                    ratio(dask, job("hgb", "bs_c").get("wall_s")), ">=", 2.0,
+                    ran=ran("hgb", "bs_c") and "dask" in cfg.get("peers", [])))
+    compiled = [(f"{m}@{s}", c) for s in results["sizes"] for m, v in results["sizes"][s]["models"].items()
+                for k, c in v.get("checks", {}).items() if k == "bs_c"]
+    worst_diff = max((c.get("max_probability_diff", float("inf")) for _, c in compiled), default=None)
+    flips = sum(c.get("prediction_mismatches", 0) for _, c in compiled)
+    out.append(goal("--engine compiled: largest probability difference from scikit-learn, all outputs",
+                    worst_diff, "<=", 1e-12, f"{len(compiled)} outputs checked, {flips} class flips" if compiled else "",
+                    ran=any(ran(m, "bs_c", "naive") for m in cfg["models"])))
+    out.append(goal("--engine compiled: class flips against scikit-learn, all outputs", float(flips) if compiled else None,
+                    "<=", 0.0, ran=any(ran(m, "bs_c", "naive") for m in cfg["models"])))
     workers = job("rf", "bs").get("info", {}).get("workers") or f"{results['machine']['usable_cores']} cores"
     out.append(goal(f"RF: default workers ({workers}) vs --workers 1 throughput {at}",
                     ratio(job("rf", "bs_w1").get("wall_s"), job("rf", "bs").get("wall_s")), ">=", 1.7,

@@ -26,6 +26,10 @@ JOB_LABELS = {
     "bs_w1": "batchscore run --workers 1",
     "bs_1core": "batchscore run --workers 1, one core (taskset)",
     "bs": "batchscore run (default workers)",
+    "bs_c": "batchscore run --engine compiled (default workers)",
+    "start": "start-up: batchscore run on one batch",
+    "start_c": "start-up: batchscore run --engine compiled on one batch",
+    "compile": "batchscore compile (cold cache)",
     "compute": "compute-only limit",
     "io": "I/O-only limit",
     "imports": "imports only (pyarrow, pandas, sklearn)",
@@ -33,11 +37,19 @@ JOB_LABELS = {
     "dask": "dask map_partitions (threads)",
     "ray": "ray data map_batches",
 }
-MODEL_JOBS = ["naive", "bs_w1", "bs_1core", "bs", "compute", "seq"]
+MODEL_JOBS = ["naive", "bs_w1", "bs_1core", "bs", "bs_c", "compute", "seq", "start", "start_c", "compile"]
 SHARED_JOBS = ["io", "imports"]  # model-independent, run once per size
 LIMIT_JOBS = ["compute", "seq", "io", "imports"]
-BATCHSCORE_JOBS = ["bs_w1", "bs_1core", "bs"]
-CHECKED_JOBS = ["bs_w1", "bs_1core", "bs", "seq", "dask", "ray"]  # outputs compared with naive's
+BATCHSCORE_JOBS = ["bs_w1", "bs_1core", "bs", "bs_c"]
+CHECKED_JOBS = ["bs_w1", "bs_1core", "bs", "bs_c", "seq", "dask", "ray"]  # outputs compared with naive's
+#: Jobs for the compiled engine, run only for the models it compiles (see batchscore.compiled).
+COMPILED_JOBS = ["bs_c", "start_c", "compile"]
+COMPILED_MODELS = ["hgb", "gb"]
+#: Jobs that do not score the whole input: no throughput ratios.
+PARTIAL_JOBS = ["start", "start_c", "compile"]
+#: Start-up jobs score only the first rows of the input: their wall is spawn to first batch
+#: scored, plus the (small) write and commit of that batch.
+STARTUP_ROWS = 16_384
 
 
 @dataclass
@@ -64,13 +76,15 @@ def batchscore_cmd(arg: str | None) -> list[str]:
 
 
 def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: list[str],
-               a: argparse.Namespace) -> list[Job]:
-    """The jobs scoring `data` with one model, in the order they alternate."""
+               a: argparse.Namespace, head: Path) -> list[Job]:
+    """The jobs scoring `data` with one model, in the order they alternate; start-up jobs score `head`."""
     py, m, s = sys.executable, rel(paths["model"]), rel(paths["scaler"])
     common = ["--input", rel(data), "--model", m, "--scaler", s]
-    bs = batchscore_cmd(a.batchscore) + ["run", *common, "--features", FEATURES,
-                                         "--model-version", MODEL_VERSION, "--log-format", "json",
-                                         *shlex.split(a.batchscore_args)]
+    options = ["--features", FEATURES, "--model-version", MODEL_VERSION, "--log-format", "json",
+               *shlex.split(a.batchscore_args)]
+    bs = batchscore_cmd(a.batchscore) + ["run", *common, *options]
+    start = batchscore_cmd(a.batchscore) + ["run", "--input", rel(head), "--model", m, "--scaler", s, *options]
+    compiled = ["--engine", "compiled", "--compiled-cache", rel(compiled_cache(a))]
     specs = {
         "naive": ([py, "bench/naive.py", *common, "--output"], work / "naive.parquet"),
         "bs_w1": ([*bs, "--workers", "1", "--output"], work / "bs_w1"),
@@ -79,6 +93,10 @@ def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: 
         "bs_1core": (["taskset", "-c", str(min(os.sched_getaffinity(0))), *bs, "--workers", "1", "--output"],
                      work / "bs_1core"),
         "bs": ([*bs, "--output"], work / "bs"),
+        "bs_c": ([*bs, *compiled, "--output"], work / "bs_c"),
+        "start": ([*start, "--output"], work / "start"),
+        "start_c": ([*start, *compiled, "--output"], work / "start_c"),
+        "compile": ([*batchscore_cmd(a.batchscore), "compile", m, "--out"], work / "compile-cache"),
         "compute": ([py, "bench/limits.py", "compute", *common], None),
         "seq": ([py, "bench/limits.py", "sequential", *common, "--output"], work / "seq.parquet"),
         "dask": ([py, "bench/peers.py", "dask", *common, "--output"], work / "dask"),
@@ -88,9 +106,16 @@ def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: 
     for key in keys:
         if key == "bs_1core" and not shutil.which("taskset"):
             continue
+        if key in COMPILED_JOBS and model not in COMPILED_MODELS:
+            continue
         cmd, out = specs[key]
         jobs.append(Job(key, model, cmd + ([rel(out)] if out else []), out))
     return jobs
+
+
+def compiled_cache(a: argparse.Namespace) -> Path:
+    """The compiled libraries the timed jobs load (filled, untimed, before they run)."""
+    return a.work_dir / "compiled-cache"
 
 
 def shared_jobs(data: Path, work: Path, keys: list[str]) -> list[Job]:

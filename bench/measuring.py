@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from jobs import BATCHSCORE_JOBS, JOB_LABELS, LIMIT_JOBS, MB, ROOT, Job, receipt_workers, rel, remove
+from jobs import BATCHSCORE_JOBS, JOB_LABELS, LIMIT_JOBS, MB, PARTIAL_JOBS, ROOT, Job, receipt_workers, rel, remove
 
 
 @dataclass
@@ -213,7 +213,7 @@ def add_ratios(jobs: dict[str, dict]) -> None:
     compute = jobs.get("compute", {}).get("timed", {}).get("timed_s")
     seq = jobs.get("seq", {}).get("timed", {}).get("timed_s")
     for key, s in jobs.items():
-        if "wall_s" not in s:
+        if "wall_s" not in s or key in PARTIAL_JOBS:
             continue
         s["x_naive"] = round(naive / s["wall_s"], 3) if naive else None
         if key not in LIMIT_JOBS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs import JOB_LABELS, MB
+from jobs import JOB_LABELS, MB, STARTUP_ROWS
 from measuring import PSS_S
 
 
@@ -110,6 +110,7 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {int(size):,} | {model} | {JOB_LABELS[key]} | {'yes' if c.get('ok') else 'NO'} | "
                              f"{fmt(c.get('rows'), ',')} | {c.get('order_preserved', '–')} | "
                              f"{c.get('prediction_mismatches', c.get('error', '–'))} | {fmt(c.get('max_probability_diff'), '.1e')} |")
+    lines += compiled_section(results)
     lines += ["", "Commands (last size):", "", "```"]
     last = results["sizes"][sizes[-1]]
     for mblock in last["models"].values():
@@ -119,6 +120,34 @@ def markdown(results: dict) -> str:
         lines.append(s["cmd"])
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def compiled_section(results: dict) -> list[str]:
+    """Both engines side by side per model: compile time, start-up, whole job, agreement."""
+    rows = []
+    for size in sorted(results["sizes"], key=int):
+        for model, mblock in results["sizes"][size]["models"].items():
+            jobs, check = mblock["jobs"], mblock.get("checks", {}).get("bs_c", {})
+            if "bs_c" not in jobs and "start_c" not in jobs:
+                continue
+
+            def wall(key: str) -> float | None:
+                return jobs.get(key, {}).get("wall_s")
+
+            speedup = wall("bs") / wall("bs_c") if wall("bs") and wall("bs_c") else None
+            rows.append(f"| {int(size):,} | {model} | {fmt(wall('compile'))} | {fmt(wall('start'))} | {fmt(wall('start_c'))} | "
+                        f"{fmt(wall('bs'))} | {fmt(wall('bs_c'))} | {fmt(speedup)} | {fmt(jobs.get('bs_c', {}).get('x_naive'))} | "
+                        f"{fmt(check.get('max_probability_diff'), '.1e')} | {check.get('prediction_mismatches', '–')} |")
+    if not rows:
+        return []
+    return ["", "## Compiled engine", "",
+            ("Wall seconds. compile: `batchscore compile` into an empty folder. start-up: a run over the first "
+             f"{STARTUP_ROWS:,} rows (one batch), i.e. spawn to first batch scored plus its write and commit; the "
+             "compiled one loads a cached library and verifies it. Whole job: both engines, default workers. "
+             "Differences and flips: the compiled output against the naive script's scikit-learn output."), "",
+            "| rows | model | compile | start-up sklearn | start-up compiled | job sklearn | job compiled | speed-up "
+            "| compiled ×naive | max prob diff | class flips |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def print_summary(results: dict) -> None:
