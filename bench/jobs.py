@@ -42,8 +42,10 @@ SHARED_JOBS = ["io", "imports"]  # model-independent, run once per size
 LIMIT_JOBS = ["compute", "seq", "io", "imports"]
 BATCHSCORE_JOBS = ["bs_w1", "bs_1core", "bs", "bs_c"]
 CHECKED_JOBS = ["bs_w1", "bs_1core", "bs", "bs_c", "seq", "dask", "ray"]  # outputs compared with naive's
-#: Jobs for the compiled engine, run only for the models it compiles (see batchscore.compiled).
+#: Jobs for the compiled engine, run for the tree models; RandomForest shows what the engine does
+#: with a model it does not compile (it scores it with scikit-learn), so it gets no `compile` job.
 COMPILED_JOBS = ["bs_c", "start_c", "compile"]
+TREE_MODELS = ["hgb", "gb", "rf"]
 COMPILED_MODELS = ["hgb", "gb"]
 #: Jobs that do not score the whole input: no throughput ratios.
 PARTIAL_JOBS = ["start", "start_c", "compile"]
@@ -106,7 +108,7 @@ def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: 
     for key in keys:
         if key == "bs_1core" and not shutil.which("taskset"):
             continue
-        if key in COMPILED_JOBS and model not in COMPILED_MODELS:
+        if key in COMPILED_JOBS and model not in (COMPILED_MODELS if key == "compile" else TREE_MODELS):
             continue
         cmd, out = specs[key]
         jobs.append(Job(key, model, cmd + ([rel(out)] if out else []), out))

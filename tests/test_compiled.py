@@ -23,6 +23,8 @@ import pytest
 
 pytest.importorskip("tl2cgen")
 pytest.importorskip("treelite")
+if shutil.which(compiled_toolchain := "gcc") is None:
+    pytest.skip(f"no C compiler ({compiled_toolchain}) to build libraries with", allow_module_level=True)
 
 from batchscore import compiled  # noqa: E402
 from batchscore.engine import Predictor  # noqa: E402
@@ -47,6 +49,9 @@ def _models() -> dict[str, object]:
         RandomForestClassifier,
     )
 
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     frame = training_frame()
     x = frame[list(FEATURES)]
     with_nan = x.copy()
@@ -64,6 +69,8 @@ def _models() -> dict[str, object]:
         "rf_binary": RandomForestClassifier(n_estimators=5, max_depth=4, random_state=0).fit(x, frame["churned"]),
         "et_binary": ExtraTreesClassifier(n_estimators=5, max_depth=4, random_state=0).fit(x, frame["churned"]),
         "hgb_other": HistGradientBoostingClassifier(max_iter=5, max_depth=2, random_state=1).fit(x, frame["churned"]),
+        "pipeline_hgb": make_pipeline(StandardScaler(), HistGradientBoostingClassifier(**small)).fit(
+            with_nan, frame["plan"]),
     }
 
 
@@ -106,7 +113,7 @@ def _batch(rows: int, nan: bool, seed: int = 11) -> pa.RecordBatch:
 
 EXACT = [("hgb_binary", False), ("hgb_binary", True), ("hgb_multiclass", False), ("hgb_multiclass", True),
          ("hgb_regressor", False), ("hgb_regressor", True), ("gb_binary", False), ("gb_multiclass", False),
-         ("gb_regressor", False)]
+         ("gb_regressor", False), ("pipeline_hgb", False), ("pipeline_hgb", True)]
 
 
 @pytest.mark.parametrize("name, nan", EXACT, ids=[f"{n}-{'nan' if m else 'finite'}" for n, m in EXACT])
