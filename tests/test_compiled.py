@@ -48,7 +48,6 @@ def _models() -> dict[str, object]:
         HistGradientBoostingRegressor,
         RandomForestClassifier,
     )
-
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
