@@ -160,11 +160,13 @@ def test_rows_on_gradient_boosting_thresholds_are_compared_as_float32(models, ca
     assert np.max(np.abs(got[1].to_numpy() - estimator.predict_proba(base)[:, 1])) <= TOLERANCE
 
 
-def test_forests_are_not_compiled(models) -> None:
+def test_forests_are_not_compiled(tmp_path, models) -> None:
     """RandomForest and ExtraTrees compile into slower code than scikit-learn's: never compiled."""
     for name in ("rf_binary", "et_binary"):
         reason = compiled.unsupported_reason(load_model(str(models[name])))
         assert reason and "slower" in reason
+    refused = cli("compile", models["rf_binary"], "--out", tmp_path)
+    assert refused.exit_code == EXIT_MODEL and "slower" in refused.stderr and not list(tmp_path.iterdir())
 
 
 # --- whole jobs --------------------------------------------------------------------------------
