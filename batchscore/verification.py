@@ -56,7 +56,7 @@ class EngineChoice:
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {"requested": self.requested, "used": self.used}
-        if self.requested != "sklearn":
+        if self.library:  # verification ran
             record.update(tolerance=TOLERANCE, checked_rows=self.checked_rows, nan_rows=self.nan_rows,
                           largest_difference=self.largest_difference, class_mismatches=self.class_mismatches,
                           verify_seconds=round(self.seconds, 3), **self.library)
