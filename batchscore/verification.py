@@ -24,9 +24,10 @@ import pyarrow as pa
 from . import compiled
 from .engine import ROW_ALIGNMENT, Predictor
 from .errors import ConfigError, ModelError
+from .logs import event
 from .model import LoadedModel
 from .source import FOOTER_THREADS, columns_with_nulls, open_parquet
-from .validate import invalid_mask
+from .validation import invalid_mask
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +117,20 @@ def choose_engine(
         class_mismatches=agreement.class_mismatches, seconds=time.perf_counter() - started,
     )
     if agreement.passed:
-        log.info(choice.describe())
+        log.info(choice.describe(), extra=event("engine", **choice.to_dict()))
         return choice
     problem = (f"the compiled library {library.path} disagrees with scikit-learn on the job's rows: "
                f"{agreement.first_problem} (tolerance {TOLERANCE:g}, {agreement.rows:,} rows checked)")
     if requested == "compiled":
         raise ModelError(f"{problem}; nothing was scored (use --engine auto to fall back to scikit-learn)")
     choice.used, choice.library_path, choice.reason = "sklearn", None, problem
-    log.warning(choice.describe())
+    log.warning(choice.describe(), extra=event("engine", **choice.to_dict()))
     return choice
 
 
 def _fallback(requested: str, reason: str) -> EngineChoice:
     choice = EngineChoice(requested, "sklearn", reason=reason)
-    log.warning(choice.describe())
+    log.warning(choice.describe(), extra=event("engine", **choice.to_dict()))
     return choice
 
 
