@@ -221,11 +221,12 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
 
 
 def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
-    """Compile ``config.model`` (a tree ensemble) into ``out``, by default the compiled cache, so a
-    run whose cache holds the library loads it without a C compiler; checks pins and formats first."""
+    """Compile ``config.model`` (a tree ensemble) into ``out``, by default the job's compiled cache,
+    so a run whose cache holds the library loads it without a C compiler; checks pins and formats first."""
     from .compiled import compile_ahead
     from .model import ArtifactPolicy
 
     config.require("model")
-    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config), out)  # type: ignore[arg-type]
+    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
+                                     out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())

@@ -38,8 +38,8 @@ from .sink import (
     write_json,
 )
 from .source import FOOTER_THREADS, open_parquet
-from .verification import engine_manifest
 from .storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+from .verification import engine_manifest
 
 log = logging.getLogger(__name__)
 
