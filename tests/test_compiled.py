@@ -294,6 +294,26 @@ def test_prebuilt_library_loads_without_a_compiler(tmp_path, models) -> None:
     assert "no C compiler" in read_manifest(tmp_path / "auto")["engine"]["reasons"][0]
 
 
+def test_library_api_compiles_into_the_job_cache_and_results_name_the_engine(tmp_path, models) -> None:
+    """compile_model fills the job's compiled_cache; run and run_shard then report the engine used."""
+    import batchscore
+
+    cache = tmp_path / "cache"
+    config = batchscore.build_config(None, model=str(models["gb_regressor"]), compiled_cache=str(cache))
+    built = batchscore.compile_model(config)
+    assert Path(built.path).parent == cache and built.library["compiled_now"] is True
+    assert batchscore.compile_model(config).library["compiled_now"] is False
+    _inputs(tmp_path / "in")
+    job = batchscore.build_config(None, input=str(tmp_path / "in"), output=str(tmp_path / "out"), workers=1,
+                                  model=str(models["gb_regressor"]), engine="compiled", compiled_cache=str(cache))
+    ran = batchscore.run(job)
+    assert ran.engine["used"] == "compiled" and ran.engine["library_sha256"] == built.library["library_sha256"]
+    assert ran.engine["checked_rows"] > 0 and ran.engine["largest_difference"] <= TOLERANCE
+    plain = batchscore.build_config(None, input=str(tmp_path / "in"), output=str(tmp_path / "sharded"), workers=1,
+                                    model=str(models["gb_regressor"]))
+    assert batchscore.run_shard(plain, 0, count=1).engine == {"requested": "sklearn", "used": "sklearn"}
+
+
 def test_engine_setting_is_checked(tmp_path, models) -> None:
     result = cli("run", "--input", tmp_path, "--output", tmp_path / "o", "--model", models["gb_binary"],
                  "--engine", "fast")
