@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import multiprocessing
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -109,19 +111,20 @@ def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_
 def test_api_names_stay_functions_whatever_is_imported() -> None:
     """Importing a submodule binds it on the package: none may be named like a function of the API.
 
-    In a process of its own: some modules import Airflow, which must not be imported here before
-    the DAG tests point it at their own home."""
-    check = """
-import importlib, pkgutil, batchscore
-for module in pkgutil.walk_packages(batchscore.__path__, "batchscore."):
-    if module.name != "batchscore.__main__":  # that one runs the CLI
-        importlib.import_module(module.name)
-for name in ("validate", "plan", "run", "run_shard", "commit", "inspect", "load_plan", "compile_model"):
-    assert getattr(batchscore, name) is getattr(batchscore.api, name), name
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    Checked in a fresh interpreter: some modules import Airflow, which must not load in this one
+    before the DAG tests set its environment."""
+    script = (
+        "import importlib, pkgutil, batchscore\n"
+        "for m in pkgutil.walk_packages(batchscore.__path__, 'batchscore.'):\n"
+        "    if m.name != 'batchscore.__main__':\n"
+        "        importlib.import_module(m.name)\n"
+        "for name in ('validate', 'plan', 'run', 'run_shard', 'commit', 'inspect', 'load_plan',\n"
+        "             'compile_model'):\n"
+        "    assert getattr(batchscore, name) is getattr(batchscore.api, name), name\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_readme_library_examples_run(tmp_path: Path) -> None:
