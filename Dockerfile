@@ -4,13 +4,16 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# "[compiled]" adds the compiled tree engine (treelite, TL2cgen). The runtime image has no C compiler:
+# it loads libraries built ahead with `batchscore compile` (see README, Compiled engine).
+ARG BATCHSCORE_EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/batchscore
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY batchscore ./batchscore
-RUN /opt/batchscore/bin/pip install --no-cache-dir . \
+RUN /opt/batchscore/bin/pip install --no-cache-dir ".${BATCHSCORE_EXTRAS}" \
     && /opt/batchscore/bin/batchscore --version
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,8 +1,8 @@
 """batchscore: stream Parquet tables through a fitted scikit-learn model into a committed dataset.
 
 The library API mirrors the CLI (see ``batchscore.api``): ``validate``, ``plan``, ``run_shard``,
-``commit``, ``run`` (all in one) and ``inspect`` take a ``JobConfig`` built by ``build_config``
-and return typed results.
+``commit``, ``run`` (all in one), ``inspect`` and ``compile_model`` take a ``JobConfig`` built by
+``build_config`` and return typed results.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,11 +14,13 @@ except PackageNotFoundError:  # pragma: no cover - a source tree used without in
 
 from .api import (  # noqa: E402
     CommitResult,
+    CompileResult,
     InspectResult,
     RunResult,
     ShardResult,
     ValidateResult,
     commit,
+    compile_model,
     inspect,
     load_plan,
     plan,
@@ -30,5 +32,6 @@ from .config import JobConfig, build_config  # noqa: E402
 from .errors import BatchscoreError, ConfigError, InputDataError, ModelError  # noqa: E402
 
 __all__ = ["JobConfig", "build_config", "BatchscoreError", "ConfigError", "InputDataError", "ModelError",
-           "validate", "plan", "run_shard", "commit", "run", "inspect", "load_plan",
-           "ValidateResult", "ShardResult", "CommitResult", "RunResult", "InspectResult"]
+           "validate", "plan", "run_shard", "commit", "run", "inspect", "load_plan", "compile_model",
+           "ValidateResult", "ShardResult", "CommitResult", "RunResult", "InspectResult",
+           "CompileResult"]

@@ -2,7 +2,8 @@
 
 ``validate`` checks a job, ``plan`` splits it into shards, ``run_shard`` scores one shard (of a plan,
 or of ``count`` shards planned on the fly), ``commit`` checks the shards' receipts and publishes the
-output, ``run`` does all of it in one process, and ``inspect`` describes a model. Each takes a
+output, ``run`` does all of it in one process, ``inspect`` describes a model and ``compile_model``
+compiles a tree ensemble for the compiled engine. Each takes a
 ``JobConfig``, may be called any number of times in one process, and raises a ``BatchscoreError``
 subclass whose ``exit_code`` is what the CLI exits with.
 
@@ -52,6 +53,11 @@ class ShardResult:
         return cls(receipt["shard"], receipt["plan_id"], receipt["rows_in"], receipt["rows_out"],
                    receipt["rows_invalid"], tuple(p["name"] for p in receipt["parts"]), receipt["seconds"], receipt)
 
+    @property
+    def engine(self) -> Mapping[str, Any]:
+        """What scored the shard (``used``: sklearn or compiled) and the verification it passed."""
+        return self.receipt["engine"]
+
 
 @dataclass(frozen=True)
 class CommitResult:
@@ -73,6 +79,11 @@ class CommitResult:
         return cls(manifest["output"], manifest["plan_id"], rows["in"], rows["out"], rows["invalid"],
                    tuple(p["name"] for p in manifest["parts"]), manifest["state"], manifest)
 
+    @property
+    def engine(self) -> Mapping[str, Any]:
+        """What scored the shards (``used``), with the compiled engine's verification figures."""
+        return self.manifest["engine"]
+
 
 @dataclass(frozen=True)
 class RunResult(CommitResult):
@@ -81,6 +92,20 @@ class RunResult(CommitResult):
     @property
     def seconds(self) -> float:
         return self.manifest["seconds"]
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """A model's compiled library, built now or found in the cache, for ``--engine compiled/auto``."""
+
+    model: str
+    model_sha256: str
+    path: str
+    library: Mapping[str, Any]  # its name, sha256, whether it was compiled now and how long it took
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``batchscore compile`` prints."""
+        return {"model": self.model, "model_sha256": self.model_sha256, "path": self.path, **self.library}
 
 
 @dataclass(frozen=True)
@@ -195,3 +220,15 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
         return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
     loaded = load_model(config.model, config.scaler, config.features, config.storage_options, policy)  # type: ignore[arg-type]
     return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
+
+
+def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
+    """Compile ``config.model`` (a tree ensemble) into ``out``, by default the job's compiled cache,
+    so a run whose cache holds the library loads it without a C compiler; checks pins and formats first."""
+    from .compiled import compile_ahead
+    from .model import ArtifactPolicy
+
+    config.require("model")
+    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
+                                     out or config.compiled_cache)  # type: ignore[arg-type]
+    return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())

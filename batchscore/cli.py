@@ -237,6 +237,23 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
     click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
+@main.command(name="compile", epilog=EXIT_CODES_HELP)
+@click.argument("model")
+@click.option("--out", help="Folder to put the library in [default: the compiled cache, see run --compiled-cache].")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_artifact_options
+@_handle_errors
+def compile_(model: str, out: str | None, storage_option: tuple[str, ...], **kw: Any) -> None:
+    """Compile a tree ensemble for --engine compiled/auto ahead of time (needs a C compiler).
+
+    Runs that find the library in their --compiled-cache load it without compiling, so an image
+    without a compiler can use it. Prints the library's path and sha256 as JSON.
+    """
+    config = build_config(None, model=model, storage_options=_parse_storage_options(storage_option),
+                          **_artifact_settings(kw))
+    click.echo(json.dumps(api.compile_model(config, out).to_dict()))
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False), help="Folder for churn.parquet and model/.")
 @click.option("--rows", default=None, type=int, help="Rows of sample data [default: 10000].")

@@ -40,6 +40,7 @@ from .sink import (
 )
 from .source import FOOTER_THREADS, open_parquet
 from .storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+from .verification import engine_manifest
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def commit(
         "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
                     "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
         "removed_stray_files": len(stray),
+        "engine": engine_manifest(receipts),
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output

@@ -32,7 +32,7 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache")
 #: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
 LIST_KEYS = ("features", "keep")
 
@@ -80,6 +80,11 @@ class JobConfig:
                                    "stopped renewing it; renewed every third of it.", ge=1, unit="seconds")
     lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
                                   "giving up (exit 2).", ge=0, unit="seconds")
+    engine: Literal["sklearn", "compiled", "auto"] = setting(
+        "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
+        "auto (compiled where it qualifies and agrees, else scikit-learn).")
+    compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`).",
+                                            metavar="DIR", shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod

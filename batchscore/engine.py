@@ -157,19 +157,25 @@ class Predictor:
         scaled = self._scaled(matrix)
         columns: list[np.ndarray] = []
         if self.model.has_proba:
-            proba = estimator.predict_proba(scaled)
+            proba = self._predict_proba(scaled)
             columns.append(self._classes_from(proba, scaled, n) if self._derive_class else estimator.predict(scaled))
             if proba.shape[1] == 2:
                 columns.append(proba[:, 1])
             else:
                 columns += [proba[:, k] for k in range(proba.shape[1])]
         else:
-            predicted = estimator.predict(scaled)
-            columns.append(predicted.ravel() if predicted.ndim == 2 else predicted)  # fitted on a one-column y
+            columns.append(self._predict_values(scaled))
         arrays = [pa.array(values[:n], type=f.type) for values, f in zip(columns, self.fields)]
         arrays.append(pa.nulls(n, PREDICTED_AT_TYPE).fill_null(self.predicted_at))
         arrays.append(pa.nulls(n, pa.string()).fill_null(self.model_version))
         return arrays
+
+    def _predict_proba(self, scaled: Any) -> np.ndarray:
+        return self.model.estimator.predict_proba(scaled)
+
+    def _predict_values(self, scaled: Any) -> np.ndarray:
+        predicted = self.model.estimator.predict(scaled)
+        return predicted.ravel() if predicted.ndim == 2 else predicted  # fitted on a one-column y
 
     def _classes_from(self, proba: np.ndarray, scaled: Any, rows: int) -> np.ndarray:
         """Classes from the probabilities, checked against ``predict`` on a sample of the batch's

@@ -44,6 +44,7 @@ class ScoreTask:
     storage_options: Mapping[str, Any]
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
+    compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
 
     @property
     def read_columns(self) -> list[str]:

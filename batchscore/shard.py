@@ -22,6 +22,7 @@ from .scorer import ScoreTask
 from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from .source import InputFile, check_identity
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
+from .verification import choose_engine
 from .workers import score_units
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,15 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
+    shard_files = [the_plan.files[i] for i in sorted({u.file for u in shard.units})]
+    engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
         files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
         storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+        compiled_library=engine.library_path,
     )
     workers = config.worker_count
     log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
@@ -128,9 +132,9 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         "artifacts": planned,
         "model_version": config.model_version,
         "schema": schema_dicts(prepared.output_schema),
-        "inputs": [{"uri": the_plan.files[i]["uri"], "identity": the_plan.files[i]["identity"]}
-                   for i in sorted({u.file for u in shard.units})],
+        "inputs": [{"uri": f["uri"], "identity": f["identity"]} for f in shard_files],
         "workers": min(workers, max(1, len(shard.units))),
+        "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
     }

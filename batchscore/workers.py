@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
+from .compiled import predictor
 from .engine import Predictor
 from .errors import StorageError
 from .planning import Unit
@@ -60,7 +61,7 @@ def _init_worker(task: ScoreTask) -> None:
     use_lean_memory_pool()
     for part in (task.model.estimator, task.model.scaler):
         single_threaded(part)
-    _WORKER = (task, Predictor(task.model, task.model_version, task.predicted_at))
+    _WORKER = (task, predictor(task.model, task.model_version, task.predicted_at, task.compiled_library))
 
 
 def single_threaded(estimator: Any) -> None:

@@ -119,7 +119,8 @@ def test_api_names_stay_functions_whatever_is_imported() -> None:
         "for m in pkgutil.walk_packages(batchscore.__path__, 'batchscore.'):\n"
         "    if m.name != 'batchscore.__main__':\n"
         "        importlib.import_module(m.name)\n"
-        "for name in ('validate', 'plan', 'run', 'run_shard', 'commit', 'inspect', 'load_plan'):\n"
+        "for name in ('validate', 'plan', 'run', 'run_shard', 'commit', 'inspect', 'load_plan',\n"
+        "             'compile_model'):\n"
         "    assert getattr(batchscore, name) is getattr(batchscore.api, name), name\n"
         "print('ok')\n"
     )

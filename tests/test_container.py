@@ -72,6 +72,12 @@ def copied_sources() -> list[str]:
     return sources
 
 
+def arg_extras() -> str:
+    """The default of the build's BATCHSCORE_EXTRAS argument."""
+    found = [re.fullmatch(r'BATCHSCORE_EXTRAS="?([^"]*)"?', a) for stage in stages()[1:] for n, a in stage if n == "ARG"]
+    return next(m.group(1) for m in found if m)
+
+
 def test_dockerfile_is_multi_stage_slim_non_root_with_batchscore_entrypoint() -> None:
     build, runtime = stages()[1], stages()[-1]
     assert len(stages()) - 1 >= 2, "a build stage and a runtime stage"
@@ -85,7 +91,10 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_batchscore_entrypoint() ->
     assert [json.loads(a) for n, a in runtime if n == "ENTRYPOINT"] == [["batchscore"]]
     assert [json.loads(a) for n, a in runtime if n == "CMD"] == [["--help"]]
     installs = [a for n, a in build if n == "RUN" and "pip install" in a]
-    assert installs and all(re.search(r"pip install (--no-cache-dir )?\.(\s|$)", a) for a in installs)
+    # The project itself, with at most the extras named by BATCHSCORE_EXTRAS (empty by default).
+    assert arg_extras() == ""
+    assert installs and all(re.search(r'pip install (--no-cache-dir )?("\.\$\{BATCHSCORE_EXTRAS\}"|\.)(\s|$)', a)
+                            for a in installs)
     assert not any("airflow" in a.lower() for n, a in instructions() if n in ("RUN", "COPY", "ENV"))
     assert not any(n == "COPY" and "--from=" not in a for n, a in runtime), "runtime copies only the built venv"
 
