@@ -27,14 +27,40 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, 
 _error_format = {"log_format": "text"}
 
 
+#: What hears how this command ends (its metrics push, its lineage run), once its config is known.
+_observers: list[Any] = []
+
+
+def _observe(config: JobConfig, shard: int | None = None, lineage: bool = True) -> None:
+    """Push this command's metrics when it ends and, for scoring, report it as lineage, where configured."""
+    from . import lineage as lineage_run
+    from . import metrics
+
+    name = config.job_name or "batchscore"
+    started = [metrics.start(config.pushgateway, name, config.model_version, shard),
+               lineage_run.start(config, name, shard) if lineage else None]
+    _observers[:] = [observer for observer in started if observer is not None]
+
+
+def _observed(result: dict[str, Any]) -> None:
+    """The command succeeded with this manifest or receipt: tell its observers."""
+    for observer in _observers:
+        observer.succeeded(result)
+    _observers.clear()
+
+
 def _fail(message: str, exit_code: int) -> None:
-    """Write the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
+    """Write the one ``Error:`` line (a JSON line under ``--log-format json``), report the failure to
+    the command's observers, and exit."""
     if _error_format["log_format"] == "json":
         from .report import json_line
 
         click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
     else:
         click.echo(f"Error: {message}", err=True)
+    for observer in _observers:
+        observer.failed(exit_code, message)
+    _observers.clear()
     sys.exit(exit_code)
 
 
@@ -56,6 +82,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _interrupt_on_sigterm()
+        _observers.clear()
         _error_format["log_format"] = kwargs.get("log_format") or "text"
         try:
             return func(*args, **kwargs)
@@ -155,6 +182,8 @@ JOB_OPTIONS = [
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
     click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
     click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
+    click.option("--pushgateway", envvar="BATCHSCORE_PUSHGATEWAY", metavar="URL", help="Push the job's metrics to this Prometheus Pushgateway when it ends [env: BATCHSCORE_PUSHGATEWAY]."),
+    click.option("--job-name", help="The job's name in its metrics and lineage [default: the config file's stem, else batchscore]."),
 ]
 
 
@@ -187,6 +216,8 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         **_artifact_settings(kw),
         lease_seconds=kw.pop("lease_seconds"),
         lock_timeout=kw.pop("lock_timeout"),
+        pushgateway=kw.pop("pushgateway"),
+        job_name=kw.pop("job_name"),
     )
     _error_format["log_format"] = config.log_format
     if config.log_format == "json":
@@ -246,10 +277,13 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
     config = _config(kw)
     reporter = _reporter(config)
     index, count = _parse_shard(shard)
+    _observe(config, shard=index)
     if index is None:
         if plan_uri:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
-        _summary(config, job.run(config, reporter))
+        manifest = job.run(config, reporter)
+        _observed(manifest)
+        _summary(config, manifest)
         return
     if plan_uri:
         the_plan = job.load_plan(plan_uri, config)
@@ -260,6 +294,7 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
         receipt = job.run_shard_of(config, index, count, reporter)
     else:
         raise ConfigError("--shard I needs --plan, or give it as I/N")
+    _observed(receipt)
     click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
 
 
@@ -294,6 +329,7 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
     from . import job
 
     config = _config(kw)
+    _observe(config, lineage=False)
     if plan_uri:
         the_plan = job.load_plan(plan_uri, config)
     elif shards:
@@ -301,6 +337,7 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
     manifest = job.commit(config, the_plan, _reporter(config))
+    _observed(manifest)
     _summary(config, manifest)
 
 

@@ -53,6 +53,8 @@ class JobConfig:
     log_format: str = "text"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    pushgateway: str | None = None  # Prometheus Pushgateway URL (see batchscore.metrics)
+    job_name: str | None = None  # names the job's metrics and lineage; default: the config file's stem
 
     def __post_init__(self) -> None:
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
@@ -113,7 +115,7 @@ def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
 
 
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "pushgateway", "job_name")
 
 
 def check_text(key: str, value: Any) -> str:
@@ -223,4 +225,6 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
         raise ConfigError(
             "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
         )
+    if path and not settings.get("job_name"):
+        settings["job_name"] = os.path.splitext(os.path.basename(path))[0]
     return JobConfig(**settings)

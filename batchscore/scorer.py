@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .engine import Predictor
+from .metrics import observe_batch
 from .errors import InputDataError, StorageError
 from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
@@ -134,6 +135,7 @@ class _UnitScorer:
                 expected=self.file["identity"], on_footer=footer,
             ))
             for batch in batches:
+                batch_started = time.perf_counter()
                 n = batch.num_rows
                 matrix = predictor.feature_matrix(batch, file_nulls)
                 bad = invalid_mask(matrix[:n])
@@ -150,7 +152,7 @@ class _UnitScorer:
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
-                report_progress(n)
+                report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds
         return UnitResult(
             part=self.unit.part_name,
             rows_in=rows_in,
@@ -248,6 +250,12 @@ def score_units(
     # long as the run, so take it out of the collector's reach. Workers then never write to, and
     # so never copy, those pages, and no collection walks them again, exit included.
     gc.freeze()
+
+    def on_batch(progress: tuple[int, float]) -> None:
+        observe_batch(*progress)
+        if on_rows is not None:
+            on_rows(progress[0])
+
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
     # Largest first, so the units still running at the end are the small ones and workers
@@ -257,7 +265,7 @@ def score_units(
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     try:
         flushes: list[Future[None]] = []
-        for index, result in pool.map_unordered(units, order, on_rows):
+        for index, result in pool.map_unordered(units, order, on_batch):
             results[index] = result
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))

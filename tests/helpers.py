@@ -150,3 +150,12 @@ def only_complete_parts(output: Path) -> bool:
         if name.startswith("part-"):
             pq.read_metadata(output / name)
     return True
+
+
+def read_manifest(output: Path | str) -> dict[str, Any]:
+    """The manifest of a committed local output, wherever the output layout keeps it."""
+    import json
+
+    from batchscore.sink import MANIFEST_FILE
+
+    return json.loads((Path(output) / MANIFEST_FILE).read_text())
