@@ -51,6 +51,13 @@ _SECRET_NAME = re.compile(r"secret|token|passw|credential|private|(^|_)key$|acce
 _PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error"}
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
 DATE_PARAM = "date"
+#: The shard task's OpenLineage run, handed to the scorer so its lineage runs hang under the task's.
+#: Rendered where the worker has the OpenLineage provider (whose plugin holds the macros), else empty.
+_LINEAGE_MACRO = ("{{{{ macros.OpenLineageProviderPlugin.{0}(task_instance) if macros is defined and "
+                  "macros.OpenLineageProviderPlugin is defined and macros.OpenLineageProviderPlugin.{0} is defined "
+                  "else '' }}}}")
+LINEAGE_ENV = {"OPENLINEAGE_PARENT_ID": _LINEAGE_MACRO.format("lineage_parent_id"),
+               "OPENLINEAGE_ROOT_PARENT_ID": _LINEAGE_MACRO.format("lineage_root_parent_id")}
 #: Cron presets Airflow knows and croniter does not.
 _CRON_PRESETS = {"@quarterly": "0 0 1 */3 *"}
 
@@ -275,7 +282,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         args += ["--input", str(value)]
     for key in ("output", "model", "scaler", "model_sha256", "scaler_sha256", "model_version", "batch_size",
                 "on_invalid", "max_invalid_fraction", "workers", "storage_timeout", "storage_retries",
-                "log_format", "lease_seconds", "lock_timeout"):  # fmt: skip
+                "log_format", "lease_seconds", "lock_timeout", "pushgateway"):  # fmt: skip
         if job.get(key) is not None:
             args += ["--" + key.replace("_", "-"), _flag_value(job[key])]
     trusted = job.get("trusted_types")
@@ -292,6 +299,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
             args += ["--" + key, value if isinstance(value, str) else ",".join(map(str, value))]
     for key, value in options.items():
         args += ["--storage-option", f"{key}={value}"]
+    args += ["--job-name", str(job.get("job_name") or Path(source).stem)]  # names its metrics and lineage
     args.append("--overwrite")
     return tuple(args)
 
@@ -648,7 +656,7 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
         name=f"batchscore-{settings.name}".lower().replace("_", "-")[:50],
         image="{{ params.image }}",
         namespace=settings.namespace,
-        env_vars=dict(settings.env),
+        env_vars={**settings.env, **LINEAGE_ENV},
         secrets=secrets,
         container_resources=resources,
         node_selector=settings.node_selector or None,
@@ -699,7 +707,7 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     return BatchscoreDockerOperator.partial(
         task_id="score",
         image="{{ params.image }}",
-        environment=dict(settings.env),
+        environment={**settings.env, **LINEAGE_ENV},
         secret_env=tuple(ref.env for ref in settings.secrets if ref.env),
         auto_remove="success",
         mount_tmp_dir=False,
@@ -718,7 +726,10 @@ def _local_score(settings: JobSettings, shard_args: Any) -> Any:
         execution_timeout=settings.execution_timeout,
     )
     def score(arguments: list[str]) -> None:
-        run_cli([*_cli(settings), *arguments], env=settings.env)
+        from airflow.sdk import get_current_context
+
+        lineage = render(settings, LINEAGE_ENV, get_current_context())
+        run_cli([*_cli(settings), *arguments], env={**settings.env, **lineage})
 
     return score.expand(arguments=shard_args)
 
