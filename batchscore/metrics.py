@@ -61,6 +61,8 @@ class JobMetrics:
         return {"shard": str(self.shard)} if self.shard is not None else {}
 
     def succeeded(self, result: Mapping[str, Any] | None) -> None:
+        if result is not None and result.get("model_version"):  # what was scored, e.g. by commit's shards
+            self.model_version = result["model_version"]
         self._push(outcome_of(result) if result is not None else None, exit_code=0)
 
     def failed(self, exit_code: int, message: str = "") -> None:
