@@ -42,10 +42,17 @@ def _observe(config: JobConfig, shard: int | None = None, lineage: bool = True) 
     _observers[:] = [observer for observer in started if observer is not None]
 
 
-def _observed(result: dict[str, Any]) -> None:
+def _observed(result: dict[str, Any] | None) -> None:
     """The command succeeded with this manifest or receipt: tell its observers."""
     for observer in _observers:
         observer.succeeded(result)
+    _observers.clear()
+
+
+def _observed_failure(exit_code: int, message: str) -> None:
+    """The command failed with this exit code: tell its observers."""
+    for observer in _observers:
+        observer.failed(exit_code, message)
     _observers.clear()
 
 
@@ -58,9 +65,7 @@ def _fail(message: str, exit_code: int) -> None:
         click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
     else:
         click.echo(f"Error: {message}", err=True)
-    for observer in _observers:
-        observer.failed(exit_code, message)
-    _observers.clear()
+    _observed_failure(exit_code, message)
     sys.exit(exit_code)
 
 
@@ -85,12 +90,13 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         _observers.clear()
         _error_format["log_format"] = kwargs.get("log_format") or "text"
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except BatchscoreError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was committed", EXIT_FAILURE)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
+        except (click.exceptions.Exit, click.ClickException, SystemExit) as exc:
+            _exited(exc)
             raise
         except Exception as exc:
             message = _storage_failure(exc)
@@ -98,8 +104,20 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
                 message = f"unexpected {type(exc).__name__}: {exc}"
             _fail(message, EXIT_FAILURE)
+        _observed(None)  # a command that returned without handing its result over still succeeded
+        return result
 
     return wrapper
+
+
+def _exited(exc: BaseException) -> None:
+    """A command that ended by exiting (with any code) is observed to end like any other."""
+    code = exc.code if isinstance(exc, SystemExit) else getattr(exc, "exit_code", EXIT_FAILURE)
+    code = 0 if code is None else code if isinstance(code, int) else EXIT_FAILURE
+    if code == 0:
+        _observed(None)
+        return
+    _observed_failure(code, str(exc) or f"exit code {code}")
 
 
 def _json_warnings() -> None:

@@ -210,3 +210,32 @@ def test_an_unreachable_gateway_costs_a_warning_not_the_job(tmp_path: Path, bina
     assert "Traceback" not in proc.stderr
     manifest = read_manifest(tmp_path / "out")
     assert elapsed - manifest["seconds"] < PUSH_TIMEOUT_SECONDS + 15  # start-up, imports and one bounded push
+
+
+@pytest.mark.fault
+def test_a_run_stopped_by_sigterm_pushes_its_failure(tmp_path: Path, pushgateway: str, binary_model_paths) -> None:
+    """What a scheduler's kill leaves for the on-call: the failure, exit code 1, and the rows read until then."""
+    inputs = tmp_path / "in"
+    write_inputs(inputs, files=2, rows=48_016, row_group_size=4_816)
+    job_file = _job_file(tmp_path, "stopped", binary_model_paths, inputs, pushgateway=pushgateway, batch_size=16,
+                         workers=1)
+    proc = subprocess.Popen([sys.executable, "-m", "batchscore", "run", "--config", str(job_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # scoring has begun: stop it
+            if "shard 0/1" in proc.stderr.readline():
+                time.sleep(1)
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 1, stderr
+    got = pushed(pushgateway, "stopped")
+    assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code="1") > 0
+    assert not [key for key in got if key[0] == "batchscore_last_success_timestamp_seconds"]
+    assert 0 < value(got, "batchscore_rows_read") < 2 * 48_016  # what was scored before the stop
+    assert value(got, "batchscore_batch_seconds_count") * 16 >= value(got, "batchscore_rows_read")
