@@ -43,6 +43,8 @@ EVERY_KEY: dict[str, Any] = {
     "log_format": "json",
     "lease_seconds": 30.0,
     "lock_timeout": 1.5,
+    "pushgateway": "http://127.0.0.1:9091",
+    "job_name": "nightly_churn",
 }
 
 
