@@ -7,6 +7,7 @@ container and the README's key table (see schema.py). To add a setting, add a fi
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Callable, Literal, Optional, Tuple
@@ -32,7 +33,7 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name")
 #: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
 LIST_KEYS = ("features", "keep")
 
@@ -85,6 +86,11 @@ class JobConfig:
         "auto (compiled where it qualifies and agrees, else scikit-learn).")
     compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`).",
                                             metavar="DIR", shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
+    pushgateway: Optional[str] = setting(None, "Prometheus Pushgateway that receives the job's metrics when it ends "
+                                         "(see Monitoring); the flag wins over the variable, the variable over the key.",
+                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY", shown="$BATCHSCORE_PUSHGATEWAY")
+    job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
+                                      shown="the config file's stem, else batchscore")
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod
@@ -232,4 +238,6 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
         raw[key] = value
         from_file.discard(key)
     settings = {key: value for key, value in raw.items() if value is not None}
+    if path and not settings.get("job_name"):  # a job is known by its file's name
+        settings["job_name"] = os.path.splitext(os.path.basename(path))[0]
     return validate_settings(settings, lambda key: f"config file {path}: " if key in from_file else "")

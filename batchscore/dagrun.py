@@ -31,6 +31,14 @@ PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: 
 DATE_PARAM = "date"
 #: Cron presets Airflow knows and croniter does not.
 _CRON_PRESETS = {"@quarterly": "0 0 1 */3 *"}
+#: The shard task's OpenLineage run, handed to the scorer so its lineage runs hang under the task's
+#: (see batchscore.lineage). Rendered where the worker has the OpenLineage provider (whose plugin
+#: holds the macros), else empty.
+_LINEAGE_MACRO = ("{{{{ macros.OpenLineageProviderPlugin.{0}(task_instance) if macros is defined and "
+                  "macros.OpenLineageProviderPlugin is defined and macros.OpenLineageProviderPlugin.{0} is defined "
+                  "else '' }}}}")
+LINEAGE_ENV = {"OPENLINEAGE_PARENT_ID": _LINEAGE_MACRO.format("lineage_parent_id"),
+               "OPENLINEAGE_ROOT_PARENT_ID": _LINEAGE_MACRO.format("lineage_root_parent_id")}
 
 
 class TemplateUndefinedError(jinja2.UndefinedError, AirflowFailException):
@@ -174,6 +182,19 @@ def rendered_env(settings: JobSettings, context: Mapping[str, Any]) -> dict[str,
     """``dag.env`` for the command the worker itself runs, rendered like the job's templates."""
     return render(settings, dict(settings.dag.env), context)
 
+
+def score_environment(settings: JobSettings) -> dict[str, str]:
+    """A scoring container's environment: the job's ``dag.env`` and its task's lineage ids (templates
+    that the operator renders)."""
+    return {**settings.dag.env, **LINEAGE_ENV}
+
+
+def local_score_environment(settings: JobSettings) -> dict[str, str]:
+    """A local scoring subprocess's environment: ``score_environment`` rendered for the running task,
+    with the same dates as the job's templates."""
+    from airflow.sdk import get_current_context
+
+    return render(settings, score_environment(settings), get_current_context())
 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:

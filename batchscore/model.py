@@ -12,11 +12,13 @@ import contextlib
 import gc
 import hashlib
 import io
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .errors import ModelError
+from .metrics import observe_model_load
 from .storage import filesystem, full_uri, read_bytes
 
 if TYPE_CHECKING:
@@ -353,6 +355,7 @@ def load_model(
     Both artifacts pass ``policy`` before either is deserialized: a swapped scaler must not
     get to run code because the model was fine.
     """
+    started = time.perf_counter()
     policy = policy or ArtifactPolicy()
     data, model_artifact = fetch_artifact("model", model_uri, storage_options, policy)
     scaler_data, scaler_artifact = (
@@ -384,6 +387,7 @@ def load_model(
     classes = getattr(estimator, "classes_", None) if classifier else None
     if classifier and classes is None:
         raise ModelError(f"model {model_artifact.uri} is a classifier without classes_")
+    observe_model_load(time.perf_counter() - started)
     return LoadedModel(
         estimator=estimator,
         scaler=scaler,

@@ -27,17 +27,18 @@ NOTHING = "none"
 
 def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
             csv: bool = False, switch: bool | None = None, shown: str | None = None, unit: str | None = None,
-            **constraints: Any) -> Any:
+            envvar: str | None = None, **constraints: Any) -> Any:
     """Declare one setting: its default, help and constraints (``ge``, ``le``, ``gt`` ...).
 
     ``flag`` names the option when it is not ``--the-key``; ``repeat`` makes it repeatable (one value
     per flag); ``csv`` takes a comma-separated list; ``switch`` makes it a flag without a value that
     sets the setting to that value (``--no-pickle`` sets ``allow_pickle`` to False); ``shown`` is the
     default as documented when the value itself says little (``None`` meaning "all cores");
-    ``unit`` words the expected value ("a number of seconds").
+    ``unit`` words the expected value ("a number of seconds"); ``envvar`` is an environment variable
+    the flag falls back on (it wins over the YAML key, as the flag does).
     """
     faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
-             "shown": shown, "unit": unit}  # fmt: skip
+             "shown": shown, "unit": unit, "envvar": envvar}  # fmt: skip
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)
@@ -169,6 +170,8 @@ def click_options(fields: Mapping[str, FieldInfo], keys: Iterable[str]) -> list[
         help_text = info.description + (" Repeatable." if _repeated(info) else "")
         help_text += f" [default: {default}]" if default and default != "required" else ""
         kwargs: dict[str, Any] = {"help": help_text, "metavar": extra(info).get("metavar")}
+        if "envvar" in extra(info):
+            kwargs.update(envvar=extra(info)["envvar"], show_envvar=True)
         kind = _plain_type(info.annotation)
         if "switch" in extra(info):
             kwargs.update(is_flag=True, default=None)

@@ -131,6 +131,7 @@ class _UnitScorer:
                 expected=self.file["identity"], on_footer=footer,
             ))
             for batch in batches:
+                batch_started = time.perf_counter()
                 n = batch.num_rows
                 matrix = predictor.feature_matrix(batch, file_nulls)
                 bad = invalid_mask(matrix[:n])
@@ -147,7 +148,7 @@ class _UnitScorer:
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
-                report_progress(n)
+                report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds
         return UnitResult(
             part=self.unit.part_name,
             rows_in=rows_in,

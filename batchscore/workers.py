@@ -18,6 +18,7 @@ import pyarrow as pa
 from .compiled import predictor
 from .engine import Predictor
 from .errors import StorageError
+from .metrics import observe_batch
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
 from .scorer import ScoreTask, UnitResult, score_unit
@@ -124,6 +125,11 @@ def _frozen_collector() -> Iterator[None]:
 def _score_in_workers(
     task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None
 ) -> list[UnitResult]:
+    def on_batch(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch
+        observe_batch(*progress)
+        if on_rows is not None:
+            on_rows(progress[0])
+
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
     # Largest first, so the units still running at the end are the small ones and workers
@@ -133,7 +139,7 @@ def _score_in_workers(
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     try:
         flushes: list[Future[None]] = []
-        for index, result in pool.map_unordered(units, order, on_rows):
+        for index, result in pool.map_unordered(units, order, on_batch):
             results[index] = result
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))

@@ -15,8 +15,9 @@ from airflow.sdk import DAG, Asset, Param, task
 
 from batchscore.dagrun import (
     DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, cli_command,
-    commit_shards, execution_timeout, inputs_ready, permanent_failure, plan_shards, plan_uri, pod_exit_code,
-    rendered_env, retry_kwargs, run_cli, run_dates, secret_environment, shard_arguments, timetable,
+    commit_shards, execution_timeout, inputs_ready, local_score_environment, permanent_failure, plan_shards, plan_uri,
+    pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
+    shard_arguments, timetable,
 )  # fmt: skip
 from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
 from batchscore.quantity import docker_cpus, docker_memory
@@ -59,7 +60,7 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
         name=settings.pod_name,
         image="{{ params.image }}",
         namespace=spec.namespace,
-        env_vars=dict(spec.env),
+        env_vars=score_environment(settings),
         secrets=secrets,
         container_resources=resources,
         node_selector=dict(spec.node_selector) or None,
@@ -107,7 +108,7 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     return BatchscoreDockerOperator.partial(
         task_id="score",
         image="{{ params.image }}",
-        environment=dict(spec.env),
+        environment=score_environment(settings),
         secret_env=tuple(ref.env for ref in spec.secrets if ref.env),
         auto_remove="success",
         mount_tmp_dir=False,
@@ -126,9 +127,7 @@ def _local_score(settings: JobSettings, shard_args: Any) -> Any:
         execution_timeout=execution_timeout(settings),
     )
     def score(arguments: list[str]) -> None:
-        from airflow.sdk import get_current_context
-
-        run_cli([*cli_command(settings), *arguments], env=rendered_env(settings, get_current_context()))
+        run_cli([*cli_command(settings), *arguments], env=local_score_environment(settings))
 
     return score.expand(arguments=shard_args)
 

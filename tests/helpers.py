@@ -182,12 +182,3 @@ def only_complete_parts(output: Path) -> bool:
         if name.startswith("part-"):
             pq.read_metadata(output / name)
     return True
-
-
-def read_manifest(output: Path | str) -> dict[str, Any]:
-    """The committed manifest of a local output, wherever the sink keeps it."""
-    import json
-
-    from batchscore.sink import MANIFEST_FILE
-
-    return json.loads((Path(output) / MANIFEST_FILE).read_text())

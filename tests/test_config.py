@@ -45,6 +45,8 @@ EVERY_KEY: dict[str, Any] = {
     "lock_timeout": 1.5,
     "engine": "auto",
     "compiled_cache": "/compiled",
+    "pushgateway": "http://127.0.0.1:9091",
+    "job_name": "nightly_churn",
 }
 
 

@@ -184,6 +184,20 @@ def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPat
     assert (key_ref.name, key_ref.key) == ("churn-s3-credentials", "secret_access_key")
     assert env["AWS_SECRET_ACCESS_KEY"].value is None
     assert pod.metadata.namespace == "batchscore" and pod.spec.service_account_name == "batchscore"
+    assert env["OPENLINEAGE_PARENT_ID"].value == ""  # no OpenLineage provider here: no parent run to hand over
+    assert args[args.index("--job-name") + 1] == "daily_churn"  # the job file's stem names metrics and lineage
+
+    # Where the OpenLineage provider is installed, its macros hand the task's run to the pod (a
+    # provider without the root macro hands the parent only).
+    from types import SimpleNamespace
+
+    parent = f"default/{dag.dag_id}.score/0193a5c4-5d2e-7f00-8000-000000000002"
+    plugin = SimpleNamespace(lineage_parent_id=lambda ti: parent)
+    lineage_op = dag.get_task("score").unmap({"arguments": shard_args[1]})
+    lineage_op.render_template_fields({**context, "macros": SimpleNamespace(OpenLineageProviderPlugin=plugin),
+                                       "task_instance": SimpleNamespace()})
+    lineage_env = {e.name: e.value for e in lineage_op.build_pod_request_obj(dry_run=True).spec.containers[0].env}
+    assert (lineage_env["OPENLINEAGE_PARENT_ID"], lineage_env["OPENLINEAGE_ROOT_PARENT_ID"]) == (parent, "")
     assert pod.spec.restart_policy == "Never"
 
     # A run's params pick another image without touching the job file.
@@ -208,7 +222,8 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
     op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
     op.render_template_fields({"params": {"image": "batchscore:dev"}})
     assert "DockerOperator" in [cls.__name__ for cls in type(op).__mro__]
-    assert (op.image, op.command, op.environment) == ("batchscore:dev", ["run", "--shard", "0"], {"LOG": "1"})
+    no_lineage = {"OPENLINEAGE_PARENT_ID": "", "OPENLINEAGE_ROOT_PARENT_ID": ""}  # no OpenLineage provider here
+    assert (op.image, op.command, op.environment) == ("batchscore:dev", ["run", "--shard", "0"], {"LOG": "1", **no_lineage})
     assert (op.mem_limit, op.cpus) == ("3g", 1.5)
     assert op.secret_env == ("AWS_ACCESS_KEY_ID",)
 
@@ -418,7 +433,8 @@ def test_docker_secrets_are_read_from_the_worker_when_the_task_runs(
 
     op.__dict__["hook"] = type("Hook", (), {"api_client": Engine(0)})()
     op.execute({})
-    assert seen["environment"] == {"LOG": "1", "AWS_ACCESS_KEY_ID": "AKIA-not-in-the-dag"}
+    no_lineage = {"OPENLINEAGE_PARENT_ID": "", "OPENLINEAGE_ROOT_PARENT_ID": ""}  # no OpenLineage provider here
+    assert seen["environment"] == {"LOG": "1", "AWS_ACCESS_KEY_ID": "AKIA-not-in-the-dag", **no_lineage}
     assert "AKIA" not in repr({name: getattr(op, name) for name in op.template_fields})
     assert "AKIA" not in repr(dag.get_task("score").partial_kwargs)
 

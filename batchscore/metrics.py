@@ -1,0 +1,160 @@
+"""Push what a job did to a Prometheus Pushgateway as it ends, whether it succeeded or failed.
+
+A batch job is gone before Prometheus could scrape it, so its numbers are pushed once, under the
+grouping key ``job`` (plus ``shard`` for a shard). Every push uses ``pushadd``: it replaces the
+metrics it carries and leaves the others, so a failure never erases the last success's timestamp.
+A push that fails costs one warning line and at most ``PUSH_TIMEOUT_SECONDS``, never the job.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+from urllib.error import HTTPError
+
+log = logging.getLogger(__name__)
+
+#: How long one push may wait for the Pushgateway: an unreachable one must not hold the job.
+PUSH_TIMEOUT_SECONDS = 5.0
+#: Upper bounds of the per-batch scoring time histogram, in seconds (a 65,536-row batch takes
+#: tens of milliseconds with a linear model, seconds with a large ensemble).
+BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Outcome:
+    """Rows a finished command accounted for, whichever command it was."""
+
+    rows_in: int
+    rows_out: int
+    rows_invalid: int
+    parts: int = 0
+
+
+def outcome_of(result: Mapping[str, Any]) -> Outcome:
+    """The row counts of a manifest (``run``, ``commit``) or a shard's receipt."""
+    if "rows" in result:
+        rows = result["rows"]
+        return Outcome(rows["in"], rows["out"], rows["invalid"], len(result.get("parts", ())))
+    return Outcome(result["rows_in"], result["rows_out"], result["rows_invalid"], len(result.get("parts", ())))
+
+
+@dataclass
+class JobMetrics:
+    """What one command measures while it runs, and its push when it ends."""
+
+    gateway: str
+    job: str
+    model_version: str
+    shard: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    batch_seconds: list[float] = field(default_factory=list)
+    rows_scored: int = 0
+    model_load_seconds: float | None = None
+    finished: bool = False
+
+    @property
+    def grouping_key(self) -> dict[str, str]:
+        return {"shard": str(self.shard)} if self.shard is not None else {}
+
+    def succeeded(self, result: Mapping[str, Any] | None) -> None:
+        if result is not None and result.get("model_version"):  # what was scored, e.g. by commit's shards
+            self.model_version = result["model_version"]
+        self._push(outcome_of(result) if result is not None else None, exit_code=0)
+
+    def failed(self, exit_code: int, message: str = "") -> None:
+        self._push(None, exit_code=exit_code)
+
+    def families(self, outcome: Outcome | None, exit_code: int, now: float) -> Iterator[Any]:
+        """The metrics of this push: counts of what was scored, timings, and the success or
+        failure timestamp. A failed command pushes no prediction counts (it committed nothing);
+        its rows read are those scored before it stopped."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        if outcome is not None:
+            predictions = CounterMetricFamily(
+                "batchscore_predictions", "Rows of the last run by status: ok (scored) or invalid (set aside).",
+                labels=["model_version", "status"],
+            )
+            predictions.add_metric([self.model_version, "ok"], outcome.rows_out)
+            predictions.add_metric([self.model_version, "invalid"], outcome.rows_invalid)
+            yield predictions
+        rows_read = outcome.rows_in if outcome is not None else self.rows_scored
+        yield GaugeMetricFamily("batchscore_rows_read", "Input rows the last run read.", value=rows_read)
+        yield GaugeMetricFamily("batchscore_duration_seconds", "Wall-clock seconds of the last run.",
+                                value=now - self.started)
+        if self.model_load_seconds is not None:
+            yield GaugeMetricFamily("batchscore_model_load_seconds", "Seconds the last run took to load its model.",
+                                    value=self.model_load_seconds)
+        if self.batch_seconds:
+            yield HistogramMetricFamily("batchscore_batch_seconds", "Seconds a worker took to score one batch.",
+                                        buckets=self._buckets(), sum_value=sum(self.batch_seconds))
+        if exit_code == 0:
+            yield GaugeMetricFamily("batchscore_last_success_timestamp_seconds",
+                                    "Unix time the last successful run ended.", value=time.time())
+        else:
+            failure = GaugeMetricFamily("batchscore_last_failure_timestamp_seconds",
+                                        "Unix time the last failed run ended, by its exit code.", labels=["exit_code"])
+            failure.add_metric([str(exit_code)], time.time())
+            yield failure
+
+    def _buckets(self) -> list[tuple[str, float]]:
+        ordered = sorted(self.batch_seconds)
+        buckets = [(repr(bound), float(bisect.bisect_right(ordered, bound))) for bound in BATCH_SECONDS_BUCKETS]
+        return buckets + [("+Inf", float(len(ordered)))]
+
+    def _push(self, outcome: Outcome | None, exit_code: int) -> None:
+        if self.finished:  # a command ends once
+            return
+        self.finished = True
+        global _current
+        if _current is self:
+            _current = None
+        try:
+            from prometheus_client import CollectorRegistry, pushadd_to_gateway
+
+            families = list(self.families(outcome, exit_code, time.monotonic()))
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Fixed(families))
+            pushadd_to_gateway(self.gateway, job=self.job, registry=registry, grouping_key=self.grouping_key,
+                               timeout=PUSH_TIMEOUT_SECONDS)
+        except Exception as exc:  # never the job's failure: the output is what matters
+            reason = exc if isinstance(exc, HTTPError) else getattr(exc, "reason", None) or exc
+            log.warning("could not push metrics to the Pushgateway %s (%s); the job's result is unaffected",
+                        self.gateway, reason)
+
+
+class _Fixed:
+    """A collector that hands over metric families built once."""
+
+    def __init__(self, families: list[Any]):
+        self._families = families
+
+    def collect(self) -> list[Any]:
+        return self._families
+
+
+#: The command being measured in this process, if it pushes metrics.
+_current: JobMetrics | None = None
+
+
+def start(gateway: str | None, job: str, model_version: str, shard: int | None = None) -> JobMetrics | None:
+    """Start measuring this command; nothing (and no cost) without a Pushgateway."""
+    global _current
+    _current = JobMetrics(gateway, job, model_version, shard) if gateway else None
+    return _current
+
+
+def observe_batch(rows: int, seconds: float) -> None:
+    """A worker scored a batch of ``rows`` in ``seconds`` (heard in the parent process)."""
+    if _current is not None:
+        _current.rows_scored += rows
+        _current.batch_seconds.append(seconds)
+
+
+def observe_model_load(seconds: float) -> None:
+    if _current is not None:
+        _current.model_load_seconds = seconds
