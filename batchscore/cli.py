@@ -155,6 +155,9 @@ JOB_OPTIONS = [
     click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
     click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
     click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
+    click.option("--reference", help="A previous committed output to check drift against (PSI, Wasserstein) at commit."),
+    click.option("--drift-warn", type=float, help="Warn about columns whose PSI against --reference is above this [default: 0.1]."),
+    click.option("--drift-fail", type=float, help="Exit 5 without _SUCCESS when a column's PSI is above this [default: off]."),
 ]
 
 
@@ -187,6 +190,9 @@ def _config(kw: dict[str, Any]) -> JobConfig:
         **_artifact_settings(kw),
         lease_seconds=kw.pop("lease_seconds"),
         lock_timeout=kw.pop("lock_timeout"),
+        reference=kw.pop("reference"),
+        drift_warn=kw.pop("drift_warn"),
+        drift_fail=kw.pop("drift_fail"),
     )
     _error_format["log_format"] = config.log_format
     if config.log_format == "json":
@@ -285,8 +291,9 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @job_options
 @click.option("--plan", "plan_uri", help="The plan the shards ran from.")
 @click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
+@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
 @_handle_errors
-def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
+def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write _manifest.json and _SUCCESS.
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
@@ -300,7 +307,7 @@ def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
         the_plan = job.plan_again(config, shards)
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    manifest = job.commit(config, the_plan, _reporter(config))
+    manifest = job.commit(config, the_plan, _reporter(config), accept_drift=accept_drift)
     _summary(config, manifest)
 
 
@@ -316,6 +323,26 @@ def validate(**kw: Any) -> None:
     rows = sum(f.num_rows for f in prepared.files)
     click.echo(f"ok: {len(prepared.files)} file(s), {rows:,} rows; features {', '.join(prepared.model.features)}; "
                f"output columns {', '.join(prepared.output_schema.names)}")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("output")
+@click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the report as a self-contained HTML page here.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_handle_errors
+def report(output: str, html: str | None, storage_option: tuple[str, ...]) -> None:
+    """Print an output's run report as JSON: rows, score and feature distributions, drift.
+
+    The report file also holds each column's sketch, left out here (see README, Monitoring).
+    """
+    from .run_report import read_report, without_sketches
+
+    found = read_report(output, _parse_storage_options(storage_option))
+    if html:
+        from .report_html import write_html
+
+        write_html(found, html)
+    click.echo(json.dumps(without_sketches(found), indent=2))
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:

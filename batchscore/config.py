@@ -25,6 +25,7 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 #: host, or paused): long enough for a slow store to renew it, short enough for a retry to wait.
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
+DEFAULT_DRIFT_WARN = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class JobConfig:
     log_format: str = "text"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    reference: str | None = None  # a committed output whose report tonight's is compared with
+    drift_warn: float = DEFAULT_DRIFT_WARN
+    drift_fail: float | None = None
 
     def __post_init__(self) -> None:
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
@@ -113,7 +117,7 @@ def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
 
 
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "reference")
 
 
 def check_text(key: str, value: Any) -> str:
@@ -171,6 +175,10 @@ def _coerce(key: str, value: Any) -> Any:
         low = 1 if key == "lease_seconds" else 0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
             raise ConfigError(f"setting '{key}' must be a number of seconds, at least {low}, got {value!r}")
+        return float(value)
+    if key in ("drift_warn", "drift_fail"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ConfigError(f"setting '{key}' must be a PSI threshold, a number of at least 0, got {value!r}")
         return float(value)
     if key == "on_invalid" and value not in ON_INVALID_CHOICES:
         raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")

@@ -21,16 +21,17 @@ from .lease import LEASE_FILE, Lease, held, plan_holder, run_holder
 from .model import Artifact, ArtifactPolicy, LoadedModel, artifact_digests, artifact_roles, load_model
 from .plan import Plan, make_plan
 from .report import Reporter
+from .run_report import build_report, publish, shard_profile
 from .scorer import ScoreTask, score_units
 from .sink import (
     ATTEMPT_KEY,
-    MANIFEST_FILE,
     PLAN_FILE,
     RECEIPTS_DIR,
     REJECTED_DIR,
     SUCCESS_FILE,
     iter_own_files,
     listing,
+    manifest_path,
     part_path,
     read_json,
     receipt_path,
@@ -337,6 +338,7 @@ def _score_shard(prepared: Prepared, the_plan: Plan, index: int, reporter: Repor
         "workers": min(workers, max(1, len(shard.units))),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
+        "profile": shard_profile(results),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
     write_json(fs, receipt_path(out_path, index), receipt)
@@ -385,17 +387,17 @@ def _versions() -> dict[str, str]:
 
 def commit(
     config: JobConfig, the_plan: Plan, reporter: Reporter | None = None, extra: dict[str, Any] | None = None,
-    lease: Lease | None = None,
+    lease: Lease | None = None, accept_drift: bool = False,
 ) -> dict[str, Any]:
-    """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS.
+    """Check that the receipts add up to the plan, drop stray parts, then report, manifest and _SUCCESS.
 
     Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
-    once committed).
+    once committed). Drift above ``drift_fail`` stops before the manifest (see run_report).
     """
     guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])  # before the lease is written
     if lease is None:
         with _held(config, the_plan, "commit", release="on_success") as own:
-            return commit(config, the_plan, reporter, extra, own)
+            return commit(config, the_plan, reporter, extra, own, accept_drift)
     reporter = reporter or Reporter(quiet=True)
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
@@ -502,7 +504,8 @@ def commit(
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
-    write_json(fs, join(out_path, MANIFEST_FILE), manifest)
+    publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
+    write_json(fs, manifest_path(out_path), manifest)
     write_bytes_atomic(fs, join(out_path, SUCCESS_FILE), b"")
     reporter.event("committed", f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
                    output=the_plan.output, rows_out=manifest["rows"]["out"])

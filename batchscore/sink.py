@@ -8,6 +8,7 @@ Layout under the output directory::
     _receipts/shard-IIIII.json      what each shard wrote
     _lease.json                     which job may write here now (see lease.py)
     _plan.json                      the plan, when a scheduler shares it between shards
+    _report.json                    the run report: rows, score and feature distributions, drift
     _manifest.json, _SUCCESS        written last, by commit
 """
 
@@ -29,6 +30,8 @@ REJECTED_DIR = "_rejected"
 RECEIPTS_DIR = "_receipts"
 PLAN_FILE = "_plan.json"
 MANIFEST_FILE = "_manifest.json"
+#: Always beside the manifest (see ``report_path``).
+REPORT_FILE = "_report.json"
 SUCCESS_FILE = "_SUCCESS"
 REJECT_REASON = "reject_reason"
 PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet$")
@@ -96,6 +99,15 @@ def receipt_path(output: str, shard: int) -> str:
     return join(output, RECEIPTS_DIR, f"shard-{shard:05d}.json")
 
 
+def manifest_path(output: str) -> str:
+    return join(output, MANIFEST_FILE)
+
+
+def report_path(output: str) -> str:
+    """The run report lives wherever the manifest does."""
+    return join(posixpath.dirname(manifest_path(output)), REPORT_FILE)
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
     write_bytes_atomic(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -132,4 +144,5 @@ def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple
 def uncommit(fs: fsspec.AbstractFileSystem, output: str) -> None:
     """Make an existing output stop looking finished before anything in it changes."""
     remove_if_exists(fs, join(output, SUCCESS_FILE))
-    remove_if_exists(fs, join(output, MANIFEST_FILE))
+    remove_if_exists(fs, manifest_path(output))
+    remove_if_exists(fs, report_path(output))
