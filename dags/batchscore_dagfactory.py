@@ -42,13 +42,15 @@ _DAG_KEYS = (
     "resources", "env", "secrets", "namespace", "service_account", "kubernetes_conn_id",
     "node_selector", "docker_url", "docker_conn_id", "local_command", "retries", "retry_delay",
     "retry_exponential_backoff", "max_retry_delay", "execution_timeout",
-    "max_active_tis_per_dagrun", "sensor",
+    "max_active_tis_per_dagrun", "sensor", "drift",
 )  # fmt: skip
 _SENSOR_KEYS = ("path", "marker", "poke_interval", "timeout", "mode")
+_DRIFT_KEYS = ("reference", "warn", "fail")
 #: Names that hold credentials: they belong in dag.secrets, never in the job file or arguments.
 _SECRET_NAME = re.compile(r"secret|token|passw|credential|private|(^|_)key$|access_key", re.IGNORECASE)
 #: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error).
-_PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error"}
+_PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error",
+                         5: "drift above threshold: review the report, then commit with --accept-drift"}
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
 DATE_PARAM = "date"
 #: Cron presets Airflow knows and croniter does not.
@@ -93,6 +95,15 @@ class SensorSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """Check the committed output against a reference run (by default the previous interval's output)."""
+
+    reference: str | None = None
+    warn: float | None = None
+    fail: float | None = None
+
+
+@dataclass(frozen=True)
 class JobSettings:
     """Everything one DAG is built from, validated at parse time so a typo fails loudly."""
 
@@ -134,6 +145,7 @@ class JobSettings:
     inputs: tuple[str, ...]
     storage_options: dict[str, str]
     common_args: tuple[str, ...] = field(default=())
+    drift: DriftSettings | None = None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -239,6 +251,19 @@ def _sensor(value: Any, inputs: tuple[str, ...], source: str) -> SensorSettings 
     )
 
 
+def _drift(value: Any, source: str) -> DriftSettings | None:
+    if value in (None, False):
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping) or set(value) - set(_DRIFT_KEYS):
+        raise _fail(source, f"dag.drift must be true or a mapping with keys {', '.join(_DRIFT_KEYS)}")
+    for key in ("warn", "fail"):
+        if value.get(key) is not None and (isinstance(value[key], bool) or not isinstance(value[key], (int, float))):
+            raise _fail(source, f"dag.drift.{key} must be a PSI threshold (a number), got {value[key]!r}")
+    return DriftSettings(value.get("reference"), value.get("warn"), value.get("fail"))
+
+
 def _backoff(value: Any, source: str) -> float:
     """``true`` means doubling; a number is the multiplier itself; ``false``/0 disables it."""
     if value is None or value is False:
@@ -275,7 +300,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         args += ["--input", str(value)]
     for key in ("output", "model", "scaler", "model_sha256", "scaler_sha256", "model_version", "batch_size",
                 "on_invalid", "max_invalid_fraction", "workers", "storage_timeout", "storage_retries",
-                "log_format", "lease_seconds", "lock_timeout"):  # fmt: skip
+                "log_format", "lease_seconds", "lock_timeout", "reference", "drift_warn", "drift_fail"):  # fmt: skip
         if job.get(key) is not None:
             args += ["--" + key.replace("_", "-"), _flag_value(job[key])]
     trusted = job.get("trusted_types")
@@ -338,7 +363,8 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
         raise _fail(source, f"unknown dag key(s) {', '.join(unknown)}; known: {', '.join(_DAG_KEYS)}")
     job = {k: v for k, v in data.items() if k != "dag"}
     args = common_args(job, source)
-    _check_templates({**job, "dag.env": dag_cfg.get("env"), "dag.sensor": dag_cfg.get("sensor")}, source)
+    _check_templates({**job, "dag.env": dag_cfg.get("env"), "dag.sensor": dag_cfg.get("sensor"),
+                      "dag.drift": dag_cfg.get("drift")}, source)
     if not job.get("input") or not job.get("output"):
         raise _fail(source, "a scheduled job needs 'input' and 'output'")
     name = Path(source).stem
@@ -414,6 +440,7 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
         )
         or 8,
         sensor=_sensor(dag_cfg.get("sensor"), inputs, source),
+        drift=_drift(dag_cfg.get("drift"), source),
         output=str(job["output"]),
         inputs=inputs,
         storage_options=_str_map(job.get("storage_options"), "storage_options", source),
@@ -463,7 +490,7 @@ def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdou
         text=True,
     )
     out, _ = proc.communicate()
-    command = next((a for a in argv if a in ("plan", "run", "commit", "validate")), "")
+    command = next((a for a in argv if a in ("plan", "run", "commit", "validate", "report")), "")
     permanent = permanent_failure(proc.returncode, f"batchscore {command}")
     if permanent is not None:
         raise permanent
@@ -516,6 +543,13 @@ def run_dates(settings: JobSettings, params: Mapping[str, Any], logical_date: An
         moment = pendulum.instance(run_after) if run_after is not None else pendulum.now("UTC")
         start, end = last_interval(settings.schedule, settings.timezone, moment) or (moment, moment)
         ds = pendulum.instance(start).in_timezone("UTC").strftime("%Y-%m-%d")  # as Airflow's own ``ds``
+    return interval_dates(start, end, ds)
+
+
+def interval_dates(start: datetime, end: datetime, ds: str) -> dict[str, Any]:
+    """The date keys templates see for the interval from ``start`` to ``end``."""
+    import pendulum
+
     start, end = pendulum.instance(start), pendulum.instance(end)
     ts = start.isoformat()
     return {
@@ -550,6 +584,59 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
         return task_.render_template(value, {**context, **dates}, task_.dag.get_template_env())
     except jinja2.TemplateError as exc:
         raise AirflowFailException(f"{settings.source}: cannot render the job's templates: {exc}") from None
+
+
+def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | None:
+    """The output of the interval before this run's (the default drift reference); None without a
+    cron schedule."""
+    import pendulum
+
+    dag_run = context["dag_run"]
+    dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
+                      getattr(dag_run, "run_after", None)) or context  # fmt: skip
+    start = dates.get("data_interval_start")
+    previous = last_interval(settings.schedule, settings.timezone, start) if start is not None else None
+    if previous is None:
+        return None
+    ds = pendulum.instance(previous[0]).in_timezone("UTC").strftime("%Y-%m-%d")
+    task_ = context["task"]
+    rendered = task_.render_template(settings.output, {**context, **interval_dates(*previous, ds)},
+                                     task_.dag.get_template_env())  # fmt: skip
+    return str(rendered)
+
+
+def drift_args(settings: JobSettings, context: Mapping[str, Any], output: str) -> list[str]:
+    """``--reference``/``--drift-warn``/``--drift-fail`` for commit, from ``dag.drift``."""
+    import logging
+
+    drift = settings.drift
+    if drift is None:
+        return []
+    reference = render(settings, drift.reference, context) if drift.reference else previous_output(settings, context)
+    if not reference or reference.rstrip("/") == output.rstrip("/"):
+        logging.getLogger("batchscore.dag").warning("drift not checked: no reference output before %s", output)
+        return []
+    args = ["--reference", reference]
+    args += ["--drift-warn", str(drift.warn)] if drift.warn is not None else []
+    return args + (["--drift-fail", str(drift.fail)] if drift.fail is not None else [])
+
+
+def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) -> dict[str, Any]:
+    """What the Asset event tells consumers: the output, its rows, invalid rows and largest PSI."""
+    import json
+
+    import logging
+
+    options = render(settings, dict(settings.storage_options), context)
+    argv = [*_cli(settings), "report", output, *[f"--storage-option={k}={v}" for k, v in options.items()]]
+    try:  # the output is committed: a report that cannot be read must not fail the task
+        report = json.loads(run_cli(argv, env=settings.env, capture_stdout=True))
+    except Exception as exc:
+        logging.getLogger("batchscore.dag").warning("no run report for the Asset event: %s", exc)
+        return {"output": output}
+    drift = report.get("drift") or {}
+    return {"output": output, "rows": report["rows"]["scored"], "invalid_rows": report["rows"]["invalid"],
+            "max_psi": drift.get("max_psi"), "max_psi_column": drift.get("max_psi_column")}
 
 
 def plan_uri(output: str) -> str:
@@ -824,9 +911,11 @@ def build_dag(settings: JobSettings) -> DAG:
             """Publish the output only once every shard's receipt checks out."""
             from airflow.sdk import get_current_context
 
-            common, output = render(settings, [list(settings.common_args), settings.output], get_current_context())
-            run_cli([*_cli(settings), "commit", *common, "--plan", plan_uri(output)], env=settings.env)
-            get_current_context()["outlet_events"][output_asset].extra = {"output": output}
+            context = get_current_context()
+            common, output = render(settings, [list(settings.common_args), settings.output], context)
+            drift = drift_args(settings, context, output)
+            run_cli([*_cli(settings), "commit", *common, *drift, "--plan", plan_uri(output)], env=settings.env)
+            context["outlet_events"][output_asset].extra = asset_extra(settings, context, output)
             return output
 
         shard_args = plan()
