@@ -594,7 +594,7 @@ def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | 
     dag_run = context["dag_run"]
     dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
                       getattr(dag_run, "run_after", None)) or context  # fmt: skip
-    start = dates.get("data_interval_start")
+    start = dates.get("logical_date")  # the date this run scores and names its output after
     previous = last_interval(settings.schedule, settings.timezone, start) if start is not None else None
     if previous is None:
         return None
