@@ -19,6 +19,7 @@ centre, so it is off by less than 1/256 of the two columns' mean absolute values
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,24 +38,31 @@ _MAGNITUDES = (MAX_EXPONENT - MIN_EXPONENT) << MANTISSA_BITS
 ZERO = _MAGNITUDES
 SKETCH_LENGTH = 2 * _MAGNITUDES + 1
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+#: Values from which on, and below which, a value's bits alone give its bucket.
+_INSIDE_GRID = (2.0 ** MIN_EXPONENT, 2.0 ** MAX_EXPONENT)
 #: Bars of a histogram in the report (before its edges are moved onto the grid).
 HISTOGRAM_BINS = 20
 
 
-def bucket_index(values: np.ndarray) -> np.ndarray:
-    """The sketch bucket of each finite value: bucket ``i`` holds ``lower_bound(i) <= v < lower_bound(i + 1)``."""
-    x = np.asarray(values, dtype=np.float64)
-    negative = x < 0
-    any_negative = bool(negative.any())
-    magnitude = np.abs(x)
-    if any_negative:  # negative buckets are closed at the top: the next float towards zero decides
-        magnitude = np.where(negative, np.nextafter(magnitude, 0.0), magnitude)
-    index = (np.ascontiguousarray(magnitude).view(np.int64) >> _SHIFT) - _BASE
-    np.clip(index, -1, _MAGNITUDES - 1, out=index)
-    index += 1  # 0: the bucket at zero
-    if any_negative:
-        index = np.where(negative, -index, index)
-    index += ZERO
+def bucket_index(values: np.ndarray, non_negative: bool | None = None, offset: int = 0) -> np.ndarray:
+    """The sketch bucket of each finite value, less ``offset``: bucket ``i`` holds
+    ``lower_bound(i) <= v < lower_bound(i + 1)``. ``non_negative`` (when the caller knows the
+    minimum) saves the passes that negative values need."""
+    x = np.ascontiguousarray(values, dtype=np.float64)
+    negative = None if non_negative or (non_negative is None and not (x < 0).any()) else x < 0
+    if negative is None:
+        index = x.view(np.int64) >> _SHIFT  # the exponent and the top mantissa bits: the bucket of x
+    else:  # negative buckets are closed at the top: the next float towards zero (its bits less one) decides
+        bits = np.abs(x).view(np.int64)
+        bits -= negative
+        index = np.right_shift(bits, _SHIFT, out=bits)
+    np.clip(index, _BASE - 1, _BASE + _MAGNITUDES - 1, out=index)  # tiny values: _BASE - 1, the bucket at zero
+    if negative is None:
+        index += ZERO + 1 - _BASE - offset
+        return index
+    index -= _BASE - 1
+    np.negative(index, out=index, where=negative)
+    index += ZERO - offset
     return index
 
 
@@ -85,21 +93,30 @@ class ColumnProfile:
         """Count a batch's values; ``nulls`` of them were nulls (NaN by now in a float matrix)."""
         x = np.asarray(values)
         self.nulls += nulls
-        if x.dtype.kind == "f":
-            finite = np.isfinite(x)
-            if not finite.all():
-                nan = int(np.isnan(x).sum())
-                self.nan += nan - nulls
-                self.inf += int(x.size - finite.sum()) - nan
-                x = x[finite]
         if not x.size:
             return
-        low, high = x.min(), x.max()
-        self.minimum = float(low) if self.minimum is None else min(self.minimum, float(low))
-        self.maximum = float(high) if self.maximum is None else max(self.maximum, float(high))
+        low, high = float(x.min()), float(x.max())
+        if not (math.isfinite(low) and math.isfinite(high)):  # a NaN or an infinity among them
+            finite = np.isfinite(x)
+            nan = int(np.isnan(x).sum())
+            self.nan += nan - nulls
+            self.inf += int(x.size - finite.sum()) - nan
+            x = x[finite]
+            if not x.size:
+                return
+            low, high = float(x.min()), float(x.max())
+        self.minimum = low if self.minimum is None else min(self.minimum, low)
+        self.maximum = high if self.maximum is None else max(self.maximum, high)
         self.count += int(x.size)
         self.total += float(x.sum(dtype=np.float64))
-        self.sketch += np.bincount(bucket_index(x), minlength=SKETCH_LENGTH)
+        # Only the buckets from the minimum's to the maximum's are counted (and added).
+        first, last = (int(i) for i in bucket_index(np.array([low, high])))
+        if _INSIDE_GRID[0] <= low and high < _INSIDE_GRID[1]:  # positive, no clipping: the bits are the bucket
+            index = np.ascontiguousarray(x, dtype=np.float64).view(np.int64) >> _SHIFT
+            index -= first - ZERO - 1 + _BASE
+        else:
+            index = bucket_index(x, low >= 0, first)
+        self.sketch[first:last + 1] += np.bincount(index, minlength=last - first + 1)
 
     def merge(self, other: "ColumnProfile") -> None:
         self.count += other.count
@@ -166,10 +183,7 @@ class UnitProfile:
         for name, column in self.scores.items():
             column.add(scored.column(name).to_numpy(zero_copy_only=False))
         if self.class_column is not None and scored.num_rows:
-            import pyarrow.compute as pc
-
-            for item in pc.value_counts(scored.column(self.class_column)).to_pylist():
-                self.classes[str(item["values"])] += item["counts"]
+            self.classes.update(count_labels(scored.column(self.class_column)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +192,22 @@ class UnitProfile:
             "class_column": self.class_column,
             "classes": dict(sorted(self.classes.items())),
         }
+
+
+def count_labels(column: pa.Array) -> dict[str, int]:
+    """How often each label occurs, by its text; booleans and small integers without hashing."""
+    import pyarrow.compute as pc
+
+    if pa.types.is_boolean(column.type):
+        true = pc.sum(column).as_py() or 0
+        return {"True": true, "False": len(column) - column.null_count - true}
+    if pa.types.is_integer(column.type) and not column.null_count:
+        labels = column.to_numpy()
+        low = int(labels.min())
+        if int(labels.max()) - low < 1 << 16:
+            counts = np.bincount(labels - low)
+            return {str(low + int(i)): int(counts[i]) for i in np.flatnonzero(counts)}
+    return {str(item["values"]): item["counts"] for item in pc.value_counts(column).to_pylist()}
 
 
 def merge_profiles(profiles: Iterable[Mapping[str, Any] | None]) -> dict[str, Any] | None:
