@@ -217,7 +217,8 @@ def merge_profiles(profiles: Iterable[Mapping[str, Any] | None]) -> dict[str, An
         if data is None:
             return None
         if merged is None:
-            merged = UnitProfile(class_column=data.get("class_column"))
+            merged = UnitProfile()
+        merged.class_column = merged.class_column or data.get("class_column")  # an empty shard knows none
         for section in ("features", "scores"):
             into = getattr(merged, section)
             for name, column in data[section].items():

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from . import drift as drifts
 from .errors import ConfigError, DriftError, InputDataError
-from .profile import SCHEME, merge_profiles, summarize
+from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 from .sink import SUCCESS_FILE, read_json, report_path, write_json
 from .storage import filesystem, full_uri, join
 
@@ -30,8 +30,8 @@ ACCURACY = (
 
 
 def shard_profile(results: Any) -> dict[str, Any] | None:
-    """A shard's profile: the exact sum of its units'."""
-    return merge_profiles(r.profile for r in results)
+    """A shard's profile: the exact sum of its units' (empty for a shard without units)."""
+    return merge_profiles(r.profile for r in results) if results else UnitProfile().to_dict()
 
 
 def _invalid_reasons(features: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:

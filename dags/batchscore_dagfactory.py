@@ -230,13 +230,21 @@ def _secrets(value: Any, source: str) -> tuple[SecretRef, ...]:
     return tuple(refs)
 
 
-def _sensor(value: Any, inputs: tuple[str, ...], source: str) -> SensorSettings | None:
+def _switch(value: Any, name: str, keys: tuple[str, ...], source: str) -> Mapping[str, Any] | None:
+    """A ``dag.<name>`` that is off (absent, false), on with defaults (true) or a mapping of ``keys``."""
     if value in (None, False):
         return None
     if value is True:
-        value = {}
-    if not isinstance(value, Mapping) or set(value) - set(_SENSOR_KEYS):
-        raise _fail(source, f"dag.sensor must be true or a mapping with keys {', '.join(_SENSOR_KEYS)}")
+        return {}
+    if not isinstance(value, Mapping) or set(value) - set(keys):
+        raise _fail(source, f"dag.{name} must be true or a mapping with keys {', '.join(keys)}")
+    return value
+
+
+def _sensor(value: Any, inputs: tuple[str, ...], source: str) -> SensorSettings | None:
+    value = _switch(value, "sensor", _SENSOR_KEYS, source)
+    if value is None:
+        return None
     path = value.get("path") or list(inputs)
     paths = (path,) if isinstance(path, str) else tuple(str(p) for p in path)
     mode = value.get("mode", "reschedule")
@@ -252,12 +260,9 @@ def _sensor(value: Any, inputs: tuple[str, ...], source: str) -> SensorSettings 
 
 
 def _drift(value: Any, source: str) -> DriftSettings | None:
-    if value in (None, False):
+    value = _switch(value, "drift", _DRIFT_KEYS, source)
+    if value is None:
         return None
-    if value is True:
-        value = {}
-    if not isinstance(value, Mapping) or set(value) - set(_DRIFT_KEYS):
-        raise _fail(source, f"dag.drift must be true or a mapping with keys {', '.join(_DRIFT_KEYS)}")
     for key in ("warn", "fail"):
         if value.get(key) is not None and (isinstance(value[key], bool) or not isinstance(value[key], (int, float))):
             raise _fail(source, f"dag.drift.{key} must be a PSI threshold (a number), got {value[key]!r}")

@@ -306,3 +306,18 @@ def test_the_html_page_shows_the_charts_in_chromium(tmp_path: Path, binary_model
     for name in (*FEATURES, "probability", "predicted classes"):
         assert name in dom
     assert dom.count("<rect") >= 20 + 2 + 4 * 10
+
+
+def test_shards_without_rows_leave_the_report_whole(tmp_path: Path, binary_model_paths) -> None:
+    """Four shards of two row groups: two shards score nothing, and the report still adds up."""
+    write_inputs(tmp_path / "in", files=1, rows=1_616, row_group_size=808)
+    output, plan = tmp_path / "out", tmp_path / "plan.json"
+    args = job(tmp_path / "in", output, binary_model_paths)
+    assert cli("plan", *args, "--shards", 4, "--out", plan).exit_code == 0
+    for index in range(4):
+        assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
+    assert cli("commit", *args, "--plan", plan).exit_code == 0
+    report = read_run_report(output)
+    assert report["profiled"] and report["scores"]["class_column"] == "prediction"
+    assert report["scores"]["columns"]["probability"]["count"] == sum(report["scores"]["classes"].values()) == 1_616
+    assert all(report["features"][name]["count"] == 1_616 for name in FEATURES)
