@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
@@ -14,27 +14,20 @@ from typing import Any, Callable
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
-import yaml
 
-from . import __version__
-from .config import LOG_FORMATS, ON_INVALID_CHOICES, JobConfig, build_config
+from . import __version__, api, logs, schema
+from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
-#: How the final error is written: set from the job's ``log_format`` once it is known.
-_error_format = {"log_format": "text"}
+log = logging.getLogger(__name__)
 
 
-def _fail(message: str, exit_code: int) -> None:
-    """Write the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
-    if _error_format["log_format"] == "json":
-        from .report import json_line
-
-        click.echo(json_line("error", "error", message, exit_code=exit_code), err=True)
-    else:
-        click.echo(f"Error: {message}", err=True)
+def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
+    """Log the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
+    log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
     sys.exit(exit_code)
 
 
@@ -56,7 +49,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _interrupt_on_sigterm()
-        _error_format["log_format"] = kwargs.get("log_format") or "text"
+        logs.configure(kwargs.get("log_format") or "text")  # until the job's own setting is known
         try:
             return func(*args, **kwargs)
         except BatchscoreError as exc:
@@ -68,25 +61,10 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             message = _storage_failure(exc)
             if message is None:  # pragma: no cover - exercised only by bugs
-                traceback.print_exc()
-                message = f"unexpected {type(exc).__name__}: {exc}"
+                _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE, with_traceback=True)
             _fail(message, EXIT_FAILURE)
 
     return wrapper
-
-
-def _json_warnings() -> None:
-    """Python warnings (e.g. scikit-learn's about a model's version) as JSON lines on stderr."""
-    import warnings
-
-    from .report import json_line
-
-    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        text = json_line("warning", "warning", f"{category.__name__}: {message}", category=category.__name__,
-                         source=f"{filename}:{lineno}")
-        (file or sys.stderr).write(text + "\n")
-
-    warnings.showwarning = show
 
 
 def _interrupt_on_sigterm() -> None:
@@ -106,58 +84,22 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option takes key=value, got {item!r}")
-        options[key] = yaml.safe_load(value) if value else ""
-    return options
+    return schema.parse_pairs(values, "--storage-option")
 
 
 #: What an artifact must be before it is loaded; shared by the job commands and ``inspect``.
-ARTIFACT_OPTIONS = [
-    click.option("--model-sha256", metavar="HEX", help="Refuse the model unless its bytes have this sha256; checked before it is loaded (see inspect)."),
-    click.option("--scaler-sha256", metavar="HEX", help="Refuse the scaler unless its bytes have this sha256; checked before it is loaded."),
-    click.option("--trust", multiple=True, metavar="TYPE", help="Let .skops artifacts hold this type too, e.g. sklearn.tree._tree.Tree. Repeatable."),
-    click.option("--no-pickle", is_flag=True, default=None, help="Refuse joblib (pickle) artifacts: only .skops artifacts load."),
-]
+ARTIFACT_OPTIONS = schema.click_options(FIELDS, ARTIFACT_KEYS)
 
 
 def _artifact_settings(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the artifact options out of a command's keyword arguments, as JobConfig settings."""
-    return {
-        "model_sha256": kw.pop("model_sha256"),
-        "scaler_sha256": kw.pop("scaler_sha256"),
-        "trusted_types": kw.pop("trust"),
-        "allow_pickle": False if kw.pop("no_pickle") else None,
-    }
+    return schema.from_click(FIELDS, ARTIFACT_KEYS, kw)
 
 
+#: One option per JobConfig field (see config.py), after ``--config``.
 JOB_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."),
-    click.option("--input", "input_", multiple=True, help="Parquet file, directory, or glob; local, file:// or s3://. Repeatable."),
-    click.option("--output", help="Output dataset directory (local or s3://)."),
-    click.option("--model", help="Model artifact, .joblib or .skops (a classifier, regressor or a whole Pipeline)."),
-    click.option("--scaler", help="Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline)."),
-    *ARTIFACT_OPTIONS,
-    click.option("--model-version", help="Written to every row and the manifest [default: unversioned]."),
-    click.option("--features", help="Comma-separated feature columns [default: the estimator's feature_names_in_]."),
-    click.option("--keep", help="Comma-separated passthrough columns [default: all input columns]."),
-    click.option("--batch-size", type=int, help="Rows per batch read, scored and written [default: 65536]."),
-    click.option("--on-invalid", type=click.Choice(ON_INVALID_CHOICES), help="Rows with null/NaN/inf features: fail, skip, or quarantine to _rejected/ [default: fail]."),
-    click.option("--max-invalid-fraction", type=float, help="Most invalid rows allowed as a fraction of input rows [default: 0.05]."),
-    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output."),
-    click.option("--workers", type=int, help="Worker processes, one core each [default: all cores]."),
-    click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000. Repeatable."),
-    click.option("--storage-timeout", type=float, help="Seconds one storage request may wait to connect or for data [default: 10]."),
-    click.option("--storage-retries", type=int, help="Retries of a failed storage request [default: 2]."),
-    click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Log lines, warnings and errors as text or JSON [default: text]."),
-    click.option("--lease-seconds", type=float, help="How long the lease on the output outlives a crashed holder; renewed every third of it [default: 120]."),
-    click.option("--lock-timeout", type=float, help="Seconds to wait for another job writing the output before giving up [default: 0]."),
-    click.option("--reference", help="A previous committed output to check drift against (PSI, Wasserstein) at commit."),
-    click.option("--drift-warn", type=float, help="Warn about columns whose PSI against --reference is above this [default: 0.1]."),
-    click.option("--drift-fail", type=float, help="Exit 5 without _SUCCESS when a column's PSI is above this [default: off]."),
+    *schema.click_options(FIELDS, CONFIG_KEYS),
 ]
 
 
@@ -169,53 +111,22 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _config(kw: dict[str, Any]) -> JobConfig:
     """Pop the job options out of a command's keyword arguments into a JobConfig."""
-    config = build_config(
-        kw.pop("config_path"),
-        input=kw.pop("input_"),
-        output=kw.pop("output"),
-        model=kw.pop("model"),
-        scaler=kw.pop("scaler"),
-        model_version=kw.pop("model_version"),
-        features=kw.pop("features"),
-        keep=kw.pop("keep"),
-        batch_size=kw.pop("batch_size"),
-        on_invalid=kw.pop("on_invalid"),
-        max_invalid_fraction=kw.pop("max_invalid_fraction"),
-        overwrite=kw.pop("overwrite"),
-        workers=kw.pop("workers"),
-        storage_options=_parse_storage_options(kw.pop("storage_option")),
-        storage_timeout=kw.pop("storage_timeout"),
-        storage_retries=kw.pop("storage_retries"),
-        log_format=kw.pop("log_format"),
-        **_artifact_settings(kw),
-        lease_seconds=kw.pop("lease_seconds"),
-        lock_timeout=kw.pop("lock_timeout"),
-        reference=kw.pop("reference"),
-        drift_warn=kw.pop("drift_warn"),
-        drift_fail=kw.pop("drift_fail"),
-    )
-    _error_format["log_format"] = config.log_format
-    if config.log_format == "json":
-        _json_warnings()
+    config = build_config(kw.pop("config_path"), **schema.from_click(FIELDS, CONFIG_KEYS, kw))
+    logs.configure(config.log_format)  # once: every line after this one takes the job's format
     return config
 
 
-def _reporter(config: JobConfig) -> Any:
-    from .report import Reporter
-
-    return Reporter(config.log_format)
-
-
-def _summary(config: JobConfig, manifest: dict[str, Any]) -> None:
-    rows = manifest["rows"]
+def _summary(config: JobConfig, result: Any) -> None:
+    """What a committed output holds (``api.CommitResult``; a ``RunResult`` adds the time taken)."""
+    rows = {"in": result.rows_in, "out": result.rows_out, "invalid": result.rows_invalid}
+    seconds = getattr(result, "seconds", None)
     if config.log_format == "json":
-        click.echo(json.dumps({"output": manifest["output"], "rows": rows, "parts": len(manifest["parts"]),
-                               "seconds": manifest.get("seconds"), "plan_id": manifest["plan_id"]}))
+        click.echo(json.dumps({"output": result.output, "rows": rows, "parts": len(result.parts),
+                               "seconds": seconds, "plan_id": result.plan_id}))
         return
-    seconds = manifest.get("seconds")
     speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
-    click.echo(f"output: {manifest['output']} ({len(manifest['parts'])} part(s), _SUCCESS written)")
+    click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")
 
 
 def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
@@ -247,26 +158,16 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
     """
-    from . import job
-
     config = _config(kw)
-    reporter = _reporter(config)
     index, count = _parse_shard(shard)
     if index is None:
         if plan_uri:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
-        _summary(config, job.run(config, reporter))
+        _summary(config, api.run(config))
         return
-    if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
-        if count is not None and count != the_plan.num_shards:
-            raise ConfigError(f"--shard {shard}: plan {plan_uri} has {the_plan.num_shards} shards, not {count}")
-        receipt = job.run_shard(config, the_plan, index, reporter)
-    elif count is not None:
-        receipt = job.run_shard_of(config, index, count, reporter)
-    else:
-        raise ConfigError("--shard I needs --plan, or give it as I/N")
-    click.echo(json.dumps({k: receipt[k] for k in ("shard", "rows_in", "rows_out", "rows_invalid", "seconds")}))
+    done = api.run_shard(config, index, plan=plan_uri, count=count)
+    click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
+                           "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -280,10 +181,8 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
     Prints the plan as JSON. The same input always gives the same plan.
     """
-    from . import job
-
     config = _config(kw)
-    the_plan = job.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+    the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
     click.echo(json.dumps(the_plan.to_dict()))
 
 
@@ -298,17 +197,8 @@ def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, **kw: A
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
-    from . import job
-
     config = _config(kw)
-    if plan_uri:
-        the_plan = job.load_plan(plan_uri, config)
-    elif shards:
-        the_plan = job.plan_again(config, shards)
-    else:
-        raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    manifest = job.commit(config, the_plan, _reporter(config), accept_drift=accept_drift)
-    _summary(config, manifest)
+    _summary(config, api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -316,13 +206,10 @@ def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, **kw: A
 @_handle_errors
 def validate(**kw: Any) -> None:
     """Check the model, every input footer and schema, and the output location; score nothing."""
-    from . import job
-
     config = _config(kw)
-    prepared = job.validate(config)
-    rows = sum(f.num_rows for f in prepared.files)
-    click.echo(f"ok: {len(prepared.files)} file(s), {rows:,} rows; features {', '.join(prepared.model.features)}; "
-               f"output columns {', '.join(prepared.output_schema.names)}")
+    checked = api.validate(config)
+    click.echo(f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
+               f"output columns {', '.join(checked.output_columns)}")
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -335,14 +222,8 @@ def report(output: str, html: str | None, storage_option: tuple[str, ...]) -> No
 
     The report file also holds each column's sketch, left out here (see README, Monitoring).
     """
-    from .run_report import read_report, without_sketches
-
-    found = read_report(output, _parse_storage_options(storage_option))
-    if html:
-        from .report_html import write_html
-
-        write_html(found, html)
-    click.echo(json.dumps(without_sketches(found), indent=2))
+    found = api.report(output, _parse_storage_options(storage_option), html=html)
+    click.echo(json.dumps(found.to_dict(), indent=2))
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -365,17 +246,9 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 
     Its "pin" line gives the --model-sha256 (and --scaler-sha256) flags that pin exactly these files.
     """
-    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
-
     config = build_config(None, model=model, scaler=scaler, features=features,
                           storage_options=_parse_storage_options(storage_option), **_artifact_settings(kw))
-    policy = ArtifactPolicy.of(config)
-    if sha256_only:
-        artifacts = artifact_digests(model, config.scaler, config.storage_options, policy)
-        click.echo(json.dumps({"artifacts": [a.to_dict() for a in artifacts], "pin": pin_flags(artifacts)}, indent=2))
-        return
-    loaded = load_model(model, config.scaler, config.features, config.storage_options, policy)
-    click.echo(json.dumps(describe(loaded), indent=2, default=str))
+    click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

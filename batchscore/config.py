@@ -1,17 +1,23 @@
-"""One validated ``JobConfig`` from a YAML file plus command-line overrides."""
+"""One validated ``JobConfig`` from a YAML file plus command-line overrides.
+
+``JobConfig`` is the one declaration of a job's settings: each field's type, default, help and
+constraints give the command-line options, the YAML checks, the flags a scheduler passes to the
+container and the README's key table (see schema.py). To add a setting, add a field here.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Optional, Tuple
 
 import yaml
+from pydantic import ConfigDict, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
+from . import schema
 from .errors import ConfigError
+from .schema import setting
 from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_TIMEOUT, with_bounds
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
@@ -26,37 +32,99 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
 DEFAULT_DRIFT_WARN = 0.1
+#: Settings that are text: a path or a version, never a number YAML guessed.
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "reference")
+#: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
+LIST_KEYS = ("features", "keep")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
 class JobConfig:
     """Everything a scoring job needs; every field is also a YAML key of the same name."""
 
-    input: tuple[str, ...] = ()
-    output: str | None = None
-    model: str | None = None
-    scaler: str | None = None
-    model_sha256: str | None = None
-    scaler_sha256: str | None = None
-    trusted_types: tuple[str, ...] = ()
-    allow_pickle: bool = True
-    model_version: str = "unversioned"
-    features: tuple[str, ...] | None = None
-    keep: tuple[str, ...] | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    on_invalid: str = "fail"
-    max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
-    overwrite: bool = False
-    workers: int | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    storage_timeout: float = DEFAULT_STORAGE_TIMEOUT
-    storage_retries: int = DEFAULT_STORAGE_RETRIES
-    log_format: str = "text"
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-    reference: str | None = None  # a committed output whose report tonight's is compared with
-    drift_warn: float = DEFAULT_DRIFT_WARN
-    drift_fail: float | None = None
+    input: Tuple[str, ...] = setting((), "Parquet file, directory or glob, local, file:// or s3://; a list of them in YAML.",
+                                     repeat=True, shown="required")  # fmt: skip
+    output: Optional[str] = setting(None, "Output dataset directory (local or s3://).", shown="required")
+    model: Optional[str] = setting(None, "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline.",
+                                   shown="required")  # fmt: skip
+    scaler: Optional[str] = setting(None, "Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline).")
+    model_sha256: Optional[str] = setting(None, "Refuse the model unless its bytes have this sha256; checked before it is "
+                                          "loaded (`batchscore inspect --sha256-only` prints it).", metavar="HEX")
+    scaler_sha256: Optional[str] = setting(None, "Refuse the scaler unless its bytes have this sha256; needs a scaler.",
+                                           metavar="HEX")
+    trusted_types: Tuple[str, ...] = setting((), "Types a .skops artifact may hold beyond those skops trusts, by full "
+                                             "name, e.g. sklearn.tree._tree.Tree.", flag="--trust", metavar="TYPE",
+                                             repeat=True)  # fmt: skip
+    allow_pickle: bool = setting(True, "Whether joblib (pickle) artifacts may load; false (flag --no-pickle) loads only .skops artifacts.",
+                                 flag="--no-pickle", switch=False)  # fmt: skip
+    model_version: str = setting("unversioned", "Written to every row and the manifest; quote it in YAML (\"1.10\").")
+    features: Optional[Tuple[str, ...]] = setting(None, "Feature columns, comma-separated on the command line.", csv=True,
+                                                  shown="the estimator's feature_names_in_")
+    keep: Optional[Tuple[str, ...]] = setting(None, "Passthrough columns, comma-separated on the command line.", csv=True,
+                                              shown="all input columns")
+    batch_size: int = setting(DEFAULT_BATCH_SIZE, "Rows per batch read, scored and written.", ge=1)
+    on_invalid: Literal["fail", "skip", "quarantine"] = setting(
+        "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason.")
+    max_invalid_fraction: float = setting(DEFAULT_MAX_INVALID_FRACTION, "Most invalid rows allowed as a fraction of "
+                                          "input rows (skip or quarantine).", ge=0, le=1)  # fmt: skip
+    overwrite: bool = setting(False, "Replace an existing output.", switch=True)
+    workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1,
+                                     shown="all cores this process may use")
+    storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
+                                                 flag="--storage-option", metavar="KEY=VALUE")
+    storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
+                                     "the next data.", gt=0, le=3600, unit="seconds")  # fmt: skip
+    storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
+                                   "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20)
+    log_format: Literal["text", "json"] = setting("text", "Log lines, warnings and the final error as text or JSON.")
+    lease_seconds: float = setting(DEFAULT_LEASE_SECONDS, "How long the lease on the output outlives a holder that "
+                                   "stopped renewing it; renewed every third of it.", ge=1, unit="seconds")
+    lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
+                                  "giving up (exit 2).", ge=0, unit="seconds")
+    reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
+                                       "Wasserstein) at commit.")  # fmt: skip
+    drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
+                                ge=0)  # fmt: skip
+    drift_fail: Optional[float] = setting(None, "Exit 5 without _SUCCESS when a column's PSI against the reference is "
+                                          "above this.", ge=0, shown="off")  # fmt: skip
+
+    @field_validator("input", "trusted_types", "features", "keep", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            parts = [v.strip() for v in value.split(",")] if info.field_name in LIST_KEYS else [value]
+            return tuple(p for p in parts if p)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"setting '{info.field_name}' must be a string or a list of strings, got {value!r}")
+
+    @field_validator(*TEXT_KEYS, mode="before")
+    @classmethod
+    def _text(cls, value: Any, info: Any) -> Any:
+        return check_text(info.field_name, value)
+
+    @field_validator("model_sha256", "scaler_sha256")
+    @classmethod
+    def _digest(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not SHA256_HEX.fullmatch(value):
+            raise ValueError(f"setting '{info.field_name}' must be a sha256 digest (64 hex characters), got {value!r}")
+        return value.lower() if value else value
+
+    @field_validator("trusted_types")
+    @classmethod
+    def _type_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [name for name in names if not TYPE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError("setting 'trusted_types' names each type by module and name, e.g. "
+                             f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}")  # fmt: skip
+        return names
+
+    @field_validator("storage_options", mode="after")
+    @classmethod
+    def _plain_mapping(cls, value: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(value)
 
     def __post_init__(self) -> None:
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
@@ -72,52 +140,31 @@ class JobConfig:
 
     @property
     def worker_count(self) -> int:
-        """Workers to use: the configured number, else every core this process may use."""
-        return self.workers or available_cores()
+        """Workers to use: the configured number, else every core this process may use.
+
+        joblib counts the CPUs of this process's affinity, capped by a container's CPU quota
+        (cgroup v1 or v2): a pod limited to 2 CPUs on a 64-core node must not start 64 workers.
+        """
+        if self.workers:
+            return self.workers
+        import joblib
+
+        return joblib.cpu_count()
 
 
-def available_cores() -> int:
-    """Cores this process may use: CPU affinity, capped by a container's CPU quota (cgroup v2 or v1).
-
-    A pod limited to 2 CPUs on a 64-core node must not start 64 workers.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
-                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
-        try:
-            with open(quota_file) as fh:
-                fields = fh.read().split()
-            if period_file:
-                with open(period_file) as fh:
-                    fields.append(fh.read().strip())
-            quota, period = fields[0], fields[1]
-            if quota not in ("max", "-1") and int(period) > 0:
-                cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-            break
-        except (OSError, ValueError, IndexError):
-            continue
-    return cores
+#: The declaration as data: each setting's pydantic field, in order.
+FIELDS = JobConfig.__pydantic_fields__
+CONFIG_KEYS = tuple(FIELDS)
+#: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the README says of them.
+IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the DAG factory (see below)."}
+#: The settings every artifact command takes (``inspect`` too).
+ARTIFACT_KEYS = ("model_sha256", "scaler_sha256", "trusted_types", "allow_pickle")
 
 
-CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(JobConfig))
-#: Sections the scorer ignores: they belong to the scheduler (see dags/).
-IGNORED_SECTIONS = ("dag",)
-
-
-def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        parts = [v.strip() for v in value.split(",")] if key in ("features", "keep") else [value]
-        return tuple(p for p in parts if p)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError(f"setting '{key}' must be a string or a list of strings, got {value!r}")
-
-
-#: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version", "reference")
+def key_table() -> list[str]:
+    """The README's table of job keys, line by line: a test holds the README to it."""
+    sections = [f"| `{key}` | none | none | {text} |" for key, text in IGNORED_SECTIONS.items()]
+    return ["| key | flag | default | meaning |", "|---|---|---|---|", *schema.markdown_rows(FIELDS, True), *sections]
 
 
 def check_text(key: str, value: Any) -> str:
@@ -126,71 +173,29 @@ def check_text(key: str, value: Any) -> str:
     An unquoted ``model_version: 1.10`` reaches us as the number 1.1 (and ``yes`` as true), so the
     text the user wrote is already lost: refuse it and say how to keep it.
     """
-    if isinstance(value, str):
+    if isinstance(value, str) or value is None:
         return value
     if isinstance(value, (bool, int, float)):
-        raise ConfigError(
+        raise ValueError(
             f"setting '{key}' must be text, but YAML read {value!r} as a {type(value).__name__}; "
             f"quote it in the YAML file, e.g. {key}: \"1.10\" (unquoted, 1.10 becomes 1.1)"
         )
-    raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
+    raise ValueError(f"setting '{key}' must be a string, got {value!r}")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Type-check one setting, naming it in the error."""
-    if key in ("input", "features", "keep"):
-        return _as_tuple(value, key)
-    if key in TEXT_KEYS:
-        return check_text(key, value)
-    if key in ("model_sha256", "scaler_sha256"):
-        if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
-            raise ConfigError(f"setting '{key}' must be a sha256 digest (64 hex characters), got {value!r}")
-        return value.lower()
-    if key == "trusted_types":
-        names = _as_tuple(value, key)
-        bad = [name for name in names if not TYPE_NAME.fullmatch(name)]
-        if bad:
-            raise ConfigError(
-                f"setting 'trusted_types' names each type by module and name, e.g. sklearn.tree._tree.Tree; "
-                f"got {', '.join(map(repr, bad))}"
-            )
-        return names
-    if key in ("batch_size", "workers"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"setting '{key}' must be a positive integer, got {value!r}")
-        return value
-    if key == "storage_timeout":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-            raise ConfigError(f"setting 'storage_timeout' must be a number of seconds from 0 to 3600, got {value!r}")
-        return float(value)
-    if key == "storage_retries":
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
-            raise ConfigError(f"setting 'storage_retries' must be an integer from 0 to 20, got {value!r}")
-        return value
-    if key == "max_invalid_fraction":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ConfigError(f"setting 'max_invalid_fraction' must be a number from 0 to 1, got {value!r}")
-        return float(value)
-    if key in ("lease_seconds", "lock_timeout"):
-        low = 1 if key == "lease_seconds" else 0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
-            raise ConfigError(f"setting '{key}' must be a number of seconds, at least {low}, got {value!r}")
-        return float(value)
-    if key in ("drift_warn", "drift_fail"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ConfigError(f"setting '{key}' must be a PSI threshold, a number of at least 0, got {value!r}")
-        return float(value)
-    if key == "on_invalid" and value not in ON_INVALID_CHOICES:
-        raise ConfigError(f"setting 'on_invalid' must be one of {', '.join(ON_INVALID_CHOICES)}, got {value!r}")
-    if key == "log_format" and value not in LOG_FORMATS:
-        raise ConfigError(f"setting 'log_format' must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-    if key in ("overwrite", "allow_pickle") and not isinstance(value, bool):
-        raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
-    if key == "storage_options":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"setting 'storage_options' must be a mapping, got {value!r}")
-        return dict(value)
-    return value
+def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] = lambda key: "",
+                      name: Callable[[str], str] = lambda key: f"setting '{key}'") -> JobConfig:
+    """A JobConfig of these settings, or one ConfigError naming every bad one: ``where(key)`` says
+    where the key was written (e.g. ``config file job.yaml: ``), ``name(key)`` how to call it."""
+    try:
+        config = JobConfig(**settings)
+    except ValidationError as exc:
+        raise ConfigError(schema.explain(exc, FIELDS, lambda loc: name(str(loc[0])), where)) from None
+    if config.scaler_sha256 and not config.scaler:
+        raise ConfigError(
+            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
+        )
+    return config
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -218,6 +223,7 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
     ``None`` means "not given", whether a flag left out or a YAML key without a value.
     """
     raw: dict[str, Any] = read_config_file(path) if path else {}
+    from_file = {key for key, value in raw.items() if value is not None}
     for key, value in overrides.items():
         if key not in CONFIG_KEYS:
             raise ConfigError(f"unknown setting '{key}'")
@@ -226,9 +232,6 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
         if key == "storage_options":  # ``storage_options:`` with no value in YAML is null: none given
             value = {**(raw.get("storage_options") or {}), **value}
         raw[key] = value
-    settings = {key: _coerce(key, value) for key, value in raw.items() if value is not None}
-    if settings.get("scaler_sha256") and not settings.get("scaler"):
-        raise ConfigError(
-            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
-        )
-    return JobConfig(**settings)
+        from_file.discard(key)
+    settings = {key: value for key, value in raw.items() if value is not None}
+    return validate_settings(settings, lambda key: f"config file {path}: " if key in from_file else "")

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .logs import event
 from .profile import centres, counts_on_edges, dense_sketch
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,11 @@ def describe(drift: Mapping[str, Any], threshold: float) -> str:
 
 
 def log_drift(drift: Mapping[str, Any], reference: str) -> None:
+    fields = event("drift", reference=reference, max_psi=drift["max_psi"], max_psi_column=drift["max_psi_column"],
+                   drifted=list(drift["drifted"]))
     if drift["drifted"]:
-        log.warning("drift against %s: PSI above %s in %s", reference, drift["warn"], describe(drift, drift["warn"]))
+        log.warning("drift against %s: PSI above %s in %s", reference, drift["warn"], describe(drift, drift["warn"]),
+                    extra=fields)
     else:
-        log.info("no drift against %s: largest PSI %s (%s)", reference, drift["max_psi"], drift["max_psi_column"])
+        log.info("no drift against %s: largest PSI %.3g (%s)", reference, drift["max_psi"], drift["max_psi_column"],
+                 extra=fields)

@@ -1,7 +1,8 @@
-"""A small pool of forked worker processes whose every way out is bounded.
+"""A small pool of worker processes whose every way out is bounded.
 
-Each worker is a fork of the scoring process (it inherits the libraries and the loaded model) with
-a pipe of its own: the parent sends it one item at a time and it answers on the same pipe. No
+On Linux each worker is a fork of the scoring process (it inherits the libraries and the loaded
+model; elsewhere it starts the platform's default way, see ``start_method``), with a pipe of its
+own: the parent sends it one item at a time and it answers on the same pipe. No
 queue or lock is shared between workers, so a worker killed at any instant cannot leave a lock
 held that another process then waits on forever; the parent waits on the pipes and the workers'
 exit sentinels together, so a death is seen the moment it happens.
@@ -135,11 +136,18 @@ def _worker_main(
         os._exit(1)  # told to stop or orphaned: quietly, the parent reports what happened
 
 
+def start_method() -> str | None:
+    """``fork`` on Linux, where forking a process that has loaded the model is safe and shares
+    it for free; elsewhere the platform's default (``spawn`` on macOS and Windows, where a fork
+    of a process that has started threads or system frameworks may crash)."""
+    return "fork" if sys.platform.startswith("linux") else None
+
+
 class WorkerPool:
     """``workers`` forked processes that each run ``init()`` once, then ``work(item)`` per item."""
 
     def __init__(self, workers: int, init: Callable[[], None], work: Callable[[Any], Any]):
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        context = multiprocessing.get_context(start_method())
         pipes = [context.Pipe(duplex=True) for _ in range(workers)]
         parent = os.getpid()
         self._processes: list[Any] = []

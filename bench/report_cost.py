@@ -29,11 +29,13 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from batchscore import job
     from batchscore.config import build_config
+    from batchscore.planning import plan_of
+    from batchscore.preparation import now, prepare
     from batchscore.sample import churn_table, train_sample_model
     from batchscore.engine import Predictor
-    from batchscore.scorer import ScoreTask, score_unit, single_threaded, use_lean_memory_pool
+    from batchscore.scorer import ScoreTask, score_unit
+    from batchscore.workers import single_threaded, use_lean_memory_pool
 
     work = Path(tempfile.mkdtemp(prefix="batchscore-report-cost-"))
     try:
@@ -41,11 +43,11 @@ def main() -> None:
         pq.write_table(churn_table(args.rows), data, row_group_size=131_072)
         scaler, model = train_sample_model(str(data), str(work / "model"))
         config = build_config(None, input=(str(data),), output=str(work / "out"), model=model, scaler=scaler)
-        prepared = job.prepare(config)
-        the_plan = job._plan_of(prepared, shards=1)
+        prepared = prepare(config)
+        the_plan = plan_of(prepared, shards=1)
         (work / "out").mkdir()
         base = ScoreTask(
-            model=prepared.model, model_version="bench", predicted_at=job._now(), files=the_plan.files,
+            model=prepared.model, model_version="bench", predicted_at=now(), files=the_plan.files,
             output=the_plan.output, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
             batch_size=config.batch_size, on_invalid="fail", max_invalid_rows=0,
             storage_options=config.storage_options,
@@ -53,10 +55,10 @@ def main() -> None:
         units = the_plan.shard(0).units
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)  # as in a worker (see scorer._init_worker)
+        threadpool_limits(1)  # as in a worker (see workers._init_worker)
         use_lean_memory_pool()
         single_threaded(prepared.model.estimator)
-        predictor = Predictor(prepared.model, "bench", job._now())
+        predictor = Predictor(prepared.model, "bench", now())
         best = {True: float("inf"), False: float("inf")}
         for _ in range(args.rounds):
             for profile in (False, True):

@@ -245,10 +245,10 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     assert "--storage-option" not in parsed.common_args and "--keep" not in parsed.common_args
     (configs_dir / "nulls.yaml").unlink()
     write_job(configs_dir, "drift", base, {**local, "drift": {"fail": "high"}})
-    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.fail must be a PSI threshold"):
+    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.fail must be a valid number, got 'high'"):
         load_jobs(configs_dir)
     write_job(configs_dir, "drift", base, {**local, "drift": {"threshold": 0.2}})
-    with pytest.raises(DagConfigError, match=r"dag.drift must be true or a mapping with keys reference, warn, fail"):
+    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.threshold is not a known setting"):
         load_jobs(configs_dir)
     (configs_dir / "drift.yaml").unlink()
     write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
@@ -398,6 +398,33 @@ def test_exit_codes_no_retry_can_fix_fail_the_container_at_once(airflow_env: Pat
     assert run_container(0).calls == ["create run --shard 0", "start", "remove"]
 
 
+def test_docker_secrets_are_read_from_the_worker_when_the_task_runs(
+    airflow_env: Path, configs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container gets each secret variable the worker has; none is in the DAG or its rendered fields."""
+    secrets = [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}, {"secret": "s3", "key": "k", "env": "UNSET_KEY"}]
+    docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev",
+              "env": {"LOG": "1"}, "secrets": secrets}  # fmt: skip
+    write_job(configs_dir, "docker_secrets", {"input": "s3://b/in/", "output": "s3://b/out/"}, docker)
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-not-in-the-dag")
+    dag = load_dags(configs_dir)["batchscore_docker_secrets"]
+    op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
+    op.render_template_fields({"params": {"image": "batchscore:dev"}})
+    seen: dict[str, Any] = {}
+
+    class Engine(FakeDockerEngine):
+        def create_container(self, **kwargs: Any) -> dict[str, str]:
+            seen.update(kwargs)
+            return super().create_container(**kwargs)
+
+    op.__dict__["hook"] = type("Hook", (), {"api_client": Engine(0)})()
+    op.execute({})
+    assert seen["environment"] == {"LOG": "1", "AWS_ACCESS_KEY_ID": "AKIA-not-in-the-dag"}
+    assert "AKIA" not in repr({name: getattr(op, name) for name in op.template_fields})
+    assert "AKIA" not in repr(dag.get_task("score").partial_kwargs)
+
+
 def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_env: Path) -> None:
     """Manual and API runs on Airflow 3 have no logical date: ``{{ ds }}`` is the date the scheduler last scored."""
     from batchscore_dagfactory import parse_job, run_dates
@@ -447,7 +474,7 @@ def test_parsing_imports_nothing_heavy(tmp_path: Path, airflow_env: Path) -> Non
         import json, sys
         from airflow.models import DagBag
         bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
-        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.job", "batchscore.engine", "kubernetes", "docker",
+        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.preparation", "batchscore.engine", "kubernetes", "docker",
                  "airflow.providers.cncf.kubernetes.operators.pod"]
         print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
                           "loaded": [m for m in heavy if m in sys.modules]}}))

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from batchscore.engine import Predictor
 from batchscore.model import load_model
 from batchscore.sample import FEATURES
-from batchscore.scorer import single_threaded
+from batchscore.workers import single_threaded
 from helpers import assert_exact, cli, read_inputs, read_output, save, training_frame, write_inputs
 
 

@@ -273,10 +273,10 @@ def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
 
 ORPHAN_SCRIPT = """
 import os, sys, time
-if sys.argv[1] == "portable":
-    sys.platform = "portable"  # take the path for systems without PR_SET_PDEATHSIG: a watch thread
 import batchscore.pool as pool
 from batchscore.storage import atomic_writer, filesystem
+if sys.argv[1] == "portable":  # after the imports: the standard library reads sys.platform as it loads
+    sys.platform = "portable"  # take the path for systems without PR_SET_PDEATHSIG: a watch thread
 pool.PARENT_POLL_SECONDS = float(sys.argv[2])
 target = sys.argv[3]
 

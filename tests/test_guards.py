@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import job
+from batchscore import planning
+from batchscore.preparation import prepare
+from batchscore.shard import score_shard
 from batchscore.config import JobConfig
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
 from batchscore.sample import churn_table
@@ -270,12 +272,12 @@ def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Pa
     out = tmp_path / "out"
     config = JobConfig(input=tuple(map(str, inputs)), output=str(out), model=str(binary_model_paths["model"]),
                        scaler=str(binary_model_paths["scaler"]), workers=1)
-    prepared = job.prepare(config)
-    the_plan = job._plan_of(prepared, shards=1)
+    prepared = prepare(config)
+    the_plan = planning.plan_of(prepared, shards=1)
     _same_size_other_values(inputs[1])
     with pytest.raises(InputDataError, match=f"input file {inputs[1]} changed since the plan was made"):
-        with job._held(config, the_plan, "run", release="always") as lease:
-            job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True), lease)
+        with planning.hold(config, the_plan, "run", release="always") as lease:
+            score_shard(prepared, the_plan, 0, lease)
     assert not (out / "part-00001-00000.parquet").exists() and not (out / "_SUCCESS").exists()
 
 
@@ -350,13 +352,13 @@ def test_s3_object_replaced_after_the_listing_stops_its_unit(tmp_path: Path, s3,
         fs.put_file(str(path), f"{bucket}/in/{path.name}")
     config = JobConfig(input=(f"s3://{bucket}/in/",), output=f"s3://{bucket}/out", model=str(binary_model_paths["model"]),
                        scaler=str(binary_model_paths["scaler"]), storage_options=options, workers=1)
-    prepared = job.prepare(config)
-    the_plan = job._plan_of(prepared, shards=1)
+    prepared = prepare(config)
+    the_plan = planning.plan_of(prepared, shards=1)
     _same_size_other_values(inputs[1])
     s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(str(inputs[1]), f"{bucket}/in/{inputs[1].name}")
     with pytest.raises(InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"):
-        with job._held(config, the_plan, "run", release="always") as lease:
-            job._score_shard(prepared, the_plan, 0, job.Reporter(quiet=True), lease)
+        with planning.hold(config, the_plan, "run", release="always") as lease:
+            score_shard(prepared, the_plan, 0, lease)
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/part-00001-00000.parquet") and not fs.exists(f"{bucket}/out/_SUCCESS")
 

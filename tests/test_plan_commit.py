@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
-from batchscore.plan import make_plan
+from batchscore.planning import make_plan
 from batchscore.source import InputFile
 from helpers import assert_exact, cli, read_inputs, read_output, write_inputs
 
@@ -204,7 +204,7 @@ def test_part_names_grow_past_five_digits_and_keep_input_order() -> None:
     name order is still input order, and every check that matches part names accepts them."""
     import hashlib
 
-    from batchscore.plan import Plan
+    from batchscore.planning import Plan
     from batchscore.sink import PART_PATTERN
 
     plan = make_plan(_footers([3, 100_001]), "/out", [], shards=2, rows_per_part=1)

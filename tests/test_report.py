@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from batchscore import job
+import batchscore
+from batchscore import logs
 from batchscore.config import JobConfig
-from batchscore.report import Reporter
 from helpers import REPO, cli, write_inputs
+
+log = logging.getLogger("batchscore.shard")
+
+
+@pytest.fixture(autouse=True)
+def _logs_set_up_again() -> Iterator[None]:
+    yield
+    logs.reset()
 
 
 class Terminal(io.StringIO):
@@ -22,7 +32,8 @@ class Terminal(io.StringIO):
 
 def test_progress_bar_in_a_terminal_shows_rate_and_eta() -> None:
     stream = Terminal()
-    with Reporter("text", stream).progress(1_000) as progress:
+    logs.configure("text", stream)
+    with logs.progress(log, 1_000) as progress:
         for _ in range(10):
             progress.advance(100)
     text = stream.getvalue()
@@ -32,7 +43,8 @@ def test_progress_bar_in_a_terminal_shows_rate_and_eta() -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_periodic_lines_when_not_a_terminal(fmt: str) -> None:
     stream = io.StringIO()
-    with Reporter(fmt, stream, log_interval=0.0).progress(300) as progress:
+    logs.configure(fmt, stream, progress_interval=0.0)
+    with logs.progress(log, 300) as progress:
         for _ in range(3):
             progress.advance(100)
     lines = stream.getvalue().splitlines()
@@ -65,8 +77,9 @@ def test_progress_moves_with_every_batch_not_every_part(tmp_path: Path, binary_m
         scaler=str(binary_model_paths["scaler"]), batch_size=602, workers=workers, log_format="json",
     )
     stream = io.StringIO()
-    manifest = job.run(config, Reporter("json", stream, log_interval=0.0))
-    assert len(manifest["parts"]) == 2
+    logs.configure("json", stream, progress_interval=0.0)
+    result = batchscore.run(config)
+    assert len(result.parts) == 2
     done = [json.loads(line)["rows_done"] for line in stream.getvalue().splitlines() if '"progress"' in line]
     assert len(done) == 16  # 2 files x 4 row groups x 2 batches
     assert [b - a for a, b in zip([0] + done, done)] == [602] * 16

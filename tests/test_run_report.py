@@ -179,7 +179,8 @@ def test_drift_holds_the_output_until_accepted(tmp_path: Path, binary_model_path
                         "--reference", reference, "--drift-fail", 0.25)
     assert result.returncode == 0, result.stderr
     drift = read_run_report(same)["drift"]
-    assert drift["max_psi"] < 0.05 and drift["drifted"] == [] and "drift against" not in result.stderr
+    assert drift["max_psi"] < 0.05 and drift["drifted"] == [] and "PSI above" not in result.stderr
+    assert f"no drift against {reference}: largest PSI" in result.stderr
     assert len(drift["columns"]) == len(FEATURES) + 2  # every feature, the probability and the classes
 
     shifted, day3 = tmp_path / "shifted", with_invalid_values(tmp_path / "day3", shift_age=12.0)

@@ -1,4 +1,8 @@
-"""Split the input into shards of whole row groups, from footers alone, deterministically."""
+"""Plan a job: split the input into shards of whole row groups, from footers alone, deterministically.
+
+A plan is made (``plan``), read back (``load_plan``) or made again from the same footers
+(``plan_again``); every step that writes the output holds its lease (``hold``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,15 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+from .config import JobConfig
 from .errors import ConfigError, InputDataError
-from .source import InputFile
+from .lease import held, plan_holder
+from .model import Artifact, ArtifactPolicy, artifact_digests
+from .output_guard import guard_output, guard_overlap
+from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
+from .sink import read_json, uncommit, write_json
+from .source import InputFile, list_inputs, read_footers
+from .storage import filesystem
 
 #: 2: each file's identity (to catch a rewritten input), the output schema and the model version.
 PLAN_FORMAT = 2
@@ -236,3 +247,77 @@ def make_plan(
         file_entries, shard_list, output, tuple(artifacts), predicted_at,
         schema=None if schema is None else tuple(schema), model_version=model_version,
     )
+
+
+# --- the planning steps of a job ------------------------------------------------------------------
+
+
+def artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in artifacts]
+
+
+def plan_of(prepared: Prepared, **split: Any) -> Plan:
+    """The plan of a checked job, recording what every shard must write (schema, model version)."""
+    return make_plan(
+        prepared.files, prepared.output, artifact_dicts(prepared.model.artifacts),
+        schema=schema_dicts(prepared.output_schema), model_version=prepared.config.model_version, **split,
+    )
+
+
+def plan(
+    config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None, out: str | None = None
+) -> Plan:
+    """Check the whole job from footers and the model, then split it into shards.
+
+    Writing the plan next to the output (``out``) also un-commits an output being redone.
+    """
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
+    if out:
+        guard_overlap(config, out, [f.uri for f in prepared.files])
+    result = plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=now().isoformat())
+    if not out:  # nothing is written: the job's first shard takes the lease
+        return result
+    with hold(config, result, "plan", release="never"):
+        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        fs, path = filesystem(prepared.output, config.storage_options)
+        uncommit(fs, path)
+        plan_fs, plan_path = filesystem(out, config.storage_options)
+        write_json(plan_fs, plan_path, result.to_dict())
+    return result
+
+
+def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
+    """The lease on the plan's output, for a sharded job's step (or under ``holder``, a run)."""
+    return held(the_plan.output, config.storage_options, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
+                command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout, release=release)
+
+
+def plan_again(config: JobConfig, shards: int) -> Plan:
+    """The plan ``plan --shards N`` would make, rebuilt from footers and artifact digests.
+
+    Plans are deterministic, so shards started as ``--shard I/N`` and a ``commit --shards N``
+    agree on it without sharing a file; the model is hashed (and checked against its pins), not loaded.
+    """
+    config.require("model")
+    output = normalize_output(config)
+    policy = ArtifactPolicy.of(config)
+    artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
+    files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
+    return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
+
+
+def load_plan(uri: str, config: JobConfig) -> Plan:
+    """The plan written at ``uri``, refused unless its artifacts pass the job's pins and it is for the job's output."""
+    fs, path = filesystem(uri, config.storage_options)
+    try:
+        data = read_json(fs, path)
+    except FileNotFoundError:
+        raise ConfigError(f"plan not found: {uri}") from None
+    except ValueError as exc:
+        raise InputDataError(f"plan {uri} is not valid JSON: {exc}") from None
+    result = Plan.from_dict(data, source=uri)
+    ArtifactPolicy.of(config).check_planned(result.artifacts, uri)
+    if config.output and normalize_output(config) != result.output:
+        raise ConfigError(f"plan {uri} is for output {result.output}, not {normalize_output(config)}")
+    return result

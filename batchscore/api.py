@@ -1,0 +1,241 @@
+"""The library API: every step of a job, as the CLI runs it, each returning a typed result.
+
+``validate`` checks a job, ``plan`` splits it into shards, ``run_shard`` scores one shard (of a plan,
+or of ``count`` shards planned on the fly), ``commit`` checks the shards' receipts and publishes the
+output, ``run`` does all of it in one process, ``inspect`` describes a model and ``report`` reads a
+committed output's run report. Each takes a
+``JobConfig``, may be called any number of times in one process, and raises a ``BatchscoreError``
+subclass whose ``exit_code`` is what the CLI exits with.
+
+The steps' modules are imported when a step is called, not when ``batchscore`` is: importing the
+package (as Airflow does to parse a DAG) loads no pyarrow, pandas or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .config import JobConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .planning import Plan
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    """A job that would run: its inputs, the model's features and the columns it would write."""
+
+    output: str
+    files: int
+    rows: int
+    features: tuple[str, ...]
+    output_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """One scored shard, from its receipt (``receipt``, written next to the output)."""
+
+    shard: int
+    plan_id: str
+    rows_in: int
+    rows_out: int
+    rows_invalid: int
+    parts: tuple[str, ...]
+    seconds: float
+    receipt: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, receipt: Mapping[str, Any]) -> "ShardResult":
+        return cls(receipt["shard"], receipt["plan_id"], receipt["rows_in"], receipt["rows_out"],
+                   receipt["rows_invalid"], tuple(p["name"] for p in receipt["parts"]), receipt["seconds"], receipt)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """A committed output, from its manifest (``manifest``, written with ``_SUCCESS``)."""
+
+    output: str
+    plan_id: str
+    rows_in: int
+    rows_out: int
+    rows_invalid: int
+    parts: tuple[str, ...]
+    manifest: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any]) -> Any:
+        rows = manifest["rows"]
+        return cls(manifest["output"], manifest["plan_id"], rows["in"], rows["out"], rows["invalid"],
+                   tuple(p["name"] for p in manifest["parts"]), manifest)
+
+
+@dataclass(frozen=True)
+class RunResult(CommitResult):
+    """A whole job scored and committed in one process; ``seconds`` from start to commit."""
+
+    @property
+    def seconds(self) -> float:
+        return self.manifest["seconds"]
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """A model's artifacts and the flags that pin them; ``description`` once it has been loaded."""
+
+    artifacts: tuple[Mapping[str, Any], ...]
+    pin: str
+    description: Mapping[str, Any] | None = None  # None when only hashed (sha256_only)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``batchscore inspect`` prints."""
+        if self.description is not None:
+            return dict(self.description)
+        return {"artifacts": [dict(a) for a in self.artifacts], "pin": self.pin}
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """An output's run report: rows, score and feature distributions, drift against its reference.
+
+    ``committed`` says whether its ``_SUCCESS`` is there; ``held`` that drift above ``drift_fail``
+    kept it from being committed (``commit --accept-drift`` commits it as the report describes).
+    """
+
+    output: str
+    committed: bool
+    held: bool
+    rows_scored: int
+    rows_invalid: int
+    max_psi: float | None
+    report: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, report: Mapping[str, Any]) -> "ReportResult":
+        drift = report.get("drift") or {}
+        return cls(report["output"], bool(report.get("committed")), bool(report.get("held")),
+                   report["rows"]["scored"], report["rows"]["invalid"], drift.get("max_psi"), report)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``batchscore report`` prints: the report without the columns' sketches."""
+        from .run_report import without_sketches
+
+        return without_sketches(self.report)
+
+
+def validate(config: JobConfig) -> ValidateResult:
+    """Check model, inputs and schemas, and that the output may be written (a probe file is
+    written and removed); score nothing."""
+    from .output_guard import guard_output
+    from .preparation import prepare
+    from .storage import filesystem, probe_writable
+
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)
+    fs, path = filesystem(prepared.output, config.storage_options)
+    probe_writable(fs, path)
+    return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
+                          tuple(prepared.model.features), tuple(prepared.output_schema.names))
+
+
+def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None,
+         out: str | None = None) -> "Plan":
+    """Check the whole job, then split it into shards (``shards``, or about ``rows_per_shard`` rows
+    each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
+    from . import planning
+
+    return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
+
+
+def load_plan(uri: str, config: JobConfig) -> "Plan":
+    """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
+    from . import planning
+
+    return planning.load_plan(uri, config)
+
+
+def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None) -> ShardResult:
+    """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
+    planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
+    from . import planning, shard
+
+    if plan is None:
+        if count is None:
+            raise ConfigError("--shard I needs --plan, or give it as I/N")
+        return ShardResult.of(shard.run_shard_of(config, index, count))
+    the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
+    if count is not None and count != the_plan.num_shards:
+        raise ConfigError(f"--shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
+                          f"has {the_plan.num_shards} shards, not {count}")
+    return ShardResult.of(shard.run_shard(config, the_plan, index))
+
+
+def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None,
+           accept_drift: bool = False) -> CommitResult:
+    """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
+    plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
+    Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
+    and held; ``accept_drift`` then commits the output as that held report describes it."""
+    from . import committing, planning
+
+    if plan is not None:
+        the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
+    elif shards:
+        the_plan = planning.plan_again(config, shards)
+    else:
+        raise ConfigError("commit needs --plan (or --shards N to plan again)")
+    return CommitResult.of(committing.commit(config, the_plan, accept_drift=accept_drift))
+
+
+def run(config: JobConfig) -> RunResult:
+    """Score everything as one shard and commit: the terminal user's one command."""
+    from .committing import commit as commit_plan
+    from .lease import run_holder
+    from .output_guard import guard_output
+    from .planning import hold, plan_of
+    from .preparation import now, prepare
+    from .shard import score_shard
+
+    clock = time.perf_counter()
+    prepared = prepare(config)
+    guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
+    the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
+    with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
+        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        score_shard(prepared, the_plan, 0, lease)
+        manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
+                               lease=lease)
+    return RunResult.of(manifest)
+
+
+def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
+    """Describe ``config.model`` (and ``config.scaler``): type, features, classes, versions, sha256.
+
+    With ``sha256_only`` the artifacts are only hashed, not loaded: safe on a file not yet trusted.
+    Either way they must first pass the job's pins and formats.
+    """
+    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
+
+    config.require("model")
+    policy = ArtifactPolicy.of(config)
+    if sha256_only:
+        artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
+        return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
+    loaded = load_model(config.model, config.scaler, config.features, config.storage_options, policy)  # type: ignore[arg-type]
+    return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
+
+
+def report(output: str, storage_options: Mapping[str, Any] | None = None, html: str | None = None) -> ReportResult:
+    """The run report of ``output`` (written by ``commit`` beside the manifest); with ``html``, also
+    write it there as a self-contained HTML page."""
+    from .run_report import read_report
+
+    result = ReportResult.of(read_report(output, storage_options or {}))
+    if html:
+        from .report_html import write_html
+
+        write_html(result.report, html)
+    return result

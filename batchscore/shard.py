@@ -1,0 +1,138 @@
+"""Run one shard of a plan: check it still matches its plan, score its units, write its receipt."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Sequence
+
+from .config import JobConfig
+from .errors import InputDataError
+from .lease import Lease
+from .model import ArtifactPolicy, artifact_roles
+from .output_guard import guard_overlap
+from .planning import Plan, hold, plan_of
+from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
+from .logs import event, progress
+from .run_report import shard_profile
+from .scorer import ScoreTask
+from .sink import REJECTED_DIR, receipt_path, uncommit, write_json
+from .source import InputFile, check_identity
+from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
+from .workers import score_units
+
+log = logging.getLogger(__name__)
+
+
+def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
+    """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
+    prepared = prepare(config)
+    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
+    the_plan = plan_of(prepared, shards=count)
+    with hold(config, the_plan, "shard", release="never") as lease:
+        return score_shard(prepared, the_plan, index, lease)
+
+
+def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan) -> None:
+    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
+    planned = {f["uri"]: f for f in the_plan.files}
+    for file in files:
+        entry = planned[file.uri]
+        if list(file.row_groups) != list(entry["row_groups"]):
+            raise InputDataError(
+                f"input file {file.uri} changed since the plan was made (row groups {list(entry['row_groups'])} -> "
+                f"{list(file.row_groups)}); plan again"
+            )
+        check_identity(file.uri, entry["identity"], file.identity)
+
+
+def run_shard(config: JobConfig, the_plan: Plan, index: int) -> dict[str, Any]:
+    """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
+
+    The plan's first file's footer is read too, so the shard picks the same passthrough columns as
+    the plan did; the output schema must then be the planned one.
+    """
+    shard = the_plan.shard(index)
+    config = replace(config, output=the_plan.output)
+    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
+    if the_plan.model_version is not None and config.model_version != the_plan.model_version:
+        raise InputDataError(
+            f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
+            f"{the_plan.model_version!r}; run every shard of a plan with its model version"
+        )
+    shard_uris = [the_plan.files[i]["uri"] for i in sorted({u.file for u in shard.units})]
+    policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
+    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files[0]["uri"]] + shard_uris)), policy=policy)
+    _check_inputs_unchanged([f for f in prepared.files if f.uri in shard_uris], the_plan)
+    schema = schema_dicts(prepared.output_schema)
+    if the_plan.schema is not None and schema != list(the_plan.schema):
+        raise InputDataError(
+            f"shard {index}: output schema differs from the plan ({schema_difference(the_plan.schema, schema)}); "
+            f"plan again"
+        )
+    with hold(config, the_plan, "shard", release="never") as lease:
+        return score_shard(prepared, the_plan, index, lease)
+
+
+def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) -> dict[str, Any]:
+    """Score a shard under the output's lease; its parts and receipt name this attempt."""
+    config, shard = prepared.config, the_plan.shard(index)
+    started, clock = now(), time.perf_counter()
+    planned = [a["sha256"] for a in the_plan.artifacts]
+    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    remove_if_exists(fs, receipt_path(out_path, index))
+    uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
+    attempt = uuid.uuid4().hex
+    predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
+    task = ScoreTask(
+        model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
+        files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
+        output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
+        max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
+        storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+    )
+    workers = config.worker_count
+    log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
+             f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
+    # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
+    # this attempt leaves if it fails: only this shard's own part names, never anything else.
+    uploads = [u.part_name for u in shard.units] + [f"{REJECTED_DIR}/{u.part_name}" for u in shard.units]
+    abort_uploads(fs, out_path, uploads)
+    try:
+        with progress(log, shard.rows) as rows:
+            results = score_units(task, shard.units, workers, rows.advance)
+    except BaseException as exc:
+        abort_uploads_after_failure(fs, out_path, uploads, exc)
+        raise
+    invalid = sum(r.rows_invalid for r in results)
+    if invalid > task.max_invalid_rows:
+        raise InputDataError(
+            f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
+            f"of {the_plan.total_rows} input rows"
+        )
+    receipt = {
+        "plan_id": the_plan.plan_id,
+        "attempt": attempt,
+        "shard": index,
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": sum(r.rows_out for r in results),
+        "rows_invalid": invalid,
+        "parts": [{"name": r.part, "rows": r.rows_out} for r in results],
+        "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
+        "artifacts": planned,
+        "model_version": config.model_version,
+        "schema": schema_dicts(prepared.output_schema),
+        "inputs": [{"uri": the_plan.files[i]["uri"], "identity": the_plan.files[i]["identity"]}
+                   for i in sorted({u.file for u in shard.units})],
+        "workers": min(workers, max(1, len(shard.units))),
+        "started_at": started.isoformat(),
+        "seconds": round(time.perf_counter() - clock, 3),
+        "profile": shard_profile(results),
+    }
+    lease.renew()  # still ours: no other job replaced these parts while we scored
+    write_json(fs, receipt_path(out_path, index), receipt)
+    return receipt
