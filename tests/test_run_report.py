@@ -322,3 +322,34 @@ def test_shards_without_rows_leave_the_report_whole(tmp_path: Path, binary_model
     assert report["profiled"] and report["scores"]["class_column"] == "prediction"
     assert report["scores"]["columns"]["probability"]["count"] == sum(report["scores"]["classes"].values()) == 1_616
     assert all(report["features"][name]["count"] == 1_616 for name in FEATURES)
+
+
+def test_the_library_reports_holds_and_accepts_drift(tmp_path: Path, binary_model_paths) -> None:
+    """``batchscore.report`` gives the typed report; drift above ``drift_fail`` raises DriftError with
+    the output held; ``batchscore.commit(..., accept_drift=True)`` then commits what was reviewed."""
+    import batchscore
+    from batchscore.errors import DriftError
+
+    model = {"model": str(binary_model_paths["model"]), "scaler": str(binary_model_paths["scaler"]),
+             "on_invalid": "skip"}  # fmt: skip
+    reference = tmp_path / "reference"
+    ran = batchscore.run(batchscore.build_config(
+        None, input=(str(with_invalid_values(tmp_path / "day1")),), output=str(reference), **model))
+    found = batchscore.report(str(reference))
+    assert isinstance(found, batchscore.ReportResult) and found.committed and not found.held
+    assert (found.rows_scored, found.rows_invalid, found.max_psi) == (ran.rows_out, ran.rows_invalid, None)
+    assert '"sketch"' in json.dumps(found.report) and '"sketch"' not in json.dumps(found.to_dict())
+
+    shifted = tmp_path / "shifted"
+    config = batchscore.build_config(None, input=(str(with_invalid_values(tmp_path / "day2", shift_age=12.0)),),
+                                     output=str(shifted), reference=str(reference), drift_fail=0.25, **model)
+    with pytest.raises(DriftError) as held:
+        batchscore.run(config)
+    assert held.value.exit_code == EXIT_DRIFT and no_success(shifted)
+    review = batchscore.report(str(shifted), html=str(tmp_path / "review.html"))
+    assert review.held and not review.committed and review.max_psi > 0.25
+    assert "<svg" in (tmp_path / "review.html").read_text()
+    committed = batchscore.commit(config, shards=1, accept_drift=True)
+    assert committed.rows_out == review.rows_scored and not no_success(shifted)
+    accepted = batchscore.report(str(shifted))
+    assert accepted.committed and not accepted.held and accepted.report["drift"]["accepted_at"]
