@@ -54,8 +54,8 @@ def cli_command(settings: JobSettings) -> list[str]:
 def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdout: bool = False) -> str:
     """Run one ``batchscore`` command on the worker, streaming its log into the task log.
 
-    A usage, data or model error or drift (exit 2, 3, 4, 5) fails the task without retries: running the same
-    command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
+    A usage, data or model error, or drift above ``dag.drift.fail`` (exit 2, 3, 4, 5), fails the task
+    without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
     """
     import subprocess
 
