@@ -2,7 +2,7 @@
 
 The library API mirrors the CLI (see ``batchscore.api``): ``validate``, ``plan``, ``run_shard``,
 ``commit``, ``run`` (all in one), ``inspect`` and ``compile_model`` take a ``JobConfig`` built by
-``build_config`` and return typed results.
+``build_config`` and return typed results; ``report`` reads an output's run report.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -16,6 +16,7 @@ from .api import (  # noqa: E402
     CommitResult,
     CompileResult,
     InspectResult,
+    ReportResult,
     RunResult,
     ShardResult,
     ValidateResult,
@@ -24,6 +25,7 @@ from .api import (  # noqa: E402
     inspect,
     load_plan,
     plan,
+    report,
     run,
     run_shard,
     validate,
@@ -32,6 +34,6 @@ from .config import JobConfig, build_config  # noqa: E402
 from .errors import BatchscoreError, ConfigError, InputDataError, ModelError  # noqa: E402
 
 __all__ = ["JobConfig", "build_config", "BatchscoreError", "ConfigError", "InputDataError", "ModelError",
-           "validate", "plan", "run_shard", "commit", "run", "inspect", "load_plan", "compile_model",
+           "validate", "plan", "run_shard", "commit", "run", "inspect", "load_plan", "compile_model", "report",
            "ValidateResult", "ShardResult", "CommitResult", "RunResult", "InspectResult",
-           "CompileResult"]
+           "CompileResult", "ReportResult"]

@@ -2,8 +2,9 @@
 
 ``validate`` checks a job, ``plan`` splits it into shards, ``run_shard`` scores one shard (of a plan,
 or of ``count`` shards planned on the fly), ``commit`` checks the shards' receipts and publishes the
-output, ``run`` does all of it in one process, ``inspect`` describes a model and ``compile_model``
-compiles a tree ensemble for the compiled engine. Each takes a
+output, ``run`` does all of it in one process, ``inspect`` describes a model, ``compile_model``
+compiles a tree ensemble for the compiled engine and ``report`` reads a committed output's run
+report. Each takes a
 ``JobConfig``, may be called any number of times in one process, and raises a ``BatchscoreError``
 subclass whose ``exit_code`` is what the CLI exits with.
 
@@ -123,6 +124,35 @@ class InspectResult:
         return {"artifacts": [dict(a) for a in self.artifacts], "pin": self.pin}
 
 
+@dataclass(frozen=True)
+class ReportResult:
+    """An output's run report: rows, score and feature distributions, drift against its reference.
+
+    ``committed`` says whether its ``_SUCCESS`` is there; ``held`` that drift above ``drift_fail``
+    kept it from being committed (``commit --accept-drift`` commits it as the report describes).
+    """
+
+    output: str
+    committed: bool
+    held: bool
+    rows_scored: int
+    rows_invalid: int
+    max_psi: float | None
+    report: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, report: Mapping[str, Any]) -> "ReportResult":
+        drift = report.get("drift") or {}
+        return cls(report["output"], bool(report.get("committed")), bool(report.get("held")),
+                   report["rows"]["scored"], report["rows"]["invalid"], drift.get("max_psi"), report)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``batchscore report`` prints: the report without the columns' sketches."""
+        from .run_report import without_sketches
+
+        return without_sketches(self.report)
+
+
 def validate(config: JobConfig) -> ValidateResult:
     """Check model, inputs and schemas, and that the output may be written (a probe file is
     written and removed); score nothing."""
@@ -170,9 +200,12 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     return ShardResult.of(shard.run_shard(config, the_plan, index))
 
 
-def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None) -> CommitResult:
+def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None,
+           accept_drift: bool = False) -> CommitResult:
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
-    plan of ``shards`` shards made again, then write the manifest and ``_SUCCESS``. Safe to repeat."""
+    plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
+    Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
+    and held; ``accept_drift`` then commits the output as that held report describes it."""
     from . import committing, planning
 
     if plan is not None:
@@ -181,7 +214,7 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
         the_plan = planning.plan_again(config, shards)
     else:
         raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    return CommitResult.of(committing.commit(config, the_plan))
+    return CommitResult.of(committing.commit(config, the_plan, accept_drift=accept_drift))
 
 
 def run(config: JobConfig) -> RunResult:
@@ -232,3 +265,16 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
                                      out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
+
+
+def report(output: str, storage_options: Mapping[str, Any] | None = None, html: str | None = None) -> ReportResult:
+    """The run report of ``output`` (written by ``commit`` beside the manifest); with ``html``, also
+    write it there as a self-contained HTML page."""
+    from .run_report import read_report
+
+    result = ReportResult.of(read_report(output, storage_options or {}))
+    if html:
+        from .report_html import write_html
+
+        write_html(result.report, html)
+    return result

@@ -240,15 +240,16 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @job_options
 @click.option("--plan", "plan_uri", help="The plan the shards ran from.")
 @click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
+@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
 @_handle_errors
-def commit(plan_uri: str | None, shards: int | None, **kw: Any) -> None:
+def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
     config = _config(kw)
     _observe(config, lineage=False)
-    result = api.commit(config, plan=plan_uri, shards=shards)
+    result = api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift)
     _observed(result.manifest)
     _summary(config, result)
 
@@ -262,6 +263,20 @@ def validate(**kw: Any) -> None:
     checked = api.validate(config)
     click.echo(f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
                f"output columns {', '.join(checked.output_columns)}")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("output")
+@click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the report as a self-contained HTML page here.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@_handle_errors
+def report(output: str, html: str | None, storage_option: tuple[str, ...]) -> None:
+    """Print an output's run report as JSON: rows, score and feature distributions, drift.
+
+    The report file also holds each column's sketch, left out here (see README, Monitoring).
+    """
+    found = api.report(output, _parse_storage_options(storage_option), html=html)
+    click.echo(json.dumps(found.to_dict(), indent=2))
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -23,6 +23,7 @@ from .output_guard import guard_overlap
 from .planning import Plan, hold
 from .preparation import now, schema_difference
 from .logs import event
+from .run_report import build_report, publish
 from .sink import (
     ATTEMPT_KEY,
     iter_own_files,
@@ -79,16 +80,17 @@ def _versions() -> dict[str, str]:
 
 def commit(
     config: JobConfig, the_plan: Plan, extra: dict[str, Any] | None = None, lease: Lease | None = None,
+    accept_drift: bool = False,
 ) -> dict[str, Any]:
-    """Check that the receipts add up to the plan, drop stray parts, then manifest and _SUCCESS.
+    """Check that the receipts add up to the plan, drop stray parts, then report, manifest and _SUCCESS.
 
     Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
-    once committed).
+    once committed). Drift above ``drift_fail`` stops before the manifest (see run_report).
     """
     guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])  # before the lease is written
     if lease is None:
         with hold(config, the_plan, "commit", release="on_success") as own:
-            return commit(config, the_plan, extra, own)
+            return commit(config, the_plan, extra, own, accept_drift)
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
@@ -196,6 +198,7 @@ def commit(
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
+    publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
     write_json(fs, manifest_path(out_path), manifest)
     write_bytes_atomic(fs, success_path(out_path), b"")
     log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",

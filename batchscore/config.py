@@ -32,8 +32,9 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 #: host, or paused): long enough for a slow store to renew it, short enough for a retry to wait.
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
+DEFAULT_DRIFT_WARN = 0.1
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name")
+TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
 #: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
 LIST_KEYS = ("features", "keep")
 
@@ -91,6 +92,12 @@ class JobConfig:
                                          metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY", shown="$BATCHSCORE_PUSHGATEWAY")
     job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
                                       shown="the config file's stem, else batchscore")
+    reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
+                                       "Wasserstein) at commit.")  # fmt: skip
+    drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
+                                ge=0)  # fmt: skip
+    drift_fail: Optional[float] = setting(None, "Exit 5 without _SUCCESS when a column's PSI against the reference is "
+                                          "above this.", ge=0, shown="off")  # fmt: skip
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod

@@ -25,8 +25,9 @@ from .dagspec import JobSettings
 from .layout import plan_path
 
 log = logging.getLogger(__name__)
-#: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error).
-PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error"}
+#: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error, drift).
+PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error",
+                        5: "drift above threshold: review the report, then commit with --accept-drift"}
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
 DATE_PARAM = "date"
 #: Cron presets Airflow knows and croniter does not.
@@ -62,8 +63,8 @@ def cli_command(settings: JobSettings) -> list[str]:
 def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdout: bool = False) -> str:
     """Run one ``batchscore`` command on the worker, streaming its log into the task log.
 
-    A usage, data or model error (exit 2, 3, 4) fails the task without retries: running the same
-    command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
+    A usage, data or model error, or drift above ``dag.drift.fail`` (exit 2, 3, 4, 5), fails the task
+    without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
     """
     import subprocess
 
@@ -76,7 +77,7 @@ def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdou
         text=True,
     )
     out, _ = proc.communicate()
-    command = next((a for a in argv if a in ("plan", "run", "commit", "validate")), "")
+    command = next((a for a in argv if a in ("plan", "run", "commit", "validate", "report")), "")
     permanent = permanent_failure(proc.returncode, f"batchscore {command}")
     if permanent is not None:
         raise permanent
@@ -129,6 +130,13 @@ def run_dates(settings: JobSettings, params: Mapping[str, Any], logical_date: An
         moment = pendulum.instance(run_after) if run_after is not None else pendulum.now("UTC")
         start, end = last_interval(settings.dag.schedule, settings.dag.timezone, moment) or (moment, moment)
         ds = pendulum.instance(start).in_timezone("UTC").strftime("%Y-%m-%d")  # as Airflow's own ``ds``
+    return interval_dates(start, end, ds)
+
+
+def interval_dates(start: datetime, end: datetime, ds: str) -> dict[str, Any]:
+    """The date keys templates see for the interval from ``start`` to ``end``."""
+    import pendulum
+
     start, end = pendulum.instance(start), pendulum.instance(end)
     ts = start.isoformat()
     return {
@@ -195,6 +203,55 @@ def local_score_environment(settings: JobSettings) -> dict[str, str]:
     from airflow.sdk import get_current_context
 
     return render(settings, score_environment(settings), get_current_context())
+
+def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | None:
+    """The output of the interval before this run's (the default drift reference); None without a
+    cron schedule."""
+    import pendulum
+
+    dag_run = context["dag_run"]
+    dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
+                      getattr(dag_run, "run_after", None)) or context  # fmt: skip
+    start = dates.get("logical_date")  # the date this run scores and names its output after
+    previous = last_interval(settings.dag.schedule, settings.dag.timezone, start) if start is not None else None
+    if previous is None:
+        return None
+    ds = pendulum.instance(previous[0]).in_timezone("UTC").strftime("%Y-%m-%d")
+    task_ = context["task"]
+    rendered = task_.render_template(settings.output, {**context, **interval_dates(*previous, ds)},
+                                     task_.dag.get_template_env())  # fmt: skip
+    return str(rendered)
+
+
+def drift_args(settings: JobSettings, context: Mapping[str, Any], output: str) -> list[str]:
+    """``--reference``/``--drift-warn``/``--drift-fail`` for commit, from ``dag.drift``."""
+    drift = settings.dag.drift
+    if drift is None:
+        return []
+    reference = render(settings, drift.reference, context) if drift.reference else previous_output(settings, context)
+    if not reference or reference.rstrip("/") == output.rstrip("/"):
+        log.warning("drift not checked: no reference output before %s", output)
+        return []
+    args = ["--reference", reference]
+    args += ["--drift-warn", str(drift.warn)] if drift.warn is not None else []
+    return args + (["--drift-fail", str(drift.fail)] if drift.fail is not None else [])
+
+
+def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) -> dict[str, Any]:
+    """What the Asset event tells consumers: the output, its rows, invalid rows and largest PSI."""
+    import json
+
+    options = render(settings, dict(settings.storage_options), context)
+    argv = [*cli_command(settings), "report", output, *[f"--storage-option={k}={v}" for k, v in options.items()]]
+    try:  # the output is committed: a report that cannot be read must not fail the task
+        report = json.loads(run_cli(argv, env=settings.dag.env, capture_stdout=True))
+    except Exception as exc:
+        log.warning("no run report for the Asset event: %s", exc)
+        return {"output": output}
+    drift = report.get("drift") or {}
+    return {"output": output, "rows": report["rows"]["scored"], "invalid_rows": report["rows"]["invalid"],
+            "max_psi": drift.get("max_psi"), "max_psi_column": drift.get("max_psi_column")}
+
 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
@@ -323,9 +380,9 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
 
 
 def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:
-    """``batchscore commit`` of this run's plan; the output it committed."""
+    """``batchscore commit`` of this run's plan (with ``dag.drift``'s flags); the output it committed."""
     common, output = render(settings, [list(settings.common_args), settings.output], context)
-    argv = [*cli_command(settings), "commit", *common, "--plan", plan_uri(output)]
+    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output), "--plan", plan_uri(output)]
     run_cli(argv, env=rendered_env(settings, context))
     return output
 

@@ -108,6 +108,18 @@ class SensorSpec(BaseModel):
     mode: Literal["poke", "reschedule"] = setting("reschedule", "Hold a worker slot (poke) or not (reschedule).")
 
 
+class DriftSpec(BaseModel):
+    """Check each committed output against a reference output (off unless configured)."""
+
+    model_config = STRICT
+    reference: Optional[str] = setting(None, "Output to compare with (a template).",
+                                       shown="the output of the interval before the run's date")
+    warn: Optional[float] = setting(None, "PSI above which a column is warned about (`--drift-warn`).", ge=0,
+                                    shown="the job's `drift_warn`")
+    fail: Optional[float] = setting(None, "PSI above which commit exits 5 without `_SUCCESS` (`--drift-fail`).", ge=0,
+                                    shown="the job's `drift_fail`")
+
+
 def _listed(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -119,7 +131,8 @@ def _backoff(value: Any) -> Any:
     return 0.0 if value is False else value
 
 
-def _sensor(value: Any) -> Any:
+def _switch(value: Any) -> Any:
+    """A section that is off (``false``), on with its defaults (``true``) or a mapping of its keys."""
     if value is True:
         return {}
     return None if value is False else value
@@ -174,9 +187,13 @@ class DagSpec(BaseModel):
     max_retry_delay: Optional[float] = setting(None, "Upper bound on the delay, in seconds.", ge=0, unit="seconds")
     execution_timeout: Optional[float] = setting(None, "Seconds one shard may run before it is failed (and retried).",
                                                  ge=0, unit="seconds")  # fmt: skip
-    sensor: Annotated[Optional[SensorSpec], BeforeValidator(_sensor)] = setting(
+    sensor: Annotated[Optional[SensorSpec], BeforeValidator(_switch)] = setting(
         None, "`true`, or `{path, marker, poke_interval, timeout, mode}`. It waits for `path` (default: the inputs) or "
         "for `<path>/<marker>` (e.g. `_SUCCESS`). `mode` is `reschedule` (default) or `poke`.", shown="off")
+    drift: Annotated[Optional[DriftSpec], BeforeValidator(_switch)] = setting(
+        None, "`true`, or `{reference, warn, fail}`: `commit` checks drift (see Monitoring) against `reference` (a "
+        "template; default: the output of the interval before the run's date) with `--drift-warn warn` and "
+        "`--drift-fail fail`. With no such output yet, drift is not checked.", shown="off")
 
     @field_validator("local_command", mode="before")
     @classmethod
@@ -332,8 +349,8 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     job = {k: v for k, v in data.items() if k != "dag"}
     dag = read_dag(source, section)
     args = common_args(job, source)
-    sensor = section.get("sensor") if isinstance(section.get("sensor"), Mapping) else None
-    check_templates({**job, "dag.env": section.get("env"), "dag.sensor": sensor}, source)
+    sections = {f"dag.{key}": section.get(key) for key in ("sensor", "drift") if isinstance(section.get(key), Mapping)}
+    check_templates({**job, "dag.env": section.get("env"), **sections}, source)
     if not job.get("input") or not job.get("output"):
         raise DagConfigError(f"{source}: a scheduled job needs 'input' and 'output'")
     try:

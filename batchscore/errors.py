@@ -7,6 +7,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
+EXIT_DRIFT = 5
 
 #: Exit code -> meaning, rendered into ``--help`` and checked against the README by the tests.
 EXIT_CODES: dict[int, str] = {
@@ -19,6 +20,8 @@ EXIT_CODES: dict[int, str] = {
     "since the plan, plan or receipts inconsistent",
     EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch, "
     "sha256 not as pinned or planned, untrusted type, pickle refused",
+    EXIT_DRIFT: "drift above threshold (--drift-fail): parts and report written, _SUCCESS not; "
+    "review the report, then commit with --accept-drift",
 }
 
 
@@ -54,3 +57,9 @@ class StorageError(BatchscoreError):
 
 class StorageUnreachableError(StorageError):
     """Storage did not answer (refused, timed out): further calls to it would only wait too."""
+
+
+class DriftError(BatchscoreError):
+    """Tonight's distributions moved further from the reference's than ``--drift-fail`` allows."""
+
+    exit_code = EXIT_DRIFT

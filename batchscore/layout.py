@@ -11,6 +11,7 @@ Hive-style partition discovery skip)::
         _SUCCESS                              empty, written last by commit
     <parent>/_batchscore/<name>/              the job's state
         manifest.json                         written by commit, just before _SUCCESS
+        report.json                           the run report (rows, distributions, drift)
         plan.json                             where the DAG (and the README) put a shared plan
         lease.json                            which job may write the output now (see lease.py)
         receipts/shard-IIIII.json             what each shard wrote
@@ -30,6 +31,8 @@ from .errors import ConfigError
 STATE_ROOT = "_batchscore"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
+#: The run report: rows, score and feature distributions, drift (beside the manifest).
+REPORT_FILE = "report.json"
 PLAN_FILE = "plan.json"
 LEASE_FILE = "lease.json"
 RECEIPTS_DIR = "receipts"
@@ -76,6 +79,10 @@ def success_path(output: str) -> str:
 
 def manifest_path(output: str) -> str:
     return posixpath.join(state_folder(output), MANIFEST_FILE)
+
+
+def report_path(output: str) -> str:
+    return posixpath.join(state_folder(output), REPORT_FILE)
 
 
 def plan_path(output: str) -> str:

@@ -21,6 +21,7 @@ from .model import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .planning import Unit
 from .pool import report_progress
+from .profile import UnitProfile, score_columns
 from .sink import REJECT_REASON, part_path, part_writer, rejected_path
 from .source import columns_with_nulls, iter_batches
 from .storage import filesystem, join
@@ -45,6 +46,7 @@ class ScoreTask:
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
+    profile: bool = True  # profile features and scores for the run report (off only to measure its cost)
 
     @property
     def read_columns(self) -> list[str]:
@@ -70,6 +72,7 @@ class UnitResult:
     rows_invalid: int
     rejected_part: str | None
     seconds: float
+    profile: dict[str, Any] | None = None
 
 
 def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
@@ -117,6 +120,8 @@ class _UnitScorer:
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
         fs, base = filesystem(task.output, task.storage_options)
+        profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
+            if task.profile else None
         with contextlib.ExitStack() as stack:
             parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
@@ -134,6 +139,8 @@ class _UnitScorer:
                 batch_started = time.perf_counter()
                 n = batch.num_rows
                 matrix = predictor.feature_matrix(batch, file_nulls)
+                if profile is not None:
+                    profile.add_features(batch, matrix, n)
                 bad = invalid_mask(matrix[:n])
                 if bad is not None:
                     self._handle_invalid(batch, bad, offset, stack)
@@ -145,6 +152,8 @@ class _UnitScorer:
                         scored = scored.filter(pa.array(~bad))
                     if scored.num_rows:
                         writer.write(scored)
+                        if profile is not None:
+                            profile.add_scores(scored)
                     rows_out += scored.num_rows
                 rows_in += n
                 offset += n
@@ -156,6 +165,7 @@ class _UnitScorer:
             rows_invalid=self.invalid,
             rejected_part=self.unit.part_name if self.rejected_writer is not None else None,
             seconds=time.perf_counter() - started,
+            profile=profile.to_dict() if profile is not None else None,
         )
 
 

@@ -18,6 +18,7 @@ from .output_guard import guard_overlap
 from .planning import Plan, hold, plan_of
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
+from .run_report import shard_profile
 from .scorer import ScoreTask
 from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from .source import InputFile, check_identity
@@ -137,6 +138,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
+        "profile": shard_profile(results),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
     write_json(fs, receipt_path(out_path, index), receipt)

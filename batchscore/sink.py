@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     REJECTED_SUFFIX,
+    SUCCESS_FILE,
     manifest_path,
     part_path,
     receipt_path,
@@ -27,6 +28,7 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     rejected_folder,
     rejected_name,
     rejected_path,
+    report_path,
     state_folder,
     success_path,
 )
@@ -126,3 +128,4 @@ def uncommit(fs: fsspec.AbstractFileSystem, output: str) -> None:
     """Make an existing output stop looking finished before anything in it changes."""
     remove_if_exists(fs, success_path(output))
     remove_if_exists(fs, manifest_path(output))
+    remove_if_exists(fs, report_path(output))

@@ -14,9 +14,9 @@ from typing import Any
 from airflow.sdk import DAG, Asset, Param, task
 
 from batchscore.dagrun import (
-    DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, cli_command,
-    commit_shards, execution_timeout, inputs_ready, local_score_environment, permanent_failure, plan_shards, plan_uri,
-    pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
+    DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, asset_extra,
+    cli_command, commit_shards, execution_timeout, inputs_ready, local_score_environment, permanent_failure,
+    plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
     shard_arguments, timetable,
 )  # fmt: skip
 from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
@@ -172,12 +172,12 @@ def build_dag(settings: JobSettings) -> DAG:
 
         @task(task_id="commit", outlets=[output_asset])
         def commit() -> str:
-            """Publish the output only once every shard's receipt checks out."""
+            """Publish the output only once every shard's receipt (and drift, with dag.drift) checks out."""
             from airflow.sdk import get_current_context
 
             context = get_current_context()
             output = commit_shards(settings, context)
-            context["outlet_events"][output_asset].extra = {"output": output}
+            context["outlet_events"][output_asset].extra = asset_extra(settings, context, output)
             return output
 
         shard_args = plan()

@@ -182,3 +182,12 @@ def only_complete_parts(output: Path) -> bool:
         if name.startswith("part-"):
             pq.read_metadata(output / name)
     return True
+
+
+def read_run_report(output: Path | str) -> dict[str, Any]:
+    """A local output's run report, as written (sketches included)."""
+    import json
+
+    from batchscore.sink import report_path
+
+    return json.loads(Path(report_path(str(output))).read_text())

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gc
-import importlib
 import multiprocessing
 import os
-import pkgutil
 import re
 import shutil
 import subprocess

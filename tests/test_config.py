@@ -47,6 +47,9 @@ EVERY_KEY: dict[str, Any] = {
     "compiled_cache": "/compiled",
     "pushgateway": "http://127.0.0.1:9091",
     "job_name": "nightly_churn",
+    "reference": "s3://b/out/dt=2024-05-31/",
+    "drift_warn": 0.2,
+    "drift_fail": 0.5,
 }
 
 

@@ -264,6 +264,13 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     [parsed] = load_jobs(configs_dir)
     assert "--storage-option" not in parsed.common_args and "--keep" not in parsed.common_args
     (configs_dir / "nulls.yaml").unlink()
+    write_job(configs_dir, "drift", base, {**local, "drift": {"fail": "high"}})
+    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.fail must be a valid number, got 'high'"):
+        load_jobs(configs_dir)
+    write_job(configs_dir, "drift", base, {**local, "drift": {"threshold": 0.2}})
+    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.threshold is not a known setting"):
+        load_jobs(configs_dir)
+    (configs_dir / "drift.yaml").unlink()
     write_job(configs_dir, "unscheduled", base, {"runner": "local"})  # no schedule: not a DAG
     assert load_jobs(configs_dir) == []
 
@@ -721,3 +728,49 @@ def test_failures_no_retry_can_fix_use_one_try(
     assert run.state == DagRunState.FAILED
     [plan] = [ti for ti in run.get_task_instances() if ti.task_id == "plan"]
     assert (plan.state, plan.try_number) == (TaskInstanceState.FAILED, 1)
+
+
+@pytest.mark.slow
+def test_drift_against_the_previous_interval_fails_the_commit_without_retry(
+    airflow_home: Path, configs_dir: Path, local_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """``dag.drift`` compares each date's output with the day before's: a shifted feature fails the
+    commit at once (exit 5, no _SUCCESS); the Asset event of a good day carries its figures."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    events = tmp_path / "events"
+    shutil.copytree(local_data["root"] / "events" / f"dt={DAY}", events / f"dt={DAY}")
+    for path in sorted((events / f"dt={DAY}").glob("*.parquet")):
+        table = pq.read_table(path)
+        table = table.set_column(table.schema.get_field_index("age"), "age", pc.add(table.column("age"), 12.0))
+        (events / "dt=2024-06-02").mkdir(exist_ok=True)
+        pq.write_table(table, events / "dt=2024-06-02" / path.name, row_group_size=300)
+    scores = tmp_path / "scores"
+    job = {**local_job(local_data, scores), "input": str(events / "dt={{ ds }}") + "/"}
+    write_job(configs_dir, "drift_e2e", job, {**LOCAL_DAG, "shards": 2, "drift": {"fail": 0.25}})
+    dag = load_dags(configs_dir)["batchscore_drift_e2e"]
+
+    first = dag.test(logical_date=LOGICAL_DATE)  # no output for the day before: drift is not checked
+    assert first.state == DagRunState.SUCCESS
+    with create_session() as session:
+        [event] = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).all()
+        assert event.extra == {"output": str(scores / f"dt={DAY}") + "/", "rows": local_data["rows"],
+                               "invalid_rows": 0, "max_psi": None, "max_psi_column": None}
+
+    second = dag.test(logical_date=datetime(2024, 6, 2, tzinfo=timezone.utc))
+    assert second.state == DagRunState.FAILED
+    [commit] = [ti for ti in second.get_task_instances() if ti.task_id == "commit"]
+    assert (commit.state, commit.try_number) == (TaskInstanceState.FAILED, 1)
+    output = scores / "dt=2024-06-02"
+    assert not (output / "_SUCCESS").exists() and list(output.glob("part-*.parquet"))
+    from helpers import read_run_report
+
+    report = read_run_report(output)
+    assert report["held"] and report["drift"]["reference"] == str(scores / f"dt={DAY}")
+    assert report["drift"]["max_psi_column"] == "age"
