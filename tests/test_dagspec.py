@@ -93,7 +93,7 @@ def test_values_are_read_as_declared(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.retry_exponential_backoff == 2.0 and spec.max_retry_delay is None and spec.retries == 2
     assert spec.sensor is not None and job.sensor_paths == ("in/dt={{ ds }}/",)
     assert job.common_args == ("--input", "in/dt={{ ds }}/", "--output", "out/dt={{ ds }}/", "--keep", "id",
-                               "--overwrite")  # fmt: skip
+                               "--overwrite", "--job-name", "daily")  # fmt: skip
     monkeypatch.setenv("BATCHSCORE_RUNNER", "local")  # parse-time override: no image needed any more
     assert parse_job("job.yaml", {**JOB, "dag": {k: v for k, v in dag.items() if k != "image"}}).dag.runner == "local"
 
