@@ -244,7 +244,7 @@ def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) 
     options = render(settings, dict(settings.storage_options), context)
     argv = [*cli_command(settings), "report", output, *[f"--storage-option={k}={v}" for k, v in options.items()]]
     try:  # the output is committed: a report that cannot be read must not fail the task
-        report = json.loads(run_cli(argv, env=settings.dag.env, capture_stdout=True))
+        report = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
     except Exception as exc:
         log.warning("no run report for the Asset event: %s", exc)
         return {"output": output}

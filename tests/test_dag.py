@@ -685,9 +685,10 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"]
     assert (output / "_SUCCESS").exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
-    # dag.env sees the same date as the output: in plan, in every shard and in commit.
+    # dag.env sees the same date as the output: in plan, in every shard, in commit and in the report
+    # read for the Asset event.
     calls = [line.split(" ", 1) for line in log.read_text().splitlines()]
-    assert [command.split()[0] for _, command in calls] == ["plan", "run", "run", "commit"]
+    assert [command.split()[0] for _, command in calls] == ["plan", "run", "run", "commit", "report"]
     assert {day for day, _ in calls} == {DAY}
 
     (output / "_SUCCESS").unlink()
