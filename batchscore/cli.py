@@ -306,7 +306,8 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 
 @main.command(name="compile", epilog=EXIT_CODES_HELP)
 @click.argument("model")
-@click.option("--out", help="Folder to put the library in [default: the compiled cache, see run --compiled-cache].")
+@click.option("--out", help="Folder or URL (s3://...) to put the library in [default: the compiled cache, see "
+              "run --compiled-cache]; a URL also keeps a copy in the local cache.")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
 @_artifact_options
 @_handle_errors

@@ -9,7 +9,9 @@ rows before any row is scored with it. Everything here needs the optional extra
 A library is keyed by the model artifact's sha256, the treelite and TL2cgen versions and the
 platform, so a cached library is only ever reused for the model and toolchain it was built from;
 ``batchscore compile`` builds it ahead of time (e.g. where a compiler is available) for an image
-that has none.
+that has none. The cache may be remote (``compiled_cache: s3://...``, e.g. next to the model): a
+library is then kept in the local cache too, fetched from the remote one when it is there, and
+uploaded to it when this process had to compile it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .engine import Predictor
-from .errors import ConfigError, ModelError
+from .errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .model import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
+from .storage import filesystem, join, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +114,15 @@ def library_name(model_sha256: str) -> str:
     return f"{model_sha256}.{toolchain_key()}.so"
 
 
+def is_remote(cache: str | None) -> bool:
+    """Whether a configured cache is a URL on a remote store (``s3://...``) rather than a folder."""
+    return bool(cache) and "://" in cache and cache.split("://", 1)[0] not in ("file", "local")
+
+
 def cache_dir(configured: str | None) -> Path:
-    """The cache folder: ``compiled_cache``, else $BATCHSCORE_COMPILED_CACHE, else the user's cache."""
-    if configured:
+    """The local cache folder: ``compiled_cache`` (unless remote), else $BATCHSCORE_COMPILED_CACHE,
+    else the user's cache."""
+    if configured and not is_remote(configured):
         return Path(configured).expanduser()
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
@@ -205,26 +214,76 @@ class Library:
 
     path: str
     sha256: str
-    built: bool  # compiled by this run (else found in the cache)
+    built: bool  # compiled by this run (else found in a cache)
     seconds: float  # compiling (or finding) it
+    remote: str | None = None  # its copy in the remote cache, when the cache is remote
+    downloaded: bool = False  # fetched from the remote cache by this run
 
     def to_dict(self) -> dict[str, Any]:
-        return {"library": os.path.basename(self.path), "library_sha256": self.sha256,
-                "compiled_now": self.built, "compile_seconds": round(self.seconds, 3)}
+        record = {"library": os.path.basename(self.path), "library_sha256": self.sha256,
+                  "compiled_now": self.built, "compile_seconds": round(self.seconds, 3)}
+        if self.remote:
+            record.update(remote_library=self.remote, downloaded_now=self.downloaded)
+        return record
 
 
-def obtain(model: LoadedModel, configured_cache: str | None) -> Library:
-    """The model's library from the cache, compiled into it first if it is not there."""
+def obtain(
+    model: LoadedModel, configured_cache: str | None, storage_options: Mapping[str, Any] | None = None,
+    must_upload: bool = False,
+) -> Library:
+    """The model's library from the cache, compiled into it first if it is not there.
+
+    With a remote cache the library is looked up locally, then remotely, and only then compiled
+    (and uploaded, so the next host need not compile). A failed upload is a warning for a run,
+    which can score anyway, and an error where publishing is the point (``must_upload``).
+    """
     started = time.perf_counter()
-    path = cache_dir(configured_cache) / library_name(model_sha256(model))
+    name = library_name(model_sha256(model))
+    path = cache_dir(configured_cache) / name
+    remote = join(configured_cache, name) if is_remote(configured_cache) else None  # type: ignore[arg-type]
+    downloaded = bool(remote) and not path.is_file() and _download(remote, path, storage_options)  # type: ignore[arg-type]
     built = not path.is_file()
     if built:
         try:
             build(model, path, threads=min(4, os.cpu_count() or 1))
         except OSError as exc:
             raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Library(str(path), digest, built, time.perf_counter() - started)
+    data = path.read_bytes()
+    if remote and (built or must_upload):
+        _upload(data, remote, storage_options, must_upload)
+    return Library(str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded)
+
+
+def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -> bool:
+    """Copy the remote cache's library into the local cache; False when it is not there (or the
+    remote cache cannot be read, which costs a compile, not the run)."""
+    try:
+        fs, remote_path = filesystem(uri, storage_options)
+        data = read_bytes(fs, remote_path)
+    except FileNotFoundError:
+        return False
+    except (OSError, BatchscoreError) as exc:
+        log.warning("cannot read the compiled library %s (%s); compiling it here", uri, exc)
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(*filesystem(str(path)), data)
+    except OSError as exc:
+        raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
+    log.info("fetched the compiled library %s into %s", uri, path)
+    return True
+
+
+def _upload(data: bytes, uri: str, storage_options: Mapping[str, Any] | None, must_upload: bool) -> None:
+    """Publish a library to the remote cache: one whole object, so readers see all of it or none."""
+    try:
+        write_bytes_atomic(*filesystem(uri, storage_options), data)
+    except (OSError, BatchscoreError) as exc:
+        if must_upload:
+            raise StorageError(f"cannot upload the compiled library to {uri}: {exc}") from None
+        log.warning("cannot upload the compiled library to %s (%s); scoring with the local copy", uri, exc)
+        return
+    log.info("uploaded the compiled library to %s", uri)
 
 
 class Kernel:
@@ -291,4 +350,4 @@ def compile_ahead(
     data, artifact = fetch_artifact("model", uri, storage_options, policy)
     estimator, _ = _deserialize(artifact, data, policy.trusted_types)
     model = LoadedModel(estimator, None, (), False, None, False, (artifact,), "")
-    return artifact, obtain(model, out)
+    return artifact, obtain(model, out, storage_options, must_upload=True)

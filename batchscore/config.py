@@ -85,8 +85,9 @@ class JobConfig:
     engine: Literal["sklearn", "compiled", "auto"] = setting(
         "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
         "auto (compiled where it qualifies and agrees, else scikit-learn).")
-    compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`).",
-                                            metavar="DIR", shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
+    compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`), or a "
+                                            "URL such as s3://bucket/compiled/ shared by every host.", metavar="DIR",
+                                            shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
     pushgateway: Optional[str] = setting(None, "Prometheus Pushgateway that receives the job's metrics when it ends "
                                          "(see Monitoring); the flag wins over the variable, the variable over the key.",
                                          metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY", shown="$BATCHSCORE_PUSHGATEWAY")

@@ -102,7 +102,7 @@ def choose_engine(
     if reason:
         return _fallback(requested, reason)
     try:
-        library = compiled.obtain(model, config.compiled_cache)
+        library = compiled.obtain(model, config.compiled_cache, config.storage_options)
     except ModelError as exc:
         if requested == "compiled":
             raise

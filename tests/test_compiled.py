@@ -7,6 +7,7 @@ compiled kernel has no remainder rows, and the comparison is to a tolerance, not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -322,3 +323,46 @@ def test_engine_setting_is_checked(tmp_path, models) -> None:
     config.write_text("engine: fast\n")
     result = cli("run", "--config", config)
     assert result.exit_code == EXIT_USAGE and "setting 'engine' must be one of sklearn, compiled, auto" in result.stderr
+
+
+def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None:
+    """A cache on S3: `compile --out s3://...` publishes the library, a host with an empty local
+    cache and no compiler downloads it, a host that finds nothing compiles and uploads, and a
+    failed publish is an error where publishing is the point."""
+    fs, bucket, options = s3
+    remote = f"s3://{bucket}/models/churn/compiled/"
+    storage = ["--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    builder = {**os.environ, compiled.CACHE_ENV: str(tmp_path / "builder-cache")}
+    built = subprocess.run([*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", remote, *storage],
+                           capture_output=True, text=True, timeout=120, env=builder)
+    assert built.returncode == 0, built.stderr
+    record = json.loads(built.stdout)
+    published = f"{remote}{record['library']}"
+    assert record["remote_library"] == published and record["compiled_now"] is True
+    assert hashlib.sha256(fs.cat_file(published)).hexdigest() == record["library_sha256"]
+
+    _inputs(tmp_path / "in")
+    bare = tmp_path / "bin"  # a host with no compiler and nothing in its local cache
+    bare.mkdir()
+    host = {**os.environ, "PATH": str(bare), compiled.CACHE_ENV: str(tmp_path / "host-cache")}
+    done = _run(tmp_path, models["gb_binary"], "c", "--engine", "compiled", "--compiled-cache", remote, *storage,
+                env=host, command=[sys.executable, "-m", "batchscore"])
+    assert done.returncode == 0, done.stderr
+    engine = read_manifest(tmp_path / "c")["engine"]
+    shard = engine["shards"][0]
+    assert engine["used"] == "compiled" and engine["library_sha256"] == record["library_sha256"]
+    assert shard["downloaded_now"] is True and shard["compiled_now"] is False and shard["remote_library"] == published
+    assert (tmp_path / "host-cache" / record["library"]).is_file()
+
+    fresh = f"s3://{bucket}/other/compiled"  # nothing there yet: this host compiles and uploads
+    first = _run(tmp_path, models["hgb_binary"], "h", "--engine", "compiled", "--compiled-cache", fresh, *storage,
+                 env={**os.environ, compiled.CACHE_ENV: str(tmp_path / "first-cache")})
+    assert first.returncode == 0, first.stderr
+    uploaded = read_manifest(tmp_path / "h")["engine"]["shards"][0]
+    assert uploaded["compiled_now"] is True and uploaded["downloaded_now"] is False
+    assert hashlib.sha256(fs.cat_file(uploaded["remote_library"])).hexdigest() == uploaded["library_sha256"]
+
+    missing = subprocess.run([*BATCHSCORE, "compile", str(models["gb_binary"]), "--out",
+                              f"s3://{bucket}-absent/compiled/", *storage],
+                             capture_output=True, text=True, timeout=120, env=builder)
+    assert missing.returncode == 1 and "cannot upload the compiled library" in missing.stderr
