@@ -38,6 +38,8 @@ TOLERANCE = 1e-12
 ROWS_PER_FILE = 256
 #: Of those, how many are checked again with a NaN feature (models that handle missing values).
 NAN_ROWS_PER_FILE = 64
+#: Rows decoded at a time while the sample is taken.
+SAMPLE_BATCH_ROWS = 8_192
 
 
 @dataclass
@@ -174,15 +176,24 @@ def _samples(
     index = next((i for i, rows in enumerate(groups) if rows), None)
     if index is None:
         return [np.zeros((0, len(features)))]
+    wanted = np.unique(np.linspace(0, groups[index] - 1, min(ROWS_PER_FILE, groups[index])).astype(np.intp))
+    taken, start = [], 0
     with open_parquet(entry["uri"], storage_options, expected=entry.get("identity")) as (pf, _):
-        nulls = columns_with_nulls(pf.metadata, features)
-        table = pf.read_row_group(index, columns=list(features))
-    batch = pa.RecordBatch.from_arrays([table.column(c).combine_chunks() for c in features], names=list(features))
-    full = predictor.feature_matrix(batch, nulls)[: batch.num_rows]
+        nulls = set(columns_with_nulls(pf.metadata, features))
+        # Batch by batch, keeping only the wanted rows: this process forks the workers next, and
+        # they would inherit whatever a whole row group had grown its heap to.
+        for part in pf.iter_batches(SAMPLE_BATCH_ROWS, row_groups=[index], columns=list(features), use_threads=False):
+            nulls.update(name for name in features if part.column(name).null_count)
+            here = wanted[(wanted >= start) & (wanted < start + part.num_rows)] - start
+            if here.size:
+                taken.append(part.take(pa.array(here)))
+            start += part.num_rows
+    batch = pa.Table.from_batches(taken).combine_chunks().to_batches()[0]
+    full = predictor.feature_matrix(batch, frozenset(nulls))[: batch.num_rows]
     bad = invalid_mask(full)
     if bad is not None:
         full[bad] = 0.0
-    picked = full[np.unique(np.linspace(0, len(full) - 1, min(ROWS_PER_FILE, len(full))).astype(np.intp))]
+    picked = full
     if not handles_nan or full.dtype.kind != "f":
         return [picked]
     copies = picked[:NAN_ROWS_PER_FILE].copy()
