@@ -38,8 +38,9 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
 
 
 def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:
-    """Refuse an output (or its state folder) equal to, inside, or holding any input: the input is
-    never at risk.
+    """Refuse an output (or its state folder, or a compiled cache the job may write) equal to,
+    inside, or holding any input: the input is never at risk; and a compiled cache overlapping the
+    output, where readers would meet the libraries.
 
     Locations are compared, not spellings: ``out/../data``, ``data/./``, a symlink to the input
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
@@ -47,6 +48,8 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     """
     written = [(f"output {output}", location(output)),
                (f"output {output}'s state folder", location(state_folder(output)))]
+    if config.engine != "sklearn" and config.compiled_cache:  # libraries are written there too
+        written.append((f"compiled_cache {config.compiled_cache}", location(config.compiled_cache)))
     inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
     for what, out in written:
@@ -55,6 +58,10 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
                 raise ConfigError(
                     f"{what} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
                 )
+    for what, cache in written[2:]:
+        for name, out in written[:2]:
+            if overlapping(cache, out):
+                raise ConfigError(f"{what} (at {cache}) overlaps {name} (at {out}): readers would see the libraries")
 
 
 def guard_plan_file(output: str, out: str) -> None:

@@ -366,3 +366,23 @@ def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None
                               f"s3://{bucket}-absent/compiled/", *storage],
                              capture_output=True, text=True, timeout=120, env=builder)
     assert missing.returncode == 1 and "cannot upload the compiled library" in missing.stderr
+
+
+def test_compiled_cache_never_lands_in_the_input_or_the_output(tmp_path, models) -> None:
+    """A run may write libraries into its cache: a cache inside (or holding) the input or the output,
+    however spelled, is refused with exit 2 before anything is compiled or written."""
+    inputs = _inputs(tmp_path / "in")
+    before = {p: p.read_bytes() for p in inputs}
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    for name, cache in [("inside-input", tmp_path / "in" / "compiled"), ("via-symlink", tmp_path / "link" / "lib"),
+                        ("holds-input", tmp_path), ("inside-output", tmp_path / "o" / "lib"),
+                        ("in-state", tmp_path / "_batchscore" / "o")]:
+        output = "o" if name in ("inside-output", "in-state") else name
+        done = _run(tmp_path, models["gb_binary"], output, "--engine", "auto", "--compiled-cache", str(cache))
+        assert done.returncode == EXIT_USAGE, (name, done.stderr)
+        assert "compiled_cache" in json.loads(done.stderr.splitlines()[-1])["message"], name
+        assert not cache.exists() or name == "holds-input", name
+        assert not (tmp_path / output).exists(), name
+    assert {p: p.read_bytes() for p in inputs} == before and sorted((tmp_path / "in").iterdir()) == sorted(inputs)
+    unused = _run(tmp_path, models["gb_binary"], "plain", "--compiled-cache", str(tmp_path / "in" / "compiled"))
+    assert unused.returncode == 0, unused.stderr  # the scikit-learn engine never writes its cache
