@@ -123,7 +123,7 @@ def cache_dir(configured: str | None) -> Path:
     """The local cache folder: ``compiled_cache`` (unless remote), else $BATCHSCORE_COMPILED_CACHE,
     else the user's cache."""
     if configured and not is_remote(configured):
-        return Path(configured).expanduser()
+        return Path(configured.split("://", 1)[-1]).expanduser()  # a plain path or a file:// URL
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -279,8 +279,8 @@ def test_prebuilt_library_loads_without_a_compiler(tmp_path, models) -> None:
     bare.mkdir()
     env = {**os.environ, "PATH": str(bare)}
     command = [sys.executable, "-m", "batchscore"]
-    done = _run(tmp_path, models["gb_binary"], "c", "--engine", "compiled", "--compiled-cache", str(prebuilt),
-                env=env, command=command)
+    done = _run(tmp_path, models["gb_binary"], "c", "--engine", "compiled", "--compiled-cache", f"file://{prebuilt}",
+                env=env, command=command)  # the same folder spelled as a URL
     assert done.returncode == 0, done.stderr
     engine = read_manifest(tmp_path / "c")["engine"]
     assert engine["used"] == "compiled" and engine["shards"][0]["compiled_now"] is False
