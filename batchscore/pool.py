@@ -86,6 +86,30 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _redeliver_stop(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a worker: a stop that lands in a finalizer (a weakref callback, a
+    ``__del__``) would be swallowed there and printed as "Exception ignored". Deliver it again a
+    moment later instead (a timer: raised here, it would be swallowed again), so that it reaches
+    the unit in hand and unwinds it."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, STOP_REDELIVERY_SECONDS)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _handle_stop_signals() -> None:
+    """SIGTERM from the parent unwinds the unit in hand (its temporary file is removed on the way
+    out); Ctrl-C reaches the whole process group, but only the parent decides what stops."""
+    sys.unraisablehook = _redeliver_stop
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "setitimer"):  # not on Windows
+        signal.signal(signal.SIGALRM, _interrupt)  # a stop delivered again (see _redeliver_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+#: How long after a stop was swallowed by a finalizer it is delivered again.
+STOP_REDELIVERY_SECONDS = 0.005
 #: Signals held back while a worker is forked, until it has its own handlers for them.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -96,11 +120,7 @@ def _worker_main(
 ) -> None:
     global _report
     try:
-        # SIGTERM from the parent unwinds the unit in hand (its temporary file is removed on the
-        # way out); Ctrl-C reaches the whole process group, but only the parent decides what stops.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _handle_stop_signals()
         _die_with_parent(parent)
         for other in inherited:  # other pipes' ends: the parent's death must read as end-of-file here
             other.close()

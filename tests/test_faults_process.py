@@ -324,6 +324,40 @@ def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+FINALIZER_SCRIPT = """
+import os, signal, weakref
+from batchscore import pool
+pool._handle_stop_signals()
+
+class Unit:
+    pass
+
+def finalizer(_):
+    os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives while a weakref callback runs
+    for _ in range(1000):
+        pass
+
+unit = Unit()
+ref = weakref.ref(unit, finalizer)
+try:
+    del unit
+    for _ in range(10 ** 7):
+        pass
+    print("the stop was lost", flush=True)
+except KeyboardInterrupt:
+    print("unwound", flush=True)
+"""
+
+
+def test_stop_landing_in_a_finalizer_still_unwinds_the_worker() -> None:
+    """The parent's SIGTERM may arrive while a worker runs a weakref callback or __del__, where
+    Python swallows exceptions and prints "Exception ignored" with a traceback: the worker must
+    still unwind its unit, and print nothing."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "unwound", (done.stdout, done.stderr)
+    assert done.stderr == ""
+
+
 # --- threads whose other side is gone -------------------------------------------------------
 
 
