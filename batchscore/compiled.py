@@ -240,8 +240,10 @@ def obtain(
     started = time.perf_counter()
     name = library_name(model_sha256(model))
     path = cache_dir(configured_cache) / name
-    remote = join(configured_cache, name) if is_remote(configured_cache) else None  # type: ignore[arg-type]
-    downloaded = bool(remote) and not path.is_file() and _download(remote, path, storage_options)  # type: ignore[arg-type]
+    remote = join(configured_cache, name) if configured_cache and is_remote(configured_cache) else None
+    downloaded = False
+    if remote and not path.is_file():
+        downloaded = _download(remote, path, storage_options)
     built = not path.is_file()
     if built:
         try:

@@ -48,20 +48,20 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     """
     written = [(f"output {output}", location(output)),
                (f"output {output}'s state folder", location(state_folder(output)))]
+    cache = None
     if config.engine != "sklearn" and config.compiled_cache:  # libraries are written there too
-        written.append((f"compiled_cache {config.compiled_cache}", location(config.compiled_cache)))
+        cache = (f"compiled_cache {config.compiled_cache}", location(config.compiled_cache))
     inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
-    for what, out in written:
+    for what, out in written + ([cache] if cache else []):
         for name, where in inputs:
             if overlapping(where, out):
                 raise ConfigError(
                     f"{what} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
                 )
-    for what, cache in written[2:]:
-        for name, out in written[:2]:
-            if overlapping(cache, out):
-                raise ConfigError(f"{what} (at {cache}) overlaps {name} (at {out}): readers would see the libraries")
+    for name, out in written if cache else []:
+        if overlapping(cache[1], out):
+            raise ConfigError(f"{cache[0]} (at {cache[1]}) overlaps {name} (at {out}): readers would see the libraries")
 
 
 def guard_plan_file(output: str, out: str) -> None:

@@ -189,16 +189,15 @@ def _samples(
                 taken.append(part.take(pa.array(here)))
             start += part.num_rows
     batch = pa.Table.from_batches(taken).combine_chunks().to_batches()[0]
-    full = predictor.feature_matrix(batch, frozenset(nulls))[: batch.num_rows]
-    bad = invalid_mask(full)
+    sampled = predictor.feature_matrix(batch, frozenset(nulls))[: batch.num_rows]
+    bad = invalid_mask(sampled)
     if bad is not None:
-        full[bad] = 0.0
-    picked = full
-    if not handles_nan or full.dtype.kind != "f":
-        return [picked]
-    copies = picked[:NAN_ROWS_PER_FILE].copy()
+        sampled[bad] = 0.0
+    if not handles_nan or sampled.dtype.kind != "f":
+        return [sampled]
+    copies = sampled[:NAN_ROWS_PER_FILE].copy()
     copies[np.arange(len(copies)), np.arange(len(copies)) % copies.shape[1]] = np.nan
-    return [picked, copies]
+    return [sampled, copies]
 
 
 def _aligned(rows: np.ndarray) -> np.ndarray:
