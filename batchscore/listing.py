@@ -167,6 +167,7 @@ class ObjectTree:
         self.fs = fs
         self.files: dict[str, int] = {}
         self.folders: set[str] = set()
+        self.names: dict[str, set[str]] = {}  # folder -> the names in it
         self.markers: list[str] = []
         bucket, _, key = root.strip("/").partition("/")
         self.bucket = bucket
@@ -194,10 +195,15 @@ class ObjectTree:
             path = path.rstrip("/")
         else:
             self.files[path] = size
-        parent = posixpath.dirname(path) if not key.endswith("/") else path
-        while parent and parent not in self.folders:
+        child, parent = path, posixpath.dirname(path)
+        while parent:
+            self.names.setdefault(parent, set()).add(posixpath.basename(child))
+            if parent in self.folders:
+                break
             self.folders.add(parent)
-            parent = posixpath.dirname(parent)
+            child, parent = parent, posixpath.dirname(parent)
+        if key.endswith("/"):
+            self.folders.add(path)
 
     def uri(self, path: str) -> str:
         return full_uri(self.fs, path)
@@ -215,12 +221,10 @@ class ObjectTree:
         return None
 
     def children(self, folder: str, skipped: Skipped, hidden: bool = False, wanted: Any = None) -> list[Entry]:
-        prefix = folder.rstrip("/") + "/"
-        names = sorted({p[len(prefix):].split("/", 1)[0] for p in (*self.files, *self.folders)
-                        if p.startswith(prefix)})
+        folder = folder.rstrip("/")
         entries = []
-        for name in names:
-            path = prefix + name
+        for name in sorted(self.names.get(folder, ())):
+            path = f"{folder}/{name}"
             if wanted is not None and not wanted(name):
                 continue
             if name.startswith(SKIPPED_PREFIXES) and not hidden:
@@ -254,8 +258,10 @@ def _search(tree: Any, top: Entry, skipped: Skipped) -> Iterator[str]:
         stack.extend(reversed(below))
 
 
-def _glob(tree: Any, base: str, parts: Sequence[str], skipped: Skipped) -> Iterator[Entry]:
-    """Entries matching ``parts`` below ``base``, component by component (``**``: any depth)."""
+def _glob(tree: Any, base: str, parts: Sequence[str], skipped: Skipped,
+          ancestors: frozenset[tuple[int, int]] | None = None) -> Iterator[Entry]:
+    """Entries matching ``parts`` below ``base``, component by component (``**``: any depth,
+    refusing a folder that holds itself; ``ancestors`` are the folders ``**`` went through)."""
     if not parts:
         entry = tree.look(base)
         if entry is not None:
@@ -274,11 +280,16 @@ def _glob(tree: Any, base: str, parts: Sequence[str], skipped: Skipped) -> Itera
                 yield entry
         return
     if head == "**":
+        if ancestors is None:
+            top = tree.look(base)
+            ancestors = frozenset([top.identity] if top is not None and top.identity else [])
         if tail:
             yield from _glob(tree, base, tail, skipped)
         for entry in tree.children(base, skipped):
             if entry.kind == FOLDER:
-                yield from _glob(tree, entry.path, parts, skipped)
+                if entry.identity is not None and entry.identity in ancestors:
+                    raise InputDataError(f"input {tree.uri(entry.path)} is a symlink loop (a folder that holds itself)")
+                yield from _glob(tree, entry.path, parts, skipped, ancestors | ({entry.identity} if entry.identity else set()))
             elif not tail:
                 yield entry
         return
