@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import fsspec
 
 from .errors import InputDataError, StorageError
+from .logs import event
 from .storage import filesystem, full_uri, is_local, storage_error, translated
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,7 @@ class Skipped:
             examples = ", ".join(uris[:SKIP_EXAMPLES]) + (", ..." if len(uris) > SKIP_EXAMPLES else "")
             parts.append(f"{len(uris)} {rule} (e.g. {examples})")
         counts = {rule: len(uris) for rule, uris in self.by_rule.items()}
-        log.info(f"input {spec}: skipped " + "; ".join(parts), extra={"event": "input_skipped",
-                                                                     "fields": {"spec": spec, "skipped": counts}})
+        log.info(f"input {spec}: skipped " + "; ".join(parts), extra=event("input_skipped", spec=spec, skipped=counts))
 
 
 HIDDEN = "entries whose names start with '.' or '_'"
@@ -88,7 +88,8 @@ MARKERS = "folder marker objects (keys ending in '/')"
 
 
 def _not_regular(uri: str, what: str) -> InputDataError:
-    return InputDataError(f"input {uri} is {what}, not a regular file; remove it from the input or change the input spec")
+    return InputDataError(f"input {uri} is {what}, not a regular file; remove it from the input or change "
+                          f"the input spec")
 
 
 class LocalTree:
@@ -289,7 +290,8 @@ def _glob(tree: Any, base: str, parts: Sequence[str], skipped: Skipped,
             if entry.kind == FOLDER:
                 if entry.identity is not None and entry.identity in ancestors:
                     raise InputDataError(f"input {tree.uri(entry.path)} is a symlink loop (a folder that holds itself)")
-                yield from _glob(tree, entry.path, parts, skipped, ancestors | ({entry.identity} if entry.identity else set()))
+                below = ancestors | ({entry.identity} if entry.identity else set())
+                yield from _glob(tree, entry.path, parts, skipped, below)
             elif not tail:
                 yield entry
         return
