@@ -12,12 +12,15 @@ EXIT_DRIFT = 5
 #: Exit code -> meaning, rendered into ``--help`` and checked against the README by the tests.
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: the output is committed (_SUCCESS written)",
-    EXIT_FAILURE: "anything else: storage failure, interrupted run, internal error",
+    EXIT_FAILURE: "anything else: storage failure (an input folder or file that cannot be listed or read), "
+    "interrupted run, internal error",
     EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output overlaps the input, "
     "output held by another job",
-    EXIT_INPUT: "input data invalid: no file matched, unreadable Parquet, missing or non-numeric "
-    "feature column, passthrough columns differ between files, invalid feature values, input changed "
-    "since the plan, plan or receipts inconsistent",
+    EXIT_INPUT: "input data invalid: no file matched, an input entry that is not a regular file (FIFO, "
+    "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
+    "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of another "
+    "type than in the first file, invalid feature values, input changed since the plan, plan or receipts "
+    "inconsistent",
     EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch, "
     "sha256 not as pinned or planned, untrusted type, pickle refused",
     EXIT_DRIFT: "drift above threshold (--drift-fail): parts and report written, _SUCCESS not; "

@@ -14,7 +14,7 @@ from .layout import check_output
 from .model import ArtifactPolicy, LoadedModel, load_model
 from .source import InputFile, list_inputs, read_footers
 from .storage import filesystem, full_uri
-from .validation import check_schemas, passthrough_columns
+from .validation import SchemaContract, check_schemas
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Prepared:
     output: str  # full URI
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
+    #: What every file must look like; each worker checks it again on the footer it opens.
+    contract: SchemaContract | None = None
 
 
 def now() -> datetime:
@@ -57,10 +59,12 @@ def prepare(
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
     files = read_footers(uris, config.storage_options)
     predictor_fields = Predictor(model, config.model_version, now()).fields
-    check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
-    passthrough = passthrough_columns(files[0], config.keep)
-    fields = [files[0].schema.field(c) for c in passthrough] + list(predictor_fields)
-    return Prepared(config, model, files, output, passthrough, pa.schema(fields))
+    contract = check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
+    assert contract is not None  # list_inputs never returns no file
+    passthrough = contract.passthrough
+    # Nullable whatever the first file declares: a later file may hold nulls there, and its type is the same.
+    fields = [files[0].schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
+    return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract)
 
 
 def schema_dicts(schema: pa.Schema) -> list[dict[str, str]]:

@@ -47,6 +47,7 @@ class ScoreTask:
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
     profile: bool = True  # profile features and scores for the run report (off only to measure its cost)
+    contract: Any = None  # validation.SchemaContract: each file's footer is checked against it as it is opened
 
     @property
     def read_columns(self) -> list[str]:
@@ -129,6 +130,8 @@ class _UnitScorer:
 
             def footer(meta: Any) -> None:
                 nonlocal file_nulls
+                if task.contract is not None:
+                    task.contract.check(self.file["uri"], meta.schema.to_arrow_schema())
                 file_nulls = columns_with_nulls(meta, task.model.features)
 
             batches = prefetch(iter_batches(

@@ -97,7 +97,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
         storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
-        compiled_library=engine.library_path,
+        compiled_library=engine.library_path, contract=prepared.contract,
     )
     workers = config.worker_count
     log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "

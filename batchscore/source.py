@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputDataError
-from .storage import filesystem, full_uri, is_local, storage_error, translated
+from .listing import GLOB_CHARS, list_inputs  # noqa: F401  (where the input's files are found)
+from .storage import filesystem, is_local, storage_error
 
-GLOB_CHARS = "*?["
 FOOTER_THREADS = 16
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
 
@@ -34,37 +34,6 @@ class InputFile:
     @property
     def num_rows(self) -> int:
         return sum(self.row_groups)
-
-
-def _is_data_file(path: str) -> bool:
-    """Parquet files only; hidden and underscore files (temp parts, _SUCCESS) are never data."""
-    name = posixpath.basename(path)
-    return name.endswith(".parquet") and not name.startswith((".", "_"))
-
-
-def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Expand files, directories (recursively) and globs into a deterministic list of URIs.
-
-    Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
-    """
-    if not specs:
-        raise InputDataError("no input given (--input or YAML 'input')")
-    found: list[str] = []
-    for spec in specs:
-        fs, path = filesystem(spec, storage_options)
-        with translated("list input", spec):
-            if any(ch in path for ch in GLOB_CHARS):
-                matches = [p for p in fs.glob(path) if not fs.isdir(p)]
-            elif fs.isdir(path):
-                matches = [p for p in fs.find(path) if _is_data_file(p)]
-            elif fs.exists(path):
-                matches = [path]
-            else:
-                raise InputDataError(f"input not found: {spec}")
-        if not matches:
-            raise InputDataError(f"no Parquet file matched input {spec}")
-        found.extend(full_uri(fs, p) for p in sorted(matches))
-    return list(dict.fromkeys(found))
 
 
 #: Identity fields compared to decide that a file is the one planned. A local file's device number
@@ -142,7 +111,10 @@ def open_parquet(
     with contextlib.ExitStack() as stack:
         try:
             if is_local(fs):
-                identity = _local_identity(os.stat(path))
+                status = os.stat(path)
+                if not stat.S_ISREG(status.st_mode):  # a FIFO put in its place would block the open forever
+                    raise InputDataError(f"input {uri} is not a regular file (any more); plan again")
+                identity = _local_identity(status)
                 source: Any = path
             else:
                 fs.invalidate_cache(path)  # another process may have replaced it since we last looked
