@@ -76,7 +76,7 @@ class UnitResult:
 
 
 def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
-    return sum(file["row_groups"][: unit.row_groups[0]]) if unit.row_groups else 0
+    return sum(file["row_groups"][: unit.row_groups[0]]) + unit.start if unit.row_groups else 0
 
 
 class _UnitScorer:
@@ -149,6 +149,7 @@ class _UnitScorer:
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
                 expected=self.file["identity"], on_footer=footer,
+                start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
             ))
             for batch in batches:
                 batch_started = time.perf_counter()

@@ -174,7 +174,7 @@ def _samples(
         return [np.zeros((0, len(features)))]
     wanted = np.unique(np.linspace(0, groups[index] - 1, min(ROWS_PER_FILE, groups[index])).astype(np.intp))
     taken, start = [], 0
-    with open_parquet(entry["uri"], storage_options, expected=entry.get("identity")) as (pf, _):
+    with open_parquet(entry["uri"], storage_options, expected=entry.get("identity"), streaming=True) as (pf, _):
         nulls = set(columns_with_nulls(pf.metadata, features))
         # Batch by batch, keeping only the wanted rows: this process forks the workers next, and
         # they would inherit whatever a whole row group had grown its heap to.
