@@ -146,11 +146,13 @@ class _UnitScorer:
                 nonlocal file_nulls
                 file_nulls = columns_with_nulls(meta, task.model.features)
 
+            # One batch read ahead keeps the reader busy while this one scores; a second one
+            # only costs memory (a batch of every read column).
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
                 expected=self.file["identity"], on_footer=footer,
                 start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
-            ))
+            ), depth=1)
             for batch in batches:
                 batch_started = time.perf_counter()
                 n = batch.num_rows
