@@ -309,28 +309,24 @@ class Kernel:
 class CompiledPredictor(Predictor):
     """A ``Predictor`` whose tree ensemble runs in a compiled library.
 
-    Everything around the trees stays scikit-learn's: the scaler, a pipeline's earlier steps, and
+    Everything around the trees stays scikit-learn's: the scaler, a pipeline's earlier steps, the
+    check of every transform's output (``engine.TransformCheck``, so the same rows are refused), and
     the class of any row whose top two probabilities (nearly) tie, plus the per-batch check of
-    derived classes against ``predict``.
+    derived classes against ``predict``. The hooks below get the trees' input, every transform applied.
     """
 
     def __init__(self, model: LoadedModel, model_version: str, predicted_at: Any, library_path: str):
         super().__init__(model, model_version, predicted_at)
         self.kernel = Kernel(library_path, SUPPORTED[type(model.final_estimator).__name__])
-        steps = getattr(model.estimator, "steps", None)
-        self._before = model.estimator[:-1] if steps and len(steps) > 1 else None
-
-    def _trees_input(self, scaled: Any) -> np.ndarray:
-        return np.asarray(self._before.transform(scaled) if self._before is not None else scaled)
 
     def _predict_proba(self, scaled: Any) -> np.ndarray:
-        proba = self.kernel.predict(self._trees_input(scaled))
+        proba = self.kernel.predict(np.asarray(scaled))
         if proba.shape[1] == 1:  # two classes: the positive one's probability
             return np.column_stack([1.0 - proba[:, 0], proba[:, 0]])
         return proba
 
     def _predict_values(self, scaled: Any) -> np.ndarray:
-        return self.kernel.predict(self._trees_input(scaled))[:, 0]
+        return self.kernel.predict(np.asarray(scaled))[:, 0]
 
 
 def predictor(model: LoadedModel, model_version: str, predicted_at: Any, library_path: str | None) -> Predictor:

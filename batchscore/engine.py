@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from .errors import ModelError
 from .model import LoadedModel
 
 #: Feature matrices have a multiple of this many rows (see ``Predictor.feature_matrix``).
@@ -22,6 +24,9 @@ ROW_ALIGNMENT = 16
 TIE_MARGIN = 1e-9
 #: Rows of each batch whose derived class is checked against ``predict`` itself.
 CHECKED_ROWS = 16
+#: float64 magnitudes from here up round to infinity when cast to float32 (as tree models cast
+#: their input); below it they round to a finite float32.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 PREDICTION = "prediction"
 PROBABILITY = "probability"
@@ -113,6 +118,10 @@ class Predictor:
             fields.append(pa.field(PREDICTION, pa.float64()))
         fields += [pa.field(PREDICTED_AT, PREDICTED_AT_TYPE), pa.field(MODEL_VERSION, pa.string())]
         self.fields = tuple(fields)
+        steps = _pipeline_steps(model.estimator)
+        self._transforms = ([(type(model.scaler).__name__, model.scaler)] if model.scaler is not None else []) + \
+            (steps[:-1] if steps is not None else [])
+        self._final = steps[-1][1] if steps is not None else model.estimator
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -138,27 +147,73 @@ class Predictor:
             matrix[:rows, j] = column.to_numpy(zero_copy_only=False)  # decimals: Decimal objects, float() each
         return matrix
 
-    def _scaled(self, matrix: np.ndarray) -> np.ndarray:
-        return self.model.scaler.transform(matrix) if self.model.scaler is not None else matrix
-
     def predict(self, matrix: np.ndarray, rows: int) -> list[pa.Array]:
-        """Prediction columns for the first ``rows`` rows of a ``feature_matrix``, in ``self.fields`` order."""
+        """Prediction columns for the first ``rows`` rows of a ``feature_matrix``, in ``self.fields``
+        order; a row scikit-learn would refuse raises ``ValueError`` naming it (see ``score``)."""
+        scored = self.score(matrix, rows)
+        if scored.refused is not None or scored.columns is None:
+            first = int(np.flatnonzero(scored.refused)[0]) if scored.refused is not None else 0
+            raise ValueError(f"row {first} is refused: {scored.reasons.get(first, 'no valid row')}")
+        return scored.columns
+
+    def score(self, matrix: np.ndarray, rows: int, invalid: np.ndarray | None = None) -> "Scored":
+        """Score the first ``rows`` rows of a ``feature_matrix``; rows scikit-learn would refuse are
+        set aside, never scored.
+
+        ``invalid`` marks rows already set aside (null/NaN/inf features): their values are
+        placeholders. Every other row is checked as scikit-learn checks it at predict, after every
+        transform: the matrix before each step and before the estimator (see ``TransformCheck``).
+        The fast path is one vectorised pass per stage; only rows with a non-finite (or, as
+        float32, infinite) value are asked of scikit-learn itself.
+        """
         import sklearn
 
-        # Every value is already known to be finite (invalid rows were set aside and zeroed), so
-        # scikit-learn need not check again; features arrive as a plain array even if the
-        # estimator was fitted on a DataFrame.
-        with sklearn.config_context(assume_finite=True), warnings.catch_warnings():
+        # Values are checked here, row by row, so scikit-learn need not check the batch again;
+        # features arrive as a plain array even if the estimator was fitted on a DataFrame.
+        with sklearn.config_context(assume_finite=True), warnings.catch_warnings(), \
+                np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-            return self._predict(matrix, rows)
+            return TransformCheck(self, matrix, rows, invalid).run()
 
-    def _predict(self, matrix: np.ndarray, n: int) -> list[pa.Array]:
+    def transforms(self) -> list[tuple[str, Any]]:
+        """(label, transformer) in the order they apply before the final estimator: the scaler,
+        then every step of a Pipeline (nested Pipelines flattened), as ``predict_proba`` runs them."""
+        return self._transforms
+
+    @property
+    def final(self) -> Any:
+        """What predicts from the last transform's output: a Pipeline's last step, else the model."""
+        return self._final
+
+    def reference_refuses(self, rows: np.ndarray) -> str | None:
+        """Why scikit-learn's own call, with its checks on, raises for these rows; None when it
+        does not: ``predict_proba`` (``predict`` without it) of ``scaler.transform`` of the rows."""
+        import sklearn
+
         estimator = self.model.estimator
-        scaled = self._scaled(matrix)
+        try:
+            with sklearn.config_context(assume_finite=False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                x = self.model.scaler.transform(rows) if self.model.scaler is not None else rows
+                estimator.predict_proba(x) if self.model.has_proba else estimator.predict(x)
+        except Exception as exc:  # whatever scikit-learn raises, the row is not scored
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        return None
+
+    def _stages(self, matrix: np.ndarray) -> list[Any]:
+        """The input, then the output of every transform in turn (the last one is the final
+        estimator's input)."""
+        stages: list[Any] = [matrix]
+        for _, transformer in self.transforms():
+            stages.append(transformer.transform(stages[-1]))
+        return stages
+
+    def _predict(self, scaled: Any, n: int) -> list[pa.Array]:
+        """Prediction columns from the final estimator's input (every transform applied)."""
         columns: list[np.ndarray] = []
         if self.model.has_proba:
             proba = self._predict_proba(scaled)
-            columns.append(self._classes_from(proba, scaled, n) if self._derive_class else estimator.predict(scaled))
+            columns.append(self._classes_from(proba, scaled, n) if self._derive_class else self.final.predict(scaled))
             if proba.shape[1] == 2:
                 columns.append(proba[:, 1])
             else:
@@ -171,10 +226,10 @@ class Predictor:
         return arrays
 
     def _predict_proba(self, scaled: Any) -> np.ndarray:
-        return self.model.estimator.predict_proba(scaled)
+        return self.final.predict_proba(scaled)
 
     def _predict_values(self, scaled: Any) -> np.ndarray:
-        predicted = self.model.estimator.predict(scaled)
+        predicted = self.final.predict(scaled)
         return predicted.ravel() if predicted.ndim == 2 else predicted  # fitted on a one-column y
 
     def _classes_from(self, proba: np.ndarray, scaled: Any, rows: int) -> np.ndarray:
@@ -184,14 +239,15 @@ class Predictor:
         sample = np.unique(np.linspace(0, max(rows - 1, 0), min(CHECKED_ROWS, max(rows, 1))).astype(np.intp))
         if not np.array_equal(self._predict_rows(scaled, sample), labels[sample]):
             self._derive_class = False
-            return self.model.estimator.predict(scaled)
+            return self.final.predict(scaled)
         return labels
 
     def _predict_rows(self, scaled: Any, rows: np.ndarray) -> np.ndarray:
         """``predict`` of some rows, in an aligned matrix so they round like every other row."""
-        subset = np.zeros((rows.size + (-rows.size) % ROW_ALIGNMENT, scaled.shape[1]), dtype=scaled.dtype, order="F")
-        subset[: rows.size] = scaled[rows]
-        return self.model.estimator.predict(subset)[: rows.size]
+        values = np.asarray(scaled)
+        subset = np.zeros((rows.size + (-rows.size) % ROW_ALIGNMENT, values.shape[1]), dtype=values.dtype, order="F")
+        subset[: rows.size] = values[rows]
+        return self.final.predict(subset)[: rows.size]
 
     def _argmax_classes(self, proba: np.ndarray, scaled: Any) -> np.ndarray:
         index = proba.argmax(axis=1)
@@ -207,3 +263,180 @@ class Predictor:
             labels[close] = self._predict_rows(scaled, close)
         return labels
 
+
+
+def _pipeline_steps(estimator: Any) -> list[tuple[str, Any]] | None:
+    """A scikit-learn Pipeline's steps as (label, step), nested Pipelines flattened and
+    ``"passthrough"`` steps left out, exactly as its ``predict_proba`` applies them; None for
+    anything else (which is then checked only before and after the scaler)."""
+    from sklearn.pipeline import Pipeline
+
+    if type(estimator) is not Pipeline:
+        return None
+    steps: list[tuple[str, Any]] = []
+    for name, step in estimator.steps:
+        if step is None or (isinstance(step, str) and step == "passthrough"):
+            continue
+        inner = _pipeline_steps(step)
+        if inner is not None:
+            steps += inner
+        else:
+            steps.append((f"{type(step).__name__} (pipeline step '{name}')", step))
+    return steps
+
+
+@dataclass
+class Scored:
+    """A batch's prediction columns and the rows scikit-learn would refuse."""
+
+    columns: list[pa.Array] | None  # None when no row of the batch may be scored
+    refused: np.ndarray | None = None  # over the batch's rows: refused beyond those marked invalid
+    reasons: dict[int, str] = field(default_factory=dict)  # why, by row
+
+
+def _not_ok_rows(stage: Any) -> np.ndarray | None:
+    """Rows holding a value that scikit-learn's check could refuse (NaN, inf, or a float64 that
+    is inf as float32); None when there is none, found from the stage's minimum and maximum
+    (two passes, no temporary: NaN makes both NaN, and NaN compares False)."""
+    values = np.asarray(stage)
+    if values.dtype.kind != "f" or values.ndim != 2 or not values.size:
+        return None  # integers and booleans hold no NaN; sparse or object outputs are not checked
+    with np.errstate(invalid="ignore"):
+        if -FLOAT32_OVERFLOW < values.min() and values.max() < FLOAT32_OVERFLOW:
+            return None
+        return ~(np.abs(values) < FLOAT32_OVERFLOW).all(axis=1)
+
+
+class TransformCheck:
+    """One batch through the transforms and the estimator, checked at every stage as
+    scikit-learn checks at predict (``check_array``: NaN and inf, float32 overflow where the
+    estimator casts), with scikit-learn itself as the judge of each suspect row.
+
+    The reference refuses a whole batch for one bad row; here each row is judged on its own, as
+    ``predict_proba`` of that row alone would judge it. A row's verdict depends only on which
+    stages hold NaN, an infinity or a float32 overflow in it, so rows are grouped by that pattern
+    and one row of each group is asked of scikit-learn with its checks on. Refused and invalid
+    rows then take the values of a row scikit-learn accepts, and the batch is scored again, so
+    no refused value reaches the estimator (rows are scored independently: the others are
+    unchanged). A transform or estimator that raises for the batch is answered by halving the
+    batch until the rows scikit-learn refuses one by one are found.
+    """
+
+    def __init__(self, predictor: Predictor, matrix: np.ndarray, rows: int, invalid: np.ndarray | None):
+        self.predictor, self.matrix, self.n = predictor, matrix, rows
+        self.invalid = invalid.copy() if invalid is not None else np.zeros(rows, dtype=bool)
+        self.refused = np.zeros(rows, dtype=bool)
+        self.reasons: dict[int, str] = {}
+        self.labels = ["in the input"] + [f"after {label}" for label, _ in predictor.transforms()]
+
+    def run(self) -> Scored:
+        try:
+            stages = self.predictor._stages(self.matrix)
+        except Exception as exc:
+            return self._after_failure(exc)
+        flagged = [_not_ok_rows(stage) for stage in stages]
+        if any(f is not None for f in flagged):
+            self._classify(stages, flagged)
+            neutral = self.invalid | self.refused
+            if self.refused.any() or any(
+                f is not None and (f[: self.n][neutral].any() or f[self.n :].any()) for f in flagged
+            ):
+                return self._rescore(None)
+        try:
+            return self._result(self.predictor._predict(stages[-1], self.n))
+        except Exception as exc:
+            return self._after_failure(exc)
+
+    def _result(self, columns: list[pa.Array] | None) -> Scored:
+        return Scored(columns, self.refused if self.refused.any() else None, self.reasons)
+
+    def _classify(self, stages: list[Any], flagged: list[np.ndarray | None]) -> None:
+        """Judge every flagged row: one reference call per pattern of problems across stages."""
+        suspect = np.zeros(self.n, dtype=bool)
+        for rows in flagged:
+            if rows is not None:
+                suspect |= rows[: self.n]
+        suspects = np.flatnonzero(suspect & ~self.invalid)
+        if not suspects.size:
+            return
+        codes = np.zeros(suspects.size, dtype=np.int64)
+        for stage, rows in zip(stages, flagged):
+            if rows is None:
+                continue
+            values = np.asarray(stage)[suspects]
+            with np.errstate(invalid="ignore"):
+                kinds = (np.isnan(values), np.isinf(values), np.isfinite(values) & (np.abs(values) >= FLOAT32_OVERFLOW))
+            for kind in kinds:
+                codes = codes * 2 + kind.any(axis=1)
+        for code in np.unique(codes):
+            group = suspects[codes == code]
+            why = self.predictor.reference_refuses(self.matrix[group[:1]])
+            if why is None:
+                continue
+            self.refused[group] = True
+            for row in group.tolist():
+                self.reasons[row] = self._describe(stages, row, why)
+
+    def _describe(self, stages: list[Any], row: int, why: str) -> str:
+        """Where the row first holds a value scikit-learn refuses: stage, column and value (a
+        NaN or infinity first; else a value that only float32 cannot hold)."""
+        for as_float32 in (False, True):
+            for s, stage in enumerate(stages):
+                values = np.asarray(stage)
+                if values.dtype.kind != "f":
+                    continue
+                line = values[row]
+                with np.errstate(invalid="ignore"):
+                    bad = np.flatnonzero(~(np.abs(line) < FLOAT32_OVERFLOW) if as_float32 else ~np.isfinite(line))
+                if not bad.size:
+                    continue
+                j, value = int(bad[0]), float(line[bad[0]])
+                name = self._column_name(s, j)
+                if as_float32:
+                    return (f"non-finite as float32 {self.labels[s]}: {name} is {value:.17g}, beyond float32's range "
+                            f"(scikit-learn: {why})")
+                return f"non-finite {self.labels[s]}: {name} is {value}"
+        return f"refused by scikit-learn: {why}"
+
+    def _column_name(self, stage: int, j: int) -> str:
+        if stage == 0:
+            return self.predictor.model.features[j]
+        transformer = self.predictor.transforms()[stage - 1][1]
+        try:
+            return f"{transformer.get_feature_names_out()[j]} (column {j})"
+        except Exception:  # a transformer that cannot name its outputs
+            return f"column {j}"
+
+    def _after_failure(self, error: Exception) -> Scored:
+        """The batch raised: find the rows scikit-learn refuses one by one, by halving."""
+        pending = [np.flatnonzero(~(self.invalid | self.refused))]
+        while pending:
+            rows = pending.pop()
+            why = self.predictor.reference_refuses(self.matrix[rows]) if rows.size else None
+            if why is None:
+                continue
+            if rows.size == 1:
+                self.refused[rows[0]] = True
+                self.reasons[int(rows[0])] = f"refused by scikit-learn: {why}"
+                continue
+            half = rows.size // 2
+            pending += [rows[half:], rows[:half]]
+        return self._rescore(error)
+
+    def _rescore(self, error: Exception | None) -> Scored:
+        """Score again with every refused, invalid and padding row replaced by an accepted row."""
+        good = np.flatnonzero(~(self.invalid | self.refused))
+        if not good.size:
+            return self._result(None)
+        matrix = np.array(self.matrix, order="F")
+        matrix[np.flatnonzero(self.invalid | self.refused)] = self.matrix[good[0]]
+        matrix[self.n :] = self.matrix[good[0]]
+        try:
+            stages = self.predictor._stages(matrix)
+            return self._result(self.predictor._predict(stages[-1], self.n))
+        except Exception as exc:
+            cause = error or exc
+            raise ModelError(
+                f"the model raised {type(cause).__name__} ({str(cause).splitlines()[0] if str(cause) else ''}) for a "
+                f"batch whose rows scikit-learn accepts one by one"
+            ) from exc

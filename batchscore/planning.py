@@ -25,8 +25,8 @@ from .storage import filesystem
 
 #: 2: each file's identity (to catch a rewritten input), the output schema and the model version.
 PLAN_FORMAT = 2
-#: A part (one output file) holds about this many rows (whole row groups); parts are the unit of
-#: parallel work.
+#: A part (one output file) holds about this many rows (whole row groups, or equal slices of a
+#: larger row group); parts are the unit of parallel work, and what one worker holds open.
 DEFAULT_ROWS_PER_PART = 524_288
 
 
@@ -36,14 +36,17 @@ PART_NUMBER_DIGITS = 5
 
 @dataclass(frozen=True)
 class Unit:
-    """Consecutive row groups of one file that become one output part."""
+    """Consecutive row groups of one file that become one output part, or one slice of a row
+    group larger than a part: ``rows`` rows from row ``start`` of its only row group."""
 
     file: int
     row_groups: tuple[int, ...]
     rows: int
-    #: Digits of both numbers in the part's name: the same for every part of a plan, so that name
+    #: Digits of every number in the part's name: the same for every part of a plan, so that name
     #: order is input order however many files and row groups there are. Not part of the plan's id.
     digits: int = field(default=PART_NUMBER_DIGITS, compare=False)
+    slice: int | None = None  # which slice of its row group (None: whole row groups)
+    start: int = 0  # first row of the slice within its row group
 
     @property
     def first_row_group(self) -> int:
@@ -51,16 +54,28 @@ class Unit:
 
     @property
     def part_name(self) -> str:
-        return f"part-{self.file:0{self.digits}d}-{self.first_row_group:0{self.digits}d}.parquet"
+        """``part-FILE-ROWGROUP.parquet``, or ``part-FILE-ROWGROUP-SLICE.parquet`` for a slice:
+        every slice of a row group carries its number, so names sort in input order."""
+        d = self.digits
+        tail = f"-{self.slice:0{d}d}" if self.slice is not None else ""
+        return f"part-{self.file:0{d}d}-{self.first_row_group:0{d}d}{tail}.parquet"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "row_groups": list(self.row_groups), "rows": self.rows}
+        entry = {"file": self.file, "row_groups": list(self.row_groups), "rows": self.rows}
+        if self.slice is not None:
+            entry.update(slice=self.slice, start=self.start)
+        return entry
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> "Unit":
+        return cls(entry["file"], tuple(entry["row_groups"]), entry["rows"], slice=entry.get("slice"),
+                   start=entry.get("start", 0))
 
 
 def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
     """The shards with part names of one width: at least ``PART_NUMBER_DIGITS`` digits, more when
     a file or row group number needs them."""
-    largest = max((max(u.file, u.first_row_group) for s in shards for u in s.units), default=0)
+    largest = max((max(u.file, u.first_row_group, u.slice or 0) for s in shards for u in s.units), default=0)
     digits = max(PART_NUMBER_DIGITS, len(str(largest)))
     return tuple(Shard(s.index, tuple(replace(u, digits=digits) for u in s.units)) for s in shards)
 
@@ -141,7 +156,7 @@ class Plan:
             shards = _named(tuple(
                 Shard(
                     index=s["index"],
-                    units=tuple(Unit(u["file"], tuple(u["row_groups"]), u["rows"]) for u in s["units"]),
+                    units=tuple(Unit.from_dict(u) for u in s["units"]),
                 )
                 for s in data["shards"]
             ))
@@ -192,7 +207,8 @@ def _split_points(weights: Sequence[int], parts: int) -> list[int]:
 
 def _units(files: Sequence[InputFile], items: Sequence[tuple[int, int]], rows_per_part: int) -> list[Unit]:
     """Cut each file's consecutive (file, row group) items into the fewest parts of about
-    ``rows_per_part`` rows, all of nearly equal size.
+    ``rows_per_part`` rows, all of nearly equal size; a row group larger than that is cut into
+    equal slices of its own, so no part (and no worker's part) grows with the row groups.
 
     Equal parts keep workers finishing together: a greedy cut would leave a small remainder part,
     and one worker busy with the last full part while the others wait.
@@ -203,12 +219,26 @@ def _units(files: Sequence[InputFile], items: Sequence[tuple[int, int]], rows_pe
         if row_groups == [-1]:  # a file without row groups still gets an (empty) part carrying the schema
             units.append(Unit(file_index, (), 0))
             continue
-        sizes = [files[file_index].row_groups[rg] for rg in row_groups]
-        cuts = _split_points(sizes, max(1, -(-sum(sizes) // rows_per_part)))
-        units += [
-            Unit(file_index, tuple(row_groups[a:b]), sum(sizes[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a
-        ]
+        sizes = files[file_index].row_groups
+        for large, run in itertools.groupby(row_groups, key=lambda rg: sizes[rg] > rows_per_part):
+            run = list(run)
+            if large:
+                for rg in run:
+                    units += _slices(file_index, rg, sizes[rg], rows_per_part)
+                continue
+            run_sizes = [sizes[rg] for rg in run]
+            cuts = _split_points(run_sizes, max(1, -(-sum(run_sizes) // rows_per_part)))
+            units += [
+                Unit(file_index, tuple(run[a:b]), sum(run_sizes[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a
+            ]
     return units
+
+
+def _slices(file_index: int, row_group: int, rows: int, rows_per_part: int) -> list[Unit]:
+    """A row group of more than ``rows_per_part`` rows as the fewest equal slices of at most that many."""
+    count = -(-rows // rows_per_part)
+    bounds = [rows * k // count for k in range(count + 1)]
+    return [Unit(file_index, (row_group,), b - a, slice=k, start=a) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def make_plan(
@@ -217,12 +247,14 @@ def make_plan(
     artifacts: Sequence[dict[str, Any]],
     shards: int | None = None,
     rows_per_shard: int | None = None,
-    rows_per_part: int = DEFAULT_ROWS_PER_PART,
+    rows_per_part: int | None = None,
     predicted_at: str | None = None,
     schema: Sequence[dict[str, str]] | None = None,
     model_version: str | None = None,
 ) -> Plan:
-    """Balanced contiguous shards of whole row groups; the same input always gives the same plan."""
+    """Balanced contiguous shards of whole row groups; the same input always gives the same plan.
+    Parts hold at most ``rows_per_part`` rows (default ``DEFAULT_ROWS_PER_PART``)."""
+    rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
     if shards is not None and rows_per_shard is not None:
         raise ConfigError("give either --shards or --rows-per-shard, not both")
     if shards is not None and shards < 1:

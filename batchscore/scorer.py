@@ -77,7 +77,7 @@ class UnitResult:
 
 
 def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
-    return sum(file["row_groups"][: unit.row_groups[0]]) if unit.row_groups else 0
+    return sum(file["row_groups"][: unit.row_groups[0]]) + unit.start if unit.row_groups else 0
 
 
 class _UnitScorer:
@@ -89,11 +89,27 @@ class _UnitScorer:
         self.invalid = 0
         self.rejected_writer: Any = None
 
-    def _handle_invalid(self, batch: pa.RecordBatch, bad: np.ndarray, offset: int, stack: contextlib.ExitStack) -> None:
+    def _handle_invalid(
+        self, batch: pa.RecordBatch, bad: np.ndarray, offset: int, stack: contextlib.ExitStack,
+        refusals: Mapping[int, str],
+    ) -> None:
+        """Apply ``--on-invalid`` to the batch's ``bad`` rows: invalid features, or rows the model
+        refuses after a transform (``refusals``: why, by row)."""
         rows = np.flatnonzero(bad)
         uri = self.file["uri"]
-        first = invalid_reasons(batch, self.task.model.features, rows[:1])[0]
+
+        def reasons(picked: np.ndarray) -> list[str]:
+            plain = [r for r in picked.tolist() if r not in refusals]
+            found = dict(zip(plain, invalid_reasons(batch, self.task.model.features, np.asarray(plain, dtype=np.intp))))
+            return [refusals[r] if r in refusals else found[r] for r in picked.tolist()]
+
+        first = reasons(rows[:1])[0]
         if self.task.on_invalid == "fail":
+            if int(rows[0]) in refusals:
+                raise InputDataError(
+                    f"{uri}: row {offset + int(rows[0])} is refused by the model: {first}; scikit-learn raises for "
+                    f"such a row, so --on-invalid fail stops there (use skip or quarantine to set rows aside)"
+                )
             raise InputDataError(
                 f"{uri}: row {offset + int(rows[0])} has an invalid feature value ({first}); "
                 f"--on-invalid fail stops at the first null/NaN/inf feature (use skip or quarantine to set rows aside)"
@@ -110,10 +126,9 @@ class _UnitScorer:
                 path = rejected_path(base, self.unit.part_name)
                 self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
-            reasons = pa.array(invalid_reasons(batch, self.task.model.features, rows), pa.string())
-            self.rejected_writer.write_batch(
-                pa.RecordBatch.from_arrays(list(picked.columns) + [reasons], schema=self.task.rejected_schema)
-            )
+            self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
+                list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
+            ))
 
     def run(self) -> UnitResult:
         task, predictor = self.task, self.predictor
@@ -134,10 +149,13 @@ class _UnitScorer:
                     task.contract.check(self.file["uri"], meta.schema.to_arrow_schema())
                 file_nulls = columns_with_nulls(meta, task.model.features)
 
+            # One batch read ahead keeps the reader busy while this one scores; a second one
+            # only costs memory (a batch of every read column).
             batches = prefetch(iter_batches(
                 self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
                 expected=self.file["identity"], on_footer=footer,
-            ))
+                start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
+            ), depth=1)
             for batch in batches:
                 batch_started = time.perf_counter()
                 n = batch.num_rows
@@ -146,18 +164,23 @@ class _UnitScorer:
                     profile.add_features(batch, matrix, n)
                 bad = invalid_mask(matrix[:n])
                 if bad is not None:
-                    self._handle_invalid(batch, bad, offset, stack)
-                    matrix[:n][bad] = 0.0  # scored like any row, then dropped: neighbours stay put
+                    matrix[:n][bad] = 0.0  # a placeholder: the predictor never scores it (see engine.TransformCheck)
                 if n:
-                    columns = [batch.column(c) for c in task.passthrough] + predictor.predict(matrix, n)
-                    scored = pa.RecordBatch.from_arrays(columns, schema=task.output_schema)
+                    prediction = predictor.score(matrix, n, bad)
+                    if prediction.refused is not None:  # rows scikit-learn refuses after a transform
+                        bad = prediction.refused if bad is None else bad | prediction.refused
                     if bad is not None:
-                        scored = scored.filter(pa.array(~bad))
-                    if scored.num_rows:
-                        writer.write(scored)
-                        if profile is not None:
-                            profile.add_scores(scored)
-                    rows_out += scored.num_rows
+                        self._handle_invalid(batch, bad, offset, stack, prediction.reasons)
+                    if prediction.columns is not None:
+                        columns = [batch.column(c) for c in task.passthrough] + prediction.columns
+                        scored = pa.RecordBatch.from_arrays(columns, schema=task.output_schema)
+                        if bad is not None:
+                            scored = scored.filter(pa.array(~bad))
+                        if scored.num_rows:
+                            writer.write(scored)
+                            if profile is not None:
+                                profile.add_scores(scored)
+                        rows_out += scored.num_rows
                 rows_in += n
                 offset += n
                 report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds

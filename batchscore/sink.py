@@ -35,8 +35,8 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
 from .storage import atomic_writer, full_uri, remove_if_exists, translated, write_bytes_atomic
 
 REJECT_REASON = "reject_reason"
-PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet$")
-REJECTED_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}\.parquet" + re.escape(REJECTED_SUFFIX) + "$")
+PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet$")  # the last number: a row group's slice
+REJECTED_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet" + re.escape(REJECTED_SUFFIX) + "$")
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding

@@ -152,16 +152,12 @@ def compare_on_files(
     agreement = Agreement()
     with threadpool_limits(1):  # this process forks workers next: no native thread pool may be running
         for uri, (rows, *with_nan) in samples:
-            _compare(reference, candidate, _aligned(rows), len(rows), uri, agreement)
-            agreement.rows += len(rows)
+            agreement.rows += _compare(reference, candidate, _aligned(rows), len(rows), uri, agreement)
             for nan_rows in with_nan:
-                try:
-                    expected = reference.predict(_aligned(nan_rows), len(nan_rows))
-                except ValueError:  # a scaler or pipeline step that refuses NaN: such rows never reach the trees
-                    continue
-                _compare(reference, candidate, _aligned(nan_rows), len(nan_rows), uri, agreement, expected)
-                agreement.rows += len(nan_rows)
-                agreement.nan_rows += len(nan_rows)
+                # Rows scikit-learn refuses (a scaler or pipeline step that refuses NaN) never reach the trees.
+                accepted = _compare(reference, candidate, _aligned(nan_rows), len(nan_rows), uri, agreement)
+                agreement.rows += accepted
+                agreement.nan_rows += accepted
     return agreement
 
 
@@ -178,7 +174,7 @@ def _samples(
         return [np.zeros((0, len(features)))]
     wanted = np.unique(np.linspace(0, groups[index] - 1, min(ROWS_PER_FILE, groups[index])).astype(np.intp))
     taken, start = [], 0
-    with open_parquet(entry["uri"], storage_options, expected=entry.get("identity")) as (pf, _):
+    with open_parquet(entry["uri"], storage_options, expected=entry.get("identity"), streaming=True) as (pf, _):
         nulls = set(columns_with_nulls(pf.metadata, features))
         # Batch by batch, keeping only the wanted rows: this process forks the workers next, and
         # they would inherit whatever a whole row group had grown its heap to.
@@ -209,17 +205,28 @@ def _aligned(rows: np.ndarray) -> np.ndarray:
 
 
 def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, rows: int, uri: str,
-             agreement: Agreement, expected: Sequence[pa.Array] | None = None) -> None:
-    """Add how far the candidate's columns are from the reference's on these rows to ``agreement``."""
+             agreement: Agreement) -> int:
+    """Add how far the candidate's columns are from the reference's on these rows to ``agreement``;
+    the rows compared (those scikit-learn accepts: both engines must refuse the same rows)."""
     if not rows:
-        return
-    expected = expected if expected is not None else reference.predict(matrix, rows)
+        return 0
+    scored = reference.score(matrix, rows)
     try:
-        got = candidate.predict(matrix, rows)
+        answer = candidate.score(matrix, rows)
     except Exception as exc:  # a library built for another model may not even have its shape
         agreement.largest = np.inf
         agreement.first_problem = agreement.first_problem or f"{uri}: {type(exc).__name__}: {exc}"
-        return
+        return 0
+    refused = scored.refused if scored.refused is not None else np.zeros(rows, dtype=bool)
+    if not np.array_equal(refused, answer.refused if answer.refused is not None else np.zeros(rows, dtype=bool)):
+        agreement.largest = np.inf
+        agreement.first_problem = agreement.first_problem or f"{uri}: the engines refuse different rows"
+        return 0
+    if scored.columns is None or answer.columns is None:
+        return 0
+    kept = pa.array(~refused)
+    expected = [column.filter(kept) for column in scored.columns]
+    got = [column.filter(kept) for column in answer.columns]
     model = reference.model
     for position, f in enumerate(reference.fields[: len(reference.fields) - 2]):  # predicted_at, model_version
         want, have = expected[position], got[position]
@@ -241,6 +248,7 @@ def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, row
             if diff[worst] > TOLERANCE:
                 agreement.first_problem = (f"{uri}: checked row {worst}, {f.name} is {b[worst]!r} compiled but "
                                            f"{a[worst]!r} with scikit-learn")
+    return len(expected[0])
 
 
 def engine_manifest(receipts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
