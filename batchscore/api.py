@@ -188,7 +188,9 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
     planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
     from . import planning, shard
+    from .config import check_numbers
 
+    check_numbers(shard=index, shards=count)
     if plan is None:
         if count is None:
             raise ConfigError("--shard I needs --plan, or give it as I/N")

@@ -332,7 +332,9 @@ def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
     import os
 
     from . import sample as samples
+    from .config import check_numbers
 
+    check_numbers(rows=rows)
     data = os.path.join(out_dir, samples.DATA_FILE)
     if not model_only:
         samples.write_sample_data(out_dir, rows or samples.SAMPLE_ROWS)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from .config import JobConfig
+from .config import JobConfig, check_numbers
 from .errors import ConfigError, InputDataError
 from .lease import held, plan_holder
 from .model import Artifact, ArtifactPolicy, artifact_digests
@@ -225,10 +225,7 @@ def make_plan(
     """Balanced contiguous shards of whole row groups; the same input always gives the same plan."""
     if shards is not None and rows_per_shard is not None:
         raise ConfigError("give either --shards or --rows-per-shard, not both")
-    if shards is not None and shards < 1:
-        raise ConfigError(f"--shards must be at least 1, got {shards}")
-    if rows_per_shard is not None and rows_per_shard < 1:
-        raise ConfigError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     # Every row group is an item; a file with none is one empty item so it still has a part.
     items = [(i, rg) for i, f in enumerate(files) for rg in (range(len(f.row_groups)) or [-1])]
     weights = [files[i].row_groups[rg] if rg >= 0 else 0 for i, rg in items]
