@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .config import JobConfig
+from .config import JobConfig, check_numbers, refuse_template
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -174,6 +174,7 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
     each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
     from . import planning
 
+    refuse_template("out", out)
     return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
 
 
@@ -181,6 +182,7 @@ def load_plan(uri: str, config: JobConfig) -> "Plan":
     """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
     from . import planning
 
+    refuse_template("plan", uri)
     return planning.load_plan(uri, config)
 
 
@@ -188,9 +190,9 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
     planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
     from . import planning, shard
-    from .config import check_numbers
 
     check_numbers(shard=index, shards=count)
+    refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is None:
         if count is None:
             raise ConfigError("--shard I needs --plan, or give it as I/N")
@@ -210,6 +212,8 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
     and held; ``accept_drift`` then commits the output as that held report describes it."""
     from . import committing, planning
 
+    check_numbers(shards=shards)
+    refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is not None:
         the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
     elif shards:
@@ -264,6 +268,7 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     from .model import ArtifactPolicy
 
     config.require("model")
+    refuse_template("out", out)
     artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
                                      out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
@@ -274,6 +279,8 @@ def report(output: str, storage_options: Mapping[str, Any] | None = None, html: 
     write it there as a self-contained HTML page."""
     from .run_report import read_report
 
+    for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
+        refuse_template(key, value)
     result = ReportResult.of(read_report(output, storage_options or {}))
     if html:
         from .report_html import write_html

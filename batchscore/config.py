@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Literal, Optional, Tuple
 
 import yaml
@@ -46,6 +48,49 @@ PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
 #: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
 LIST_KEYS = ("features", "keep")
+
+
+#: Jinja's markers (``{{ ds }}``, ``{% if %}``, ``{# #}``): a value holding one is a template.
+TEMPLATE = re.compile(r"\{\{|\{%|\{#")
+#: Set while the DAG factory checks a job file: Airflow renders its templates before batchscore runs.
+_TEMPLATES_RENDERED: ContextVar[bool] = ContextVar("templates_rendered", default=False)
+
+
+class TemplateLeftError(ConfigError):
+    """A setting still holds a template where nothing renders it; ``key`` names the setting."""
+
+    def __init__(self, key: str, text: str) -> None:
+        super().__init__(f"setting '{key}' holds the template {text!r}, which nothing renders here (only the "
+                         f"Airflow DAG renders a job's templates, before it starts batchscore); give the value itself")
+        self.key = key
+
+
+def _texts(value: Any) -> list[str]:
+    """Every string in a value, however deep in its lists and mappings (keys too)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        value = [*value.keys(), *value.values()]
+    return [s for item in value for s in _texts(item)] if isinstance(value, (list, tuple)) else []
+
+
+def refuse_template(key: str, value: Any) -> None:
+    """Refuse a value that still holds a template: ``out/dt={{ ds }}`` run outside Airflow would
+    write into a folder literally named ``dt={{ ds }}``."""
+    for text in _texts(value):
+        if TEMPLATE.search(text):
+            raise TemplateLeftError(key, text)
+
+
+@contextmanager
+def templates_rendered() -> Iterator[None]:
+    """Accept templates in job settings within the block: for the DAG factory, whose templates
+    Airflow renders before the container runs."""
+    token = _TEMPLATES_RENDERED.set(True)
+    try:
+        yield
+    finally:
+        _TEMPLATES_RENDERED.reset(token)
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
@@ -156,6 +201,9 @@ class JobConfig:
         return dict(value)
 
     def __post_init__(self) -> None:
+        if not _TEMPLATES_RENDERED.get():
+            for key in FIELDS:
+                refuse_template(key, getattr(self, key))
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
         bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries)
         object.__setattr__(self, "storage_options", bounded)
@@ -259,6 +307,8 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
         config = JobConfig(**settings)
     except ValidationError as exc:
         raise ConfigError(schema.explain(exc, FIELDS, lambda loc: name(str(loc[0])), where)) from None
+    except TemplateLeftError as exc:
+        raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
             "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
@@ -266,13 +316,45 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
     return config
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names one key twice: YAML loaders keep the last value without a word."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} appears twice (lines {first} and {second}); keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming a key twice, at any depth (``dag:`` too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: later keys override it
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream: Any) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, but a key named twice in one mapping is an error."""
+    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML job file into raw settings, rejecting unknown keys by name."""
+    """Read a YAML job file into raw settings, rejecting unknown and repeated keys by name."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = load_yaml(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, fi
 from . import schema
 from .config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
 from .config import FIELDS as JOB_FIELDS
-from .config import validate_settings
+from .config import TEMPLATE, DuplicateKeyError, load_yaml, templates_rendered, validate_settings
 from .errors import ConfigError
 from .layout import check_output
 from .quantity import Quantity
@@ -323,7 +323,8 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         raise DagConfigError(f"{source}: storage_options {', '.join(leaked)} look like credentials: they would be "
                              "passed as arguments; use dag.secrets or the worker's environment instead")  # fmt: skip
     try:
-        config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
+        with templates_rendered():  # Airflow renders them before the container runs
+            config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
     except ConfigError as exc:
         raise DagConfigError(f"{source}: {exc}") from None
     values = {key: getattr(config, key) for key in given}
@@ -339,6 +340,26 @@ def _template_texts(value: Any) -> list[str]:
     if isinstance(value, Mapping):
         value = list(value.values())
     return [s for item in value for s in _template_texts(item)] if isinstance(value, (list, tuple)) else []
+
+
+#: The ``dag:`` keys whose templates the DAG renders for each run (see dagrun.py); a template in any
+#: other ``dag:`` key would reach Airflow or the pod spec as it is written.
+RENDERED_DAG_KEYS = ("env", "sensor.path", "sensor.marker", "drift.reference")
+
+
+def refuse_unrendered(section: Mapping[str, Any], source: str) -> None:
+    """A template in a ``dag:`` key that nothing renders fails when the DAG is parsed, naming the key."""
+    for key, value in section.items():
+        inner = value.items() if isinstance(value, Mapping) and key in ("sensor", "drift") else [(None, value)]
+        for name, item in inner:
+            dotted = f"{key}.{name}" if name is not None else key
+            if dotted in RENDERED_DAG_KEYS:
+                continue
+            for text in _template_texts(item):
+                if TEMPLATE.search(text):
+                    raise DagConfigError(f"{source}: dag.{dotted}: {text!r} is a template, but the DAG does not "
+                                         f"render dag.{dotted} (only the job's keys and dag."
+                                         f"{', dag.'.join(RENDERED_DAG_KEYS)}); give the value itself")
 
 
 def check_templates(values: Mapping[str, Any], source: str) -> None:
@@ -362,6 +383,7 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     section = data.get("dag") or {}
     job = {k: v for k, v in data.items() if k != "dag"}
     dag = read_dag(source, section)
+    refuse_unrendered(section, source)
     args = common_args(job, source)
     sections = {f"dag.{key}": section.get(key) for key in ("sensor", "drift") if isinstance(section.get(key), Mapping)}
     check_templates({**job, "dag.env": section.get("env"), **sections}, source)
@@ -393,7 +415,9 @@ def load_jobs(configs_dir: str | os.PathLike[str]) -> list[JobSettings]:
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         with open(path, encoding="utf-8") as fh:
             try:
-                data = yaml.safe_load(fh) or {}
+                data = load_yaml(fh) or {}
+            except DuplicateKeyError as exc:
+                raise DagConfigError(f"{path}: {exc}") from None
             except yaml.YAMLError as exc:
                 raise DagConfigError(f"{path}: not valid YAML: {exc}") from None
         if isinstance(data, Mapping) and isinstance(data.get("dag"), Mapping) and "schedule" in data["dag"]:

@@ -169,7 +169,7 @@ def explain(exc: ValidationError, fields: Mapping[str, FieldInfo], name: Callabl
             if expected.startswith("input should be "):
                 expected = expected[len("input should be "):]
             if error["type"] in ("less_than_equal", "less_than") and info is not None and extra(info).get("why"):
-                expected += f" (at most {_number(upper_bound(info))}: {extra(info)['why']})"
+                expected += f" ({extra(info)['why']})"
             sentences.append(f"{where(key)}{name(loc)} must be {expected}, got {error['input']!r}")
     return "; ".join(dict.fromkeys(sentences))
 
@@ -231,6 +231,7 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping; each value is read as YAML reads it (``true``, 3, text)."""
     import yaml
 
+    from .config import load_yaml
     from .errors import ConfigError
 
     pairs: dict[str, Any] = {}
@@ -238,7 +239,12 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} takes key=value, got {item!r}")
-        pairs[key] = yaml.safe_load(value) if value else ""
+        if key in pairs:
+            raise ConfigError(f"{flag} gives {key!r} twice ({key}={pairs[key]!r} and {item!r}); keep one")
+        try:
+            pairs[key] = load_yaml(value) if value else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {item!r}: the value is not valid YAML: {str(exc).splitlines()[0]}") from None
     return pairs
 
 
