@@ -154,16 +154,16 @@ class ReportResult:
 
 
 def validate(config: JobConfig) -> ValidateResult:
-    """Check model, inputs and schemas, and that the output may be written (a probe file is
-    written and removed); score nothing."""
+    """Check model, inputs and schemas, the output and its lease, and everything ``run`` would
+    write or read (probe files are written and removed; see preflight.py); score nothing."""
     from .output_guard import guard_output
+    from .preflight import check_access, check_lease
     from .preparation import prepare
-    from .storage import filesystem, probe_writable
 
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
-    fs, path = filesystem(prepared.output, config.storage_options)
-    probe_writable(fs, path)
+    check_lease(prepared)
+    check_access(prepared)
     return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
                           tuple(prepared.model.features), tuple(prepared.output_schema.names))
 
@@ -174,6 +174,7 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
     each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
     from . import planning
 
+    check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     refuse_template("out", out)
     return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
 
@@ -229,6 +230,7 @@ def run(config: JobConfig) -> RunResult:
     from .lease import run_holder
     from .output_guard import guard_output
     from .planning import hold, plan_of
+    from .preflight import check_access
     from .preparation import now, prepare
     from .shard import score_shard
 
@@ -238,6 +240,7 @@ def run(config: JobConfig) -> RunResult:
     the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
     with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        check_access(prepared)  # what validate checks: nothing is scored that cannot be written
         score_shard(prepared, the_plan, 0, lease)
         manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
                                lease=lease)

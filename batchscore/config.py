@@ -249,7 +249,7 @@ class CommandNumbers:
                                     why=SHARDS_WHY)
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
                                             why=ROWS_WHY)
-    shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, lt=MAX_SHARDS,
+    shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
                                    flag="--shard", why="shards are numbered from 0 below the most a job has, 10000")
     rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8,
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
