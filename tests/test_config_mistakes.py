@@ -120,6 +120,17 @@ def test_dag_numbers_past_their_bound_fail_when_the_dags_are_parsed(tmp_path: Pa
     assert bound_text(info) in message and schema.extra(info)["why"] in message
 
 
+@pytest.mark.parametrize("amount", ["9Ei", "9223372036854775808", "10E", "1e19"])
+def test_resource_amounts_past_what_kubernetes_holds_are_refused(amount: str) -> None:
+    """Quantities are text, but numbers all the same: Kubernetes keeps them in 64 bits."""
+    section = {**DAG, "resources": {"limits": {"memory": amount}}}
+    with pytest.raises(DagConfigError, match=r"dag\.resources\.limits\.memory must be a Kubernetes quantity of at most "
+                                             r"9223372036854775807 \(Kubernetes keeps a quantity in 64 bits\)"):
+        parse_job("job.yaml", {"input": "in/", "output": "out/x", "dag": section})
+    assert parse_job("job.yaml", {"input": "in/", "output": "out/x",
+                                  "dag": {**DAG, "resources": {"limits": {"memory": "7Ei"}}}})
+
+
 #: How each command-only number is given on the command line; a new one needs its case here.
 COMMAND_CASES: dict[str, list[Callable[[Any], list[str]]]] = {
     "shards": [lambda v: ["plan", "--shards", v], lambda v: ["commit", "--shards", v],
