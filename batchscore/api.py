@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .config import JobConfig
+from .config import JobConfig, check_numbers, refuse_template
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -154,16 +154,16 @@ class ReportResult:
 
 
 def validate(config: JobConfig) -> ValidateResult:
-    """Check model, inputs and schemas, and that the output may be written (a probe file is
-    written and removed); score nothing."""
+    """Check model, inputs and schemas, the output and its lease, and everything ``run`` would
+    write or read (probe files are written and removed; see preflight.py); score nothing."""
     from .output_guard import guard_output
+    from .preflight import check_access, check_lease
     from .preparation import prepare
-    from .storage import filesystem, probe_writable
 
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
-    fs, path = filesystem(prepared.output, config.storage_options)
-    probe_writable(fs, path)
+    check_lease(prepared)
+    check_access(prepared)
     return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
                           tuple(prepared.model.features), tuple(prepared.output_schema.names))
 
@@ -174,6 +174,8 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
     each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
     from . import planning
 
+    check_numbers(shards=shards, rows_per_shard=rows_per_shard)
+    refuse_template("out", out)
     return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
 
 
@@ -181,6 +183,7 @@ def load_plan(uri: str, config: JobConfig) -> "Plan":
     """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
     from . import planning
 
+    refuse_template("plan", uri)
     return planning.load_plan(uri, config)
 
 
@@ -189,6 +192,8 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
     from . import planning, shard
 
+    check_numbers(shard=index, shards=count)
+    refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is None:
         if count is None:
             raise ConfigError("--shard I needs --plan, or give it as I/N")
@@ -208,6 +213,8 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
     and held; ``accept_drift`` then commits the output as that held report describes it."""
     from . import committing, planning
 
+    check_numbers(shards=shards)
+    refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is not None:
         the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
     elif shards:
@@ -223,6 +230,7 @@ def run(config: JobConfig) -> RunResult:
     from .lease import run_holder
     from .output_guard import guard_output
     from .planning import hold, plan_of
+    from .preflight import check_access
     from .preparation import now, prepare
     from .shard import score_shard
 
@@ -232,6 +240,7 @@ def run(config: JobConfig) -> RunResult:
     the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
     with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        check_access(prepared)  # what validate checks: nothing is scored that cannot be written
         score_shard(prepared, the_plan, 0, lease)
         manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
                                lease=lease)
@@ -262,6 +271,7 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     from .model import ArtifactPolicy
 
     config.require("model")
+    refuse_template("out", out)
     artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
                                      out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
@@ -272,6 +282,8 @@ def report(output: str, storage_options: Mapping[str, Any] | None = None, html: 
     write it there as a self-contained HTML page."""
     from .run_report import read_report
 
+    for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
+        refuse_template(key, value)
     result = ReportResult.of(read_report(output, storage_options or {}))
     if html:
         from .report_html import write_html

@@ -16,7 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 
 from . import __version__, api, logs, schema
-from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config
+from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config, check_numbers
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -179,9 +179,14 @@ def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     index, _, count = value.partition("/")
     try:
-        return int(index), (int(count) if count else None)
+        parsed = int(index), (int(count) if count else None)
     except ValueError:
         raise ConfigError(f"--shard takes I or I/N, got {value!r}") from None
+    try:
+        check_numbers(shard=parsed[0], shards=parsed[1])
+    except ConfigError as exc:
+        raise ConfigError(f"--shard {value}: {exc}") from None
+    return parsed
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -333,6 +338,7 @@ def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
 
     from . import sample as samples
 
+    check_numbers(rows=rows)
     data = os.path.join(out_dir, samples.DATA_FILE)
     if not model_only:
         samples.write_sample_data(out_dir, rows or samples.SAMPLE_ROWS)

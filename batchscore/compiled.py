@@ -34,7 +34,7 @@ import numpy as np
 from .engine import Predictor
 from .errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .model import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
-from .storage import filesystem, join, read_bytes, write_bytes_atomic
+from .storage import filesystem, join, probe_writable, read_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def obtain(
     """
     started = time.perf_counter()
     name = library_name(model_sha256(model))
-    path = cache_dir(configured_cache) / name
+    path = check_cache(model, configured_cache)
     remote = join(configured_cache, name) if configured_cache and is_remote(configured_cache) else None
     downloaded = False
     if remote and not path.is_file():
@@ -254,6 +254,22 @@ def obtain(
     if remote and (built or must_upload):
         _upload(data, remote, storage_options, must_upload)
     return Library(str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded)
+
+
+def check_cache(model: LoadedModel, configured_cache: str | None) -> Path:
+    """Where the model's library is in the local cache; raise the ``ModelError`` that ``obtain``
+    would, before anything is compiled or scored, when it is there but unreadable, or missing
+    from a cache folder that takes no writes (fetched or compiled, it must be written there)."""
+    path = cache_dir(configured_cache) / library_name(model_sha256(model))
+    if path.is_file():
+        if not os.access(path, os.R_OK):
+            raise ModelError(f"cannot read the compiled library {path}: permission denied")
+        return path
+    try:
+        probe_writable(*filesystem(str(path.parent)), tidy=False)  # the cache folder is kept
+    except BatchscoreError as exc:
+        raise ModelError(f"cannot write the compiled library {path}: {exc}") from None
+    return path
 
 
 def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -> bool:

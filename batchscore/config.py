@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Literal, Optional, Tuple
 
 import yaml
@@ -33,10 +35,62 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
 DEFAULT_DRIFT_WARN = 0.1
+#: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
+#: inside the job; the reasons are the settings' ``why``.
+MAX_BATCH_SIZE = 2**24
+MAX_WORKERS = 1024
+DAY_SECONDS = 86_400.0
+#: PSI is computed with each bar's share floored at 1e-4 (see drift.py), so it never exceeds
+#: 2 * ln(10^4) = 18.4: a threshold above 20 could never be crossed.
+MAX_PSI = 20.0
+PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
 #: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
 LIST_KEYS = ("features", "keep")
+
+
+#: Jinja's markers (``{{ ds }}``, ``{% if %}``, ``{# #}``): a value holding one is a template.
+TEMPLATE = re.compile(r"\{\{|\{%|\{#")
+#: Set while the DAG factory checks a job file: Airflow renders its templates before batchscore runs.
+_TEMPLATES_RENDERED: ContextVar[bool] = ContextVar("templates_rendered", default=False)
+
+
+class TemplateLeftError(ConfigError):
+    """A setting still holds a template where nothing renders it; ``key`` names the setting."""
+
+    def __init__(self, key: str, text: str) -> None:
+        super().__init__(f"setting '{key}' holds the template {text!r}, which nothing renders here (only the "
+                         f"Airflow DAG renders a job's templates, before it starts batchscore); give the value itself")
+        self.key = key
+
+
+def _texts(value: Any) -> list[str]:
+    """Every string in a value, however deep in its lists and mappings (keys too)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        value = [*value.keys(), *value.values()]
+    return [s for item in value for s in _texts(item)] if isinstance(value, (list, tuple)) else []
+
+
+def refuse_template(key: str, value: Any) -> None:
+    """Refuse a value that still holds a template: ``out/dt={{ ds }}`` run outside Airflow would
+    write into a folder literally named ``dt={{ ds }}``."""
+    for text in _texts(value):
+        if TEMPLATE.search(text):
+            raise TemplateLeftError(key, text)
+
+
+@contextmanager
+def templates_rendered() -> Iterator[None]:
+    """Accept templates in job settings within the block: for the DAG factory, whose templates
+    Airflow renders before the container runs."""
+    token = _TEMPLATES_RENDERED.set(True)
+    try:
+        yield
+    finally:
+        _TEMPLATES_RENDERED.reset(token)
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
@@ -63,25 +117,33 @@ class JobConfig:
                                                   shown="the estimator's feature_names_in_")
     keep: Optional[Tuple[str, ...]] = setting(None, "Passthrough columns, comma-separated on the command line.", csv=True,
                                               shown="all input columns")
-    batch_size: int = setting(DEFAULT_BATCH_SIZE, "Rows per batch read, scored and written.", ge=1)
+    batch_size: int = setting(DEFAULT_BATCH_SIZE, "Rows per batch read, scored and written.", ge=1, le=MAX_BATCH_SIZE,
+                              why="a few batches per worker are held in memory at once, and 2^24 rows of "
+                              "features already take gigabytes")  # fmt: skip
     on_invalid: Literal["fail", "skip", "quarantine"] = setting(
         "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason.")
     max_invalid_fraction: float = setting(DEFAULT_MAX_INVALID_FRACTION, "Most invalid rows allowed as a fraction of "
-                                          "input rows (skip or quarantine).", ge=0, le=1)  # fmt: skip
+                                          "input rows (skip or quarantine).", ge=0, le=1, why="a fraction")  # fmt: skip
     overwrite: bool = setting(False, "Replace an existing output.", switch=True)
-    workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1,
-                                     shown="all cores this process may use")
+    workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1, le=MAX_WORKERS,
+                                     shown="all cores this process may use",
+                                     why="each worker is a process with its own copy of the model; no host has "
+                                     "more than 1024 cores to give them")  # fmt: skip
     storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
                                                  flag="--storage-option", metavar="KEY=VALUE")
     storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
-                                     "the next data.", gt=0, le=3600, unit="seconds")  # fmt: skip
+                                     "the next data.", gt=0, le=3600, unit="seconds",
+                                     why="a request stalled for an hour has failed")  # fmt: skip
     storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
-                                   "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20)
+                                   "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20,
+                                   why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days")
     log_format: Literal["text", "json"] = setting("text", "Log lines, warnings and the final error as text or JSON.")
     lease_seconds: float = setting(DEFAULT_LEASE_SECONDS, "How long the lease on the output outlives a holder that "
-                                   "stopped renewing it; renewed every third of it.", ge=1, unit="seconds")
+                                   "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
+                                   why="a crashed holder blocks the output this long; a day is already a lost run")
     lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
-                                  "giving up (exit 2).", ge=0, unit="seconds")
+                                  "giving up (exit 2).", ge=0, le=DAY_SECONDS, unit="seconds",
+                                  why="a job that waits a day for another has missed its schedule")
     engine: Literal["sklearn", "compiled", "auto"] = setting(
         "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
         "auto (compiled where it qualifies and agrees, else scikit-learn).")
@@ -96,9 +158,9 @@ class JobConfig:
     reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
                                        "Wasserstein) at commit.")  # fmt: skip
     drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
-                                ge=0)  # fmt: skip
+                                ge=0, le=MAX_PSI, why=PSI_WHY)  # fmt: skip
     drift_fail: Optional[float] = setting(None, "Exit 5 without _SUCCESS when a column's PSI against the reference is "
-                                          "above this.", ge=0, shown="off")  # fmt: skip
+                                          "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)  # fmt: skip
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod
@@ -139,6 +201,9 @@ class JobConfig:
         return dict(value)
 
     def __post_init__(self) -> None:
+        if not _TEMPLATES_RENDERED.get():
+            for key in FIELDS:
+                refuse_template(key, getattr(self, key))
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
         bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries)
         object.__setattr__(self, "storage_options", bounded)
@@ -162,6 +227,45 @@ class JobConfig:
         import joblib
 
         return joblib.cpu_count()
+
+
+#: The most shards a job splits into: each is a task (a pod) and a receipt that commit reads, and
+#: part names keep five digits up to here.
+MAX_SHARDS = 10_000
+#: More rows than any one job holds (a trillion): a larger count is a typo.
+MAX_ROWS = 10**12
+SHARDS_WHY = "each shard is a task and a receipt that commit reads; more would swamp the scheduler"
+ROWS_WHY = "a trillion rows is more than one job holds"
+
+
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
+class CommandNumbers:
+    """Numbers that only a command's flags give, not job keys: how a job is split, the sample's size.
+
+    Declared like the job's settings so that they are bounded (and tested) the same way.
+    """
+
+    shards: Optional[int] = setting(None, "Number of shards (plan, commit; `dag.shards`).", ge=1, le=MAX_SHARDS,
+                                    why=SHARDS_WHY)
+    rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
+                                            why=ROWS_WHY)
+    shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
+                                   flag="--shard", why="shards are numbered from 0 below the most a job has, 10000")
+    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8,
+                                  why="the sample is built in memory: 10^8 rows take gigabytes")
+
+
+COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
+
+
+def check_numbers(**values: Any) -> None:
+    """Refuse a command's number flags out of their declared range, naming each flag."""
+    given = {key: value for key, value in values.items() if value is not None}
+    try:
+        CommandNumbers(**given)
+    except ValidationError as exc:
+        flag = lambda loc: schema.flag_of(str(loc[0]), COMMAND_FIELDS[str(loc[0])])  # noqa: E731
+        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, flag)) from None
 
 
 #: The declaration as data: each setting's pydantic field, in order.
@@ -203,6 +307,8 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
         config = JobConfig(**settings)
     except ValidationError as exc:
         raise ConfigError(schema.explain(exc, FIELDS, lambda loc: name(str(loc[0])), where)) from None
+    except TemplateLeftError as exc:
+        raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
             "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
@@ -210,13 +316,45 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
     return config
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names one key twice: YAML loaders keep the last value without a word."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} appears twice (lines {first} and {second}); keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming a key twice, at any depth (``dag:`` too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: later keys override it
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream: Any) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, but a key named twice in one mapping is an error."""
+    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML job file into raw settings, rejecting unknown keys by name."""
+    """Read a YAML job file into raw settings, rejecting unknown and repeated keys by name."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = load_yaml(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -391,5 +391,6 @@ def inputs_ready(settings: JobSettings, context: Mapping[str, Any]) -> bool:
     """Whether this run's input (or its marker file) is there yet."""
     sensor = settings.dag.sensor
     assert sensor is not None
-    paths, storage_options = render(settings, [list(settings.sensor_paths), dict(settings.storage_options)], context)
-    return input_present(paths, sensor.marker, storage_options)
+    paths, storage_options, marker = render(
+        settings, [list(settings.sensor_paths), dict(settings.storage_options), sensor.marker], context)
+    return input_present(paths, marker, storage_options)

@@ -21,8 +21,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
 from . import schema
+from .config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
 from .config import FIELDS as JOB_FIELDS
-from .config import validate_settings
+from .config import TEMPLATE, DuplicateKeyError, load_yaml, templates_rendered, validate_settings
 from .errors import ConfigError
 from .layout import check_output
 from .quantity import Quantity
@@ -68,6 +69,11 @@ def _as_datetime(value: Any) -> Any:
 Strings = Annotated[Tuple[str, ...], BeforeValidator(_strings)]
 StringMap = Annotated[Dict[str, str], BeforeValidator(_string_map)]
 When = Annotated[datetime, BeforeValidator(_as_datetime)]
+#: A week: the longest any wait or task of a scheduled job may take.
+WEEK_SECONDS = 7 * DAY_SECONDS
+#: Runs or shards at once: each is a pod with a worker per core, and the scheduler's pools are far smaller.
+MAX_PARALLEL = 1024
+PARALLEL_WHY = "each is a pod or process at once; the scheduler runs far fewer than 1024 tasks at a time"
 STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -103,8 +109,10 @@ class SensorSpec(BaseModel):
     model_config = STRICT
     path: Strings = setting((), "Paths to wait for.", shown="the inputs")
     marker: Optional[str] = setting(None, "File inside each path to wait for instead, e.g. _SUCCESS.")
-    poke_interval: float = setting(300.0, "Seconds between checks.", gt=0, unit="seconds")
-    timeout: float = setting(6 * 3600.0, "Seconds to wait in all.", gt=0, unit="seconds")
+    poke_interval: float = setting(300.0, "Seconds between checks.", gt=0, le=DAY_SECONDS, unit="seconds",
+                                   why="checking less than daily would miss a daily input by a day")
+    timeout: float = setting(6 * 3600.0, "Seconds to wait in all.", gt=0, le=WEEK_SECONDS, unit="seconds",
+                             why="a sensor waiting past a week holds a run that has long missed its date")
     mode: Literal["poke", "reschedule"] = setting("reschedule", "Hold a worker slot (poke) or not (reschedule).")
 
 
@@ -115,9 +123,9 @@ class DriftSpec(BaseModel):
     reference: Optional[str] = setting(None, "Output to compare with (a template).",
                                        shown="the output of the interval before the run's date")
     warn: Optional[float] = setting(None, "PSI above which a column is warned about (`--drift-warn`).", ge=0,
-                                    shown="the job's `drift_warn`")
+                                    le=MAX_PSI, shown="the job's `drift_warn`", why=PSI_WHY)
     fail: Optional[float] = setting(None, "PSI above which commit exits 5 without `_SUCCESS` (`--drift-fail`).", ge=0,
-                                    shown="the job's `drift_fail`")
+                                    le=MAX_PSI, shown="the job's `drift_fail`", why=PSI_WHY)
 
 
 def _listed(value: Any) -> Any:
@@ -150,7 +158,7 @@ class DagSpec(BaseModel):
     end_date: Optional[When] = setting(None, "Last date to schedule.")
     timezone: str = setting("UTC", "Time zone of the schedule and of dates without one.")
     catchup: bool = setting(False, "Create runs for missed intervals after `start_date`.")
-    max_active_runs: int = setting(1, "Dates scored at the same time.", ge=1)
+    max_active_runs: int = setting(1, "Dates scored at the same time.", ge=1, le=MAX_PARALLEL, why=PARALLEL_WHY)
     dag_id: Optional[str] = setting(None, "The DAG's id.", shown="`batchscore_<file name>`")
     description: Optional[str] = setting(None, "The DAG's description.", shown="the job file's name")
     tags: Strings = setting((), "Tags besides `batchscore`.")
@@ -162,10 +170,11 @@ class DagSpec(BaseModel):
     image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = setting(
         None, "Kubernetes `imagePullPolicy`.", shown="cluster default")
     shards: Optional[int] = setting(None, "Number of shards (or give `rows_per_shard`); a run's params override it.",
-                                    ge=1, shown="one shard")
+                                    ge=1, le=MAX_SHARDS, shown="one shard", why=SHARDS_WHY)
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of `shards`; a run's params "
-                                            "override it.", ge=1)  # fmt: skip
-    max_active_tis_per_dagrun: int = setting(8, "Shards running at once within one run.", ge=1)
+                                            "override it.", ge=1, le=MAX_ROWS, why=ROWS_WHY)  # fmt: skip
+    max_active_tis_per_dagrun: int = setting(8, "Shards running at once within one run.", ge=1, le=MAX_PARALLEL,
+                                             why=PARALLEL_WHY)
     resources: Resources = setting(Resources(), shown="none", help="`{requests: {cpu, memory}, limits: {cpu, memory}}` as Kubernetes "
                                    "quantities (`500m`, `4Gi`, `1G` = 10^9). Docker takes `limits` (`cpus`, `mem_limit`).")
     env: StringMap = setting({}, "Environment variables for the scorer; no credentials (they would show in the UI).")
@@ -179,14 +188,19 @@ class DagSpec(BaseModel):
     docker_conn_id: Optional[str] = setting(None, "Docker runner only: Airflow connection to a registry.")
     local_command: Strings = setting((), "`local` runner only: the command that starts batchscore (list or string).",
                                      shown="`python -m batchscore`")
-    retries: int = setting(2, "Retries of every task.", ge=0)
-    retry_delay: float = setting(60.0, "Seconds before the first retry.", ge=0, unit="seconds")
+    retries: int = setting(2, "Retries of every task.", ge=0, le=100,
+                           why="a task that failed 100 times will not succeed on the 101st")
+    retry_delay: float = setting(60.0, "Seconds before the first retry.", ge=0, le=DAY_SECONDS, unit="seconds",
+                                 why="a retry a day later has missed its schedule")
     retry_exponential_backoff: Annotated[float, BeforeValidator(_backoff)] = setting(
         2.0, "`true` doubles the delay at each retry; a number is the multiplier; `false` keeps the delay fixed.",
-        ge=0, shown="true")  # fmt: skip
-    max_retry_delay: Optional[float] = setting(None, "Upper bound on the delay, in seconds.", ge=0, unit="seconds")
+        ge=0, le=10, shown="true", why="each retry waits that many times longer: 10 is already steeper than "
+        "any backoff needs")  # fmt: skip
+    max_retry_delay: Optional[float] = setting(None, "Upper bound on the delay, in seconds.", ge=0, le=DAY_SECONDS,
+                                               unit="seconds", why="a retry a day later has missed its schedule")
     execution_timeout: Optional[float] = setting(None, "Seconds one shard may run before it is failed (and retried).",
-                                                 ge=0, unit="seconds")  # fmt: skip
+                                                 ge=0, le=WEEK_SECONDS, unit="seconds",
+                                                 why="a shard running a week is stuck")  # fmt: skip
     sensor: Annotated[Optional[SensorSpec], BeforeValidator(_switch)] = setting(
         None, "`true`, or `{path, marker, poke_interval, timeout, mode}`. It waits for `path` (default: the inputs) or "
         "for `<path>/<marker>` (e.g. `_SUCCESS`). `mode` is `reschedule` (default) or `poke`.", shown="off")
@@ -309,7 +323,8 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
         raise DagConfigError(f"{source}: storage_options {', '.join(leaked)} look like credentials: they would be "
                              "passed as arguments; use dag.secrets or the worker's environment instead")  # fmt: skip
     try:
-        config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
+        with templates_rendered():  # Airflow renders them before the container runs
+            config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
     except ConfigError as exc:
         raise DagConfigError(f"{source}: {exc}") from None
     values = {key: getattr(config, key) for key in given}
@@ -325,6 +340,26 @@ def _template_texts(value: Any) -> list[str]:
     if isinstance(value, Mapping):
         value = list(value.values())
     return [s for item in value for s in _template_texts(item)] if isinstance(value, (list, tuple)) else []
+
+
+#: The ``dag:`` keys whose templates the DAG renders for each run (see dagrun.py); a template in any
+#: other ``dag:`` key would reach Airflow or the pod spec as it is written.
+RENDERED_DAG_KEYS = ("env", "sensor.path", "sensor.marker", "drift.reference")
+
+
+def refuse_unrendered(section: Mapping[str, Any], source: str) -> None:
+    """A template in a ``dag:`` key that nothing renders fails when the DAG is parsed, naming the key."""
+    for key, value in section.items():
+        inner = value.items() if isinstance(value, Mapping) and key in ("sensor", "drift") else [(None, value)]
+        for name, item in inner:
+            dotted = f"{key}.{name}" if name is not None else key
+            if dotted in RENDERED_DAG_KEYS:
+                continue
+            for text in _template_texts(item):
+                if TEMPLATE.search(text):
+                    raise DagConfigError(f"{source}: dag.{dotted}: {text!r} is a template, but the DAG does not "
+                                         f"render dag.{dotted} (only the job's keys and dag."
+                                         f"{', dag.'.join(RENDERED_DAG_KEYS)}); give the value itself")
 
 
 def check_templates(values: Mapping[str, Any], source: str) -> None:
@@ -348,6 +383,7 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     section = data.get("dag") or {}
     job = {k: v for k, v in data.items() if k != "dag"}
     dag = read_dag(source, section)
+    refuse_unrendered(section, source)
     args = common_args(job, source)
     sections = {f"dag.{key}": section.get(key) for key in ("sensor", "drift") if isinstance(section.get(key), Mapping)}
     check_templates({**job, "dag.env": section.get("env"), **sections}, source)
@@ -379,7 +415,9 @@ def load_jobs(configs_dir: str | os.PathLike[str]) -> list[JobSettings]:
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         with open(path, encoding="utf-8") as fh:
             try:
-                data = yaml.safe_load(fh) or {}
+                data = load_yaml(fh) or {}
+            except DuplicateKeyError as exc:
+                raise DagConfigError(f"{path}: {exc}") from None
             except yaml.YAMLError as exc:
                 raise DagConfigError(f"{path}: not valid YAML: {exc}") from None
         if isinstance(data, Mapping) and isinstance(data.get("dag"), Mapping) and "schedule" in data["dag"]:

@@ -230,11 +230,20 @@ class Lease:
             except OSError as exc:
                 raise _storage_failure(f"cannot take the lease {self.uri} on output {self.output}", exc) from None
             if time.monotonic() >= give_up:
-                raise OutputBusyError(
-                    f"output {self.output} is being written by {current.describe()}; "
-                    f"wait for it, or pass --lock-timeout SECONDS to wait here"
-                )
+                raise self._busy(current)
             time.sleep(min(1.0, max(0.05, give_up - time.monotonic())))
+
+    def _busy(self, current: LeaseRecord) -> OutputBusyError:
+        return OutputBusyError(f"output {self.output} is being written by {current.describe()}; "
+                               f"wait for it, or pass --lock-timeout SECONDS to wait here")
+
+    def check_free(self) -> None:
+        """Raise what ``acquire`` would raise now, without taking the lease: another job's live
+        lease, a file where the state folder should be, or a lease that cannot be read."""
+        found = self._read()
+        current = found[0] if found else None
+        if current is not None and current.holder != self.holder and not current.stale(time.time()):
+            raise self._busy(current)
 
     def _took(self, record: LeaseRecord) -> Lease:
         self._wrote(record)

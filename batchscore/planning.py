@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from .config import JobConfig
+from .config import JobConfig, check_numbers
 from .errors import ConfigError, InputDataError
 from .lease import held, plan_holder
 from .model import Artifact, ArtifactPolicy, artifact_digests
@@ -257,10 +257,7 @@ def make_plan(
     rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
     if shards is not None and rows_per_shard is not None:
         raise ConfigError("give either --shards or --rows-per-shard, not both")
-    if shards is not None and shards < 1:
-        raise ConfigError(f"--shards must be at least 1, got {shards}")
-    if rows_per_shard is not None and rows_per_shard < 1:
-        raise ConfigError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     # Every row group is an item; a file with none is one empty item so it still has a part.
     items = [(i, rg) for i, f in enumerate(files) for rg in (range(len(f.row_groups)) or [-1])]
     weights = [files[i].row_groups[rg] if rg >= 0 else 0 for i, rg in items]
@@ -311,6 +308,10 @@ def plan(
     result = plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=now().isoformat())
     if not out:  # nothing is written: the job's first shard takes the lease
         return result
+    from .preflight import check_access, check_lease
+
+    check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
+    check_access(prepared, plan_out=out)
     with hold(config, result, "plan", release="never"):
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
         fs, path = filesystem(prepared.output, config.storage_options)

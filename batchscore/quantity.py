@@ -20,6 +20,8 @@ from pydantic_core import PydanticCustomError
 #: exponent (e3, E-2). "1G" is 10^9 bytes, "1Gi" 2^30, "1.5Gi" is fine, "1GB" is not a quantity.
 QUANTITY = re.compile(r"(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))(?P<suffix>[KMGTPE]i|[numkMGTPE]?|[eE][+-]?\d+)")
 _BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+#: The largest quantity Kubernetes stores (a signed 64-bit integer of its unit); a larger one is a typo.
+MAX_QUANTITY = 2**63 - 1
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 
 
@@ -41,6 +43,9 @@ def _quantity(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str) or not QUANTITY.fullmatch(value.strip()) or quantity_value(value.strip()) < 0:
         raise PydanticCustomError("quantity", "a Kubernetes quantity such as 500m, 2, 4G or 1.5Gi")
+    if quantity_value(value.strip()) > MAX_QUANTITY:
+        raise PydanticCustomError("quantity", f"a Kubernetes quantity of at most {MAX_QUANTITY} (Kubernetes keeps "
+                                  "a quantity in 64 bits)")
     return value.strip()
 
 

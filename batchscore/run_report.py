@@ -103,6 +103,13 @@ def _reference(uri: str, storage_options: Mapping[str, Any]) -> dict[str, Any] |
     return report
 
 
+def reference_of(config: Any) -> tuple[str, dict[str, Any] | None]:
+    """The drift reference as a URI and its report; the report is None (with a warning) when the
+    reference is no committed, profiled output. A reference that cannot be read raises."""
+    reference = full_uri(*_stripped(config.reference, config.storage_options))
+    return reference, _reference(reference, config.storage_options)
+
+
 def _accepting(fs: Any, path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     """The held report being accepted: it must describe exactly the attempts about to be committed."""
     try:
@@ -126,8 +133,7 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
         held = _accepting(fs, path, report)
         report["drift"] = {**held["drift"], "accepted_at": datetime.now(timezone.utc).isoformat()}
     elif config.reference and report.get("profiled"):
-        reference = full_uri(*_stripped(config.reference, config.storage_options))
-        found = _reference(reference, config.storage_options)
+        reference, found = reference_of(config)
         if found is not None:
             report["drift"] = {"reference": reference, **drifts.compare(report, found, config.drift_warn,
                                                                         config.drift_fail)}

@@ -27,7 +27,7 @@ NOTHING = "none"
 
 def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
             csv: bool = False, switch: bool | None = None, shown: str | None = None, unit: str | None = None,
-            envvar: str | None = None, **constraints: Any) -> Any:
+            envvar: str | None = None, why: str | None = None, **constraints: Any) -> Any:
     """Declare one setting: its default, help and constraints (``ge``, ``le``, ``gt`` ...).
 
     ``flag`` names the option when it is not ``--the-key``; ``repeat`` makes it repeatable (one value
@@ -35,10 +35,12 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     sets the setting to that value (``--no-pickle`` sets ``allow_pickle`` to False); ``shown`` is the
     default as documented when the value itself says little (``None`` meaning "all cores");
     ``unit`` words the expected value ("a number of seconds"); ``envvar`` is an environment variable
-    the flag falls back on (it wins over the YAML key, as the flag does).
+    the flag falls back on (it wins over the YAML key, as the flag does). ``why`` says why a number's
+    bounds are what they are: every number has an upper bound (``le``/``lt``), and a value past it
+    is refused with this reason (see :func:`unbounded`).
     """
     faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
-             "shown": shown, "unit": unit, "envvar": envvar}  # fmt: skip
+             "shown": shown, "unit": unit, "envvar": envvar, "why": why}  # fmt: skip
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)
@@ -75,6 +77,27 @@ def _bounds(info: FieldInfo) -> dict[str, Any]:
     return found
 
 
+def is_number(info: FieldInfo) -> bool:
+    """Whether a setting holds a number (an int or a float, not a bool)."""
+    return _plain_type(info.annotation) in (int, float)
+
+
+def upper_bound(info: FieldInfo) -> Any:
+    """A number setting's largest value (``le``, or ``lt`` when the bound itself is excluded); None if none."""
+    bounds = _bounds(info)
+    return bounds.get("le", bounds.get("lt"))
+
+
+def unbounded(fields: Mapping[str, FieldInfo]) -> list[str]:
+    """The number settings without an upper bound, or without the reason for it (``why``).
+
+    A typo like ``--batch-size 99999999999999999999999`` must be a one-line usage error, not a
+    traceback from deep inside the job: every number gets a bound, and the bound a reason.
+    """
+    return [key for key, info in fields.items()
+            if is_number(info) and (upper_bound(info) is None or not extra(info).get("why"))]
+
+
 def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -90,11 +113,11 @@ def expectation(info: FieldInfo) -> str:
     bounds = _bounds(info)
     low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
     if kind in (int, float):
-        if kind is int and bounds == {"ge": 1}:
-            return "a positive integer"
         word = ("an integer" if kind is int else "a number") + (f" of {extra(info)['unit']}" if "unit" in extra(info) else "")
         if low is not None and high is not None:
             return f"{word} from {_number(low)} to {_number(high)}"
+        if high is not None:
+            return f"{word}, at most {_number(high)}"
         return f"{word}, at least {_number(low)}" if low is not None else word
     origin = typing.get_origin(kind)
     if origin is tuple:
@@ -104,6 +127,23 @@ def expectation(info: FieldInfo) -> str:
     if kind is datetime:
         return "a date like 2024-06-01"
     return "text" if kind is str else f"a {getattr(kind, '__name__', kind)}"
+
+
+def _field_at(fields: Mapping[str, FieldInfo], loc: tuple[Any, ...]) -> FieldInfo | None:
+    """The field a pydantic error location names, inside nested sections too (``sensor.timeout``)."""
+    info = None
+    for step in loc:
+        if isinstance(step, int):  # an item of a list of sections
+            continue
+        if info is not None:
+            kind = _plain_type(info.annotation)
+            if typing.get_origin(kind) is tuple:
+                kind = _plain_type(typing.get_args(kind)[0])
+            fields = getattr(kind, "model_fields", None) or getattr(kind, "__pydantic_fields__", None) or {}
+        info = fields.get(str(step))
+        if info is None:
+            return None
+    return info
 
 
 def explain(exc: ValidationError, fields: Mapping[str, FieldInfo], name: Callable[[tuple[Any, ...]], str],
@@ -124,10 +164,12 @@ def explain(exc: ValidationError, fields: Mapping[str, FieldInfo], name: Callabl
         elif error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             sentences.append(f"{where(key)}{name(loc)} is not a known setting")
         else:
-            info = fields.get(str(loc[0])) if len(loc) == 1 else None
+            info = _field_at(fields, loc)
             expected = expectation(info) if info is not None else error["msg"][0].lower() + error["msg"][1:]
             if expected.startswith("input should be "):
                 expected = expected[len("input should be "):]
+            if error["type"] in ("less_than_equal", "less_than") and info is not None and extra(info).get("why"):
+                expected += f" ({extra(info)['why']})"
             sentences.append(f"{where(key)}{name(loc)} must be {expected}, got {error['input']!r}")
     return "; ".join(dict.fromkeys(sentences))
 
@@ -189,6 +231,7 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping; each value is read as YAML reads it (``true``, 3, text)."""
     import yaml
 
+    from .config import load_yaml
     from .errors import ConfigError
 
     pairs: dict[str, Any] = {}
@@ -196,7 +239,12 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} takes key=value, got {item!r}")
-        pairs[key] = yaml.safe_load(value) if value else ""
+        if key in pairs:
+            raise ConfigError(f"{flag} gives {key!r} twice ({key}={pairs[key]!r} and {item!r}); keep one")
+        try:
+            pairs[key] = load_yaml(value) if value else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {item!r}: the value is not valid YAML: {str(exc).splitlines()[0]}") from None
     return pairs
 
 

@@ -16,6 +16,7 @@ from .lease import Lease
 from .model import ArtifactPolicy, artifact_roles
 from .output_guard import guard_overlap
 from .planning import Plan, hold, plan_of
+from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
 from .run_report import shard_profile
@@ -35,6 +36,7 @@ def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
     guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = plan_of(prepared, shards=count)
     with hold(config, the_plan, "shard", release="never") as lease:
+        check_access(prepared, tidy=False)
         return score_shard(prepared, the_plan, index, lease)
 
 
@@ -76,6 +78,7 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int) -> dict[str, Any]:
             f"plan again"
         )
     with hold(config, the_plan, "shard", release="never") as lease:
+        check_access(prepared, tidy=False)  # other shards may be writing: the folders stay
         return score_shard(prepared, the_plan, index, lease)
 
 

@@ -14,7 +14,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import get_filesystem_class
 
-from .errors import BatchscoreError, StorageError, StorageUnreachableError
+from .errors import BatchscoreError, ConfigError, StorageError, StorageUnreachableError
 from .pool import publish_allowed
 
 
@@ -319,15 +319,24 @@ def abort_uploads(fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[st
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
-def probe_writable(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+def probe_writable(fs: fsspec.AbstractFileSystem, folder: str, tidy: bool = True, role: str | None = None) -> None:
     """Prove ``folder`` takes writes by writing and removing a hidden probe file there.
 
-    A folder the probe had to create is removed again, so checking leaves nothing behind.
+    With ``tidy``, a folder the probe had to create is removed again, so checking leaves nothing
+    behind; without, it stays (for a job about to write there, whose other shards may be writing
+    there already). A file standing where a folder must be is a usage error naming it. ``role``
+    says what the folder is to whom, in the message (e.g. "the state folder of output X").
     """
-    target = full_uri(fs, folder)
+    target = full_uri(fs, folder) + (f" ({role})" if role else "")
     probe = join(folder, f".batchscore-probe-{uuid.uuid4().hex}")
     with translated("write to", target):
         if is_local(fs):
+            blocked = folder
+            while blocked and not os.path.lexists(blocked):
+                blocked = posixpath.dirname(blocked)
+            if blocked and not os.path.isdir(blocked):
+                raise ConfigError(f"cannot write to {target}: {full_uri(fs, blocked)} is a file where a folder "
+                                  f"should be")
             missing = []
             parent = folder
             while parent and not os.path.isdir(parent):
@@ -339,7 +348,7 @@ def probe_writable(fs: fsspec.AbstractFileSystem, folder: str) -> None:
                     fh.write(b"probe")
                 os.remove(probe)
             finally:
-                for created in missing:  # innermost first
+                for created in missing if tidy else []:  # innermost first
                     with contextlib.suppress(OSError):
                         os.rmdir(created)
         else:

@@ -90,6 +90,19 @@ class Agreement:
         return self.largest <= TOLERANCE and self.class_mismatches == 0
 
 
+def check_engine(config: Any, model: LoadedModel) -> None:
+    """Raise what ``choose_engine`` would raise before scoring for the job's configuration: the
+    compiled engine without its libraries, or a compiled cache it cannot use (``auto`` falls back
+    to scikit-learn instead, so it never fails here)."""
+    if config.engine != "compiled":
+        return
+    missing = compiled.missing_dependency()
+    if missing:
+        raise ConfigError(f"--engine compiled: {missing}")
+    if compiled.unsupported_reason(model) is None:
+        compiled.check_cache(model, config.compiled_cache)
+
+
 def choose_engine(
     config: Any, model: LoadedModel, files: Sequence[Mapping[str, Any]], model_version: str, predicted_at: datetime,
 ) -> EngineChoice:
@@ -97,9 +110,8 @@ def choose_engine(
     requested = config.engine
     if requested == "sklearn":
         return EngineChoice(requested, "sklearn")
+    check_engine(config, model)
     missing = compiled.missing_dependency()
-    if missing and requested == "compiled":
-        raise ConfigError(f"--engine compiled: {missing}")
     reason = missing or compiled.unsupported_reason(model)
     if reason:
         return _fallback(requested, reason)

@@ -19,6 +19,7 @@ from batchscore.dagrun import (
     plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
     shard_arguments, timetable,
 )  # fmt: skip
+from batchscore.config import MAX_ROWS, MAX_SHARDS
 from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
 from batchscore.quantity import docker_cpus, docker_memory
 
@@ -137,9 +138,9 @@ def build_dag(settings: JobSettings) -> DAG:
     spec = settings.dag
     output_asset = Asset(name=f"batchscore/{settings.name}", uri=asset_uri(settings.output))
     params: dict[str, Param] = {
-        "shards": Param(None, type=["null", "integer"], minimum=1,
+        "shards": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_SHARDS,
                         description=f"Shards for this run (job file: {spec.shards or 'unset'})."),
-        "rows_per_shard": Param(None, type=["null", "integer"], minimum=1,
+        "rows_per_shard": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_ROWS,
                                 description=f"Rows per shard (job file: {spec.rows_per_shard or 'unset'})."),
         DATE_PARAM: Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
                           description="Score this date (YYYY-MM-DD) instead of the run's own."),

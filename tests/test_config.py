@@ -116,14 +116,14 @@ def test_yaml_errors_name_the_file_the_key_and_the_value(tmp_path: Path) -> None
     result = cli("validate", "--config", config, "--lease-seconds", "0.5")
     assert result.exit_code == EXIT_USAGE
     error = result.stderr.strip()
-    assert f"config file {config}: setting 'batch_size' must be a positive integer, got -3" in error
+    assert f"config file {config}: setting 'batch_size' must be an integer from 1 to 16777216, got -3" in error
     assert f"config file {config}: setting 'storage_timeout' must be a number of seconds from 0 to 3600, got 0" in error
     assert "setting 'on_invalid' must be one of fail, skip, quarantine, got 'maybe'" in error
     # A flag's value was not written in the file, so the file is not blamed for it.
-    assert "; setting 'lease_seconds' must be a number of seconds, at least 1, got 0.5" in error
-    for bad, message in [("workers: true", "setting 'workers' must be a positive integer, got True"),
-                         ("batch_size: '100'", "setting 'batch_size' must be a positive integer, got '100'"),
-                         ("lease_seconds: .inf", "setting 'lease_seconds' must be a number of seconds, at least 1, got inf"),
+    assert "; setting 'lease_seconds' must be a number of seconds from 1 to 86400, got 0.5" in error
+    for bad, message in [("workers: true", "setting 'workers' must be an integer from 1 to 1024, got True"),
+                         ("batch_size: '100'", "setting 'batch_size' must be an integer from 1 to 16777216, got '100'"),
+                         ("lease_seconds: .inf", "setting 'lease_seconds' must be a number of seconds from 1 to 86400, got inf"),
                          ("storage_options: [a]", "setting 'storage_options' must be a mapping, got ['a']"),
                          ("keep: 3", "setting 'keep' must be a string or a list of strings, got 3"),
                          ("overwrite: 'yes'", "setting 'overwrite' must be true or false, got 'yes'")]:  # fmt: skip

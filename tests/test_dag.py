@@ -265,7 +265,7 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     assert "--storage-option" not in parsed.common_args and "--keep" not in parsed.common_args
     (configs_dir / "nulls.yaml").unlink()
     write_job(configs_dir, "drift", base, {**local, "drift": {"fail": "high"}})
-    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.fail must be a valid number, got 'high'"):
+    with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.fail must be a number from 0 to 20, got 'high'"):
         load_jobs(configs_dir)
     write_job(configs_dir, "drift", base, {**local, "drift": {"threshold": 0.2}})
     with pytest.raises(DagConfigError, match=r"drift\.yaml: dag.drift.threshold is not a known setting"):

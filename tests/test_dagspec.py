@@ -50,15 +50,15 @@ def test_docker_gets_the_same_amounts() -> None:
 
 
 @pytest.mark.parametrize(("dag", "message"), [
-    ({"shards": 0}, "dag.shards must be a positive integer, got 0"),
+    ({"shards": 0}, "dag.shards must be an integer from 1 to 10000, got 0"),
     ({"shards": 2, "rows_per_shard": 10}, "give dag.shards or dag.rows_per_shard, not both"),
     ({"start_date": None}, "dag.start_date is required"),
     ({"start_date": "June"}, "dag.start_date must be a date like 2024-06-01, got 'June'"),
     ({"timezone": "Mars/Olympus"}, "dag.timezone 'Mars/Olympus' is not a known time zone"),
     ({"runner": "ssh"}, "dag.runner must be one of kubernetes, docker, local, got 'ssh'"),
-    ({"retry_delay": -1}, "dag.retry_delay must be a number of seconds, at least 0, got -1"),
+    ({"retry_delay": -1}, "dag.retry_delay must be a number of seconds from 0 to 86400, got -1"),
     ({"catchup": "no"}, "dag.catchup must be true or false, got 'no'"),
-    ({"sensor": {"mode": "wait"}}, "dag.sensor.mode must be 'poke' or 'reschedule', got 'wait'"),
+    ({"sensor": {"mode": "wait"}}, "dag.sensor.mode must be one of poke, reschedule, got 'wait'"),
     ({"secrets": [{"secret": "s3", "key": "id"}]}, "give both 'key' and 'env', or neither"),
     ({"secrets": [{"name": "s3"}]}, "dag.secrets.0.name is not a known setting"),
     ({"env": {"API_TOKEN": "x"}}, "dag.env API_TOKEN look like credentials; use dag.secrets instead"),
@@ -70,7 +70,7 @@ def test_bad_dag_keys_are_named_with_their_file(dag: dict[str, Any], message: st
 
 
 def test_job_keys_in_a_dag_file_are_checked_as_the_cli_checks_them() -> None:
-    for job, message in [({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    for job, message in [({"batch_size": 0}, "batch_size must be an integer from 1 to 16777216, got 0"),
                          ({"model_sha256": "abc"}, "setting 'model_sha256' must be a sha256 digest"),
                          ({"scaler_sha256": "e" * 64}, "'scaler_sha256' pins a scaler but no scaler is given"),
                          ({"outptu": "x"}, "unknown key(s) outptu")]:  # fmt: skip
