@@ -253,6 +253,7 @@ def test_compiled_engine_loads_a_library_built_on_the_host(compiled_image: str, 
     assert engine["used"] == "compiled" and engine["library_sha256"] == library["library_sha256"]
     assert all(shard["compiled_now"] is False for shard in engine["shards"])
     reference = host("run", "--input", job["input"], "--output", tmp_path / "host", "--model", work / "hgb.joblib",
-                     "--model-version", "test-1")  # fmt: skip
+                     "--model-version", "test-1", "--engine", "compiled", "--compiled-cache", work / "cache")  # fmt: skip
     assert reference.returncode == 0, reference.stderr
+    assert read_manifest(tmp_path / "host")["engine"]["library_sha256"] == library["library_sha256"]
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))
