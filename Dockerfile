@@ -26,10 +26,10 @@ RUN --mount=type=secret,id=ca \
     && /opt/batchscore/bin/pip install --no-cache-dir ".${BATCHSCORE_EXTRAS}" \
     && /opt/batchscore/bin/batchscore --version \
     && /opt/batchscore/bin/pip uninstall --yes --quiet pip \
-    && cd "$(/opt/batchscore/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
-    && find . -depth -type d \( -name tests -o -name include \) -exec rm -rf {} + \
-    && find . \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' \) -delete \
-    && rm -rf pyarrow/src pyarrow/*flight* \
+    && site="$(/opt/batchscore/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+    && find "$site" -depth -type d \( -name tests -o -name include \) -exec rm -rf {} + \
+    && find "$site" \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' \) -delete \
+    && rm -rf "$site"/pyarrow/src "$site"/pyarrow/*flight* \
     && /opt/batchscore/bin/python -c "import pyarrow.parquet, pyarrow.dataset, pyarrow.compute, sklearn, pandas, s3fs" 
 
 FROM ${PYTHON_IMAGE} AS runtime
