@@ -72,8 +72,9 @@ def remove_containers(job: str) -> None:
         podman("rm", "--force", "--time", "0", *ids, check=False)
 
 
-def test_docker_runner_scores_shards_in_real_containers(airflow_home: Path, configs_dir: Path, docker_engine: str,
-                                                        scoring_image: str, docker_job: dict[str, Any]) -> None:  # fmt: skip
+def test_docker_runner_scores_shards_in_real_containers(  # noqa: F811  (configs_dir is the fixture)
+    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]
+) -> None:
     """plan -> three shard containers -> commit: every row as one process scores it; containers removed."""
     from airflow.utils.state import DagRunState
 
@@ -92,7 +93,7 @@ def test_docker_runner_scores_shards_in_real_containers(airflow_home: Path, conf
 
 @pytest.mark.fault
 def test_container_exiting_3_fails_at_once_and_a_killed_one_is_retried(
-    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]
+    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]  # noqa: F811
 ) -> None:
     """A shard whose container exits 3 (invalid input) fails in one try; a container killed from outside
     (``podman kill``) while it scores is retried, and the job commits every row exactly."""

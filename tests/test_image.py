@@ -83,12 +83,12 @@ def test_image_is_non_root_read_only_and_reports_its_version(scoring_image: str,
     probe = "import pathlib; pathlib.Path('/tmp/ok').write_text('x'); pathlib.Path('/opt/batchscore/x').write_text('x')"
     denied = run_container(scoring_image, container_name, "-c", probe, options=("--entrypoint", "python"))
     assert denied.returncode == 1 and "Read-only file system" in denied.stderr
-    # No compiler, no pip, no package test suites in the runtime image.
+    # No compiler, no pip, no Airflow, no package test suites in the runtime image.
     bare = run_container(scoring_image, container_name, "-c",
                          "import shutil, importlib.util as u; print([shutil.which(t) for t in ('gcc', 'cc', 'pip')],"
-                         " u.find_spec('pip'), u.find_spec('pandas.tests'), u.find_spec('sklearn.tests'))",
-                         options=("--entrypoint", "python"), check=True)  # fmt: skip
-    assert bare.stdout.split() == ["[None,", "None,", "None]", "None", "None", "None"]
+                         " u.find_spec('pip'), u.find_spec('airflow'), u.find_spec('pandas.tests'),"
+                         " u.find_spec('sklearn.tests'))", options=("--entrypoint", "python"), check=True)  # fmt: skip
+    assert bare.stdout.split() == ["[None,", "None,", "None]", "None", "None", "None", "None"]
 
 
 def test_the_proxy_ca_bundle_is_not_in_any_layer(scoring_image: str) -> None:
