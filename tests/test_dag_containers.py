@@ -72,8 +72,8 @@ def remove_containers(job: str) -> None:
         podman("rm", "--force", "--time", "0", *ids, check=False)
 
 
-def test_docker_runner_scores_shards_in_real_containers(  # noqa: F811  (configs_dir is the fixture)
-    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]
+def test_docker_runner_scores_shards_in_real_containers(
+    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]  # noqa: F811
 ) -> None:
     """plan -> three shard containers -> commit: every row as one process scores it; containers removed."""
     from airflow.utils.state import DagRunState
