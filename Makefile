@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean image
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(VENV)/.dev-deps
 
 bench: $(VENV)/.dev-deps
 	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
+
+# The scoring image, with Docker where an engine answers, else buildah (scripts/build-image --help).
+# make image IMAGE=... EXTRAS='[compiled]' CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none).
+IMAGE ?= localhost/batchscore:dev
+EXTRAS ?=
+image:
+	BATCHSCORE_IMAGE='$(IMAGE)' BATCHSCORE_EXTRAS='$(EXTRAS)' scripts/build-image $(if $(filter undefined,$(origin CA_BUNDLE)),,--ca-bundle '$(CA_BUNDLE)')
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

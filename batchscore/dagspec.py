@@ -186,6 +186,13 @@ class DagSpec(BaseModel):
     node_selector: StringMap = setting({}, "Pod node selector.")
     docker_url: Optional[str] = setting(None, "Docker runner only: the engine to use.", shown="`DOCKER_HOST`")
     docker_conn_id: Optional[str] = setting(None, "Docker runner only: Airflow connection to a registry.")
+    mounts: Annotated[Tuple[str, ...], BeforeValidator(_strings)] = setting(
+        (), "Docker runner only: host folders for the container, as `HOST:CONTAINER` or `HOST:CONTAINER:ro` "
+        "(list), like `docker run -v`; both paths absolute.")  # fmt: skip
+    network_mode: Optional[str] = setting(None, "Docker runner only: the container's network (`bridge`, `host`, "
+                                          "`none`, a network's name).", shown="the engine's default")  # fmt: skip
+    user: Optional[str] = setting(None, "Docker runner only: `UID[:GID]` (or a name) the scorer runs as, e.g. the "
+                                  "owner of mounted folders.", shown="the image's user (10001)")  # fmt: skip
     local_command: Strings = setting((), "`local` runner only: the command that starts batchscore (list or string).",
                                      shown="`python -m batchscore`")
     retries: int = setting(2, "Retries of every task.", ge=0, le=100,
@@ -213,6 +220,16 @@ class DagSpec(BaseModel):
     @classmethod
     def _split_command(cls, value: Any) -> Any:
         return shlex.split(value) if isinstance(value, str) else value
+
+    @field_validator("mounts")
+    @classmethod
+    def _bind_mounts(cls, mounts: tuple[str, ...]) -> tuple[str, ...]:
+        for mount in mounts:
+            parts = mount.split(":")
+            if not (len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2])
+                    and parts[2:] in ([], ["ro"], ["rw"])):  # fmt: skip
+                raise ValueError(f"dag.mounts entry {mount!r} is not HOST:CONTAINER[:ro] with absolute paths")
+        return mounts
 
     @field_validator("timezone")
     @classmethod
@@ -251,6 +268,15 @@ class DagSpec(BaseModel):
 
 
 DAG_FIELDS = DagSpec.model_fields
+
+
+def docker_mounts(spec: DagSpec) -> list[dict[str, Any]]:
+    """``dag.mounts`` as the Docker provider's bind mounts (keyword arguments of ``docker.types.Mount``)."""
+    mounts = []
+    for mount in spec.mounts:
+        source, target, *mode = mount.split(":")
+        mounts.append({"source": source, "target": target, "type": "bind", "read_only": mode == ["ro"]})
+    return mounts
 
 
 def dag_key_table() -> list[str]:

@@ -20,7 +20,9 @@ from batchscore.dagrun import (
     shard_arguments, timetable,
 )  # fmt: skip
 from batchscore.config import MAX_ROWS, MAX_SHARDS
-from batchscore.dagspec import DagConfigError, JobSettings, asset_uri, common_args, configs_dir, load_jobs, parse_job
+from batchscore.dagspec import (
+    DagConfigError, JobSettings, asset_uri, common_args, configs_dir, docker_mounts, load_jobs, parse_job,
+)  # fmt: skip
 from batchscore.quantity import docker_cpus, docker_memory
 
 __all__ = ["DagConfigError", "JobSettings", "build_dag", "common_args", "configs_dir", "load_jobs", "parse_job",
@@ -105,7 +107,8 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     spec, limits = settings.dag, settings.dag.resources.limits
     optional = {"docker_url": spec.docker_url, "docker_conn_id": spec.docker_conn_id,
                 "mem_limit": docker_memory(limits["memory"]) if "memory" in limits else None,
-                "cpus": docker_cpus(limits["cpu"]) if "cpu" in limits else None}  # fmt: skip
+                "cpus": docker_cpus(limits["cpu"]) if "cpu" in limits else None,
+                "mounts": docker_mounts(spec) or None, "network_mode": spec.network_mode, "user": spec.user}  # fmt: skip
     return BatchscoreDockerOperator.partial(
         task_id="score",
         image="{{ params.image }}",
@@ -113,6 +116,7 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
         secret_env=tuple(ref.env for ref in spec.secrets if ref.env),
         auto_remove="success",
         mount_tmp_dir=False,
+        labels={"app": "batchscore", "batchscore-job": settings.label},
         max_active_tis_per_dagrun=spec.max_active_tis_per_dagrun,
         execution_timeout=execution_timeout(settings),
         **{key: value for key, value in optional.items() if value is not None},

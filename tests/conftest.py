@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 
 from airflow_fixtures import airflow_env, airflow_home, moto_s3  # noqa: F401  (fixtures)
+from container_fixtures import compiled_image, container_name, docker_engine, scoring_image  # noqa: F401  (fixtures)
 from helpers import binary_model, write_inputs
 
 
