@@ -13,6 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from conftest import SLOW_TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
 
 HANGING = '''
@@ -82,6 +86,11 @@ def test_a_hang_fails_by_name_and_the_run_goes_on(tmp_path: Path) -> None:
     assert "test_hanging.py::test_runs_after_them_and_nothing_is_left PASSED" in out, out
     assert "3 failed, 2 passed" in out, out
     assert seconds < 120, f"three 2 s hangs took {seconds:.0f} s to report"
+
+
+@pytest.mark.fault
+def test_slow_and_fault_tests_get_the_longer_limit(request: pytest.FixtureRequest) -> None:
+    assert request.node.get_closest_marker("timeout").args == (SLOW_TIMEOUT,)
 
 
 def test_a_hang_the_alarm_cannot_end_is_ended_with_its_stack(tmp_path: Path) -> None:
