@@ -26,6 +26,11 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.dev-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The development loop: all but the end-to-end (slow) and fault-injection tests; `make test` runs those too.
+.PHONY: test-fast
+test-fast: $(VENV)/.dev-deps
+	$(BIN)/python -m pytest -m "not slow and not fault" $(PYTEST_ARGS)
+
 bench: $(VENV)/.dev-deps
 	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
 

@@ -7,7 +7,6 @@ before anything imports ``airflow``; the test modules import it lazily for that 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import sys
@@ -20,15 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
 
 
-def _require_airflow() -> None:
-    if importlib.util.find_spec("airflow") is None:
-        pytest.skip("Airflow is not installed (pip install '.[airflow]')")
-
-
 @pytest.fixture(scope="session")
 def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point Airflow at a fresh AIRFLOW_HOME (sqlite) and this repository's dags/; enough for a DagBag."""
-    _require_airflow()
     if "airflow" in sys.modules:
         configured = os.environ.get("AIRFLOW_HOME", "")
         if not configured.startswith(str(tmp_path_factory.getbasetemp())):
@@ -70,8 +63,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[str]:
     """An S3 API (moto) on 127.0.0.1; yields its endpoint URL. Fake credentials only."""
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -7,9 +7,25 @@ from typing import Iterator
 
 import pytest
 
+import skip_guard
 from airflow_fixtures import airflow_env, airflow_home, moto_s3  # noqa: F401  (fixtures)
 from container_fixtures import compiled_image, container_name, docker_engine, scoring_image  # noqa: F401  (fixtures)
 from helpers import binary_model, write_inputs
+
+
+#: The time limit of a test marked slow or fault (real processes, trial after trial) that sets
+#: none of its own; every other test has pyproject.toml's.
+SLOW_TIMEOUT = 900
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    skip_guard.register(config)  # in CI, a test that did not run fails the run unless allow-listed
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None and any(item.get_closest_marker(m) for m in ("slow", "fault")):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
 @pytest.fixture(scope="session")

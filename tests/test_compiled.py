@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-pytest.importorskip("tl2cgen")
-pytest.importorskip("treelite")
+import tl2cgen  # noqa: F401  (the compiled extra, which dev installs with the tests)
+import treelite  # noqa: F401
+
 if shutil.which(compiled_toolchain := "gcc") is None:
     pytest.skip(f"no C compiler ({compiled_toolchain}) to build libraries with", allow_module_level=True)
 
@@ -246,6 +247,7 @@ def _poison(cache: Path, victim: Path, impostor: Path, folder: Path) -> None:
     shutil.copyfile(wrong.path, cache / key)
 
 
+@pytest.mark.slow  # several real processes, each compiling or starting up
 def test_library_that_disagrees_falls_back_in_auto_and_stops_in_compiled(tmp_path, models, cache) -> None:
     poisoned = tmp_path / "poisoned"
     poisoned.mkdir()
@@ -266,6 +268,7 @@ def test_library_that_disagrees_falls_back_in_auto_and_stops_in_compiled(tmp_pat
     assert not any(p.name.startswith("part-") for p in (tmp_path / "stopped").glob("*"))
 
 
+@pytest.mark.slow  # several real processes, each compiling or starting up
 def test_prebuilt_library_loads_without_a_compiler(tmp_path, models) -> None:
     """The container flow: `batchscore compile` where gcc is, then runs where it is not."""
     prebuilt = tmp_path / "prebuilt"
@@ -325,6 +328,7 @@ def test_engine_setting_is_checked(tmp_path, models) -> None:
     assert result.exit_code == EXIT_USAGE and "setting 'engine' must be one of sklearn, compiled, auto" in result.stderr
 
 
+@pytest.mark.slow  # several real processes, each compiling or starting up
 def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None:
     """A cache on S3: `compile --out s3://...` publishes the library, a host with an empty local
     cache and no compiler downloads it, a host that finds nothing compiles and uploads, and a
@@ -368,6 +372,7 @@ def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None
     assert missing.returncode == 1 and "cannot upload the compiled library" in missing.stderr
 
 
+@pytest.mark.slow  # several real processes, each compiling or starting up
 def test_compiled_cache_never_lands_in_the_input_or_the_output(tmp_path, models) -> None:
     """A run may write libraries into its cache: a cache inside (or holding) the input or the output,
     however spelled, is refused with exit 2 before anything is compiled or written."""

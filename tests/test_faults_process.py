@@ -110,6 +110,38 @@ def with_kill(pid: int) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    """``pid`` exists and has not exited (a zombie has)."""
+    return any(p == pid and state != "Z" for p, state, _, _ in _processes())
+
+
+#: How often a trial whose strike came too late (the run or its worker had finished) is repeated
+#: with half the delay: every trial must strike a running process, or the test fails.
+ATTEMPTS = 4
+
+
+def _wait_for_workers(proc: subprocess.Popen[str]) -> list[int]:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (workers := _workers(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    return workers
+
+
+def _strike(proc: subprocess.Popen[str], delay: float, phase: str, signum: int = signal.SIGKILL) -> list[int] | None:
+    """Send ``signum`` to the run ``delay`` s into ``phase`` ("scoring": once its workers are up;
+    "anywhere": from its start). Returns its workers alive at that moment, or None when the strike
+    came too late (the run had ended; in "scoring", its workers had)."""
+    if phase == "scoring":
+        _wait_for_workers(proc)
+    time.sleep(delay)
+    workers = [w for w in _workers(proc.pid) if _alive(w)]
+    if proc.poll() is not None or (phase == "scoring" and not workers):
+        return None
+    proc.send_signal(signum)
+    return workers
+
+
 def _finish(proc: subprocess.Popen[str], timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
     """Wait for a run (a hang fails the test), then check its whole group is gone."""
     try:
@@ -180,28 +212,45 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return Job(tmp_path_factory.mktemp("faults"))
 
 
-def _kill_at_random_point(proc: subprocess.Popen[str], rng: random.Random, job: Job) -> None:
-    """SIGKILL at a random moment, mostly while workers score or the run commits (a few kills
-    land during start-up, when there is nothing yet to leave behind)."""
-    time.sleep(rng.uniform(job.startup_seconds * 0.8, job.seconds))
-    with_kill(proc.pid)
+def _kill_at_random_point(args: Sequence[str], rng: random.Random, job: Job, phase: str) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start ``args`` and SIGKILL it at a random moment: in "scoring", while its workers score; in
+    "anywhere", mostly while workers score or the run commits (a few during start-up). A strike
+    that comes too late is tried again earlier; returns the killed run and its workers then."""
+    delay = rng.uniform(0.0, job.scoring_seconds * 0.7) if phase == "scoring" else rng.uniform(job.startup_seconds * 0.8, job.seconds)
+    for _ in range(ATTEMPTS):
+        proc = _start(args)
+        workers = _strike(proc, delay, phase)
+        code, stderr = _finish(proc)  # the group (the workers) must be gone within seconds
+        if workers is not None:
+            assert code == -signal.SIGKILL, f"the run was alive when struck but exited {code}: {stderr}"
+            return proc, workers
+        delay /= 2
+    pytest.fail(f"{ATTEMPTS} kills in {phase} all came after the run had finished: {args}")
+
+
+#: Where each trial's kill lands: two of three while the workers score, the rest anywhere.
+PHASES = ["scoring", "scoring", "anywhere"]
 
 
 def test_kill_parent_then_retry(job: Job, tmp_path: Path) -> None:
-    """kill -9 of `run` at a random point: its workers die with it and write nothing more; the
-    same command then commits exactly the clean output."""
+    """kill -9 of `run` at a random point, every one landing on a running run (most while its
+    workers score): its workers die with it and write nothing more; the same command then commits
+    exactly the clean output."""
     rng = random.Random(20261125)
+    mid_scoring = 0
     for trial in range(12):
         out = tmp_path / f"out-{trial}"
-        proc = _start(job.run_args(out, "--overwrite"))
-        _kill_at_random_point(proc, rng, job)
-        _finish(proc)  # the group (the workers) must be gone within seconds
+        phase = PHASES[trial % 3]
+        _, workers = _kill_at_random_point(job.run_args(out, "--overwrite"), rng, job, phase)
+        mid_scoring += bool(workers)
+        assert not [w for w in workers if _alive(w)], f"trial {trial}: workers outlived the run: {workers}"
         if out.exists():
             before = sorted(os.listdir(out))
             time.sleep(0.3)
             assert sorted(os.listdir(out)) == before, f"trial {trial}: files appeared after the run was killed"
         _run_ok(job.run_args(out, "--overwrite"))
         _assert_committed_like(out, job.clean)
+    assert mid_scoring >= 8, f"only {mid_scoring} of 12 kills landed while workers scored"
 
 
 def test_kill_worker_fails_promptly_then_retry(job: Job, tmp_path: Path) -> None:
@@ -211,29 +260,36 @@ def test_kill_worker_fails_promptly_then_retry(job: Job, tmp_path: Path) -> None
     finished_first = 0
     for trial in range(10):
         out = tmp_path / f"out-{trial}"
-        proc = _start(job.run_args(out))
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not (workers := _workers(proc.pid)):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, job.scoring_seconds * 0.7))
-        killed_at = time.monotonic()
-        with_kill(rng.choice(workers))
-        code, stderr = _finish(proc)
-        if code == 0:  # the worker had already finished its last unit: nothing was lost
+        delay = rng.uniform(0.0, job.scoring_seconds * 0.7)
+        for _ in range(ATTEMPTS):
+            proc = _start(job.run_args(out, "--overwrite"))
+            _wait_for_workers(proc)
+            time.sleep(delay)
+            alive = [w for w in _workers(proc.pid) if _alive(w)]
+            victim = rng.choice(alive) if alive else None
+            if victim is not None:
+                killed_at = time.monotonic()
+                with_kill(victim)
+            code, stderr = _finish(proc)
+            if victim is not None and code != 0:
+                break
+            # The workers, or the one killed, had finished their last unit (nothing was lost): strike earlier.
+            assert code == 0, stderr
             _assert_committed_like(out, job.clean)
             finished_first += 1
-            continue
+            delay /= 2
+        assert victim is not None and code != 0, f"trial {trial}: no kill of a worker landed in {ATTEMPTS} tries"
         assert time.monotonic() - killed_at < 15, "the run took too long to notice its dead worker"
         assert code == 1, stderr
         lines = stderr.strip().splitlines()
-        assert lines[-1].startswith("Error: worker process") and "killed by signal 9" in lines[-1], stderr
+        # The error names the very worker killed: the fault landed on a live worker mid-run.
+        assert lines[-1].startswith(f"Error: worker process {victim} died (killed by signal 9)"), stderr
         assert "Traceback" not in stderr, stderr
         assert not (out / "_SUCCESS").exists()
         assert _temporaries(out) == []
         _run_ok(job.run_args(out, "--overwrite"))
         _assert_committed_like(out, job.clean)
-    assert finished_first <= 3, f"{finished_first} of 10 kills came too late to test anything"
+    print(f"{finished_first} worker kills came after the worker's last unit and were struck again earlier")
 
 
 def test_sigterm_stops_every_worker_and_leaves_no_temporary(job: Job, tmp_path: Path) -> None:
@@ -242,17 +298,17 @@ def test_sigterm_stops_every_worker_and_leaves_no_temporary(job: Job, tmp_path: 
     rng = random.Random(3)
     for trial in range(4):
         out = tmp_path / f"out-{trial}"
-        proc = _start(job.run_args(out))
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not _workers(proc.pid):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, job.scoring_seconds * 0.7))
-        proc.send_signal(signal.SIGTERM)
-        code, stderr = _finish(proc, timeout=15)
-        if code == 0:
-            continue  # it had finished already
+        delay = rng.uniform(0.0, job.scoring_seconds * 0.7)
+        for _ in range(ATTEMPTS):
+            proc = _start(job.run_args(out, "--overwrite"))
+            workers = _strike(proc, delay, "scoring", signal.SIGTERM)
+            code, stderr = _finish(proc, timeout=15 if workers else RUN_TIMEOUT)
+            if workers:
+                break
+            delay /= 2  # its workers had finished already: strike earlier
+        assert workers, f"trial {trial}: no SIGTERM reached the run while its workers scored in {ATTEMPTS} tries"
         assert code == 1 and stderr.strip().splitlines()[-1].startswith("Error: interrupted"), stderr
+        assert not [w for w in workers if _alive(w)], f"workers outlived the run: {workers}"
         assert not (out / "_SUCCESS").exists()
         assert _temporaries(out) == []
 
@@ -268,9 +324,9 @@ def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
         shard = rng.randrange(2)
         args = _cli("run", *job.options(out), "--plan", plan, "--shard", str(shard))
         other = _start(_cli("run", *job.options(out), "--plan", plan, "--shard", str(1 - shard)))
-        proc = _start(args)  # the shards run side by side, as a scheduler would run them
-        _kill_at_random_point(proc, rng, job)
-        _finish(proc)
+        # the shards run side by side, as a scheduler would run them; the kill lands on a running shard
+        _, workers = _kill_at_random_point(args, rng, job, PHASES[trial % 3])
+        assert not [w for w in workers if _alive(w)], f"trial {trial}: workers outlived the shard: {workers}"
         code, stderr = _finish(other)
         assert code == 0, stderr
         _run_ok(args)
@@ -311,12 +367,22 @@ def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: 
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         worker = int(proc.stdout.readline())  # type: ignore[union-attr]
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not _temporaries(tmp_path):  # strike mid-write: the worker's temporary file is there
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker never started its write"
+            time.sleep(0.01)
+        assert _alive(worker) and proc.poll() is None
         with_kill(proc.pid)
         proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
         if poll == "60":  # the watch is asleep: the worker finishes its write and must not publish it
-            time.sleep(1.5)
+            deadline = time.monotonic() + 15
+            while _temporaries(tmp_path) and time.monotonic() < deadline:  # the write ends, unpublished
+                time.sleep(0.05)
+            assert _temporaries(tmp_path) == [], "the worker did not reach the end of its write"
             with_kill(worker)
+        else:  # killed mid-write: its temporary file is left, never renamed
+            assert _temporaries(tmp_path)
         _assert_group_gone(proc.pid)
         assert not target.exists(), "an orphaned worker put its file in place"
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,13 +41,16 @@ def _free_port() -> int:
 
 
 class MotoServer:
-    """A moto S3 server in its own process, so a test can stop (SIGSTOP) or kill it."""
+    """A moto S3 server in its own process, so a test can stop (SIGSTOP) or kill it; ``log`` gets
+    its request log, one line per request ("PUT /bucket/key?partNumber=1&uploadId=... HTTP/1.1" 200)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path) -> None:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = log
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
+                                         stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -57,6 +61,11 @@ class MotoServer:
                     self.close()
                     raise RuntimeError("moto_server did not start")
                 time.sleep(0.2)
+
+    def requests(self, method: str, path: str) -> list[str]:
+        """The logged requests ``method`` to ``path`` (with any query string), without colour codes."""
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text()).splitlines()
+        return [line for line in lines if f'"{method} {path}' in line]
 
     def filesystem(self) -> Any:
         import s3fs
@@ -71,8 +80,8 @@ class MotoServer:
 
 
 @pytest.fixture
-def server() -> Iterator[MotoServer]:
-    srv = MotoServer()
+def server(tmp_path: Path) -> Iterator[MotoServer]:
+    srv = MotoServer(tmp_path / "moto_server.log")
     try:
         yield srv
     finally:
@@ -292,6 +301,11 @@ def test_a_failed_multipart_write_leaves_no_upload(server: MotoServer, binary_mo
                         timeout=120)
     assert result.returncode == 3, result.stderr
     assert_one_line_error(result.stderr, "invalid feature value")
+    # The fault landed mid-write: the part's multipart upload was begun, had a 5 MiB part stored, and was aborted.
+    part = f"/{bucket}/out/part-00000-00000.parquet?"
+    assert [r for r in server.requests("POST", part) if "uploads" in r], server.log.read_text()
+    assert [r for r in server.requests("PUT", part) if "partNumber=1" in r and '" 200 ' in r], server.log.read_text()
+    assert [r for r in server.requests("DELETE", part) if "uploadId=" in r and '" 204 ' in r], server.log.read_text()
     assert _uploads(fs, bucket) == []
     assert not fs.exists(f"{bucket}/out/part-00000-00000.parquet")
 

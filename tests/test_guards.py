@@ -324,13 +324,14 @@ def test_a_file_replaced_while_the_run_scores_is_never_mixed_in(tmp_path: Path, 
     replacement.write_bytes((folder / "day-01.parquet").read_bytes())
     _same_size_other_values(replacement)
     out = tmp_path / "out"
-    replaced = threading.Event()
+    replaced, swapped = threading.Event(), threading.Event()
 
     def replace_once_scoring_starts() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not replaced.is_set():
             if out.exists() and any(n.startswith(".part-00000") for n in os.listdir(out)):
                 os.replace(replacement, folder / "day-01.parquet")
+                swapped.set()  # only here: the swap happened while day-00 was being written
                 replaced.set()
             time.sleep(0.002)
 
@@ -345,6 +346,7 @@ def test_a_file_replaced_while_the_run_scores_is_never_mixed_in(tmp_path: Path, 
     finally:
         replaced.set()
         watcher.join(timeout=5)
+    assert swapped.is_set(), f"the file was never replaced while the run scored: {result.stderr}"
     if result.returncode == 0:  # day-01 was read whole before it was replaced: the old rows only
         assert_exact(read_output(out), original, binary_model_paths)
     else:

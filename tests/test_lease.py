@@ -165,6 +165,8 @@ def test_waiting_run_commits_after_the_holder(race_job, tmp_path: Path) -> None:
         second = _start(_argv("run", inputs, out, models["logistic"], "--overwrite", "--lock-timeout", "120"))
         time.sleep(5)
         assert second.poll() is None, second.communicate()
+        held = _lease(out)  # the second run waits: the paused first still holds the lease
+        assert held["pid"] == first.pid and not held["released"], held
         os.killpg(first.pid, signal.SIGCONT)
         rc2, err2 = _finish(second)
         rc1, err1 = _finish(first)
@@ -183,6 +185,7 @@ def test_retry_after_kill_9_takes_the_lease_at_once(race_job, tmp_path: Path) ->
     out = tmp_path / "out"
     proc = _start_writing(_argv("run", inputs, out, models["boosting"], "--overwrite"), out)
     _kill_group(proc)  # kill -9 of the run and its workers, in the middle of a part
+    assert proc.returncode == -signal.SIGKILL, "the run had finished before it was killed"
     dead = _lease(out)
     assert dead["pid"] == proc.pid and not dead["released"] and dead["expires_at"] > time.time() + 60
     started = time.monotonic()
@@ -201,6 +204,7 @@ def test_paused_run_loses_its_lease_and_publishes_nothing(race_job, tmp_path: Pa
     paused = _start_writing(_argv("run", inputs, out, models["boosting"], "--overwrite", "--lease-seconds", "3"), out)
     try:
         os.killpg(paused.pid, signal.SIGSTOP)
+        assert paused.poll() is None, "the run finished before it was paused"
         held = _lease(out)
         time.sleep(max(0.0, held["expires_at"] - time.time()) + 0.2)
         rc, err = _finish(_start(_argv("run", inputs, out, models["logistic"], "--overwrite")))

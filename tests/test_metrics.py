@@ -201,6 +201,9 @@ def test_an_unreachable_gateway_costs_a_warning_not_the_job(tmp_path: Path, bina
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "BATCHSCORE_PUSHGATEWAY": url})
         elapsed = time.monotonic() - started
+        if gateway == "stalled":  # the push did reach the stalled gateway: its connection waits to be accepted
+            listener.settimeout(0)
+            listener.accept()[0].close()
     finally:
         listener.close()
     assert proc.returncode == 0, proc.stderr
