@@ -6,9 +6,9 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# "[compiled]" adds the compiled tree engine (treelite, TL2cgen). The runtime image has no C compiler:
-# it loads libraries built ahead with `batchscore compile` (see README, Compiled engine).
-ARG BATCHSCORE_EXTRAS=""
+# "[compiled]" (the default; 5 MB) adds the compiled tree engine (treelite, TL2cgen). The runtime image has
+# no C compiler: it loads libraries built ahead with `batchscore compile` (see README, Compiled engine).
+ARG BATCHSCORE_EXTRAS="[compiled]"
 # The package index pip uses (empty: PyPI).
 ARG PIP_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 \

@@ -37,7 +37,7 @@ bench: $(VENV)/.dev-deps
 # The scoring image, with Docker where an engine answers, else buildah (scripts/build-image --help).
 # make image IMAGE=... EXTRAS='[compiled]' CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none).
 IMAGE ?= localhost/batchscore:dev
-EXTRAS ?=
+EXTRAS ?= [compiled]
 image:
 	BATCHSCORE_IMAGE='$(IMAGE)' BATCHSCORE_EXTRAS='$(EXTRAS)' scripts/build-image $(if $(filter undefined,$(origin CA_BUNDLE)),,--ca-bundle '$(CA_BUNDLE)')
 

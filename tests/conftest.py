@@ -9,7 +9,7 @@ import pytest
 
 import skip_guard
 from airflow_fixtures import airflow_env, airflow_home, moto_s3  # noqa: F401  (fixtures)
-from container_fixtures import compiled_image, container_name, docker_engine, scoring_image  # noqa: F401  (fixtures)
+from container_fixtures import container_name, docker_engine, scoring_image  # noqa: F401  (fixtures)
 from helpers import binary_model, write_inputs
 
 

@@ -20,7 +20,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_CONF = REPO / "containers" / "containers.conf"
 IMAGE = "localhost/batchscore:test"
-COMPILED_IMAGE = "localhost/batchscore:test-compiled"
 #: Labels every test container carries, so a run's leftovers can be found and removed.
 TEST_LABEL = "batchscore-test"
 
@@ -44,10 +43,10 @@ def _require_podman() -> None:
         pytest.fail(f"{', '.join(missing)} not installed: the container tests need them (.ci/run installs them)")
 
 
-def build(tag: str, extras: str = "") -> float:
+def build(tag: str) -> float:
     """``scripts/build-image`` into podman's storage; returns the seconds it took."""
     start = time.monotonic()
-    env = {**podman_env(), "BATCHSCORE_BUILDER": "buildah", "BATCHSCORE_IMAGE": tag, "BATCHSCORE_EXTRAS": extras}
+    env = {**podman_env(), "BATCHSCORE_BUILDER": "buildah", "BATCHSCORE_IMAGE": tag}
     if os.environ.get("BATCHSCORE_BASE_CACHE"):
         env["BATCHSCORE_BASE_CACHE"] = os.environ["BATCHSCORE_BASE_CACHE"]
     result = subprocess.run([str(REPO / "scripts" / "build-image")], env=env, capture_output=True, text=True,
@@ -59,19 +58,11 @@ def build(tag: str, extras: str = "") -> float:
 
 @pytest.fixture(scope="session")
 def scoring_image() -> str:
-    """The default image (no extras), built once per test run."""
+    """The image as ``make image`` builds it (the compiled engine included, no compiler), once per test run."""
     _require_podman()
     seconds = build(IMAGE)
     print(f"\nscoring image {IMAGE} built in {seconds:.0f} s")
     return IMAGE
-
-
-@pytest.fixture(scope="session")
-def compiled_image(scoring_image: str) -> str:
-    """The image with the ``[compiled]`` extra (treelite, TL2cgen), still without a compiler."""
-    seconds = build(COMPILED_IMAGE, "[compiled]")
-    print(f"\ncompiled image {COMPILED_IMAGE} built in {seconds:.0f} s")
-    return COMPILED_IMAGE
 
 
 @pytest.fixture

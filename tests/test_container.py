@@ -90,8 +90,8 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_batchscore_entrypoint() ->
     assert [json.loads(a) for n, a in runtime if n == "ENTRYPOINT"] == [["batchscore"]]
     assert [json.loads(a) for n, a in runtime if n == "CMD"] == [["--help"]]
     installs = [a for n, a in build if n == "RUN" and "pip install" in a]
-    # The project itself, with at most the extras named by BATCHSCORE_EXTRAS (empty by default).
-    assert arg_extras() == ""
+    # The project itself, with at most the extras named by BATCHSCORE_EXTRAS (the compiled engine by default).
+    assert arg_extras() == "[compiled]"
     assert installs and all(re.search(r'pip install (--no-cache-dir )?("\.\$\{BATCHSCORE_EXTRAS\}"|\.)(\s|$)', a)
                             for a in installs)
     assert not any("airflow" in a.lower() for n, a in instructions() if n in ("RUN", "COPY", "ENV"))

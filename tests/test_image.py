@@ -220,7 +220,7 @@ def test_stop_mid_run_commits_nothing_and_leaves_no_process(scoring_image: str, 
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))
 
 
-def test_compiled_engine_loads_a_library_built_on_the_host(compiled_image: str, container_name: str, job,
+def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, container_name: str, job,
                                                            tmp_path: Path) -> None:  # fmt: skip
     """``batchscore compile`` where gcc is; the image (no compiler) loads that library and scores with it."""
     import joblib
@@ -244,10 +244,10 @@ def test_compiled_engine_loads_a_library_built_on_the_host(compiled_image: str, 
     mounts = ("-v", f"{job['root']}:/job:ro", "-v", f"{work}:/work:ro", "-v", f"{out}:/out")
     args = ["run", "--input", "/job/in", "--output", "/out/scores", "--model", "/work/hgb.joblib", "--engine",
             "compiled", "--compiled-cache", "/work/cache", "--model-version", "test-1"]  # fmt: skip
-    no_compiler = run_container(compiled_image, container_name, "-c", "import shutil; print(shutil.which('gcc'), "
+    no_compiler = run_container(scoring_image, container_name, "-c", "import shutil; print(shutil.which('gcc'), "
                                 "shutil.which('cc'))", options=("--entrypoint", "python"), check=True)  # fmt: skip
     assert no_compiler.stdout.split() == ["None", "None"]
-    done = run_container(compiled_image, container_name, *args, options=mounts)
+    done = run_container(scoring_image, container_name, *args, options=mounts)
     assert done.returncode == 0, done.stderr
     engine = read_manifest(out / "scores")["engine"]
     assert engine["used"] == "compiled" and engine["library_sha256"] == library["library_sha256"]
