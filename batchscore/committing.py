@@ -19,7 +19,7 @@ import pyarrow as pa
 from .config import JobConfig
 from .errors import InputDataError
 from .lease import Lease
-from .output_guard import guard_overlap
+from .output_guard import guard_overlap, refuse_foreign
 from .planning import Plan, hold
 from .preparation import now, schema_difference
 from .logs import event
@@ -160,6 +160,7 @@ def commit(
         )
     parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
+    refuse_foreign(fs, out_path, the_plan.output)  # never publish what another tool put there as this run's rows
     own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
     present = {path for kind, path in own if kind == "part"}
     absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]

@@ -13,8 +13,8 @@ EXIT_DRIFT = 5
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: the output is committed (_SUCCESS written)",
     EXIT_FAILURE: "anything else: storage failure, interrupted run, internal error",
-    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output overlaps the input, "
-    "output held by another job",
+    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output holds files batchscore "
+    "did not write, output overlaps the input, output held by another job",
     EXIT_INPUT: "input data invalid: no file matched, unreadable Parquet, missing or non-numeric "
     "feature column, passthrough columns differ between files, invalid feature values, input changed "
     "since the plan, plan or receipts inconsistent",
