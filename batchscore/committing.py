@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import stopping
 from .config import JobConfig
 from .errors import InputDataError
 from .lease import Lease
@@ -201,7 +202,9 @@ def commit(
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
     write_json(fs, manifest_path(out_path), manifest)
-    write_bytes_atomic(fs, success_path(out_path), b"")
+    stopping.check()  # a stop the main thread has not seen yet still commits nothing
+    with stopping.publishing():
+        write_bytes_atomic(fs, success_path(out_path), b"")
     log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
              extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
     return manifest
