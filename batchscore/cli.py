@@ -57,9 +57,17 @@ def _observed_failure(exit_code: int, message: str) -> None:
 def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
     """Log the one ``Error:`` line (a JSON line under ``--log-format json``), report the failure to
     the command's observers, and exit."""
+    from . import stopping
+
+    stopping.reported()
     log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
     _observed_failure(exit_code, message)
     sys.exit(exit_code)
+
+
+def _report_stop(message: str) -> None:
+    """The error line of a stop whose deadline passed (written from the stop watcher's thread)."""
+    log.error(message, extra=logs.event("error", exit_code=EXIT_FAILURE))
 
 
 def _storage_failure(exc: BaseException) -> str | None:
@@ -79,11 +87,14 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from . import stopping
+
         _interrupt_on_sigterm()
         _observers.clear()
         logs.configure(kwargs.get("log_format") or "text")  # until the job's own setting is known
         try:
-            result = func(*args, **kwargs)
+            with stopping.bounded(_report_stop):  # whatever blocks, a stop ends the process in time
+                result = func(*args, **kwargs)
         except BatchscoreError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
@@ -113,19 +124,25 @@ def _exited(exc: BaseException) -> None:
 
 
 def _interrupt_on_sigterm() -> None:
-    """Schedulers stop tasks with SIGTERM: unwind like Ctrl-C so unfinished parts are discarded."""
+    """Schedulers stop tasks with SIGTERM: unwind like Ctrl-C so unfinished parts are discarded.
+    Either one is noted at once (see stopping.py: no ``_SUCCESS`` after it)."""
     import signal
     import threading
+
+    from . import stopping
 
     owner = os.getpid()
 
     def interrupt(signum: int, frame: Any) -> None:
         if os.getpid() != owner:  # a forked worker: unwind (its part is discarded), quietly when idle
             raise SystemExit(128 + signum)
+        stopping.note(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:

@@ -16,10 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import stopping
 from .config import JobConfig
 from .errors import InputDataError
 from .lease import Lease
-from .output_guard import guard_overlap
+from .output_guard import guard_overlap, refuse_foreign
 from .planning import Plan, hold
 from .preparation import now, schema_difference
 from .logs import event
@@ -160,6 +161,7 @@ def commit(
         )
     parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
+    refuse_foreign(fs, out_path, the_plan.output)  # never publish what another tool put there as this run's rows
     own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
     present = {path for kind, path in own if kind == "part"}
     absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
@@ -200,7 +202,9 @@ def commit(
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
     write_json(fs, manifest_path(out_path), manifest)
-    write_bytes_atomic(fs, success_path(out_path), b"")
+    stopping.check()  # a stop the main thread has not seen yet still commits nothing
+    with stopping.publishing():
+        write_bytes_atomic(fs, success_path(out_path), b"")
     log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
              extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
     return manifest

@@ -21,7 +21,7 @@ from pydantic.dataclasses import dataclass
 from . import schema
 from .errors import ConfigError
 from .schema import setting
-from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_TIMEOUT, with_bounds
+from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_THROTTLE_SECONDS, DEFAULT_STORAGE_TIMEOUT, with_bounds
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
@@ -137,6 +137,11 @@ class JobConfig:
     storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
                                    "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20,
                                    why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days")
+    storage_throttle_seconds: float = setting(DEFAULT_STORAGE_THROTTLE_SECONDS, "Seconds one storage request is "
+                                              "retried, with exponential backoff and jitter, while the store answers "
+                                              "that it is throttling (503 SlowDown, 429); apart from storage_retries.",
+                                              ge=0, le=3600, unit="seconds",
+                                              why="a request throttled for an hour has failed: the store is down for this job")  # fmt: skip
     log_format: Literal["text", "json"] = setting("text", "Log lines, warnings and the final error as text or JSON.")
     lease_seconds: float = setting(DEFAULT_LEASE_SECONDS, "How long the lease on the output outlives a holder that "
                                    "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
@@ -205,7 +210,8 @@ class JobConfig:
             for key in FIELDS:
                 refuse_template(key, getattr(self, key))
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
-        bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries)
+        bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries,
+                              self.storage_throttle_seconds)
         object.__setattr__(self, "storage_options", bounded)
 
     def require(self, *names: str) -> None:

@@ -14,8 +14,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: the output is committed (_SUCCESS written)",
     EXIT_FAILURE: "anything else: storage failure (an input folder or file that cannot be listed or read), "
     "interrupted run, internal error",
-    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output overlaps the input, "
-    "output held by another job",
+    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output holds files batchscore "
+    "did not write, output overlaps the input, output held by another job",
     EXIT_INPUT: "input data invalid: no file matched, an input entry that is not a regular file (FIFO, "
     "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
     "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of another "

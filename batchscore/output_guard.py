@@ -1,15 +1,20 @@
-"""Guard the output: never write where the input lives, never replace a finished output unasked."""
+"""Guard the output: never write where the input lives, never replace a finished output unasked,
+and never publish an output that holds files another tool (or a person) put there.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .config import JobConfig
 from .errors import ConfigError
 from .layout import plan_path, state_folder
-from .sink import listing
+from .sink import listing, owned_name
 from .source import GLOB_CHARS, InputFile
-from .storage import filesystem, full_uri, location, overlapping
+from .storage import filesystem, full_uri, location, overlapping, translated
+
+#: How many foreign files a refusal names (then how many more there are).
+NAMED_FOREIGN = 5
 
 
 def _input_root(spec: str, config: JobConfig) -> str:
@@ -35,6 +40,47 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
                 f"pass --overwrite to replace it"
             )
+        if leftovers:
+            refuse_foreign(fs, path, output)
+
+
+def foreign_files(fs: Any, path: str) -> list[str]:
+    """Everything under the output folder ``path`` that batchscore does not write, relative to it.
+
+    Readers read a folder whole: pandas and pyarrow every file whose name does not start with
+    ``.`` or ``_``, in subfolders too; Spark files without a ``.parquet`` suffix; DuckDB and Polars
+    globs hidden files as well. So anything but batchscore's own names (see ``sink.owned_name``)
+    counts, at any depth, whatever its name: files by name, a folder by its own name when empty.
+    """
+    fs.invalidate_cache(path)
+    root = path.rstrip("/")
+    with translated("list", full_uri(fs, path)):
+        found = fs.find(root, withdirs=True, detail=True)
+    entries = {}
+    for name, info in found.items():
+        rel = name.rstrip("/")[len(root):].lstrip("/")
+        if rel:
+            entries[rel] = info.get("type") == "directory"
+    files = [rel for rel, is_dir in entries.items() if not is_dir]
+    foreign = [rel for rel in files if not owned_name(rel)]
+    empty_dirs = [rel + "/" for rel, is_dir in entries.items()
+                  if is_dir and not any(f.startswith(rel + "/") for f in files)]
+    return sorted(foreign + empty_dirs)
+
+
+def refuse_foreign(fs: Any, path: str, output: str) -> None:
+    """Exit 2, naming them, when the output folder holds files batchscore did not write: replacing
+    an output never deletes someone else's files, and never publishes them as this run's rows."""
+    foreign = foreign_files(fs, path)
+    if not foreign:
+        return
+    named = ", ".join(foreign[:NAMED_FOREIGN])
+    more = f" and {len(foreign) - NAMED_FOREIGN} more" if len(foreign) > NAMED_FOREIGN else ""
+    raise ConfigError(
+        f"output {output} holds {len(foreign)} file(s) batchscore did not write, which readers of the folder "
+        f"would read as rows: {named}{more}; --overwrite replaces only batchscore's own parts, so move or delete "
+        f"them (or write to another folder) and run again"
+    )
 
 
 def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> None:

@@ -13,12 +13,14 @@ Workers die with their parent (``PR_SET_PDEATHSIG`` on Linux, a watcher thread e
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Sequence
 
@@ -99,7 +101,10 @@ def _redeliver_stop(unraisable: Any) -> None:
 
 def _handle_stop_signals() -> None:
     """SIGTERM from the parent unwinds the unit in hand (its temporary file is removed on the way
-    out); Ctrl-C reaches the whole process group, but only the parent decides what stops."""
+    out); Ctrl-C reaches the whole process group, but only the parent decides what stops. The
+    parent's wakeup pipe (see stopping.py) is the parent's alone: a worker's signals stay here."""
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
     sys.unraisablehook = _redeliver_stop
     signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "setitimer"):  # not on Windows
@@ -163,6 +168,20 @@ def start_method() -> str | None:
     return "fork" if sys.platform.startswith("linux") else None
 
 
+#: Every pool of this process, for ``kill_all_workers``.
+_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def kill_all_workers() -> None:
+    """SIGKILL every live worker of this process, without waiting: the last step of a stop whose
+    deadline has passed (see stopping.py). Safe from any thread."""
+    for pool in list(_pools):
+        for process in list(pool._processes):
+            if process.pid is not None and process.pid != os.getpid():
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGKILL)
+
+
 class WorkerPool:
     """``workers`` forked processes that each run ``init()`` once, then ``work(item)`` per item."""
 
@@ -172,6 +191,7 @@ class WorkerPool:
         parent = os.getpid()
         self._processes: list[Any] = []
         self._conns: list[Connection] = []
+        _pools.add(self)
         try:
             for i, (mine, theirs) in enumerate(pipes):
                 inherited = [c for j, pair in enumerate(pipes) for c in pair if c is not theirs and j >= i] + self._conns

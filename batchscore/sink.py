@@ -38,6 +38,9 @@ REJECT_REASON = "reject_reason"
 PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet$")  # the last number: a row group's slice
 REJECTED_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet" + re.escape(REJECTED_SUFFIX) + "$")
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
+#: What else batchscore writes into an output folder: the marker, and the hidden probe of ``validate``.
+PROBE_PATTERN = re.compile(r"^\.batchscore-probe-[0-9a-f]+$")
+SUCCESS_TEMP_PATTERN = re.compile(r"^\._SUCCESS\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
 #: only pays for repetitive (string-like) columns, not for model outputs.
@@ -112,11 +115,18 @@ def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
         return []
 
 
+def owned_name(relative: str) -> bool:
+    """Whether batchscore writes files under this name (relative to an output folder): its parts,
+    their temporary files, ``_SUCCESS`` and the probe; all at the top level, none in subfolders."""
+    return relative == SUCCESS_FILE or any(
+        p.match(relative) for p in (PART_PATTERN, TEMP_PATTERN, PROBE_PATTERN, SUCCESS_TEMP_PATTERN))
+
+
 def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple[str, str]]:
     """(kind, path) of every data or temp file this tool may have left in ``output`` and in its
     rejected rows' folder."""
     for name in listing(fs, output):
-        if PART_PATTERN.match(name) or TEMP_PATTERN.match(name):
+        if owned_name(name) and name != SUCCESS_FILE:  # parts, and what killed attempts or probes left
             yield "part", part_path(output, name)
     folder = rejected_folder(output)
     for name in listing(fs, folder):

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
@@ -20,43 +22,124 @@ from .pool import publish_allowed
 
 #: Seconds one storage request may wait for a connection or for the next bytes of an answer.
 DEFAULT_STORAGE_TIMEOUT = 10.0
-#: Times a failed request is retried (connection refused, timeout, throttling, server error).
+#: Times a failed request is retried (connection refused, timeout, server error); throttling has its own bound.
 DEFAULT_STORAGE_RETRIES = 2
+#: Seconds one request keeps being retried while the store answers that it is throttling (SlowDown, 429).
+DEFAULT_STORAGE_THROTTLE_SECONDS = 120.0
+#: Backoff between throttled attempts: a random wait up to BASE x 2^n s (n = throttled answers so far), at most MAX.
+THROTTLE_BACKOFF_BASE = 0.25
+THROTTLE_BACKOFF_MAX = 20.0
+#: HTTP statuses that mean "slow down": 503 (S3's SlowDown, ServiceUnavailable) and 429 (Too Many Requests).
+THROTTLE_STATUSES = (429, 503)
 #: Keys of ``storage_options`` that are batchscore's own bounds, never passed to fsspec.
-BOUND_KEYS = ("storage_timeout", "storage_retries")
+BOUND_KEYS = ("storage_timeout", "storage_retries", "storage_throttle_seconds")
 S3_PROTOCOLS = ("s3", "s3a")
 
 
-def with_bounds(storage_options: Mapping[str, Any] | None, timeout: float, retries: int) -> dict[str, Any]:
+def with_bounds(
+    storage_options: Mapping[str, Any] | None, timeout: float, retries: int,
+    throttle_seconds: float = DEFAULT_STORAGE_THROTTLE_SECONDS,
+) -> dict[str, Any]:
     """``storage_options`` carrying a job's storage bounds to :func:`filesystem`.
 
     Timeouts or retries the user gave botocore in ``config_kwargs`` still win over them there.
     """
-    return {**dict(storage_options or {}), "storage_timeout": timeout, "storage_retries": retries}
+    return {**dict(storage_options or {}), "storage_timeout": timeout, "storage_retries": retries,
+            "storage_throttle_seconds": throttle_seconds}
 
 
-def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], float, int]:
-    """s3fs options whose every request is bounded in time and attempts.
+def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], "RetryPolicy | None"]:
+    """s3fs options whose every request is bounded in time and attempts, and the retry policy
+    that bounds them (``None`` when the user set botocore's ``retries`` in ``config_kwargs``).
 
-    botocore makes at most ``retries + 1`` attempts per request (standard mode: connection errors,
-    timeouts, throttling and 5xx answers are retried after a jittered backoff of at most 1, 2,
-    4 ... s), each waiting at most ``timeout`` s to connect and ``timeout`` s for each read of the
-    answer; s3fs's own retry loop is cut to one pass so the two never multiply. A call to a
-    stalled endpoint thus fails after at most ``(retries + 1) * timeout + 2**retries - 1`` s:
-    33 s with the defaults (measured: 31 s). A job then fails at once; only workers stopped
-    mid-upload still try to abort their multipart upload (one more bounded call, in parallel),
-    and nothing else waits on an unreachable endpoint, so a stalled store ends a job within
-    about 70 s. A refused connection fails within the backoff alone (about 1-3 s). Keys the
-    user set in ``config_kwargs`` are kept.
+    Each attempt waits at most ``timeout`` s to connect and ``timeout`` s for each read of the
+    answer. botocore's own retrying is cut to one attempt and s3fs's to one pass, so that only
+    ``RetryPolicy`` decides, and nothing multiplies: a stalled endpoint fails a call after at most
+    ``(retries + 1) * timeout + 2**retries - 1`` s (33 s with the defaults, measured 31 s), while a
+    store that answers "slow down" is retried, apart, for up to ``storage_throttle_seconds``. A job
+    then fails at once; only workers stopped mid-upload still try to abort their multipart upload
+    (one more bounded call, in parallel), so a stalled store ends a job within about 70 s. A
+    refused connection fails within the backoff alone (about 1-3 s).
     """
     timeout = float(options.pop("storage_timeout", DEFAULT_STORAGE_TIMEOUT))
     retries = int(options.pop("storage_retries", DEFAULT_STORAGE_RETRIES))
+    throttle = float(options.pop("storage_throttle_seconds", DEFAULT_STORAGE_THROTTLE_SECONDS))
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("connect_timeout", timeout)
     config.setdefault("read_timeout", timeout)
-    config.setdefault("retries", {"total_max_attempts": retries + 1, "mode": "standard"})
+    policy = None
+    if "retries" not in config:
+        config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+        policy = RetryPolicy(retries, throttle)
     options["config_kwargs"] = config
-    return options, timeout, retries
+    return options, policy
+
+
+class RetryPolicy:
+    """Which failed S3 requests are tried again, and after how long: a botocore ``needs-retry``
+    handler, registered first on each client, whose answer is the only one that counts.
+
+    Throttling (HTTP 429 or 503, or an error code botocore classifies as throttling: SlowDown,
+    RequestLimitExceeded, ...) is the store asking for less traffic, not a fault: it is retried
+    with exponential backoff and full jitter, as S3 asks, for up to ``throttle_seconds`` per
+    request, and does not use up ``retries``. Everything else botocore's standard mode retries
+    (timeouts, refused connections, 500/502/504) gets ``retries`` retries with its jittered
+    backoff, so a stalled endpoint still fails a call within the stall bound.
+    """
+
+    def __init__(self, retries: int, throttle_seconds: float):
+        from botocore.retries import standard
+
+        self.retries, self.throttle_seconds = retries, throttle_seconds
+        self._adapter = standard.RetryEventAdapter()
+        self._conditions = standard.StandardRetryConditions(max_attempts=retries + 1)
+        self._backoff = standard.ExponentialBackoff()
+        self._throttled = standard.ThrottledRetryableChecker()
+
+    def is_throttled(self, context: Any) -> bool:
+        status = getattr(context.http_response, "status_code", None)
+        return status in THROTTLE_STATUSES or self._throttled.is_retryable(context)
+
+    def __call__(self, **kwargs: Any) -> float | bool | None:
+        context = self._adapter.create_retry_context(**kwargs)
+        state = kwargs["request_dict"]["context"].setdefault("batchscore_retry", {"throttled": 0, "since": None})
+        if context.http_response is not None and self.is_throttled(context):
+            now = time.monotonic()
+            state["since"] = state["since"] or now
+            delay = random.uniform(0, min(THROTTLE_BACKOFF_MAX, THROTTLE_BACKOFF_BASE * 2 ** state["throttled"]))
+            if now + delay - state["since"] > self.throttle_seconds:
+                return False  # throttled past the budget: the answer goes back as the error
+            state["throttled"] += 1
+            return delay
+        context.attempt_number = kwargs["attempts"] - state["throttled"]  # throttled attempts do not count
+        if self._conditions.is_retryable(context):
+            return self._backoff.delay_amount(context)
+        return False
+
+
+def _s3_class() -> type:
+    """s3fs's filesystem, with ``RetryPolicy`` put first on every client it creates."""
+    global _BOUNDED_S3
+    if _BOUNDED_S3 is None:
+        import s3fs
+
+        class BoundedS3FileSystem(s3fs.S3FileSystem):
+            retry_policy: RetryPolicy | None = None
+
+            async def set_session(self, refresh: bool = False, kwargs: dict[str, Any] = {}) -> Any:  # noqa: B006
+                client = await super().set_session(refresh=refresh, kwargs=kwargs)
+                if self.retry_policy is not None:
+                    client.meta.events.register_first("needs-retry.s3", self.retry_policy,
+                                                      unique_id="batchscore-retry-policy")
+                return client
+
+        BoundedS3FileSystem.__module__ = __name__
+        BoundedS3FileSystem.__qualname__ = "BoundedS3FileSystem"
+        _BOUNDED_S3 = BoundedS3FileSystem
+    return _BOUNDED_S3
+
+
+_BOUNDED_S3: type | None = None
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -69,15 +152,17 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     options = dict(storage_options or {}) if protocol not in ("file", "local") else {}
     bounds = {k: options.pop(k) for k in BOUND_KEYS if k in options}
-    if protocol in S3_PROTOCOLS:
-        options, _, _ = _bounded_s3_options({**options, **bounds})
     try:
-        fs, path = url_to_fs(uri, **options)
+        if protocol not in S3_PROTOCOLS:
+            return url_to_fs(uri, **options)
+        options, policy = _bounded_s3_options({**options, **bounds})
+        cls = _s3_class()
+        fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})
     except (ValueError, ImportError) as exc:
         raise StorageError(f"cannot open storage for {uri}: {exc}") from None
-    if protocol in S3_PROTOCOLS:
-        fs.retries = 1  # botocore retries each request; s3fs repeating them would multiply the bound
-    return fs, path
+    fs.retry_policy = policy
+    fs.retries = 1  # RetryPolicy retries each request; s3fs repeating them would multiply the bound
+    return fs, fs._strip_protocol(uri)
 
 
 def failure_cause(exc: BaseException) -> str | None:
@@ -88,6 +173,9 @@ def failure_cause(exc: BaseException) -> str | None:
     """
     import botocore.exceptions as boto
 
+    throttled = _throttled_answer(exc)
+    if throttled:
+        return f"storage throttled the request (slow down: {throttled}) past storage_throttle_seconds"
     if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     if isinstance(exc, (boto.ConnectTimeoutError, boto.ReadTimeoutError, asyncio.TimeoutError, TimeoutError)) or (
@@ -107,6 +195,23 @@ def failure_cause(exc: BaseException) -> str | None:
         pass
     if isinstance(exc, OSError):  # s3fs's translations: PermissionError("Access Denied"), missing bucket...
         return str(exc) or type(exc).__name__
+    return None
+
+
+def _throttled_answer(exc: BaseException) -> str | None:
+    """The store's "slow down" answer (code: message) behind ``exc`` (s3fs raises it as an
+    ``OSError`` caused by botocore's ``ClientError``), or ``None``."""
+    import botocore.exceptions as boto
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, boto.ClientError):
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = error.get("Code", "")
+            if status in THROTTLE_STATUSES or code in RetryPolicy(0, 0)._throttled._throttled_error_codes:
+                return f"{code or status}: {error.get('Message', '')}".rstrip(": ")
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1  # type: ignore[assignment]
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
+from . import stopping
 from .compiled import predictor
 from .engine import Predictor
 from .errors import StorageError
@@ -137,6 +138,7 @@ def _score_in_workers(
     order = sorted(range(len(units)), key=lambda i: -units[i].rows)
     pool = WorkerPool(max(1, min(workers, len(units))), functools.partial(_init_worker, task), _worker_score)
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
+    forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
     try:
         flushes: list[Future[None]] = []
         for index, result in pool.map_unordered(units, order, on_batch):
@@ -159,6 +161,8 @@ def _score_in_workers(
                 f"try fewer --workers or a smaller --batch-size"
             ) from None
         raise
+    finally:
+        forget_cleanup()
     flusher.shutdown(wait=True)
     return [results[i] for i in range(len(units))]
 

@@ -40,6 +40,7 @@ EVERY_KEY: dict[str, Any] = {
     "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "use_ssl": False, "max_pool": 4},
     "storage_timeout": 2.5,
     "storage_retries": 5,
+    "storage_throttle_seconds": 30.0,
     "log_format": "json",
     "lease_seconds": 30.0,
     "lock_timeout": 1.5,

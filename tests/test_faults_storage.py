@@ -357,9 +357,14 @@ def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path
     fs, _ = filesystem("s3://bucket/out", config.storage_options)
     assert fs._prepare_config_kwargs() == {"read_timeout": 60, "connect_timeout": 3.0,
                                            "retries": {"total_max_attempts": 1, "mode": "standard"}}
-    assert fs.retries == 1
+    assert fs.retries == 1 and fs.retry_policy.retries == 0
     default, _ = filesystem("s3://bucket/out", {"endpoint_url": "http://127.0.0.1:9"})
-    assert default._prepare_config_kwargs()["retries"] == {"total_max_attempts": 3, "mode": "standard"}
+    # botocore makes one attempt; batchscore's retry policy decides every retry (throttling apart)
+    assert default._prepare_config_kwargs()["retries"] == {"total_max_attempts": 1, "mode": "standard"}
+    assert (default.retry_policy.retries, default.retry_policy.throttle_seconds) == (2, 120.0)
+    own, _ = filesystem("s3://bucket/out", {"endpoint_url": "http://127.0.0.1:9",
+                                            "config_kwargs": {"retries": {"max_attempts": 7}}})
+    assert own._prepare_config_kwargs()["retries"] == {"max_attempts": 7} and own.retry_policy is None
     job = local_job(tmp_path, binary_model_paths, tmp_path / "out")
     for flag, value in (("--storage-timeout", "0"), ("--storage-retries", "-1")):
         result = cli("validate", *job, flag, value)
