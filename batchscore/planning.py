@@ -470,10 +470,10 @@ def check_footer(found: InputFile, entry: Mapping[str, Any]) -> None:
     check_identity(found.uri, entry["identity"], found.identity)
 
 
-def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> dict[str, str]:
-    """Refuse a plan naming any file the job's own input specs do not match (compared by where the
-    files really are: ``..``, symlinks, ``file://``, relative paths, bucket and key), or naming one
-    file twice. Returns the input's files by location."""
+def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> None:
+    """Refuse a plan whose files are not exactly those the job's own input specs match now: none
+    outside them, none named twice, none missing (compared by where the files really are: ``..``,
+    symlinks, ``file://``, relative paths, bucket and key). Reads a listing, no footer."""
     listed = _locations(list_inputs(config.input, config.storage_options))
     planned = [location(uri) for uri in the_plan.files.uris]
     outside = [the_plan.files.uri(i) for i, where in enumerate(planned) if where not in listed]
@@ -485,9 +485,13 @@ def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> dict[s
     first: dict[str, int] = {}
     twice = [the_plan.files.uri(i) for i, where in enumerate(planned) if first.setdefault(where, i) != i]
     if twice:
-        twice = twice[0]
-        raise InputDataError(f"plan {source} inconsistent: it names {twice} twice; plan again")
-    return listed
+        raise InputDataError(f"plan {source} inconsistent: it names {twice[0]} twice; plan again")
+    missing = [uri for where, uri in listed.items() if where not in first]
+    if missing:
+        raise InputDataError(
+            f"plan {source} inconsistent: the job's input matches {len(missing)} file(s) the plan lacks, "
+            f"e.g. {missing[0]}; plan again"
+        )
 
 
 def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
@@ -497,27 +501,20 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     with the planned row groups and identity; the artifacts, where the job names them, must have
     the planned digests (exit 4). The split follows from the files and the shard count.
     """
-    listed = check_within_input(config, the_plan, source)
-    planned = {location(uri) for uri in the_plan.files.uris}
-    missing = [uri for where, uri in listed.items() if where not in planned]
-    if missing:
-        raise InputDataError(
-            f"plan {source} inconsistent: the job's input matches {len(missing)} file(s) the plan lacks, "
-            f"e.g. {missing[0]}; plan again"
-        )
-    del listed, planned
-    for start in range(0, len(the_plan.files), FOOTER_BATCH):  # in batches: 100,000 footers need not be held at once
-        uris = the_plan.files.uris[start : start + FOOTER_BATCH]
+    check_within_input(config, the_plan, source)
+    files = the_plan.files
+    for start in range(0, len(files), FOOTER_BATCH):  # in batches: 100,000 footers need not be held at once
+        uris = [files.uri(i) for i in range(start, min(start + FOOTER_BATCH, len(files)))]
         for i, found in enumerate(read_footers(uris, config.storage_options), start):
-            check_footer(found, the_plan.files[i])
+            check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config)
-        found_digests = artifact_digests(config.model, config.scaler, config.storage_options, policy)
-        actual = {a.role: a for a in found_digests}
+        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage_options, policy)}
         for entry in the_plan.artifacts:
-            now_ = actual.get(entry["role"])
-            if now_ is None or now_.sha256 != entry["sha256"]:
+            found_artifact = actual.get(entry["role"])
+            if found_artifact is None or found_artifact.sha256 != entry["sha256"]:
                 raise ModelError(
-                    f"plan {source}: {entry['role']} artifact {now_.uri if now_ else 'missing'} has sha256 "
-                    f"{now_.sha256 if now_ else None}, the plan says {entry['sha256']}; plan again"
+                    f"plan {source}: {entry['role']} artifact "
+                    f"{found_artifact.uri + ' has sha256 ' + found_artifact.sha256 if found_artifact else 'not given'}"
+                    f", the plan says {entry['sha256']}; plan again"
                 )
