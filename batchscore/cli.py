@@ -236,8 +236,7 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
     """
     config = _config(kw)
     the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
-    click.echo(json.dumps({"plan_sha256": the_plan.sha256, "pin": the_plan.pin(), **the_plan.to_dict()},
-                          separators=(",", ":")))
+    click.echo(the_plan.encode(plan_sha256=the_plan.sha256, pin=the_plan.pin()))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .config import JobConfig
 from .errors import ConfigError, InputDataError, ModelError
@@ -65,8 +66,8 @@ class Unit:
     def part_name(self) -> str:
         return f"part-{self.file:0{self.digits}d}-{self.first_row_group:0{self.digits}d}.parquet"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "row_groups": list(self.row_groups), "rows": self.rows}
+    def to_dict(self, files: bool = True) -> dict[str, Any]:
+        data = {"file": self.file, "row_groups": list(self.row_groups), "rows": self.rows}
 
 
 def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
@@ -74,6 +75,8 @@ def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
     a file or row group number needs them."""
     largest = max((max(u.file, u.first_row_group) for s in shards for u in s.units), default=0)
     digits = max(PART_NUMBER_DIGITS, len(str(largest)))
+    if digits == PART_NUMBER_DIGITS:  # the units already have it
+        return tuple(shards)
     return tuple(Shard(s.index, tuple(replace(u, digits=digits) for u in s.units)) for s in shards)
 
 
@@ -151,6 +154,11 @@ class PlanFiles(Sequence[Mapping[str, Any]]):
         """The records as the plan document stores them."""
         return [[r[0], r[1], list(r[2]), *r[3:]] for r in self._records]
 
+    def encoded(self) -> Iterator[bytes]:
+        """Each record as canonical JSON, one at a time (no list of 100,000 records is built)."""
+        for r in self._records:
+            yield _canonical([r[0], r[1], list(r[2]), *r[3:]])
+
 
 def _split(row_groups: Sequence[Sequence[int]], count: int, rows_per_part: int) -> tuple[Shard, ...]:
     """Balanced contiguous shards of whole row groups: a function of the row groups alone."""
@@ -194,8 +202,8 @@ class Plan:
             "output": self.output, "artifacts": [a["sha256"] for a in self.artifacts],
             "num_shards": self.num_shards, "rows_per_part": self.rows_per_part,
         }))
-        for row in self.files.rows():
-            digest.update(_canonical(row))
+        for row in self.files.encoded():
+            digest.update(row)
         return digest.hexdigest()[:16]
 
     @cached_property
@@ -207,8 +215,8 @@ class Plan:
         """The flags that hold a step of the job to exactly this plan and these artifacts."""
         return ["--plan-sha256", self.sha256, *[x for a in self.artifacts for x in (f"--{a['role']}-sha256", a["sha256"])]]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, files: bool = True) -> dict[str, Any]:
+        data = {
             "format": PLAN_FORMAT,
             "plan_id": self.plan_id,
             "output": self.output,
@@ -220,13 +228,20 @@ class Plan:
             "model_version": self.model_version,
             "schema": None if self.schema is None else list(self.schema),
             "file_fields": list(FILE_FIELDS),
-            "files": self.files.rows(),
             "shards": [{"index": s.index, "rows": s.rows, "parts": len(s.units)} for s in self.shards],
         }
+        return {**data, "files": self.files.rows()} if files else data
 
-    def encode(self) -> bytes:
-        """The plan document, compact (``python -m json.tool plan.json`` shows it indented)."""
-        return _canonical(self.to_dict())
+    def encode(self, **extra: Any) -> bytes:
+        """The plan document (with ``extra`` keys), compact: ``python -m json.tool plan.json`` shows it
+        indented. Written record by record, so a plan of 100,000 files is never a list of them."""
+        head = {**self.to_dict(files=False), **extra}
+        out = io.BytesIO()
+        out.write(_canonical(head)[:-1] + b',"files":[')
+        for i, row in enumerate(self.files.encoded()):
+            out.write(b"," + row if i else row)
+        out.write(b"]}")
+        return out.getvalue()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
@@ -423,7 +438,7 @@ def plan_document(the_plan: Plan) -> bytes:
     key = os.environ.get(PLAN_KEY_ENV)
     if not key:
         return the_plan.encode() + b"\n"
-    return _canonical({**the_plan.to_dict(), "signature": _signature(key, the_plan.sha256)}) + b"\n"
+    return the_plan.encode(signature=_signature(key, the_plan.sha256)) + b"\n"
 
 
 def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -> Plan:

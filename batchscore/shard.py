@@ -18,7 +18,7 @@ from .output_guard import guard_overlap
 from .planning import Plan, check_footer, check_within_input, hold, plan_of
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
-from .run_report import shard_profile
+from .run_report import ProfileSum
 from .scorer import ScoreTask
 from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from .source import InputFile
@@ -105,9 +105,15 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
                rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names)
+    profiles = ProfileSum()
+
+    def _without_profile(index: int, result: Any) -> Any:
+        profiles.add(index, result.profile)
+        return replace(result, profile=None)
+
     try:
         with progress(log, shard.rows) as rows:
-            results = score_units(task, shard.units, workers, rows.advance)
+            results = score_units(task, shard.units, workers, rows.advance, on_result=_without_profile)
     except BaseException as exc:
         for folder, names in uploads.items():
             abort_uploads_after_failure(fs, folder, names, exc)
@@ -135,8 +141,8 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
-        "profile": shard_profile(results),
+        "profile": profiles.result(len(results)),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
-    write_json(fs, receipt_path(out_path, index), receipt)
+    write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
     return receipt
