@@ -273,9 +273,9 @@ PIN_XCOM_KEY = "pin"
 
 
 def shard_arguments(common: list[str], plan: str, num_shards: int, pin: Sequence[str] = ()) -> list[list[str]]:
-    """One argument list per shard: ``run <job flags> --plan P --shard I <pin>``, where the pin
+    """One argument list per shard: ``run <job flags> <pin> --plan P --shard I``, where the pin
     (``--plan-sha256``, ``--model-sha256``...) holds the shard to the plan and model just made."""
-    return [["run", *common, "--plan", plan, "--shard", str(i), *pin] for i in range(num_shards)]
+    return [["run", *common, *pin, "--plan", plan, "--shard", str(i)] for i in range(num_shards)]
 
 
 def input_present(paths: list[str], marker: str | None, storage_options: Mapping[str, str]) -> bool:
