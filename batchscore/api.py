@@ -187,9 +187,13 @@ def load_plan(uri: str, config: JobConfig) -> "Plan":
     return planning.load_plan(uri, config)
 
 
-def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None) -> ShardResult:
+def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None,
+              plan_sha256: str | None = None) -> ShardResult:
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
-    planned on the fly, and write its receipt; ``commit`` publishes the shards together."""
+    planned on the fly, and write its receipt; ``commit`` publishes the shards together.
+
+    A plan is refused unless every file it names is one the job's input matches, its artifacts have
+    the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
     from . import planning, shard
 
     check_numbers(shard=index, shards=count)
@@ -197,26 +201,52 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     if plan is None:
         if count is None:
             raise ConfigError("--shard I needs --plan, or give it as I/N")
+        if plan_sha256:
+            raise ConfigError("--plan-sha256 needs --plan")
         return ShardResult.of(shard.run_shard_of(config, index, count))
-    the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
+    the_plan = _the_plan(plan, config, plan_sha256)
     if count is not None and count != the_plan.num_shards:
         raise ConfigError(f"--shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
                           f"has {the_plan.num_shards} shards, not {count}")
-    return ShardResult.of(shard.run_shard(config, the_plan, index))
+    return ShardResult.of(shard.run_shard(config, the_plan, index, source=_source(plan)))
+
+
+def _source(plan: "Plan | str") -> str:
+    return plan if isinstance(plan, str) else f"plan {plan.plan_id}"
+
+
+def _the_plan(plan: "Plan | str", config: JobConfig, plan_sha256: str | None) -> "Plan":
+    """A plan read from its URI (or given), held to ``plan_sha256`` when that is given."""
+    from . import planning
+    from .errors import InputDataError
+
+    if isinstance(plan, str):
+        return planning.load_plan(plan, config, expected_sha256=plan_sha256)
+    if plan_sha256 and plan.sha256 != plan_sha256.strip().lower():
+        raise InputDataError(f"plan {plan.plan_id} is not the plan that was made: its sha256 is {plan.sha256}, "
+                             f"--plan-sha256 says {plan_sha256}; plan again")
+    return plan
 
 
 def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None,
-           accept_drift: bool = False) -> CommitResult:
+           accept_drift: bool = False, plan_sha256: str | None = None) -> CommitResult:
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
     plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
     Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
-    and held; ``accept_drift`` then commits the output as that held report describes it."""
+    and held; ``accept_drift`` then commits the output as that held report describes it.
+
+    A plan is first made again from the job's own input specs and artifacts: it is refused unless
+    its files are exactly those the input matches now, with the planned row groups and identities,
+    and its artifacts are the job's (and, given ``plan_sha256``, it is the plan ``plan`` printed)."""
     from . import committing, planning
 
     check_numbers(shards=shards)
     refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is not None:
-        the_plan = planning.load_plan(plan, config) if isinstance(plan, str) else plan
+        the_plan = _the_plan(plan, config, plan_sha256)
+        planning.check_against_input(config, the_plan, _source(plan))
+    elif plan_sha256:
+        raise ConfigError("--plan-sha256 needs --plan")
     elif shards:
         the_plan = planning.plan_again(config, shards)
     else:

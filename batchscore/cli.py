@@ -219,8 +219,9 @@ def main() -> None:
 @job_options
 @click.option("--plan", "plan_uri", help="Plan JSON (from `batchscore plan`) whose shard to score.")
 @click.option("--shard", help="Score only shard I of --plan, or I/N to plan N shards on the fly; writes no _SUCCESS.")
+@click.option("--plan-sha256", "plan_sha256", help="Refuse a --plan whose sha256 is not this one (as `plan` printed it).")
 @_handle_errors
-def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
+def run(plan_uri: str | None, shard: str | None, plan_sha256: str | None, **kw: Any) -> None:
     """Score the input and commit the output (parts, the manifest, then _SUCCESS).
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
@@ -235,7 +236,7 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
         _observed(result.manifest)
         _summary(config, result)
         return
-    done = api.run_shard(config, index, plan=plan_uri, count=count)
+    done = api.run_shard(config, index, plan=plan_uri, count=count, plan_sha256=plan_sha256)
     _observed(done.receipt)
     click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
                            "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
@@ -251,11 +252,13 @@ def run(plan_uri: str | None, shard: str | None, **kw: Any) -> None:
 def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: Any) -> None:
     """Check the job and split its row groups into balanced shards, from footers only.
 
-    Prints the plan as JSON. The same input always gives the same plan.
+    Prints the plan as JSON, with its sha256 and "pin": the flags (--plan-sha256, --model-sha256,
+    --scaler-sha256) that hold every shard and the commit to exactly this plan and model.
+    The same input always gives the same plan.
     """
     config = _config(kw)
     the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
-    click.echo(json.dumps(the_plan.to_dict()))
+    click.echo(the_plan.encode(plan_sha256=the_plan.sha256, pin=the_plan.pin()))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -263,15 +266,16 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @click.option("--plan", "plan_uri", help="The plan the shards ran from.")
 @click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
 @click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
+@click.option("--plan-sha256", "plan_sha256", help="Refuse a --plan whose sha256 is not this one (as `plan` printed it).")
 @_handle_errors
-def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, **kw: Any) -> None:
+def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
     config = _config(kw)
     _observe(config, lineage=False)
-    result = api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift)
+    result = api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift, plan_sha256=plan_sha256)
     _observed(result.manifest)
     _summary(config, result)
 

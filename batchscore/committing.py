@@ -88,14 +88,14 @@ def commit(
     Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
     once committed). Drift above ``drift_fail`` stops before the manifest (see run_report).
     """
-    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])  # before the lease is written
+    guard_overlap(config, the_plan.output, the_plan.files.uris)  # before the lease is written
     if lease is None:
         with hold(config, the_plan, "commit", release="on_success") as own:
             return commit(config, the_plan, extra, own, accept_drift)
     fs, out_path = filesystem(the_plan.output, config.storage_options)
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
-    planned_inputs = {f["uri"]: f["identity"] for f in the_plan.files}
+    planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it
     planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
     # What every shard must have written. A plan rebuilt without the model (commit --shards) knows
     # no schema or version: the first receipt's stand in, so the shards must at least agree.
@@ -111,6 +111,7 @@ def commit(
             inconsistent.append(f"{shard.index} (unreadable receipt)")
             continue
         if receipt.get("plan_id") != the_plan.plan_id:
+            planned_inputs = planned_inputs or {f["uri"]: f["identity"] for f in the_plan.files}
             read = [i["uri"] for i in receipt.get("inputs", [])
                     if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
             if read:
@@ -186,7 +187,7 @@ def commit(
         "model_version": first["model_version"],
         "artifacts": list(the_plan.artifacts),
         "versions": _versions(),
-        "inputs": [{"uri": f["uri"], "bytes": f["size"], "rows": sum(f["row_groups"])} for f in the_plan.files],
+        "inputs": [{"uri": uri, "bytes": size, "rows": sum(row_groups)} for uri, size, row_groups, *_ in the_plan.files.records],
         "rows": {"in": the_plan.total_rows, "out": sum(r["rows_out"] for r in receipts.values()), "invalid": invalid},
         "on_invalid": config.on_invalid,
         "schema": first["schema"],

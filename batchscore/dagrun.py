@@ -10,7 +10,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -268,9 +268,14 @@ def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def shard_arguments(common: list[str], plan: str, num_shards: int) -> list[list[str]]:
-    """One argument list per shard: ``run <job flags> --plan P --shard I``."""
-    return [["run", *common, "--plan", plan, "--shard", str(i)] for i in range(num_shards)]
+#: The XCom key under which the plan task hands the commit the plan's pin (see ``plan_shards``).
+PIN_XCOM_KEY = "pin"
+
+
+def shard_arguments(common: list[str], plan: str, num_shards: int, pin: Sequence[str] = ()) -> list[list[str]]:
+    """One argument list per shard: ``run <job flags> <pin> --plan P --shard I``, where the pin
+    (``--plan-sha256``, ``--model-sha256``...) holds the shard to the plan and model just made."""
+    return [["run", *common, *pin, "--plan", plan, "--shard", str(i)] for i in range(num_shards)]
 
 
 def input_present(paths: list[str], marker: str | None, storage_options: Mapping[str, str]) -> bool:
@@ -366,7 +371,11 @@ def timetable(settings: JobSettings) -> Any:
 
 
 def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[str]]:
-    """``batchscore plan`` for this run; each shard's ``batchscore run`` arguments."""
+    """``batchscore plan`` for this run; each shard's ``batchscore run`` arguments.
+
+    The plan's digest and its model's travel from here to every shard and to the commit as flags
+    (through XCom), so the orchestrator, not the bucket holding the plan, says which plan is the job's.
+    """
     import json
 
     common, output = render(settings, [list(settings.common_args), settings.output], context)
@@ -376,13 +385,19 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
     num_shards = int(document["num_shards"])
     if num_shards < 1:
         raise ValueError(f"the plan for {output} has no shard")
-    return shard_arguments(common, out, num_shards)
+    pin = [str(flag) for flag in document["pin"]]
+    context["ti"].xcom_push(key=PIN_XCOM_KEY, value=pin)
+    return shard_arguments(common, out, num_shards, pin)
 
 
 def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:
     """``batchscore commit`` of this run's plan (with ``dag.drift``'s flags); the output it committed."""
     common, output = render(settings, [list(settings.common_args), settings.output], context)
-    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output), "--plan", plan_uri(output)]
+    pin = context["ti"].xcom_pull(task_ids="plan", key=PIN_XCOM_KEY)
+    if not pin:
+        raise AirflowFailException(f"no plan digest from this run's plan task for {output}; run the whole DAG again")
+    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output), "--plan", plan_uri(output),
+            *pin]
     run_cli(argv, env=rendered_env(settings, context))
     return output
 

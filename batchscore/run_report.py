@@ -34,6 +34,42 @@ def shard_profile(results: Any) -> dict[str, Any] | None:
     return merge_profiles(r.profile for r in results) if results else UnitProfile().to_dict()
 
 
+class ProfileSum:
+    """A shard's profile summed in unit order as its units finish (the same sum as
+    ``shard_profile``), so a shard of 100,000 units never holds 100,000 profiles at once."""
+
+    FOLD = 256
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, Mapping[str, Any]] = {}  # finished out of order
+        self._next = 0
+        self._pending: list[Mapping[str, Any]] = []
+        self._total: dict[str, Any] | None = None
+        self._missing = False
+
+    def add(self, index: int, profile: Mapping[str, Any] | None) -> None:
+        if profile is None:
+            self._missing = True
+            return
+        self._waiting[index] = profile
+        while self._next in self._waiting:
+            self._pending.append(self._waiting.pop(self._next))
+            self._next += 1
+        if len(self._pending) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._pending:
+            self._total = merge_profiles([*([self._total] if self._total is not None else []), *self._pending])
+            self._pending = []
+
+    def result(self, units: int) -> dict[str, Any] | None:
+        if self._missing:
+            return None
+        self._fold()
+        return self._total if units and self._total is not None else UnitProfile().to_dict()
+
+
 def _invalid_reasons(features: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
     """Rows with each problem, e.g. ``{"age is null": 3}`` (a row may have several)."""
     words = (("nulls", "is null"), ("nan", "is NaN"), ("inf", "is infinite"))

@@ -15,14 +15,14 @@ from .errors import InputDataError
 from .lease import Lease
 from .model import ArtifactPolicy, artifact_roles
 from .output_guard import guard_overlap
-from .planning import Plan, hold, plan_of
+from .planning import Plan, check_footer, check_within_input, hold, plan_of
 from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
-from .run_report import shard_profile
+from .run_report import ProfileSum
 from .scorer import ScoreTask
 from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
-from .source import InputFile, check_identity
+from .source import InputFile
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
 from .verification import choose_engine
 from .workers import score_units
@@ -40,20 +40,15 @@ def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
         return score_shard(prepared, the_plan, index, lease)
 
 
-def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan) -> None:
+def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_files: Sequence[int]) -> None:
     """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
-    planned = {f["uri"]: f for f in the_plan.files}
-    for file in files:
-        entry = planned[file.uri]
-        if list(file.row_groups) != list(entry["row_groups"]):
-            raise InputDataError(
-                f"input file {file.uri} changed since the plan was made (row groups {list(entry['row_groups'])} -> "
-                f"{list(file.row_groups)}); plan again"
-            )
-        check_identity(file.uri, entry["identity"], file.identity)
+    found = {f.uri: f for f in files}
+    for i in shard_files:
+        entry = the_plan.files[i]
+        check_footer(found[entry["uri"]], entry)
 
 
-def run_shard(config: JobConfig, the_plan: Plan, index: int) -> dict[str, Any]:
+def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given") -> dict[str, Any]:
     """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
 
     The plan's first file's footer is read too, so the shard picks the same passthrough columns as
@@ -61,16 +56,18 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int) -> dict[str, Any]:
     """
     shard = the_plan.shard(index)
     config = replace(config, output=the_plan.output)
-    guard_overlap(config, the_plan.output, [f["uri"] for f in the_plan.files])
+    guard_overlap(config, the_plan.output, the_plan.files.uris)
+    check_within_input(config, the_plan, source)  # a plan can only narrow the job: its files are the input's
     if the_plan.model_version is not None and config.model_version != the_plan.model_version:
         raise InputDataError(
             f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
             f"{the_plan.model_version!r}; run every shard of a plan with its model version"
         )
-    shard_uris = [the_plan.files[i]["uri"] for i in sorted({u.file for u in shard.units})]
+    shard_files = sorted({u.file for u in shard.units})
+    shard_uris = [the_plan.files.uri(i) for i in shard_files]
     policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
-    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files[0]["uri"]] + shard_uris)), policy=policy)
-    _check_inputs_unchanged([f for f in prepared.files if f.uri in shard_uris], the_plan)
+    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy)
+    _check_inputs_unchanged(prepared.files, the_plan, shard_files)
     schema = schema_dicts(prepared.output_schema)
     if the_plan.schema is not None and schema != list(the_plan.schema):
         raise InputDataError(
@@ -111,9 +108,15 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
                rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names)
+    profiles = ProfileSum()
+
+    def _without_profile(index: int, result: Any) -> Any:
+        profiles.add(index, result.profile)
+        return replace(result, profile=None)
+
     try:
         with progress(log, shard.rows) as rows:
-            results = score_units(task, shard.units, workers, rows.advance)
+            results = score_units(task, shard.units, workers, rows.advance, on_result=_without_profile)
     except BaseException as exc:
         for folder, names in uploads.items():
             abort_uploads_after_failure(fs, folder, names, exc)
@@ -141,8 +144,8 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
-        "profile": shard_profile(results),
+        "profile": profiles.result(len(results)),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
-    write_json(fs, receipt_path(out_path, index), receipt)
+    write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
     return receipt

@@ -92,8 +92,10 @@ def part_writer(
             writer.close()
 
 
-def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
-    write_bytes_atomic(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any, compact: bool = False) -> None:
+    """Indented for people, or ``compact`` (one line) for files that grow with the input."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":")) if compact else json.dumps(data, indent=2, sort_keys=True)
+    write_bytes_atomic(fs, path, (text + "\n").encode())
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

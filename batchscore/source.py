@@ -173,12 +173,23 @@ def columns_with_nulls(meta: pq.FileMetaData, columns: Sequence[str]) -> frozens
     return frozenset(found)
 
 
+#: One object per distinct schema: 100,000 files of one schema then hold one schema, not 100,000.
+_SCHEMAS: dict[bytes, pa.Schema] = {}
+
+
+def _shared(schema: pa.Schema) -> pa.Schema:
+    key = schema.serialize().to_pybytes()
+    if len(_SCHEMAS) > 256:
+        _SCHEMAS.clear()
+    return _SCHEMAS.setdefault(key, schema)
+
+
 def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
     """Row groups, schema and identity from the footer alone."""
     with open_parquet(uri, storage_options) as (pf, identity):
         meta = pf.metadata
         row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        schema = pf.schema_arrow
+        schema = _shared(pf.schema_arrow)
     return InputFile(uri=uri, size=identity["size"], row_groups=row_groups, schema=schema, identity=identity)
 
 

@@ -6,6 +6,7 @@ run and are put back afterwards, so a library caller's process is as it was.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -89,11 +90,13 @@ def _worker_score(unit: Unit) -> UnitResult:
 
 
 def score_units(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None,
+    on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
 
-    ``on_rows`` hears of every batch as its rows are scored, not only of whole units.
+    ``on_rows`` hears of every batch as its rows are scored, not only of whole units; ``on_result``
+    sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its profile).
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
     imported libraries and the loaded model cost nothing to share, a worker's memory is only what
@@ -104,7 +107,7 @@ def score_units(
     if not units:
         return []
     with _frozen_collector():
-        return _score_in_workers(task, units, workers, on_rows)
+        return _score_in_workers(task, units, workers, on_rows, on_result)
 
 
 @contextlib.contextmanager
@@ -124,7 +127,8 @@ def _frozen_collector() -> Iterator[None]:
 
 
 def _score_in_workers(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None,
+    on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
     def on_batch(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch
         observe_batch(*progress)
@@ -140,11 +144,13 @@ def _score_in_workers(
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
     try:
-        flushes: list[Future[None]] = []
+        flushes: collections.deque[Future[None]] = collections.deque()
         for index, result in pool.map_unordered(units, order, on_batch):
-            results[index] = result
+            results[index] = on_result(index, result) if on_result is not None else result
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
+            while flushes and flushes[0].done():  # done ones are let go: 100,000 units, not 100,000 futures
+                flushes.popleft().result()
         pool.close()
         for flush in flushes:
             flush.result()

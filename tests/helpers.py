@@ -122,6 +122,11 @@ def plan_file(output: Path) -> Path:
     return Path(layout.plan_path(str(output)))
 
 
+def planned_file(plan: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """File ``index`` of a plan document, its compact record read by field name."""
+    return dict(zip(plan["file_fields"], plan["files"][index]))
+
+
 def receipt_file(output: Path, shard: int) -> Path:
     return Path(layout.receipt_path(str(output), shard))
 
