@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measuring import high_water_mark
 
 FEATURES = [f"f{j:02d}" for j in range(12)]
 SMALL_GROUPS = 131_072
@@ -55,18 +56,6 @@ def _chunk(start: int, rows: int, seed: int, schema: pa.Schema) -> pa.Table:
         values = rng.normal(j, 1.0 + j, start + rows)[start:]
         columns.append(pa.array(values))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-def high_water_mark(pid: int) -> int:
-    """The kernel's peak resident memory of a process (VmHWM), in bytes; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def children(pid: int) -> list[int]:

@@ -71,7 +71,7 @@ def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float)
                 continue
             total += rss
             alive += 1
-            peak = max(rss, _high_water_mark(pid))
+            peak = max(rss, high_water_mark(pid))
             if peak > peaks.process:
                 peaks.process = peak
                 if pid not in commands:
@@ -86,7 +86,7 @@ def _sample(root_pid: int, stop: threading.Event, peaks: Peaks, interval: float)
         stop.wait(interval)
 
 
-def _high_water_mark(pid: int) -> int:
+def high_water_mark(pid: int) -> int:
     """The kernel's peak RSS of this process since its exec (VmHWM), so peaks between samples count.
 
     Unlike wait4's ru_maxrss, it does not inherit the peak of the process that forked it.
