@@ -1,8 +1,8 @@
 """The scoring image built by ``scripts/build-image`` and run for real through podman (no fakes).
 
-One image per test run (the session fixture in ``container_fixtures.py``), a second one with the
-``[compiled]`` extra for the compiled engine. Each container is named per test and removed when the
-test ends; each test is bounded in time. The same jobs run on the host are the reference.
+One image per test run (the session fixture in ``container_fixtures.py``), built as ``make image``
+builds it, the compiled engine's ``[compiled]`` extra included. Each container is named per test and
+removed when the test ends; each test is bounded in time. The same jobs run on the host are the reference.
 """
 
 from __future__ import annotations
