@@ -15,7 +15,6 @@ from typing import Any, Callable
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.dagrun import shard_arguments
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL
 from batchscore.planning import Plan, PlanFiles, _split
 from batchscore.source import read_footer
@@ -63,6 +62,9 @@ class Job:
         plan_file(self.out).write_text(json.dumps(doc))
 
     def shard(self, index: int, pin: list[str]) -> Any:
+        # batchscore.dagrun imports Airflow, which must not load before the DAG tests set its home.
+        from batchscore.dagrun import shard_arguments
+
         argv = shard_arguments(self.common, str(plan_file(self.out)), SHARDS, pin)[index]  # as the DAG runs it
         return cli(*argv)
 
