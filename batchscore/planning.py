@@ -55,7 +55,7 @@ class Unit:
     file: int
     row_groups: tuple[int, ...]
     rows: int
-    #: Digits of both numbers in the part's name: the same for every part of a plan, so that name
+    #: Digits of every number in the part's name: the same for every part of a plan, so that name
     #: order is input order however many files and row groups there are. Not part of the plan's id.
     digits: int = field(default=PART_NUMBER_DIGITS, compare=False)
     slice: int | None = None  # which slice of its row group (None: whole row groups)
@@ -418,6 +418,10 @@ def plan(
     result = plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=now().isoformat())
     if not out:  # nothing is written: the job's first shard takes the lease
         return result
+    from .preflight import check_access, check_lease
+
+    check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
+    check_access(prepared, plan_out=out)
     with hold(config, result, "plan", release="never"):
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
         fs, path = filesystem(prepared.output, config.storage_options)
