@@ -35,7 +35,7 @@ bench: $(VENV)/.dev-deps
 	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
 
 # The scoring image, with Docker where an engine answers, else buildah (scripts/build-image --help).
-# make image IMAGE=... EXTRAS='[compiled]' CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none).
+# make image IMAGE=... CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none; EXTRAS= leaves the compiled engine out).
 IMAGE ?= localhost/batchscore:dev
 EXTRAS ?= [compiled]
 image:
