@@ -87,7 +87,8 @@ def _model(folder: Path, family: str, kind: str) -> dict[str, Path]:
 
 
 def _inputs(folder: Path, kind: str) -> list[Path]:
-    """A float64 file, then a float32 file (name order), each with rows that break a transform."""
+    """A float64 file, then a float32 file (name order), each with rows that break a transform;
+    each is scored as a job of its own."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, (dtype, rows) in enumerate(ROWS.items()):
@@ -173,6 +174,12 @@ def _run(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: str, *
 
 
 def _check_quarantine(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: str, *extra: str) -> list[int]:
+    """Each input file scored as a job of its own (the files of one job share one schema, and these
+    differ in dtype), into ``out-<file stem>``; the ids refused, over all of them."""
+    return [i for path in inputs for i in _check_job(tmp_path, paths, [path], f"{out}-{path.stem}", *extra)]
+
+
+def _check_job(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: str, *extra: str) -> list[int]:
     kept, refused, columns = _expected(paths, inputs)
     result = _run(tmp_path, paths, inputs, out, "--on-invalid", "quarantine", *extra)
     assert result.exit_code == 0, result.output + result.stderr
@@ -210,7 +217,7 @@ def test_rows_the_reference_refuses_are_invalid(tmp_path: Path, family: str, kin
         assert not refused
         return
     assert refused, "the inputs hold rows scikit-learn refuses"
-    failed = _run(tmp_path, paths, inputs, "failed", "--on-invalid", "fail")
+    failed = _run(tmp_path, paths, inputs[:1], "failed", "--on-invalid", "fail")
     assert failed.exit_code == EXIT_INPUT, failed.output + failed.stderr
     message = failed.stderr.strip().splitlines()[-1]
     first = min(refused)  # ids of the first (float64) file are its row numbers; row 2 overflows exp
@@ -244,7 +251,7 @@ def test_a_transform_that_raises_for_a_batch_refuses_only_its_rows(tmp_path: Pat
     inputs = _inputs(tmp_path / "in", "standard")
     refused = _check_quarantine(tmp_path, paths, inputs, "out")
     assert refused and "refused by scikit-learn: ValueError: too large" in \
-        read_rejected(tmp_path / "out").column("reject_reason")[0].as_py()
+        read_rejected(tmp_path / f"out-{inputs[0].stem}").column("reject_reason")[0].as_py()
 
 
 def _refuse_large(x):
