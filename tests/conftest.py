@@ -28,6 +28,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cli_logging_undone_after_the_run() -> Iterator[None]:
+    """Commands run in this process leave the CLI's log handler on the root logger, bound to a
+    stream pytest has closed by the time the interpreter exits; libraries that log from a finalizer
+    then (py4j's Spark connection) would print a traceback after the run's last line."""
+    yield
+    from batchscore import logs
+
+    logs.reset()
+
+
 @pytest.fixture(scope="session")
 def binary_model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return binary_model(tmp_path_factory.mktemp("binary-model"))
