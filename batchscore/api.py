@@ -22,7 +22,7 @@ from .config import JobConfig, check_numbers, refuse_template
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .planning import Plan
+    from .job.planning import Plan
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class ReportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """What ``batchscore report`` prints: the report without the columns' sketches."""
-        from .run_report import without_sketches
+        from .observe.run_report import without_sketches
 
         return without_sketches(self.report)
 
@@ -156,9 +156,9 @@ class ReportResult:
 def validate(config: JobConfig) -> ValidateResult:
     """Check model, inputs and schemas, the output and its lease, and everything ``run`` would
     write or read (probe files are written and removed; see preflight.py); score nothing."""
-    from .output_guard import guard_output
-    from .preflight import check_access, check_lease
-    from .preparation import prepare
+    from .io.output_guard import guard_output
+    from .job.preflight import check_access, check_lease
+    from .job.preparation import prepare
 
     prepared = prepare(config)
     guard_output(config, prepared.output, prepared.files)
@@ -172,7 +172,7 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
          out: str | None = None) -> "Plan":
     """Check the whole job, then split it into shards (``shards``, or about ``rows_per_shard`` rows
     each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
-    from . import planning
+    from .job import planning
 
     check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     refuse_template("out", out)
@@ -181,7 +181,7 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
 
 def load_plan(uri: str, config: JobConfig) -> "Plan":
     """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
-    from . import planning
+    from .job import planning
 
     refuse_template("plan", uri)
     return planning.load_plan(uri, config)
@@ -194,7 +194,7 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
 
     A plan is refused unless every file it names is one the job's input matches, its artifacts have
     the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
-    from . import planning, shard
+    from .job import planning, shard
 
     check_numbers(shard=index, shards=count)
     refuse_template("plan", plan if isinstance(plan, str) else None)
@@ -217,7 +217,7 @@ def _source(plan: "Plan | str") -> str:
 
 def _the_plan(plan: "Plan | str", config: JobConfig, plan_sha256: str | None) -> "Plan":
     """A plan read from its URI (or given), held to ``plan_sha256`` when that is given."""
-    from . import planning
+    from .job import planning
     from .errors import InputDataError
 
     if isinstance(plan, str):
@@ -238,7 +238,7 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
     A plan is first made again from the job's own input specs and artifacts: it is refused unless
     its files are exactly those the input matches now, with the planned row groups and identities,
     and its artifacts are the job's (and, given ``plan_sha256``, it is the plan ``plan`` printed)."""
-    from . import committing, planning
+    from .job import committing, planning
 
     check_numbers(shards=shards)
     refuse_template("plan", plan if isinstance(plan, str) else None)
@@ -256,13 +256,13 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
 
 def run(config: JobConfig) -> RunResult:
     """Score everything as one shard and commit: the terminal user's one command."""
-    from .committing import commit as commit_plan
-    from .lease import run_holder
-    from .output_guard import guard_output
-    from .planning import hold, plan_of
-    from .preflight import check_access
-    from .preparation import now, prepare
-    from .shard import score_shard
+    from .job.committing import commit as commit_plan
+    from .io.lease import run_holder
+    from .io.output_guard import guard_output
+    from .job.planning import hold, plan_of
+    from .job.preflight import check_access
+    from .job.preparation import now, prepare
+    from .job.shard import score_shard
 
     clock = time.perf_counter()
     prepared = prepare(config)
@@ -283,7 +283,7 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
     With ``sha256_only`` the artifacts are only hashed, not loaded: safe on a file not yet trusted.
     Either way they must first pass the job's pins and formats.
     """
-    from .model import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
+    from .models.artifacts import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
 
     config.require("model")
     policy = ArtifactPolicy.of(config)
@@ -297,8 +297,8 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
 def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     """Compile ``config.model`` (a tree ensemble) into ``out``, by default the job's compiled cache,
     so a run whose cache holds the library loads it without a C compiler; checks pins and formats first."""
-    from .compiled import compile_ahead
-    from .model import ArtifactPolicy
+    from .models.compiled import compile_ahead
+    from .models.artifacts import ArtifactPolicy
 
     config.require("model")
     refuse_template("out", out)
@@ -310,13 +310,13 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
 def report(output: str, storage_options: Mapping[str, Any] | None = None, html: str | None = None) -> ReportResult:
     """The run report of ``output`` (written by ``commit`` beside the manifest); with ``html``, also
     write it there as a self-contained HTML page."""
-    from .run_report import read_report
+    from .observe.run_report import read_report
 
     for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
         refuse_template(key, value)
     result = ReportResult.of(read_report(output, storage_options or {}))
     if html:
-        from .report_html import write_html
+        from .observe.report_html import write_html
 
         write_html(result.report, html)
     return result

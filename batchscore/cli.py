@@ -31,8 +31,8 @@ _observers: list[Any] = []
 
 def _observe(config: JobConfig, shard: int | None = None, lineage: bool = True) -> None:
     """Push this command's metrics when it ends and, for scoring, report it as lineage, where configured."""
-    from . import lineage as lineage_run
-    from . import metrics
+    from .observe import lineage as lineage_run
+    from .observe import metrics
 
     name = config.job_name or "batchscore"
     started = [metrics.start(config.pushgateway, name, config.model_version, shard),
@@ -57,7 +57,7 @@ def _observed_failure(exit_code: int, message: str) -> None:
 def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
     """Log the one ``Error:`` line (a JSON line under ``--log-format json``), report the failure to
     the command's observers, and exit."""
-    from . import stopping
+    from .job import stopping
 
     stopping.reported()
     log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
@@ -72,7 +72,7 @@ def _report_stop(message: str) -> None:
 
 def _storage_failure(exc: BaseException) -> str | None:
     """One sentence for a storage failure that reached the top without a path-specific message."""
-    from .storage import failure_cause
+    from .io.storage import failure_cause
 
     cause = failure_cause(exc)
     if cause is None:
@@ -87,7 +87,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from . import stopping
+        from .job import stopping
 
         _interrupt_on_sigterm()
         _observers.clear()
@@ -129,7 +129,7 @@ def _interrupt_on_sigterm() -> None:
     import signal
     import threading
 
-    from . import stopping
+    from .job import stopping
 
     owner = os.getpid()
 

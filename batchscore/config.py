@@ -21,7 +21,6 @@ from pydantic.dataclasses import dataclass
 from . import schema
 from .errors import ConfigError
 from .schema import setting
-from .storage import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_THROTTLE_SECONDS, DEFAULT_STORAGE_TIMEOUT, with_bounds
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
 LOG_FORMATS = ("text", "json")
@@ -35,6 +34,12 @@ TYPE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_LOCK_TIMEOUT = 0.0
 DEFAULT_DRIFT_WARN = 0.1
+#: Seconds one storage request may wait for a connection or for the next bytes of an answer.
+DEFAULT_STORAGE_TIMEOUT = 10.0
+#: Times a failed request is retried (connection refused, timeout, server error); throttling has its own bound.
+DEFAULT_STORAGE_RETRIES = 2
+#: Seconds one request keeps being retried while the store answers that it is throttling (SlowDown, 429).
+DEFAULT_STORAGE_THROTTLE_SECONDS = 120.0
 #: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
 #: inside the job; the reasons are the settings' ``why``.
 MAX_BATCH_SIZE = 2**24
@@ -210,8 +215,8 @@ class JobConfig:
             for key in FIELDS:
                 refuse_template(key, getattr(self, key))
         # Every filesystem is opened from storage_options, so they carry the bounds to each one.
-        bounded = with_bounds(self.storage_options, self.storage_timeout, self.storage_retries,
-                              self.storage_throttle_seconds)
+        bounded = {**self.storage_options, "storage_timeout": self.storage_timeout,
+                   "storage_retries": self.storage_retries, "storage_throttle_seconds": self.storage_throttle_seconds}
         object.__setattr__(self, "storage_options", bounded)
 
     def require(self, *names: str) -> None:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchscore.layout import receipts_folder
+from batchscore.io.layout import receipts_folder
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent  # every job runs with the repository root as working directory

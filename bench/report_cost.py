@@ -30,12 +30,12 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from batchscore.config import build_config
-    from batchscore.planning import plan_of
-    from batchscore.preparation import now, prepare
+    from batchscore.job.planning import plan_of
+    from batchscore.job.preparation import now, prepare
     from batchscore.sample import churn_table, train_sample_model
-    from batchscore.engine import Predictor
-    from batchscore.scorer import ScoreTask, score_unit
-    from batchscore.workers import single_threaded, use_lean_memory_pool
+    from batchscore.models.engine import Predictor
+    from batchscore.job.scorer import ScoreTask, score_unit
+    from batchscore.job.workers import single_threaded, use_lean_memory_pool
 
     work = Path(tempfile.mkdtemp(prefix="batchscore-report-cost-"))
     try:

@@ -1,8 +1,8 @@
 """Build one Airflow DAG per batchscore job config: plan -> score (one task per shard) -> commit.
 
-This module only wires tasks. What a job file says is checked by ``batchscore.dagspec`` (the
+This module only wires tasks. What a job file says is checked by ``batchscore.orchestration.dagspec`` (the
 ``dag:`` section is declared there, beside the job's keys) and what the tasks do when they run is
-``batchscore.dagrun``. Building a DAG reads nothing but the YAML files: no storage access, no model
+``batchscore.orchestration.dagrun``. Building a DAG reads nothing but the YAML files: no storage access, no model
 loading, and only the provider of the configured runner is imported (inside the function that
 builds its operator).
 """
@@ -13,17 +13,17 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, task
 
-from batchscore.dagrun import (
+from batchscore.orchestration.dagrun import (
     DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, asset_extra,
     cli_command, commit_shards, execution_timeout, inputs_ready, local_score_environment, permanent_failure,
     plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
     shard_arguments, timetable,
 )  # fmt: skip
 from batchscore.config import MAX_ROWS, MAX_SHARDS
-from batchscore.dagspec import (
+from batchscore.orchestration.dagspec import (
     DagConfigError, JobSettings, asset_uri, common_args, configs_dir, docker_mounts, load_jobs, parse_job,
 )  # fmt: skip
-from batchscore.quantity import docker_cpus, docker_memory
+from batchscore.orchestration.quantity import docker_cpus, docker_memory
 
 __all__ = ["DagConfigError", "JobSettings", "build_dag", "common_args", "configs_dir", "load_jobs", "parse_job",
            "plan_uri", "run_cli", "run_dates", "shard_arguments"]  # fmt: skip

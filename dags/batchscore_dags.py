@@ -1,7 +1,7 @@
 """Airflow DAGs for batchscore: one DAG per job file in ``configs/`` whose ``dag:`` section has a schedule.
 
 Adding a YAML file adds a DAG. Parsing reads those YAML files and nothing else; the task graph
-lives in ``batchscore_dagfactory`` and the ``dag:`` keys are declared in ``batchscore.dagspec``.
+lives in ``batchscore_dagfactory`` and the ``dag:`` keys are declared in ``batchscore.orchestration.dagspec``.
 """
 
 from __future__ import annotations

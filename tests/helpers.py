@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from click.testing import CliRunner, Result
 
-from batchscore import layout
+from batchscore.io import layout
 from batchscore.cli import main
 from batchscore.sample import FEATURES, churn_table
 
@@ -107,7 +107,7 @@ def read_output(output: Path | str, filesystem: Any = None) -> pa.Table:
 
 
 def state(output: Path) -> Path:
-    """The job's state folder beside a local output (see batchscore/layout.py)."""
+    """The job's state folder beside a local output (see batchscore/io/layout.py)."""
     return Path(layout.state_folder(str(output)))
 
 
@@ -193,6 +193,6 @@ def read_run_report(output: Path | str) -> dict[str, Any]:
     """A local output's run report, as written (sketches included)."""
     import json
 
-    from batchscore.sink import report_path
+    from batchscore.io.sink import report_path
 
     return json.loads(Path(report_path(str(output))).read_text())

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import planning
-from batchscore.planning import Plan, make_plan
+from batchscore.job import planning
+from batchscore.job.planning import Plan, make_plan
 from batchscore.sample import churn_table
-from batchscore.sink import PART_PATTERN, REJECTED_PATTERN
+from batchscore.io.sink import PART_PATTERN, REJECTED_PATTERN
 from helpers import assert_exact, binary_model, cli, plan_file, read_inputs, read_output, read_rejected
 
 ROWS_PER_PART = 1_000
@@ -120,7 +120,7 @@ def test_slices_survive_plans_shards_and_quarantine(tmp_path: Path, small_parts:
 
 
 def test_plans_slice_only_row_groups_larger_than_a_part() -> None:
-    from batchscore.source import InputFile
+    from batchscore.io.source import InputFile
 
     schema = pa.schema([("x", pa.float64())])
     files = [InputFile("/data/0.parquet", 10, (3_001, 10, 20, 2_000), schema, {"size": 10})]

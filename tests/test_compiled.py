@@ -28,12 +28,12 @@ import treelite  # noqa: F401
 if shutil.which(compiled_toolchain := "gcc") is None:
     pytest.skip(f"no C compiler ({compiled_toolchain}) to build libraries with", allow_module_level=True)
 
-from batchscore import compiled  # noqa: E402
-from batchscore.engine import Predictor  # noqa: E402
+from batchscore.models import compiled  # noqa: E402
+from batchscore.models.engine import Predictor  # noqa: E402
 from batchscore.errors import EXIT_MODEL, EXIT_USAGE  # noqa: E402
-from batchscore.model import load_model  # noqa: E402
+from batchscore.models.artifacts import load_model  # noqa: E402
 from batchscore.sample import FEATURES, churn_table  # noqa: E402
-from batchscore.verification import TOLERANCE  # noqa: E402
+from batchscore.models.verification import TOLERANCE  # noqa: E402
 from helpers import cli, read_manifest, read_output, training_frame  # noqa: E402
 
 ROWS = 1_003  # not a multiple of 16

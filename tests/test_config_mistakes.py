@@ -26,7 +26,7 @@ import yaml
 import batchscore
 from batchscore import api, schema
 from batchscore.config import COMMAND_FIELDS, FIELDS, build_config
-from batchscore.dagspec import DAG_FIELDS, DagConfigError, parse_job
+from batchscore.orchestration.dagspec import DAG_FIELDS, DagConfigError, parse_job
 from batchscore.errors import EXIT_FAILURE, EXIT_MODEL, EXIT_USAGE, ConfigError
 from helpers import REPO, binary_model, cli, multiclass_model, write_inputs
 
@@ -195,7 +195,7 @@ def test_a_key_named_twice_names_the_key_and_both_lines(tmp_path: Path, text: st
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "job.yaml").write_text(text + ("" if "dag:" in text else "dag:\n  schedule: null\n"))
-    from batchscore.dagspec import load_jobs
+    from batchscore.orchestration.dagspec import load_jobs
 
     with pytest.raises(DagConfigError, match=f"key '{key}' appears twice \\(lines {lines[0]} and {lines[1]}\\)"):
         load_jobs(dags)
@@ -350,8 +350,8 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _lease_of_another_job(output: Path) -> None:
-    from batchscore.layout import lease_path
-    from batchscore.lease import LeaseRecord
+    from batchscore.io.layout import lease_path
+    from batchscore.io.lease import LeaseRecord
 
     now = time.time()
     record = LeaseRecord("plan 0123456789abcdef", "0123456789abcdef", "plan", socket.gethostname(), os.getpid(),

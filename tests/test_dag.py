@@ -21,7 +21,7 @@ from airflow_fixtures import DAGS_FOLDER
 from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 
-from batchscore.layout import STATE_ROOT, plan_path
+from batchscore.io.layout import STATE_ROOT, plan_path
 from batchscore.sample import FEATURES
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
@@ -521,7 +521,7 @@ def test_parsing_imports_nothing_heavy(tmp_path: Path, airflow_env: Path) -> Non
         import json, sys
         from airflow.models import DagBag
         bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
-        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.preparation", "batchscore.engine", "kubernetes", "docker",
+        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.job.preparation", "batchscore.models.engine", "kubernetes", "docker",
                  "airflow.providers.cncf.kubernetes.operators.pod"]
         print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
                           "loaded": [m for m in heavy if m in sys.modules]}}))

@@ -1,4 +1,4 @@
-"""The ``dag:`` section's declaration (batchscore.dagspec), checked without Airflow."""
+"""The ``dag:`` section's declaration (batchscore.orchestration.dagspec), checked without Airflow."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from batchscore.dagspec import DagConfigError, dag_key_table, parse_job
-from batchscore.quantity import docker_cpus, docker_memory, quantity_value
+from batchscore.orchestration.dagspec import DagConfigError, dag_key_table, parse_job
+from batchscore.orchestration.quantity import docker_cpus, docker_memory, quantity_value
 from helpers import REPO
 
 LOCAL = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
@@ -108,7 +108,7 @@ def test_readme_dag_table_is_the_declaration() -> None:
 
 
 def test_the_declaration_imports_without_airflow_or_the_data_stack() -> None:
-    probe = ("import sys, batchscore.dagspec; print(sorted(m for m in ('airflow', 'pandas', 'pyarrow', 'sklearn', "
+    probe = ("import sys, batchscore.orchestration.dagspec; print(sorted(m for m in ('airflow', 'pandas', 'pyarrow', 'sklearn', "
              "'joblib', 'kubernetes', 'jinja2') if m in sys.modules))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"

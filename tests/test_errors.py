@@ -233,7 +233,7 @@ def test_a_part_that_cannot_be_flushed_is_a_storage_error(tmp_path: Path) -> Non
     from fsspec.implementations.local import LocalFileSystem
 
     from batchscore.errors import StorageError
-    from batchscore.storage import make_durable
+    from batchscore.io.storage import make_durable
 
     missing = str(tmp_path / "part-00000-00000.parquet")
     with pytest.raises(StorageError, match="cannot flush .*part-00000-00000.parquet"):

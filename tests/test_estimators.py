@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from batchscore.engine import Predictor
-from batchscore.model import load_model
+from batchscore.models.engine import Predictor
+from batchscore.models.artifacts import load_model
 from batchscore.sample import FEATURES
-from batchscore.workers import single_threaded
+from batchscore.job.workers import single_threaded
 from helpers import assert_exact, cli, read_inputs, read_output, save, training_frame, write_inputs
 
 
@@ -142,7 +142,7 @@ def test_shortcut_is_chosen_by_class_not_by_name() -> None:
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.svm import SVC
 
-    from batchscore.engine import derives_class_from_proba
+    from batchscore.models.engine import derives_class_from_proba
 
     LookAlike = type("LogisticRegression", (SVC,), {})  # the name alone proves nothing
     patched = LogisticRegression()

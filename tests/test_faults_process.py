@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.pipeline import ABANDON_SECONDS, BackgroundWriter, prefetch
+from batchscore.job.pipeline import ABANDON_SECONDS, BackgroundWriter, prefetch
 from helpers import (
     assert_exact,
     binary_model,
@@ -338,8 +338,8 @@ def test_kill_shard_then_retry_and_commit(job: Job, tmp_path: Path) -> None:
 
 ORPHAN_SCRIPT = """
 import os, sys, time
-import batchscore.pool as pool
-from batchscore.storage import atomic_writer, filesystem
+import batchscore.job.pool as pool
+from batchscore.io.storage import atomic_writer, filesystem
 if sys.argv[1] == "portable":  # after the imports: the standard library reads sys.platform as it loads
     sys.platform = "portable"  # take the path for systems without PR_SET_PDEATHSIG: a watch thread
 pool.PARENT_POLL_SECONDS = float(sys.argv[2])
@@ -392,7 +392,7 @@ def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: 
 
 FINALIZER_SCRIPT = """
 import os, signal, weakref
-from batchscore import pool
+from batchscore.job import pool
 pool._handle_stop_signals()
 
 class Unit:

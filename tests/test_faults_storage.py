@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.layout import rejected_path
+from batchscore.io.layout import rejected_path
 from batchscore.sample import churn_table
 from helpers import cli
 
@@ -350,7 +350,7 @@ def test_json_logs_make_warnings_and_the_error_json_lines(tmp_path: Path, binary
 
 def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
     from batchscore.config import JobConfig
-    from batchscore.storage import filesystem
+    from batchscore.io.storage import filesystem
 
     config = JobConfig(storage_options={"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 60}},
                        storage_timeout=3, storage_retries=0)

@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import planning
-from batchscore.preparation import prepare
-from batchscore.shard import score_shard
+from batchscore.job import planning
+from batchscore.job.preparation import prepare
+from batchscore.job.shard import score_shard
 from batchscore.config import JobConfig
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
 from batchscore.sample import churn_table
-from batchscore.storage import location, overlapping
+from batchscore.io.storage import location, overlapping
 from helpers import (assert_exact, cli, plan_file, planned_file, read_inputs, read_output, receipt_file, state,
                      write_inputs)
 

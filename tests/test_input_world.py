@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import layout
+from batchscore.io import layout
 from batchscore.errors import EXIT_FAILURE, EXIT_INPUT
 from batchscore.sample import churn_table
 from helpers import assert_exact, cli, plan_file, read_inputs, read_manifest, read_output, write_inputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchscore.errors import ConfigError
-from batchscore.layout import manifest_path, plan_path, receipt_path, rejected_path, state_folder
+from batchscore.io.layout import manifest_path, plan_path, receipt_path, rejected_path, state_folder
 
 
 @pytest.mark.parametrize("output, state", [

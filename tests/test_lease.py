@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE
-from batchscore.layout import lease_path
-from batchscore.lease import Lease, LeaseRecord, OutputBusyError, plan_holder, run_holder
+from batchscore.io.layout import lease_path
+from batchscore.io.lease import Lease, LeaseRecord, OutputBusyError, plan_holder, run_holder
 from helpers import (
     assert_exact,
     binary_model,
@@ -301,8 +301,8 @@ def test_worker_publishes_no_part_after_the_lease_ran_out(tmp_path: Path) -> Non
     import fsspec
 
     from batchscore.errors import StorageError
-    from batchscore.lease import Fence
-    from batchscore.storage import atomic_writer
+    from batchscore.io.lease import Fence
+    from batchscore.io.storage import atomic_writer
 
     fs, path = fsspec.filesystem("file"), str(tmp_path / "part-00000-00000.parquet")
     fence = Fence(grace_seconds=0.3)

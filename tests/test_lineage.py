@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from batchscore.lineage import EMIT_TIMEOUT_SECONDS, dataset_name, parse_parent
+from batchscore.observe.lineage import EMIT_TIMEOUT_SECONDS, dataset_name, parse_parent
 from helpers import read_manifest, write_inputs
 
 ROWS = 4_816

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.metrics import PUSH_TIMEOUT_SECONDS
+from batchscore.observe.metrics import PUSH_TIMEOUT_SECONDS
 from batchscore.sample import churn_table
 from helpers import cli, read_manifest, write_inputs
 

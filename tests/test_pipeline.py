@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT
-from batchscore.pipeline import BackgroundWriter, prefetch
+from batchscore.job.pipeline import BackgroundWriter, prefetch
 from helpers import cli, write_inputs
 
 

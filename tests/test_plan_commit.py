@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
-from batchscore.planning import Plan, make_plan
-from batchscore.source import InputFile
+from batchscore.job.planning import Plan, make_plan
+from batchscore.io.source import InputFile
 from helpers import (
     assert_exact,
     cli,
@@ -216,7 +216,7 @@ def test_part_names_grow_past_five_digits_and_keep_input_order() -> None:
     name order is still input order, and every check that matches part names accepts them."""
     import hashlib
 
-    from batchscore.sink import PART_PATTERN
+    from batchscore.io.sink import PART_PATTERN
 
     plan = make_plan(_footers([3, 100_001]), "/out", [], shards=2, rows_per_part=1)
     units = [u for s in plan.shards for u in s.units]
@@ -241,7 +241,7 @@ def test_part_names_grow_past_five_digits_and_keep_input_order() -> None:
 def test_commit_clean_up_knows_wide_part_names(tmp_path: Path) -> None:
     import fsspec
 
-    from batchscore.sink import iter_own_files
+    from batchscore.io.sink import iter_own_files
 
     output = tmp_path / "out"
     rejected = rejected_file(output, "part-100000-000007.parquet")

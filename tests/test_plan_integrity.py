@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL
-from batchscore.planning import Plan, PlanFiles, _split
-from batchscore.source import read_footer
+from batchscore.job.planning import Plan, PlanFiles, _split
+from batchscore.io.source import read_footer
 from helpers import FEATURES, assert_exact, cli, plan_file, read_inputs, read_output, save, training_frame, write_inputs
 
 pytestmark = pytest.mark.fault
@@ -62,8 +62,8 @@ class Job:
         plan_file(self.out).write_text(json.dumps(doc))
 
     def shard(self, index: int, pin: list[str]) -> Any:
-        # batchscore.dagrun imports Airflow, which must not load before the DAG tests set its home.
-        from batchscore.dagrun import shard_arguments
+        # batchscore.orchestration.dagrun imports Airflow, which must not load before the DAG tests set its home.
+        from batchscore.orchestration.dagrun import shard_arguments
 
         argv = shard_arguments(self.common, str(plan_file(self.out)), SHARDS, pin)[index]  # as the DAG runs it
         return cli(*argv)
@@ -195,7 +195,7 @@ def _swap_model(job: Job) -> dict[str, Any]:
     import joblib
     from sklearn.linear_model import LogisticRegression
 
-    from batchscore.model import fetch_artifact
+    from batchscore.models.artifacts import fetch_artifact
 
     frame, scaler = training_frame(seed=11), joblib.load(job.model["scaler"])
     other = LogisticRegression(C=0.013).fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])

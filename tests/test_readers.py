@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.layout import state_folder
+from batchscore.io.layout import state_folder
 from batchscore.sample import churn_table
 from helpers import assert_exact, cli, read_manifest, read_output, read_rejected, state
 

@@ -16,7 +16,7 @@ from batchscore import logs
 from batchscore.config import JobConfig
 from helpers import REPO, cli, write_inputs
 
-log = logging.getLogger("batchscore.shard")
+log = logging.getLogger("batchscore.job.shard")
 
 
 @pytest.fixture(autouse=True)

@@ -29,9 +29,9 @@ from helpers import (
     write_inputs,
 )
 
-from batchscore.drift import PSI_FLOOR
+from batchscore.observe.drift import PSI_FLOOR
 from batchscore.errors import EXIT_DRIFT, EXIT_USAGE
-from batchscore.profile import bucket_index, lower_bound
+from batchscore.observe.profile import bucket_index, lower_bound
 from batchscore.sample import FEATURES
 
 ROWS_PER_FILE = 1_616  # three files: 4_848 rows, a multiple of 16
@@ -277,7 +277,7 @@ def test_the_html_page_shows_the_charts_in_chromium(tmp_path: Path, binary_model
     and the drift dots in their colours, and the page names the held state and each column."""
     from PIL import Image
 
-    from batchscore.report_html import BAR, FAIL, SPARK
+    from batchscore.observe.report_html import BAR, FAIL, SPARK
 
     chromium = _chromium()
     reference = tmp_path / "reference"

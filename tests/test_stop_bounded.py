@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.sample import churn_table
-from batchscore.stopping import STOP_DEADLINE_SECONDS
+from batchscore.job.stopping import STOP_DEADLINE_SECONDS
 from helpers import assert_exact, read_manifest, read_output
 from s3proxy import S3Proxy
 

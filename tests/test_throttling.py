@@ -105,7 +105,7 @@ def test_throttling_is_retried_apart_from_stalls() -> None:
     """The policy itself: throttled answers do not use up ``storage_retries``, stalls still do."""
     from botocore.exceptions import ReadTimeoutError
 
-    from batchscore.storage import RetryPolicy
+    from batchscore.io.storage import RetryPolicy
 
     class Response:
         def __init__(self, status: int) -> None:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 HANGING = '''
 import os, subprocess, time
 import pytest
-from batchscore.pool import WorkerPool
+from batchscore.job.pool import WorkerPool
 
 
 def test_sleeps_forever():

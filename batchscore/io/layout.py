@@ -1,0 +1,115 @@
+"""Where an output's files and its job's state live: every path name comes from here.
+
+An output folder holds only what readers should read: the Parquet parts and, once committed, an
+empty ``_SUCCESS``. Polars refuses a folder holding any other non-empty file (in subfolders too),
+and DuckDB's ``**/*.parquet`` descends into every subfolder, so the job's state and the rejected
+rows live in a sibling folder whose name starts with ``_`` (which pyarrow, pandas, Spark and
+Hive-style partition discovery skip)::
+
+    <parent>/<name>/                          the output
+        part-FFFFF-RRRRR.parquet              predictions, in input order by name
+        _SUCCESS                              empty, written last by commit
+    <parent>/_batchscore/<name>/              the job's state
+        manifest.json                         written by commit, just before _SUCCESS
+        report.json                           the run report (rows, distributions, drift)
+        plan.json                             where the DAG (and the README) put a shared plan
+        lease.json                            which job may write the output now (see lease.py)
+        receipts/shard-IIIII.json             what each shard wrote
+        rejected/part-FFFFF-RRRRR.parquet.rejected   invalid rows (``--on-invalid quarantine``):
+                                              Parquet that no ``*.parquet`` glob picks up
+
+An output needs a parent for its state: a bucket root (``s3://bucket``) or the filesystem root is
+refused. Only the standard library is imported here: the DAG factory uses these names too.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from ..errors import ConfigError
+
+STATE_ROOT = "_batchscore"
+SUCCESS_FILE = "_SUCCESS"
+MANIFEST_FILE = "manifest.json"
+#: The run report: rows, score and feature distributions, drift (beside the manifest).
+REPORT_FILE = "report.json"
+PLAN_FILE = "plan.json"
+LEASE_FILE = "lease.json"
+RECEIPTS_DIR = "receipts"
+REJECTED_DIR = "rejected"
+#: Appended to a rejected part's name so that ``*.parquet`` globs (DuckDB, Polars) never match it.
+REJECTED_SUFFIX = ".rejected"
+
+
+def _split(output: str) -> tuple[str, str, str]:
+    """(``scheme://`` or "", parent path, name) of an output URI or path."""
+    scheme, sep, path = output.partition("://")
+    if not sep:
+        scheme, path = "", output
+    if scheme in ("", "file", "local") and path:
+        path = posixpath.normpath(path)  # data/. and out/../data name the folder data
+    path = path.rstrip("/")
+    return (scheme + sep), posixpath.dirname(path), posixpath.basename(path)
+
+
+def check_output(output: str) -> None:
+    """Refuse an output that has no parent folder to keep its state in."""
+    prefix, parent, name = _split(output)
+    if name in ("", ".", "..") or (prefix and not parent):
+        raise ConfigError(
+            f"output {output} is a bucket or filesystem root; write to a folder inside it "
+            f"(the job keeps its state beside the output, in <parent>/{STATE_ROOT}/<output name>/)"
+        )
+
+
+def state_folder(output: str) -> str:
+    """``<parent>/_batchscore/<name>`` for output ``<parent>/<name>``, in the output's own spelling."""
+    check_output(output)
+    prefix, parent, name = _split(output)
+    return prefix + posixpath.join(parent, STATE_ROOT, name)
+
+
+def part_path(output: str, name: str) -> str:
+    return posixpath.join(output.rstrip("/"), name)
+
+
+def success_path(output: str) -> str:
+    return posixpath.join(output.rstrip("/"), SUCCESS_FILE)
+
+
+def manifest_path(output: str) -> str:
+    return posixpath.join(state_folder(output), MANIFEST_FILE)
+
+
+def report_path(output: str) -> str:
+    return posixpath.join(state_folder(output), REPORT_FILE)
+
+
+def plan_path(output: str) -> str:
+    """Where a shared plan goes by default (``plan --out``, the DAG)."""
+    return posixpath.join(state_folder(output), PLAN_FILE)
+
+
+def lease_path(output: str) -> str:
+    return posixpath.join(state_folder(output), LEASE_FILE)
+
+
+def receipts_folder(output: str) -> str:
+    return posixpath.join(state_folder(output), RECEIPTS_DIR)
+
+
+def receipt_path(output: str, shard: int) -> str:
+    return posixpath.join(receipts_folder(output), f"shard-{shard:05d}.json")
+
+
+def rejected_folder(output: str) -> str:
+    return posixpath.join(state_folder(output), REJECTED_DIR)
+
+
+def rejected_name(part_name: str) -> str:
+    return part_name + REJECTED_SUFFIX
+
+
+def rejected_path(output: str, part_name: str) -> str:
+    """Where the invalid rows of part ``part_name`` go (not a ``*.parquet`` name: see above)."""
+    return posixpath.join(rejected_folder(output), rejected_name(part_name))

@@ -1,0 +1,246 @@
+"""Find the input files, read their footers, and stream their rows in row-group batches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import InputDataError
+from .listing import GLOB_CHARS, list_inputs  # noqa: F401  (where the input's files are found)
+from .storage import filesystem, is_local, storage_error
+
+FOOTER_THREADS = 16
+REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
+#: Bytes buffered per column while rows are streamed (``pre_buffer`` off): what a read holds is
+#: then about this much per column plus one batch, whatever the row groups' size (pre-buffering
+#: holds every column chunk of the row groups read: all of a 3M-row group at once). Measured with
+#: bench/big_row_group.py. Remote reads are exact ranges of this size, so they get larger ones.
+STREAM_BUFFER = 128 * 1024
+REMOTE_STREAM_BUFFER = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file and what its footer says, without any of its data."""
+
+    uri: str
+    size: int
+    row_groups: tuple[int, ...]  # rows in each row group
+    schema: pa.Schema
+    #: What tells this version of the file from a rewritten one (size, mtime, inode; or ETag, version id).
+    identity: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_groups)
+
+
+#: Identity fields compared to decide that a file is the one planned. A local file's device number
+#: is recorded but not compared: a shared mount may get another one on each machine running a shard.
+COMPARED_IDENTITY = ("size", "mtime_ns", "inode", "etag", "version_id")
+
+
+def _local_identity(stat: os.stat_result) -> dict[str, Any]:
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def _remote_identity(opened: Any) -> dict[str, Any]:
+    """Size, ETag and (on a versioned bucket) version id of an object as it was opened."""
+    details = getattr(opened, "details", None) or {}
+    identity = {"size": int(opened.size), "etag": details.get("ETag", details.get("etag")),
+                "version_id": details.get("VersionId")}
+    return {key: value for key, value in identity.items() if value is not None}
+
+
+def check_identity(
+    uri: str, expected: Mapping[str, Any] | None, actual: Mapping[str, Any], since: str = "the plan was made"
+) -> None:
+    """Refuse a file that is no longer the one the plan was made from (rewritten, replaced).
+
+    Only what both sides know is compared: an object's version id, for one, is in a HEAD
+    response but not in a listing.
+    """
+    if not expected:
+        return
+    changed = [
+        f"{key} {expected[key]} -> {actual[key]}"
+        for key in COMPARED_IDENTITY
+        if key in expected and key in actual and expected[key] != actual[key]
+    ]
+    if changed:
+        raise InputDataError(f"input file {uri} changed since {since} ({', '.join(changed)}); plan again")
+
+
+class _FailFast:
+    """A remote file whose reads, once one has failed, fail at once with the same error.
+
+    pyarrow serializes reads of a Python file but may queue several (one per column chunk); each
+    would wait out the storage timeout again, one after another, on an endpoint that has stalled.
+    """
+
+    def __init__(self, fh: Any):
+        self._fh = fh
+        self._error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._fh.read(size)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+@contextlib.contextmanager
+def open_parquet(
+    uri: str, storage_options: Mapping[str, Any] | None = None, expected: Mapping[str, Any] | None = None,
+    streaming: bool = False,
+) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
+    """Open a Parquet file (natively when local, through fsspec when remote) with its identity.
+
+    A missing file or one that is not Parquet is bad input; storage that cannot be reached or read
+    (timeout, refused connection, permission) is a storage failure. Both name the file. With
+    ``expected``, a file that is not the planned one is bad input too, both when opened and
+    (locally) once it has been read. ``streaming`` opens it to read rows in bounded memory
+    (``STREAM_BUFFER`` per column, no pre-buffering; remote reads are then exact ranges, not
+    read-ahead blocks that columns read in turn would each discard).
+    """
+    fs, path = filesystem(uri, storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            if is_local(fs):
+                status = os.stat(path)
+                if not stat.S_ISREG(status.st_mode):  # a FIFO put in its place would block the open forever
+                    raise InputDataError(f"input {uri} is not a regular file (any more); plan again")
+                identity = _local_identity(status)
+                source: Any = path
+            else:
+                fs.invalidate_cache(path)  # another process may have replaced it since we last looked
+                source = _FailFast(stack.enter_context(
+                    fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="none" if streaming else "readahead")))
+                identity = _remote_identity(source)
+            check_identity(uri, expected, identity)
+            buffer = STREAM_BUFFER if is_local(fs) else REMOTE_STREAM_BUFFER
+            bounded = {"pre_buffer": False, "buffer_size": buffer} if streaming else {}
+            pf = stack.enter_context(pq.ParquetFile(source, **bounded))
+        except FileNotFoundError:
+            raise InputDataError(f"input file not found: {uri}") from None
+        except InputDataError:
+            raise
+        except Exception as exc:
+            raise _read_error(uri, exc) from None
+        yield pf, identity
+        if is_local(fs):  # s3fs reads with If-Match on the ETag it opened; a local file has no such pin
+            try:
+                after = _local_identity(os.stat(path))
+            except FileNotFoundError:
+                raise InputDataError(f"input file {uri} was removed while being read") from None
+            check_identity(uri, identity, after, since="it was opened")
+
+
+def _read_error(uri: str, exc: Exception, where: str = "") -> Exception:
+    """Bad Parquet is the input's fault (exit 3); anything storage says is storage's (exit 1)."""
+    if type(exc).__name__ == "FileExpired":  # s3fs: the object's ETag changed under an open file
+        return InputDataError(f"input file {uri} changed since it was opened{where}; plan again")
+    if isinstance(exc, pa.ArrowException) or (type(exc) is OSError and exc.errno is None):  # pyarrow's complaint
+        return InputDataError(f"cannot read Parquet file {uri}{where}: {exc}")
+    return storage_error(f"cannot read {uri}{where}", exc) or exc
+
+
+def columns_with_nulls(meta: pq.FileMetaData, columns: Sequence[str]) -> frozenset[str]:
+    """Which of ``columns`` hold a null anywhere in the file, by the footer's statistics (a column
+    chunk without a null count is taken to hold none: its batches still tell their own nulls)."""
+    index = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
+    found = set()
+    for name in columns:
+        j = index.get(name)
+        for i in range(meta.num_row_groups if j is not None else 0):
+            stats = meta.row_group(i).column(j).statistics
+            if stats is not None and stats.has_null_count and stats.null_count > 0:
+                found.add(name)
+                break
+    return frozenset(found)
+
+
+#: One object per distinct schema: 100,000 files of one schema then hold one schema, not 100,000.
+_SCHEMAS: dict[bytes, pa.Schema] = {}
+
+
+def _shared(schema: pa.Schema) -> pa.Schema:
+    key = schema.serialize().to_pybytes()
+    if len(_SCHEMAS) > 256:
+        _SCHEMAS.clear()
+    return _SCHEMAS.setdefault(key, schema)
+
+
+def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
+    """Row groups, schema and identity from the footer alone."""
+    with open_parquet(uri, storage_options) as (pf, identity):
+        meta = pf.metadata
+        row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        schema = _shared(pf.schema_arrow)
+    return InputFile(uri=uri, size=identity["size"], row_groups=row_groups, schema=schema, identity=identity)
+
+
+def read_footers(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[InputFile]:
+    """Footers of many files fetched concurrently (object stores are latency-bound)."""
+    if len(uris) <= 1:
+        return [read_footer(u, storage_options) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
+        return list(pool.map(lambda u: read_footer(u, storage_options), uris))
+
+
+def iter_batches(
+    uri: str,
+    row_groups: Sequence[int],
+    columns: Sequence[str],
+    batch_size: int,
+    storage_options: Mapping[str, Any] | None = None,
+    use_threads: bool = True,
+    expected: Mapping[str, Any] | None = None,
+    on_footer: Callable[[pq.FileMetaData], None] | None = None,
+    start: int = 0,
+    rows: int | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time, in memory
+    bounded by ``batch_size`` and ``STREAM_BUFFER``, not by the row groups' size.
+
+    ``start`` and ``rows`` keep only that range of rows (a slice of a row group larger than a
+    part; the rows before it are decoded and dropped). With ``expected`` (the identity the plan
+    recorded) a file rewritten since is refused; ``on_footer`` is shown the file's footer before
+    the first batch.
+    """
+    if not row_groups:
+        return
+    stop = start + rows if rows is not None else None
+    with open_parquet(uri, storage_options, expected, streaming=True) as (pf, _):
+        if on_footer is not None:
+            on_footer(pf.metadata)
+        try:
+            position = 0
+            for batch in pf.iter_batches(
+                batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads
+            ):
+                first, position = position, position + batch.num_rows
+                if position <= start:
+                    continue
+                if first >= start and (stop is None or position <= stop):
+                    yield batch
+                else:
+                    low, high = max(start - first, 0), batch.num_rows if stop is None else min(stop - first, batch.num_rows)
+                    yield batch.slice(low, high - low)
+                if stop is not None and position >= stop:
+                    return
+        except Exception as exc:
+            raise _read_error(uri, exc, f" (row groups {row_groups[0]}-{row_groups[-1]})") from None

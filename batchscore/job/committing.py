@@ -1,0 +1,211 @@
+"""Commit a job: check every shard's receipt against the plan, drop stray files, write the manifest.
+
+Receipts must add up to the plan (rows, parts, artifacts), agree on the output schema and model
+version, and every part must still be the one its receipt names; only then are the manifest and
+``_SUCCESS`` written, under the output's lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+from typing import Any
+
+import pyarrow as pa
+
+from . import stopping
+from ..config import JobConfig
+from ..errors import InputDataError
+from ..io.lease import Lease
+from ..io.output_guard import guard_overlap, refuse_foreign
+from .planning import Plan, hold
+from .preparation import now, schema_difference
+from ..logs import event
+from ..observe.run_report import build_report, publish
+from ..io.sink import (
+    ATTEMPT_KEY,
+    iter_own_files,
+    listing,
+    manifest_path,
+    part_path,
+    read_json,
+    receipt_path,
+    receipts_folder,
+    rejected_name,
+    rejected_path,
+    state_folder,
+    success_path,
+    write_json,
+)
+from ..io.source import FOOTER_THREADS, open_parquet
+from ..io.storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+from ..models.verification import engine_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dict[str, Any]]) -> None:
+    """Every listed part must still be the one its receipt describes: written by that shard's
+    attempt (named in the footer), with its row count. A part another writer replaced after the
+    receipt (a paused or zombie attempt) is refused by name rather than committed."""
+    expected = [(i, part_path(output, p["name"]), p["rows"], r.get("attempt")) for i, r in sorted(receipts.items())
+                for p in r["parts"]]
+    expected += [(i, rejected_path(output, name), None, r.get("attempt")) for i, r in sorted(receipts.items())
+                 for name in r["rejected_parts"]]
+
+    def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
+        index, uri, rows, attempt = item
+        with open_parquet(uri, config.storage_options) as (pf, _):
+            found = (pf.metadata.metadata or {}).get(ATTEMPT_KEY.encode(), b"").decode()
+            if found != attempt:
+                return f"{uri} was written by attempt {found or 'unknown'}, not shard {index}'s attempt {attempt}"
+            if rows is not None and pf.metadata.num_rows != rows:
+                return f"{uri} holds {pf.metadata.num_rows} rows, not the {rows} in shard {index}'s receipt"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(expected)))) as pool:
+        problems = [p for p in pool.map(problem, expected) if p]
+    if problems:
+        raise InputDataError(f"cannot commit {output}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if
+                             len(problems) > 1 else "") + "; run that shard again")
+
+
+def _versions() -> dict[str, str]:
+    """Library versions for the manifest, without importing scikit-learn just to ask."""
+    return {"batchscore": version("batchscore"), "scikit-learn": version("scikit-learn"), "pyarrow": pa.__version__,
+            "python": platform.python_version()}
+
+
+def commit(
+    config: JobConfig, the_plan: Plan, extra: dict[str, Any] | None = None, lease: Lease | None = None,
+    accept_drift: bool = False,
+) -> dict[str, Any]:
+    """Check that the receipts add up to the plan, drop stray parts, then report, manifest and _SUCCESS.
+
+    Under the job's lease: ``lease`` when a run commits what it scored, else the plan's (released
+    once committed). Drift above ``drift_fail`` stops before the manifest (see run_report).
+    """
+    guard_overlap(config, the_plan.output, the_plan.files.uris)  # before the lease is written
+    if lease is None:
+        with hold(config, the_plan, "commit", release="on_success") as own:
+            return commit(config, the_plan, extra, own, accept_drift)
+    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    receipts: dict[int, dict[str, Any]] = {}
+    missing, foreign, changed, inconsistent = [], [], [], []
+    planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it
+    planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
+    # What every shard must have written. A plan rebuilt without the model (commit --shards) knows
+    # no schema or version: the first receipt's stand in, so the shards must at least agree.
+    schema = None if the_plan.schema is None else list(the_plan.schema)
+    reference, ref = {"schema": schema, "model_version": the_plan.model_version}, "planned"
+    for shard in the_plan.shards:
+        try:
+            receipt = read_json(fs, receipt_path(out_path, shard.index))
+        except FileNotFoundError:
+            missing.append(shard.index)
+            continue
+        except ValueError:
+            inconsistent.append(f"{shard.index} (unreadable receipt)")
+            continue
+        if receipt.get("plan_id") != the_plan.plan_id:
+            planned_inputs = planned_inputs or {f["uri"]: f["identity"] for f in the_plan.files}
+            read = [i["uri"] for i in receipt.get("inputs", [])
+                    if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
+            if read:
+                changed.append(f"shard {shard.index} read {', '.join(read)}")
+            else:
+                foreign.append(shard.index)
+            continue
+        expected_parts = [u.part_name for u in shard.units]
+        listed = [p["name"] for p in receipt.get("parts", [])]
+        if the_plan.schema is None and not receipts:
+            reference, ref = receipt, f"shard {shard.index}'s"
+        schema, version = reference.get("schema"), reference.get("model_version")
+        if receipt.get("rows_in") != shard.rows:
+            inconsistent.append(f"{shard.index} (rows in {receipt.get('rows_in')} != planned {shard.rows})")
+        elif listed != expected_parts:
+            inconsistent.append(f"{shard.index} (parts {listed} != planned {expected_parts})")
+        elif receipt.get("artifacts") != planned_artifacts:
+            inconsistent.append(
+                f"{shard.index} (scored with model artifacts sha256 {receipt.get('artifacts')}, planned {planned_artifacts})"
+            )
+        elif receipt.get("model_version") != version:
+            inconsistent.append(f"{shard.index} (model version {receipt.get('model_version')!r} != {ref} {version!r})")
+        elif receipt.get("schema") != schema:
+            inconsistent.append(
+                f"{shard.index} (output schema differs from {ref}: "
+                f"{schema_difference(schema or [], receipt.get('schema') or [])})"
+            )
+        elif receipt.get("rows_out", 0) + receipt.get("rows_invalid", 0) != shard.rows:
+            inconsistent.append(f"{shard.index} (rows out + invalid != rows in)")
+        receipts[shard.index] = receipt
+    problems = []
+    if missing:
+        problems.append(f"missing receipts for shard(s) {', '.join(map(str, missing))}")
+    if changed:
+        problems.append(f"input changed since the plan was made: {'; '.join(changed)}; plan again")
+    if foreign:
+        problems.append(f"receipts from another plan for shard(s) {', '.join(map(str, foreign))}")
+    if inconsistent:
+        problems.append(f"inconsistent shard(s): {'; '.join(inconsistent)}")
+    if problems:
+        raise InputDataError(f"cannot commit {the_plan.output} (plan {the_plan.plan_id}): " + "; ".join(problems))
+    invalid = sum(r["rows_invalid"] for r in receipts.values())
+    allowed = math.floor(config.max_invalid_fraction * the_plan.total_rows)
+    if invalid > allowed:
+        raise InputDataError(
+            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed --max-invalid-fraction "
+            f"{config.max_invalid_fraction} of {the_plan.total_rows} rows"
+        )
+    parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
+    rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
+    refuse_foreign(fs, out_path, the_plan.output)  # never publish what another tool put there as this run's rows
+    own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
+    present = {path for kind, path in own if kind == "part"}
+    absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
+    if absent:
+        raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
+    _check_part_attempts(config, the_plan.output, receipts)
+    keep = {part_path(out_path, p["name"]) for p in parts} | {rejected_path(out_path, r) for r in rejected}
+    stray = [path for _, path in own if path not in keep]
+    lease.renew()  # the clean-up deletes files: only while no other job may be writing them
+    for path in stray:
+        remove_if_exists(fs, path)
+    make_durable(fs, sorted(keep))
+    for name in listing(fs, receipts_folder(out_path)):
+        if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
+            remove_if_exists(fs, join(receipts_folder(out_path), name))
+    first = receipts[min(receipts)]
+    manifest = {
+        "output": the_plan.output,
+        "plan_id": the_plan.plan_id,
+        "committed_at": now().isoformat(),
+        "predicted_at": the_plan.predicted_at,
+        "model_version": first["model_version"],
+        "artifacts": list(the_plan.artifacts),
+        "versions": _versions(),
+        "inputs": [{"uri": uri, "bytes": size, "rows": sum(row_groups)} for uri, size, row_groups, *_ in the_plan.files.records],
+        "rows": {"in": the_plan.total_rows, "out": sum(r["rows_out"] for r in receipts.values()), "invalid": invalid},
+        "on_invalid": config.on_invalid,
+        "schema": first["schema"],
+        "parts": parts,
+        "state": state_folder(the_plan.output),
+        "rejected_parts": [rejected_name(r) for r in rejected],
+        "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
+                    "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
+        "removed_stray_files": len(stray),
+        "engine": engine_manifest(receipts),
+        **(extra or {}),
+    }
+    lease.renew()  # proof, just before publishing, that no other job has taken the output
+    publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
+    write_json(fs, manifest_path(out_path), manifest)
+    stopping.check()  # a stop the main thread has not seen yet still commits nothing
+    with stopping.publishing():
+        write_bytes_atomic(fs, success_path(out_path), b"")
+    log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
+             extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
+    return manifest

@@ -1,0 +1,202 @@
+"""Score one plan unit: read its row groups, check values, predict, write its part.
+
+A unit is the smallest piece of work with its own output file, so units can run in any order
+and in any process, and the output is identical whichever way they are spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ..models.engine import Predictor
+from ..errors import InputDataError, StorageError
+from ..models.artifacts import LoadedModel
+from .pipeline import BackgroundWriter, prefetch
+from .planning import Unit
+from .pool import report_progress
+from ..observe.profile import UnitProfile, score_columns
+from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
+from ..io.source import columns_with_nulls, iter_batches
+from ..io.storage import filesystem, join
+from ..io.validation import invalid_mask, invalid_reasons
+
+
+@dataclass
+class ScoreTask:
+    """Everything a process needs to score units; sent once to each worker."""
+
+    model: LoadedModel
+    model_version: str
+    predicted_at: datetime
+    files: Sequence[Mapping[str, Any]]  # plan file entries: uri, size, row_groups
+    output: str  # full URI of the output dataset
+    passthrough: tuple[str, ...]
+    output_schema: pa.Schema
+    batch_size: int
+    on_invalid: str
+    max_invalid_rows: int
+    storage_options: Mapping[str, Any]
+    attempt: str = ""  # named in every part's footer, checked by commit against the receipt
+    fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
+    compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
+    profile: bool = True  # profile features and scores for the run report (off only to measure its cost)
+    contract: Any = None  # validation.SchemaContract: each file's footer is checked against it as it is opened
+
+    @property
+    def read_columns(self) -> list[str]:
+        """Passthrough columns, then features not among them; nothing else is read."""
+        return list(self.passthrough) + [f for f in self.model.features if f not in self.passthrough]
+
+    def open_part(self, fs: Any, path: str, schema: pa.Schema) -> Any:
+        """A part writer that names this attempt and publishes only under the lease."""
+        fence = self.fence
+        check = (lambda: fence.check(path)) if fence is not None else None
+        return part_writer(fs, path, schema, self.attempt, check)
+
+    @property
+    def rejected_schema(self) -> pa.Schema:
+        return pa.schema([self.output_schema.field(c) for c in self.passthrough] + [pa.field(REJECT_REASON, pa.string())])
+
+
+@dataclass
+class UnitResult:
+    part: str
+    rows_in: int
+    rows_out: int
+    rows_invalid: int
+    rejected_part: str | None
+    seconds: float
+    profile: dict[str, Any] | None = None
+
+
+def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
+    return sum(file["row_groups"][: unit.row_groups[0]]) + unit.start if unit.row_groups else 0
+
+
+class _UnitScorer:
+    """One unit's pass over its batches, with the invalid-row policy applied."""
+
+    def __init__(self, task: ScoreTask, predictor: Predictor, unit: Unit):
+        self.task, self.predictor, self.unit = task, predictor, unit
+        self.file = task.files[unit.file]
+        self.invalid = 0
+        self.rejected_writer: Any = None
+
+    def _handle_invalid(
+        self, batch: pa.RecordBatch, bad: np.ndarray, offset: int, stack: contextlib.ExitStack,
+        refusals: Mapping[int, str],
+    ) -> None:
+        """Apply ``--on-invalid`` to the batch's ``bad`` rows: invalid features, or rows the model
+        refuses after a transform (``refusals``: why, by row)."""
+        rows = np.flatnonzero(bad)
+        uri = self.file["uri"]
+
+        def reasons(picked: np.ndarray) -> list[str]:
+            plain = [r for r in picked.tolist() if r not in refusals]
+            found = dict(zip(plain, invalid_reasons(batch, self.task.model.features, np.asarray(plain, dtype=np.intp))))
+            return [refusals[r] if r in refusals else found[r] for r in picked.tolist()]
+
+        first = reasons(rows[:1])[0]
+        if self.task.on_invalid == "fail":
+            if int(rows[0]) in refusals:
+                raise InputDataError(
+                    f"{uri}: row {offset + int(rows[0])} is refused by the model: {first}; scikit-learn raises for "
+                    f"such a row, so --on-invalid fail stops there (use skip or quarantine to set rows aside)"
+                )
+            raise InputDataError(
+                f"{uri}: row {offset + int(rows[0])} has an invalid feature value ({first}); "
+                f"--on-invalid fail stops at the first null/NaN/inf feature (use skip or quarantine to set rows aside)"
+            )
+        self.invalid += rows.size
+        if self.invalid > self.task.max_invalid_rows:
+            raise InputDataError(
+                f"{uri}: more invalid rows than --max-invalid-fraction allows "
+                f"({self.task.max_invalid_rows} in all); e.g. row {offset + int(rows[0])}: {first}"
+            )
+        if self.task.on_invalid == "quarantine":
+            if self.rejected_writer is None:
+                fs, base = filesystem(self.task.output, self.task.storage_options)
+                path = rejected_path(base, self.unit.part_name)
+                self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
+            picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
+            self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
+                list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
+            ))
+
+    def run(self) -> UnitResult:
+        task, predictor = self.task, self.predictor
+        started = time.perf_counter()
+        rows_in = rows_out = 0
+        offset = _first_row(self.file, self.unit)
+        fs, base = filesystem(task.output, task.storage_options)
+        profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
+            if task.profile else None
+        with contextlib.ExitStack() as stack:
+            parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
+            writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
+            file_nulls: frozenset[str] = frozenset()
+
+            def footer(meta: Any) -> None:
+                nonlocal file_nulls
+                if task.contract is not None:
+                    task.contract.check(self.file["uri"], meta.schema.to_arrow_schema())
+                file_nulls = columns_with_nulls(meta, task.model.features)
+
+            # One batch read ahead keeps the reader busy while this one scores; a second one
+            # only costs memory (a batch of every read column).
+            batches = prefetch(iter_batches(
+                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
+                expected=self.file["identity"], on_footer=footer,
+                start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
+            ), depth=1)
+            for batch in batches:
+                batch_started = time.perf_counter()
+                n = batch.num_rows
+                matrix = predictor.feature_matrix(batch, file_nulls)
+                if profile is not None:
+                    profile.add_features(batch, matrix, n)
+                bad = invalid_mask(matrix[:n])
+                if bad is not None:
+                    matrix[:n][bad] = 0.0  # a placeholder: the predictor never scores it (see engine.TransformCheck)
+                if n:
+                    prediction = predictor.score(matrix, n, bad)
+                    if prediction.refused is not None:  # rows scikit-learn refuses after a transform
+                        bad = prediction.refused if bad is None else bad | prediction.refused
+                    if bad is not None:
+                        self._handle_invalid(batch, bad, offset, stack, prediction.reasons)
+                    if prediction.columns is not None:
+                        columns = [batch.column(c) for c in task.passthrough] + prediction.columns
+                        scored = pa.RecordBatch.from_arrays(columns, schema=task.output_schema)
+                        if bad is not None:
+                            scored = scored.filter(pa.array(~bad))
+                        if scored.num_rows:
+                            writer.write(scored)
+                            if profile is not None:
+                                profile.add_scores(scored)
+                        rows_out += scored.num_rows
+                rows_in += n
+                offset += n
+                report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds
+        return UnitResult(
+            part=self.unit.part_name,
+            rows_in=rows_in,
+            rows_out=rows_out,
+            rows_invalid=self.invalid,
+            rejected_part=self.unit.part_name if self.rejected_writer is not None else None,
+            seconds=time.perf_counter() - started,
+            profile=profile.to_dict() if profile is not None else None,
+        )
+
+
+def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
+    try:
+        return _UnitScorer(task, predictor, unit).run()
+    except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
+        raise StorageError(f"cannot write part {join(task.output, unit.part_name)}: {exc.strerror or exc}") from None

@@ -1,0 +1,151 @@
+"""Run one shard of a plan: check it still matches its plan, score its units, write its receipt."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Sequence
+
+from ..config import JobConfig
+from ..errors import InputDataError
+from ..io.lease import Lease
+from ..models.artifacts import ArtifactPolicy, artifact_roles
+from ..io.output_guard import guard_overlap
+from .planning import Plan, check_footer, check_within_input, hold, plan_of
+from .preflight import check_access
+from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
+from ..logs import event, progress
+from ..observe.run_report import ProfileSum
+from .scorer import ScoreTask
+from ..io.sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
+from ..io.source import InputFile
+from ..io.storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
+from ..models.verification import choose_engine
+from .workers import score_units
+
+log = logging.getLogger(__name__)
+
+
+def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
+    """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
+    prepared = prepare(config)
+    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
+    the_plan = plan_of(prepared, shards=count)
+    with hold(config, the_plan, "shard", release="never") as lease:
+        check_access(prepared, tidy=False)
+        return score_shard(prepared, the_plan, index, lease)
+
+
+def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_files: Sequence[int]) -> None:
+    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
+    found = {f.uri: f for f in files}
+    for i in shard_files:
+        entry = the_plan.files[i]
+        check_footer(found[entry["uri"]], entry)
+
+
+def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given") -> dict[str, Any]:
+    """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
+
+    The plan's first file's footer is read too, so the shard picks the same passthrough columns as
+    the plan did; the output schema must then be the planned one.
+    """
+    shard = the_plan.shard(index)
+    config = replace(config, output=the_plan.output)
+    guard_overlap(config, the_plan.output, the_plan.files.uris)
+    check_within_input(config, the_plan, source)  # a plan can only narrow the job: its files are the input's
+    if the_plan.model_version is not None and config.model_version != the_plan.model_version:
+        raise InputDataError(
+            f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
+            f"{the_plan.model_version!r}; run every shard of a plan with its model version"
+        )
+    shard_files = sorted({u.file for u in shard.units})
+    shard_uris = [the_plan.files.uri(i) for i in shard_files]
+    policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
+    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy)
+    _check_inputs_unchanged(prepared.files, the_plan, shard_files)
+    schema = schema_dicts(prepared.output_schema)
+    if the_plan.schema is not None and schema != list(the_plan.schema):
+        raise InputDataError(
+            f"shard {index}: output schema differs from the plan ({schema_difference(the_plan.schema, schema)}); "
+            f"plan again"
+        )
+    with hold(config, the_plan, "shard", release="never") as lease:
+        check_access(prepared, tidy=False)  # other shards may be writing: the folders stay
+        return score_shard(prepared, the_plan, index, lease)
+
+
+def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) -> dict[str, Any]:
+    """Score a shard under the output's lease; its parts and receipt name this attempt."""
+    config, shard = prepared.config, the_plan.shard(index)
+    started, clock = now(), time.perf_counter()
+    planned = [a["sha256"] for a in the_plan.artifacts]
+    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    remove_if_exists(fs, receipt_path(out_path, index))
+    uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
+    attempt = uuid.uuid4().hex
+    predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
+    shard_files = [the_plan.files[i] for i in sorted({u.file for u in shard.units})]
+    engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
+    task = ScoreTask(
+        model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
+        files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
+        output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
+        max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
+        storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+        compiled_library=engine.library_path, contract=prepared.contract,
+    )
+    workers = config.worker_count
+    log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
+             f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
+    # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
+    # this attempt leaves if it fails: only this shard's own part names, never anything else.
+    uploads = {out_path: [u.part_name for u in shard.units],
+               rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
+    for folder, names in uploads.items():
+        abort_uploads(fs, folder, names)
+    profiles = ProfileSum()
+
+    def _without_profile(index: int, result: Any) -> Any:
+        profiles.add(index, result.profile)
+        return replace(result, profile=None)
+
+    try:
+        with progress(log, shard.rows) as rows:
+            results = score_units(task, shard.units, workers, rows.advance, on_result=_without_profile)
+    except BaseException as exc:
+        for folder, names in uploads.items():
+            abort_uploads_after_failure(fs, folder, names, exc)
+        raise
+    invalid = sum(r.rows_invalid for r in results)
+    if invalid > task.max_invalid_rows:
+        raise InputDataError(
+            f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
+            f"of {the_plan.total_rows} input rows"
+        )
+    receipt = {
+        "plan_id": the_plan.plan_id,
+        "attempt": attempt,
+        "shard": index,
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": sum(r.rows_out for r in results),
+        "rows_invalid": invalid,
+        "parts": [{"name": r.part, "rows": r.rows_out} for r in results],
+        "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
+        "artifacts": planned,
+        "model_version": config.model_version,
+        "schema": schema_dicts(prepared.output_schema),
+        "inputs": [{"uri": f["uri"], "identity": f["identity"]} for f in shard_files],
+        "workers": min(workers, max(1, len(shard.units))),
+        "engine": engine.to_dict(),
+        "started_at": started.isoformat(),
+        "seconds": round(time.perf_counter() - clock, 3),
+        "profile": profiles.result(len(results)),
+    }
+    lease.renew()  # still ours: no other job replaced these parts while we scored
+    write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
+    return receipt
