@@ -95,3 +95,22 @@ def test_readme_is_a_first_read() -> None:
     assert len(text.splitlines()) <= 200
     for needed in ("make run", "make test", "make test-fast", "```python", "dag:", "docs/index.md"):
         assert needed in text, needed
+
+
+def test_job_file_examples_are_valid() -> None:
+    """Every YAML job file the README and docs show passes the checks its scheduler or ``run`` makes."""
+    from batchscore.config import load_yaml, validate_settings
+    from batchscore.dagspec import parse_job
+
+    checked = []
+    for path in MARKDOWN:
+        for block in re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S):
+            data = load_yaml(block)
+            if not isinstance(data, dict) or not {"input", "output"} <= set(data):
+                continue  # not a job file (an alert rule)
+            if "dag" in data:
+                assert parse_job(f"{path.name}.yaml", data).dag_id.startswith("batchscore_")
+            else:
+                validate_settings(data)
+            checked.append(path.name)
+    assert {"README.md", "airflow.md", "configuration.md"} <= set(checked), checked
