@@ -7,7 +7,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 # "[compiled]" (the default; 5 MB) adds the compiled tree engine (treelite, TL2cgen). The runtime image has
-# no C compiler: it loads libraries built ahead with `batchscore compile` (see README, Compiled engine).
+# no C compiler: it loads libraries built ahead with `batchscore compile` (see docs/compiled.md).
 ARG BATCHSCORE_EXTRAS="[compiled]"
 # The package index pip uses (empty: PyPI).
 ARG PIP_INDEX=""

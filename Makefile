@@ -31,6 +31,12 @@ test: $(VENV)/.dev-deps
 test-fast: $(VENV)/.dev-deps
 	$(BIN)/python -m pytest -m "not slow and not fault" $(PYTEST_ARGS)
 
+# The reference tables in docs/ (and any in the README), regenerated from the code that declares
+# them; tests/test_docs.py runs `cog --check` over the same files.
+.PHONY: docs
+docs: $(VENV)/.dev-deps
+	$(BIN)/cog -r docs/*.md
+
 bench: $(VENV)/.dev-deps
 	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
 

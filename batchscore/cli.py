@@ -299,7 +299,7 @@ def validate(**kw: Any) -> None:
 def report(output: str, html: str | None, storage_option: tuple[str, ...]) -> None:
     """Print an output's run report as JSON: rows, score and feature distributions, drift.
 
-    The report file also holds each column's sketch, left out here (see README, Monitoring).
+    The report file also holds each column's sketch, left out here (see docs/monitoring.md).
     """
     found = api.report(output, _parse_storage_options(storage_option), html=html)
     click.echo(json.dumps(found.to_dict(), indent=2))

@@ -2,7 +2,8 @@
 
 ``JobConfig`` is the one declaration of a job's settings: each field's type, default, help and
 constraints give the command-line options, the YAML checks, the flags a scheduler passes to the
-container and the README's key table (see schema.py). To add a setting, add a field here.
+container and the key table of docs/configuration.md (see schema.py, reference.py). To add a setting,
+add a field here.
 """
 
 from __future__ import annotations
@@ -282,16 +283,10 @@ def check_numbers(**values: Any) -> None:
 #: The declaration as data: each setting's pydantic field, in order.
 FIELDS = JobConfig.__pydantic_fields__
 CONFIG_KEYS = tuple(FIELDS)
-#: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the README says of them.
-IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the DAG factory (see below)."}
+#: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the docs say of them.
+IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the Airflow DAG factory."}
 #: The settings every artifact command takes (``inspect`` too).
 ARTIFACT_KEYS = ("model_sha256", "scaler_sha256", "trusted_types", "allow_pickle")
-
-
-def key_table() -> list[str]:
-    """The README's table of job keys, line by line: a test holds the README to it."""
-    sections = [f"| `{key}` | none | none | {text} |" for key, text in IGNORED_SECTIONS.items()]
-    return ["| key | flag | default | meaning |", "|---|---|---|---|", *schema.markdown_rows(FIELDS, True), *sections]
 
 
 def check_text(key: str, value: Any) -> str:

@@ -9,7 +9,7 @@ EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_DRIFT = 5
 
-#: Exit code -> meaning, rendered into ``--help`` and checked against the README by the tests.
+#: Exit code -> meaning, rendered into ``--help`` and docs/commands.md.
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: the output is committed (_SUCCESS written)",
     EXIT_FAILURE: "anything else: storage failure (an input folder or file that cannot be listed or read), "

@@ -2,9 +2,9 @@
 
 A setting is a field with a type, a default, a help text and its constraints (see :func:`setting`).
 From the fields come the command-line options, the argv that re-creates a job on another machine,
-the README's key table and the error a bad value gets, worded like scikit-learn's checks: the
-setting, what it must be, and what was given ("setting 'batch_size' must be a positive integer,
-got -3").
+the tables of docs/ (see reference.py) and the error a bad value gets, worded like scikit-learn's
+checks: the setting, what it must be, and what was given ("setting 'batch_size' must be a positive
+integer, got -3").
 
 Importing this module loads pydantic and nothing heavy: the DAG files import it at parse time.
 """
@@ -20,10 +20,6 @@ from typing import Any, Callable, Iterable, Literal, Union
 import annotated_types
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
-
-#: What the README shows for a default that is nothing at all.
-NOTHING = "none"
-
 
 def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
             csv: bool = False, switch: bool | None = None, shown: str | None = None, unit: str | None = None,
@@ -191,7 +187,7 @@ def _repeated(info: FieldInfo) -> bool:
 
 
 def shown_default(info: FieldInfo) -> str | None:
-    """The default as the README and ``--help`` show it; None when there is nothing to say."""
+    """The default as the docs and ``--help`` show it; None when there is nothing to say."""
     if "shown" in extra(info):
         return extra(info)["shown"]
     default = info.get_default(call_default_factory=True)
@@ -289,22 +285,3 @@ def to_argv(fields: Mapping[str, FieldInfo], values: Mapping[str, Any]) -> list[
         else:
             argv += [flag, flag_text(value)]
     return argv
-
-
-def markdown_rows(fields: Mapping[str, FieldInfo], with_flags: bool) -> list[str]:
-    """The README's key table rows: key, (flag,) default, meaning."""
-    rows = []
-    for key, info in fields.items():
-        cells = [f"`{key}`"]
-        if with_flags:
-            metavar = extra(info).get("metavar")
-            repeat = " (repeatable)" if _repeated(info) else ""
-            cells.append(f"`{flag_of(key, info)}{' ' + metavar if metavar else ''}`{repeat}")
-        default = shown_default(info)
-        if default is None:
-            default = flag_text(info.get_default()) if isinstance(info.get_default(), bool) else NOTHING
-        elif isinstance(info.get_default(), str) and "shown" not in extra(info):
-            default = f"`{default}`"
-        cells += [default, info.description]
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows

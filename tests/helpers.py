@@ -118,7 +118,7 @@ def read_manifest(output: Path | str, filesystem: Any = None) -> dict[str, Any]:
 
 
 def plan_file(output: Path) -> Path:
-    """Where the README and the DAG put a sharded job's plan."""
+    """Where the docs and the DAG put a sharded job's plan."""
     return Path(layout.plan_path(str(output)))
 
 

@@ -126,13 +126,13 @@ def test_api_names_stay_functions_whatever_is_imported() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_readme_library_examples_run(tmp_path: Path) -> None:
-    """Each example of the README's "Library API" section, run in order in one process from a copy
-    of the repository's sample job."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Library API", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 6, "one example per function"
+def test_docs_library_examples_run(tmp_path: Path) -> None:
+    """The README's Python example, then each example of docs/library.md, run in order in one
+    process from a copy of the repository's sample job."""
+    readme = (REPO / "README.md").read_text().split("## From Python", 1)[1].split("\n## ", 1)[0]
+    first = re.findall(r"```python\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "library.md").read_text(), re.S)
+    assert len(first) == 1 and len(blocks) >= 6, "one example per function"
     for name in ("validate(", "plan(", "run(", "run_shard(", "commit(", "inspect("):
         assert any(name in block for block in blocks), name
     shutil.copytree(REPO / "configs", tmp_path / "configs")
@@ -141,8 +141,8 @@ def test_readme_library_examples_run(tmp_path: Path) -> None:
     os.chdir(tmp_path)
     try:
         namespace: dict[str, object] = {}
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
+        for name, block in [("README.md", first[0])] + [("docs/library.md", block) for block in blocks]:
+            exec(compile(block, name, "exec"), namespace)  # noqa: S102 - the docs' own examples
     finally:
         os.chdir(cwd)
     assert (tmp_path / "out" / "churn-scores" / "_SUCCESS").exists()

@@ -1,4 +1,4 @@
-"""The job's one declaration (config.JobConfig) and its faces: flags, YAML checks, argv, README."""
+"""The job's one declaration (config.JobConfig) and its faces: flags, YAML checks, argv, docs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from batchscore import schema
 from batchscore.cli import _config, job_options, main
-from batchscore.config import CONFIG_KEYS, FIELDS, build_config, key_table
+from batchscore.config import CONFIG_KEYS, FIELDS, build_config
+from batchscore.reference import job_keys
 from batchscore.errors import EXIT_USAGE, ConfigError
 from helpers import REPO, cli
 
@@ -96,19 +97,14 @@ def test_every_key_has_a_flag_whose_help_shows_its_default() -> None:
     assert "Repeatable." in helps["input"] and "[default" not in helps["output"]
 
 
-def readme_table(title: str) -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index(title):]
-    start = section.index("\n|") + 1
-    return section[start:section.index("\n\n", start)].splitlines()
-
-
-def test_readme_key_table_is_the_declaration() -> None:
-    """Same keys, flags, defaults and meanings as JobConfig; paste key_table() when a key changes."""
-    expected = key_table()
-    assert readme_table("## Job configuration") == expected, "\n" + "\n".join(expected)
-    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[2] for line in expected[2:]}
-    assert rows["batch_size"] == "65536" and rows["model_version"] == "`unversioned`" and rows["input"] == "required"
+def test_docs_key_table_is_the_declaration() -> None:
+    """Same keys, flags, bounds, defaults and meanings as JobConfig (``make docs`` writes it)."""
+    expected = job_keys()
+    assert expected in (REPO / "docs" / "configuration.md").read_text(), "run `make docs`\n" + expected
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[2:4] for line in expected.splitlines()[2:]}
+    assert rows["batch_size"] == ["an integer from 1 to 16777216", "65536"]
+    assert rows["model_version"] == ["text", "`unversioned`"] and rows["input"][1] == "required"
+    assert list(rows) == [*CONFIG_KEYS, "dag"]
 
 
 def test_yaml_errors_name_the_file_the_key_and_the_value(tmp_path: Path) -> None:

@@ -479,8 +479,8 @@ def test_plan_out_that_cannot_be_written_fails_before_the_lease_is_taken(parity:
     assert not (case / "_batchscore").exists(), "the lease was taken by a plan that could not be written"
 
 
-def test_readme_says_what_is_checked_before_anything_runs() -> None:
-    text = (REPO / "README.md").read_text()
+def test_docs_say_what_is_checked_before_anything_runs() -> None:
+    text = (REPO / "docs" / "safety.md").read_text()
     start = text.index("Every setting is checked before anything runs")
     paragraph = text[start:text.index("\n\n", start)]
     for words in ("twice", "template", "upper bound", "validate"):

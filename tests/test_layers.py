@@ -24,6 +24,7 @@ LAYERS = {
     "job": 4, "orchestration": 4,
     "api": 5, "sample": 5,
     "cli": 6, "__main__": 6, "__init__": 6,
+    "reference": 7,  # renders the docs' tables from every declaration, the CLI's included
 }
 
 

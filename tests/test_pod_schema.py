@@ -50,7 +50,7 @@ def test_repository_job_pod_is_valid_for_the_kubernetes_api(airflow_env: Path, m
 
 def test_every_dag_setting_the_pod_carries_is_valid(airflow_env: Path, configs_dir: Path) -> None:  # noqa: F811
     """A job using each pod-related ``dag:`` key at once (whole secrets and single keys, requests and
-    limits in every unit the README allows, env templates, pull policy, node selector)."""
+    limits in every unit the docs allow, env templates, pull policy, node selector)."""
     dag_section = {
         "schedule": "@daily", "start_date": "2024-01-01", "runner": "kubernetes", "image": "registry.example/bs:1",
         "image_pull_policy": "IfNotPresent", "namespace": "scoring", "service_account": "scorer",

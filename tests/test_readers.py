@@ -111,7 +111,7 @@ def test_the_output_folder_holds_only_parts_and_an_empty_success(scores: dict[st
     assert rejected == manifest["rejected_parts"] == ["part-00000-00000.parquet.rejected",
                                                       "part-00001-00000.parquet.rejected"]
     assert read_rejected(output).column("reject_reason").to_pylist() == ["age is NaN"] * 3
-    assert len(pd.read_parquet(state(output) / "rejected")) == 3  # as the README reads them
+    assert len(pd.read_parquet(state(output) / "rejected")) == 3  # as docs/output.md reads them
 
 
 def test_pandas_and_pyarrow(scores: dict[str, Any]) -> None:

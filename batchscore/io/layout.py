@@ -12,7 +12,7 @@ Hive-style partition discovery skip)::
     <parent>/_batchscore/<name>/              the job's state
         manifest.json                         written by commit, just before _SUCCESS
         report.json                           the run report (rows, distributions, drift)
-        plan.json                             where the DAG (and the README) put a shared plan
+        plan.json                             where the DAG (and the docs) put a shared plan
         lease.json                            which job may write the output now (see lease.py)
         receipts/shard-IIIII.json             what each shard wrote
         rejected/part-FFFFF-RRRRR.parquet.rejected   invalid rows (``--on-invalid quarantine``):

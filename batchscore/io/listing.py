@@ -6,7 +6,7 @@ job without a word. This module walks the input itself. Locally it lists each fo
 ``os.scandir`` and looks at each entry with ``os.stat``; on S3 it lists the spec's prefix once,
 recursively, with ``list_objects_v2``; every error either raises is the job's error.
 
-The rules, as the README states them:
+The rules, as docs/inputs.md states them:
 
 * a file named by the spec is read whatever its name; a directory is searched recursively for
   ``*.parquet``; a glob's matches (``*``, ``?``, ``[..]`` within a name, ``**`` across folders)

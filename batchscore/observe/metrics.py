@@ -24,6 +24,33 @@ PUSH_TIMEOUT_SECONDS = 5.0
 BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One metric a command pushes: its name (a counter's without ``_total``), kind, help and labels."""
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+#: Every metric a command may push, declared once: the pushes and the docs' table come from here.
+METRICS = {metric.name: metric for metric in (
+    Metric("batchscore_predictions", "counter", "Rows of the last successful run: ok scored, invalid skipped or "
+           "quarantined.", ("model_version", "status")),
+    Metric("batchscore_rows_read", "gauge", "Input rows the last run read (after a failure: the rows scored before it "
+           "stopped)."),
+    Metric("batchscore_batch_seconds", "histogram", "Seconds a worker took to score one batch (feature matrix, checks, "
+           "predict, hand-off to the writer)."),
+    Metric("batchscore_model_load_seconds", "gauge", "Seconds to fetch, check and load the model (and scaler)."),
+    Metric("batchscore_duration_seconds", "gauge", "Wall-clock seconds of the command (for commit, the commit itself)."),
+    Metric("batchscore_last_success_timestamp_seconds", "gauge", "Unix time the last successful run ended; pushed "
+           "only on success."),
+    Metric("batchscore_last_failure_timestamp_seconds", "gauge", "Unix time the last failed run ended, labelled with "
+           "its exit code.", ("exit_code",)),
+)}  # fmt: skip
+
+
 @dataclass
 class Outcome:
     """Rows a finished command accounted for, whichever command it was."""
@@ -74,30 +101,28 @@ class JobMetrics:
         its rows read are those scored before it stopped."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+        def family(name: str, **kwargs: Any) -> Any:
+            metric = METRICS[name]
+            kind = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+            labels = {"labels": list(metric.labels)} if metric.labels else {}
+            return kind[metric.kind](name, metric.help, **labels, **kwargs)
+
         if outcome is not None:
-            predictions = CounterMetricFamily(
-                "batchscore_predictions", "Rows of the last run by status: ok (scored) or invalid (set aside).",
-                labels=["model_version", "status"],
-            )
+            predictions = family("batchscore_predictions")
             predictions.add_metric([self.model_version, "ok"], outcome.rows_out)
             predictions.add_metric([self.model_version, "invalid"], outcome.rows_invalid)
             yield predictions
         rows_read = outcome.rows_in if outcome is not None else self.rows_scored
-        yield GaugeMetricFamily("batchscore_rows_read", "Input rows the last run read.", value=rows_read)
-        yield GaugeMetricFamily("batchscore_duration_seconds", "Wall-clock seconds of the last run.",
-                                value=now - self.started)
+        yield family("batchscore_rows_read", value=rows_read)
+        yield family("batchscore_duration_seconds", value=now - self.started)
         if self.model_load_seconds is not None:
-            yield GaugeMetricFamily("batchscore_model_load_seconds", "Seconds the last run took to load its model.",
-                                    value=self.model_load_seconds)
+            yield family("batchscore_model_load_seconds", value=self.model_load_seconds)
         if self.batch_seconds:
-            yield HistogramMetricFamily("batchscore_batch_seconds", "Seconds a worker took to score one batch.",
-                                        buckets=self._buckets(), sum_value=sum(self.batch_seconds))
+            yield family("batchscore_batch_seconds", buckets=self._buckets(), sum_value=sum(self.batch_seconds))
         if exit_code == 0:
-            yield GaugeMetricFamily("batchscore_last_success_timestamp_seconds",
-                                    "Unix time the last successful run ended.", value=time.time())
+            yield family("batchscore_last_success_timestamp_seconds", value=time.time())
         else:
-            failure = GaugeMetricFamily("batchscore_last_failure_timestamp_seconds",
-                                        "Unix time the last failed run ended, by its exit code.", labels=["exit_code"])
+            failure = family("batchscore_last_failure_timestamp_seconds")
             failure.add_metric([str(exit_code)], time.time())
             yield failure
 

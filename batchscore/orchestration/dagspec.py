@@ -279,11 +279,6 @@ def docker_mounts(spec: DagSpec) -> list[dict[str, Any]]:
     return mounts
 
 
-def dag_key_table() -> list[str]:
-    """The README's table of ``dag:`` keys, line by line: a test holds the README to it."""
-    return ["| key | default | meaning |", "| --- | --- | --- |", *schema.markdown_rows(DAG_FIELDS, False)]
-
-
 # --------------------------------------------------------------------------- one job file
 
 
