@@ -22,12 +22,10 @@ except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
 
 from .dagspec import JobSettings
+from ..errors import PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
 
 log = logging.getLogger(__name__)
-#: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error, drift).
-PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error",
-                        5: "drift above threshold: review the report, then commit with --accept-drift"}
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
 DATE_PARAM = "date"
 #: Cron presets Airflow knows and croniter does not.
@@ -63,8 +61,8 @@ def cli_command(settings: JobSettings) -> list[str]:
 def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdout: bool = False) -> str:
     """Run one ``batchscore`` command on the worker, streaming its log into the task log.
 
-    A usage, data or model error, or drift above ``dag.drift.fail`` (exit 2, 3, 4, 5), fails the task
-    without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
+    A usage, data or model error, or drift above ``dag.drift.fail`` (``PERMANENT_EXIT_CODES``), fails the
+    task without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
     """
     import subprocess
 
