@@ -269,14 +269,32 @@ class CommandNumbers:
 COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
 
 
+def _command_flag(key: str) -> str:
+    return schema.flag_of(key, COMMAND_FIELDS[key])
+
+
+def shard_size_conflict(shards: Any, rows_per_shard: Any, name: Callable[[str], str] = _command_flag) -> str | None:
+    """The one rule on how a job is split: by a number of shards or by rows per shard, never both.
+
+    Returns the refusal, naming the two as ``name`` does (flags, ``dag:`` keys, a run's params),
+    or None when at most one is given.
+    """
+    if shards is not None and rows_per_shard is not None:
+        return f"give {name('shards')} or {name('rows_per_shard')}, not both"
+    return None
+
+
 def check_numbers(**values: Any) -> None:
-    """Refuse a command's number flags out of their declared range, naming each flag."""
+    """Refuse a command's number flags out of their declared range, naming each flag, and a split
+    given both ways (see :func:`shard_size_conflict`)."""
     given = {key: value for key, value in values.items() if value is not None}
+    conflict = shard_size_conflict(given.get("shards"), given.get("rows_per_shard"))
+    if conflict:
+        raise ConfigError(conflict)
     try:
         CommandNumbers(**given)
     except ValidationError as exc:
-        flag = lambda loc: schema.flag_of(str(loc[0]), COMMAND_FIELDS[str(loc[0])])  # noqa: E731
-        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, flag)) from None
+        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, lambda loc: _command_flag(str(loc[0])))) from None
 
 
 #: The declaration as data: each setting's pydantic field, in order.

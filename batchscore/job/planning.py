@@ -375,8 +375,6 @@ def make_plan(
     """Balanced contiguous shards of whole row groups; the same input always gives the same plan.
     Parts hold at most ``rows_per_part`` rows (default ``DEFAULT_ROWS_PER_PART``)."""
     rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
-    if shards is not None and rows_per_shard is not None:
-        raise ConfigError("give either --shards or --rows-per-shard, not both")
     check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     total = sum(f.num_rows for f in files)
     if rows_per_shard is not None:

@@ -22,6 +22,7 @@ except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
 
 from .dagspec import JobSettings
+from ..config import shard_size_conflict
 from ..errors import PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
 
@@ -254,10 +255,11 @@ def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
     """``--shards``/``--rows-per-shard``: a run's params win over the job file."""
-    shards, rows = params.get("shards"), params.get("rows_per_shard")
-    if shards and rows:
-        raise ValueError("give the 'shards' or the 'rows_per_shard' param, not both")
-    if not shards and not rows:
+    shards, rows = params.get("shards") or None, params.get("rows_per_shard") or None
+    conflict = shard_size_conflict(shards, rows, lambda key: f"the '{key}' param")
+    if conflict:
+        raise ValueError(conflict)
+    if shards is None and rows is None:
         shards, rows = settings.dag.shards, settings.dag.rows_per_shard
     if shards:
         return ["--shards", str(int(shards))]

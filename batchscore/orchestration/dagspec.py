@@ -23,7 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, fi
 from .. import schema
 from ..config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
 from ..config import FIELDS as JOB_FIELDS
-from ..config import TEMPLATE, DuplicateKeyError, load_yaml, templates_rendered, validate_settings
+from ..config import TEMPLATE, DuplicateKeyError, load_yaml, shard_size_conflict, templates_rendered, validate_settings
 from ..errors import ConfigError
 from ..io.layout import check_output
 from .quantity import Quantity
@@ -257,8 +257,9 @@ class DagSpec(BaseModel):
 
         if self.runner != "local" and not self.image:
             raise ValueError(f"dag.image is required for the {self.runner} runner")
-        if self.shards and self.rows_per_shard:
-            raise ValueError("give dag.shards or dag.rows_per_shard, not both")
+        conflict = shard_size_conflict(self.shards, self.rows_per_shard, lambda key: f"dag.{key}")
+        if conflict:
+            raise ValueError(conflict)
         zone = ZoneInfo(self.timezone)
         for key in ("start_date", "end_date"):  # dates without a zone are in the job's time zone
             value = getattr(self, key)
