@@ -297,6 +297,22 @@ def check_numbers(**values: Any) -> None:
         raise ConfigError(schema.explain(exc, COMMAND_FIELDS, lambda loc: _command_flag(str(loc[0])))) from None
 
 
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
+class PlanFlags:
+    """The flags that tie a step of a sharded job to one plan: the DAG hands them from its plan task
+    to every shard and to the commit. Declared here so that the CLI and the DAG spell them alike."""
+
+    plan: Optional[str] = setting(None, "Plan JSON written by `batchscore plan --out`: run scores its --shard, "
+                                  "commit checks every shard's receipt against it.", metavar="URI")
+    plan_sha256: Optional[str] = setting(None, "Refuse a --plan whose sha256 is not this one (as `plan` printed it).",
+                                         metavar="HEX")
+    out: Optional[str] = setting(None, "Also write the plan JSON here, never inside the output: beside it, e.g. in "
+                                 "the output's state folder, where the DAG puts it.", metavar="URI")
+
+
+PLAN_FIELDS = PlanFlags.__pydantic_fields__
+
+
 #: The declaration as data: each setting's pydantic field, in order.
 FIELDS = JobConfig.__pydantic_fields__
 CONFIG_KEYS = tuple(FIELDS)

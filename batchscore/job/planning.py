@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..config import JobConfig, check_numbers
+from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
+from ..schema import to_argv
 from ..errors import ConfigError, InputDataError, ModelError
 from ..io.lease import held, plan_holder
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
@@ -217,7 +218,8 @@ class Plan:
 
     def pin(self) -> list[str]:
         """The flags that hold a step of the job to exactly this plan and these artifacts."""
-        return ["--plan-sha256", self.sha256, *[x for a in self.artifacts for x in (f"--{a['role']}-sha256", a["sha256"])]]
+        return [*to_argv(PLAN_FIELDS, {"plan_sha256": self.sha256}),
+                *[x for a in self.artifacts for x in to_argv(FIELDS, {f"{a['role']}_sha256": a["sha256"]})]]
 
     def to_dict(self, files: bool = True) -> dict[str, Any]:
         data = {
