@@ -247,6 +247,8 @@ MAX_SHARDS = 10_000
 MAX_ROWS = 10**12
 SHARDS_WHY = "each shard is a task and a receipt that commit reads; more would swamp the scheduler"
 ROWS_WHY = "a trillion rows is more than one job holds"
+#: Rows of sample data that ``batchscore sample`` writes unless told.
+SAMPLE_ROWS = 10_000
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
@@ -257,12 +259,12 @@ class CommandNumbers:
     """
 
     shards: Optional[int] = setting(None, "Number of shards (plan, commit; `dag.shards`).", ge=1, le=MAX_SHARDS,
-                                    why=SHARDS_WHY)
+                                    shown="1", why=SHARDS_WHY)
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
                                             why=ROWS_WHY)
     shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
                                    flag="--shard", why="shards are numbered from 0 below the most a job has, 10000")
-    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8,
+    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8, shown=str(SAMPLE_ROWS),
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
 
 
