@@ -17,7 +17,7 @@ import click
 
 from . import __version__, api, logs, schema
 from .config import ARTIFACT_KEYS, COMMAND_FIELDS, CONFIG_KEYS, FIELDS, PLAN_FIELDS, JobConfig, build_config, check_numbers
-from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
+from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
@@ -271,7 +271,7 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @job_options
 @declared(PLAN_FIELDS, "plan")
 @declared(COMMAND_FIELDS, "shards")
-@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
+@click.option("--accept-drift", is_flag=True, help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held report describes it.")
 @declared(PLAN_FIELDS, "plan_sha256")
 @_handle_errors
 def commit(plan: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:

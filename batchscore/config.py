@@ -19,11 +19,9 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from . import schema
-from .errors import ConfigError
+from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError
 from .schema import setting
 
-ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
-LOG_FORMATS = ("text", "json")
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -40,6 +38,10 @@ DEFAULT_STORAGE_TIMEOUT = 10.0
 DEFAULT_STORAGE_RETRIES = 2
 #: Seconds one request keeps being retried while the store answers that it is throttling (SlowDown, 429).
 DEFAULT_STORAGE_THROTTLE_SECONDS = 120.0
+#: The longest a call to a stalled endpoint takes with the defaults: every try times out, between them the backoff.
+DEFAULT_STALLED_CALL_SECONDS = (DEFAULT_STORAGE_RETRIES + 1) * DEFAULT_STORAGE_TIMEOUT + 2**DEFAULT_STORAGE_RETRIES - 1
+#: The variable that names the compiled engine's cache folder when ``compiled_cache`` does not.
+COMPILED_CACHE_ENV = "BATCHSCORE_COMPILED_CACHE"
 #: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
 #: inside the job; the reasons are the settings' ``why``.
 MAX_BATCH_SIZE = 2**24
@@ -51,8 +53,6 @@ MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
-#: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
-LIST_KEYS = ("features", "keep")
 
 
 #: Jinja's markers (``{{ ds }}``, ``{% if %}``, ``{# #}``): a value holding one is a template.
@@ -133,14 +133,15 @@ class JobConfig:
     workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1, le=MAX_WORKERS,
                                      shown="all cores this process may use",
                                      why="each worker is a process with its own copy of the model; no host has "
-                                     "more than 1024 cores to give them")  # fmt: skip
+                                     f"more than {MAX_WORKERS} cores to give them")  # fmt: skip
     storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
                                                  flag="--storage-option", metavar="KEY=VALUE")
     storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
                                      "the next data.", gt=0, le=3600, unit="seconds",
                                      why="a request stalled for an hour has failed")  # fmt: skip
     storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
-                                   "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20,
+                                   f"fails a call within (retries + 1) x timeout + 2^retries - 1 s "
+                                   f"({DEFAULT_STALLED_CALL_SECONDS:g} s).", ge=0, le=20,
                                    why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days")
     storage_throttle_seconds: float = setting(DEFAULT_STORAGE_THROTTLE_SECONDS, "Seconds one storage request is "
                                               "retried, with exponential backoff and jitter, while the store answers "
@@ -152,24 +153,24 @@ class JobConfig:
                                    "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
                                    why="a crashed holder blocks the output this long; a day is already a lost run")
     lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
-                                  "giving up (exit 2).", ge=0, le=DAY_SECONDS, unit="seconds",
+                                  f"giving up (exit {EXIT_USAGE}).", ge=0, le=DAY_SECONDS, unit="seconds",
                                   why="a job that waits a day for another has missed its schedule")
     engine: Literal["sklearn", "compiled", "auto"] = setting(
         "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
         "auto (compiled where it qualifies and agrees, else scikit-learn).")
     compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`), or a "
                                             "URL such as s3://bucket/compiled/ shared by every host.", metavar="DIR",
-                                            shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
+                                            shown=f"${COMPILED_CACHE_ENV} or ~/.cache/batchscore/compiled")
     pushgateway: Optional[str] = setting(None, "Prometheus Pushgateway that receives the job's metrics when it ends "
                                          "(see Monitoring); the flag wins over the variable, the variable over the key.",
-                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY", shown="$BATCHSCORE_PUSHGATEWAY")
+                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY")
     job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
                                       shown="the config file's stem, else batchscore")
     reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
                                        "Wasserstein) at commit.")  # fmt: skip
     drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
                                 ge=0, le=MAX_PSI, why=PSI_WHY)  # fmt: skip
-    drift_fail: Optional[float] = setting(None, "Exit 5 without _SUCCESS when a column's PSI against the reference is "
+    drift_fail: Optional[float] = setting(None, f"Exit {EXIT_DRIFT} without _SUCCESS when a column's PSI against the reference is "
                                           "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)  # fmt: skip
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
@@ -223,7 +224,7 @@ class JobConfig:
         """Fail with a usage error naming the first required setting that is missing."""
         for name in names:
             if not getattr(self, name):
-                flag = "--" + name.replace("_", "-")
+                flag = schema.flag_of(name, FIELDS[name])
                 raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
 
     @property
@@ -263,7 +264,7 @@ class CommandNumbers:
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
                                             why=ROWS_WHY)
     shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
-                                   flag="--shard", why="shards are numbered from 0 below the most a job has, 10000")
+                                   flag="--shard", why=f"shards are numbered from 0 below the most a job has, {MAX_SHARDS}")
     rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8, shown=str(SAMPLE_ROWS),
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
 
@@ -317,6 +318,8 @@ PLAN_FIELDS = PlanFlags.__pydantic_fields__
 
 #: The declaration as data: each setting's pydantic field, in order.
 FIELDS = JobConfig.__pydantic_fields__
+#: Settings that are lists of names, written in YAML as a list or on the command line as one comma-separated string.
+LIST_KEYS = tuple(key for key, info in FIELDS.items() if schema.extra(info).get("csv"))
 CONFIG_KEYS = tuple(FIELDS)
 #: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the README says of them.
 IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the DAG factory (see below)."}
@@ -357,9 +360,8 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
     except TemplateLeftError as exc:
         raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
-        raise ConfigError(
-            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
-        )
+        raise ConfigError(f"setting 'scaler_sha256' pins a scaler but no scaler is given (flag "
+                          f"{schema.flag_of('scaler', FIELDS['scaler'])} or YAML key 'scaler')")
     return config
 
 
