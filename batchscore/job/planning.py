@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
 from ..schema import to_argv
 from ..errors import ConfigError, InputDataError, ModelError
+from ..io.layout import PART_NUMBER_DIGITS, part_name
 from ..io.lease import held, plan_holder
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
@@ -44,10 +45,6 @@ PLAN_KEY_ENV = "BATCHSCORE_PLAN_KEY"
 FOOTER_BATCH = 2_000
 
 
-#: Fewest digits of the file and row group numbers in a part's name.
-PART_NUMBER_DIGITS = 5
-
-
 @dataclass(frozen=True, slots=True)
 class Unit:
     """Consecutive row groups of one file that become one output part, or one slice of a row
@@ -70,9 +67,7 @@ class Unit:
     def part_name(self) -> str:
         """``part-FILE-ROWGROUP.parquet``, or ``part-FILE-ROWGROUP-SLICE.parquet`` for a slice:
         every slice of a row group carries its number, so names sort in input order."""
-        d = self.digits
-        tail = f"-{self.slice:0{d}d}" if self.slice is not None else ""
-        return f"part-{self.file:0{d}d}-{self.first_row_group:0{d}d}{tail}.parquet"
+        return part_name(self.file, self.first_row_group, self.slice, self.digits)
 
 
 def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
