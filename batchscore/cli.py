@@ -16,8 +16,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 
 from . import __version__, api, logs, schema
-from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config, check_numbers
-from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
+from .config import ARTIFACT_KEYS, COMMAND_FIELDS, CONFIG_KEYS, FIELDS, PLAN_FIELDS, JobConfig, build_config, check_numbers
+from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
@@ -145,8 +145,16 @@ def _interrupt_on_sigterm() -> None:
             signal.signal(signal.SIGINT, interrupt)
 
 
-def _parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    return schema.parse_pairs(values, "--storage-option")
+def declared(fields: Mapping[str, Any], *keys: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click options of these declared settings (see schema.py), as one decorator."""
+    options = schema.click_options(fields, keys)
+
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
 
 
 #: What an artifact must be before it is loaded; shared by the job commands and ``inspect``.
@@ -217,11 +225,11 @@ def main() -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @job_options
-@click.option("--plan", "plan_uri", help="Plan JSON (from `batchscore plan`) whose shard to score.")
+@declared(PLAN_FIELDS, "plan")
 @click.option("--shard", help="Score only shard I of --plan, or I/N to plan N shards on the fly; writes no _SUCCESS.")
-@click.option("--plan-sha256", "plan_sha256", help="Refuse a --plan whose sha256 is not this one (as `plan` printed it).")
+@declared(PLAN_FIELDS, "plan_sha256")
 @_handle_errors
-def run(plan_uri: str | None, shard: str | None, plan_sha256: str | None, **kw: Any) -> None:
+def run(plan: str | None, shard: str | None, plan_sha256: str | None, **kw: Any) -> None:
     """Score the input and commit the output (parts, the manifest, then _SUCCESS).
 
     With --shard, score one shard and write its receipt; `batchscore commit` finishes the job.
@@ -230,13 +238,13 @@ def run(plan_uri: str | None, shard: str | None, plan_sha256: str | None, **kw: 
     index, count = _parse_shard(shard)
     _observe(config, shard=index)
     if index is None:
-        if plan_uri:
+        if plan:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
         result = api.run(config)
         _observed(result.manifest)
         _summary(config, result)
         return
-    done = api.run_shard(config, index, plan=plan_uri, count=count, plan_sha256=plan_sha256)
+    done = api.run_shard(config, index, plan=plan, count=count, plan_sha256=plan_sha256)
     _observed(done.receipt)
     click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
                            "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
@@ -244,10 +252,8 @@ def run(plan_uri: str | None, shard: str | None, plan_sha256: str | None, **kw: 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @job_options
-@click.option("--shards", type=int, help="Number of shards [default: 1].")
-@click.option("--rows-per-shard", type=int, help="Aim for this many rows per shard instead of --shards.")
-@click.option("--out", "out", help="Also write the plan JSON here, never inside the output "
-              "(e.g. <parent>/_batchscore/<output name>/plan.json, beside it).")
+@declared(COMMAND_FIELDS, "shards", "rows_per_shard")
+@declared(PLAN_FIELDS, "out")
 @_handle_errors
 def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: Any) -> None:
     """Check the job and split its row groups into balanced shards, from footers only.
@@ -263,19 +269,20 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @job_options
-@click.option("--plan", "plan_uri", help="The plan the shards ran from.")
-@click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
-@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
-@click.option("--plan-sha256", "plan_sha256", help="Refuse a --plan whose sha256 is not this one (as `plan` printed it).")
+@declared(PLAN_FIELDS, "plan")
+@declared(COMMAND_FIELDS, "shards")
+@click.option("--accept-drift", is_flag=True, help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held report describes it.")
+@declared(PLAN_FIELDS, "plan_sha256")
 @_handle_errors
-def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:
+def commit(plan: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
+    Without --plan, --shards N plans the job again (deterministic) and commits its N shards.
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
     """
     config = _config(kw)
     _observe(config, lineage=False)
-    result = api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift, plan_sha256=plan_sha256)
+    result = api.commit(config, plan=plan, shards=shards, accept_drift=accept_drift, plan_sha256=plan_sha256)
     _observed(result.manifest)
     _summary(config, result)
 
@@ -294,15 +301,19 @@ def validate(**kw: Any) -> None:
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("output")
 @click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the report as a self-contained HTML page here.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@declared(FIELDS, "storage_options")
 @_handle_errors
-def report(output: str, html: str | None, storage_option: tuple[str, ...]) -> None:
+def report(output: str, html: str | None, **kw: Any) -> None:
     """Print an output's run report as JSON: rows, score and feature distributions, drift.
 
     The report file also holds each column's sketch, left out here (see docs/monitoring.md).
     """
-    found = api.report(output, _parse_storage_options(storage_option), html=html)
+    found = api.report(output, schema.from_click(FIELDS, ("storage_options",), kw)["storage_options"], html=html)
     click.echo(json.dumps(found.to_dict(), indent=2))
+
+
+#: The settings ``inspect`` takes besides the artifact checks: what it needs to find and read the model.
+INSPECT_KEYS = ("scaler", "features", "storage_options")
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -313,20 +324,16 @@ def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model")
-@click.option("--scaler", help="Scaler artifact to inspect with the model.")
-@click.option("--features", help="Comma-separated feature names, for a model fitted without them.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@declared(FIELDS, *INSPECT_KEYS)
 @_artifact_options
 @click.option("--sha256-only", is_flag=True, help="Print only each artifact's format and sha256, without loading it: safe on a file not yet trusted.")
 @_handle_errors
-def inspect(model: str, scaler: str | None, features: str | None, storage_option: tuple[str, ...], sha256_only: bool,
-            **kw: Any) -> None:
+def inspect(model: str, sha256_only: bool, **kw: Any) -> None:
     """Print a model's type, features, classes, scikit-learn version and sha256 as JSON.
 
     Its "pin" line gives the --model-sha256 (and --scaler-sha256) flags that pin exactly these files.
     """
-    config = build_config(None, model=model, scaler=scaler, features=features,
-                          storage_options=_parse_storage_options(storage_option), **_artifact_settings(kw))
+    config = build_config(None, model=model, **schema.from_click(FIELDS, INSPECT_KEYS, kw), **_artifact_settings(kw))
     click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
@@ -334,23 +341,23 @@ def inspect(model: str, scaler: str | None, features: str | None, storage_option
 @click.argument("model")
 @click.option("--out", help="Folder or URL (s3://...) to put the library in [default: the compiled cache, see "
               "run --compiled-cache]; a URL also keeps a copy in the local cache.")
-@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", help="fsspec storage option. Repeatable.")
+@declared(FIELDS, "storage_options")
 @_artifact_options
 @_handle_errors
-def compile_(model: str, out: str | None, storage_option: tuple[str, ...], **kw: Any) -> None:
+def compile_(model: str, out: str | None, **kw: Any) -> None:
     """Compile a tree ensemble for --engine compiled/auto ahead of time (needs a C compiler).
 
     Runs that find the library in their --compiled-cache load it without compiling, so an image
     without a compiler can use it. Prints the library's path and sha256 as JSON.
     """
-    config = build_config(None, model=model, storage_options=_parse_storage_options(storage_option),
+    config = build_config(None, model=model, **schema.from_click(FIELDS, ("storage_options",), kw),
                           **_artifact_settings(kw))
     click.echo(json.dumps(api.compile_model(config, out).to_dict()))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False), help="Folder for churn.parquet and model/.")
-@click.option("--rows", default=None, type=int, help="Rows of sample data [default: 10000].")
+@declared(COMMAND_FIELDS, "rows")
 @click.option("--model-only", is_flag=True, help="Only (re)train the model from the existing sample data.")
 @_handle_errors
 def sample(out_dir: str, rows: int | None, model_only: bool) -> None:

@@ -20,11 +20,9 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from . import schema
-from .errors import ConfigError
+from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError
 from .schema import setting
 
-ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
-LOG_FORMATS = ("text", "json")
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -41,6 +39,10 @@ DEFAULT_STORAGE_TIMEOUT = 10.0
 DEFAULT_STORAGE_RETRIES = 2
 #: Seconds one request keeps being retried while the store answers that it is throttling (SlowDown, 429).
 DEFAULT_STORAGE_THROTTLE_SECONDS = 120.0
+#: The longest a call to a stalled endpoint takes with the defaults: every try times out, between them the backoff.
+DEFAULT_STALLED_CALL_SECONDS = (DEFAULT_STORAGE_RETRIES + 1) * DEFAULT_STORAGE_TIMEOUT + 2**DEFAULT_STORAGE_RETRIES - 1
+#: The variable that names the compiled engine's cache folder when ``compiled_cache`` does not.
+COMPILED_CACHE_ENV = "BATCHSCORE_COMPILED_CACHE"
 #: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
 #: inside the job; the reasons are the settings' ``why``.
 MAX_BATCH_SIZE = 2**24
@@ -52,8 +54,6 @@ MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
-#: Settings that are lists of names, written in YAML as a list or as one comma-separated string.
-LIST_KEYS = ("features", "keep")
 
 
 #: Jinja's markers (``{{ ds }}``, ``{% if %}``, ``{# #}``): a value holding one is a template.
@@ -134,14 +134,15 @@ class JobConfig:
     workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1, le=MAX_WORKERS,
                                      shown="all cores this process may use",
                                      why="each worker is a process with its own copy of the model; no host has "
-                                     "more than 1024 cores to give them")  # fmt: skip
+                                     f"more than {MAX_WORKERS} cores to give them")  # fmt: skip
     storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
                                                  flag="--storage-option", metavar="KEY=VALUE")
     storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
                                      "the next data.", gt=0, le=3600, unit="seconds",
                                      why="a request stalled for an hour has failed")  # fmt: skip
     storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
-                                   "fails a call within (retries + 1) x timeout + 2^retries - 1 s (33 s).", ge=0, le=20,
+                                   f"fails a call within (retries + 1) x timeout + 2^retries - 1 s "
+                                   f"({DEFAULT_STALLED_CALL_SECONDS:g} s).", ge=0, le=20,
                                    why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days")
     storage_throttle_seconds: float = setting(DEFAULT_STORAGE_THROTTLE_SECONDS, "Seconds one storage request is "
                                               "retried, with exponential backoff and jitter, while the store answers "
@@ -153,24 +154,24 @@ class JobConfig:
                                    "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
                                    why="a crashed holder blocks the output this long; a day is already a lost run")
     lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
-                                  "giving up (exit 2).", ge=0, le=DAY_SECONDS, unit="seconds",
+                                  f"giving up (exit {EXIT_USAGE}).", ge=0, le=DAY_SECONDS, unit="seconds",
                                   why="a job that waits a day for another has missed its schedule")
     engine: Literal["sklearn", "compiled", "auto"] = setting(
         "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
         "auto (compiled where it qualifies and agrees, else scikit-learn).")
     compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`), or a "
                                             "URL such as s3://bucket/compiled/ shared by every host.", metavar="DIR",
-                                            shown="$BATCHSCORE_COMPILED_CACHE or ~/.cache/batchscore/compiled")
+                                            shown=f"${COMPILED_CACHE_ENV} or ~/.cache/batchscore/compiled")
     pushgateway: Optional[str] = setting(None, "Prometheus Pushgateway that receives the job's metrics when it ends "
                                          "(see Monitoring); the flag wins over the variable, the variable over the key.",
-                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY", shown="$BATCHSCORE_PUSHGATEWAY")
+                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY")
     job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
                                       shown="the config file's stem, else batchscore")
     reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
                                        "Wasserstein) at commit.")  # fmt: skip
     drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
                                 ge=0, le=MAX_PSI, why=PSI_WHY)  # fmt: skip
-    drift_fail: Optional[float] = setting(None, "Exit 5 without _SUCCESS when a column's PSI against the reference is "
+    drift_fail: Optional[float] = setting(None, f"Exit {EXIT_DRIFT} without _SUCCESS when a column's PSI against the reference is "
                                           "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)  # fmt: skip
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
@@ -224,7 +225,7 @@ class JobConfig:
         """Fail with a usage error naming the first required setting that is missing."""
         for name in names:
             if not getattr(self, name):
-                flag = "--" + name.replace("_", "-")
+                flag = schema.flag_of(name, FIELDS[name])
                 raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
 
     @property
@@ -248,6 +249,8 @@ MAX_SHARDS = 10_000
 MAX_ROWS = 10**12
 SHARDS_WHY = "each shard is a task and a receipt that commit reads; more would swamp the scheduler"
 ROWS_WHY = "a trillion rows is more than one job holds"
+#: Rows of sample data that ``batchscore sample`` writes unless told.
+SAMPLE_ROWS = 10_000
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
@@ -258,30 +261,66 @@ class CommandNumbers:
     """
 
     shards: Optional[int] = setting(None, "Number of shards (plan, commit; `dag.shards`).", ge=1, le=MAX_SHARDS,
-                                    why=SHARDS_WHY)
+                                    shown="1", why=SHARDS_WHY)
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
                                             why=ROWS_WHY)
     shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
-                                   flag="--shard", why="shards are numbered from 0 below the most a job has, 10000")
-    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8,
+                                   flag="--shard", why=f"shards are numbered from 0 below the most a job has, {MAX_SHARDS}")
+    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8, shown=str(SAMPLE_ROWS),
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
 
 
 COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
 
 
+def _command_flag(key: str) -> str:
+    return schema.flag_of(key, COMMAND_FIELDS[key])
+
+
+def shard_size_conflict(shards: Any, rows_per_shard: Any, name: Callable[[str], str] = _command_flag) -> str | None:
+    """The one rule on how a job is split: by a number of shards or by rows per shard, never both.
+
+    Returns the refusal, naming the two as ``name`` does (flags, ``dag:`` keys, a run's params),
+    or None when at most one is given.
+    """
+    if shards is not None and rows_per_shard is not None:
+        return f"give {name('shards')} or {name('rows_per_shard')}, not both"
+    return None
+
+
 def check_numbers(**values: Any) -> None:
-    """Refuse a command's number flags out of their declared range, naming each flag."""
+    """Refuse a command's number flags out of their declared range, naming each flag, and a split
+    given both ways (see :func:`shard_size_conflict`)."""
     given = {key: value for key, value in values.items() if value is not None}
+    conflict = shard_size_conflict(given.get("shards"), given.get("rows_per_shard"))
+    if conflict:
+        raise ConfigError(conflict)
     try:
         CommandNumbers(**given)
     except ValidationError as exc:
-        flag = lambda loc: schema.flag_of(str(loc[0]), COMMAND_FIELDS[str(loc[0])])  # noqa: E731
-        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, flag)) from None
+        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, lambda loc: _command_flag(str(loc[0])))) from None
+
+
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
+class PlanFlags:
+    """The flags that tie a step of a sharded job to one plan: the DAG hands them from its plan task
+    to every shard and to the commit. Declared here so that the CLI and the DAG spell them alike."""
+
+    plan: Optional[str] = setting(None, "Plan JSON written by `batchscore plan --out`: run scores its --shard, "
+                                  "commit checks every shard's receipt against it.", metavar="URI")
+    plan_sha256: Optional[str] = setting(None, "Refuse a --plan whose sha256 is not this one (as `plan` printed it).",
+                                         metavar="HEX")
+    out: Optional[str] = setting(None, "Also write the plan JSON here, never inside the output: beside it, e.g. in "
+                                 "the output's state folder, where the DAG puts it.", metavar="URI")
+
+
+PLAN_FIELDS = PlanFlags.__pydantic_fields__
 
 
 #: The declaration as data: each setting's pydantic field, in order.
 FIELDS = JobConfig.__pydantic_fields__
+#: Settings that are lists of names, written in YAML as a list or on the command line as one comma-separated string.
+LIST_KEYS = tuple(key for key, info in FIELDS.items() if schema.extra(info).get("csv"))
 CONFIG_KEYS = tuple(FIELDS)
 #: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the docs say of them.
 IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the Airflow DAG factory."}
@@ -316,9 +355,8 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
     except TemplateLeftError as exc:
         raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
-        raise ConfigError(
-            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
-        )
+        raise ConfigError(f"setting 'scaler_sha256' pins a scaler but no scaler is given (flag "
+                          f"{schema.flag_of('scaler', FIELDS['scaler'])} or YAML key 'scaler')")
     return config
 
 

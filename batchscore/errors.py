@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -9,22 +11,40 @@ EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_DRIFT = 5
 
+class ExitCode(NamedTuple):
+    """One exit code: what it is in a few words, what causes it, and whether running the same
+    command again can end otherwise (a scheduler retries only those)."""
+
+    summary: str
+    causes: str
+    retry_can_fix: bool
+
+
+#: Every exit code, declared once: ``--help``, docs/commands.md and the DAG's retry policy come from here.
+EXITS: dict[int, ExitCode] = {
+    EXIT_OK: ExitCode("success", "the output is committed (_SUCCESS written)", False),
+    EXIT_FAILURE: ExitCode("anything else", "storage failure (an input folder or file that cannot be listed or read), "
+                           "interrupted run, internal error", True),
+    EXIT_USAGE: ExitCode("usage or configuration error", "bad flag or YAML key, output exists, output holds files "
+                         "batchscore did not write, output overlaps the input, output held by another job", False),
+    EXIT_INPUT: ExitCode("input data invalid", "no file matched, an input entry that is not a regular file (FIFO, "
+                         "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
+                         "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of "
+                         "another type than in the first file, invalid feature values, input changed since the plan, "
+                         "plan or receipts inconsistent", False),
+    EXIT_MODEL: ExitCode("model error", "artifact missing, not loadable, not fitted, feature mismatch, "
+                         "sha256 not as pinned or planned, untrusted type, pickle refused", False),
+    EXIT_DRIFT: ExitCode("drift above threshold (--drift-fail)", "parts and report written, _SUCCESS not; "
+                         "review the report, then commit with --accept-drift", False),
+}  # fmt: skip
+
 #: Exit code -> meaning, rendered into ``--help`` and docs/commands.md.
-EXIT_CODES: dict[int, str] = {
-    EXIT_OK: "success: the output is committed (_SUCCESS written)",
-    EXIT_FAILURE: "anything else: storage failure (an input folder or file that cannot be listed or read), "
-    "interrupted run, internal error",
-    EXIT_USAGE: "usage or configuration error: bad flag or YAML key, output exists, output holds files batchscore "
-    "did not write, output overlaps the input, output held by another job",
-    EXIT_INPUT: "input data invalid: no file matched, an input entry that is not a regular file (FIFO, "
-    "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
-    "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of another "
-    "type than in the first file, invalid feature values, input changed since the plan, plan or receipts "
-    "inconsistent",
-    EXIT_MODEL: "model error: artifact missing, not loadable, not fitted, feature mismatch, "
-    "sha256 not as pinned or planned, untrusted type, pickle refused",
-    EXIT_DRIFT: "drift above threshold (--drift-fail): parts and report written, _SUCCESS not; "
-    "review the report, then commit with --accept-drift",
+EXIT_CODES: dict[int, str] = {code: f"{exit.summary}: {exit.causes}" for code, exit in EXITS.items()}
+
+#: The failures no retry can fix (bad settings, data or model; drift held for review), with their summary:
+#: a scheduler fails these at once instead of using up its retries.
+PERMANENT_EXIT_CODES: dict[int, str] = {
+    code: exit.summary for code, exit in EXITS.items() if code != EXIT_OK and not exit.retry_can_fix
 }
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import SAMPLE_ROWS
+
 FEATURES = ("age", "tenure", "monthly_charges", "total_charges")
 DATA_FILE = "churn.parquet"
 MODEL_DIR = "model"
-SAMPLE_ROWS = 10_000
 SAMPLE_ROW_GROUP = 2_500
 SEED = 20261124
 

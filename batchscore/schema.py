@@ -187,9 +187,12 @@ def _repeated(info: FieldInfo) -> bool:
 
 
 def shown_default(info: FieldInfo) -> str | None:
-    """The default as the docs and ``--help`` show it; None when there is nothing to say."""
+    """The default as the docs and ``--help`` show it; None when there is nothing to say. A setting
+    that falls back on an environment variable shows that variable, unless ``shown`` says more."""
     if "shown" in extra(info):
         return extra(info)["shown"]
+    if "envvar" in extra(info):
+        return "$" + extra(info)["envvar"]
     default = info.get_default(call_default_factory=True)
     if default in (None, (), {}) or isinstance(default, bool):
         return None

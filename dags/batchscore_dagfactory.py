@@ -36,8 +36,8 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
     from kubernetes.client import models as k8s
 
     class BatchscorePodOperator(RunDatesMixin, KubernetesPodOperator):
-        """Fails for good when the scorer exits with a ``PERMANENT_EXIT_CODES`` code: 2 (usage), 3 (input),
-        4 (model) or 5 (drift); every path, deferrable too, ends in cleanup."""
+        """Fails for good when the scorer exits with a code no retry can fix (``PERMANENT_EXIT_CODES``;
+        every path, deferrable too, ends in cleanup)."""
 
         job_settings = settings
 
@@ -85,9 +85,8 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
     class BatchscoreDockerOperator(RunDatesMixin, DockerOperator):
         """Reads secret values at run time only, so they never reach the DAG, the UI or the logs.
 
-        The permanent exit codes (``PERMANENT_EXIT_CODES``: 2, 3, 4 and 5) are the provider's "skip"
-        codes, turned here into a failure without retries: the provider reports those codes apart
-        from any other failure.
+        The exit codes no retry can fix (``PERMANENT_EXIT_CODES``) are the provider's "skip" codes, turned
+        here into a failure without retries: the provider reports those codes apart from any other failure.
         """
 
         job_settings = settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from airflow_fixtures import DAGS_FOLDER
 from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 
+from batchscore.errors import PERMANENT_EXIT_CODES
 from batchscore.io.layout import STATE_ROOT, plan_path
 from batchscore.sample import FEATURES
 
@@ -318,7 +320,7 @@ def test_permanent_cli_errors_are_not_retried(airflow_env: Path) -> None:
 
 
 def test_exit_codes_no_retry_can_fix_fail_the_pod_at_once(airflow_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pod whose scorer exited 2/3/4 fails for good; exit 1 or an OOM kill stay retryable (no cluster)."""
+    """A pod whose scorer exited 2/3/4/5 fails for good; exit 1 or an OOM kill stay retryable (no cluster)."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
     from kubernetes.client import models as k8s
 
@@ -351,16 +353,16 @@ def test_exit_codes_no_retry_can_fix_fail_the_pod_at_once(airflow_env: Path, mon
 
     api = FakeCoreV1()
     op.__dict__["client"] = api
-    for code, meaning in ((2, "usage or config error"), (3, "input data invalid"), (4, "model error")):
+    for code, meaning in PERMANENT_EXIT_CODES.items():
         pod = api.pod = finished_pod(code)
-        with pytest.raises(AirflowFailException, match=f"exited with code {code} .{meaning}.; not retrying"):
+        with pytest.raises(AirflowFailException, match=f"exited with code {code} .{re.escape(meaning)}.; not retrying"):
             op.cleanup(pod, pod)
     for pod in (finished_pod(1), finished_pod(137, "OOMKilled")):
         api.pod = pod
         with pytest.raises(AirflowException, match="returned a failure") as info:
             op.cleanup(pod, pod)
         assert not isinstance(info.value, AirflowFailException)
-    assert len(api.labelled) == 5  # each failed pod was handled as the provider handles it
+    assert len(api.labelled) == len(PERMANENT_EXIT_CODES) + 2  # each failed pod was handled as the provider handles it
 
 
 class FakeDockerEngine:
@@ -394,7 +396,7 @@ class FakeDockerEngine:
 
 
 def test_exit_codes_no_retry_can_fix_fail_the_container_at_once(airflow_env: Path, configs_dir: Path) -> None:
-    """The Docker runner: exit 2/3/4 fail for good, exit 1 stays retryable, 0 succeeds (no Docker engine)."""
+    """The Docker runner: exit 2/3/4/5 fail for good, exit 1 stays retryable, 0 succeeds (no Docker engine)."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev"}
@@ -409,7 +411,7 @@ def test_exit_codes_no_retry_can_fix_fail_the_container_at_once(airflow_env: Pat
         op.execute({})
         return engine
 
-    for code in (2, 3, 4):
+    for code in PERMANENT_EXIT_CODES:
         with pytest.raises(AirflowFailException, match="not retrying"):
             run_container(code)
     with pytest.raises(AirflowException, match="Docker container failed") as info:

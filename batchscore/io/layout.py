@@ -25,6 +25,7 @@ refused. Only the standard library is imported here: the DAG factory uses these 
 from __future__ import annotations
 
 import posixpath
+import re
 
 from ..errors import ConfigError
 
@@ -39,6 +40,11 @@ RECEIPTS_DIR = "receipts"
 REJECTED_DIR = "rejected"
 #: Appended to a rejected part's name so that ``*.parquet`` globs (DuckDB, Polars) never match it.
 REJECTED_SUFFIX = ".rejected"
+#: Fewest digits of the file and row group numbers in a part's name.
+PART_NUMBER_DIGITS = 5
+_PART = r"part-\d{{{0},}}-\d{{{0},}}(-\d{{{0},}})?\.parquet".format(PART_NUMBER_DIGITS)  # the last number: a slice
+PART_PATTERN = re.compile(f"^{_PART}$")
+REJECTED_PATTERN = re.compile(f"^{_PART}{re.escape(REJECTED_SUFFIX)}$")
 
 
 def _split(output: str) -> tuple[str, str, str]:
@@ -67,6 +73,13 @@ def state_folder(output: str) -> str:
     check_output(output)
     prefix, parent, name = _split(output)
     return prefix + posixpath.join(parent, STATE_ROOT, name)
+
+
+def part_name(file: int, row_group: int, slice: int | None = None, digits: int = PART_NUMBER_DIGITS) -> str:
+    """``part-FILE-ROWGROUP.parquet``, or ``part-FILE-ROWGROUP-SLICE.parquet`` for a slice of a row
+    group; every number with ``digits`` digits, so that names sort in input order."""
+    tail = f"-{slice:0{digits}d}" if slice is not None else ""
+    return f"part-{file:0{digits}d}-{row_group:0{digits}d}{tail}.parquet"
 
 
 def part_path(output: str, name: str) -> str:
@@ -98,8 +111,12 @@ def receipts_folder(output: str) -> str:
     return posixpath.join(state_folder(output), RECEIPTS_DIR)
 
 
+def receipt_name(shard: int) -> str:
+    return f"shard-{shard:05d}.json"
+
+
 def receipt_path(output: str, shard: int) -> str:
-    return posixpath.join(receipts_folder(output), f"shard-{shard:05d}.json")
+    return posixpath.join(receipts_folder(output), receipt_name(shard))
 
 
 def rejected_folder(output: str) -> str:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
+    PART_PATTERN,
+    REJECTED_PATTERN,
     REJECTED_SUFFIX,
     SUCCESS_FILE,
     manifest_path,
@@ -35,12 +37,10 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
 from .storage import atomic_writer, full_uri, remove_if_exists, translated, write_bytes_atomic
 
 REJECT_REASON = "reject_reason"
-PART_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet$")  # the last number: a row group's slice
-REJECTED_PATTERN = re.compile(r"^part-\d{5,}-\d{5,}(-\d{5,})?\.parquet" + re.escape(REJECTED_SUFFIX) + "$")
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 #: What else batchscore writes into an output folder: the marker, and the hidden probe of ``validate``.
 PROBE_PATTERN = re.compile(r"^\.batchscore-probe-[0-9a-f]+$")
-SUCCESS_TEMP_PATTERN = re.compile(r"^\._SUCCESS\.tmp-[0-9a-f]+$")
+SUCCESS_TEMP_PATTERN = re.compile(r"^\." + re.escape(SUCCESS_FILE) + r"\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
 #: only pays for repetitive (string-like) columns, not for model outputs.

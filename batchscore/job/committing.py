@@ -19,6 +19,7 @@ import pyarrow as pa
 from . import stopping
 from ..config import JobConfig
 from ..errors import InputDataError
+from ..io.layout import receipt_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from .planning import Plan, hold
@@ -176,7 +177,7 @@ def commit(
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
     for name in listing(fs, receipts_folder(out_path)):
-        if name.endswith(".json") and name not in {f"shard-{i:05d}.json" for i in receipts}:
+        if name.endswith(".json") and name not in {receipt_name(i) for i in receipts}:
             remove_if_exists(fs, join(receipts_folder(out_path), name))
     first = receipts[min(receipts)]
     manifest = {

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..config import JobConfig, check_numbers
+from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
+from ..schema import to_argv
 from ..errors import ConfigError, InputDataError, ModelError
+from ..io.layout import PART_NUMBER_DIGITS, part_name
 from ..io.lease import held, plan_holder
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
@@ -43,10 +45,6 @@ PLAN_KEY_ENV = "BATCHSCORE_PLAN_KEY"
 FOOTER_BATCH = 2_000
 
 
-#: Fewest digits of the file and row group numbers in a part's name.
-PART_NUMBER_DIGITS = 5
-
-
 @dataclass(frozen=True, slots=True)
 class Unit:
     """Consecutive row groups of one file that become one output part, or one slice of a row
@@ -69,9 +67,7 @@ class Unit:
     def part_name(self) -> str:
         """``part-FILE-ROWGROUP.parquet``, or ``part-FILE-ROWGROUP-SLICE.parquet`` for a slice:
         every slice of a row group carries its number, so names sort in input order."""
-        d = self.digits
-        tail = f"-{self.slice:0{d}d}" if self.slice is not None else ""
-        return f"part-{self.file:0{d}d}-{self.first_row_group:0{d}d}{tail}.parquet"
+        return part_name(self.file, self.first_row_group, self.slice, self.digits)
 
 
 def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
@@ -217,7 +213,8 @@ class Plan:
 
     def pin(self) -> list[str]:
         """The flags that hold a step of the job to exactly this plan and these artifacts."""
-        return ["--plan-sha256", self.sha256, *[x for a in self.artifacts for x in (f"--{a['role']}-sha256", a["sha256"])]]
+        return [*to_argv(PLAN_FIELDS, {"plan_sha256": self.sha256}),
+                *[x for a in self.artifacts for x in to_argv(FIELDS, {f"{a['role']}_sha256": a["sha256"]})]]
 
     def to_dict(self, files: bool = True) -> dict[str, Any]:
         data = {
@@ -375,8 +372,6 @@ def make_plan(
     """Balanced contiguous shards of whole row groups; the same input always gives the same plan.
     Parts hold at most ``rows_per_part`` rows (default ``DEFAULT_ROWS_PER_PART``)."""
     rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
-    if shards is not None and rows_per_shard is not None:
-        raise ConfigError("give either --shards or --rows-per-shard, not both")
     check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     total = sum(f.num_rows for f in files)
     if rows_per_shard is not None:

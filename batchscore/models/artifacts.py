@@ -17,8 +17,10 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from ..config import FIELDS
 from ..errors import ModelError
 from ..io.storage import filesystem, full_uri, read_bytes
+from ..schema import to_argv
 
 if TYPE_CHECKING:
     from ..config import JobConfig
@@ -175,7 +177,7 @@ def artifact_digests(
 
 def pin_flags(artifacts: Sequence[Artifact]) -> str:
     """The flags that pin exactly these artifacts (YAML: ``model_sha256``, ``scaler_sha256``)."""
-    return " ".join(f"--{a.role}-sha256 {a.sha256}" for a in artifacts)
+    return " ".join(flag for a in artifacts for flag in to_argv(FIELDS, {f"{a.role}_sha256": a.sha256}))
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .engine import Predictor
+from ..config import COMPILED_CACHE_ENV
 from ..errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
 from ..io.storage import filesystem, join, probe_writable, read_bytes, write_bytes_atomic
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 #: The C compiler TL2cgen drives; a library can be loaded without it.
 TOOLCHAIN = "gcc"
 #: Where libraries are cached unless ``compiled_cache`` (or this variable) says otherwise.
-CACHE_ENV = "BATCHSCORE_COMPILED_CACHE"
+CACHE_ENV = COMPILED_CACHE_ENV
 
 #: Final estimators the compiled engine scores, by scikit-learn class name. Forests are left out on
 #: purpose: measured on 2 cores, TL2cgen's RandomForest was slower than scikit-learn's (1.14 s vs

@@ -22,12 +22,13 @@ except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
 
 from .dagspec import JobSettings
+from .. import schema
+from ..config import COMMAND_FIELDS, PLAN_FIELDS, shard_size_conflict
+from ..config import FIELDS as JOB_FIELDS
+from ..errors import PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
 
 log = logging.getLogger(__name__)
-#: Exit codes of the CLI that a retry cannot fix (usage/config, invalid input, model error, drift).
-PERMANENT_EXIT_CODES = {2: "usage or config error", 3: "input data invalid", 4: "model error",
-                        5: "drift above threshold: review the report, then commit with --accept-drift"}
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
 DATE_PARAM = "date"
 #: Cron presets Airflow knows and croniter does not.
@@ -63,8 +64,8 @@ def cli_command(settings: JobSettings) -> list[str]:
 def run_cli(argv: list[str], env: Mapping[str, str] | None = None, capture_stdout: bool = False) -> str:
     """Run one ``batchscore`` command on the worker, streaming its log into the task log.
 
-    A usage, data or model error, or drift above ``dag.drift.fail`` (exit 2, 3, 4, 5), fails the task
-    without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
+    A usage, data or model error, or drift above ``dag.drift.fail`` (``PERMANENT_EXIT_CODES``), fails the
+    task without retries: running the same command again cannot fix it. Anything else (exit 1, a killed process) is left to the retries.
     """
     import subprocess
 
@@ -232,9 +233,7 @@ def drift_args(settings: JobSettings, context: Mapping[str, Any], output: str) -
     if not reference or reference.rstrip("/") == output.rstrip("/"):
         log.warning("drift not checked: no reference output before %s", output)
         return []
-    args = ["--reference", reference]
-    args += ["--drift-warn", str(drift.warn)] if drift.warn is not None else []
-    return args + (["--drift-fail", str(drift.fail)] if drift.fail is not None else [])
+    return schema.to_argv(JOB_FIELDS, {"reference": reference, "drift_warn": drift.warn, "drift_fail": drift.fail})
 
 
 def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) -> dict[str, Any]:
@@ -242,7 +241,7 @@ def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) 
     import json
 
     options = render(settings, dict(settings.storage_options), context)
-    argv = [*cli_command(settings), "report", output, *[f"--storage-option={k}={v}" for k, v in options.items()]]
+    argv = [*cli_command(settings), "report", output, *schema.to_argv(JOB_FIELDS, {"storage_options": options})]
     try:  # the output is committed: a report that cannot be read must not fail the task
         report = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
     except Exception as exc:
@@ -256,16 +255,14 @@ def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
     """``--shards``/``--rows-per-shard``: a run's params win over the job file."""
-    shards, rows = params.get("shards"), params.get("rows_per_shard")
-    if shards and rows:
-        raise ValueError("give the 'shards' or the 'rows_per_shard' param, not both")
-    if not shards and not rows:
+    shards, rows = params.get("shards") or None, params.get("rows_per_shard") or None
+    conflict = shard_size_conflict(shards, rows, lambda key: f"the '{key}' param")
+    if conflict:
+        raise ValueError(conflict)
+    if shards is None and rows is None:
         shards, rows = settings.dag.shards, settings.dag.rows_per_shard
-    if shards:
-        return ["--shards", str(int(shards))]
-    if rows:
-        return ["--rows-per-shard", str(int(rows))]
-    return []
+    return schema.to_argv(COMMAND_FIELDS, {"shards": None if shards is None else int(shards),
+                                           "rows_per_shard": None if rows is None else int(rows)})
 
 
 #: The XCom key under which the plan task hands the commit the plan's pin (see ``plan_shards``).
@@ -275,7 +272,8 @@ PIN_XCOM_KEY = "pin"
 def shard_arguments(common: list[str], plan: str, num_shards: int, pin: Sequence[str] = ()) -> list[list[str]]:
     """One argument list per shard: ``run <job flags> <pin> --plan P --shard I``, where the pin
     (``--plan-sha256``, ``--model-sha256``...) holds the shard to the plan and model just made."""
-    return [["run", *common, *pin, "--plan", plan, "--shard", str(i)] for i in range(num_shards)]
+    return [["run", *common, *pin, *schema.to_argv(PLAN_FIELDS, {"plan": plan}),
+             *schema.to_argv(COMMAND_FIELDS, {"shard": i})] for i in range(num_shards)]
 
 
 def input_present(paths: list[str], marker: str | None, storage_options: Mapping[str, str]) -> bool:
@@ -380,7 +378,8 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
 
     common, output = render(settings, [list(settings.common_args), settings.output], context)
     out = plan_uri(output)
-    argv = [*cli_command(settings), "plan", *common, *size_args(settings, context["params"]), "--out", out]
+    argv = [*cli_command(settings), "plan", *common, *size_args(settings, context["params"]),
+            *schema.to_argv(PLAN_FIELDS, {"out": out})]
     document = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
     num_shards = int(document["num_shards"])
     if num_shards < 1:
@@ -396,8 +395,8 @@ def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:
     pin = context["ti"].xcom_pull(task_ids="plan", key=PIN_XCOM_KEY)
     if not pin:
         raise AirflowFailException(f"no plan digest from this run's plan task for {output}; run the whole DAG again")
-    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output), "--plan", plan_uri(output),
-            *pin]
+    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output),
+            *schema.to_argv(PLAN_FIELDS, {"plan": plan_uri(output)}), *pin]
     run_cli(argv, env=rendered_env(settings, context))
     return output
 

@@ -23,13 +23,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, fi
 from .. import schema
 from ..config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
 from ..config import FIELDS as JOB_FIELDS
-from ..config import TEMPLATE, DuplicateKeyError, load_yaml, templates_rendered, validate_settings
-from ..errors import ConfigError
+from ..config import TEMPLATE, DuplicateKeyError, load_yaml, shard_size_conflict, templates_rendered, validate_settings
+from ..errors import EXIT_DRIFT, ConfigError
 from ..io.layout import check_output
 from .quantity import Quantity
 from ..schema import setting
 
-RUNNERS = ("kubernetes", "docker", "local")
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
 RUNNER_ENV = "BATCHSCORE_RUNNER"
 #: Names that hold credentials: they belong in dag.secrets, never in the job file or arguments.
@@ -73,7 +72,7 @@ When = Annotated[datetime, BeforeValidator(_as_datetime)]
 WEEK_SECONDS = 7 * DAY_SECONDS
 #: Runs or shards at once: each is a pod with a worker per core, and the scheduler's pools are far smaller.
 MAX_PARALLEL = 1024
-PARALLEL_WHY = "each is a pod or process at once; the scheduler runs far fewer than 1024 tasks at a time"
+PARALLEL_WHY = f"each is a pod or process at once; the scheduler runs far fewer than {MAX_PARALLEL} tasks at a time"
 STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -124,7 +123,7 @@ class DriftSpec(BaseModel):
                                        shown="the output of the interval before the run's date")
     warn: Optional[float] = setting(None, "PSI above which a column is warned about (`--drift-warn`).", ge=0,
                                     le=MAX_PSI, shown="the job's `drift_warn`", why=PSI_WHY)
-    fail: Optional[float] = setting(None, "PSI above which commit exits 5 without `_SUCCESS` (`--drift-fail`).", ge=0,
+    fail: Optional[float] = setting(None, f"PSI above which commit exits {EXIT_DRIFT} without `_SUCCESS` (`--drift-fail`).", ge=0,
                                     le=MAX_PSI, shown="the job's `drift_fail`", why=PSI_WHY)
 
 
@@ -257,8 +256,9 @@ class DagSpec(BaseModel):
 
         if self.runner != "local" and not self.image:
             raise ValueError(f"dag.image is required for the {self.runner} runner")
-        if self.shards and self.rows_per_shard:
-            raise ValueError("give dag.shards or dag.rows_per_shard, not both")
+        conflict = shard_size_conflict(self.shards, self.rows_per_shard, lambda key: f"dag.{key}")
+        if conflict:
+            raise ValueError(conflict)
         zone = ZoneInfo(self.timezone)
         for key in ("start_date", "end_date"):  # dates without a zone are in the job's time zone
             value = getattr(self, key)
