@@ -20,6 +20,7 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from . import schema
+from .strict_yaml import DuplicateKeyError, load_yaml
 from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError
 from .schema import setting
 
@@ -358,36 +359,6 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
         raise ConfigError(f"setting 'scaler_sha256' pins a scaler but no scaler is given (flag "
                           f"{schema.flag_of('scaler', FIELDS['scaler'])} or YAML key 'scaler')")
     return config
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping that names one key twice: YAML loaders keep the last value without a word."""
-
-    def __init__(self, key: Any, first: int, second: int) -> None:
-        super().__init__(f"key {key!r} appears twice (lines {first} and {second}); keep one")
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping naming a key twice, at any depth (``dag:`` too)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: later keys override it
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise DuplicateKeyError(key, seen[key], line)
-                seen[key] = line
-            except TypeError:  # an unhashable key: the base loader says what is wrong with it
-                continue
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(stream: Any) -> Any:
-    """YAML as ``yaml.safe_load`` reads it, but a key named twice in one mapping is an error."""
-    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping; each value is read as YAML reads it (``true``, 3, text)."""
     import yaml
 
-    from .config import load_yaml
+    from .strict_yaml import load_yaml
     from .errors import ConfigError
 
     pairs: dict[str, Any] = {}

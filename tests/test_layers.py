@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "batchscore"
 
 #: Lowest first. A module may import its own layer and those below it.
 LAYERS = {
-    "errors": 0, "logs": 0, "schema": 0, "config": 0,
+    "errors": 0, "logs": 0, "strict_yaml": 0, "schema": 0, "config": 0,
     "io": 1,
     "models": 2,
     "observe": 3,

@@ -23,7 +23,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, fi
 from .. import schema
 from ..config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
 from ..config import FIELDS as JOB_FIELDS
-from ..config import TEMPLATE, DuplicateKeyError, load_yaml, shard_size_conflict, templates_rendered, validate_settings
+from ..strict_yaml import DuplicateKeyError, load_yaml
+from ..config import TEMPLATE, shard_size_conflict, templates_rendered, validate_settings
 from ..errors import EXIT_DRIFT, ConfigError
 from ..io.layout import check_output
 from .quantity import Quantity
