@@ -6,7 +6,8 @@ output, ``run`` does all of it in one process, ``inspect`` describes a model, ``
 compiles a tree ensemble for the compiled engine and ``report`` reads a committed output's run
 report. Each takes a
 ``JobConfig``, may be called any number of times in one process, and raises a ``BatchscoreError``
-subclass whose ``exit_code`` is what the CLI exits with.
+subclass whose ``exit_code`` is what the CLI exits with; its message names the parameters and
+settings as Python spells them (the CLI says its flags instead).
 
 The steps' modules are imported when a step is called, not when ``batchscore`` is: importing the
 package (as Airflow does to parse a DAG) loads no pyarrow, pandas or scikit-learn.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import JobConfig, check_numbers, refuse_template
-from .errors import ConfigError
+from .errors import ConfigError, param
 
 if TYPE_CHECKING:
     from .job.planning import Plan
@@ -196,18 +197,19 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
     from .job import planning, shard
 
-    check_numbers(shard=index, shards=count)
+    check_numbers(names={"shard": "index", "shards": "count"}, shard=index, shards=count)
     refuse_template("plan", plan if isinstance(plan, str) else None)
     if plan is None:
         if count is None:
-            raise ConfigError("--shard I needs --plan, or give it as I/N")
+            raise ConfigError(f"{param('index')} needs {param('plan')}, or {param('count')} to plan the "
+                              f"shards on the fly")
         if plan_sha256:
-            raise ConfigError("--plan-sha256 needs --plan")
+            raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
         return ShardResult.of(shard.run_shard_of(config, index, count))
     the_plan = _the_plan(plan, config, plan_sha256)
     if count is not None and count != the_plan.num_shards:
-        raise ConfigError(f"--shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
-                          f"has {the_plan.num_shards} shards, not {count}")
+        raise ConfigError(f"shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
+                          f"has {the_plan.num_shards} shards, not {count} ({param('count')})")
     return ShardResult.of(shard.run_shard(config, the_plan, index, source=_source(plan)))
 
 
@@ -224,7 +226,7 @@ def _the_plan(plan: "Plan | str", config: JobConfig, plan_sha256: str | None) ->
         return planning.load_plan(plan, config, expected_sha256=plan_sha256)
     if plan_sha256 and plan.sha256 != plan_sha256.strip().lower():
         raise InputDataError(f"plan {plan.plan_id} is not the plan that was made: its sha256 is {plan.sha256}, "
-                             f"--plan-sha256 says {plan_sha256}; plan again")
+                             f"{param('plan_sha256')} says {plan_sha256}; plan again")
     return plan
 
 
@@ -246,11 +248,11 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
         the_plan = _the_plan(plan, config, plan_sha256)
         planning.check_against_input(config, the_plan, _source(plan))
     elif plan_sha256:
-        raise ConfigError("--plan-sha256 needs --plan")
+        raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
     elif shards:
         the_plan = planning.plan_again(config, shards)
     else:
-        raise ConfigError("commit needs --plan (or --shards N to plan again)")
+        raise ConfigError(f"commit needs {param('plan')}, or {param('shards')} to plan again")
     return CommitResult.of(committing.commit(config, the_plan, accept_drift=accept_drift))
 
 

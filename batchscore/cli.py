@@ -16,13 +16,27 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 
 from . import __version__, api, logs, schema
-from .config import ARTIFACT_KEYS, CONFIG_KEYS, FIELDS, JobConfig, build_config, check_numbers
+from .config import ARTIFACT_KEYS, COMMAND_FIELDS, CONFIG_KEYS, FIELDS, JobConfig, build_config, check_numbers
 from .errors import EXIT_CODES, EXIT_FAILURE, BatchscoreError, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
 log = logging.getLogger(__name__)
+
+
+#: The library's parameters that are no job setting, as this command line spells them (a job
+#: setting's flag is its own, see config.py); errors name parameters, see ``errors.param``.
+PARAMETER_FLAGS = {"index": "--shard I", "count": "--shard I/N", "plan": "--plan", "plan_sha256": "--plan-sha256",
+                   "accept_drift": "--accept-drift", "out": "--out"}
+
+
+def flag(name: str) -> str:
+    """The flag that gives the library's parameter or setting ``name``."""
+    if name in PARAMETER_FLAGS:
+        return PARAMETER_FLAGS[name]
+    info = FIELDS.get(name) or COMMAND_FIELDS.get(name)
+    return schema.flag_of(name, info) if info is not None else "--" + name.replace("_", "-")
 
 
 #: What hears how this command ends (its metrics push, its lineage run), once its config is known.
@@ -96,7 +110,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             with stopping.bounded(_report_stop):  # whatever blocks, a stop ends the process in time
                 result = func(*args, **kwargs)
         except BatchscoreError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(exc.render(flag), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was committed", EXIT_FAILURE)
         except (click.exceptions.Exit, click.ClickException, SystemExit) as exc:
@@ -202,7 +216,7 @@ def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
     try:
         check_numbers(shard=parsed[0], shards=parsed[1])
     except ConfigError as exc:
-        raise ConfigError(f"--shard {value}: {exc}") from None
+        raise ConfigError(f"--shard {value}: {exc.render(flag)}") from None
     return parsed
 
 

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from . import schema
-from .errors import ConfigError
+from .errors import ConfigError, param
 from .schema import setting
 
 ON_INVALID_CHOICES = ("fail", "skip", "quarantine")
@@ -223,8 +223,7 @@ class JobConfig:
         """Fail with a usage error naming the first required setting that is missing."""
         for name in names:
             if not getattr(self, name):
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
+                raise ConfigError(f"missing required setting {param(name)} (YAML key '{name}')")
 
     @property
     def worker_count(self) -> int:
@@ -269,14 +268,15 @@ class CommandNumbers:
 COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
 
 
-def check_numbers(**values: Any) -> None:
-    """Refuse a command's number flags out of their declared range, naming each flag."""
+def check_numbers(names: Mapping[str, str] | None = None, **values: Any) -> None:
+    """Refuse a command's numbers out of their declared range, naming each as the caller called it
+    (``names``: e.g. ``shard`` is ``run_shard``'s ``index``)."""
     given = {key: value for key, value in values.items() if value is not None}
     try:
         CommandNumbers(**given)
     except ValidationError as exc:
-        flag = lambda loc: schema.flag_of(str(loc[0]), COMMAND_FIELDS[str(loc[0])])  # noqa: E731
-        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, flag)) from None
+        name = lambda loc: param((names or {}).get(str(loc[0]), str(loc[0])))  # noqa: E731
+        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, name)) from None
 
 
 #: The declaration as data: each setting's pydantic field, in order.
@@ -322,7 +322,7 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
         raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
-            "setting 'scaler_sha256' pins a scaler but no scaler is given (flag --scaler or YAML key 'scaler')"
+            f"setting 'scaler_sha256' pins a scaler but no scaler is given: give {param('scaler')} (YAML key 'scaler')"
         )
     return config
 

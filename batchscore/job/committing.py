@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from . import stopping
 from ..config import JobConfig
-from ..errors import InputDataError
+from ..errors import InputDataError, param
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from .planning import Plan, hold
@@ -157,7 +157,7 @@ def commit(
     allowed = math.floor(config.max_invalid_fraction * the_plan.total_rows)
     if invalid > allowed:
         raise InputDataError(
-            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed --max-invalid-fraction "
+            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed {param('max_invalid_fraction')} "
             f"{config.max_invalid_fraction} of {the_plan.total_rows} rows"
         )
     parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]

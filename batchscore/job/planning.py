@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..config import JobConfig, check_numbers
-from ..errors import ConfigError, InputDataError, ModelError
+from ..errors import ConfigError, InputDataError, ModelError, param
 from ..io.lease import held, plan_holder
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
@@ -376,7 +376,7 @@ def make_plan(
     Parts hold at most ``rows_per_part`` rows (default ``DEFAULT_ROWS_PER_PART``)."""
     rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
     if shards is not None and rows_per_shard is not None:
-        raise ConfigError("give either --shards or --rows-per-shard, not both")
+        raise ConfigError(f"give either {param('shards')} or {param('rows_per_shard')}, not both")
     check_numbers(shards=shards, rows_per_shard=rows_per_shard)
     total = sum(f.num_rows for f in files)
     if rows_per_shard is not None:
@@ -482,7 +482,7 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     ArtifactPolicy.of(config).check_planned(result.artifacts, uri)
     if expected_sha256 and result.sha256 != expected_sha256.strip().lower():
         raise InputDataError(f"plan {uri} is not the plan that was made: its sha256 is {result.sha256}, "
-                             f"--plan-sha256 says {expected_sha256}; plan again")
+                             f"{param('plan_sha256')} says {expected_sha256}; plan again")
     key = os.environ.get(PLAN_KEY_ENV)
     if key and not (isinstance(signature, str) and hmac.compare_digest(signature, _signature(key, result.sha256))):
         raise InputDataError(f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "

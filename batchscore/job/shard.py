@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from ..config import JobConfig
-from ..errors import InputDataError
+from ..errors import InputDataError, param
 from ..io.lease import Lease
 from ..models.artifacts import ArtifactPolicy, artifact_roles
 from ..io.output_guard import guard_overlap
@@ -60,7 +60,7 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
     check_within_input(config, the_plan, source)  # a plan can only narrow the job: its files are the input's
     if the_plan.model_version is not None and config.model_version != the_plan.model_version:
         raise InputDataError(
-            f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
+            f"shard {index}: {param('model_version')} {config.model_version!r} differs from the plan's "
             f"{the_plan.model_version!r}; run every shard of a plan with its model version"
         )
     shard_files = sorted({u.file for u in shard.units})
@@ -124,7 +124,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     invalid = sum(r.rows_invalid for r in results)
     if invalid > task.max_invalid_rows:
         raise InputDataError(
-            f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
+            f"{invalid} invalid rows exceed {param('max_invalid_fraction')} {config.max_invalid_fraction} "
             f"of {the_plan.total_rows} input rows"
         )
     receipt = {

@@ -19,7 +19,7 @@ import pyarrow as pa
 from . import stopping
 from ..models.compiled import predictor
 from ..models.engine import Predictor
-from ..errors import StorageError
+from ..errors import StorageError, param
 from ..observe.metrics import observe_batch
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
@@ -164,7 +164,7 @@ def _score_in_workers(
         if isinstance(exc, WorkerDied):
             raise StorageError(
                 f"{exc} while scoring, perhaps for lack of memory; nothing was committed; "
-                f"try fewer --workers or a smaller --batch-size"
+                f"try fewer {param('workers')} or a smaller {param('batch_size')}"
             ) from None
         raise
     finally:
