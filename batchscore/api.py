@@ -288,17 +288,30 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
     plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
     Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
-    and held; ``accept_drift`` then commits the output as that held report describes it.
+    and held; ``accept_drift`` then commits the output as that held report describes it, and needs
+    no more than ``config.output`` (and its ``storage_options``): without ``plan`` or ``shards`` it
+    commits the plan the held commit recorded beside the output, with the job's settings as recorded.
 
     A plan is first made again from the job's own input specs and artifacts: it is refused unless
     its files are exactly those the input matches now, with the planned row groups and identities,
     and its artifacts are the job's (and, given ``plan_sha256``, it is the plan ``plan`` printed)."""
     from .job import committing, planning
 
+    held = None
+    if accept_drift and plan is None and not shards and not plan_sha256:
+        try:
+            held, config = planning.held_job(config)
+        except BaseException:
+            with _observed(config, lineage=False):  # observed under the caller's settings
+                raise
     with _observed(config, lineage=False) as observers:
         check_numbers(shards=shards)
         refuse_template("plan", plan if isinstance(plan, str) else None)
-        if plan is not None:
+        if held is not None:
+            the_plan = held
+            if config.input:  # a job given in full: its input must still be what was planned
+                planning.check_against_input(config, the_plan, f"held for drift at {config.output}")
+        elif plan is not None:
             the_plan = _the_plan(plan, config, plan_sha256)
             planning.check_against_input(config, the_plan, _source(plan))
         elif plan_sha256:
@@ -306,7 +319,8 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
         elif shards:
             the_plan = planning.plan_again(config, shards)
         else:
-            raise ConfigError(f"commit needs {param('plan')}, or {param('shards')} to plan again")
+            raise ConfigError(f"commit needs {param('plan')}, or {param('shards')} to plan again (or "
+                              f"{param('accept_drift')} alone, for an output held for drift)")
         manifest = committing.commit(config, the_plan, accept_drift=accept_drift)
         observers.succeeded(manifest)
     return CommitResult.of(manifest)

@@ -212,17 +212,26 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
 
 @main.command(epilog=EXIT_CODES_HELP)
+@click.argument("held_output", metavar="[OUTPUT]", required=False)
 @job_options
 @click.option("--plan", "plan_uri", help="The plan the shards ran from.")
 @click.option("--shards", type=int, help="Without --plan: plan N shards again (deterministic) and commit them.")
-@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report describes it.")
+@click.option("--accept-drift", is_flag=True, help="Commit an output held for drift (exit 5), as its held report "
+              "describes it; `commit OUTPUT --accept-drift` needs nothing else.")
 @click.option("--plan-sha256", "plan_sha256", help="Refuse a --plan whose sha256 is not this one (as `plan` printed it).")
 @_handle_errors
-def commit(plan_uri: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:
+def commit(held_output: str | None, plan_uri: str | None, shards: int | None, accept_drift: bool,
+           plan_sha256: str | None, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
+    `commit OUTPUT --accept-drift` commits an output held for drift with the plan and settings
+    its held commit recorded.
     """
+    if held_output is not None:
+        if kw.get("output") not in (None, held_output):
+            raise ConfigError(f"commit {held_output} --output {kw['output']}: give the output once")
+        kw["output"] = held_output
     config = _config(kw)
     result = api.commit(config, plan=plan_uri, shards=shards, accept_drift=accept_drift, plan_sha256=plan_sha256)
     _summary(config, result)

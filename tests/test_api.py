@@ -249,11 +249,11 @@ def test_errors_name_parameters_in_the_library_and_flags_in_the_cli(
     assert library in str(raised.value) and "--" not in str(raised.value), str(raised.value)
     assert raised.value.exit_code == exit_code
 
-    job = ["--output", settings["output"], "--scaler", settings["scaler"], "--workers", "2",
+    job = ["--output", tmp_path / "cli-out", "--scaler", settings["scaler"], "--workers", "2",
            *(["--input", settings["input"][0]] if "--input" not in argv else []),
            *(["--model", settings["model"]] if argv[0] != "validate" else [])]
     result = cli(argv[0], *job, *[arg.format(**places) for arg in argv[1:]])
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert result.exit_code == exit_code and len(errors) == 1, result.stderr
     assert command_line in errors[0] and str(raised.value).replace(library, command_line) in errors[0], errors[0]
-    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "cli-out" / "_SUCCESS").exists()

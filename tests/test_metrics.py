@@ -314,3 +314,31 @@ def test_the_library_pushes_what_the_cli_pushes(tmp_path: Path, pushgateway: str
     got = pushed(pushgateway, "library_shards")
     assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code="3") > 0
     assert _by_count(got) == _by_count(pushed(pushgateway, "cli_shards"))
+
+
+def test_accepting_a_held_output_alone_pushes_under_the_held_job(tmp_path: Path, pushgateway: str, binary_model_paths,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run held for drift pushes its failure (exit 5); ``commit OUTPUT --accept-drift`` given nothing
+    else pushes the commit's success under the job's own name and gateway, as the held run recorded them."""
+    monkeypatch.delenv("BATCHSCORE_PUSHGATEWAY", raising=False)
+    inputs = tmp_path / "in"
+    write_inputs(inputs, files=1, rows=ROWS_PER_FILE, row_group_size=BATCH)
+    reference = tmp_path / "reference"
+    job = ["--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"], "--workers", 1]
+    assert cli("run", "--input", inputs, "--output", reference, *job).exit_code == 0
+    shifted = tmp_path / "shifted"
+    write_inputs(shifted, files=1, rows=ROWS_PER_FILE, row_group_size=BATCH, seed=99)
+    table = pq.read_table(shifted / "day-00.parquet")
+    age = pa.array(table.column("age").to_numpy() + 20.0)
+    pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", age), shifted / "day-00.parquet")
+    held = cli("run", "--input", shifted, "--output", tmp_path / "out", *job, "--reference", reference,
+               "--drift-fail", 0.25, "--job-name", "held_nightly", "--pushgateway", pushgateway)
+    assert held.exit_code == 5, held.stderr
+    assert value(pushed(pushgateway, "held_nightly"), "batchscore_last_failure_timestamp_seconds", exit_code="5") > 0
+
+    accepted = cli("commit", tmp_path / "out", "--accept-drift")
+    assert accepted.exit_code == 0, accepted.stderr
+    got = pushed(pushgateway, "held_nightly")
+    assert value(got, "batchscore_rows_read") == read_manifest(tmp_path / "out")["rows"]["in"] == ROWS_PER_FILE
+    assert value(got, "batchscore_last_success_timestamp_seconds") > \
+        value(got, "batchscore_last_failure_timestamp_seconds", exit_code="5")
