@@ -200,6 +200,8 @@ def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver
     library.run_shard(config, 0, count=2)
     library.commit(config, shards=2)
     by_library = receiver.events
+    # The calling process's environment is as it was: nothing the client set outlives a run.
+    assert {name for name in os.environ if name.startswith("OPENLINEAGE")} == set(env)
 
     assert [[e[0] for e in run] for run in _shape(by_library)] == [
         ["START", "COMPLETE"], ["START", "COMPLETE"], ["START", "FAIL"], ["START", "COMPLETE"]]
