@@ -6,7 +6,12 @@ output, ``run`` does all of it in one process, ``inspect`` describes a model, ``
 compiles a tree ensemble for the compiled engine and ``report`` reads a committed output's run
 report. Each takes a
 ``JobConfig``, may be called any number of times in one process, and raises a ``BatchscoreError``
-subclass whose ``exit_code`` is what the CLI exits with.
+subclass whose ``exit_code`` is what the CLI exits with; its message names the parameters and
+settings as Python spells them (the CLI says its flags instead).
+
+``run``, ``run_shard`` and ``commit`` are observed as the job's settings ask, whoever calls them:
+each pushes its metrics to ``config.pushgateway`` when it ends, and ``run`` and ``run_shard`` report
+themselves as OpenLineage runs where lineage is configured (see observe/observers.py).
 
 The steps' modules are imported when a step is called, not when ``batchscore`` is: importing the
 package (as Airflow does to parse a DAG) loads no pyarrow, pandas or scikit-learn.
@@ -14,15 +19,60 @@ package (as Airflow does to parse a DAG) loads no pyarrow, pandas or scikit-lear
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from .config import JobConfig, check_numbers, refuse_template
-from .errors import ConfigError
+from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, param
 
 if TYPE_CHECKING:
     from .job.planning import Plan
+    from .observe.observers import Observers
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a step ended that raised ``exc``: the exit code the CLI exits with, one line saying why
+    (parameters named by ``name``), and whether it is a bug, whose traceback is worth showing."""
+
+    exit_code: int
+    message: str
+    unexpected: bool = False
+
+    @classmethod
+    def of(cls, exc: BaseException, name: Any = None) -> "Failure":
+        from .io.storage import failure_cause
+
+        if isinstance(exc, BatchscoreError):
+            return cls(exc.exit_code, exc.render(name) if name is not None else str(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return cls(EXIT_FAILURE, "interrupted; nothing was committed")
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_FAILURE
+            return cls(code, str(exc.code) if exc.code not in (None, 0) else f"exit code {code}")
+        cause = failure_cause(exc)
+        if cause is None:
+            return cls(EXIT_FAILURE, f"unexpected {type(exc).__name__}: {exc}", unexpected=True)
+        filename = getattr(exc, "filename", None)
+        return cls(EXIT_FAILURE, f"storage failure on {filename}: {cause}" if filename else f"storage failure: {cause}")
+
+
+@contextlib.contextmanager
+def _observed(config: JobConfig, shard: int | None = None, lineage: bool = True) -> Iterator["Observers"]:
+    """Observe one step: its metrics and lineage start now and hear how it ends, success (the
+    step calls ``succeeded`` with its manifest or receipt) or failure (with its exit code)."""
+    from .observe.observers import Observers
+
+    observers = Observers.start(config, shard, lineage)
+    try:
+        yield observers
+    except BaseException as exc:
+        failure = Failure.of(exc)
+        observers.failed(failure.exit_code, failure.message)
+        raise
+    observers.succeeded(None)  # a step that handed over no result still succeeded (heard once)
 
 
 @dataclass(frozen=True)
@@ -196,19 +246,24 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
     the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
     from .job import planning, shard
 
-    check_numbers(shard=index, shards=count)
-    refuse_template("plan", plan if isinstance(plan, str) else None)
-    if plan is None:
-        if count is None:
-            raise ConfigError("--shard I needs --plan, or give it as I/N")
-        if plan_sha256:
-            raise ConfigError("--plan-sha256 needs --plan")
-        return ShardResult.of(shard.run_shard_of(config, index, count))
-    the_plan = _the_plan(plan, config, plan_sha256)
-    if count is not None and count != the_plan.num_shards:
-        raise ConfigError(f"--shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
-                          f"has {the_plan.num_shards} shards, not {count}")
-    return ShardResult.of(shard.run_shard(config, the_plan, index, source=_source(plan)))
+    check_numbers(names={"shard": "index", "shards": "count"}, shard=index, shards=count)
+    with _observed(config, shard=index) as observers:
+        refuse_template("plan", plan if isinstance(plan, str) else None)
+        if plan is None:
+            if count is None:
+                raise ConfigError(f"{param('index')} needs {param('plan')}, or {param('count')} to plan the "
+                                  f"shards on the fly")
+            if plan_sha256:
+                raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
+            receipt = shard.run_shard_of(config, index, count, observers)
+        else:
+            the_plan = _the_plan(plan, config, plan_sha256)
+            if count is not None and count != the_plan.num_shards:
+                raise ConfigError(f"shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
+                                  f"has {the_plan.num_shards} shards, not {count} ({param('count')})")
+            receipt = shard.run_shard(config, the_plan, index, source=_source(plan), observers=observers)
+        observers.succeeded(receipt)
+    return ShardResult.of(receipt)
 
 
 def _source(plan: "Plan | str") -> str:
@@ -224,7 +279,7 @@ def _the_plan(plan: "Plan | str", config: JobConfig, plan_sha256: str | None) ->
         return planning.load_plan(plan, config, expected_sha256=plan_sha256)
     if plan_sha256 and plan.sha256 != plan_sha256.strip().lower():
         raise InputDataError(f"plan {plan.plan_id} is not the plan that was made: its sha256 is {plan.sha256}, "
-                             f"--plan-sha256 says {plan_sha256}; plan again")
+                             f"{param('plan_sha256')} says {plan_sha256}; plan again")
     return plan
 
 
@@ -233,25 +288,42 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
     plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
     Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
-    and held; ``accept_drift`` then commits the output as that held report describes it.
+    and held; ``accept_drift`` then commits the output as that held report describes it, and needs
+    no more than ``config.output`` (and its ``storage_options``): without ``plan`` or ``shards`` it
+    commits the plan the held commit recorded beside the output, with the job's settings as recorded.
 
     A plan is first made again from the job's own input specs and artifacts: it is refused unless
     its files are exactly those the input matches now, with the planned row groups and identities,
     and its artifacts are the job's (and, given ``plan_sha256``, it is the plan ``plan`` printed)."""
     from .job import committing, planning
 
-    check_numbers(shards=shards)
-    refuse_template("plan", plan if isinstance(plan, str) else None)
-    if plan is not None:
-        the_plan = _the_plan(plan, config, plan_sha256)
-        planning.check_against_input(config, the_plan, _source(plan))
-    elif plan_sha256:
-        raise ConfigError("--plan-sha256 needs --plan")
-    elif shards:
-        the_plan = planning.plan_again(config, shards)
-    else:
-        raise ConfigError("commit needs --plan (or --shards N to plan again)")
-    return CommitResult.of(committing.commit(config, the_plan, accept_drift=accept_drift))
+    held = None
+    if accept_drift and plan is None and not shards and not plan_sha256:
+        try:
+            held, config = planning.held_job(config)
+        except BaseException:
+            with _observed(config, lineage=False):  # observed under the caller's settings
+                raise
+    with _observed(config, lineage=False) as observers:
+        check_numbers(shards=shards)
+        refuse_template("plan", plan if isinstance(plan, str) else None)
+        if held is not None:
+            the_plan = held
+            if config.input:  # a job given in full: its input must still be what was planned
+                planning.check_against_input(config, the_plan, f"held for drift at {config.output}")
+        elif plan is not None:
+            the_plan = _the_plan(plan, config, plan_sha256)
+            planning.check_against_input(config, the_plan, _source(plan))
+        elif plan_sha256:
+            raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
+        elif shards:
+            the_plan = planning.plan_again(config, shards)
+        else:
+            raise ConfigError(f"commit needs {param('plan')}, or {param('shards')} to plan again (or "
+                              f"{param('accept_drift')} alone, for an output held for drift)")
+        manifest = committing.commit(config, the_plan, accept_drift=accept_drift)
+        observers.succeeded(manifest)
+    return CommitResult.of(manifest)
 
 
 def run(config: JobConfig) -> RunResult:
@@ -265,15 +337,17 @@ def run(config: JobConfig) -> RunResult:
     from .job.shard import score_shard
 
     clock = time.perf_counter()
-    prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
-    the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
-    with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
-        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
-        check_access(prepared)  # what validate checks: nothing is scored that cannot be written
-        score_shard(prepared, the_plan, 0, lease)
-        manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
-                               lease=lease)
+    with _observed(config) as observers:
+        prepared = prepare(config, observers=observers)
+        guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
+        the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
+        with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
+            guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+            check_access(prepared)  # what validate checks: nothing is scored that cannot be written
+            score_shard(prepared, the_plan, 0, lease, observers)
+            manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
+                                   lease=lease)
+        observers.succeeded(manifest)
     return RunResult.of(manifest)
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
 # thread pool; OpenBLAS would start one as NumPy loads and keep it spinning while start-up runs.
@@ -17,7 +17,7 @@ import click
 
 from . import __version__, api, logs, schema
 from .config import ARTIFACT_KEYS, COMMAND_FIELDS, CONFIG_KEYS, FIELDS, PLAN_FIELDS, JobConfig, build_config, check_numbers
-from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, BatchscoreError, ConfigError
+from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
@@ -25,43 +25,26 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, 
 log = logging.getLogger(__name__)
 
 
-#: What hears how this command ends (its metrics push, its lineage run), once its config is known.
-_observers: list[Any] = []
+#: The library's parameters that are no job setting, as this command line spells them (a job
+#: setting's flag is its own, see config.py); errors name parameters, see ``errors.param``.
+PARAMETER_FLAGS = {"index": "--shard I", "count": "--shard I/N", "plan": "--plan", "plan_sha256": "--plan-sha256",
+                   "accept_drift": "--accept-drift", "out": "--out"}
 
 
-def _observe(config: JobConfig, shard: int | None = None, lineage: bool = True) -> None:
-    """Push this command's metrics when it ends and, for scoring, report it as lineage, where configured."""
-    from .observe import lineage as lineage_run
-    from .observe import metrics
-
-    name = config.job_name or "batchscore"
-    started = [metrics.start(config.pushgateway, name, config.model_version, shard),
-               lineage_run.start(config, name, shard) if lineage else None]
-    _observers[:] = [observer for observer in started if observer is not None]
-
-
-def _observed(result: Mapping[str, Any] | None) -> None:
-    """The command succeeded with this manifest or receipt: tell its observers."""
-    for observer in _observers:
-        observer.succeeded(result)
-    _observers.clear()
-
-
-def _observed_failure(exit_code: int, message: str) -> None:
-    """The command failed with this exit code: tell its observers."""
-    for observer in _observers:
-        observer.failed(exit_code, message)
-    _observers.clear()
+def flag(name: str) -> str:
+    """The flag that gives the library's parameter or setting ``name``."""
+    if name in PARAMETER_FLAGS:
+        return PARAMETER_FLAGS[name]
+    info = FIELDS.get(name) or COMMAND_FIELDS.get(name)
+    return schema.flag_of(name, info) if info is not None else "--" + name.replace("_", "-")
 
 
 def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
-    """Log the one ``Error:`` line (a JSON line under ``--log-format json``), report the failure to
-    the command's observers, and exit."""
+    """Log the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
     from .job import stopping
 
     stopping.reported()
     log.error(message, exc_info=with_traceback, extra=logs.event("error", exit_code=exit_code))
-    _observed_failure(exit_code, message)
     sys.exit(exit_code)
 
 
@@ -70,57 +53,27 @@ def _report_stop(message: str) -> None:
     log.error(message, extra=logs.event("error", exit_code=EXIT_FAILURE))
 
 
-def _storage_failure(exc: BaseException) -> str | None:
-    """One sentence for a storage failure that reached the top without a path-specific message."""
-    from .io.storage import failure_cause
-
-    cause = failure_cause(exc)
-    if cause is None:
-        return None
-    filename = getattr(exc, "filename", None)
-    return f"storage failure on {filename}: {cause}" if filename else f"storage failure: {cause}"
-
-
 def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors and storage failures into one 'Error:' line and their exit code; anything
-    else is a bug and keeps its traceback."""
+    """Turn our errors and storage failures into one 'Error:' line, parameters named by their
+    flags, and their exit code; anything else is a bug and keeps its traceback. What a command
+    observes (metrics, lineage) the library's steps observe themselves (see api.py)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from .job import stopping
 
         _interrupt_on_sigterm()
-        _observers.clear()
         logs.configure(kwargs.get("log_format") or "text")  # until the job's own setting is known
         try:
             with stopping.bounded(_report_stop):  # whatever blocks, a stop ends the process in time
-                result = func(*args, **kwargs)
-        except BatchscoreError as exc:
-            _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was committed", EXIT_FAILURE)
-        except (click.exceptions.Exit, click.ClickException, SystemExit) as exc:
-            _exited(exc)
+                return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as exc:
-            message = _storage_failure(exc)
-            if message is None:  # pragma: no cover - exercised only by bugs
-                _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE, with_traceback=True)
-            _fail(message, EXIT_FAILURE)
-        _observed(None)  # a command that returned without handing its result over still succeeded
-        return result
+        except (KeyboardInterrupt, Exception) as exc:
+            failure = api.Failure.of(exc, flag)
+            _fail(failure.message, failure.exit_code, with_traceback=failure.unexpected)
 
     return wrapper
-
-
-def _exited(exc: BaseException) -> None:
-    """A command that ended by exiting (with any code) is observed to end like any other."""
-    code = exc.code if isinstance(exc, SystemExit) else getattr(exc, "exit_code", EXIT_FAILURE)
-    code = 0 if code is None else code if isinstance(code, int) else EXIT_FAILURE
-    if code == 0:
-        _observed(None)
-        return
-    _observed_failure(code, str(exc) or f"exit code {code}")
 
 
 def _interrupt_on_sigterm() -> None:
@@ -210,7 +163,7 @@ def _parse_shard(value: str | None) -> tuple[int | None, int | None]:
     try:
         check_numbers(shard=parsed[0], shards=parsed[1])
     except ConfigError as exc:
-        raise ConfigError(f"--shard {value}: {exc}") from None
+        raise ConfigError(f"--shard {value}: {exc.render(flag)}") from None
     return parsed
 
 
@@ -236,16 +189,13 @@ def run(plan: str | None, shard: str | None, plan_sha256: str | None, **kw: Any)
     """
     config = _config(kw)
     index, count = _parse_shard(shard)
-    _observe(config, shard=index)
     if index is None:
         if plan:
             raise ConfigError("--plan needs --shard (or use `batchscore commit --plan` to finish a job)")
         result = api.run(config)
-        _observed(result.manifest)
         _summary(config, result)
         return
     done = api.run_shard(config, index, plan=plan, count=count, plan_sha256=plan_sha256)
-    _observed(done.receipt)
     click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
                            "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
 
@@ -268,22 +218,29 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 
 
 @main.command(epilog=EXIT_CODES_HELP)
+@click.argument("held_output", metavar="[OUTPUT]", required=False)
 @job_options
 @declared(PLAN_FIELDS, "plan")
 @declared(COMMAND_FIELDS, "shards")
-@click.option("--accept-drift", is_flag=True, help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held report describes it.")
+@click.option("--accept-drift", is_flag=True, help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held "
+              "report describes it; `commit OUTPUT --accept-drift` needs nothing else.")
 @declared(PLAN_FIELDS, "plan_sha256")
 @_handle_errors
-def commit(plan: str | None, shards: int | None, accept_drift: bool, plan_sha256: str | None, **kw: Any) -> None:
+def commit(held_output: str | None, plan: str | None, shards: int | None, accept_drift: bool,
+           plan_sha256: str | None, **kw: Any) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Without --plan, --shards N plans the job again (deterministic) and commits its N shards.
     Parts that no receipt lists (left by failed attempts) are removed. Safe to repeat.
+    `commit OUTPUT --accept-drift` commits an output held for drift with the plan and settings
+    its held commit recorded.
     """
+    if held_output is not None:
+        if kw.get("output") not in (None, held_output):
+            raise ConfigError(f"commit {held_output} --output {kw['output']}: give the output once")
+        kw["output"] = held_output
     config = _config(kw)
-    _observe(config, lineage=False)
     result = api.commit(config, plan=plan, shards=shards, accept_drift=accept_drift, plan_sha256=plan_sha256)
-    _observed(result.manifest)
     _summary(config, result)
 
 

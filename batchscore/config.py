@@ -20,8 +20,8 @@ from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from . import schema
+from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError, param
 from .strict_yaml import DuplicateKeyError, load_yaml
-from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError
 from .schema import setting
 
 DEFAULT_BATCH_SIZE = 65_536
@@ -226,8 +226,7 @@ class JobConfig:
         """Fail with a usage error naming the first required setting that is missing."""
         for name in names:
             if not getattr(self, name):
-                flag = schema.flag_of(name, FIELDS[name])
-                raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
+                raise ConfigError(f"missing required setting {param(name)} (YAML key '{name}')")
 
     @property
     def worker_count(self) -> int:
@@ -274,24 +273,21 @@ class CommandNumbers:
 COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
 
 
-def _command_flag(key: str) -> str:
-    return schema.flag_of(key, COMMAND_FIELDS[key])
-
-
-def shard_size_conflict(shards: Any, rows_per_shard: Any, name: Callable[[str], str] = _command_flag) -> str | None:
+def shard_size_conflict(shards: Any, rows_per_shard: Any, name: Callable[[str], str] = param) -> str | None:
     """The one rule on how a job is split: by a number of shards or by rows per shard, never both.
 
-    Returns the refusal, naming the two as ``name`` does (flags, ``dag:`` keys, a run's params),
-    or None when at most one is given.
+    Returns the refusal, naming the two as ``name`` does (parameters, rendered as flags by the CLI;
+    ``dag:`` keys; a run's params), or None when at most one is given.
     """
     if shards is not None and rows_per_shard is not None:
         return f"give {name('shards')} or {name('rows_per_shard')}, not both"
     return None
 
 
-def check_numbers(**values: Any) -> None:
-    """Refuse a command's number flags out of their declared range, naming each flag, and a split
-    given both ways (see :func:`shard_size_conflict`)."""
+def check_numbers(names: Mapping[str, str] | None = None, **values: Any) -> None:
+    """Refuse a command's numbers out of their declared range, naming each as the caller called it
+    (``names``: e.g. ``shard`` is ``run_shard``'s ``index``), and a split given both ways (see
+    :func:`shard_size_conflict`)."""
     given = {key: value for key, value in values.items() if value is not None}
     conflict = shard_size_conflict(given.get("shards"), given.get("rows_per_shard"))
     if conflict:
@@ -299,7 +295,8 @@ def check_numbers(**values: Any) -> None:
     try:
         CommandNumbers(**given)
     except ValidationError as exc:
-        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, lambda loc: _command_flag(str(loc[0])))) from None
+        name = lambda loc: param((names or {}).get(str(loc[0]), str(loc[0])))  # noqa: E731
+        raise ConfigError(schema.explain(exc, COMMAND_FIELDS, name)) from None
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
@@ -356,8 +353,9 @@ def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] =
     except TemplateLeftError as exc:
         raise ConfigError(where(exc.key) + str(exc)) from None
     if config.scaler_sha256 and not config.scaler:
-        raise ConfigError(f"setting 'scaler_sha256' pins a scaler but no scaler is given (flag "
-                          f"{schema.flag_of('scaler', FIELDS['scaler'])} or YAML key 'scaler')")
+        raise ConfigError(
+            f"setting 'scaler_sha256' pins a scaler but no scaler is given: give {param('scaler')} (YAML key 'scaler')"
+        )
     return config
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Callable, NamedTuple
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -48,10 +49,34 @@ PERMANENT_EXIT_CODES: dict[int, str] = {
 }
 
 
+#: How a message marks the name of a parameter or setting (see ``param``).
+_PARAM = re.compile("\x02([A-Za-z_][A-Za-z0-9_]*)\x03")
+
+
+def param(name: str) -> str:
+    """A parameter or setting named in an error message: the library says ``name`` as Python spells
+    it (``max_invalid_fraction``, ``plan``), the CLI says its flag (``--max-invalid-fraction``)."""
+    return f"\x02{name}\x03"
+
+
+def render(text: str, name: Callable[[str], str]) -> str:
+    """``text`` with each ``param`` marker replaced by ``name(parameter)``."""
+    return _PARAM.sub(lambda match: name(match.group(1)), text)
+
+
 class BatchscoreError(Exception):
-    """Base of every error a user can cause; ``exit_code`` tells the CLI how to exit."""
+    """Base of every error a user can cause; ``exit_code`` tells the CLI how to exit.
+
+    ``str()`` names parameters as the library's caller passed them; ``render`` names them otherwise
+    (the CLI, as flags)."""
 
     exit_code = EXIT_FAILURE
+
+    def __str__(self) -> str:
+        return self.render(lambda name: name)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        return render(super().__str__(), name)
 
 
 class ConfigError(BatchscoreError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -98,7 +99,7 @@ def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_
     assert batchscore.commit(config, shards=3).rows_out == 3 * ROWS and _scores(out).equals(reference)
     with pytest.raises(batchscore.ConfigError, match="has 3 shards, not 2"):
         batchscore.run_shard(config, 0, plan=str(tmp_path / "plan-0.json"), count=2)
-    with pytest.raises(batchscore.ConfigError, match="needs --plan"):
+    with pytest.raises(batchscore.ConfigError, match="^commit needs plan, or shards to plan again"):
         batchscore.commit(config)
 
     # The whole job once more, then validate on what is there: the same rows as the first run.
@@ -174,3 +175,85 @@ def test_modules_import_each_other_without_a_cycle() -> None:
 
     for module in sorted(imports):
         visit(module, ())
+
+
+def _invalid_inputs(folder: Path) -> Path:
+    """Two files of 4,816 rows; the second's first row group has 37 rows whose age is NaN, more than
+    a fraction of 0.003 of the input (28 rows) allows: the worker scoring it stops there."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from batchscore.sample import churn_table
+
+    write_inputs(folder, files=1, rows=ROWS, row_group_size=1_204)
+    table = churn_table(ROWS, seed=23, first_id=1 + ROWS)
+    age = table.column("age").to_numpy().copy()
+    age[:1_204:31][:37] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", pa.array(age)),
+                   folder / "day-01.parquet", row_group_size=1_204)
+    return folder
+
+
+#: Each mistake made through the library and through the CLI: the library's error names the
+#: parameters and settings as the caller passed them, the CLI's names its flags, the rest alike.
+ERROR_CASES = {
+    "shard without a plan": (
+        lambda config, **_: batchscore.run_shard(config, 0), ["run", "--shard", "0"],
+        "index needs plan, or count to plan the shards on the fly",
+        "--shard I needs --plan, or --shard I/N to plan the shards on the fly", EXIT_USAGE),
+    "plan digest without a plan": (
+        lambda config, **_: batchscore.commit(config, shards=2, plan_sha256="a" * 64),
+        ["commit", "--shards", "2", "--plan-sha256", "a" * 64],
+        "plan_sha256 needs plan", "--plan-sha256 needs --plan", EXIT_USAGE),
+    "shards and rows per shard": (
+        lambda config, **_: batchscore.plan(config, shards=2, rows_per_shard=1_000),
+        ["plan", "--shards", "2", "--rows-per-shard", "1000"],
+        "give shards or rows_per_shard, not both", "give --shards or --rows-per-shard, not both",
+        EXIT_USAGE),
+    "shard out of range": (
+        lambda config, **_: batchscore.run_shard(config, 3, count=0), ["run", "--shard", "3/0"],
+        "count must be an integer from 1 to 10000", "--shard 3/0: --shards must be an integer from 1 to 10000",
+        EXIT_USAGE),
+    "no model": (
+        lambda config, **_: batchscore.validate(batchscore.JobConfig(input=config.input, output=config.output)),
+        ["validate"],
+        "missing required setting model (YAML key 'model')", "missing required setting --model (YAML key 'model')",
+        EXIT_USAGE),
+    "too many invalid rows": (  # raised in a worker process, and handed over to the parent
+        lambda config, invalid, **_: batchscore.run(dataclasses.replace(config, **invalid)),
+        ["run", "--on-invalid", "skip", "--max-invalid-fraction", "0.003", "--input", "{invalid}"],
+        "more invalid rows than max_invalid_fraction allows", "more invalid rows than --max-invalid-fraction allows",
+        EXIT_INPUT),
+    "output exists": (
+        lambda config, existing, **_: batchscore.run(dataclasses.replace(config, output=existing)),
+        ["run", "--output", "{existing}"],
+        "; pass overwrite to replace it", "; pass --overwrite to replace it", EXIT_USAGE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_name_parameters_in_the_library_and_flags_in_the_cli(
+        tmp_path: Path, binary_model_paths: dict[str, Path], case: str) -> None:
+    call, argv, library, command_line, exit_code = ERROR_CASES[case]
+    settings = _job(tmp_path, binary_model_paths, tmp_path / "out")
+    settings["input"] = (str(tmp_path / "in"),)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "part-00000-00000.parquet").write_bytes(b"")
+    places = {"invalid": str(_invalid_inputs(tmp_path / "invalid")), "existing": str(existing)}
+    config = batchscore.JobConfig(**settings)  # type: ignore[arg-type]
+
+    with pytest.raises(batchscore.BatchscoreError) as raised:
+        call(config, invalid={"input": (places["invalid"],), "on_invalid": "skip", "max_invalid_fraction": 0.003},
+             existing=places["existing"])
+    assert library in str(raised.value) and "--" not in str(raised.value), str(raised.value)
+    assert raised.value.exit_code == exit_code
+
+    job = ["--output", tmp_path / "cli-out", "--scaler", settings["scaler"], "--workers", "2",
+           *(["--input", settings["input"][0]] if "--input" not in argv else []),
+           *(["--model", settings["model"]] if argv[0] != "validate" else [])]
+    result = cli(argv[0], *job, *[arg.format(**places) for arg in argv[1:]])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == exit_code and len(errors) == 1, result.stderr
+    assert command_line in errors[0] and str(raised.value).replace(library, command_line) in errors[0], errors[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "cli-out" / "_SUCCESS").exists()

@@ -152,3 +152,61 @@ def test_dataset_names_follow_openlineage_naming() -> None:
     assert dataset_name("relative/in") == ("file", os.path.abspath("relative/in"))
     assert parse_parent(f"ns/dag.task/{PARENT_RUN}", "X") == ("ns", "dag.task", PARENT_RUN)
     assert parse_parent("ns/dag.task/not-a-uuid", "X") is None
+
+
+def _shape(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a run's events say, less what differs from run to run (ids, times, the output's name)."""
+    def statistics(event: dict[str, Any]) -> Any:
+        return [d.get("outputFacets", {}).get("outputStatistics") for d in event["outputs"]]
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        runs.setdefault(event["run"]["runId"], []).append(event)
+    return [tuple((e["eventType"], e["job"]["namespace"], e["job"]["name"], [d["name"] for d in e["inputs"]],
+                   statistics(e), e["run"]["facets"].get("parent", {}).get("run"),
+                   e["run"]["facets"].get("errorMessage", {}).get("message", "").split(":")[0]) for e in run)
+            for run in runs.values()]
+
+
+def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver, binary_model_paths,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batchscore.run`` and ``run_shard`` called from Python report START then COMPLETE or FAIL,
+    as the CLI's processes do for the same steps; ``commit`` reports no lineage run, as the CLI's."""
+    import dataclasses
+
+    import batchscore as library
+
+    args = job_args(tmp_path, binary_model_paths)  # the CLI's output: out
+    env = {"OPENLINEAGE_URL": receiver.url, "OPENLINEAGE_NAMESPACE": "scoring",
+           "OPENLINEAGE_PARENT_ID": f"airflow-prod/batchscore_churn.score/{PARENT_RUN}"}
+    for step, code in ((["run"], 0), (["run", "--shard", "1/2"], 0),
+                       (["run", "--shard", "0/2", "--model-sha256", "0" * 64], 4), (["run", "--shard", "0/2"], 0),
+                       (["commit", "--shards", "2"], 0)):
+        proc = batchscore(step[0], *args, "--job-name", "churn", *step[1:], env=env)
+        assert proc.returncode == code, proc.stderr
+    by_cli, receiver.events[:] = list(receiver.events), []
+
+    for name in [n for n in os.environ if n.startswith("OPENLINEAGE")]:
+        monkeypatch.delenv(name)
+    for name, setting in env.items():
+        monkeypatch.setenv(name, setting)
+    config = library.build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "library"),
+                                  model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]),
+                                  workers=1, job_name="churn")
+    ran = library.run(config)
+    shard = library.run_shard(config, 1, count=2)
+    with pytest.raises(library.ModelError):
+        library.run_shard(dataclasses.replace(config, model_sha256="0" * 64), 0, count=2)
+    library.run_shard(config, 0, count=2)
+    library.commit(config, shards=2)
+    by_library = receiver.events
+    # The calling process's environment is as it was: nothing the client set outlives a run.
+    assert {name for name in os.environ if name.startswith("OPENLINEAGE")} == set(env)
+
+    assert [[e[0] for e in run] for run in _shape(by_library)] == [
+        ["START", "COMPLETE"], ["START", "COMPLETE"], ["START", "FAIL"], ["START", "COMPLETE"]]
+    assert _shape(by_library) == _shape(by_cli)
+    assert by_library[1]["outputs"][0]["name"] == str(tmp_path / "library")
+    assert by_library[1]["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == ran.rows_out == 2 * ROWS
+    assert by_library[3]["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == shard.rows_out
+    assert by_library[5]["run"]["facets"]["errorMessage"]["message"].startswith("exit code 4: ")

@@ -242,3 +242,103 @@ def test_a_run_stopped_by_sigterm_pushes_its_failure(tmp_path: Path, pushgateway
     assert not [key for key in got if key[0] == "batchscore_last_success_timestamp_seconds"]
     assert 0 < value(got, "batchscore_rows_read") < 2 * 48_016  # what was scored before the stop
     assert value(got, "batchscore_batch_seconds_count") * 16 >= value(got, "batchscore_rows_read")
+
+
+#: What differs between two pushes of the same job by the clock alone: timings, timestamps and how
+#: the batches' timings fall into the histogram's buckets (their count, the +Inf bucket, does not).
+def _by_count(samples: dict) -> dict:
+    timed = ("batchscore_duration_seconds", "batchscore_model_load_seconds", "batchscore_batch_seconds_sum",
+             "batchscore_last_success_timestamp_seconds", "batchscore_last_failure_timestamp_seconds")
+    return {key: "timed" if key[0] in timed or (key[0] == "batchscore_batch_seconds_bucket"
+                                                and ("le", "+Inf") not in key[1]) else value
+            for key, value in samples.items()}
+
+
+def test_the_library_pushes_what_the_cli_pushes(tmp_path: Path, pushgateway: str, binary_model_paths,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batchscore.run``, ``run_shard`` and ``commit`` called from Python push the CLI's metrics,
+    the same families, labels and counts, on success and on failure; no CLI is involved."""
+    import batchscore
+
+    monkeypatch.delenv("BATCHSCORE_PUSHGATEWAY", raising=False)
+    inputs, invalid = _inputs_with_invalid_rows(tmp_path / "in")
+    job = {"input": (str(inputs),), "model": str(binary_model_paths["model"]),
+           "scaler": str(binary_model_paths["scaler"]), "model_version": "2.1", "batch_size": BATCH, "workers": 2,
+           "on_invalid": "skip", "pushgateway": pushgateway}
+    flags = ["--input", inputs, "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
+             "--model-version", "2.1", "--batch-size", BATCH, "--workers", 2, "--on-invalid", "skip",
+             "--pushgateway", pushgateway]
+
+    def library(name: str, **settings: object) -> batchscore.JobConfig:
+        return batchscore.build_config(None, **{**job, "output": str(tmp_path / name), "job_name": name, **settings})
+
+    def command_line(name: str, *extra: object) -> list[object]:
+        return [*flags, "--output", tmp_path / name, "--job-name", name, *extra]
+
+    # A whole run: counts, timings and the success timestamp.
+    ran = batchscore.run(library("library_run"))
+    assert (ran.rows_in, ran.rows_invalid) == (3 * ROWS_PER_FILE, invalid)
+    assert cli("run", *command_line("cli_run")).exit_code == 0
+    got = pushed(pushgateway, "library_run")
+    assert value(got, "batchscore_batch_seconds_count") == 3 * -(-ROWS_PER_FILE // BATCH)
+    assert 0 < value(got, "batchscore_model_load_seconds") < value(got, "batchscore_duration_seconds")
+    assert value(got, "batchscore_last_success_timestamp_seconds") > 0
+    assert _by_count(got) == _by_count(pushed(pushgateway, "cli_run"))
+
+    # The same job failing: its exit code, without erasing the last success.
+    for exit_code, settings, extra in ((4, {"model": str(tmp_path / "gone.joblib")}, ["--model", tmp_path / "gone.joblib"]),
+                                       (2, {}, [])):  # 2: the output exists and overwrite is not given
+        with pytest.raises(batchscore.BatchscoreError) as failed:
+            batchscore.run(library("library_run", **settings))
+        assert failed.value.exit_code == exit_code
+        assert cli("run", *command_line("cli_run", *extra)).exit_code == exit_code
+        got = pushed(pushgateway, "library_run")
+        assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code=str(exit_code)) > \
+            value(got, "batchscore_last_success_timestamp_seconds")
+        assert _by_count(got) == _by_count(pushed(pushgateway, "cli_run"))
+
+    # Shards and their commit, each under its own grouping key.
+    for shard in (1, 0):
+        assert batchscore.run_shard(library("library_shards"), shard, count=2).shard == shard
+        assert cli("run", *command_line("cli_shards", "--shard", f"{shard}/2")).exit_code == 0
+    committed = batchscore.commit(library("library_shards"), shards=2)
+    assert cli("commit", *command_line("cli_shards", "--shards", 2)).exit_code == 0
+    got = pushed(pushgateway, "library_shards")
+    assert value(got, "batchscore_rows_read") == committed.rows_in == 3 * ROWS_PER_FILE
+    assert value(got, "batchscore_batch_seconds_count", shard="0") > 0
+    assert value(got, "batchscore_batch_seconds_count", shard="1") > 0
+    assert _by_count(got) == _by_count(pushed(pushgateway, "cli_shards"))
+    with pytest.raises(batchscore.InputDataError):  # three shards were never scored
+        batchscore.commit(library("library_shards"), shards=3)
+    assert cli("commit", *command_line("cli_shards", "--shards", 3)).exit_code == 3
+    got = pushed(pushgateway, "library_shards")
+    assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code="3") > 0
+    assert _by_count(got) == _by_count(pushed(pushgateway, "cli_shards"))
+
+
+def test_accepting_a_held_output_alone_pushes_under_the_held_job(tmp_path: Path, pushgateway: str, binary_model_paths,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run held for drift pushes its failure (exit 5); ``commit OUTPUT --accept-drift`` given nothing
+    else pushes the commit's success under the job's own name and gateway, as the held run recorded them."""
+    monkeypatch.delenv("BATCHSCORE_PUSHGATEWAY", raising=False)
+    inputs = tmp_path / "in"
+    write_inputs(inputs, files=1, rows=ROWS_PER_FILE, row_group_size=BATCH)
+    reference = tmp_path / "reference"
+    job = ["--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"], "--workers", 1]
+    assert cli("run", "--input", inputs, "--output", reference, *job).exit_code == 0
+    shifted = tmp_path / "shifted"
+    write_inputs(shifted, files=1, rows=ROWS_PER_FILE, row_group_size=BATCH, seed=99)
+    table = pq.read_table(shifted / "day-00.parquet")
+    age = pa.array(table.column("age").to_numpy() + 20.0)
+    pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", age), shifted / "day-00.parquet")
+    held = cli("run", "--input", shifted, "--output", tmp_path / "out", *job, "--reference", reference,
+               "--drift-fail", 0.25, "--job-name", "held_nightly", "--pushgateway", pushgateway)
+    assert held.exit_code == 5, held.stderr
+    assert value(pushed(pushgateway, "held_nightly"), "batchscore_last_failure_timestamp_seconds", exit_code="5") > 0
+
+    accepted = cli("commit", tmp_path / "out", "--accept-drift")
+    assert accepted.exit_code == 0, accepted.stderr
+    got = pushed(pushgateway, "held_nightly")
+    assert value(got, "batchscore_rows_read") == read_manifest(tmp_path / "out")["rows"]["in"] == ROWS_PER_FILE
+    assert value(got, "batchscore_last_success_timestamp_seconds") > \
+        value(got, "batchscore_last_failure_timestamp_seconds", exit_code="5")

@@ -149,7 +149,7 @@ def test_dag_size_and_shard_flags_are_read_back_by_the_cli(airflow_env: Path) ->
 
 def test_one_rule_for_shards_or_rows_per_shard(tmp_path: Path) -> None:
     """Stated once (config.shard_size_conflict): the CLI, the API and the ``dag:`` section refuse
-    both, each naming the two as its user writes them."""
+    both, each naming the two as its user writes them (flags, parameters, ``dag:`` keys)."""
     from batchscore import api
     from batchscore.errors import ConfigError
     from helpers import cli
@@ -157,10 +157,11 @@ def test_one_rule_for_shards_or_rows_per_shard(tmp_path: Path) -> None:
     assert shard_size_conflict(None, None) is None and shard_size_conflict(3, None) is None
     assert shard_size_conflict(None, 7) is None
     message = "give --shards or --rows-per-shard, not both"
-    with pytest.raises(ConfigError, match=message):
+    in_python = "give shards or rows_per_shard, not both"  # the library names its parameters
+    with pytest.raises(ConfigError, match=in_python):
         check_numbers(shards=2, rows_per_shard=10)
     config = build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model="m.skops")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=in_python):
         api.plan(config, shards=2, rows_per_shard=10)
     result = cli("plan", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", "m.skops",
                  "--shards", "2", "--rows-per-shard", "10")

@@ -353,3 +353,131 @@ def test_the_library_reports_holds_and_accepts_drift(tmp_path: Path, binary_mode
     assert committed.rows_out == review.rows_scored and not no_success(shifted)
     accepted = batchscore.report(str(shifted))
     assert accepted.committed and not accepted.held and accepted.report["drift"]["accepted_at"]
+
+
+#: What a commit writes in the manifest that a run of the same job need not share: where and when.
+MANIFEST_VOLATILE = ("output", "state", "plan_id", "committed_at", "predicted_at", "shards", "seconds", "engine")
+
+
+def _same_commit(manifest: dict[str, Any], twin: dict[str, Any]) -> None:
+    """Two manifests of the same job committed to two outputs: equal but for where and when."""
+    assert {k: v for k, v in manifest.items() if k not in MANIFEST_VOLATILE} == \
+        {k: v for k, v in twin.items() if k not in MANIFEST_VOLATILE}
+
+
+def test_a_held_run_is_accepted_from_its_output_alone(tmp_path: Path, binary_model_paths) -> None:
+    """``commit OUTPUT --accept-drift`` with no other flag commits a run held for drift exactly as
+    the run would have committed it: its plan, its parts untouched, its settings (on_invalid,
+    max_invalid_fraction, model_version) as the run had them; ``batchscore.commit`` likewise."""
+    import batchscore as library
+    from batchscore.errors import DriftError
+
+    reference = tmp_path / "reference"
+    assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
+    day3 = with_invalid_values(tmp_path / "day3", shift_age=12.0)
+    settings = ["--model-version", "3.1", "--max-invalid-fraction", 0.01, "--workers", 2]
+    twin = tmp_path / "twin"  # the same job without a drift threshold: what the held run would have committed
+    assert cli("run", *job(day3, twin, binary_model_paths), *settings).exit_code == 0
+
+    held = tmp_path / "held"
+    run = batchscore("run", *job(day3, held, binary_model_paths), *settings, "--reference", reference,
+                     "--drift-fail", 0.25)
+    assert run.returncode == EXIT_DRIFT and no_success(held), run.stderr
+    parts = {p.name: p.read_bytes() for p in held.glob("part-*.parquet")}
+    report = read_run_report(held)
+    assert report["held"] and parts
+
+    accepted = batchscore("commit", held, "--accept-drift")  # nothing else: no input, model or settings
+    assert accepted.returncode == 0, accepted.stderr
+    manifest = read_manifest(held)
+    assert not no_success(held) and {p.name: p.read_bytes() for p in held.glob("part-*.parquet")} == parts
+    assert manifest["plan_id"] == report["plan_id"] and manifest["rows"]["out"] == report["rows"]["scored"]
+    assert (manifest["on_invalid"], manifest["model_version"]) == ("skip", "3.1")
+    assert manifest["predicted_at"] == read_output(held).column("predicted_at")[0].as_py().isoformat()
+    _same_commit(manifest, read_manifest(twin))
+    after = read_run_report(held)
+    assert not after["held"] and after["drift"]["accepted_at"] and after["drift"]["above_fail"] == ["age"]
+    assert not (tmp_path / "_batchscore" / "held" / "held.json").exists()
+    again = batchscore("commit", held, "--accept-drift")
+    assert again.returncode == EXIT_USAGE and "nothing to accept" in again.stderr
+    assert "--accept-drift" in again.stderr and read_manifest(held) == manifest
+
+    # The same through the library: a run held, then accepted from the output's name.
+    config = library.build_config(None, input=(str(day3),), output=str(tmp_path / "library"),
+                                  model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]),
+                                  on_invalid="skip", model_version="3.1", max_invalid_fraction=0.01,
+                                  reference=str(reference), drift_fail=0.25)
+    with pytest.raises(DriftError):
+        library.run(config)
+    committed = library.commit(library.build_config(None, output=str(tmp_path / "library")), accept_drift=True)
+    assert committed.plan_id == read_run_report(tmp_path / "library")["plan_id"]
+    _same_commit(dict(committed.manifest), manifest)
+    with pytest.raises(library.ConfigError, match="^accept_drift: .* nothing to accept"):
+        library.commit(library.build_config(None, output=str(tmp_path / "library")), accept_drift=True)
+
+
+def test_a_held_sharded_job_is_accepted_from_its_output_alone(tmp_path: Path, binary_model_paths) -> None:
+    """A sharded job's commit held for drift: ``commit OUTPUT --accept-drift`` commits its plan as the
+    flag-for-flag form does; a shard run again since the hold leaves nothing to accept until a
+    plain commit has checked drift again."""
+    reference = tmp_path / "reference"
+    assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
+    output, plan = tmp_path / "out", tmp_path / "plan.json"
+    args = [*job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
+            "--reference", reference, "--drift-fail", 0.5]
+    assert cli("plan", *args, "--shards", 3, "--out", plan).exit_code == 0
+    for index in range(3):
+        assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
+    assert cli("commit", *args, "--plan", plan).exit_code == EXIT_DRIFT
+    assert cli("run", *args, "--plan", plan, "--shard", 2).exit_code == 0  # the parts changed after review
+    refused = cli("commit", output, "--accept-drift")
+    assert refused.exit_code == EXIT_USAGE and "nothing to accept" in refused.stderr and no_success(output)
+
+    assert cli("commit", *args, "--plan", plan).exit_code == EXIT_DRIFT
+    report = read_run_report(output)
+    accepted = cli("commit", output, "--accept-drift")
+    assert accepted.exit_code == 0, accepted.stderr
+    manifest = read_manifest(output)
+    assert manifest["plan_id"] == report["plan_id"] == json.loads(plan.read_text())["plan_id"]
+    assert [s["attempt"] for s in manifest["shards"]] == list(report["attempts"].values())
+    again = cli("commit", *args, "--plan", plan)  # the flag-for-flag form checks it again: the same commit
+    assert again.exit_code == EXIT_DRIFT and read_run_report(output)["held"]
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("tamper", ["edited plan", "other output", "unsigned", "not json", "gone"])
+def test_a_held_record_that_is_not_the_held_commit_is_refused(tmp_path: Path, binary_model_paths,
+                                                            monkeypatch: pytest.MonkeyPatch, tamper: str) -> None:
+    """The record beside a held output is held to what a plan file is: consistent, for this output,
+    signed where a key is set. Refused with nothing committed; the output stays held."""
+    monkeypatch.setenv("BATCHSCORE_PLAN_KEY", "held-key")
+    reference = tmp_path / "reference"
+    assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
+    output = tmp_path / "out"
+    args = [*job(with_invalid_values(tmp_path / "day2", shift_age=12.0), output, binary_model_paths),
+            "--reference", reference, "--drift-fail", 0.25]
+    assert cli("run", *args).exit_code == EXIT_DRIFT
+    record = tmp_path / "_batchscore" / "out" / "held.json"
+    data = json.loads(record.read_text())
+    assert data["plan"]["signature"]
+    if tamper == "edited plan":
+        data["plan"]["files"][0][2] = [404, 404, 404, 403]  # a row group one row short
+        expected = (3, "plan inconsistent")
+    elif tamper == "other output":
+        data["plan"]["output"] = str(tmp_path / "elsewhere")
+        expected = (3, "plan was edited after it was made")
+    elif tamper == "unsigned":
+        del data["plan"]["signature"]
+        expected = (3, "is not signed with the key in BATCHSCORE_PLAN_KEY")
+    if tamper == "not json":
+        record.write_text("{")
+        expected = (3, "is not valid JSON")
+    elif tamper == "gone":
+        record.unlink()
+        expected = (2, "no commit held for drift recorded beside it")
+    else:
+        record.write_text(json.dumps(data))
+    refused = cli("commit", output, "--accept-drift")
+    assert (refused.exit_code, expected[1] in refused.stderr) == (expected[0], True), refused.stderr
+    assert no_success(output) and read_run_report(output)["held"] and not (tmp_path / "elsewhere").exists()
+    assert cli("commit", *args, "--shards", 1, "--accept-drift").exit_code == 0  # the flag-for-flag form still works

@@ -12,6 +12,7 @@ Hive-style partition discovery skip)::
     <parent>/_batchscore/<name>/              the job's state
         manifest.json                         written by commit, just before _SUCCESS
         report.json                           the run report (rows, distributions, drift)
+        held.json                             the plan and settings of a commit held for drift
         plan.json                             where the DAG (and the docs) put a shared plan
         lease.json                            which job may write the output now (see lease.py)
         receipts/shard-IIIII.json             what each shard wrote
@@ -35,6 +36,8 @@ MANIFEST_FILE = "manifest.json"
 #: The run report: rows, score and feature distributions, drift (beside the manifest).
 REPORT_FILE = "report.json"
 PLAN_FILE = "plan.json"
+#: What a commit held for drift was committing (its plan and settings), for ``commit --accept-drift``.
+HELD_FILE = "held.json"
 LEASE_FILE = "lease.json"
 RECEIPTS_DIR = "receipts"
 REJECTED_DIR = "rejected"
@@ -96,6 +99,10 @@ def manifest_path(output: str) -> str:
 
 def report_path(output: str) -> str:
     return posixpath.join(state_folder(output), REPORT_FILE)
+
+
+def held_path(output: str) -> str:
+    return posixpath.join(state_folder(output), HELD_FILE)
 
 
 def plan_path(output: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from ..config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, StorageError, param
 from .layout import lease_path
 from .storage import filesystem, full_uri, storage_error
 
@@ -235,7 +235,7 @@ class Lease:
 
     def _busy(self, current: LeaseRecord) -> OutputBusyError:
         return OutputBusyError(f"output {self.output} is being written by {current.describe()}; "
-                               f"wait for it, or pass --lock-timeout SECONDS to wait here")
+                               f"wait for it, or pass {param('lock_timeout')} SECONDS to wait here")
 
     def check_free(self) -> None:
         """Raise what ``acquire`` would raise now, without taking the lease: another job's live

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 
-from ..errors import InputDataError, StorageError
+from ..errors import InputDataError, StorageError, param
 from ..logs import event
 from .storage import filesystem, full_uri, is_local, storage_error, translated
 
@@ -366,7 +366,7 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
     Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
     """
     if not specs:
-        raise InputDataError("no input given (--input or YAML 'input')")
+        raise InputDataError(f"no input given: give {param('input')} (YAML key 'input')")
     found: list[str] = []
     for spec in specs:
         fs, path = filesystem(spec, storage_options)

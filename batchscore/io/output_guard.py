@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..config import JobConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, param
 from .layout import plan_path, state_folder
 from .sink import listing, owned_name
 from .source import GLOB_CHARS, InputFile
@@ -38,7 +38,7 @@ def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> 
         if leftovers and not config.overwrite:
             raise ConfigError(
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
-                f"pass --overwrite to replace it"
+                f"pass {param('overwrite')} to replace it"
             )
         if leftovers:
             refuse_foreign(fs, path, output)
@@ -78,7 +78,7 @@ def refuse_foreign(fs: Any, path: str, output: str) -> None:
     more = f" and {len(foreign) - NAMED_FOREIGN} more" if len(foreign) > NAMED_FOREIGN else ""
     raise ConfigError(
         f"output {output} holds {len(foreign)} file(s) batchscore did not write, which readers of the folder "
-        f"would read as rows: {named}{more}; --overwrite replaces only batchscore's own parts, so move or delete "
+        f"would read as rows: {named}{more}; {param('overwrite')} replaces only batchscore's own parts, so move or delete "
         f"them (or write to another folder) and run again"
     )
 
@@ -113,5 +113,5 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
 def guard_plan_file(output: str, out: str) -> None:
     """A plan written into the output folder would be read as data (Polars refuses the folder)."""
     if overlapping(location(out), location(output)):
-        raise ConfigError(f"plan --out {out} is inside output {output}, where readers would see it; "
+        raise ConfigError(f"plan {param('out')} {out} is inside output {output}, where readers would see it; "
                           f"write it to {plan_path(output)}")

@@ -23,6 +23,7 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     REJECTED_PATTERN,
     REJECTED_SUFFIX,
     SUCCESS_FILE,
+    held_path,
     manifest_path,
     part_path,
     receipt_path,
@@ -141,3 +142,4 @@ def uncommit(fs: fsspec.AbstractFileSystem, output: str) -> None:
     remove_if_exists(fs, success_path(output))
     remove_if_exists(fs, manifest_path(output))
     remove_if_exists(fs, report_path(output))
+    remove_if_exists(fs, held_path(output))

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..errors import InputDataError
+from ..errors import InputDataError, param
 from .source import InputFile
 
 
@@ -47,12 +47,12 @@ class SchemaContract:
     passthrough: tuple[str, ...]
     output_columns: tuple[str, ...]
     closed: bool  # no --keep: a column the first file lacks is refused too
-    chosen_by: str = "--keep"
+    chosen_by: str = param("keep")
 
     @classmethod
     def of(cls, first: InputFile, features: Sequence[str], keep: Sequence[str] | None,
            output_columns: Sequence[str]) -> "SchemaContract":
-        chosen_by = "--keep" if keep is not None else f"the first input file {first.uri}"
+        chosen_by = param("keep") if keep is not None else f"the first input file {first.uri}"
         return cls(first.uri, first.schema, tuple(features), passthrough_columns(first, keep), tuple(output_columns),
                    keep is None, chosen_by)
 
@@ -76,13 +76,13 @@ class SchemaContract:
         if absent:
             raise InputDataError(
                 f"{uri}: passthrough column(s) {', '.join(absent)} missing (named by {self.chosen_by}); "
-                f"every input file must have them, or choose columns with --keep"
+                f"every input file must have them, or choose columns with {param('keep')}"
             )
         clashes = [c for c in self.passthrough if c in self.output_columns]
         if clashes:
             raise InputDataError(
                 f"{uri}: input column(s) {', '.join(clashes)} clash with output column(s) of the same name; "
-                f"rename them or choose passthrough columns with --keep"
+                f"rename them or choose passthrough columns with {param('keep')}"
             )
         if uri == self.reference:
             return
@@ -100,7 +100,7 @@ class SchemaContract:
             raise InputDataError(
                 f"{uri}: extra column(s) {', '.join(extra)} that the first input file {self.reference} lacks; "
                 f"the output's columns are the first file's, so every file must have the same columns "
-                f"(or choose passthrough columns with --keep)"
+                f"(or choose passthrough columns with {param('keep')})"
             )
 
 
@@ -110,7 +110,7 @@ def check_file_schema(
     passthrough: Sequence[str],
     output_columns: Sequence[str],
     reference: InputFile | None = None,
-    chosen_by: str = "--keep",
+    chosen_by: str = param("keep"),
 ) -> None:
     """Refuse a file whose columns cannot give the model its features or the output its schema.
 

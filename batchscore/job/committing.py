@@ -18,16 +18,17 @@ import pyarrow as pa
 
 from . import stopping
 from ..config import JobConfig
-from ..errors import InputDataError
+from ..errors import DriftError, InputDataError, param
 from ..io.layout import receipt_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
-from .planning import Plan, hold
+from .planning import Plan, hold, record_held
 from .preparation import now, schema_difference
 from ..logs import event
 from ..observe.run_report import build_report, publish
 from ..io.sink import (
     ATTEMPT_KEY,
+    held_path,
     iter_own_files,
     listing,
     manifest_path,
@@ -158,7 +159,7 @@ def commit(
     allowed = math.floor(config.max_invalid_fraction * the_plan.total_rows)
     if invalid > allowed:
         raise InputDataError(
-            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed --max-invalid-fraction "
+            f"cannot commit {the_plan.output}: {invalid} invalid rows exceed {param('max_invalid_fraction')} "
             f"{config.max_invalid_fraction} of {the_plan.total_rows} rows"
         )
     parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
@@ -202,11 +203,20 @@ def commit(
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
-    publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
+    try:
+        publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
+    except DriftError:
+        try:
+            record_held(config, the_plan)  # what `commit OUTPUT --accept-drift` commits
+        except Exception as exc:  # the hold stands; only accepting it from the output alone is lost
+            log.warning("could not record the commit held for drift beside %s (%s); accept it with the job's "
+                        "settings and its plan", the_plan.output, exc)
+        raise
     write_json(fs, manifest_path(out_path), manifest)
     stopping.check()  # a stop the main thread has not seen yet still commits nothing
     with stopping.publishing():
         write_bytes_atomic(fs, success_path(out_path), b"")
+    remove_if_exists(fs, held_path(out_path))  # nothing is held any more
     log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
              extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
     return manifest

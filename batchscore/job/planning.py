@@ -19,13 +19,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
 from ..schema import to_argv
-from ..errors import ConfigError, InputDataError, ModelError
+from ..errors import ConfigError, InputDataError, ModelError, param
 from ..io.layout import PART_NUMBER_DIGITS, part_name
 from ..io.lease import held, plan_holder
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
-from ..io.sink import read_json, uncommit
+from ..io.sink import held_path, read_json, uncommit, write_json
 from ..io.source import InputFile, check_identity, list_inputs, read_footers
 from ..io.storage import filesystem, location, write_bytes_atomic
 
@@ -470,14 +470,20 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
         raise ConfigError(f"plan not found: {uri}") from None
     except ValueError as exc:
         raise InputDataError(f"plan {uri} is not valid JSON: {exc}") from None
+    return checked_plan(data, uri, config, expected_sha256)
+
+
+def checked_plan(data: Any, uri: str, config: JobConfig, expected_sha256: str | None = None) -> Plan:
+    """A plan document read from ``uri``, held to what ``load_plan`` holds it to."""
     if not isinstance(data, dict):
         raise InputDataError(f"{uri}: not a batchscore plan (not a JSON object)")
+    data = dict(data)
     signature = data.pop("signature", None)
     result = Plan.from_dict(data, source=uri)
     ArtifactPolicy.of(config).check_planned(result.artifacts, uri)
     if expected_sha256 and result.sha256 != expected_sha256.strip().lower():
         raise InputDataError(f"plan {uri} is not the plan that was made: its sha256 is {result.sha256}, "
-                             f"--plan-sha256 says {expected_sha256}; plan again")
+                             f"{param('plan_sha256')} says {expected_sha256}; plan again")
     key = os.environ.get(PLAN_KEY_ENV)
     if key and not (isinstance(signature, str) and hmac.compare_digest(signature, _signature(key, result.sha256))):
         raise InputDataError(f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "
@@ -485,6 +491,46 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     if config.output and normalize_output(config) != result.output:
         raise ConfigError(f"plan {uri} is for output {result.output}, not {normalize_output(config)}")
     return result
+
+
+#: The settings a commit held for drift records with its plan (see ``held_job``).
+HELD_SETTINGS = ("on_invalid", "max_invalid_fraction", "model_version", "job_name", "pushgateway")
+HELD_FORMAT = 1
+
+
+def record_held(config: JobConfig, the_plan: Plan) -> None:
+    """Beside an output held for drift, what its commit was committing: the plan (signed as plan
+    files are) and the job's settings that commit reads, so ``commit OUTPUT --accept-drift``
+    can commit it from the output alone. Called after the held report is written."""
+    fs, path = filesystem(the_plan.output, config.storage_options)
+    document = {"format": HELD_FORMAT, "plan": json.loads(plan_document(the_plan)),
+                "settings": {key: getattr(config, key) for key in HELD_SETTINGS}}
+    write_json(fs, held_path(path), document, compact=True)  # one line: it grows with the input
+
+
+def held_job(config: JobConfig) -> tuple[Plan, JobConfig]:
+    """The plan of the commit that held ``config.output`` for drift, with the job's settings: those
+    the commit recorded stand where ``config`` leaves them at their defaults."""
+    output = normalize_output(config)
+    fs, path = filesystem(output, config.storage_options)
+    uri = held_path(output)
+    try:
+        data = read_json(fs, held_path(path))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{param('accept_drift')}: {output} has no commit held for drift recorded beside it ({uri}); nothing to "
+            f"accept (an output held by an older batchscore needs the job's settings and {param('plan')} or "
+            f"{param('shards')}, as it ran)"
+        ) from None
+    except ValueError as exc:
+        raise InputDataError(f"{uri} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != HELD_FORMAT or not isinstance(data.get("settings"), dict):
+        raise InputDataError(f"{uri}: not a record of a commit held for drift (format {HELD_FORMAT})")
+    the_plan = checked_plan(data.get("plan"), uri, config)
+    defaults = JobConfig()
+    recorded = {key: value for key, value in data["settings"].items()
+                if key in HELD_SETTINGS and getattr(config, key) == getattr(defaults, key)}
+    return the_plan, replace(config, output=output, **recorded)
 
 
 def _locations(uris: Sequence[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pyarrow as pa
 from ..config import JobConfig
 from ..models.engine import Predictor
 from ..io.layout import check_output
-from ..observe.metrics import observe_model_load
+from ..observe.observers import NONE, Observers
 from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
 from ..io.source import InputFile, list_inputs, read_footers
 from ..io.storage import filesystem, full_uri
@@ -45,11 +45,13 @@ def normalize_output(config: JobConfig) -> str:
 
 
 def prepare(
-    config: JobConfig, input_uris: Sequence[str] | None = None, policy: ArtifactPolicy | None = None
+    config: JobConfig, input_uris: Sequence[str] | None = None, policy: ArtifactPolicy | None = None,
+    observers: Observers = NONE,
 ) -> Prepared:
     """Load the model first (a bad model costs no I/O), then read footers and check every schema.
 
-    The artifacts must pass ``policy`` (by default the job's pins and formats) before loading.
+    The artifacts must pass ``policy`` (by default the job's pins and formats) before loading;
+    ``observers`` hear how long the model took to load.
     """
     config.require("model")
     output = normalize_output(config)
@@ -57,7 +59,7 @@ def prepare(
     model = load_model(
         config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
     )
-    observe_model_load(model.load_seconds)
+    observers.model_loaded(model.load_seconds)
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
     files = read_footers(uris, config.storage_options)
     predictor_fields = Predictor(model, config.model_version, now()).fields

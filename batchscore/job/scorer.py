@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..models.engine import Predictor
-from ..errors import InputDataError, StorageError
+from ..errors import InputDataError, StorageError, param
 from ..models.artifacts import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
 from .planning import Unit
@@ -108,16 +108,16 @@ class _UnitScorer:
             if int(rows[0]) in refusals:
                 raise InputDataError(
                     f"{uri}: row {offset + int(rows[0])} is refused by the model: {first}; scikit-learn raises for "
-                    f"such a row, so --on-invalid fail stops there (use skip or quarantine to set rows aside)"
+                    f"such a row, so {param('on_invalid')} fail stops there (use skip or quarantine to set rows aside)"
                 )
             raise InputDataError(
                 f"{uri}: row {offset + int(rows[0])} has an invalid feature value ({first}); "
-                f"--on-invalid fail stops at the first null/NaN/inf feature (use skip or quarantine to set rows aside)"
+                f"{param('on_invalid')} fail stops at the first null/NaN/inf feature (use skip or quarantine to set rows aside)"
             )
         self.invalid += rows.size
         if self.invalid > self.task.max_invalid_rows:
             raise InputDataError(
-                f"{uri}: more invalid rows than --max-invalid-fraction allows "
+                f"{uri}: more invalid rows than {param('max_invalid_fraction')} allows "
                 f"({self.task.max_invalid_rows} in all); e.g. row {offset + int(rows[0])}: {first}"
             )
         if self.task.on_invalid == "quarantine":

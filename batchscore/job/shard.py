@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from ..config import JobConfig
-from ..errors import InputDataError
+from ..errors import InputDataError, param
 from ..io.lease import Lease
 from ..models.artifacts import ArtifactPolicy, artifact_roles
 from ..io.output_guard import guard_overlap
@@ -19,6 +19,7 @@ from .planning import Plan, check_footer, check_within_input, hold, plan_of
 from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from ..logs import event, progress
+from ..observe.observers import NONE, Observers
 from ..observe.run_report import ProfileSum
 from .scorer import ScoreTask
 from ..io.sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
@@ -30,14 +31,14 @@ from .workers import score_units
 log = logging.getLogger(__name__)
 
 
-def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
+def run_shard_of(config: JobConfig, index: int, count: int, observers: Observers = NONE) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
-    prepared = prepare(config)
+    prepared = prepare(config, observers=observers)
     guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = plan_of(prepared, shards=count)
     with hold(config, the_plan, "shard", release="never") as lease:
         check_access(prepared, tidy=False)
-        return score_shard(prepared, the_plan, index, lease)
+        return score_shard(prepared, the_plan, index, lease, observers)
 
 
 def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_files: Sequence[int]) -> None:
@@ -48,7 +49,8 @@ def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_fi
         check_footer(found[entry["uri"]], entry)
 
 
-def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given") -> dict[str, Any]:
+def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given",
+              observers: Observers = NONE) -> dict[str, Any]:
     """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
 
     The plan's first file's footer is read too, so the shard picks the same passthrough columns as
@@ -60,13 +62,14 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
     check_within_input(config, the_plan, source)  # a plan can only narrow the job: its files are the input's
     if the_plan.model_version is not None and config.model_version != the_plan.model_version:
         raise InputDataError(
-            f"shard {index}: --model-version {config.model_version!r} differs from the plan's "
+            f"shard {index}: {param('model_version')} {config.model_version!r} differs from the plan's "
             f"{the_plan.model_version!r}; run every shard of a plan with its model version"
         )
     shard_files = sorted({u.file for u in shard.units})
     shard_uris = [the_plan.files.uri(i) for i in shard_files]
     policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
-    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy)
+    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy,
+                       observers=observers)
     _check_inputs_unchanged(prepared.files, the_plan, shard_files)
     schema = schema_dicts(prepared.output_schema)
     if the_plan.schema is not None and schema != list(the_plan.schema):
@@ -76,11 +79,13 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
         )
     with hold(config, the_plan, "shard", release="never") as lease:
         check_access(prepared, tidy=False)  # other shards may be writing: the folders stay
-        return score_shard(prepared, the_plan, index, lease)
+        return score_shard(prepared, the_plan, index, lease, observers)
 
 
-def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) -> dict[str, Any]:
-    """Score a shard under the output's lease; its parts and receipt name this attempt."""
+def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
+                observers: Observers = NONE) -> dict[str, Any]:
+    """Score a shard under the output's lease; its parts and receipt name this attempt, and
+    ``observers`` hear of each batch as a worker scores it."""
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
@@ -116,7 +121,11 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
 
     try:
         with progress(log, shard.rows) as rows:
-            results = score_units(task, shard.units, workers, rows.advance, on_result=_without_profile)
+            def on_batch(count: int, seconds: float) -> None:
+                observers.batch_scored(count, seconds)
+                rows.advance(count)
+
+            results = score_units(task, shard.units, workers, on_batch, on_result=_without_profile)
     except BaseException as exc:
         for folder, names in uploads.items():
             abort_uploads_after_failure(fs, folder, names, exc)
@@ -124,7 +133,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     invalid = sum(r.rows_invalid for r in results)
     if invalid > task.max_invalid_rows:
         raise InputDataError(
-            f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
+            f"{invalid} invalid rows exceed {param('max_invalid_fraction')} {config.max_invalid_fraction} "
             f"of {the_plan.total_rows} input rows"
         )
     receipt = {

@@ -19,8 +19,7 @@ import pyarrow as pa
 from . import stopping
 from ..models.compiled import predictor
 from ..models.engine import Predictor
-from ..errors import StorageError
-from ..observe.metrics import observe_batch
+from ..errors import StorageError, param
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
 from .scorer import ScoreTask, UnitResult, score_unit
@@ -90,12 +89,13 @@ def _worker_score(unit: Unit) -> UnitResult:
 
 
 def score_units(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None = None,
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_batch: Callable[[int, float], None] | None = None,
     on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
 
-    ``on_rows`` hears of every batch as its rows are scored, not only of whole units; ``on_result``
+    ``on_batch`` hears of every batch as it is scored (its rows, and the seconds the worker took to
+    score it), not only of whole units, so a run that fails still tells what it did; ``on_result``
     sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its profile).
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
@@ -107,7 +107,7 @@ def score_units(
     if not units:
         return []
     with _frozen_collector():
-        return _score_in_workers(task, units, workers, on_rows, on_result)
+        return _score_in_workers(task, units, workers, on_batch, on_result)
 
 
 @contextlib.contextmanager
@@ -127,13 +127,12 @@ def _frozen_collector() -> Iterator[None]:
 
 
 def _score_in_workers(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None,
+    task: ScoreTask, units: Sequence[Unit], workers: int, on_batch: Callable[[int, float], None] | None,
     on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
-    def on_batch(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch
-        observe_batch(*progress)
-        if on_rows is not None:
-            on_rows(progress[0])
+    def on_progress(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch
+        if on_batch is not None:
+            on_batch(*progress)
 
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
@@ -145,7 +144,7 @@ def _score_in_workers(
     forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
     try:
         flushes: collections.deque[Future[None]] = collections.deque()
-        for index, result in pool.map_unordered(units, order, on_batch):
+        for index, result in pool.map_unordered(units, order, on_progress):
             results[index] = on_result(index, result) if on_result is not None else result
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
@@ -164,7 +163,7 @@ def _score_in_workers(
         if isinstance(exc, WorkerDied):
             raise StorageError(
                 f"{exc} while scoring, perhaps for lack of memory; nothing was committed; "
-                f"try fewer --workers or a smaller --batch-size"
+                f"try fewer {param('workers')} or a smaller {param('batch_size')}"
             ) from None
         raise
     finally:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..config import FIELDS
-from ..errors import ModelError
+from ..errors import ModelError, param
 from ..io.storage import filesystem, full_uri, read_bytes
 from ..schema import to_argv
 
@@ -107,7 +107,7 @@ class ArtifactPolicy:
         if artifact.format == JOBLIB and not self.allow_pickle:
             raise ModelError(
                 f"{artifact.role} artifact {artifact.uri} is a joblib (pickle) file and pickles are not allowed "
-                f"(--no-pickle / allow_pickle: false); save it with skops.io.dump as a .skops file"
+                f"(refused by {param('allow_pickle')}); save it with skops.io.dump as a .skops file"
             )
 
     def check_planned(self, planned: Sequence[Mapping[str, Any]], source: str) -> None:
@@ -224,7 +224,7 @@ def _load_skops(artifact: Artifact, data: bytes, trusted_types: Sequence[str]) -
         raise ModelError(
             f"{artifact.role} artifact {artifact.uri} holds type(s) that are not trusted: {', '.join(refused)}; "
             f"if you trust the file's source, allow each by name "
-            f"({' '.join(f'--trust {name}' for name in refused)}, or YAML trusted_types)"
+            f"({' '.join(param('trusted_types') + ' ' + name for name in refused)}, or YAML trusted_types)"
         )
     try:
         return sio.loads(data, trusted=untrusted)
@@ -277,14 +277,14 @@ def _resolve_features(first: Any, features: Sequence[str] | None, expected: int 
             unseen = sorted(set(features) - set(fitted))
             missing = sorted(set(fitted) - set(features))
             raise ModelError(
-                f"--features disagrees with the features {uri} was fitted on: "
+                f"{param('features')} disagrees with the features {uri} was fitted on: "
                 f"unseen at fit time: {unseen or 'none'}; fitted but not given: {missing or 'none'}"
             )
         return fitted
     if not features:
         raise ModelError(
             f"{uri} was fitted without feature names, so the feature columns must be given "
-            f"(--features a,b,c or YAML 'features'), in the order used at fit time"
+            f"(give {param('features')}, e.g. a,b,c, or YAML key 'features'), in the order used at fit time"
         )
     if expected is not None and len(features) != expected:
         raise ModelError(f"{len(features)} features given but {uri} expects {expected}: {', '.join(features)}")

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from . import compiled
 from .engine import ROW_ALIGNMENT, Predictor
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, param
 from ..logs import event
 from .artifacts import LoadedModel
 from ..io.source import FOOTER_THREADS, columns_with_nulls, open_parquet
@@ -98,7 +98,7 @@ def check_engine(config: Any, model: LoadedModel) -> None:
         return
     missing = compiled.missing_dependency()
     if missing:
-        raise ConfigError(f"--engine compiled: {missing}")
+        raise ConfigError(f"{param('engine')} compiled: {missing}")
     if compiled.unsupported_reason(model) is None:
         compiled.check_cache(model, config.compiled_cache)
 
@@ -136,7 +136,7 @@ def choose_engine(
     problem = (f"the compiled library {library.path} disagrees with scikit-learn on the job's rows: "
                f"{agreement.first_problem} (tolerance {TOLERANCE:g}, {agreement.rows:,} rows checked)")
     if requested == "compiled":
-        raise ModelError(f"{problem}; nothing was scored (use --engine auto to fall back to scikit-learn)")
+        raise ModelError(f"{problem}; nothing was scored (use {param('engine')} auto to fall back to scikit-learn)")
     choice.used, choice.library_path, choice.reason = "sklearn", None, problem
     log.warning(choice.describe(), extra=event("engine", **choice.to_dict()))
     return choice

@@ -189,11 +189,16 @@ def start(config: JobConfig, job_name: str, shard: int | None = None) -> Lineage
     root = parse_parent(os.environ.get(ROOT_PARENT_ENV), ROOT_PARENT_ENV)
     namespace = os.environ.get("OPENLINEAGE_NAMESPACE") or (parent[0] if parent else DEFAULT_NAMESPACE)
     name = job_name if shard is None else f"{job_name}.shard-{shard}"
+    before = set(os.environ)
     try:
         client = OpenLineageClient()
     except Exception as exc:  # a broken OPENLINEAGE_CONFIG: a warning, like every lineage problem
         log.warning("could not set up OpenLineage (%s: %s); no lineage events are sent", type(exc).__name__, exc)
         return None
+    finally:  # the client copies OPENLINEAGE_URL into variables of its own, which would outlive this run
+        for added in set(os.environ) - before:  # (a library caller's next run, to another URL, included)
+            if added.startswith("OPENLINEAGE"):
+                os.environ.pop(added, None)
     run = LineageRun(client, namespace, name, list(config.input), config.output, parent, root)
     run.start()
     return run

@@ -95,6 +95,14 @@ class JobMetrics:
     def failed(self, exit_code: int, message: str = "") -> None:
         self._push(None, exit_code=exit_code)
 
+    def batch_scored(self, rows: int, seconds: float) -> None:
+        """A worker scored a batch of ``rows`` in ``seconds`` (heard in the parent process)."""
+        self.rows_scored += rows
+        self.batch_seconds.append(seconds)
+
+    def model_loaded(self, seconds: float) -> None:
+        self.model_load_seconds = seconds
+
     def families(self, outcome: Outcome | None, exit_code: int, now: float) -> Iterator[Any]:
         """The metrics of this push: counts of what was scored, timings, and the success or
         failure timestamp. A failed command pushes no prediction counts (it committed nothing);
@@ -135,9 +143,6 @@ class JobMetrics:
         if self.finished:  # a command ends once
             return
         self.finished = True
-        global _current
-        if _current is self:
-            _current = None
         try:
             from prometheus_client import CollectorRegistry, pushadd_to_gateway
 
@@ -162,24 +167,6 @@ class _Fixed:
         return self._families
 
 
-#: The command being measured in this process, if it pushes metrics.
-_current: JobMetrics | None = None
-
-
 def start(gateway: str | None, job: str, model_version: str, shard: int | None = None) -> JobMetrics | None:
-    """Start measuring this command; nothing (and no cost) without a Pushgateway."""
-    global _current
-    _current = JobMetrics(gateway, job, model_version, shard) if gateway else None
-    return _current
-
-
-def observe_batch(rows: int, seconds: float) -> None:
-    """A worker scored a batch of ``rows`` in ``seconds`` (heard in the parent process)."""
-    if _current is not None:
-        _current.rows_scored += rows
-        _current.batch_seconds.append(seconds)
-
-
-def observe_model_load(seconds: float) -> None:
-    if _current is not None:
-        _current.model_load_seconds = seconds
+    """Start measuring a command; nothing (and no cost) without a Pushgateway."""
+    return JobMetrics(gateway, job, model_version, shard) if gateway else None

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from . import drift as drifts
-from ..errors import ConfigError, DriftError, InputDataError
+from ..errors import ConfigError, DriftError, InputDataError, param
 from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 from ..io.sink import SUCCESS_FILE, read_json, report_path, write_json
 from ..io.storage import filesystem, full_uri, join
@@ -153,11 +153,11 @@ def _accepting(fs: Any, path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     except (FileNotFoundError, ValueError):
         held = None
     if not held or not held.get("held"):
-        raise ConfigError(f"--accept-drift: {report['output']} has no report held for drift; nothing to accept")
+        raise ConfigError(f"{param('accept_drift')}: {report['output']} has no report held for drift; nothing to accept")
     if held.get("plan_id") != report["plan_id"] or held.get("attempts") != report["attempts"]:
         raise ConfigError(
-            f"--accept-drift: the held report of {report['output']} describes other shard attempts than the ones "
-            f"now in place; commit without --accept-drift to check drift again"
+            f"{param('accept_drift')}: the held report of {report['output']} describes other shard attempts than the ones "
+            f"now in place; commit without {param('accept_drift')} to check drift again"
         )
     return held
 
@@ -179,9 +179,9 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
     write_json(fs, report_path(path), report)
     if report["held"]:
         raise DriftError(
-            f"drift above --drift-fail {config.drift_fail} against {drift['reference']}: "
+            f"drift above {param('drift_fail')} {config.drift_fail} against {drift['reference']}: "
             f"{drifts.describe(drift, config.drift_fail)}; {report['output']} is not committed (no _SUCCESS); "
-            f"review `batchscore report {report['output']}`, then run commit again with --accept-drift"
+            f"review `batchscore report {report['output']}`, then run commit again with {param('accept_drift')}"
         )
     return report
 
