@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .config import JobConfig, check_numbers, refuse_template
+from .config import JobConfig, StorageSettings, check_numbers, refuse_template
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -288,9 +288,9 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
     config.require("model")
     policy = ArtifactPolicy.of(config)
     if sha256_only:
-        artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
+        artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
         return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
-    loaded = load_model(config.model, config.scaler, config.features, config.storage_options, policy)  # type: ignore[arg-type]
+    loaded = load_model(config.model, config.scaler, config.features, config.storage, policy)  # type: ignore[arg-type]
     return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
 
 
@@ -302,7 +302,7 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
 
     config.require("model")
     refuse_template("out", out)
-    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
+    artifact, library = compile_ahead(config.model, config.storage, ArtifactPolicy.of(config),
                                      out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
 
@@ -314,7 +314,7 @@ def report(output: str, storage_options: Mapping[str, Any] | None = None, html: 
 
     for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
         refuse_template(key, value)
-    result = ReportResult.of(read_report(output, storage_options or {}))
+    result = ReportResult.of(read_report(output, StorageSettings(dict(storage_options or {}))))
     if html:
         from .observe.report_html import write_html
 

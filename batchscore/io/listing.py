@@ -31,10 +31,11 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import fsspec
 
+from ..config import StorageSettings
 from ..errors import InputDataError, StorageError
 from ..logs import event
 from .storage import filesystem, full_uri, is_local, storage_error, translated
@@ -360,7 +361,7 @@ def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipp
     return found
 
 
-def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def list_inputs(specs: Sequence[str], storage: StorageSettings | None = None) -> list[str]:
     """Expand files, directories (recursively) and globs into a deterministic list of URIs.
 
     Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
@@ -369,7 +370,7 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
         raise InputDataError("no input given (--input or YAML 'input')")
     found: list[str] = []
     for spec in specs:
-        fs, path = filesystem(spec, storage_options)
+        fs, path = filesystem(spec, storage)
         skipped = Skipped()
         with translated("list input", spec, passthrough=(FileNotFoundError,)):
             try:

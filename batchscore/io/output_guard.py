@@ -19,7 +19,7 @@ NAMED_FOREIGN = 5
 
 def _input_root(spec: str, config: JobConfig) -> str:
     """The folder or file an input spec covers; for a glob, the folder before its first wildcard."""
-    fs, path = filesystem(spec, config.storage_options)
+    fs, path = filesystem(spec, config.storage)
     path = fs._strip_protocol(path)
     if any(ch in path for ch in GLOB_CHARS):
         head = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
@@ -30,7 +30,7 @@ def _input_root(spec: str, config: JobConfig) -> str:
 def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
     """Never write where the input lives; never replace a finished output unless asked to."""
     guard_overlap(config, output, [f.uri for f in files])
-    fs, path = filesystem(output, config.storage_options)
+    fs, path = filesystem(output, config.storage)
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")

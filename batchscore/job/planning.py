@@ -424,16 +424,16 @@ def plan(
     check_access(prepared, plan_out=out)
     with hold(config, result, "plan", release="never"):
         guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
-        fs, path = filesystem(prepared.output, config.storage_options)
+        fs, path = filesystem(prepared.output, config.storage)
         uncommit(fs, path)
-        plan_fs, plan_path = filesystem(out, config.storage_options)
+        plan_fs, plan_path = filesystem(out, config.storage)
         write_bytes_atomic(plan_fs, plan_path, plan_document(result))
     return result
 
 
 def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
     """The lease on the plan's output, for a sharded job's step (or under ``holder``, a run)."""
-    return held(the_plan.output, config.storage_options, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
+    return held(the_plan.output, config.storage, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
                 command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout, release=release)
 
 
@@ -446,8 +446,8 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     config.require("model")
     output = normalize_output(config)
     policy = ArtifactPolicy.of(config)
-    artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
-    files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
+    artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
+    files = read_footers(list_inputs(config.input, config.storage), config.storage)
     return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
 
 
@@ -468,7 +468,7 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     job's output, and it is the plan that was made: its digest is ``expected_sha256`` (handed on by
     whoever ran ``plan``, never read from the store) and, with a key in ``BATCHSCORE_PLAN_KEY``,
     its signature is that key's."""
-    fs, path = filesystem(uri, config.storage_options)
+    fs, path = filesystem(uri, config.storage)
     try:
         data = read_json(fs, path)
     except FileNotFoundError:
@@ -511,7 +511,7 @@ def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     """Refuse a plan whose files are not exactly those the job's own input specs match now: none
     outside them, none named twice, none missing (compared by where the files really are: ``..``,
     symlinks, ``file://``, relative paths, bucket and key). Reads a listing, no footer."""
-    listed = _locations(list_inputs(config.input, config.storage_options))
+    listed = _locations(list_inputs(config.input, config.storage))
     planned = [location(uri) for uri in the_plan.files.uris]
     outside = [the_plan.files.uri(i) for i, where in enumerate(planned) if where not in listed]
     if outside:
@@ -542,11 +542,11 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     files = the_plan.files
     for start in range(0, len(files), FOOTER_BATCH):  # in batches: 100,000 footers need not be held at once
         uris = [files.uri(i) for i in range(start, min(start + FOOTER_BATCH, len(files)))]
-        for i, found in enumerate(read_footers(uris, config.storage_options), start):
+        for i, found in enumerate(read_footers(uris, config.storage), start):
             check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config)
-        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage_options, policy)}
+        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage, policy)}
         for entry in the_plan.artifacts:
             found_artifact = actual.get(entry["role"])
             if found_artifact is None or found_artifact.sha256 != entry["sha256"]:

@@ -29,7 +29,7 @@ def check_lease(prepared: Prepared, holder: str | None = None) -> None:
     """Raise what taking the output's lease now would raise (another job writes there), without
     taking it; ``holder`` is who would take it (a plan joins its own job's lease), by default a run."""
     config = prepared.config
-    Lease(prepared.output, config.storage_options, holder or run_holder(), "", "check", config.lease_seconds).check_free()
+    Lease(prepared.output, config.storage, holder or run_holder(), "", "check", config.lease_seconds).check_free()
 
 
 def check_access(prepared: Prepared, plan_out: str | None = None, tidy: bool = True) -> None:
@@ -42,14 +42,14 @@ def check_access(prepared: Prepared, plan_out: str | None = None, tidy: bool = T
     from ..models.verification import check_engine
 
     config = prepared.config
-    fs, path = filesystem(prepared.output, config.storage_options)
+    fs, path = filesystem(prepared.output, config.storage)
     state = f"the state folder of output {prepared.output}"
     folders = [(state_folder(path), state), (path, None), (receipts_folder(path), state)]  # the lease's folder first
     folders += [(rejected_folder(path), state)] if config.on_invalid == "quarantine" else []
     for folder, role in folders:
         probe_writable(fs, folder, tidy=tidy, role=role)
     if plan_out:
-        plan_fs, plan_path = filesystem(plan_out, config.storage_options)
+        plan_fs, plan_path = filesystem(plan_out, config.storage)
         folder = posixpath.dirname(plan_fs._strip_protocol(plan_path).rstrip("/")) or "."
         probe_writable(plan_fs, folder, tidy=tidy)
     check_engine(config, prepared.model)

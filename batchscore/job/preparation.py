@@ -38,7 +38,7 @@ def now() -> datetime:
 
 def normalize_output(config: JobConfig) -> str:
     config.require("output")
-    fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
+    fs, path = filesystem(config.output, config.storage)  # type: ignore[arg-type]
     output = full_uri(fs, fs._strip_protocol(path).rstrip("/"))
     check_output(output)  # its state goes beside it: a root has no beside
     return output
@@ -55,11 +55,11 @@ def prepare(
     output = normalize_output(config)
     policy = policy or ArtifactPolicy.of(config)
     model = load_model(
-        config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
+        config.model, config.scaler, config.features, config.storage, policy  # type: ignore[arg-type]
     )
     observe_model_load(model.load_seconds)
-    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
-    files = read_footers(uris, config.storage_options)
+    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
+    files = read_footers(uris, config.storage)
     predictor_fields = Predictor(model, config.model_version, now()).fields
     contract = check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
     assert contract is not None  # list_inputs never returns no file

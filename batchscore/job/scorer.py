@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..models.engine import Predictor
+from ..config import StorageSettings
 from ..errors import InputDataError, StorageError
 from ..models.artifacts import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
@@ -42,7 +43,7 @@ class ScoreTask:
     batch_size: int
     on_invalid: str
     max_invalid_rows: int
-    storage_options: Mapping[str, Any]
+    storage: StorageSettings
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
@@ -122,7 +123,7 @@ class _UnitScorer:
             )
         if self.task.on_invalid == "quarantine":
             if self.rejected_writer is None:
-                fs, base = filesystem(self.task.output, self.task.storage_options)
+                fs, base = filesystem(self.task.output, self.task.storage)
                 path = rejected_path(base, self.unit.part_name)
                 self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
@@ -135,7 +136,7 @@ class _UnitScorer:
         started = time.perf_counter()
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
-        fs, base = filesystem(task.output, task.storage_options)
+        fs, base = filesystem(task.output, task.storage)
         profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
             if task.profile else None
         with contextlib.ExitStack() as stack:
@@ -152,7 +153,7 @@ class _UnitScorer:
             # One batch read ahead keeps the reader busy while this one scores; a second one
             # only costs memory (a batch of every read column).
             batches = prefetch(iter_batches(
-                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
+                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage,
                 expected=self.file["identity"], on_footer=footer,
                 start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
             ), depth=1)

@@ -84,7 +84,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
-    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    fs, out_path = filesystem(the_plan.output, config.storage)
     remove_if_exists(fs, receipt_path(out_path, index))
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
@@ -96,7 +96,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
         files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
-        storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+        storage=config.storage, attempt=attempt, fence=lease.fence,
         compiled_library=engine.library_path, contract=prepared.contract,
     )
     workers = config.worker_count

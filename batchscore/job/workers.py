@@ -136,7 +136,7 @@ def _score_in_workers(
             on_rows(progress[0])
 
     results: dict[int, UnitResult] = {}
-    fs, base = filesystem(task.output, task.storage_options)
+    fs, base = filesystem(task.output, task.storage)
     # Largest first, so the units still running at the end are the small ones and workers
     # finish nearly together; results are put back in unit order.
     order = sorted(range(len(units)), key=lambda i: -units[i].rows)

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from ..config import StorageSettings
 from ..errors import ModelError
 from ..io.storage import filesystem, full_uri, read_bytes
 
@@ -138,11 +139,11 @@ class LoadedModel:
 
 
 def fetch_artifact(
-    role: str, uri: str, storage_options: Mapping[str, Any] | None, policy: ArtifactPolicy | None = None
+    role: str, uri: str, storage: StorageSettings | None, policy: ArtifactPolicy | None = None
 ) -> tuple[bytes, Artifact]:
     """Read an artifact's bytes once and check them against ``policy``: the same bytes then give
     the object, so what was checked is exactly what is loaded."""
-    fs, path = filesystem(uri, storage_options)
+    fs, path = filesystem(uri, storage)
     try:
         data = read_bytes(fs, path)
     except FileNotFoundError:
@@ -164,13 +165,13 @@ def artifact_roles(scaler_uri: str | None) -> list[str]:
 def artifact_digests(
     model_uri: str,
     scaler_uri: str | None,
-    storage_options: Mapping[str, Any] | None,
+    storage: StorageSettings | None,
     policy: ArtifactPolicy | None = None,
 ) -> tuple[Artifact, ...]:
     """Each artifact's sha256 and format, checked against ``policy``, without deserializing it
     (cheap enough for a planning step, and safe on a file not yet trusted)."""
     uris = {"model": model_uri, "scaler": scaler_uri}
-    return tuple(fetch_artifact(role, uris[role], storage_options, policy)[1] for role in artifact_roles(scaler_uri))
+    return tuple(fetch_artifact(role, uris[role], storage, policy)[1] for role in artifact_roles(scaler_uri))
 
 
 def pin_flags(artifacts: Sequence[Artifact]) -> str:
@@ -347,7 +348,7 @@ def load_model(
     model_uri: str,
     scaler_uri: str | None = None,
     features: Sequence[str] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
+    storage: StorageSettings | None = None,
     policy: ArtifactPolicy | None = None,
 ) -> LoadedModel:
     """Load and check the artifacts before any row is read, so a bad model costs no I/O.
@@ -357,9 +358,9 @@ def load_model(
     """
     started = time.perf_counter()
     policy = policy or ArtifactPolicy()
-    data, model_artifact = fetch_artifact("model", model_uri, storage_options, policy)
+    data, model_artifact = fetch_artifact("model", model_uri, storage, policy)
     scaler_data, scaler_artifact = (
-        fetch_artifact("scaler", scaler_uri, storage_options, policy) if scaler_uri else (b"", None)
+        fetch_artifact("scaler", scaler_uri, storage, policy) if scaler_uri else (b"", None)
     )
     estimator, saved_with = _deserialize(model_artifact, data, policy.trusted_types)
     _check_fitted("model", model_artifact.uri, estimator, "predict")

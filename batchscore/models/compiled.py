@@ -27,11 +27,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .engine import Predictor
+from ..config import StorageSettings
 from ..errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
 from ..io.storage import filesystem, join, probe_writable, read_bytes, write_bytes_atomic
@@ -228,7 +229,7 @@ class Library:
 
 
 def obtain(
-    model: LoadedModel, configured_cache: str | None, storage_options: Mapping[str, Any] | None = None,
+    model: LoadedModel, configured_cache: str | None, storage: StorageSettings | None = None,
     must_upload: bool = False,
 ) -> Library:
     """The model's library from the cache, compiled into it first if it is not there.
@@ -243,7 +244,7 @@ def obtain(
     remote = join(configured_cache, name) if configured_cache and is_remote(configured_cache) else None
     downloaded = False
     if remote and not path.is_file():
-        downloaded = _download(remote, path, storage_options)
+        downloaded = _download(remote, path, storage)
     built = not path.is_file()
     if built:
         try:
@@ -252,7 +253,7 @@ def obtain(
             raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
     data = path.read_bytes()
     if remote and (built or must_upload):
-        _upload(data, remote, storage_options, must_upload)
+        _upload(data, remote, storage, must_upload)
     return Library(str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded)
 
 
@@ -272,11 +273,11 @@ def check_cache(model: LoadedModel, configured_cache: str | None) -> Path:
     return path
 
 
-def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -> bool:
+def _download(uri: str, path: Path, storage: StorageSettings | None) -> bool:
     """Copy the remote cache's library into the local cache; False when it is not there (or the
     remote cache cannot be read, which costs a compile, not the run)."""
     try:
-        fs, remote_path = filesystem(uri, storage_options)
+        fs, remote_path = filesystem(uri, storage)
         data = read_bytes(fs, remote_path)
     except FileNotFoundError:
         return False
@@ -292,10 +293,10 @@ def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -
     return True
 
 
-def _upload(data: bytes, uri: str, storage_options: Mapping[str, Any] | None, must_upload: bool) -> None:
+def _upload(data: bytes, uri: str, storage: StorageSettings | None, must_upload: bool) -> None:
     """Publish a library to the remote cache: one whole object, so readers see all of it or none."""
     try:
-        write_bytes_atomic(*filesystem(uri, storage_options), data)
+        write_bytes_atomic(*filesystem(uri, storage), data)
     except (OSError, BatchscoreError) as exc:
         if must_upload:
             raise StorageError(f"cannot upload the compiled library to {uri}: {exc}") from None
@@ -353,7 +354,7 @@ def predictor(model: LoadedModel, model_version: str, predicted_at: Any, library
 
 
 def compile_ahead(
-    uri: str, storage_options: Mapping[str, Any], policy: ArtifactPolicy, out: str | None
+    uri: str, storage: StorageSettings, policy: ArtifactPolicy, out: str | None
 ) -> tuple[Artifact, Library]:
     """``batchscore compile``: build (or find) the model's library in ``out``, keyed as a run looks
     it up. Only the model artifact matters (a separate scaler runs in scikit-learn), so no feature
@@ -361,7 +362,7 @@ def compile_ahead(
     reason = missing_dependency()
     if reason:
         raise ConfigError(f"batchscore compile needs the compiled engine: {reason}")
-    data, artifact = fetch_artifact("model", uri, storage_options, policy)
+    data, artifact = fetch_artifact("model", uri, storage, policy)
     estimator, _ = _deserialize(artifact, data, policy.trusted_types)
     model = LoadedModel(estimator, None, (), False, None, False, (artifact,), "")
-    return artifact, obtain(model, out, storage_options, must_upload=True)
+    return artifact, obtain(model, out, storage, must_upload=True)

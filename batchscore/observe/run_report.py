@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from . import drift as drifts
+from ..config import StorageSettings
 from ..errors import ConfigError, DriftError, InputDataError
 from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 from ..io.sink import SUCCESS_FILE, read_json, report_path, write_json
@@ -110,9 +111,9 @@ def build_report(plan_id: str, output: str, receipts: Mapping[int, Mapping[str, 
     return report
 
 
-def read_report(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+def read_report(output: str, storage: StorageSettings) -> dict[str, Any]:
     """An output's report, with ``committed`` telling whether its ``_SUCCESS`` is there."""
-    fs, path = filesystem(output, storage_options)
+    fs, path = filesystem(output, storage)
     path = fs._strip_protocol(path).rstrip("/")
     try:
         report = read_json(fs, report_path(path))
@@ -125,10 +126,10 @@ def read_report(output: str, storage_options: Mapping[str, Any]) -> dict[str, An
     return report
 
 
-def _reference(uri: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+def _reference(uri: str, storage: StorageSettings) -> dict[str, Any] | None:
     """The reference's report if it is a committed, profiled output; else None (and a warning)."""
     try:
-        report = read_report(uri, storage_options)
+        report = read_report(uri, storage)
     except ConfigError as exc:
         log.warning("drift not checked: %s", exc)
         return None
@@ -142,8 +143,8 @@ def _reference(uri: str, storage_options: Mapping[str, Any]) -> dict[str, Any] |
 def reference_of(config: Any) -> tuple[str, dict[str, Any] | None]:
     """The drift reference as a URI and its report; the report is None (with a warning) when the
     reference is no committed, profiled output. A reference that cannot be read raises."""
-    reference = full_uri(*_stripped(config.reference, config.storage_options))
-    return reference, _reference(reference, config.storage_options)
+    reference = full_uri(*_stripped(config.reference, config.storage))
+    return reference, _reference(reference, config.storage)
 
 
 def _accepting(fs: Any, path: str, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,8 +187,8 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
     return report
 
 
-def _stripped(uri: str, storage_options: Mapping[str, Any]) -> tuple[Any, str]:
-    fs, path = filesystem(uri, storage_options)
+def _stripped(uri: str, storage: StorageSettings) -> tuple[Any, str]:
+    fs, path = filesystem(uri, storage)
     return fs, fs._strip_protocol(path).rstrip("/")
 
 
