@@ -161,7 +161,7 @@ def validate(config: JobConfig) -> ValidateResult:
     from .job.preparation import prepare
 
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)
+    guard_output(config, prepared.location, prepared.files)
     check_lease(prepared)
     check_access(prepared)
     return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
@@ -266,10 +266,10 @@ def run(config: JobConfig) -> RunResult:
 
     clock = time.perf_counter()
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
+    guard_output(config, prepared.location, prepared.files)  # a refused run leaves the output untouched
     the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
-    with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
-        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+    with hold(config, the_plan, "run", release="always", holder=run_holder(), output=prepared.location) as lease:
+        guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
         check_access(prepared)  # what validate checks: nothing is scored that cannot be written
         score_shard(prepared, the_plan, 0, lease)
         manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
@@ -310,11 +310,12 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
 def report(output: str, storage_options: Mapping[str, Any] | None = None, html: str | None = None) -> ReportResult:
     """The run report of ``output`` (written by ``commit`` beside the manifest); with ``html``, also
     write it there as a self-contained HTML page."""
+    from .io.storage import resolve
     from .observe.run_report import read_report
 
     for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
         refuse_template(key, value)
-    result = ReportResult.of(read_report(output, StorageSettings(dict(storage_options or {}))))
+    result = ReportResult.of(read_report(resolve(output, StorageSettings(dict(storage_options or {})))))
     if html:
         from .observe.report_html import write_html
 

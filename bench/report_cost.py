@@ -48,7 +48,7 @@ def main() -> None:
         (work / "out").mkdir()
         base = ScoreTask(
             model=prepared.model, model_version="bench", predicted_at=now(), files=the_plan.files,
-            output=the_plan.output, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
+            output=prepared.location, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
             batch_size=config.batch_size, on_invalid="fail", max_invalid_rows=0,
             storage=config.storage,
         )

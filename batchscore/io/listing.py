@@ -38,7 +38,7 @@ import fsspec
 from ..config import StorageSettings
 from ..errors import InputDataError, StorageError
 from ..logs import event
-from .storage import filesystem, full_uri, is_local, storage_error, translated
+from .storage import full_uri, is_local, resolve, storage_error, translated
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,8 @@ def list_inputs(specs: Sequence[str], storage: StorageSettings | None = None) ->
         raise InputDataError("no input given (--input or YAML 'input')")
     found: list[str] = []
     for spec in specs:
-        fs, path = filesystem(spec, storage)
+        where = resolve(spec, storage)
+        fs, path = where.fs, where.path
         skipped = Skipped()
         with translated("list input", spec, passthrough=(FileNotFoundError,)):
             try:

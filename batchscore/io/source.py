@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from ..config import StorageSettings
 from ..errors import InputDataError
 from .listing import GLOB_CHARS, list_inputs  # noqa: F401  (where the input's files are found)
-from .storage import filesystem, is_local, storage_error
+from .storage import is_local, resolve, storage_error
 
 FOOTER_THREADS = 16
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
@@ -117,7 +117,8 @@ def open_parquet(
     (``STREAM_BUFFER`` per column, no pre-buffering; remote reads are then exact ranges, not
     read-ahead blocks that columns read in turn would each discard).
     """
-    fs, path = filesystem(uri, storage)
+    where = resolve(uri, storage)
+    fs, path = where.fs, where.path
     with contextlib.ExitStack() as stack:
         try:
             if is_local(fs):

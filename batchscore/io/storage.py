@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import posixpath
 import random
@@ -127,7 +128,7 @@ _BOUNDED_S3: type | None = None
 
 
 def filesystem(uri: str, storage: StorageSettings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve ``uri`` to its filesystem and the path inside it.
+    """Resolve ``uri`` to its filesystem and the path inside it (``resolve`` gives a ``Location``).
 
     fsspec keeps one instance per set of options and per process, so this is cheap after the first
     time, and a forked worker gets its own (an s3fs client must not cross a fork). Storage options
@@ -145,6 +146,39 @@ def filesystem(uri: str, storage: StorageSettings | None = None) -> tuple[fsspec
     except (ValueError, ImportError) as exc:
         raise StorageError(f"cannot open storage for {uri}: {exc}") from None
     return fs, fs._strip_protocol(uri)
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A place the job reads or writes: ``uri`` as a user would type it, the filesystem that
+    holds it (``fs``) and the path inside that filesystem (``path``), resolved once by ``resolve``
+    from a URI and the job's storage settings, then handed on.
+
+    ``fs`` is the filesystem of the process that asks: a worker forked (or spawned) after the
+    location was resolved gets its own from fsspec's cache, never the parent's s3fs client.
+    """
+
+    uri: str
+    path: str
+    storage: StorageSettings = dataclasses.field(repr=False)
+    _fs: fsspec.AbstractFileSystem = dataclasses.field(repr=False, compare=False)
+    _pid: int = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._pid == os.getpid():
+            return self._fs
+        return filesystem(self.uri, self.storage)[0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process as what it is resolved from: a filesystem does not travel."""
+        return resolve, (self.uri, self.storage)
+
+
+def resolve(uri: str, storage: StorageSettings | None = None) -> Location:
+    """The ``Location`` of ``uri``, with its filesystem opened by ``storage``'s options and bounds."""
+    fs, path = filesystem(uri, storage)
+    return Location(full_uri(fs, path), path, storage or StorageSettings(), fs, os.getpid())
 
 
 def failure_cause(exc: BaseException) -> str | None:

@@ -41,7 +41,7 @@ from ..io.sink import (
     write_json,
 )
 from ..io.source import FOOTER_THREADS, open_parquet
-from ..io.storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+from ..io.storage import join, make_durable, remove_if_exists, write_bytes_atomic
 from ..models.verification import engine_manifest
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def commit(
     if lease is None:
         with hold(config, the_plan, "commit", release="on_success") as own:
             return commit(config, the_plan, extra, own, accept_drift)
-    fs, out_path = filesystem(the_plan.output, config.storage)
+    fs, out_path = lease.location.fs, lease.location.path
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it

@@ -25,7 +25,7 @@ from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 from ..io.sink import read_json, uncommit
 from ..io.source import InputFile, check_identity, list_inputs, read_footers
-from ..io.storage import filesystem, location, write_bytes_atomic
+from ..io.storage import Location, location, resolve, write_bytes_atomic
 
 #: 3: files stored once, one compact record each; shards stored as their row counts only, their units
 #: derived from the files, the shard count and ``rows_per_part`` (an edited split cannot be read back).
@@ -411,7 +411,7 @@ def plan(
     Writing the plan next to the output (``out``) also un-commits an output being redone.
     """
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
+    guard_output(config, prepared.location, prepared.files)  # a refused job leaves the output untouched
     if out:
         guard_overlap(config, out, [f.uri for f in prepared.files])
         guard_plan_file(prepared.output, out)
@@ -420,21 +420,23 @@ def plan(
         return result
     from .preflight import check_access, check_lease
 
+    plan_file = resolve(out, config.storage)
     check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
-    check_access(prepared, plan_out=out)
-    with hold(config, result, "plan", release="never"):
-        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
-        fs, path = filesystem(prepared.output, config.storage)
-        uncommit(fs, path)
-        plan_fs, plan_path = filesystem(out, config.storage)
-        write_bytes_atomic(plan_fs, plan_path, plan_document(result))
+    check_access(prepared, plan_out=plan_file)
+    with hold(config, result, "plan", release="never", output=prepared.location):
+        guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
+        uncommit(prepared.location.fs, prepared.location.path)
+        write_bytes_atomic(plan_file.fs, plan_file.path, plan_document(result))
     return result
 
 
-def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
-    """The lease on the plan's output, for a sharded job's step (or under ``holder``, a run)."""
-    return held(the_plan.output, config.storage, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
-                command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout, release=release)
+def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None,
+         output: Location | None = None) -> Any:
+    """The lease on the plan's output (``output``, when the step has resolved it already), for a
+    sharded job's step (or under ``holder``, a run)."""
+    return held(output or resolve(the_plan.output, config.storage), holder or plan_holder(the_plan.plan_id),
+                the_plan.plan_id, command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout,
+                release=release)
 
 
 def plan_again(config: JobConfig, shards: int) -> Plan:
@@ -468,9 +470,9 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     job's output, and it is the plan that was made: its digest is ``expected_sha256`` (handed on by
     whoever ran ``plan``, never read from the store) and, with a key in ``BATCHSCORE_PLAN_KEY``,
     its signature is that key's."""
-    fs, path = filesystem(uri, config.storage)
+    plan_file = resolve(uri, config.storage)
     try:
-        data = read_json(fs, path)
+        data = read_json(plan_file.fs, plan_file.path)
     except FileNotFoundError:
         raise ConfigError(f"plan not found: {uri}") from None
     except ValueError as exc:
@@ -487,8 +489,9 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     if key and not (isinstance(signature, str) and hmac.compare_digest(signature, _signature(key, result.sha256))):
         raise InputDataError(f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "
                              f"({'unsigned' if signature is None else 'signature does not match'}); plan again")
-    if config.output and normalize_output(config) != result.output:
-        raise ConfigError(f"plan {uri} is for output {result.output}, not {normalize_output(config)}")
+    output = normalize_output(config) if config.output else None
+    if output and output != result.output:
+        raise ConfigError(f"plan {uri} is for output {result.output}, not {output}")
     return result
 
 

@@ -25,7 +25,7 @@ from .pool import report_progress
 from ..observe.profile import UnitProfile, score_columns
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
-from ..io.storage import filesystem, join
+from ..io.storage import Location, join
 from ..io.validation import invalid_mask, invalid_reasons
 
 
@@ -37,13 +37,13 @@ class ScoreTask:
     model_version: str
     predicted_at: datetime
     files: Sequence[Mapping[str, Any]]  # plan file entries: uri, size, row_groups
-    output: str  # full URI of the output dataset
+    output: Location  # the output dataset
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
     batch_size: int
     on_invalid: str
     max_invalid_rows: int
-    storage: StorageSettings
+    storage: StorageSettings  # to read the input files with
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
@@ -123,9 +123,9 @@ class _UnitScorer:
             )
         if self.task.on_invalid == "quarantine":
             if self.rejected_writer is None:
-                fs, base = filesystem(self.task.output, self.task.storage)
-                path = rejected_path(base, self.unit.part_name)
-                self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
+                output = self.task.output
+                path = rejected_path(output.path, self.unit.part_name)
+                self.rejected_writer = stack.enter_context(self.task.open_part(output.fs, path, self.task.rejected_schema))
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
             self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
                 list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
@@ -136,7 +136,7 @@ class _UnitScorer:
         started = time.perf_counter()
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
-        fs, base = filesystem(task.output, task.storage)
+        fs, base = task.output.fs, task.output.path  # this worker's own filesystem (see Location)
         profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
             if task.profile else None
         with contextlib.ExitStack() as stack:
@@ -200,4 +200,4 @@ def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
     try:
         return _UnitScorer(task, predictor, unit).run()
     except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
-        raise StorageError(f"cannot write part {join(task.output, unit.part_name)}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}") from None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..config import StorageSettings
 from ..errors import ModelError
-from ..io.storage import filesystem, full_uri, read_bytes
+from ..io.storage import read_bytes, resolve
 
 if TYPE_CHECKING:
     from ..config import JobConfig
@@ -143,9 +143,9 @@ def fetch_artifact(
 ) -> tuple[bytes, Artifact]:
     """Read an artifact's bytes once and check them against ``policy``: the same bytes then give
     the object, so what was checked is exactly what is loaded."""
-    fs, path = filesystem(uri, storage)
+    where = resolve(uri, storage)
     try:
-        data = read_bytes(fs, path)
+        data = read_bytes(where.fs, where.path)
     except FileNotFoundError:
         raise ModelError(f"{role} artifact not found: {uri}") from None
     except IsADirectoryError:
@@ -153,7 +153,7 @@ def fetch_artifact(
     except OSError as exc:
         raise ModelError(f"cannot read {role} artifact {uri}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
-    artifact = Artifact(role, full_uri(fs, path), digest, len(data), artifact_format(path))
+    artifact = Artifact(role, where.uri, digest, len(data), artifact_format(where.path))
     (policy or ArtifactPolicy()).check(artifact)
     return data, artifact
 

@@ -35,7 +35,7 @@ from .engine import Predictor
 from ..config import StorageSettings
 from ..errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
-from ..io.storage import filesystem, join, probe_writable, read_bytes, write_bytes_atomic
+from ..io.storage import join, probe_writable, read_bytes, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ def check_cache(model: LoadedModel, configured_cache: str | None) -> Path:
             raise ModelError(f"cannot read the compiled library {path}: permission denied")
         return path
     try:
-        probe_writable(*filesystem(str(path.parent)), tidy=False)  # the cache folder is kept
+        folder = resolve(str(path.parent))
+        probe_writable(folder.fs, folder.path, tidy=False)  # the cache folder is kept
     except BatchscoreError as exc:
         raise ModelError(f"cannot write the compiled library {path}: {exc}") from None
     return path
@@ -277,8 +278,8 @@ def _download(uri: str, path: Path, storage: StorageSettings | None) -> bool:
     """Copy the remote cache's library into the local cache; False when it is not there (or the
     remote cache cannot be read, which costs a compile, not the run)."""
     try:
-        fs, remote_path = filesystem(uri, storage)
-        data = read_bytes(fs, remote_path)
+        remote = resolve(uri, storage)
+        data = read_bytes(remote.fs, remote.path)
     except FileNotFoundError:
         return False
     except (OSError, BatchscoreError) as exc:
@@ -286,7 +287,8 @@ def _download(uri: str, path: Path, storage: StorageSettings | None) -> bool:
         return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(*filesystem(str(path)), data)
+        local = resolve(str(path))
+        write_bytes_atomic(local.fs, local.path, data)
     except OSError as exc:
         raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
     log.info("fetched the compiled library %s into %s", uri, path)
@@ -296,7 +298,8 @@ def _download(uri: str, path: Path, storage: StorageSettings | None) -> bool:
 def _upload(data: bytes, uri: str, storage: StorageSettings | None, must_upload: bool) -> None:
     """Publish a library to the remote cache: one whole object, so readers see all of it or none."""
     try:
-        write_bytes_atomic(*filesystem(uri, storage), data)
+        remote = resolve(uri, storage)
+        write_bytes_atomic(remote.fs, remote.path, data)
     except (OSError, BatchscoreError) as exc:
         if must_upload:
             raise StorageError(f"cannot upload the compiled library to {uri}: {exc}") from None
