@@ -420,8 +420,8 @@ def plan(
         return result
     from .preflight import check_access, check_lease
 
-    plan_file = resolve(out, config.storage)
     check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
+    plan_file = resolve(out, config.storage)
     check_access(prepared, plan_out=plan_file)
     with hold(config, result, "plan", release="never", output=prepared.location):
         guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
@@ -489,9 +489,8 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     if key and not (isinstance(signature, str) and hmac.compare_digest(signature, _signature(key, result.sha256))):
         raise InputDataError(f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "
                              f"({'unsigned' if signature is None else 'signature does not match'}); plan again")
-    output = normalize_output(config) if config.output else None
-    if output and output != result.output:
-        raise ConfigError(f"plan {uri} is for output {result.output}, not {output}")
+    if config.output and normalize_output(config) != result.output:
+        raise ConfigError(f"plan {uri} is for output {result.output}, not {normalize_output(config)}")
     return result
 
 

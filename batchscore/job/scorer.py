@@ -125,7 +125,8 @@ class _UnitScorer:
             if self.rejected_writer is None:
                 output = self.task.output
                 path = rejected_path(output.path, self.unit.part_name)
-                self.rejected_writer = stack.enter_context(self.task.open_part(output.fs, path, self.task.rejected_schema))
+                part = self.task.open_part(output.fs, path, self.task.rejected_schema)
+                self.rejected_writer = stack.enter_context(part)
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
             self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
                 list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
