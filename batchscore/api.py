@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from .config import JobConfig, check_numbers, refuse_template
+from .config import JobConfig, StorageSettings, check_numbers, refuse_template
 from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, param
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ def validate(config: JobConfig) -> ValidateResult:
     from .job.preparation import prepare
 
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)
+    guard_output(config, prepared.location, prepared.files)
     check_lease(prepared)
     check_access(prepared)
     return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
@@ -339,10 +339,10 @@ def run(config: JobConfig) -> RunResult:
     clock = time.perf_counter()
     with _observed(config) as observers:
         prepared = prepare(config, observers=observers)
-        guard_output(config, prepared.output, prepared.files)  # a refused run leaves the output untouched
+        guard_output(config, prepared.location, prepared.files)  # a refused run leaves the output untouched
         the_plan = plan_of(prepared, shards=1, predicted_at=now().isoformat())
-        with hold(config, the_plan, "run", release="always", holder=run_holder()) as lease:
-            guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
+        with hold(config, the_plan, "run", release="always", holder=run_holder(), output=prepared.location) as lease:
+            guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
             check_access(prepared)  # what validate checks: nothing is scored that cannot be written
             score_shard(prepared, the_plan, 0, lease, observers)
             manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
@@ -362,9 +362,9 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
     config.require("model")
     policy = ArtifactPolicy.of(config)
     if sha256_only:
-        artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
+        artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
         return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
-    loaded = load_model(config.model, config.scaler, config.features, config.storage_options, policy)  # type: ignore[arg-type]
+    loaded = load_model(config.model, config.scaler, config.features, config.storage, policy)  # type: ignore[arg-type]
     return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
 
 
@@ -376,7 +376,7 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
 
     config.require("model")
     refuse_template("out", out)
-    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
+    artifact, library = compile_ahead(config.model, config.storage, ArtifactPolicy.of(config),
                                      out or config.compiled_cache)  # type: ignore[arg-type]
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
 
@@ -384,11 +384,12 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
 def report(output: str, storage_options: Mapping[str, Any] | None = None, html: str | None = None) -> ReportResult:
     """The run report of ``output`` (written by ``commit`` beside the manifest); with ``html``, also
     write it there as a self-contained HTML page."""
+    from .io.storage import resolve
     from .observe.run_report import read_report
 
     for key, value in (("output", output), ("storage_options", storage_options), ("html", html)):
         refuse_template(key, value)
-    result = ReportResult.of(read_report(output, storage_options or {}))
+    result = ReportResult.of(read_report(resolve(output, StorageSettings(dict(storage_options or {})))))
     if html:
         from .observe.report_html import write_html
 

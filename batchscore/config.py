@@ -8,6 +8,7 @@ add a field here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -98,6 +99,21 @@ def templates_rendered() -> Iterator[None]:
         yield
     finally:
         _TEMPLATES_RENDERED.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    """The storage settings of a job, as one value handed to whatever opens a filesystem.
+
+    ``options`` are the user's fsspec options (they reach remote filesystems only); the bounds are
+    batchscore's own and bound every S3 request (see ``io.storage``). The defaults are the
+    settings' defaults, for callers without a job (``batchscore report``).
+    """
+
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timeout: float = DEFAULT_STORAGE_TIMEOUT
+    retries: int = DEFAULT_STORAGE_RETRIES
+    throttle_seconds: float = DEFAULT_STORAGE_THROTTLE_SECONDS
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
@@ -217,10 +233,12 @@ class JobConfig:
         if not _TEMPLATES_RENDERED.get():
             for key in FIELDS:
                 refuse_template(key, getattr(self, key))
-        # Every filesystem is opened from storage_options, so they carry the bounds to each one.
-        bounded = {**self.storage_options, "storage_timeout": self.storage_timeout,
-                   "storage_retries": self.storage_retries, "storage_throttle_seconds": self.storage_throttle_seconds}
-        object.__setattr__(self, "storage_options", bounded)
+
+    @property
+    def storage(self) -> "StorageSettings":
+        """How this job reaches storage: every filesystem it opens is opened with these."""
+        return StorageSettings(dict(self.storage_options), self.storage_timeout, self.storage_retries,
+                               self.storage_throttle_seconds)
 
     def require(self, *names: str) -> None:
         """Fail with a usage error naming the first required setting that is missing."""

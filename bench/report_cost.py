@@ -48,9 +48,9 @@ def main() -> None:
         (work / "out").mkdir()
         base = ScoreTask(
             model=prepared.model, model_version="bench", predicted_at=now(), files=the_plan.files,
-            output=the_plan.output, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
+            output=prepared.location, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
             batch_size=config.batch_size, on_invalid="fail", max_invalid_rows=0,
-            storage_options=config.storage_options,
+            storage=config.storage,
         )
         units = the_plan.shard(0).units
         from threadpoolctl import threadpool_limits

@@ -349,22 +349,30 @@ def test_json_logs_make_warnings_and_the_error_json_lines(tmp_path: Path, binary
 
 
 def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
-    from batchscore.config import JobConfig
+    from batchscore.config import JobConfig, StorageSettings
     from batchscore.io.storage import filesystem
 
-    config = JobConfig(storage_options={"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 60}},
-                       storage_timeout=3, storage_retries=0)
-    fs, _ = filesystem("s3://bucket/out", config.storage_options)
+    given = {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 60}}
+    config = JobConfig(storage_options=given, storage_timeout=3, storage_retries=0)
+    assert config.storage_options == given  # the user's options, as given: the bounds are settings of their own
+    fs, _ = filesystem("s3://bucket/out", config.storage)
     assert fs._prepare_config_kwargs() == {"read_timeout": 60, "connect_timeout": 3.0,
                                            "retries": {"total_max_attempts": 1, "mode": "standard"}}
     assert fs.retries == 1 and fs.retry_policy.retries == 0
-    default, _ = filesystem("s3://bucket/out", {"endpoint_url": "http://127.0.0.1:9"})
+    default, _ = filesystem("s3://bucket/out", StorageSettings({"endpoint_url": "http://127.0.0.1:9"}))
     # botocore makes one attempt; batchscore's retry policy decides every retry (throttling apart)
     assert default._prepare_config_kwargs()["retries"] == {"total_max_attempts": 1, "mode": "standard"}
     assert (default.retry_policy.retries, default.retry_policy.throttle_seconds) == (2, 120.0)
-    own, _ = filesystem("s3://bucket/out", {"endpoint_url": "http://127.0.0.1:9",
-                                            "config_kwargs": {"retries": {"max_attempts": 7}}})
+    own, _ = filesystem("s3://bucket/out", StorageSettings({"endpoint_url": "http://127.0.0.1:9",
+                                                            "config_kwargs": {"retries": {"max_attempts": 7}}}))
     assert own._prepare_config_kwargs()["retries"] == {"max_attempts": 7} and own.retry_policy is None
+    # Jobs in one process with the same options but other bounds never share a filesystem (and its policy).
+    for retries, throttle in ((0, 120.0), (5, 120.0), (2, 7.5), (2, 120.0)):
+        other = JobConfig(storage_options={"endpoint_url": "http://127.0.0.1:9"}, storage_retries=retries,
+                          storage_throttle_seconds=throttle)
+        fs_other, _ = filesystem("s3://bucket/out", other.storage)
+        assert (fs_other.retry_policy.retries, fs_other.retry_policy.throttle_seconds) == (retries, throttle)
+        assert (fs_other is default) == ((retries, throttle) == (2, 120.0))
     job = local_job(tmp_path, binary_model_paths, tmp_path / "out")
     for flag, value in (("--storage-timeout", "0"), ("--storage-retries", "-1")):
         result = cli("validate", *job, flag, value)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from batchscore.config import StorageSettings
 from batchscore.errors import EXIT_INPUT, EXIT_USAGE
 from batchscore.io.layout import lease_path
 from batchscore.io.lease import Lease, LeaseRecord, OutputBusyError, plan_holder, run_holder
+from batchscore.io.storage import resolve
 from helpers import (
     assert_exact,
     binary_model,
@@ -324,7 +326,7 @@ def test_worker_publishes_no_part_after_the_lease_ran_out(tmp_path: Path) -> Non
 
 
 def _contend(folder: str, holder: str, barrier, results) -> None:
-    lease = Lease(folder, {}, holder, "p", "run", 60)
+    lease = Lease(resolve(folder), holder, "p", "run", 60)
     barrier.wait()
     try:
         lease.acquire()
@@ -367,9 +369,10 @@ def test_s3_lease_is_exclusive_and_expires(tmp_path: Path, s3, binary_model_path
     fs, bucket, options = s3
     inputs = write_inputs(tmp_path / "in", files=1, rows=1_216, row_group_size=400)
     output = f"s3://{bucket}/out"
-    first = Lease(output, options, run_holder(), "p", "run", 60).acquire()
+    at = resolve(output, StorageSettings(options))
+    first = Lease(at, run_holder(), "p", "run", 60).acquire()
     with pytest.raises(OutputBusyError, match="another run: `run` on host"):
-        Lease(output, options, run_holder(), "q", "run", 60).acquire()
+        Lease(at, run_holder(), "q", "run", 60).acquire()
     first.release()
     # a crashed run on another host: its lease blocks until it expires, then is taken over
     expires = time.time() + 3
@@ -387,8 +390,8 @@ def test_s3_lease_is_exclusive_and_expires(tmp_path: Path, s3, binary_model_path
     lease = json.loads(fs.cat_file(lease_path(f"{bucket}/out")))
     assert lease["released"] and lease["host"] != "node-7"
     # a sharded job's steps join their plan's lease on S3 too
-    plan = Lease(output, options, plan_holder("abc"), "abc", "plan", 60).acquire()
-    Lease(output, options, plan_holder("abc"), "abc", "shard", 60).acquire().renew()
+    plan = Lease(at, plan_holder("abc"), "abc", "plan", 60).acquire()
+    Lease(at, plan_holder("abc"), "abc", "shard", 60).acquire().renew()
     with pytest.raises(OutputBusyError, match="sharded job \\(plan abc\\)"):
-        Lease(output, options, plan_holder("xyz"), "xyz", "plan", 60).acquire()
+        Lease(at, plan_holder("xyz"), "xyz", "plan", 60).acquire()
     plan.release()

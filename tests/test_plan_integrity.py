@@ -201,7 +201,7 @@ def _swap_model(job: Job) -> dict[str, Any]:
     other = LogisticRegression(C=0.013).fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])
     save(job.model["model"].parent, model=other)
     doc = json.loads(json.dumps(job.doc))
-    artifact = fetch_artifact("model", str(job.model["model"]), {}, None)[1].to_dict()
+    artifact = fetch_artifact("model", str(job.model["model"]), None, None)[1].to_dict()
     for entry in doc["artifacts"]:
         if entry["role"] == "model":
             entry.update(sha256=artifact["sha256"], bytes=artifact["bytes"])

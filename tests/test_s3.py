@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
+from batchscore.config import StorageSettings
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL
+from batchscore.io.storage import Location, resolve
 from helpers import assert_exact, cli, read_inputs, read_manifest, read_output, write_inputs
 
 
@@ -67,3 +72,41 @@ def test_s3_bad_input_and_missing_model(tmp_path: Path, s3, binary_model_paths) 
     assert result.exit_code == EXIT_MODEL
     assert f"s3://{bucket}/models/none.joblib" in result.stderr
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
+
+
+def _use_in_child(location: Location, conn: Any) -> None:
+    """What a worker does with a location it was handed: use its filesystem."""
+    try:
+        fs = location.fs
+        conn.send((fs is location._fs, fs.ls(location.path, detail=False),
+                   (fs.retry_policy.retries, fs.retry_policy.throttle_seconds)))
+    except Exception as exc:  # e.g. "This class is not fork-safe": the parent's client reused
+        conn.send(repr(exc))
+
+
+def test_a_location_gives_each_process_its_own_filesystem(s3) -> None:
+    """A Location is resolved once and handed on, to worker processes too (a shard's output): a
+    forked worker must not use the s3fs client of the process that resolved it, and a spawned one
+    receives what to resolve it from. Either way the job's storage bounds come along."""
+    fs, bucket, options = s3
+    fs.pipe_file(f"{bucket}/out/part-a", b"x")
+    storage = StorageSettings(options, timeout=4.0, retries=1, throttle_seconds=9.0)
+    here = resolve(f"s3a://{bucket}/out/", storage)
+    assert (here.uri, here.path) == (f"s3://{bucket}/out", f"{bucket}/out")
+    assert here.fs.ls(here.path, detail=False) == [f"{bucket}/out/part-a"]  # this process's client is in use
+    for method in ("fork", "spawn"):
+        context = multiprocessing.get_context(method)
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_use_in_child, args=(here, theirs))
+        child.start()
+        try:
+            assert ours.poll(120), f"{method}: no answer from the child"
+            # forked: the parent's filesystem is in memory, but not used; spawned: resolved on arrival
+            assert ours.recv() == (method == "spawn", [f"{bucket}/out/part-a"], (1, 9.0)), method
+        finally:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+    again = pickle.loads(pickle.dumps(here))
+    assert again == here and again.fs is here.fs  # in the same process: fsspec's one instance
+

@@ -33,7 +33,7 @@ from .conditional import PreconditionFailed, create_exclusive, read_tagged, repl
 from ..config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from ..errors import ConfigError, StorageError, param
 from .layout import lease_path
-from .storage import filesystem, full_uri, storage_error
+from .storage import Location, full_uri, storage_error
 
 #: The share of ``lease_seconds`` a holder keeps in hand against clock skew between hosts: its
 #: workers stop publishing parts this long before the lease's recorded expiry.
@@ -159,11 +159,12 @@ class Fence:
 class Lease:
     """The lease on one output, as one process sees it: acquire, renew, release."""
 
-    def __init__(self, output: str, storage_options: Any, holder: str, plan_id: str, command: str,
+    def __init__(self, location: Location, holder: str, plan_id: str, command: str,
                  seconds: float = DEFAULT_LEASE_SECONDS):
-        self.output, self.holder, self.plan_id, self.command, self.seconds = output, holder, plan_id, command, seconds
-        self.fs, folder = filesystem(output, storage_options)
-        self.path = lease_path(folder)
+        self.location, self.output = location, location.uri  # the output's
+        self.holder, self.plan_id, self.command, self.seconds = holder, plan_id, command, seconds
+        self.fs = location.fs
+        self.path = lease_path(location.path)
         self.uri = full_uri(self.fs, self.path)
         self.fence = Fence(grace_seconds=seconds / 3)
         self.lost: BaseException | None = None
@@ -337,7 +338,7 @@ class Lease:
 
 
 @contextlib.contextmanager
-def held(output: str, storage_options: Any, holder: str, plan_id: str, command: str, *,
+def held(output: Location, holder: str, plan_id: str, command: str, *,
          seconds: float = DEFAULT_LEASE_SECONDS, wait_seconds: float = DEFAULT_LOCK_TIMEOUT,
          release: str = "always") -> Iterator[Lease]:
     """Hold the lease around a block, renewed in the background.
@@ -345,7 +346,7 @@ def held(output: str, storage_options: Any, holder: str, plan_id: str, command: 
     ``release``: "always" on the way out (a run), "on_success" (a commit: a failed one leaves the
     job's lease to its retry), or "never" (a plan or a shard: the job goes on after them).
     """
-    lease = Lease(output, storage_options, holder, plan_id, command, seconds).acquire(wait_seconds)
+    lease = Lease(output, holder, plan_id, command, seconds).acquire(wait_seconds)
     lease.start_heartbeat()
     succeeded = False
     try:

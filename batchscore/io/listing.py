@@ -31,13 +31,14 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import fsspec
 
+from ..config import StorageSettings
 from ..errors import InputDataError, StorageError, param
 from ..logs import event
-from .storage import filesystem, full_uri, is_local, storage_error, translated
+from .storage import full_uri, is_local, resolve, storage_error, translated
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipp
     return found
 
 
-def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def list_inputs(specs: Sequence[str], storage: StorageSettings | None = None) -> list[str]:
     """Expand files, directories (recursively) and globs into a deterministic list of URIs.
 
     Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
@@ -369,7 +370,8 @@ def list_inputs(specs: Sequence[str], storage_options: Mapping[str, Any] | None 
         raise InputDataError(f"no input given: give {param('input')} (YAML key 'input')")
     found: list[str] = []
     for spec in specs:
-        fs, path = filesystem(spec, storage_options)
+        where = resolve(spec, storage)
+        fs, path = where.fs, where.path
         skipped = Skipped()
         with translated("list input", spec, passthrough=(FileNotFoundError,)):
             try:

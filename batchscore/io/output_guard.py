@@ -6,31 +6,33 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from fsspec.core import split_protocol
+
 from ..config import JobConfig
 from ..errors import ConfigError, param
 from .layout import plan_path, state_folder
 from .sink import listing, owned_name
 from .source import GLOB_CHARS, InputFile
-from .storage import filesystem, full_uri, location, overlapping, translated
+from .storage import Location, full_uri, location, overlapping, translated
 
 #: How many foreign files a refusal names (then how many more there are).
 NAMED_FOREIGN = 5
 
 
-def _input_root(spec: str, config: JobConfig) -> str:
-    """The folder or file an input spec covers; for a glob, the folder before its first wildcard."""
-    fs, path = filesystem(spec, config.storage_options)
-    path = fs._strip_protocol(path)
+def _input_root(spec: str) -> str:
+    """The folder or file an input spec covers; for a glob, the folder before its first wildcard.
+    Only its spelling matters (``location`` tells where it is): no filesystem is opened."""
+    protocol, path = split_protocol(spec)
     if any(ch in path for ch in GLOB_CHARS):
         head = path[: min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
         path = head.rsplit("/", 1)[0] if "/" in head else ""
-    return full_uri(fs, path)
+    return f"{protocol}://{path}" if protocol else path
 
 
-def guard_output(config: JobConfig, output: str, files: Sequence[InputFile]) -> None:
+def guard_output(config: JobConfig, where: Location, files: Sequence[InputFile]) -> None:
     """Never write where the input lives; never replace a finished output unless asked to."""
+    output, fs, path = where.uri, where.fs, where.path  # the output
     guard_overlap(config, output, [f.uri for f in files])
-    fs, path = filesystem(output, config.storage_options)
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")
@@ -97,7 +99,7 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     cache = None
     if config.engine != "sklearn" and config.compiled_cache:  # libraries are written there too
         cache = (f"compiled_cache {config.compiled_cache}", location(config.compiled_cache))
-    inputs = [(spec, location(_input_root(spec, config))) for spec in config.input]
+    inputs = [(spec, location(_input_root(spec))) for spec in config.input]
     inputs += [(uri, location(uri)) for uri in input_uris]
     for what, out in written + ([cache] if cache else []):
         for name, where in inputs:

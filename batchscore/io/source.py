@@ -12,9 +12,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import StorageSettings
 from ..errors import InputDataError
 from .listing import GLOB_CHARS, list_inputs  # noqa: F401  (where the input's files are found)
-from .storage import filesystem, is_local, storage_error
+from .storage import is_local, resolve, storage_error
 
 FOOTER_THREADS = 16
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
@@ -104,7 +105,7 @@ class _FailFast:
 
 @contextlib.contextmanager
 def open_parquet(
-    uri: str, storage_options: Mapping[str, Any] | None = None, expected: Mapping[str, Any] | None = None,
+    uri: str, storage: StorageSettings | None = None, expected: Mapping[str, Any] | None = None,
     streaming: bool = False,
 ) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
     """Open a Parquet file (natively when local, through fsspec when remote) with its identity.
@@ -116,7 +117,8 @@ def open_parquet(
     (``STREAM_BUFFER`` per column, no pre-buffering; remote reads are then exact ranges, not
     read-ahead blocks that columns read in turn would each discard).
     """
-    fs, path = filesystem(uri, storage_options)
+    where = resolve(uri, storage)
+    fs, path = where.fs, where.path
     with contextlib.ExitStack() as stack:
         try:
             if is_local(fs):
@@ -184,21 +186,21 @@ def _shared(schema: pa.Schema) -> pa.Schema:
     return _SCHEMAS.setdefault(key, schema)
 
 
-def read_footer(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputFile:
+def read_footer(uri: str, storage: StorageSettings | None = None) -> InputFile:
     """Row groups, schema and identity from the footer alone."""
-    with open_parquet(uri, storage_options) as (pf, identity):
+    with open_parquet(uri, storage) as (pf, identity):
         meta = pf.metadata
         row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         schema = _shared(pf.schema_arrow)
     return InputFile(uri=uri, size=identity["size"], row_groups=row_groups, schema=schema, identity=identity)
 
 
-def read_footers(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[InputFile]:
+def read_footers(uris: Sequence[str], storage: StorageSettings | None = None) -> list[InputFile]:
     """Footers of many files fetched concurrently (object stores are latency-bound)."""
     if len(uris) <= 1:
-        return [read_footer(u, storage_options) for u in uris]
+        return [read_footer(u, storage) for u in uris]
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
-        return list(pool.map(lambda u: read_footer(u, storage_options), uris))
+        return list(pool.map(lambda u: read_footer(u, storage), uris))
 
 
 def iter_batches(
@@ -206,7 +208,7 @@ def iter_batches(
     row_groups: Sequence[int],
     columns: Sequence[str],
     batch_size: int,
-    storage_options: Mapping[str, Any] | None = None,
+    storage: StorageSettings | None = None,
     use_threads: bool = True,
     expected: Mapping[str, Any] | None = None,
     on_footer: Callable[[pq.FileMetaData], None] | None = None,
@@ -224,7 +226,7 @@ def iter_batches(
     if not row_groups:
         return
     stop = start + rows if rows is not None else None
-    with open_parquet(uri, storage_options, expected, streaming=True) as (pf, _):
+    with open_parquet(uri, storage, expected, streaming=True) as (pf, _):
         if on_footer is not None:
             on_footer(pf.metadata)
         try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import posixpath
 import random
 import re
 import time
 import uuid
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -19,21 +20,18 @@ from fsspec.registry import get_filesystem_class
 from ..errors import BatchscoreError, ConfigError, StorageError, StorageUnreachableError
 
 
-from ..config import DEFAULT_STORAGE_RETRIES, DEFAULT_STORAGE_THROTTLE_SECONDS, DEFAULT_STORAGE_TIMEOUT
+from ..config import StorageSettings
 
 #: Backoff between throttled attempts: a random wait up to BASE x 2^n s (n = throttled answers so far), at most MAX.
 THROTTLE_BACKOFF_BASE = 0.25
 THROTTLE_BACKOFF_MAX = 20.0
 #: HTTP statuses that mean "slow down": 503 (S3's SlowDown, ServiceUnavailable) and 429 (Too Many Requests).
 THROTTLE_STATUSES = (429, 503)
-#: Keys of ``storage_options`` that are batchscore's own bounds, never passed to fsspec.
-BOUND_KEYS = ("storage_timeout", "storage_retries", "storage_throttle_seconds")
 S3_PROTOCOLS = ("s3", "s3a")
 
 
-def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], "RetryPolicy | None"]:
-    """s3fs options whose every request is bounded in time and attempts, and the retry policy
-    that bounds them (``None`` when the user set botocore's ``retries`` in ``config_kwargs``).
+def _bounded_s3_options(storage: StorageSettings) -> dict[str, Any]:
+    """s3fs options whose every request is bounded in time and attempts, by ``storage``'s bounds.
 
     Each attempt waits at most ``timeout`` s to connect and ``timeout`` s for each read of the
     answer. botocore's own retrying is cut to one attempt and s3fs's to one pass, so that only
@@ -42,20 +40,21 @@ def _bounded_s3_options(options: dict[str, Any]) -> tuple[dict[str, Any], "Retry
     store that answers "slow down" is retried, apart, for up to ``storage_throttle_seconds``. A job
     then fails at once; only workers stopped mid-upload still try to abort their multipart upload
     (one more bounded call, in parallel), so a stalled store ends a job within about 70 s. A
-    refused connection fails within the backoff alone (about 1-3 s).
+    refused connection fails within the backoff alone (about 1-3 s). When the user set botocore's
+    ``retries`` in ``config_kwargs``, botocore retries as told and no policy is added.
+
+    The retry bounds are options too (``retry_bounds``): filesystems with other bounds are other
+    instances in fsspec's cache, never one instance whose policy a later job replaced.
     """
-    timeout = float(options.pop("storage_timeout", DEFAULT_STORAGE_TIMEOUT))
-    retries = int(options.pop("storage_retries", DEFAULT_STORAGE_RETRIES))
-    throttle = float(options.pop("storage_throttle_seconds", DEFAULT_STORAGE_THROTTLE_SECONDS))
+    options = dict(storage.options)
     config = dict(options.get("config_kwargs") or {})
-    config.setdefault("connect_timeout", timeout)
-    config.setdefault("read_timeout", timeout)
-    policy = None
+    config.setdefault("connect_timeout", storage.timeout)
+    config.setdefault("read_timeout", storage.timeout)
+    bounds = None
     if "retries" not in config:
         config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
-        policy = RetryPolicy(retries, throttle)
-    options["config_kwargs"] = config
-    return options, policy
+        bounds = (storage.retries, storage.throttle_seconds)
+    return {**options, "config_kwargs": config, "retry_bounds": bounds}
 
 
 class RetryPolicy:
@@ -107,7 +106,10 @@ def _s3_class() -> type:
         import s3fs
 
         class BoundedS3FileSystem(s3fs.S3FileSystem):
-            retry_policy: RetryPolicy | None = None
+            def __init__(self, *args: Any, retry_bounds: tuple[int, float] | None = None, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.retry_policy = RetryPolicy(*retry_bounds) if retry_bounds is not None else None
+                self.retries = 1  # RetryPolicy retries each request; s3fs repeating them would multiply the bound
 
             async def set_session(self, refresh: bool = False, kwargs: dict[str, Any] = {}) -> Any:  # noqa: B006
                 client = await super().set_session(refresh=refresh, kwargs=kwargs)
@@ -125,27 +127,58 @@ def _s3_class() -> type:
 _BOUNDED_S3: type | None = None
 
 
-def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve ``uri`` to its filesystem and the path inside it.
+def filesystem(uri: str, storage: StorageSettings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``uri`` to its filesystem and the path inside it (``resolve`` gives a ``Location``).
 
-    Storage options only reach remote filesystems: a local path must keep working when a job
-    configured for S3 also reads a local model. Every S3 filesystem is bounded (see
-    ``_bounded_s3_options``), and so is every file opened on it, pyarrow's reads included.
+    fsspec keeps one instance per set of options and per process, so this is cheap after the first
+    time, and a forked worker gets its own (an s3fs client must not cross a fork). Storage options
+    only reach remote filesystems: a local path must keep working when a job configured for S3 also
+    reads a local model. Every S3 filesystem is bounded (see ``_bounded_s3_options``), and so is
+    every file opened on it, pyarrow's reads included.
     """
+    storage = storage or StorageSettings()
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    options = dict(storage_options or {}) if protocol not in ("file", "local") else {}
-    bounds = {k: options.pop(k) for k in BOUND_KEYS if k in options}
     try:
         if protocol not in S3_PROTOCOLS:
-            return url_to_fs(uri, **options)
-        options, policy = _bounded_s3_options({**options, **bounds})
+            return url_to_fs(uri, **(dict(storage.options) if protocol not in ("file", "local") else {}))
         cls = _s3_class()
-        fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})
+        fs = cls(**{**cls._get_kwargs_from_urls(uri), **_bounded_s3_options(storage)})
     except (ValueError, ImportError) as exc:
         raise StorageError(f"cannot open storage for {uri}: {exc}") from None
-    fs.retry_policy = policy
-    fs.retries = 1  # RetryPolicy retries each request; s3fs repeating them would multiply the bound
     return fs, fs._strip_protocol(uri)
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A place the job reads or writes: ``uri`` as a user would type it, the filesystem that
+    holds it (``fs``) and the path inside that filesystem (``path``), resolved once by ``resolve``
+    from a URI and the job's storage settings, then handed on.
+
+    ``fs`` is the filesystem of the process that asks: a worker forked (or spawned) after the
+    location was resolved gets its own from fsspec's cache, never the parent's s3fs client.
+    """
+
+    uri: str
+    path: str
+    storage: StorageSettings = dataclasses.field(repr=False)
+    _fs: fsspec.AbstractFileSystem = dataclasses.field(repr=False, compare=False)
+    _pid: int = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._pid == os.getpid():
+            return self._fs
+        return filesystem(self.uri, self.storage)[0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to another process as what it is resolved from: a filesystem does not travel."""
+        return resolve, (self.uri, self.storage)
+
+
+def resolve(uri: str, storage: StorageSettings | None = None) -> Location:
+    """The ``Location`` of ``uri``, with its filesystem opened by ``storage``'s options and bounds."""
+    fs, path = filesystem(uri, storage)
+    return Location(full_uri(fs, path), path, storage or StorageSettings(), fs, os.getpid())
 
 
 def failure_cause(exc: BaseException) -> str | None:

@@ -43,7 +43,7 @@ from ..io.sink import (
     write_json,
 )
 from ..io.source import FOOTER_THREADS, open_parquet
-from ..io.storage import filesystem, join, make_durable, remove_if_exists, write_bytes_atomic
+from ..io.storage import join, make_durable, remove_if_exists, write_bytes_atomic
 from ..models.verification import engine_manifest
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dic
 
     def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
         index, uri, rows, attempt = item
-        with open_parquet(uri, config.storage_options) as (pf, _):
+        with open_parquet(uri, config.storage) as (pf, _):
             found = (pf.metadata.metadata or {}).get(ATTEMPT_KEY.encode(), b"").decode()
             if found != attempt:
                 return f"{uri} was written by attempt {found or 'unknown'}, not shard {index}'s attempt {attempt}"
@@ -94,7 +94,7 @@ def commit(
     if lease is None:
         with hold(config, the_plan, "commit", release="on_success") as own:
             return commit(config, the_plan, extra, own, accept_drift)
-    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    fs, out_path = lease.location.fs, lease.location.path
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it

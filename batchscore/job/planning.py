@@ -27,7 +27,7 @@ from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 from ..io.sink import held_path, read_json, uncommit, write_json
 from ..io.source import InputFile, check_identity, list_inputs, read_footers
-from ..io.storage import filesystem, location, write_bytes_atomic
+from ..io.storage import Location, location, resolve, write_bytes_atomic
 
 #: 3: files stored once, one compact record each; shards stored as their row counts only, their units
 #: derived from the files, the shard count and ``rows_per_part`` (an edited split cannot be read back).
@@ -406,7 +406,7 @@ def plan(
     Writing the plan next to the output (``out``) also un-commits an output being redone.
     """
     prepared = prepare(config)
-    guard_output(config, prepared.output, prepared.files)  # a refused job leaves the output untouched
+    guard_output(config, prepared.location, prepared.files)  # a refused job leaves the output untouched
     if out:
         guard_overlap(config, out, [f.uri for f in prepared.files])
         guard_plan_file(prepared.output, out)
@@ -416,20 +416,22 @@ def plan(
     from .preflight import check_access, check_lease
 
     check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
-    check_access(prepared, plan_out=out)
-    with hold(config, result, "plan", release="never"):
-        guard_output(config, prepared.output, prepared.files)  # again: another job may have just finished
-        fs, path = filesystem(prepared.output, config.storage_options)
-        uncommit(fs, path)
-        plan_fs, plan_path = filesystem(out, config.storage_options)
-        write_bytes_atomic(plan_fs, plan_path, plan_document(result))
+    plan_file = resolve(out, config.storage)
+    check_access(prepared, plan_out=plan_file)
+    with hold(config, result, "plan", release="never", output=prepared.location):
+        guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
+        uncommit(prepared.location.fs, prepared.location.path)
+        write_bytes_atomic(plan_file.fs, plan_file.path, plan_document(result))
     return result
 
 
-def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None) -> Any:
-    """The lease on the plan's output, for a sharded job's step (or under ``holder``, a run)."""
-    return held(the_plan.output, config.storage_options, holder or plan_holder(the_plan.plan_id), the_plan.plan_id,
-                command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout, release=release)
+def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None,
+         output: Location | None = None) -> Any:
+    """The lease on the plan's output (``output``, when the step has resolved it already), for a
+    sharded job's step (or under ``holder``, a run)."""
+    return held(output or resolve(the_plan.output, config.storage), holder or plan_holder(the_plan.plan_id),
+                the_plan.plan_id, command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout,
+                release=release)
 
 
 def plan_again(config: JobConfig, shards: int) -> Plan:
@@ -441,8 +443,8 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     config.require("model")
     output = normalize_output(config)
     policy = ArtifactPolicy.of(config)
-    artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
-    files = read_footers(list_inputs(config.input, config.storage_options), config.storage_options)
+    artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
+    files = read_footers(list_inputs(config.input, config.storage), config.storage)
     return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
 
 
@@ -463,9 +465,9 @@ def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -
     job's output, and it is the plan that was made: its digest is ``expected_sha256`` (handed on by
     whoever ran ``plan``, never read from the store) and, with a key in ``BATCHSCORE_PLAN_KEY``,
     its signature is that key's."""
-    fs, path = filesystem(uri, config.storage_options)
+    plan_file = resolve(uri, config.storage)
     try:
-        data = read_json(fs, path)
+        data = read_json(plan_file.fs, plan_file.path)
     except FileNotFoundError:
         raise ConfigError(f"plan not found: {uri}") from None
     except ValueError as exc:
@@ -502,20 +504,20 @@ def record_held(config: JobConfig, the_plan: Plan) -> None:
     """Beside an output held for drift, what its commit was committing: the plan (signed as plan
     files are) and the job's settings that commit reads, so ``commit OUTPUT --accept-drift``
     can commit it from the output alone. Called after the held report is written."""
-    fs, path = filesystem(the_plan.output, config.storage_options)
+    where = resolve(the_plan.output, config.storage)
     document = {"format": HELD_FORMAT, "plan": json.loads(plan_document(the_plan)),
                 "settings": {key: getattr(config, key) for key in HELD_SETTINGS}}
-    write_json(fs, held_path(path), document, compact=True)  # one line: it grows with the input
+    write_json(where.fs, held_path(where.path), document, compact=True)  # one line: it grows with the input
 
 
 def held_job(config: JobConfig) -> tuple[Plan, JobConfig]:
     """The plan of the commit that held ``config.output`` for drift, with the job's settings: those
     the commit recorded stand where ``config`` leaves them at their defaults."""
     output = normalize_output(config)
-    fs, path = filesystem(output, config.storage_options)
+    where = resolve(output, config.storage)
     uri = held_path(output)
     try:
-        data = read_json(fs, held_path(path))
+        data = read_json(where.fs, held_path(where.path))
     except FileNotFoundError:
         raise ConfigError(
             f"{param('accept_drift')}: {output} has no commit held for drift recorded beside it ({uri}); nothing to "
@@ -552,7 +554,7 @@ def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     """Refuse a plan whose files are not exactly those the job's own input specs match now: none
     outside them, none named twice, none missing (compared by where the files really are: ``..``,
     symlinks, ``file://``, relative paths, bucket and key). Reads a listing, no footer."""
-    listed = _locations(list_inputs(config.input, config.storage_options))
+    listed = _locations(list_inputs(config.input, config.storage))
     planned = [location(uri) for uri in the_plan.files.uris]
     outside = [the_plan.files.uri(i) for i, where in enumerate(planned) if where not in listed]
     if outside:
@@ -583,11 +585,11 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     files = the_plan.files
     for start in range(0, len(files), FOOTER_BATCH):  # in batches: 100,000 footers need not be held at once
         uris = [files.uri(i) for i in range(start, min(start + FOOTER_BATCH, len(files)))]
-        for i, found in enumerate(read_footers(uris, config.storage_options), start):
+        for i, found in enumerate(read_footers(uris, config.storage), start):
             check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config)
-        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage_options, policy)}
+        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage, policy)}
         for entry in the_plan.artifacts:
             found_artifact = actual.get(entry["role"])
             if found_artifact is None or found_artifact.sha256 != entry["sha256"]:

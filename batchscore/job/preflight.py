@@ -22,17 +22,17 @@ import posixpath
 from ..io.layout import receipts_folder, rejected_folder, state_folder
 from ..io.lease import Lease, run_holder
 from .preparation import Prepared
-from ..io.storage import filesystem, probe_writable
+from ..io.storage import Location, probe_writable
 
 
 def check_lease(prepared: Prepared, holder: str | None = None) -> None:
     """Raise what taking the output's lease now would raise (another job writes there), without
     taking it; ``holder`` is who would take it (a plan joins its own job's lease), by default a run."""
     config = prepared.config
-    Lease(prepared.output, config.storage_options, holder or run_holder(), "", "check", config.lease_seconds).check_free()
+    Lease(prepared.location, holder or run_holder(), "", "check", config.lease_seconds).check_free()
 
 
-def check_access(prepared: Prepared, plan_out: str | None = None, tidy: bool = True) -> None:
+def check_access(prepared: Prepared, plan_out: Location | None = None, tidy: bool = True) -> None:
     """Probe every place the job writes and read what it reads beyond the model and inputs.
 
     ``tidy`` removes the folders the probes had to create; a shard keeps them (its job's other
@@ -42,16 +42,15 @@ def check_access(prepared: Prepared, plan_out: str | None = None, tidy: bool = T
     from ..models.verification import check_engine
 
     config = prepared.config
-    fs, path = filesystem(prepared.output, config.storage_options)
+    fs, path = prepared.location.fs, prepared.location.path
     state = f"the state folder of output {prepared.output}"
     folders = [(state_folder(path), state), (path, None), (receipts_folder(path), state)]  # the lease's folder first
     folders += [(rejected_folder(path), state)] if config.on_invalid == "quarantine" else []
     for folder, role in folders:
         probe_writable(fs, folder, tidy=tidy, role=role)
     if plan_out:
-        plan_fs, plan_path = filesystem(plan_out, config.storage_options)
-        folder = posixpath.dirname(plan_fs._strip_protocol(plan_path).rstrip("/")) or "."
-        probe_writable(plan_fs, folder, tidy=tidy)
+        folder = posixpath.dirname(plan_out.path.rstrip("/")) or "."
+        probe_writable(plan_out.fs, folder, tidy=tidy)
     check_engine(config, prepared.model)
     if config.reference:
         reference_of(config)

@@ -14,7 +14,7 @@ from ..io.layout import check_output
 from ..observe.observers import NONE, Observers
 from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
 from ..io.source import InputFile, list_inputs, read_footers
-from ..io.storage import filesystem, full_uri
+from ..io.storage import Location, resolve
 from ..io.validation import SchemaContract, check_schemas
 
 
@@ -25,23 +25,32 @@ class Prepared:
     config: JobConfig
     model: LoadedModel
     files: list[InputFile]
-    output: str  # full URI
+    location: Location  # of the output, resolved once for the step
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
     #: What every file must look like; each worker checks it again on the footer it opens.
     contract: SchemaContract | None = None
+
+    @property
+    def output(self) -> str:
+        """The output's full URI."""
+        return self.location.uri
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def normalize_output(config: JobConfig) -> str:
+def output_location(config: JobConfig) -> Location:
+    """Where the job writes, resolved once for the step that asks."""
     config.require("output")
-    fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
-    output = full_uri(fs, fs._strip_protocol(path).rstrip("/"))
-    check_output(output)  # its state goes beside it: a root has no beside
+    output = resolve(config.output, config.storage)  # type: ignore[arg-type]
+    check_output(output.uri)  # its state goes beside it: a root has no beside
     return output
+
+
+def normalize_output(config: JobConfig) -> str:
+    return output_location(config).uri
 
 
 def prepare(
@@ -54,14 +63,14 @@ def prepare(
     ``observers`` hear how long the model took to load.
     """
     config.require("model")
-    output = normalize_output(config)
+    output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
     model = load_model(
-        config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
+        config.model, config.scaler, config.features, config.storage, policy  # type: ignore[arg-type]
     )
     observers.model_loaded(model.load_seconds)
-    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
-    files = read_footers(uris, config.storage_options)
+    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
+    files = read_footers(uris, config.storage)
     predictor_fields = Predictor(model, config.model_version, now()).fields
     contract = check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
     assert contract is not None  # list_inputs never returns no file

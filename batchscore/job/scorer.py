@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..models.engine import Predictor
+from ..config import StorageSettings
 from ..errors import InputDataError, StorageError, param
 from ..models.artifacts import LoadedModel
 from .pipeline import BackgroundWriter, prefetch
@@ -24,7 +25,7 @@ from .pool import report_progress
 from ..observe.profile import UnitProfile, score_columns
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
-from ..io.storage import filesystem, join
+from ..io.storage import Location, join
 from ..io.validation import invalid_mask, invalid_reasons
 
 
@@ -36,13 +37,13 @@ class ScoreTask:
     model_version: str
     predicted_at: datetime
     files: Sequence[Mapping[str, Any]]  # plan file entries: uri, size, row_groups
-    output: str  # full URI of the output dataset
+    output: Location  # the output dataset
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
     batch_size: int
     on_invalid: str
     max_invalid_rows: int
-    storage_options: Mapping[str, Any]
+    storage: StorageSettings  # to read the input files with
     attempt: str = ""  # named in every part's footer, checked by commit against the receipt
     fence: Any = None  # lease.Fence: no part is published once the output's lease may have run out
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
@@ -122,9 +123,10 @@ class _UnitScorer:
             )
         if self.task.on_invalid == "quarantine":
             if self.rejected_writer is None:
-                fs, base = filesystem(self.task.output, self.task.storage_options)
-                path = rejected_path(base, self.unit.part_name)
-                self.rejected_writer = stack.enter_context(self.task.open_part(fs, path, self.task.rejected_schema))
+                output = self.task.output
+                path = rejected_path(output.path, self.unit.part_name)
+                part = self.task.open_part(output.fs, path, self.task.rejected_schema)
+                self.rejected_writer = stack.enter_context(part)
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
             self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
                 list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
@@ -135,7 +137,7 @@ class _UnitScorer:
         started = time.perf_counter()
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
-        fs, base = filesystem(task.output, task.storage_options)
+        fs, base = task.output.fs, task.output.path  # this worker's own filesystem (see Location)
         profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
             if task.profile else None
         with contextlib.ExitStack() as stack:
@@ -152,7 +154,7 @@ class _UnitScorer:
             # One batch read ahead keeps the reader busy while this one scores; a second one
             # only costs memory (a batch of every read column).
             batches = prefetch(iter_batches(
-                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage_options,
+                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage,
                 expected=self.file["identity"], on_footer=footer,
                 start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
             ), depth=1)
@@ -199,4 +201,4 @@ def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
     try:
         return _UnitScorer(task, predictor, unit).run()
     except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
-        raise StorageError(f"cannot write part {join(task.output, unit.part_name)}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}") from None

@@ -24,7 +24,7 @@ from ..observe.run_report import ProfileSum
 from .scorer import ScoreTask
 from ..io.sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from ..io.source import InputFile
-from ..io.storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
+from ..io.storage import abort_uploads, abort_uploads_after_failure, remove_if_exists
 from ..models.verification import choose_engine
 from .workers import score_units
 
@@ -36,7 +36,7 @@ def run_shard_of(config: JobConfig, index: int, count: int, observers: Observers
     prepared = prepare(config, observers=observers)
     guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
     the_plan = plan_of(prepared, shards=count)
-    with hold(config, the_plan, "shard", release="never") as lease:
+    with hold(config, the_plan, "shard", release="never", output=prepared.location) as lease:
         check_access(prepared, tidy=False)
         return score_shard(prepared, the_plan, index, lease, observers)
 
@@ -77,7 +77,7 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
             f"shard {index}: output schema differs from the plan ({schema_difference(the_plan.schema, schema)}); "
             f"plan again"
         )
-    with hold(config, the_plan, "shard", release="never") as lease:
+    with hold(config, the_plan, "shard", release="never", output=prepared.location) as lease:
         check_access(prepared, tidy=False)  # other shards may be writing: the folders stay
         return score_shard(prepared, the_plan, index, lease, observers)
 
@@ -89,7 +89,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
-    fs, out_path = filesystem(the_plan.output, config.storage_options)
+    fs, out_path = lease.location.fs, lease.location.path
     remove_if_exists(fs, receipt_path(out_path, index))
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
@@ -98,10 +98,10 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
     engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
-        files=the_plan.files, output=the_plan.output, passthrough=prepared.passthrough,
+        files=the_plan.files, output=lease.location, passthrough=prepared.passthrough,
         output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
-        storage_options=config.storage_options, attempt=attempt, fence=lease.fence,
+        storage=config.storage, attempt=attempt, fence=lease.fence,
         compiled_library=engine.library_path, contract=prepared.contract,
     )
     workers = config.worker_count

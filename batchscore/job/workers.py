@@ -24,7 +24,7 @@ from .planning import Unit
 from .pool import WorkerDied, WorkerPool
 from .scorer import ScoreTask, UnitResult, score_unit
 from ..io.sink import TEMP_PATTERN, part_path, rejected_folder, rejected_name, rejected_path
-from ..io.storage import filesystem, is_local, make_durable
+from ..io.storage import is_local, make_durable
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
 #: one's pages (returning them at once costs page faults), short enough that memory stays flat.
@@ -135,7 +135,7 @@ def _score_in_workers(
             on_batch(*progress)
 
     results: dict[int, UnitResult] = {}
-    fs, base = filesystem(task.output, task.storage_options)
+    fs, base = task.output.fs, task.output.path
     # Largest first, so the units still running at the end are the small ones and workers
     # finish nearly together; results are put back in unit order.
     order = sorted(range(len(units)), key=lambda i: -units[i].rows)

@@ -17,9 +17,9 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from ..config import FIELDS
+from ..config import FIELDS, StorageSettings
 from ..errors import ModelError, param
-from ..io.storage import filesystem, full_uri, read_bytes
+from ..io.storage import read_bytes, resolve
 from ..schema import to_argv
 
 if TYPE_CHECKING:
@@ -140,13 +140,13 @@ class LoadedModel:
 
 
 def fetch_artifact(
-    role: str, uri: str, storage_options: Mapping[str, Any] | None, policy: ArtifactPolicy | None = None
+    role: str, uri: str, storage: StorageSettings | None, policy: ArtifactPolicy | None = None
 ) -> tuple[bytes, Artifact]:
     """Read an artifact's bytes once and check them against ``policy``: the same bytes then give
     the object, so what was checked is exactly what is loaded."""
-    fs, path = filesystem(uri, storage_options)
+    where = resolve(uri, storage)
     try:
-        data = read_bytes(fs, path)
+        data = read_bytes(where.fs, where.path)
     except FileNotFoundError:
         raise ModelError(f"{role} artifact not found: {uri}") from None
     except IsADirectoryError:
@@ -154,7 +154,7 @@ def fetch_artifact(
     except OSError as exc:
         raise ModelError(f"cannot read {role} artifact {uri}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
-    artifact = Artifact(role, full_uri(fs, path), digest, len(data), artifact_format(path))
+    artifact = Artifact(role, where.uri, digest, len(data), artifact_format(where.path))
     (policy or ArtifactPolicy()).check(artifact)
     return data, artifact
 
@@ -166,13 +166,13 @@ def artifact_roles(scaler_uri: str | None) -> list[str]:
 def artifact_digests(
     model_uri: str,
     scaler_uri: str | None,
-    storage_options: Mapping[str, Any] | None,
+    storage: StorageSettings | None,
     policy: ArtifactPolicy | None = None,
 ) -> tuple[Artifact, ...]:
     """Each artifact's sha256 and format, checked against ``policy``, without deserializing it
     (cheap enough for a planning step, and safe on a file not yet trusted)."""
     uris = {"model": model_uri, "scaler": scaler_uri}
-    return tuple(fetch_artifact(role, uris[role], storage_options, policy)[1] for role in artifact_roles(scaler_uri))
+    return tuple(fetch_artifact(role, uris[role], storage, policy)[1] for role in artifact_roles(scaler_uri))
 
 
 def pin_flags(artifacts: Sequence[Artifact]) -> str:
@@ -349,7 +349,7 @@ def load_model(
     model_uri: str,
     scaler_uri: str | None = None,
     features: Sequence[str] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
+    storage: StorageSettings | None = None,
     policy: ArtifactPolicy | None = None,
 ) -> LoadedModel:
     """Load and check the artifacts before any row is read, so a bad model costs no I/O.
@@ -359,9 +359,9 @@ def load_model(
     """
     started = time.perf_counter()
     policy = policy or ArtifactPolicy()
-    data, model_artifact = fetch_artifact("model", model_uri, storage_options, policy)
+    data, model_artifact = fetch_artifact("model", model_uri, storage, policy)
     scaler_data, scaler_artifact = (
-        fetch_artifact("scaler", scaler_uri, storage_options, policy) if scaler_uri else (b"", None)
+        fetch_artifact("scaler", scaler_uri, storage, policy) if scaler_uri else (b"", None)
     )
     estimator, saved_with = _deserialize(model_artifact, data, policy.trusted_types)
     _check_fitted("model", model_artifact.uri, estimator, "predict")

@@ -27,15 +27,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .engine import Predictor
-from ..config import COMPILED_CACHE_ENV
+from ..config import COMPILED_CACHE_ENV, StorageSettings
 from ..errors import BatchscoreError, ConfigError, ModelError, StorageError
 from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
-from ..io.storage import filesystem, join, probe_writable, read_bytes, write_bytes_atomic
+from ..io.storage import join, probe_writable, read_bytes, resolve, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Library:
 
 
 def obtain(
-    model: LoadedModel, configured_cache: str | None, storage_options: Mapping[str, Any] | None = None,
+    model: LoadedModel, configured_cache: str | None, storage: StorageSettings | None = None,
     must_upload: bool = False,
 ) -> Library:
     """The model's library from the cache, compiled into it first if it is not there.
@@ -244,7 +244,7 @@ def obtain(
     remote = join(configured_cache, name) if configured_cache and is_remote(configured_cache) else None
     downloaded = False
     if remote and not path.is_file():
-        downloaded = _download(remote, path, storage_options)
+        downloaded = _download(remote, path, storage)
     built = not path.is_file()
     if built:
         try:
@@ -253,7 +253,7 @@ def obtain(
             raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
     data = path.read_bytes()
     if remote and (built or must_upload):
-        _upload(data, remote, storage_options, must_upload)
+        _upload(data, remote, storage, must_upload)
     return Library(str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded)
 
 
@@ -267,18 +267,19 @@ def check_cache(model: LoadedModel, configured_cache: str | None) -> Path:
             raise ModelError(f"cannot read the compiled library {path}: permission denied")
         return path
     try:
-        probe_writable(*filesystem(str(path.parent)), tidy=False)  # the cache folder is kept
+        folder = resolve(str(path.parent))
+        probe_writable(folder.fs, folder.path, tidy=False)  # the cache folder is kept
     except BatchscoreError as exc:
         raise ModelError(f"cannot write the compiled library {path}: {exc}") from None
     return path
 
 
-def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -> bool:
+def _download(uri: str, path: Path, storage: StorageSettings | None) -> bool:
     """Copy the remote cache's library into the local cache; False when it is not there (or the
     remote cache cannot be read, which costs a compile, not the run)."""
     try:
-        fs, remote_path = filesystem(uri, storage_options)
-        data = read_bytes(fs, remote_path)
+        remote = resolve(uri, storage)
+        data = read_bytes(remote.fs, remote.path)
     except FileNotFoundError:
         return False
     except (OSError, BatchscoreError) as exc:
@@ -286,17 +287,19 @@ def _download(uri: str, path: Path, storage_options: Mapping[str, Any] | None) -
         return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(*filesystem(str(path)), data)
+        local = resolve(str(path))
+        write_bytes_atomic(local.fs, local.path, data)
     except OSError as exc:
         raise ModelError(f"cannot write the compiled library {path}: {exc.strerror or exc}") from None
     log.info("fetched the compiled library %s into %s", uri, path)
     return True
 
 
-def _upload(data: bytes, uri: str, storage_options: Mapping[str, Any] | None, must_upload: bool) -> None:
+def _upload(data: bytes, uri: str, storage: StorageSettings | None, must_upload: bool) -> None:
     """Publish a library to the remote cache: one whole object, so readers see all of it or none."""
     try:
-        write_bytes_atomic(*filesystem(uri, storage_options), data)
+        remote = resolve(uri, storage)
+        write_bytes_atomic(remote.fs, remote.path, data)
     except (OSError, BatchscoreError) as exc:
         if must_upload:
             raise StorageError(f"cannot upload the compiled library to {uri}: {exc}") from None
@@ -354,7 +357,7 @@ def predictor(model: LoadedModel, model_version: str, predicted_at: Any, library
 
 
 def compile_ahead(
-    uri: str, storage_options: Mapping[str, Any], policy: ArtifactPolicy, out: str | None
+    uri: str, storage: StorageSettings, policy: ArtifactPolicy, out: str | None
 ) -> tuple[Artifact, Library]:
     """``batchscore compile``: build (or find) the model's library in ``out``, keyed as a run looks
     it up. Only the model artifact matters (a separate scaler runs in scikit-learn), so no feature
@@ -362,7 +365,7 @@ def compile_ahead(
     reason = missing_dependency()
     if reason:
         raise ConfigError(f"batchscore compile needs the compiled engine: {reason}")
-    data, artifact = fetch_artifact("model", uri, storage_options, policy)
+    data, artifact = fetch_artifact("model", uri, storage, policy)
     estimator, _ = _deserialize(artifact, data, policy.trusted_types)
     model = LoadedModel(estimator, None, (), False, None, False, (artifact,), "")
-    return artifact, obtain(model, out, storage_options, must_upload=True)
+    return artifact, obtain(model, out, storage, must_upload=True)

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from . import compiled
 from .engine import ROW_ALIGNMENT, Predictor
+from ..config import StorageSettings
 from ..errors import ConfigError, ModelError, param
 from ..logs import event
 from .artifacts import LoadedModel
@@ -116,7 +117,7 @@ def choose_engine(
     if reason:
         return _fallback(requested, reason)
     try:
-        library = compiled.obtain(model, config.compiled_cache, config.storage_options)
+        library = compiled.obtain(model, config.compiled_cache, config.storage)
     except ModelError as exc:
         if requested == "compiled":
             raise
@@ -124,7 +125,7 @@ def choose_engine(
     started = time.perf_counter()
     reference = Predictor(model, model_version, predicted_at)
     candidate = compiled.CompiledPredictor(model, model_version, predicted_at, library.path)
-    agreement = compare_on_files(reference, candidate, files, config.storage_options)
+    agreement = compare_on_files(reference, candidate, files, config.storage)
     choice = EngineChoice(
         requested, "compiled", library_path=library.path, library=library.to_dict(), checked_rows=agreement.rows,
         nan_rows=agreement.nan_rows, largest_difference=agreement.largest,
@@ -149,13 +150,13 @@ def _fallback(requested: str, reason: str) -> EngineChoice:
 
 
 def compare_on_files(
-    reference: Predictor, candidate: Predictor, files: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any],
+    reference: Predictor, candidate: Predictor, files: Sequence[Mapping[str, Any]], storage: StorageSettings,
 ) -> Agreement:
     """Score a sample of every file with both predictors and measure how far apart they are."""
     handles_nan = type(reference.model.final_estimator).__name__.startswith("HistGradientBoosting")
 
     def sample(entry: Mapping[str, Any]) -> tuple[str, list[np.ndarray]]:
-        return entry["uri"], _samples(reference, entry, storage_options, handles_nan)
+        return entry["uri"], _samples(reference, entry, storage, handles_nan)
 
     with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
         samples = list(pool.map(sample, files))
@@ -174,7 +175,7 @@ def compare_on_files(
 
 
 def _samples(
-    predictor: Predictor, entry: Mapping[str, Any], storage_options: Mapping[str, Any], handles_nan: bool
+    predictor: Predictor, entry: Mapping[str, Any], storage: StorageSettings, handles_nan: bool
 ) -> list[np.ndarray]:
     """Rows of the file's first non-empty row group as the scorer builds them (invalid rows
     zeroed, as the scorer scores them), then, for a model that handles missing values, copies of
@@ -186,7 +187,7 @@ def _samples(
         return [np.zeros((0, len(features)))]
     wanted = np.unique(np.linspace(0, groups[index] - 1, min(ROWS_PER_FILE, groups[index])).astype(np.intp))
     taken, start = [], 0
-    with open_parquet(entry["uri"], storage_options, expected=entry.get("identity"), streaming=True) as (pf, _):
+    with open_parquet(entry["uri"], storage, expected=entry.get("identity"), streaming=True) as (pf, _):
         nulls = set(columns_with_nulls(pf.metadata, features))
         # Batch by batch, keeping only the wanted rows: this process forks the workers next, and
         # they would inherit whatever a whole row group had grown its heap to.

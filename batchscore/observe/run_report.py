@@ -17,7 +17,7 @@ from . import drift as drifts
 from ..errors import ConfigError, DriftError, InputDataError, param
 from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 from ..io.sink import SUCCESS_FILE, read_json, report_path, write_json
-from ..io.storage import filesystem, full_uri, join
+from ..io.storage import Location, join, resolve
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,9 @@ def build_report(plan_id: str, output: str, receipts: Mapping[int, Mapping[str, 
     return report
 
 
-def read_report(output: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+def read_report(where: Location) -> dict[str, Any]:
     """An output's report, with ``committed`` telling whether its ``_SUCCESS`` is there."""
-    fs, path = filesystem(output, storage_options)
-    path = fs._strip_protocol(path).rstrip("/")
+    output, fs, path = where.uri, where.fs, where.path.rstrip("/")
     try:
         report = read_json(fs, report_path(path))
     except FileNotFoundError:
@@ -125,10 +124,11 @@ def read_report(output: str, storage_options: Mapping[str, Any]) -> dict[str, An
     return report
 
 
-def _reference(uri: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+def _reference(where: Location) -> dict[str, Any] | None:
     """The reference's report if it is a committed, profiled output; else None (and a warning)."""
+    uri = where.uri
     try:
-        report = read_report(uri, storage_options)
+        report = read_report(where)
     except ConfigError as exc:
         log.warning("drift not checked: %s", exc)
         return None
@@ -142,8 +142,8 @@ def _reference(uri: str, storage_options: Mapping[str, Any]) -> dict[str, Any] |
 def reference_of(config: Any) -> tuple[str, dict[str, Any] | None]:
     """The drift reference as a URI and its report; the report is None (with a warning) when the
     reference is no committed, profiled output. A reference that cannot be read raises."""
-    reference = full_uri(*_stripped(config.reference, config.storage_options))
-    return reference, _reference(reference, config.storage_options)
+    reference = resolve(config.reference, config.storage)
+    return reference.uri, _reference(reference)
 
 
 def _accepting(fs: Any, path: str, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,11 +184,6 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
             f"review `batchscore report {report['output']}`, then run commit again with {param('accept_drift')}"
         )
     return report
-
-
-def _stripped(uri: str, storage_options: Mapping[str, Any]) -> tuple[Any, str]:
-    fs, path = filesystem(uri, storage_options)
-    return fs, fs._strip_protocol(path).rstrip("/")
 
 
 def without_sketches(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -350,7 +350,6 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     except ConfigError as exc:
         raise DagConfigError(f"{source}: {exc}") from None
     values = {key: getattr(config, key) for key in given}
-    values["storage_options"] = dict(given.get("storage_options") or {})  # as written, without the bounds
     values["job_name"] = config.job_name or Path(source).stem  # names its metrics and lineage, as the CLI would
     return tuple(schema.to_argv(JOB_FIELDS, {**values, "overwrite": True}))
 
