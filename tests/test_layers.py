@@ -22,7 +22,7 @@ LAYERS = {
     "models": 2,
     "observe": 3,
     "job": 4, "orchestration": 4,
-    "api": 5, "sample": 5,
+    "api": 5, "sample": 5, "spark": 5,
     "cli": 6, "__main__": 6, "__init__": 6,
     "reference": 7,  # renders the docs' tables from every declaration, the CLI's included
 }
