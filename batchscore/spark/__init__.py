@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from ..config import JobConfig
 
 
-def run_job(config: "JobConfig", spark: Any = None, shards: int | None = None) -> "CommitResult":
+def run_job(config: "JobConfig", spark: Any = None, shards: int | None = None,
+            master: str | None = None) -> "CommitResult":
     """Score ``config``'s job on Spark and commit it; see ``batchscore.spark.driver``."""
     from .driver import run_job as run
 
-    return run(config, spark=spark, shards=shards)
+    return run(config, spark=spark, shards=shards, master=master)
 
 
 def score(df: Any, config_or_model: Any, **settings: Any) -> Any:

@@ -55,20 +55,24 @@ def anchored(config: JobConfig) -> JobConfig:
                    compiled_cache=absolute(config.compiled_cache))
 
 
-def session(app_name: str) -> Any:
-    """The Spark session ``spark-submit`` (or ``--master``) describes, without speculation: two
+def session(app_name: str, master: str | None = None) -> Any:
+    """The Spark session ``spark-submit`` (or ``master``) describes, without speculation: two
     attempts of one shard would write the same part names at once (see docs/spark.md)."""
     from pyspark.sql import SparkSession
 
-    return SparkSession.builder.appName(app_name).config("spark.speculation", "false").getOrCreate()
+    builder = SparkSession.builder.appName(app_name).config("spark.speculation", "false")
+    return (builder.master(master) if master else builder).getOrCreate()
 
 
-def run_job(config: JobConfig, spark: Any = None, shards: int | None = None) -> api.CommitResult:
-    """Plan, score every shard in a Spark task, then commit; returns the committed output."""
+def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None) -> api.CommitResult:
+    """Plan, score every shard in a Spark task, then commit; returns the committed output.
+
+    ``spark`` is a session to use (else one is started, on ``master`` if given); ``shards`` the
+    number of tasks (else the cluster's default parallelism)."""
     config.require("input")
     config.require("output")
     config.require("model")
-    spark = spark or session(f"batchscore {config.job_name or config.output}")
+    spark = spark or session(f"batchscore {config.job_name or config.output}", master)
     context = spark.sparkContext
     config = anchored(config)
     plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
@@ -89,7 +93,8 @@ def run_job(config: JobConfig, spark: Any = None, shards: int | None = None) -> 
     if failures:
         first = min(failures, key=lambda r: r["shard"])
         raise PERMANENT.get(first["exit_code"], BatchscoreError)(first["error"])
-    log.info("spark: every shard scored: " + ", ".join(f"{r['shard']}:{r['rows_out']}" for r in results))
+    log.info("spark: every shard scored: " + ", ".join(
+        f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results))
     return api.commit(pinned, plan=plan_uri, plan_sha256=the_plan.sha256)
 
 
