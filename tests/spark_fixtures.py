@@ -56,6 +56,7 @@ def spark_env(**extra: str) -> dict[str, str]:
 class Cluster:
     master: str  # spark://127.0.0.1:PORT
     logs: Path
+    submitted: int = 0
 
     def submit(self, args: Sequence[str], conf: dict[str, str] | None = None, timeout: float = SUBMIT_SECONDS,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -69,7 +70,14 @@ class Cluster:
         for key, value in settings.items():
             command += ["--conf", f"{key}={value}"]
         command += [submit.__file__, *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=spark_env(**(env or {})))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=spark_env(**(env or {})))
+        self.submitted += 1
+        (self.logs / f"submit-{self.submitted}.log").write_text(done.stdout + done.stderr)  # for a failure's reader
+        return done
+
+    def batchscore_lines(self, done: subprocess.CompletedProcess[str]) -> str:
+        """The driver's batchscore log lines and Spark's lost tasks, for an assertion's message."""
+        return "\n".join(line for line in (done.stdout + done.stderr).splitlines() if "batchscore" in line or "Lost task" in line)
 
 
 def _wait_for_worker(ui_port: int, processes: Sequence[subprocess.Popen[bytes]], logs: Path) -> None:
@@ -129,7 +137,8 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 def spark_local() -> Iterator[object]:
     """A ``local[2]`` session (task retries allowed: ``local[2,2]``) for this module's tests."""
     require_java()
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    saved = os.environ.get("PYSPARK_PYTHON")
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # Python workers run this interpreter, with batchscore
     from pyspark.sql import SparkSession
 
     session = (SparkSession.builder.master("local[2,2]").appName("batchscore-tests")
@@ -139,3 +148,7 @@ def spark_local() -> Iterator[object]:
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+    if saved is None:
+        os.environ.pop("PYSPARK_PYTHON", None)
+    else:
+        os.environ["PYSPARK_PYTHON"] = saved

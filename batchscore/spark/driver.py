@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 #: Errors a task reports instead of raising: no retry would fix them, so none is made.
 PERMANENT = {EXIT_USAGE: ConfigError, EXIT_INPUT: InputDataError, EXIT_MODEL: ModelError, EXIT_DRIFT: DriftError}
 #: A fault for the tests to inject into an executor: ``SHARD:WHEN`` makes the first attempt of task
-#: SHARD die (``os._exit``) at ``start``, once its first ``part`` is written, or after its ``receipt``.
+#: SHARD die (``os._exit``) at ``start``, once its first ``part`` is written (at the latest after its
+#: receipt), or after its ``receipt``; Spark sees a lost task either way.
 FAULT_ENV = "BATCHSCORE_SPARK_FAULT"
 #: How long the driver waits, after the last task succeeded, for attempts Spark is killing
 #: (speculative copies, attempts of a lost executor) to end before it commits.
@@ -74,6 +75,10 @@ def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, mas
     config.require("model")
     spark = spark or session(f"batchscore {config.job_name or config.output}", master)
     context = spark.sparkContext
+    if context.getConf().get("spark.speculation", "false").lower() == "true":
+        log.warning("spark: speculation is on in this session: two attempts of one shard may overwrite each "
+                    "other's parts, and the commit then refuses (exit 3) rather than publish a mixture; "
+                    "run batchscore's jobs with spark.speculation=false")
     config = anchored(config)
     plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
     the_plan = api.plan(config, shards=shards or context.defaultParallelism, out=plan_uri)
@@ -139,15 +144,17 @@ def score_shard_task(config: JobConfig, plan_uri: str, plan_sha256: str, first_p
     fault = _fault(index, attempt)
     if fault == "start":
         os._exit(137)
-    if fault == "part" and first_parts[index]:
-        _die_once_written(first_parts[index], config.storage_options)  # type: ignore[arg-type]
+    watching = _die_once_written(first_parts[index], config.storage_options) if fault == "part" else None
     try:
         done = api.run_shard(config, index, plan=plan_uri, plan_sha256=plan_sha256)
     except BatchscoreError as exc:
         if exc.exit_code not in PERMANENT:
             raise  # storage failures and the like: Spark retries the task
         return {"shard": index, "task_attempt": attempt, "error": str(exc), "exit_code": exc.exit_code}
-    if fault == "receipt":
+    finally:
+        if watching is not None:
+            watching.set()
+    if fault in ("part", "receipt"):  # a shard of one part may finish before the watch saw it
         os._exit(137)
     return {"shard": index, "task_attempt": attempt, "attempt": done.receipt["attempt"], "rows_in": done.rows_in,
             "rows_out": done.rows_out, "rows_invalid": done.rows_invalid, "seconds": done.seconds}
@@ -159,17 +166,22 @@ def _fault(index: int, attempt: int) -> str | None:
     return when if shard and attempt == 0 and int(shard) == index else None
 
 
-def _die_once_written(uri: str, storage_options: Mapping[str, Any]) -> None:
-    """End this process as soon as ``uri`` exists: an attempt killed between parts."""
+def _die_once_written(uri: str | None, storage_options: Mapping[str, Any]) -> threading.Event:
+    """End this process as soon as ``uri`` exists (an attempt killed between parts), until the
+    returned event is set."""
     import fsspec
 
+    done = threading.Event()
+    if uri is None:
+        return done
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
 
     def watch() -> None:
-        while True:
+        while not done.is_set():
             fs.invalidate_cache()
-            if fs.exists(path):
+            if fs.exists(path) and not done.is_set():
                 os._exit(137)
             time.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()
+    return done

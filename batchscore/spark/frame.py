@@ -12,6 +12,7 @@ invalid-row checks, the same columns (passthrough, then prediction, probability 
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 from datetime import datetime
@@ -47,7 +48,7 @@ def load(config: JobConfig) -> Any:
     from ..models.artifacts import ArtifactPolicy, load_model
 
     key = (config.model, config.scaler, config.model_sha256, config.scaler_sha256, config.features,
-           tuple(sorted(config.storage_options.items())) if config.storage_options else ())
+           config.allow_pickle, config.trusted_types, json.dumps(dict(config.storage_options), sort_keys=True, default=str))
     with _lock:
         if key not in _loaded:
             _loaded[key] = load_model(config.model, config.scaler, config.features,  # type: ignore[arg-type]
