@@ -244,6 +244,25 @@ def commit(held_output: str | None, plan: str | None, shards: int | None, accept
     _summary(config, result)
 
 
+@main.command(name="spark", epilog=EXIT_CODES_HELP)
+@job_options
+@click.option("--shards", type=int, help="Spark tasks, one shard each [default: the cluster's default parallelism].")
+@click.option("--master", help="Spark master URL (spark://host:7077, local[4]); under spark-submit, leave it to its --master.")
+@_handle_errors
+def spark(shards: int | None, master: str | None, **kw: Any) -> None:
+    """Score the job on a Spark cluster and commit it: plan here, one Spark task per shard, commit here.
+
+    `spark-submit [options] batchscore/spark/submit.py [these options]` runs the same command.
+    """
+    from . import spark as on_spark
+
+    config = _config(kw)
+    _observe(config)
+    result = on_spark.run_job(config, shards=shards, master=master)
+    _observed(result.manifest)
+    _summary(config, result)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @job_options
 @_handle_errors

@@ -20,7 +20,7 @@ COMMANDS = sorted(main.commands)
 
 
 def test_every_command_and_option_has_help() -> None:
-    assert COMMANDS == ["commit", "compile", "inspect", "plan", "report", "run", "sample", "validate"]
+    assert COMMANDS == ["commit", "compile", "inspect", "plan", "report", "run", "sample", "spark", "validate"]
     for name, command in main.commands.items():
         assert command.help, f"{name} has no help"
         for param in command.params:

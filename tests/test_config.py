@@ -88,7 +88,7 @@ def test_argv_from_the_declaration_gives_the_same_job_on_the_command_line() -> N
 
 def test_every_key_has_a_flag_whose_help_shows_its_default() -> None:
     helps = {p.name: p.help for p in main.commands["run"].params if isinstance(p, click.Option)}
-    for command in ("run", "plan", "commit", "validate"):
+    for command in ("run", "plan", "commit", "validate", "spark"):
         names = {p.name for p in main.commands[command].params}
         assert set(CONFIG_KEYS) <= names, command
     assert helps["batch_size"].endswith("[default: 65536]")

@@ -22,15 +22,17 @@ LAYERS = {
     "models": 2,
     "observe": 3,
     "job": 4, "orchestration": 4,
-    "api": 5, "sample": 5,
+    "api": 5, "sample": 5, "spark": 5,
     "cli": 6, "__main__": 6, "__init__": 6,
     "reference": 7,  # renders the docs' tables from every declaration, the CLI's included
+    "spark.submit": 6,  # the script spark-submit runs: the CLI's `spark` command
 }
 
 
 def layer_of(module: str) -> tuple[str, int]:
-    """``batchscore.io.storage`` -> (``io``, 1)."""
-    part = module.split(".")[1] if "." in module else "__init__"
+    """``batchscore.io.storage`` -> (``io``, 1); a module with a layer of its own (``spark.submit``) has that."""
+    own = ".".join(module.split(".")[1:3])
+    part = own if own in LAYERS else module.split(".")[1] if "." in module else "__init__"
     return part, LAYERS[part]
 
 

@@ -1,0 +1,187 @@
+"""Run a job on Spark: plan on the driver, one Spark task per shard, commit on the driver.
+
+The guarantees are the sharded job's (see docs/sharding.md), with Spark as the orchestrator:
+
+- The driver plans with ``batchscore.plan`` into as many shards as the cluster runs tasks at once
+  (or ``shards``) and writes the plan beside the output, taking the output's lease for the plan.
+- Each task runs ``batchscore.run_shard`` for its shard, held to the plan's sha256 and the
+  model's pinned digests: it reads its own row groups in input order through batchscore's
+  storage layer (local, S3 through fsspec), loads the model from its bytes (never pickled into
+  the task), writes parts with the plan's names, each footer naming the attempt, then its receipt.
+- A retried task attempt rewrites the same part names; an attempt that died leaves no part the
+  commit keeps (parts no receipt lists are removed, a part whose footer names another attempt
+  than its receipt's is refused). Errors a retry cannot fix (exit 2, 3, 4) end the task with
+  their message instead of being retried.
+- The driver commits with ``batchscore.commit`` only after every task succeeded and no attempt
+  of the stage is still running, never with Spark's own writer or its overwrite mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Mapping
+
+from .. import api
+from ..config import JobConfig
+from ..errors import (EXIT_DRIFT, EXIT_INPUT, EXIT_MODEL, EXIT_USAGE, BatchscoreError, ConfigError, DriftError,
+                      InputDataError, ModelError)
+from ..io import layout
+
+log = logging.getLogger(__name__)
+
+#: Errors a task reports instead of raising: no retry would fix them, so none is made.
+PERMANENT = {EXIT_USAGE: ConfigError, EXIT_INPUT: InputDataError, EXIT_MODEL: ModelError, EXIT_DRIFT: DriftError}
+#: A fault for the tests to inject into an executor: ``SHARD:WHEN`` makes the first attempt of task
+#: SHARD die (``os._exit``) at ``start``, once its first ``part`` is written (at the latest after its
+#: receipt), or after its ``receipt``; Spark sees a lost task either way.
+FAULT_ENV = "BATCHSCORE_SPARK_FAULT"
+#: How long the driver waits, after the last task succeeded, for attempts Spark is killing
+#: (speculative copies, attempts of a lost executor) to end before it commits.
+SETTLE_SECONDS = 60.0
+
+
+def anchored(config: JobConfig) -> JobConfig:
+    """The job with its local paths made absolute: executors run in folders of their own."""
+
+    def absolute(uri: str | None) -> str | None:
+        return uri if uri is None or "://" in uri else os.path.abspath(uri)
+
+    return replace(config, input=tuple(absolute(u) for u in config.input), output=absolute(config.output),
+                   model=absolute(config.model), scaler=absolute(config.scaler),
+                   compiled_cache=absolute(config.compiled_cache))
+
+
+def session(app_name: str, master: str | None = None) -> Any:
+    """The Spark session ``spark-submit`` (or ``master``) describes, without speculation: two
+    attempts of one shard would write the same part names at once (see docs/spark.md)."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name).config("spark.speculation", "false")
+    return (builder.master(master) if master else builder).getOrCreate()
+
+
+def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None) -> api.CommitResult:
+    """Plan, score every shard in a Spark task, then commit; returns the committed output.
+
+    ``spark`` is a session to use (else one is started, on ``master`` if given); ``shards`` the
+    number of tasks (else the cluster's default parallelism)."""
+    config.require("input")
+    config.require("output")
+    config.require("model")
+    spark = spark or session(f"batchscore {config.job_name or config.output}", master)
+    context = spark.sparkContext
+    if context.getConf().get("spark.speculation", "false").lower() == "true":
+        log.warning("spark: speculation is on in this session: two attempts of one shard may overwrite each "
+                    "other's parts, and the commit then refuses (exit 3) rather than publish a mixture; "
+                    "run batchscore's jobs with spark.speculation=false")
+    config = anchored(config)
+    plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
+    the_plan = api.plan(config, shards=shards or context.defaultParallelism, out=plan_uri)
+    pinned = _pinned(config, the_plan.artifacts)
+    count = the_plan.num_shards
+    first_parts = [layout.part_path(the_plan.output, s.units[0].part_name) if s.units else None for s in the_plan.shards]
+    log.info(f"spark: {the_plan.total_rows:,} rows in {count} shard(s) of plan {the_plan.plan_id}, "
+             f"default parallelism {context.defaultParallelism}")
+    group = f"batchscore-{the_plan.plan_id}-{time.time_ns()}"
+    context.setJobGroup(group, f"batchscore {the_plan.output}", interruptOnCancel=True)
+    task = functools.partial(score_shard_task, pinned, plan_uri, the_plan.sha256, first_parts)
+    try:
+        results = context.parallelize(range(count), count).map(task).collect()
+    finally:
+        _settle(context, group)
+    failures = [r for r in results if "error" in r]
+    if failures:
+        first = min(failures, key=lambda r: r["shard"])
+        raise PERMANENT.get(first["exit_code"], BatchscoreError)(first["error"])
+    log.info("spark: every shard scored: " + ", ".join(
+        f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results))
+    return api.commit(pinned, plan=plan_uri, plan_sha256=the_plan.sha256)
+
+
+def _pinned(config: JobConfig, artifacts: Any) -> JobConfig:
+    """The job held to the digests of the artifacts it was planned with: every executor checks
+    the bytes it fetches against them before anything deserializes them."""
+    digests = {a["role"]: a["sha256"] for a in artifacts}
+    return replace(config, model_sha256=config.model_sha256 or digests.get("model"),
+                   scaler_sha256=config.scaler_sha256 or digests.get("scaler"),
+                   workers=config.workers or 1)  # Spark runs tasks side by side: one core each
+
+
+def _settle(context: Any, group: str) -> None:
+    """Wait until no attempt of this job's stages is running (speculative copies, attempts being
+    killed): nothing may still write a part when the commit reads them."""
+    tracker, deadline = context.statusTracker(), time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        stages = [s for job in tracker.getJobIdsForGroup(group) for s in (tracker.getJobInfo(job) or
+                  _NO_JOB).stageIds]
+        active = sum(info.numActiveTasks for info in (tracker.getStageInfo(s) for s in stages) if info is not None)
+        if not active:
+            return
+        time.sleep(0.2)
+    log.warning(f"spark: task attempts still running {SETTLE_SECONDS:.0f} s after the job ended; "
+                f"the commit checks every part's attempt against its receipt")
+
+
+class _NoJob:
+    stageIds: list[int] = []
+
+
+_NO_JOB = _NoJob()
+
+
+def score_shard_task(config: JobConfig, plan_uri: str, plan_sha256: str, first_parts: list[str | None],
+                     index: int) -> dict[str, Any]:
+    """One Spark task: score shard ``index`` of the plan (runs on an executor)."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    attempt = context.attemptNumber() if context is not None else 0
+    fault = _fault(index, attempt)
+    if fault == "start":
+        os._exit(137)
+    watching = _die_once_written(first_parts[index], config.storage_options) if fault == "part" else None
+    try:
+        done = api.run_shard(config, index, plan=plan_uri, plan_sha256=plan_sha256)
+    except BatchscoreError as exc:
+        if exc.exit_code not in PERMANENT:
+            raise  # storage failures and the like: Spark retries the task
+        return {"shard": index, "task_attempt": attempt, "error": str(exc), "exit_code": exc.exit_code}
+    finally:
+        if watching is not None:
+            watching.set()
+    if fault in ("part", "receipt"):  # a shard of one part may finish before the watch saw it
+        os._exit(137)
+    return {"shard": index, "task_attempt": attempt, "attempt": done.receipt["attempt"], "rows_in": done.rows_in,
+            "rows_out": done.rows_out, "rows_invalid": done.rows_invalid, "seconds": done.seconds}
+
+
+def _fault(index: int, attempt: int) -> str | None:
+    """The fault ``FAULT_ENV`` asks of this task attempt, if any (first attempts only)."""
+    shard, _, when = os.environ.get(FAULT_ENV, "").partition(":")
+    return when if shard and attempt == 0 and int(shard) == index else None
+
+
+def _die_once_written(uri: str | None, storage_options: Mapping[str, Any]) -> threading.Event:
+    """End this process as soon as ``uri`` exists (an attempt killed between parts), until the
+    returned event is set."""
+    import fsspec
+
+    done = threading.Event()
+    if uri is None:
+        return done
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+
+    def watch() -> None:
+        while not done.is_set():
+            fs.invalidate_cache()
+            if fs.exists(path) and not done.is_set():
+                os._exit(137)
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
