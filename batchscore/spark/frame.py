@@ -52,7 +52,7 @@ def load(config: JobConfig) -> Any:
     with _lock:
         if key not in _loaded:
             _loaded[key] = load_model(config.model, config.scaler, config.features,  # type: ignore[arg-type]
-                                      config.storage_options, ArtifactPolicy.of(config))
+                                      config.storage, ArtifactPolicy.of(config))
         return _loaded[key]
 
 
