@@ -40,7 +40,7 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     is refused with this reason (see :func:`unbounded`).
     """
     faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
-             "shown": shown, "unit": unit, "envvar": envvar, "why": why}  # fmt: skip
+             "shown": shown, "unit": unit, "envvar": envvar, "why": why}
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)

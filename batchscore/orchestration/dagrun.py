@@ -159,7 +159,7 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
     """
     dag_run = context["dag_run"]
     dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None))  # fmt: skip
+                      getattr(dag_run, "run_after", None))
     if dates:
         why = "the 'date' param" if context["params"].get(DATE_PARAM) else "no logical date: the schedule's last complete interval"
         log.info("templates see ds=%s (%s)", dates["ds"], why)
@@ -177,11 +177,11 @@ class RunDatesMixin:
     job_settings: JobSettings
 
     def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Any, jinja_env: Any,
-                                   seen_oids: set[int]) -> None:  # fmt: skip
+                                   seen_oids: set[int]) -> None:
         dag_run = context.get("dag_run")
         if dag_run is not None:
             dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
-                              getattr(dag_run, "run_after", None))  # fmt: skip
+                              getattr(dag_run, "run_after", None))
             context = {**context, **dates}
         super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]
 
@@ -211,7 +211,7 @@ def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | 
 
     dag_run = context["dag_run"]
     dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None)) or context  # fmt: skip
+                      getattr(dag_run, "run_after", None)) or context
     start = dates.get("logical_date")  # the date this run scores and names its output after
     previous = last_interval(settings.dag.schedule, settings.dag.timezone, start) if start is not None else None
     if previous is None:
@@ -219,7 +219,7 @@ def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | 
     ds = pendulum.instance(previous[0]).in_timezone("UTC").strftime("%Y-%m-%d")
     task_ = context["task"]
     rendered = task_.render_template(settings.output, {**context, **interval_dates(*previous, ds)},
-                                     task_.dag.get_template_env())  # fmt: skip
+                                     task_.dag.get_template_env())
     return str(rendered)
 
 
