@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench clean image
+.PHONY: run test lint bench clean image
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(VENV)/.dev-deps
 test-fast: $(VENV)/.dev-deps
 	$(BIN)/python -m pytest -m "not slow and not fault" $(PYTEST_ARGS)
 
+# The linters, as CI runs them before the tests; their settings are in pyproject.toml.
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 bench: $(VENV)/.dev-deps
 	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
 
@@ -42,4 +48,4 @@ image:
 	BATCHSCORE_IMAGE='$(IMAGE)' BATCHSCORE_EXTRAS='$(EXTRAS)' scripts/build-image $(if $(filter undefined,$(origin CA_BUNDLE)),,--ca-bundle '$(CA_BUNDLE)')
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
