@@ -164,7 +164,7 @@ def failure_cause(exc: BaseException) -> str | None:
     if isinstance(exc, (boto.ConnectTimeoutError, boto.ReadTimeoutError, asyncio.TimeoutError, TimeoutError)) or (
         type(exc).__name__ == "FSTimeoutError"
     ):
-        return f"storage did not answer in time ({exc or 'timed out'})"
+        return f"storage did not answer in time ({str(exc) or 'timed out'})"
     if isinstance(exc, boto.EndpointConnectionError):
         return f"cannot connect to storage ({exc})"
     if isinstance(exc, (boto.BotoCoreError, boto.ClientError)):
