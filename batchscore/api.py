@@ -285,12 +285,12 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
     """
     from .models.artifacts import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
 
-    config.require("model")
+    model_uri = config.require("model")
     policy = ArtifactPolicy.of(config)
     if sha256_only:
-        artifacts = artifact_digests(config.model, config.scaler, config.storage_options, policy)  # type: ignore[arg-type]
+        artifacts = artifact_digests(model_uri, config.scaler, config.storage_options, policy)
         return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
-    loaded = load_model(config.model, config.scaler, config.features, config.storage_options, policy)  # type: ignore[arg-type]
+    loaded = load_model(model_uri, config.scaler, config.features, config.storage_options, policy)
     return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
 
 
@@ -300,10 +300,10 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     from .models.compiled import compile_ahead
     from .models.artifacts import ArtifactPolicy
 
-    config.require("model")
+    model_uri = config.require("model")
     refuse_template("out", out)
-    artifact, library = compile_ahead(config.model, config.storage_options, ArtifactPolicy.of(config),
-                                     out or config.compiled_cache)  # type: ignore[arg-type]
+    artifact, library = compile_ahead(model_uri, config.storage_options, ArtifactPolicy.of(config),
+                                     out or config.compiled_cache)
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
 
 

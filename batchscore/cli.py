@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
 # thread pool; OpenBLAS would start one as NumPy loads and keep it spinning while start-up runs.
@@ -54,7 +54,7 @@ def _observed_failure(exit_code: int, message: str) -> None:
     _observers.clear()
 
 
-def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
+def _fail(message: str, exit_code: int, with_traceback: bool = False) -> NoReturn:
     """Log the one ``Error:`` line (a JSON line under ``--log-format json``), report the failure to
     the command's observers, and exit."""
     from .job import stopping

@@ -219,12 +219,13 @@ class JobConfig:
                    "storage_retries": self.storage_retries, "storage_throttle_seconds": self.storage_throttle_seconds}
         object.__setattr__(self, "storage_options", bounded)
 
-    def require(self, *names: str) -> None:
-        """Fail with a usage error naming the first required setting that is missing."""
-        for name in names:
-            if not getattr(self, name):
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
+    def require(self, name: str) -> str:
+        """The value of a required setting (``model``, ``output``), or a usage error naming it."""
+        value = getattr(self, name)
+        if not value:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"missing required setting '{name}' (flag {flag} or YAML key '{name}')")
+        return value
 
     @property
     def worker_count(self) -> int:
@@ -266,7 +267,7 @@ class CommandNumbers:
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
 
 
-COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
+COMMAND_FIELDS = CommandNumbers.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
 
 
 def check_numbers(**values: Any) -> None:
@@ -280,7 +281,7 @@ def check_numbers(**values: Any) -> None:
 
 
 #: The declaration as data: each setting's pydantic field, in order.
-FIELDS = JobConfig.__pydantic_fields__
+FIELDS = JobConfig.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
 CONFIG_KEYS = tuple(FIELDS)
 #: Sections the scorer ignores: they belong to the scheduler (see dagspec.py), and what the README says of them.
 IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the DAG factory (see below)."}
@@ -294,7 +295,7 @@ def key_table() -> list[str]:
     return ["| key | flag | default | meaning |", "|---|---|---|---|", *schema.markdown_rows(FIELDS, True), *sections]
 
 
-def check_text(key: str, value: Any) -> str:
+def check_text(key: str, value: Any) -> str | None:
     """A text setting as written, or a usage error.
 
     An unquoted ``model_version: 1.10`` reaches us as the number 1.1 (and ``yes`` as true), so the

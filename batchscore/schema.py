@@ -39,7 +39,7 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     bounds are what they are: every number has an upper bound (``le``/``lt``), and a value past it
     is refused with this reason (see :func:`unbounded`).
     """
-    faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
+    faces: dict[str, Any] = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
              "shown": shown, "unit": unit, "envvar": envvar, "why": why}
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
@@ -209,7 +209,7 @@ def click_options(fields: Mapping[str, FieldInfo], keys: Iterable[str]) -> list[
     for key in keys:
         info = fields[key]
         default = shown_default(info)
-        help_text = info.description + (" Repeatable." if _repeated(info) else "")
+        help_text = (info.description or "") + (" Repeatable." if _repeated(info) else "")
         help_text += f" [default: {default}]" if default and default != "required" else ""
         kwargs: dict[str, Any] = {"help": help_text, "metavar": extra(info).get("metavar")}
         if "envvar" in extra(info):
@@ -219,8 +219,8 @@ def click_options(fields: Mapping[str, FieldInfo], keys: Iterable[str]) -> list[
             kwargs.update(is_flag=True, default=None)
         elif _repeated(info):
             kwargs.update(multiple=True)
-        elif choices(info):
-            kwargs.update(type=click.Choice(choices(info)))
+        elif allowed := choices(info):
+            kwargs.update(type=click.Choice(allowed))
         elif kind in (int, float):
             kwargs.update(type=kind)
         options.append(click.option(flag_of(key, info), key, **kwargs))
@@ -305,6 +305,6 @@ def markdown_rows(fields: Mapping[str, FieldInfo], with_flags: bool) -> list[str
             default = flag_text(info.get_default()) if isinstance(info.get_default(), bool) else NOTHING
         elif isinstance(info.get_default(), str) and "shown" not in extra(info):
             default = f"`{default}`"
-        cells += [default, info.description]
+        cells += [default, info.description or ""]
         rows.append("| " + " | ".join(cells) + " |")
     return rows

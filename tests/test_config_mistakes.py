@@ -245,7 +245,7 @@ def test_a_template_nothing_renders_is_refused_naming_the_setting(tmp_path: Path
         build_config(None, **{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})
     assert refused.value.exit_code == EXIT_USAGE
     with pytest.raises(ConfigError, match=f"setting '{key}' holds the template"):
-        batchscore.JobConfig(**{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})  # type: ignore[arg-type]
+        batchscore.JobConfig(**{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})  # type: ignore[arg-type]  # mixed types
     assert not any("{" in p.name for p in tmp_path.rglob("*")), "a folder named after a template"
 
 
@@ -275,7 +275,7 @@ def test_the_dag_takes_templates_where_airflow_renders_them() -> None:
     settings = parse_job("job.yaml", job)
     assert "--output" in settings.common_args and "out/dt={{ ds }}/" in settings.common_args
     assert "models/{{ params.version }}.joblib" in settings.common_args
-    assert settings.dag.env == {"RUN_DATE": "{{ ds }}"} and settings.dag.sensor.marker == "_{{ ds }}"  # type: ignore[union-attr]
+    assert settings.dag.env == {"RUN_DATE": "{{ ds }}"} and settings.dag.sensor.marker == "_{{ ds }}"  # type: ignore[union-attr]  # it has one
 
 
 @pytest.mark.parametrize("key,value", [("image", "repo/batchscore:{{ ds }}"), ("namespace", "{{ params.ns }}"),
@@ -332,7 +332,7 @@ def validate_then_run(cwd: Path, *args: Any, privileged: bool) -> list[tuple[int
     assert child.returncode == 0, child.stderr[-3000:]
     import json
 
-    return [tuple(item) for item in json.loads(child.stdout.splitlines()[-1])]  # type: ignore[misc]
+    return [tuple(item) for item in json.loads(child.stdout.splitlines()[-1])]
 
 
 def read_only(path: Path) -> Path:

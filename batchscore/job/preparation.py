@@ -37,8 +37,7 @@ def now() -> datetime:
 
 
 def normalize_output(config: JobConfig) -> str:
-    config.require("output")
-    fs, path = filesystem(config.output, config.storage_options)  # type: ignore[arg-type]
+    fs, path = filesystem(config.require("output"), config.storage_options)
     output = full_uri(fs, fs._strip_protocol(path).rstrip("/"))
     check_output(output)  # its state goes beside it: a root has no beside
     return output
@@ -51,12 +50,10 @@ def prepare(
 
     The artifacts must pass ``policy`` (by default the job's pins and formats) before loading.
     """
-    config.require("model")
+    model_uri = config.require("model")
     output = normalize_output(config)
     policy = policy or ArtifactPolicy.of(config)
-    model = load_model(
-        config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
-    )
+    model = load_model(model_uri, config.scaler, config.features, config.storage_options, policy)
     observe_model_load(model.load_seconds)
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
     files = read_footers(uris, config.storage_options)

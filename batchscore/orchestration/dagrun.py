@@ -19,7 +19,7 @@ import jinja2
 try:
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 3.0
-    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]  # 3.0's home
 
 from .dagspec import JobSettings
 from ..io.layout import plan_path
@@ -183,7 +183,7 @@ class RunDatesMixin:
             dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
                               getattr(dag_run, "run_after", None))
             context = {**context, **dates}
-        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]  # a mixin
 
 
 def rendered_env(settings: JobSettings, context: Mapping[str, Any]) -> dict[str, str]:
@@ -361,7 +361,7 @@ def timetable(settings: JobSettings) -> Any:
     try:
         from airflow.sdk import CronDataIntervalTimetable
     except ImportError:  # Airflow 3.0
-        from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
+        from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[assignment]  # 3.0's home
     return CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
 
 
