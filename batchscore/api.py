@@ -194,7 +194,7 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
 
     A plan is refused unless every file it names is one the job's input matches, its artifacts have
     the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
-    from .job import planning, shard
+    from .job import shard
 
     check_numbers(shard=index, shards=count)
     refuse_template("plan", plan if isinstance(plan, str) else None)

@@ -85,8 +85,9 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("docker-engine")
     socket = folder / "podman.sock"
     url = f"unix://{socket}"
-    service = subprocess.Popen(["podman", "system", "service", "--time=0", url], env=podman_env(),
-                               stdout=subprocess.DEVNULL, stderr=open(folder / "service.log", "wb"))
+    with open(folder / "service.log", "wb") as log:  # the service holds its own copy
+        service = subprocess.Popen(["podman", "system", "service", "--time=0", url], env=podman_env(),
+                                   stdout=subprocess.DEVNULL, stderr=log)
     try:
         import docker
 

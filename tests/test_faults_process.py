@@ -21,7 +21,6 @@ import threading
 from typing import Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from batchscore.job.pipeline import ABANDON_SECONDS, BackgroundWriter, prefetch

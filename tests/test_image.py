@@ -191,7 +191,7 @@ def test_stop_mid_run_commits_nothing_and_leaves_no_process(scoring_image: str, 
     root = tmp_path / "big"
     write_inputs(root / "in", files=8, rows=40_013, row_group_size=2_000)
     binary_model(root / "model")
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, _files in os.walk(root):
         for name in dirs:
             os.chmod(Path(folder) / name, 0o755)
     out = writable(tmp_path / "out")

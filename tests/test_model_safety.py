@@ -272,7 +272,7 @@ def test_a_skops_type_not_trusted_exits_4_naming_it_until_trusted_by_name(tmp_pa
 def test_pinned_skops_artifacts_on_s3(tmp_path: Path, s3, inputs: list[Path], binary_model_paths) -> None:
     fs, bucket, options = s3
     paths = skops_copies(binary_model_paths, tmp_path)
-    for role, path in paths.items():
+    for path in paths.values():
         fs.put_file(str(path), f"{bucket}/models/{path.name}")
     common = ["--input", inputs[0].parent, "--output", tmp_path / "out", "--no-pickle",
               "--model", f"s3://{bucket}/models/model.skops", "--scaler", f"s3://{bucket}/models/scaler.skops",

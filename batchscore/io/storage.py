@@ -344,7 +344,7 @@ def _discard(fh: Any, exc: BaseException) -> None:
 
 #: Asked before a file is put at its final name. A worker process sets it (``job.pool``) so that a
 #: worker whose parent has gone never puts a file in place: no run is left to own it.
-_publish_allowed: Callable[[], bool] = lambda: True
+_publish_allowed: Callable[[], bool] = lambda: True  # noqa: E731
 
 
 def publish_only_while(allowed: Callable[[], bool]) -> None:
