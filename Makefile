@@ -19,6 +19,10 @@ $(VENV)/.dev-deps: pyproject.toml | $(BIN)/uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
 	touch $@ $(VENV)/.run-deps
 
+$(VENV)/.bench-deps: $(VENV)/.dev-deps
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,peers]'
+	touch $@
+
 run: $(VENV)/.run-deps
 	$(BIN)/batchscore sample --model-only
 	$(BIN)/batchscore run --config configs/sample.yaml
@@ -37,8 +41,11 @@ lint: $(VENV)/.dev-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev-deps
-	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
+# The command bench/RESULTS.md names in its header (bench/run.py records the arguments it ran with;
+# tests/test_bench.py holds the two to each other). Dask and Ray (the `peers` extra) run the peer jobs.
+BENCH_ARGS := --sizes 1000000,10000000 --peers --repeats 2 --json bench/out/results.json --markdown bench/RESULTS.md
+bench: $(VENV)/.bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # The scoring image, with Docker where an engine answers, else buildah (scripts/build-image --help).
 # make image IMAGE=... CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none; EXTRAS= leaves the compiled engine out).
