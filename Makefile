@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench clean image
+.PHONY: run test lint bench clean image
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/uv
 $(VENV)/.dev-deps: pyproject.toml | $(BIN)/uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
 	touch $@ $(VENV)/.run-deps
+
+$(VENV)/.bench-deps: $(VENV)/.dev-deps
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,peers]'
+	touch $@
 
 run: $(VENV)/.run-deps
 	$(BIN)/batchscore sample --model-only
@@ -37,8 +41,17 @@ test-fast: $(VENV)/.dev-deps
 docs: $(VENV)/.dev-deps
 	$(BIN)/cog -r docs/*.md
 
-bench: $(VENV)/.dev-deps
-	$(BIN)/python bench/run.py --sizes 1000000,10000000 --markdown bench/RESULTS.md
+# The linters, as CI runs them before the tests; their settings are in pyproject.toml.
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The command bench/RESULTS.md names in its header (bench/run.py records the arguments it ran with;
+# tests/test_bench.py holds the two to each other). Dask and Ray (the `peers` extra) run the peer jobs.
+BENCH_ARGS := --sizes 1000000,10000000 --peers --repeats 2 --json bench/out/results.json --markdown bench/RESULTS.md
+bench: $(VENV)/.bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # The scoring image, with Docker where an engine answers, else buildah (scripts/build-image --help).
 # make image IMAGE=... CA_BUNDLE=/path/to/proxy-ca.pem (CA_BUNDLE='' for none; EXTRAS= leaves the compiled engine out).
@@ -48,4 +61,4 @@ image:
 	BATCHSCORE_IMAGE='$(IMAGE)' BATCHSCORE_EXTRAS='$(EXTRAS)' scripts/build-image $(if $(filter undefined,$(origin CA_BUNDLE)),,--ca-bundle '$(CA_BUNDLE)')
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

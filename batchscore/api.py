@@ -244,7 +244,7 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
 
     A plan is refused unless every file it names is one the job's input matches, its artifacts have
     the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
-    from .job import planning, shard
+    from .job import shard
 
     check_numbers(names={"shard": "index", "shards": "count"}, shard=index, shards=count)
     with _observed(config, shard=index) as observers:
@@ -359,12 +359,12 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
     """
     from .models.artifacts import ArtifactPolicy, artifact_digests, describe, load_model, pin_flags
 
-    config.require("model")
+    model_uri = config.require("model")
     policy = ArtifactPolicy.of(config)
     if sha256_only:
-        artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
+        artifacts = artifact_digests(model_uri, config.scaler, config.storage, policy)
         return InspectResult(tuple(a.to_dict() for a in artifacts), pin_flags(artifacts))
-    loaded = load_model(config.model, config.scaler, config.features, config.storage, policy)  # type: ignore[arg-type]
+    loaded = load_model(model_uri, config.scaler, config.features, config.storage, policy)
     return InspectResult(tuple(a.to_dict() for a in loaded.artifacts), pin_flags(loaded.artifacts), describe(loaded))
 
 
@@ -374,10 +374,10 @@ def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     from .models.compiled import compile_ahead
     from .models.artifacts import ArtifactPolicy
 
-    config.require("model")
+    model_uri = config.require("model")
     refuse_template("out", out)
-    artifact, library = compile_ahead(config.model, config.storage, ArtifactPolicy.of(config),
-                                     out or config.compiled_cache)  # type: ignore[arg-type]
+    artifact, library = compile_ahead(model_uri, config.storage, ArtifactPolicy.of(config),
+                                     out or config.compiled_cache)
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
 
 

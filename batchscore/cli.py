@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NoReturn
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
 # thread pool; OpenBLAS would start one as NumPy loads and keep it spinning while start-up runs.
@@ -39,7 +39,7 @@ def flag(name: str) -> str:
     return schema.flag_of(name, info) if info is not None else "--" + name.replace("_", "-")
 
 
-def _fail(message: str, exit_code: int, with_traceback: bool = False) -> None:
+def _fail(message: str, exit_code: int, with_traceback: bool = False) -> NoReturn:
     """Log the one ``Error:`` line (a JSON line under ``--log-format json``) and exit."""
     from .job import stopping
 

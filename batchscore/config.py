@@ -121,10 +121,10 @@ class JobConfig:
     """Everything a scoring job needs; every field is also a YAML key of the same name."""
 
     input: Tuple[str, ...] = setting((), "Parquet file, directory or glob, local, file:// or s3://; a list of them in YAML.",
-                                     repeat=True, shown="required")  # fmt: skip
+                                     repeat=True, shown="required")
     output: Optional[str] = setting(None, "Output dataset directory (local or s3://).", shown="required")
     model: Optional[str] = setting(None, "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline.",
-                                   shown="required")  # fmt: skip
+                                   shown="required")
     scaler: Optional[str] = setting(None, "Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline).")
     model_sha256: Optional[str] = setting(None, "Refuse the model unless its bytes have this sha256; checked before it is "
                                           "loaded (`batchscore inspect --sha256-only` prints it).", metavar="HEX")
@@ -132,9 +132,9 @@ class JobConfig:
                                            metavar="HEX")
     trusted_types: Tuple[str, ...] = setting((), "Types a .skops artifact may hold beyond those skops trusts, by full "
                                              "name, e.g. sklearn.tree._tree.Tree.", flag="--trust", metavar="TYPE",
-                                             repeat=True)  # fmt: skip
+                                             repeat=True)
     allow_pickle: bool = setting(True, "Whether joblib (pickle) artifacts may load; false (flag --no-pickle) loads only .skops artifacts.",
-                                 flag="--no-pickle", switch=False)  # fmt: skip
+                                 flag="--no-pickle", switch=False)
     model_version: str = setting("unversioned", "Written to every row and the manifest; quote it in YAML (\"1.10\").")
     features: Optional[Tuple[str, ...]] = setting(None, "Feature columns, comma-separated on the command line.", csv=True,
                                                   shown="the estimator's feature_names_in_")
@@ -142,21 +142,21 @@ class JobConfig:
                                               shown="all input columns")
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "Rows per batch read, scored and written.", ge=1, le=MAX_BATCH_SIZE,
                               why="a few batches per worker are held in memory at once, and 2^24 rows of "
-                              "features already take gigabytes")  # fmt: skip
+                              "features already take gigabytes")
     on_invalid: Literal["fail", "skip", "quarantine"] = setting(
         "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason.")
     max_invalid_fraction: float = setting(DEFAULT_MAX_INVALID_FRACTION, "Most invalid rows allowed as a fraction of "
-                                          "input rows (skip or quarantine).", ge=0, le=1, why="a fraction")  # fmt: skip
+                                          "input rows (skip or quarantine).", ge=0, le=1, why="a fraction")
     overwrite: bool = setting(False, "Replace an existing output.", switch=True)
     workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1, le=MAX_WORKERS,
                                      shown="all cores this process may use",
                                      why="each worker is a process with its own copy of the model; no host has "
-                                     f"more than {MAX_WORKERS} cores to give them")  # fmt: skip
+                                     f"more than {MAX_WORKERS} cores to give them")
     storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
                                                  flag="--storage-option", metavar="KEY=VALUE")
     storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
                                      "the next data.", gt=0, le=3600, unit="seconds",
-                                     why="a request stalled for an hour has failed")  # fmt: skip
+                                     why="a request stalled for an hour has failed")
     storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
                                    f"fails a call within (retries + 1) x timeout + 2^retries - 1 s "
                                    f"({DEFAULT_STALLED_CALL_SECONDS:g} s).", ge=0, le=20,
@@ -165,7 +165,7 @@ class JobConfig:
                                               "retried, with exponential backoff and jitter, while the store answers "
                                               "that it is throttling (503 SlowDown, 429); apart from storage_retries.",
                                               ge=0, le=3600, unit="seconds",
-                                              why="a request throttled for an hour has failed: the store is down for this job")  # fmt: skip
+                                              why="a request throttled for an hour has failed: the store is down for this job")
     log_format: Literal["text", "json"] = setting("text", "Log lines, warnings and the final error as text or JSON.")
     lease_seconds: float = setting(DEFAULT_LEASE_SECONDS, "How long the lease on the output outlives a holder that "
                                    "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
@@ -185,11 +185,11 @@ class JobConfig:
     job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
                                       shown="the config file's stem, else batchscore")
     reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
-                                       "Wasserstein) at commit.")  # fmt: skip
+                                       "Wasserstein) at commit.")
     drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
-                                ge=0, le=MAX_PSI, why=PSI_WHY)  # fmt: skip
+                                ge=0, le=MAX_PSI, why=PSI_WHY)
     drift_fail: Optional[float] = setting(None, f"Exit {EXIT_DRIFT} without _SUCCESS when a column's PSI against the reference is "
-                                          "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)  # fmt: skip
+                                          "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod
@@ -221,7 +221,7 @@ class JobConfig:
         bad = [name for name in names if not TYPE_NAME.fullmatch(name)]
         if bad:
             raise ValueError("setting 'trusted_types' names each type by module and name, e.g. "
-                             f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}")  # fmt: skip
+                             f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}")
         return names
 
     @field_validator("storage_options", mode="after")
@@ -240,11 +240,12 @@ class JobConfig:
         return StorageSettings(dict(self.storage_options), self.storage_timeout, self.storage_retries,
                                self.storage_throttle_seconds)
 
-    def require(self, *names: str) -> None:
-        """Fail with a usage error naming the first required setting that is missing."""
-        for name in names:
-            if not getattr(self, name):
-                raise ConfigError(f"missing required setting {param(name)} (YAML key '{name}')")
+    def require(self, name: str) -> str:
+        """The value of a required setting (``model``, ``output``), or a usage error naming it."""
+        value = getattr(self, name)
+        if not value:
+            raise ConfigError(f"missing required setting {param(name)} (YAML key '{name}')")
+        return value
 
     @property
     def worker_count(self) -> int:
@@ -288,7 +289,7 @@ class CommandNumbers:
                                   why="the sample is built in memory: 10^8 rows take gigabytes")
 
 
-COMMAND_FIELDS = CommandNumbers.__pydantic_fields__
+COMMAND_FIELDS = CommandNumbers.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
 
 
 def shard_size_conflict(shards: Any, rows_per_shard: Any, name: Callable[[str], str] = param) -> str | None:
@@ -334,7 +335,7 @@ PLAN_FIELDS = PlanFlags.__pydantic_fields__
 
 
 #: The declaration as data: each setting's pydantic field, in order.
-FIELDS = JobConfig.__pydantic_fields__
+FIELDS = JobConfig.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
 #: Settings that are lists of names, written in YAML as a list or on the command line as one comma-separated string.
 LIST_KEYS = tuple(key for key, info in FIELDS.items() if schema.extra(info).get("csv"))
 CONFIG_KEYS = tuple(FIELDS)
@@ -344,7 +345,7 @@ IGNORED_SECTIONS = {"dag": "Scheduling settings, read only by the Airflow DAG fa
 ARTIFACT_KEYS = ("model_sha256", "scaler_sha256", "trusted_types", "allow_pickle")
 
 
-def check_text(key: str, value: Any) -> str:
+def check_text(key: str, value: Any) -> str | None:
     """A text setting as written, or a usage error.
 
     An unquoted ``model_version: 1.10`` reaches us as the number 1.1 (and ``yes`` as true), so the

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import click
 
@@ -55,7 +55,7 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to ``stream``, or to whatever ``sys.stderr`` is when a record arrives (so a test
     runner that swaps it per command sees each command's lines)."""
 
@@ -64,7 +64,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._fixed = stream
 
     @property
-    def stream(self) -> IO[str]:  # type: ignore[override]
+    def stream(self) -> IO[str]:
         return self._fixed or sys.stderr
 
     @stream.setter
@@ -123,7 +123,7 @@ class Progress:
     Workers report every batch they score, so both move while a part is still being written.
     """
 
-    def __init__(self, log: logging.Logger, total: int, interval: float, terminal: IO[str] | None):
+    def __init__(self, log: logging.Logger, total: int, interval: float, terminal: TextIO | None):
         self.log, self.total, self.interval, self.terminal = log, total, interval, terminal
         self.done = 0
         self.started = self.last_log = time.monotonic()

@@ -35,8 +35,8 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     bounds are what they are: every number has an upper bound (``le``/``lt``), and a value past it
     is refused with this reason (see :func:`unbounded`).
     """
-    faces = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
-             "shown": shown, "unit": unit, "envvar": envvar, "why": why}  # fmt: skip
+    faces: dict[str, Any] = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
+             "shown": shown, "unit": unit, "envvar": envvar, "why": why}
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)
@@ -208,7 +208,7 @@ def click_options(fields: Mapping[str, FieldInfo], keys: Iterable[str]) -> list[
     for key in keys:
         info = fields[key]
         default = shown_default(info)
-        help_text = info.description + (" Repeatable." if _repeated(info) else "")
+        help_text = (info.description or "") + (" Repeatable." if _repeated(info) else "")
         help_text += f" [default: {default}]" if default and default != "required" else ""
         kwargs: dict[str, Any] = {"help": help_text, "metavar": extra(info).get("metavar")}
         if "envvar" in extra(info):
@@ -218,8 +218,8 @@ def click_options(fields: Mapping[str, FieldInfo], keys: Iterable[str]) -> list[
             kwargs.update(is_flag=True, default=None)
         elif _repeated(info):
             kwargs.update(multiple=True)
-        elif choices(info):
-            kwargs.update(type=click.Choice(choices(info)))
+        elif allowed := choices(info):
+            kwargs.update(type=click.Choice(allowed))
         elif kind in (int, float):
             kwargs.update(type=kind)
         options.append(click.option(flag_of(key, info), key, **kwargs))

@@ -134,7 +134,7 @@ def compiled_section(results: dict) -> list[str]:
                 continue
 
             def wall(key: str) -> float | None:
-                return jobs.get(key, {}).get("wall_s")
+                return jobs.get(key, {}).get("wall_s")  # noqa: B023  (called in this iteration only)
 
             speedup = wall("bs") / wall("bs_c") if wall("bs") and wall("bs_c") else None
             share = wall("start_c") / wall("bs_c") if wall("start_c") and wall("bs_c") else None

@@ -231,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(a.from_json.read_text())
     else:
         env = child_env()
-        from peers import available  # cheap: only checks that the engines are importable
+        from peers import ENGINES, available  # cheap: only checks that the engines are importable
 
         peers = available() if a.peers else []
+        missing = [engine for engine in ENGINES if a.peers and engine not in peers]
+        if missing:
+            print(f"warning: --peers: {', '.join(missing)} not importable, left out (`make bench` installs them)")
         results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
                    "config": {"command": shlex.join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
                               "sizes": a.size_list, "models": a.models, "jobs": a.jobs, "peers": peers,

@@ -31,7 +31,7 @@ def podman_env() -> dict[str, str]:
 def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """One podman command, bounded in time; its output as text."""
     result = subprocess.run(["podman", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env=podman_env(), **kwargs)  # fmt: skip
+                            env=podman_env(), **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(map(str, args))} exited {result.returncode}: {result.stderr[-2000:]}")
     return result
@@ -50,7 +50,7 @@ def build(tag: str) -> float:
     if os.environ.get("BATCHSCORE_BASE_CACHE"):
         env["BATCHSCORE_BASE_CACHE"] = os.environ["BATCHSCORE_BASE_CACHE"]
     result = subprocess.run([str(REPO / "scripts" / "build-image")], env=env, capture_output=True, text=True,
-                            timeout=1200, cwd=REPO)  # fmt: skip
+                            timeout=1200, cwd=REPO)
     assert result.returncode == 0, f"scripts/build-image failed:\n{result.stderr[-4000:]}"
     assert result.stdout.strip().splitlines()[-1] == tag
     return time.monotonic() - start
@@ -85,8 +85,9 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("docker-engine")
     socket = folder / "podman.sock"
     url = f"unix://{socket}"
-    service = subprocess.Popen(["podman", "system", "service", "--time=0", url], env=podman_env(),
-                               stdout=subprocess.DEVNULL, stderr=open(folder / "service.log", "wb"))  # fmt: skip
+    with open(folder / "service.log", "wb") as log:  # the service holds its own copy
+        service = subprocess.Popen(["podman", "system", "service", "--time=0", url], env=podman_env(),
+                                   stdout=subprocess.DEVNULL, stderr=log)
     try:
         import docker
 

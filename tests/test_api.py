@@ -36,7 +36,7 @@ def _scores(output: Path) -> pa.Table:
 def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
     out = tmp_path / "out"
     settings = _job(tmp_path, binary_model_paths, out)
-    config = batchscore.JobConfig(**settings, overwrite=True)  # type: ignore[arg-type]
+    config = batchscore.JobConfig(**settings, overwrite=True)  # type: ignore[arg-type]  # values of mixed types
     inputs = read_inputs(sorted((tmp_path / "in").iterdir()))
     freeze, pool, method = gc.get_freeze_count(), pa.default_memory_pool().backend_name, multiprocessing.get_start_method(True)
 
@@ -58,7 +58,7 @@ def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_
     again = batchscore.run(config)  # --overwrite: the same output again, under a new plan id
     assert again.parts == first.parts and _scores(out).equals(reference)
     with pytest.raises(batchscore.ConfigError, match="already exists") as refused:
-        batchscore.run(batchscore.JobConfig(**settings))  # type: ignore[arg-type]
+        batchscore.run(batchscore.JobConfig(**settings))  # type: ignore[arg-type]  # values of mixed types
     assert refused.value.exit_code == EXIT_USAGE and _scores(out).equals(reference)
 
     info = batchscore.inspect(config)

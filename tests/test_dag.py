@@ -68,7 +68,7 @@ def single_process_run(inputs: str, output: str, model: str, scaler: str, *extra
          "--model", model, "--scaler", scaler, "--model-version", "test-1",
          "--features", ",".join(FEATURES), "--overwrite", *extra],
         check=True,
-    )  # fmt: skip
+    )
 
 
 def assert_same_scores(committed, reference, total_rows: int) -> None:
@@ -219,7 +219,7 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
             "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}}, "env": {"LOG": "1"},
             "secrets": [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
         },
-    )  # fmt: skip
+    )
     dag = load_dags(configs_dir)["batchscore_docker_job"]
     op = dag.get_task("score").unmap({"command": ["run", "--shard", "0"]})
     op.render_template_fields({"params": {"image": "batchscore:dev"}})
@@ -248,7 +248,7 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
         load_jobs(configs_dir)
     (configs_dir / "leaky.yaml").unlink()
     write_job(configs_dir, "leaky_env", base, {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local",
-                                               "env": {"AWS_SECRET_ACCESS_KEY": "x"}})  # fmt: skip
+                                               "env": {"AWS_SECRET_ACCESS_KEY": "x"}})
     with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky_env.yaml").unlink()
@@ -294,7 +294,7 @@ def test_model_pins_and_trust_reach_the_container(airflow_env: Path, tmp_path: P
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     inputs = write_inputs(tmp_path / "in", files=1, rows=496)
     job = {"input": str(inputs[0]), "output": str(tmp_path / "out"), "model": str(model), "model_sha256": "0" * 64,
-           "trusted_types": ["sklearn.tree._tree.Tree", "numpy.float64"], "allow_pickle": False}  # fmt: skip
+           "trusted_types": ["sklearn.tree._tree.Tree", "numpy.float64"], "allow_pickle": False}
     args = common_args(job, "job.yaml")
     assert args[args.index("--model-sha256") + 1] == "0" * 64 and "--no-pickle" in args
     assert [args[i + 1] for i, a in enumerate(args) if a == "--trust"] == job["trusted_types"]
@@ -333,10 +333,10 @@ def test_exit_codes_no_retry_can_fix_fail_the_pod_at_once(airflow_env: Path, mon
     def finished_pod(exit_code: int, reason: str = "Error") -> k8s.V1Pod:
         terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, reason=reason)
         status = k8s.V1ContainerStatus(name=op.base_container_name, image=op.image, image_id="", ready=False,
-                                       restart_count=0, state=k8s.V1ContainerState(terminated=terminated))  # fmt: skip
+                                       restart_count=0, state=k8s.V1ContainerState(terminated=terminated))
         return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="batchscore-daily-churn-x", namespace="batchscore"),
                          spec=k8s.V1PodSpec(containers=[k8s.V1Container(name=op.base_container_name)]),
-                         status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))  # fmt: skip
+                         status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
 
     class FakeCoreV1:
         """The two Kubernetes API calls cleanup makes for a failed pod: read it, label it as checked."""
@@ -426,7 +426,7 @@ def test_docker_secrets_are_read_from_the_worker_when_the_task_runs(
     """The container gets each secret variable the worker has; none is in the DAG or its rendered fields."""
     secrets = [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}, {"secret": "s3", "key": "k", "env": "UNSET_KEY"}]
     docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev",
-              "env": {"LOG": "1"}, "secrets": secrets}  # fmt: skip
+              "env": {"LOG": "1"}, "secrets": secrets}
     write_job(configs_dir, "docker_secrets", {"input": "s3://b/in/", "output": "s3://b/out/"}, docker)
     monkeypatch.delenv("UNSET_KEY", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-not-in-the-dag")
@@ -455,7 +455,7 @@ def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_en
     def ds(schedule: str | None, run_after: datetime, params: dict[str, Any] | None = None, tz: str = "UTC") -> str:
         job = parse_job("job.yaml", {"input": "in/", "output": "out/dt={{ ds }}/",
                                      "dag": {"schedule": schedule, "start_date": "2024-01-01", "runner": "local",
-                                             "timezone": tz}})  # fmt: skip
+                                             "timezone": tz}})
         return run_dates(job, params or {}, None, run_after)["ds"]
 
     utc = timezone.utc
@@ -480,7 +480,7 @@ def test_container_env_sees_the_date_the_output_does(airflow_env: Path, configs_
 
     job = {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/"}
     dag_cfg = {"schedule": "@daily", "start_date": "2024-01-01", "image": "batchscore:dev",
-               "env": {"SCORED_DAY": "{{ ds }}"}}  # fmt: skip
+               "env": {"SCORED_DAY": "{{ ds }}"}}
     write_job(configs_dir, "env_docker", job, {**dag_cfg, "runner": "docker"})
     write_job(configs_dir, "env_kubernetes", job, {**dag_cfg, "runner": "kubernetes"})
     dags = load_dags(configs_dir)
@@ -504,7 +504,7 @@ def test_template_syntax_errors_fail_parsing(airflow_env: Path, configs_dir: Pat
     from batchscore_dagfactory import DagConfigError, load_jobs
 
     write_job(configs_dir, "broken", {"input": "in/", "output": "out/dt={{ ds }/"},
-              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"})  # fmt: skip
+              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"})
     with pytest.raises(DagConfigError, match=r"broken\.yaml: output: template 'out/dt=\{\{ ds \}/' is not valid"):
         load_jobs(configs_dir)
 
@@ -594,7 +594,7 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
     fs.put(str(paths["scaler"]), "bs-data/models/scaler.joblib")
     options = ["--storage-option", f"endpoint_url={moto_s3}"]
     single_process_run(f"s3://bs-data/events/dt={DAY}/", str(tmp_path / "reference"),
-                       "s3://bs-data/models/model.joblib", "s3://bs-data/models/scaler.joblib", *options)  # fmt: skip
+                       "s3://bs-data/models/model.joblib", "s3://bs-data/models/scaler.joblib", *options)
 
     job = {
         "input": "s3://bs-data/events/dt={{ ds }}/",
@@ -677,7 +677,7 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     wrapper = tmp_path / "env_logging_batchscore.py"
     wrapper.write_text(ENV_WRAPPER.format(log=str(log)))
     dag_cfg = {**LOCAL_DAG, "shards": 2, "env": {"SCORED_DAY": "{{ ds }}"},
-               "local_command": [sys.executable, str(wrapper)]}  # fmt: skip
+               "local_command": [sys.executable, str(wrapper)]}
     write_job(configs_dir, "manual_e2e", local_job(local_data, scores), dag_cfg)
     dag = load_dags(configs_dir)["batchscore_manual_e2e"]
     output = scores / f"dt={DAY}"

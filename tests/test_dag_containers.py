@@ -23,7 +23,7 @@ from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 from test_dag import (  # noqa: F401  (configs_dir is a fixture)
     DAY, LOGICAL_DATE, assert_same_scores, configs_dir, load_dags, score_tis, shard_tries, single_process_run, write_job,
-)  # fmt: skip
+)
 
 from batchscore.sample import FEATURES
 
@@ -41,13 +41,13 @@ def docker_job(tmp_path: Path) -> dict[str, Any]:
     scores = tmp_path / "scores"
     scores.mkdir()
     return {"root": root, "scores": scores, "rows": read_inputs(inputs).num_rows, "model": paths["model"],
-            "scaler": paths["scaler"], "reference": read_parts(str(reference))}  # fmt: skip
+            "scaler": paths["scaler"], "reference": read_parts(str(reference))}
 
 
 def job_file(data: dict[str, Any]) -> dict[str, Any]:
     return {"input": str(data["root"] / "events" / "dt={{ ds }}") + "/", "output": str(data["scores"] / "dt={{ ds }}") + "/",
             "model": str(data["model"]), "scaler": str(data["scaler"]), "model_version": "test-1",
-            "features": list(FEATURES)}  # fmt: skip
+            "features": list(FEATURES)}
 
 
 def docker_dag(data: dict[str, Any], image: str, engine: str) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def docker_dag(data: dict[str, Any], image: str, engine: str) -> dict[str, Any]:
         "shards": 3, "retries": 2, "retry_delay": 1, "retry_exponential_backoff": False,
         "mounts": [f"{data['root']}:{data['root']}:ro", f"{data['scores']}:{data['scores']}"],
         "user": f"{os.getuid()}:{os.getgid()}", "network_mode": "none",
-    }  # fmt: skip
+    }
 
 
 def containers_of(job: str, running: bool = False) -> list[str]:
@@ -146,7 +146,7 @@ def test_container_exiting_3_fails_at_once_and_a_killed_one_is_retried(
         assert killed, "shard 1's container was never seen running"
         assert run.state == DagRunState.SUCCESS
         assert shard_tries(run) == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2),
-                                    2: (TaskInstanceState.SUCCESS, 1)}  # fmt: skip
+                                    2: (TaskInstanceState.SUCCESS, 1)}
         output = kill_job["scores"] / f"dt={DAY}"
         assert (output / "_SUCCESS").exists()
         assert_same_scores(read_parts(str(output)), docker_job["reference"], docker_job["rows"])

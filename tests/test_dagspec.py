@@ -23,7 +23,7 @@ QUANTITIES = {
     "1G": Decimal(10**9), "1Gi": Decimal(2**30), "1.5Gi": Decimal(3 * 2**29), "512Mi": Decimal(512 * 2**20),
     "500m": Decimal("0.5"), "2": Decimal(2), "0.25": Decimal("0.25"), ".5": Decimal("0.5"), "5.": Decimal(5),
     "+3k": Decimal(3000), "100n": Decimal("1E-7"), "1e3": Decimal(1000), "12E-1": Decimal("1.2"), "2Ei": Decimal(2**61),
-}  # fmt: skip
+}
 NOT_QUANTITIES = ["1GB", "1gi", "1K", "1ki", "1.5.0", "", "Gi", "1 Gi", "1e1.5", "one", "-1", "0x10"]
 
 
@@ -65,7 +65,7 @@ def test_docker_gets_the_same_amounts() -> None:
     ({"secrets": [{"name": "s3"}]}, "dag.secrets.0.name is not a known setting"),
     ({"env": {"API_TOKEN": "x"}}, "dag.env API_TOKEN look like credentials; use dag.secrets instead"),
     ({"shard": 3}, "unknown dag key(s) shard; known: schedule, start_date"),
-])  # fmt: skip
+])
 def test_bad_dag_keys_are_named_with_their_file(dag: dict[str, Any], message: str) -> None:
     with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
         parse_job("job.yaml", {**JOB, "dag": {**LOCAL, **dag}})
@@ -75,7 +75,7 @@ def test_job_keys_in_a_dag_file_are_checked_as_the_cli_checks_them() -> None:
     for job, message in [({"batch_size": 0}, "batch_size must be an integer from 1 to 16777216, got 0"),
                          ({"model_sha256": "abc"}, "setting 'model_sha256' must be a sha256 digest"),
                          ({"scaler_sha256": "e" * 64}, "'scaler_sha256' pins a scaler but no scaler is given"),
-                         ({"outptu": "x"}, "unknown key(s) outptu")]:  # fmt: skip
+                         ({"outptu": "x"}, "unknown key(s) outptu")]:
         with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
             parse_job("job.yaml", {**JOB, **job, "dag": LOCAL})
 
@@ -84,7 +84,7 @@ def test_values_are_read_as_declared(monkeypatch: pytest.MonkeyPatch) -> None:
     dag = {**LOCAL, "runner": "kubernetes", "image": "img:1", "timezone": "Europe/Amsterdam", "tags": ["a", 2],
            "env": {"DEBUG": True, "N": 3}, "secrets": ["whole", {"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
            "local_command": "python -X dev -m batchscore", "retry_exponential_backoff": True, "sensor": True,
-           "max_retry_delay": None}  # fmt: skip
+           "max_retry_delay": None}
     job = parse_job("configs/daily.yaml", {**JOB, "keep": ["id"], "dag": dag})
     spec = job.dag
     assert (job.name, job.dag_id) == ("daily", "batchscore_daily")
@@ -95,7 +95,7 @@ def test_values_are_read_as_declared(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.retry_exponential_backoff == 2.0 and spec.max_retry_delay is None and spec.retries == 2
     assert spec.sensor is not None and job.sensor_paths == ("in/dt={{ ds }}/",)
     assert job.common_args == ("--input", "in/dt={{ ds }}/", "--output", "out/dt={{ ds }}/", "--keep", "id",
-                               "--overwrite", "--job-name", "daily")  # fmt: skip
+                               "--overwrite", "--job-name", "daily")
     monkeypatch.setenv("BATCHSCORE_RUNNER", "local")  # parse-time override: no image needed any more
     assert parse_job("job.yaml", {**JOB, "dag": {k: v for k, v in dag.items() if k != "image"}}).dag.runner == "local"
 
@@ -114,6 +114,6 @@ def test_docs_dag_table_is_the_declaration() -> None:
 
 def test_the_declaration_imports_without_airflow_or_the_data_stack() -> None:
     probe = ("import sys, batchscore.orchestration.dagspec; print(sorted(m for m in ('airflow', 'pandas', 'pyarrow', 'sklearn', "
-             "'joblib', 'kubernetes', 'jinja2') if m in sys.modules))")  # fmt: skip
+             "'joblib', 'kubernetes', 'jinja2') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"

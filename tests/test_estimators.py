@@ -9,7 +9,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from sklearn.linear_model import LogisticRegression
 

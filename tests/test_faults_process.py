@@ -21,7 +21,6 @@ import threading
 from typing import Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from batchscore.job.pipeline import ABANDON_SECONDS, BackgroundWriter, prefetch
@@ -366,7 +365,7 @@ def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: 
     proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, how, poll, str(target), write],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        worker = int(proc.stdout.readline())  # type: ignore[union-attr]
+        worker = int(proc.stdout.readline())  # type: ignore[union-attr]  # stdout=PIPE
         deadline = time.monotonic() + 30
         while not _temporaries(tmp_path):  # strike mid-write: the worker's temporary file is there
             assert proc.poll() is None and time.monotonic() < deadline, "the worker never started its write"

@@ -59,7 +59,7 @@ class MotoServer:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.close()
-                    raise RuntimeError("moto_server did not start")
+                    raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
 
     def requests(self, method: str, path: str) -> list[str]:

@@ -32,7 +32,7 @@ LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp:rw,size=256m", "--label", TEST_LA
 
 
 def run_container(image: str, name: str, *args: str, options: tuple[str, ...] = (), timeout: float = 300,
-                  check: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+                  check: bool = False) -> subprocess.CompletedProcess:
     return podman("run", "--rm", "--name", name, *LOCKED_DOWN, *options, image, *args, check=check, timeout=timeout)
 
 
@@ -65,7 +65,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def job_args(root: str, output: str, *extra: str) -> list[str]:
     return ["run", "--input", f"{root}/in", "--output", output, "--model", f"{root}/model/model.joblib",
-            "--scaler", f"{root}/model/scaler.joblib", "--model-version", "test-1", "--workers", "2", *extra]  # fmt: skip
+            "--scaler", f"{root}/model/scaler.joblib", "--model-version", "test-1", "--workers", "2", *extra]
 
 
 # --------------------------------------------------------------------------- the image itself
@@ -77,7 +77,7 @@ def test_image_is_non_root_read_only_and_reports_its_version(scoring_image: str,
     expected = host("--version").stdout.strip()
     assert run_container(scoring_image, container_name, "--version", check=True).stdout.strip() == expected
     who = run_container(scoring_image, container_name, "-c", "import os; print(os.getuid(), os.getgid())",
-                        options=("--entrypoint", "python"), check=True)  # fmt: skip
+                        options=("--entrypoint", "python"), check=True)
     assert who.stdout.split() == ["10001", "10001"]
     # The root filesystem is read-only for the scorer; /tmp is the only place it may write.
     probe = "import pathlib; pathlib.Path('/tmp/ok').write_text('x'); pathlib.Path('/opt/batchscore/x').write_text('x')"
@@ -87,7 +87,7 @@ def test_image_is_non_root_read_only_and_reports_its_version(scoring_image: str,
     bare = run_container(scoring_image, container_name, "-c",
                          "import shutil, importlib.util as u; print([shutil.which(t) for t in ('gcc', 'cc', 'pip')],"
                          " u.find_spec('pip'), u.find_spec('airflow'), u.find_spec('pandas.tests'),"
-                         " u.find_spec('sklearn.tests'))", options=("--entrypoint", "python"), check=True)  # fmt: skip
+                         " u.find_spec('sklearn.tests'))", options=("--entrypoint", "python"), check=True)
     assert bare.stdout.split() == ["[None,", "None,", "None]", "None", "None", "None", "None"]
 
 
@@ -105,7 +105,7 @@ def test_the_proxy_ca_bundle_is_not_in_any_layer(scoring_image: str) -> None:
         own = "".join(p.read_text() for p in Path("/usr/share/ca-certificates").rglob("*.crt"))
         certificates = ["-----BEGIN CERTIFICATE-----" + c for c in bundle.read_text().split("-----BEGIN CERTIFICATE-----")[1:]]
         foreign = [c.split("-----END CERTIFICATE-----")[0].strip() for c in certificates
-                   if c.split("-----END CERTIFICATE-----")[0].strip() not in own]  # fmt: skip
+                   if c.split("-----END CERTIFICATE-----")[0].strip() not in own]
         size, content = bundle.stat().st_size, bundle.read_bytes()
         assert not (root / "run/secrets/ca").exists()
         for folder, _, files in os.walk(root):
@@ -129,7 +129,7 @@ def test_job_from_a_mounted_folder_matches_the_host(scoring_image: str, containe
     assert host(*job_args(str(job["root"]), str(tmp_path / "host"))).returncode == 0
     out = writable(tmp_path / "mounted")
     done = run_container(scoring_image, container_name, *job_args("/job", "/out/scores"),
-                         options=("-v", f"{job['root']}:/job:ro", "-v", f"{out}:/out"))  # fmt: skip
+                         options=("-v", f"{job['root']}:/job:ro", "-v", f"{out}:/out"))
     assert done.returncode == 0, done.stderr
     assert (out / "scores" / "_SUCCESS").exists()
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))
@@ -148,7 +148,7 @@ def test_job_on_s3_through_the_hosts_network(scoring_image: str, container_name:
     assert host(*job_args(f"s3://{bucket}", str(tmp_path / "host"), *storage)).returncode == 0
     credentials = [f"--env=AWS_{k}" for k in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "DEFAULT_REGION")]
     done = run_container(scoring_image, container_name, *job_args(f"s3://{bucket}", f"s3://{bucket}/scores", *storage),
-                         options=("--network", "host", *credentials))  # fmt: skip
+                         options=("--network", "host", *credentials))
     assert done.returncode == 0, done.stderr
     assert fs.exists(f"{bucket}/scores/_SUCCESS")
     same_rows(read_output(f"{bucket}/scores", fs), read_output(tmp_path / "host"))
@@ -169,14 +169,14 @@ def test_exit_codes_come_out_of_the_container_unchanged(scoring_image: str, cont
     mounts = ("-v", f"{job['root']}:/job:ro", "-v", f"{data}:/data")
     model = ["--model", "/job/model/model.joblib", "--scaler", "/job/model/scaler.joblib"]
     assert run_container(scoring_image, container_name, "run", "--input", "/job/in", "--output", "/data/reference",
-                         *model, options=mounts).returncode == 0  # fmt: skip
+                         *model, options=mounts).returncode == 0
     cases = {
         EXIT_USAGE: ["run", "--input", "/job/in", "--output", "/data/o2", *model, "--batch-size", "0"],
         EXIT_INPUT: ["run", "--input", "/data/nan.parquet", "--output", "/data/o3", *model],
         EXIT_MODEL: ["run", "--input", "/job/in", "--output", "/data/o4", "--model", "/data/broken.joblib"],
         EXIT_DRIFT: ["run", "--input", "/data/shifted.parquet", "--output", "/data/o5", *model,
                      "--reference", "/data/reference", "--drift-fail", "0.2"],
-    }  # fmt: skip
+    }
     for code, args in cases.items():
         done = run_container(scoring_image, container_name, *args, options=mounts)
         assert done.returncode == code, (code, done.stderr[-2000:])
@@ -191,7 +191,7 @@ def test_stop_mid_run_commits_nothing_and_leaves_no_process(scoring_image: str, 
     root = tmp_path / "big"
     write_inputs(root / "in", files=8, rows=40_013, row_group_size=2_000)
     binary_model(root / "model")
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, _files in os.walk(root):
         for name in dirs:
             os.chmod(Path(folder) / name, 0o755)
     out = writable(tmp_path / "out")
@@ -221,7 +221,7 @@ def test_stop_mid_run_commits_nothing_and_leaves_no_process(scoring_image: str, 
 
 
 def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, container_name: str, job,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+                                                           tmp_path: Path) -> None:
     """``batchscore compile`` where gcc is; the image (no compiler) loads that library and scores with it."""
     import joblib
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -243,9 +243,9 @@ def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, c
     out = writable(tmp_path / "out")
     mounts = ("-v", f"{job['root']}:/job:ro", "-v", f"{work}:/work:ro", "-v", f"{out}:/out")
     args = ["run", "--input", "/job/in", "--output", "/out/scores", "--model", "/work/hgb.joblib", "--engine",
-            "compiled", "--compiled-cache", "/work/cache", "--model-version", "test-1"]  # fmt: skip
+            "compiled", "--compiled-cache", "/work/cache", "--model-version", "test-1"]
     no_compiler = run_container(scoring_image, container_name, "-c", "import shutil; print(shutil.which('gcc'), "
-                                "shutil.which('cc'))", options=("--entrypoint", "python"), check=True)  # fmt: skip
+                                "shutil.which('cc'))", options=("--entrypoint", "python"), check=True)
     assert no_compiler.stdout.split() == ["None", "None"]
     done = run_container(scoring_image, container_name, *args, options=mounts)
     assert done.returncode == 0, done.stderr
@@ -253,7 +253,7 @@ def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, c
     assert engine["used"] == "compiled" and engine["library_sha256"] == library["library_sha256"]
     assert all(shard["compiled_now"] is False for shard in engine["shards"])
     reference = host("run", "--input", job["input"], "--output", tmp_path / "host", "--model", work / "hgb.joblib",
-                     "--model-version", "test-1", "--engine", "compiled", "--compiled-cache", work / "cache")  # fmt: skip
+                     "--model-version", "test-1", "--engine", "compiled", "--compiled-cache", work / "cache")
     assert reference.returncode == 0, reference.stderr
     assert read_manifest(tmp_path / "host")["engine"]["library_sha256"] == library["library_sha256"]
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))

@@ -28,7 +28,6 @@ import pytest
 
 from batchscore.io import layout
 from batchscore.errors import EXIT_FAILURE, EXIT_INPUT
-from batchscore.sample import churn_table
 from helpers import assert_exact, cli, plan_file, read_inputs, read_manifest, read_output, write_inputs
 
 pytestmark = pytest.mark.fault
@@ -236,7 +235,7 @@ def world(binary_model_paths) -> Iterator[tuple[Path, dict[str, Path]]]:
 
 
 def _open_up(root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)

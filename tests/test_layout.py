@@ -18,7 +18,7 @@ from batchscore.io.layout import manifest_path, plan_path, receipt_path, rejecte
     ("out", "_batchscore/out"),
     ("data/./out/", "data/_batchscore/out"),
     ("file:///data/out", "file:///data/_batchscore/out"),
-])  # fmt: skip
+])
 def test_the_state_folder_is_a_sibling_of_the_output(output: str, state: str) -> None:
     assert state_folder(output) == state
 

@@ -42,9 +42,10 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway; .ci/run does)")
     folder = tmp_path_factory.mktemp("pushgateway")
     url = f"http://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen([binary, f"--web.listen-address={url[len('http://'):]}",
-                             f"--persistence.file={folder / 'metrics.data'}"],
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "log", "wb"))
+    with open(folder / "log", "wb") as log:  # the gateway holds its own copy
+        proc = subprocess.Popen([binary, f"--web.listen-address={url[len('http://'):]}",
+                                 f"--persistence.file={folder / 'metrics.data'}"],
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:

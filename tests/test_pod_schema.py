@@ -43,7 +43,7 @@ def test_repository_job_pod_is_valid_for_the_kubernetes_api(airflow_env: Path, m
     # The check is live: what the API server refuses, it refuses too.
     container = pod["spec"]["containers"][0]
     for broken in ({**container, "resources": {"limits": {"cpu": ["2"]}}}, {**container, "imagePullPolicy": 3},
-                   {**container, "env_vars": []}, {**container, "args": "run --shard 2"}):  # fmt: skip
+                   {**container, "env_vars": []}, {**container, "args": "run --shard 2"}):
         with pytest.raises(kubernetes_validate.ValidationError):
             validate({**pod, "spec": {**pod["spec"], "containers": [broken]}})
 
@@ -57,7 +57,7 @@ def test_every_dag_setting_the_pod_carries_is_valid(airflow_env: Path, configs_d
         "node_selector": {"pool": "batch", "disk": "ssd"}, "env": {"SCORED_DAY": "{{ ds }}", "LOG_LEVEL": "INFO"},
         "resources": {"requests": {"cpu": "500m", "memory": "1.5Gi"}, "limits": {"cpu": 2, "memory": "6G"}},
         "secrets": [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}, {"secret": "whole-secret"}],
-    }  # fmt: skip
+    }
     job = {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/", "model": "s3://b/m.joblib"}
     write_job(configs_dir, "every_key", job, dag_section)
     pod = rendered_pod(load_dags(configs_dir)["batchscore_every_key"], ["run", "--shard", "0"], "registry.example/bs:2")

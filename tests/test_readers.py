@@ -55,7 +55,7 @@ def scores(tmp_path_factory: pytest.TempPathFactory, binary_model_paths: dict[st
         output = root / "scores" / f"dt={day}"
         result = cli("run", "--input", root / "events" / f"dt={day}", "--output", output,
                      "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
-                     "--on-invalid", "quarantine", "--model-version", "v1")  # fmt: skip
+                     "--on-invalid", "quarantine", "--model-version", "v1")
         assert result.exit_code == 0, result.stderr
         committed = read_output(output)
         assert_exact(committed, valid, binary_model_paths)
@@ -89,7 +89,7 @@ def assert_scored_rows(
     manifests = [read_manifest(data["scores"] / f"dt={day}") for day in days]
     assert len(frame) == sum(m["rows"]["out"] for m in manifests)
     rejected = set().union(*(read_rejected(data["scores"] / f"dt={day}").column("customer_id").to_pylist()
-                             for day in days))  # fmt: skip
+                             for day in days))
     assert rejected and not rejected & set(frame["customer_id"])
     assert dt is None or dt == ("dt" in frame.columns)
     want = _expected(data, days, "dt" in frame.columns)
@@ -185,7 +185,7 @@ def spark() -> Any:
 
     session = (SparkSession.builder.master("local[1]").appName("batchscore-readers")
                .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
-               .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())  # fmt: skip
+               .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -210,7 +210,7 @@ def test_polars_reads_the_output_on_s3(scores: dict[str, Any], s3, binary_model_
     result = cli("run", "--input", scores["root"] / "events" / f"dt={day}", "--output", output,
                  "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
                  "--on-invalid", "quarantine", "--model-version", "v1",
-                 "--storage-option", f"endpoint_url={options['endpoint_url']}")  # fmt: skip
+                 "--storage-option", f"endpoint_url={options['endpoint_url']}")
     assert result.exit_code == 0, result.stderr
     manifest = read_manifest(output, fs)
     assert manifest["rows"]["invalid"] == 3 and manifest["state"] == state_folder(output)

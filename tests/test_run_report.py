@@ -40,7 +40,7 @@ VOLATILE = ("created_at", "attempts", "plan_id", "output", "predicted_at", "drif
 
 def job(inputs: Path, output: Path, model: dict[str, Path], *extra: Any) -> list[str]:
     return ["--input", str(inputs), "--output", str(output), "--model", str(model["model"]),
-            "--scaler", str(model["scaler"]), "--on-invalid", "skip", *map(str, extra)]  # fmt: skip
+            "--scaler", str(model["scaler"]), "--on-invalid", "skip", *map(str, extra)]
 
 
 def with_invalid_values(folder: Path, seed: int = 7, shift_age: float = 0.0) -> Path:
@@ -292,7 +292,7 @@ def test_the_html_page_shows_the_charts_in_chromium(tmp_path: Path, binary_model
     assert "<script" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--disable-extensions", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+               "--disable-extensions", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     env = {**os.environ, "HOME": str(tmp_path)}
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri()],
                    capture_output=True, timeout=90, check=True, env=env)
@@ -331,7 +331,7 @@ def test_the_library_reports_holds_and_accepts_drift(tmp_path: Path, binary_mode
     from batchscore.errors import DriftError
 
     model = {"model": str(binary_model_paths["model"]), "scaler": str(binary_model_paths["scaler"]),
-             "on_invalid": "skip"}  # fmt: skip
+             "on_invalid": "skip"}
     reference = tmp_path / "reference"
     ran = batchscore.run(batchscore.build_config(
         None, input=(str(with_invalid_values(tmp_path / "day1")),), output=str(reference), **model))

@@ -85,7 +85,7 @@ def read_tagged(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str] |
         except FileNotFoundError:
             return None
         return data, _content_tag(data)
-    bucket, key, _ = fs.split_path(path)  # type: ignore[attr-defined]
+    bucket, key, _ = fs.split_path(path)
     try:
         response = _s3_call(fs, "get_object", Bucket=bucket, Key=key)
     except Exception as exc:

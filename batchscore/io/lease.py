@@ -177,14 +177,14 @@ class Lease:
 
     def _record(self, now: float, current: LeaseRecord | None) -> LeaseRecord:
         """Our lease as of ``now``; joining our own job's lease keeps when it was first taken."""
-        mine = current is not None and current.holder == self.holder and not current.released
+        mine = current if current is not None and current.holder == self.holder and not current.released else None
         state = _process_state(os.getpid())
         return LeaseRecord(
             holder=self.holder, plan_id=self.plan_id, command=self.command, host=socket.gethostname(),
             pid=os.getpid(), pid_started=state[1] if state else None,
             bound_to_process=self.holder.startswith("run "),
-            acquired_at=current.acquired_at if mine else now,  # type: ignore[union-attr]
-            expires_at=max(now + self.seconds, current.expires_at if mine else 0.0),  # type: ignore[union-attr]
+            acquired_at=mine.acquired_at if mine is not None else now,
+            expires_at=max(now + self.seconds, mine.expires_at if mine is not None else 0.0),
         )
 
     def _read(self) -> tuple[LeaseRecord | None, str] | None:
@@ -253,8 +253,7 @@ class Lease:
     def renew(self) -> None:
         """Extend our lease; raise ``OutputBusyError`` if another job holds it now."""
         while True:
-            found = self._read()
-            current = found[0] if found else None
+            current, tag = self._read() or (None, "")
             if current is None or current.holder != self.holder or current.released:
                 self.fence.set(Fence.LOST)
                 taker = ("it was removed" if current is None else "it was released" if current.holder == self.holder
@@ -264,7 +263,7 @@ class Lease:
                 )
             record = self._record(time.time(), current)
             try:
-                self._replace(record, found[1])  # type: ignore[index]
+                self._replace(record, tag)
             except PreconditionFailed:
                 continue  # a shard of the same job renewed it meanwhile
             self._wrote(record)
@@ -329,7 +328,7 @@ class Lease:
         self.lost = exc
         self.fence.set(Fence.LOST)
         if self._interruptible:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # type: ignore[arg-type]
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # type: ignore[arg-type]  # started: has an ident
 
     def _on_lost_signal(self, signum: int, frame: Any) -> None:
         if self._interruptible and self.lost is not None:

@@ -107,9 +107,10 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
                 raise ConfigError(
                     f"{what} (at {out}) overlaps input {name} (at {where}): refusing to write where the input lives"
                 )
-    for name, out in written if cache else []:
-        if overlapping(cache[1], out):
-            raise ConfigError(f"{cache[0]} (at {cache[1]}) overlaps {name} (at {out}): readers would see the libraries")
+    if cache:
+        for name, out in written:
+            if overlapping(cache[1], out):
+                raise ConfigError(f"{cache[0]} (at {cache[1]}) overlaps {name} (at {out}): readers would see the libraries")
 
 
 def guard_plan_file(output: str, out: str) -> None:

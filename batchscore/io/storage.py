@@ -99,7 +99,7 @@ class RetryPolicy:
         return False
 
 
-def _s3_class() -> type:
+def _s3_class() -> type[Any]:
     """s3fs's filesystem, with ``RetryPolicy`` put first on every client it creates."""
     global _BOUNDED_S3
     if _BOUNDED_S3 is None:
@@ -197,7 +197,7 @@ def failure_cause(exc: BaseException) -> str | None:
     if isinstance(exc, (boto.ConnectTimeoutError, boto.ReadTimeoutError, asyncio.TimeoutError, TimeoutError)) or (
         type(exc).__name__ == "FSTimeoutError"
     ):
-        return f"storage did not answer in time ({exc or 'timed out'})"
+        return f"storage did not answer in time ({str(exc) or 'timed out'})"
     if isinstance(exc, boto.EndpointConnectionError):
         return f"cannot connect to storage ({exc})"
     if isinstance(exc, (boto.BotoCoreError, boto.ClientError)):
@@ -214,7 +214,7 @@ def failure_cause(exc: BaseException) -> str | None:
     return None
 
 
-def _throttled_answer(exc: BaseException) -> str | None:
+def _throttled_answer(exc: BaseException | None) -> str | None:
     """The store's "slow down" answer (code: message) behind ``exc`` (s3fs raises it as an
     ``OSError`` caused by botocore's ``ClientError``), or ``None``."""
     import botocore.exceptions as boto
@@ -225,9 +225,10 @@ def _throttled_answer(exc: BaseException) -> str | None:
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = error.get("Code", "")
-            if status in THROTTLE_STATUSES or code in RetryPolicy(0, 0)._throttled._throttled_error_codes:
+            throttling = RetryPolicy(0, 0)._throttled._throttled_error_codes  # type: ignore[attr-defined]  # botocore's, private
+            if status in THROTTLE_STATUSES or code in throttling:
                 return f"{code or status}: {error.get('Message', '')}".rstrip(": ")
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1  # type: ignore[assignment]
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
 
@@ -248,9 +249,10 @@ def translated(action: str, target: str, passthrough: tuple[type[BaseException],
 
     ``passthrough`` names exceptions the caller handles itself (e.g. a file that may be missing).
     """
+    handled: tuple[type[BaseException], ...] = (BatchscoreError, *passthrough)
     try:
         yield
-    except (BatchscoreError, *passthrough):
+    except handled:
         raise
     except Exception as exc:
         error = storage_error(f"cannot {action} {target}", exc)
@@ -375,7 +377,7 @@ def _discard(fh: Any, exc: BaseException) -> None:
 
 #: Asked before a file is put at its final name. A worker process sets it (``job.pool``) so that a
 #: worker whose parent has gone never puts a file in place: no run is left to own it.
-_publish_allowed: Callable[[], bool] = lambda: True
+_publish_allowed: Callable[[], bool] = lambda: True  # noqa: E731
 
 
 def publish_only_while(allowed: Callable[[], bool]) -> None:

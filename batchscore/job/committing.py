@@ -102,6 +102,7 @@ def commit(
     # What every shard must have written. A plan rebuilt without the model (commit --shards) knows
     # no schema or version: the first receipt's stand in, so the shards must at least agree.
     schema = None if the_plan.schema is None else list(the_plan.schema)
+    reference: dict[str, Any]
     reference, ref = {"schema": schema, "model_version": the_plan.model_version}, "planned"
     for shard in the_plan.shards:
         try:

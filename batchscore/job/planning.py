@@ -337,8 +337,8 @@ def _units(row_groups: Sequence[Sequence[int]], items: Sequence[tuple[int, int]]
             units.append(Unit(file_index, (), 0))
             continue
         sizes = row_groups[file_index]
-        for large, run in itertools.groupby(groups, key=lambda rg: sizes[rg] > rows_per_part):
-            run = list(run)
+        for large, grouped in itertools.groupby(groups, key=lambda rg: sizes[rg] > rows_per_part):
+            run = list(grouped)
             if large:
                 for rg in run:
                     units += _slices(file_index, rg, sizes[rg], rows_per_part)
@@ -440,10 +440,10 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     Plans are deterministic, so shards started as ``--shard I/N`` and a ``commit --shards N``
     agree on it without sharing a file; the model is hashed (and checked against its pins), not loaded.
     """
-    config.require("model")
+    model_uri = config.require("model")
     output = normalize_output(config)
     policy = ArtifactPolicy.of(config)
-    artifacts = artifact_digests(config.model, config.scaler, config.storage, policy)  # type: ignore[arg-type]
+    artifacts = artifact_digests(model_uri, config.scaler, config.storage, policy)
     files = read_footers(list_inputs(config.input, config.storage), config.storage)
     return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
 

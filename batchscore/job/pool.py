@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from ..io.storage import publish_only_while
 
@@ -164,7 +164,7 @@ def _worker_main(
         os._exit(1)  # told to stop or orphaned: quietly, the parent reports what happened
 
 
-def start_method() -> str | None:
+def start_method() -> Literal["fork"] | None:
     """``fork`` on Linux, where forking a process that has loaded the model is safe and shares
     it for free; elsewhere the platform's default (``spawn`` on macOS and Windows, where a fork
     of a process that has started threads or system frameworks may crash)."""
@@ -250,7 +250,7 @@ class WorkerPool:
                     if conn in busy and conn.poll():  # its last answer is read first
                         continue
                     raise self._died(conn)
-                conn = handle  # type: ignore[assignment]
+                conn = handle  # type: ignore[assignment]  # not a sentinel: one of the connections
                 if conn not in busy:  # a worker speaks only when asked: this is its end-of-file
                     raise self._died(conn)
                 try:

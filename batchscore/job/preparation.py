@@ -43,8 +43,7 @@ def now() -> datetime:
 
 def output_location(config: JobConfig) -> Location:
     """Where the job writes, resolved once for the step that asks."""
-    config.require("output")
-    output = resolve(config.output, config.storage)  # type: ignore[arg-type]
+    output = resolve(config.require("output"), config.storage)
     check_output(output.uri)  # its state goes beside it: a root has no beside
     return output
 
@@ -62,12 +61,10 @@ def prepare(
     The artifacts must pass ``policy`` (by default the job's pins and formats) before loading;
     ``observers`` hear how long the model took to load.
     """
-    config.require("model")
+    model_uri = config.require("model")
     output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
-    model = load_model(
-        config.model, config.scaler, config.features, config.storage, policy  # type: ignore[arg-type]
-    )
+    model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
     observers.model_loaded(model.load_seconds)
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
     files = read_footers(uris, config.storage)

@@ -127,7 +127,7 @@ class LoadedModel:
     scaler: Any | None
     features: tuple[str, ...]
     is_classifier: bool
-    classes: Any | None  # numpy array of class labels for classifiers
+    classes: Any  # numpy array of class labels for classifiers, None for others
     has_proba: bool
     artifacts: tuple[Artifact, ...]
     sklearn_version: str  # version the estimator was saved with
@@ -171,7 +171,7 @@ def artifact_digests(
 ) -> tuple[Artifact, ...]:
     """Each artifact's sha256 and format, checked against ``policy``, without deserializing it
     (cheap enough for a planning step, and safe on a file not yet trusted)."""
-    uris = {"model": model_uri, "scaler": scaler_uri}
+    uris = {"model": model_uri, "scaler": scaler_uri or ""}  # a role only when given
     return tuple(fetch_artifact(role, uris[role], storage, policy)[1] for role in artifact_roles(scaler_uri))
 
 
@@ -313,7 +313,7 @@ def _output_width(scaler: Any) -> int | None:
     if width is not None:
         try:
             with _probing():
-                shape = getattr(scaler.transform(np.zeros((1, width))), "shape", ())
+                shape: tuple[int, ...] = getattr(scaler.transform(np.zeros((1, width))), "shape", ())
             if len(shape) == 2:
                 return int(shape[1])
         except Exception:

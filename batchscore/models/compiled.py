@@ -117,7 +117,7 @@ def library_name(model_sha256: str) -> str:
 
 def is_remote(cache: str | None) -> bool:
     """Whether a configured cache is a URL on a remote store (``s3://...``) rather than a folder."""
-    return bool(cache) and "://" in cache and cache.split("://", 1)[0] not in ("file", "local")
+    return cache is not None and "://" in cache and cache.split("://", 1)[0] not in ("file", "local")
 
 
 def cache_dir(configured: str | None) -> Path:

@@ -10,7 +10,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +85,7 @@ def matrix_dtype(columns: Sequence[pa.Array | pa.ChunkedArray], with_nulls: Sequ
     whose file holds nulls elsewhere (pandas types a column by the whole file)."""
     marked = list(with_nulls) or [False] * len(columns)
     common = np.result_type(*(pandas_dtype(c.type, c.null_count > 0 or m) for c, m in zip(columns, marked)))
-    return np.dtype(np.float64) if common == object else common
+    return np.dtype(np.float64) if common.kind == "O" else common
 
 
 def _class_name(label: Any) -> str:
@@ -302,7 +302,7 @@ def _not_ok_rows(stage: Any) -> np.ndarray | None:
     if values.dtype.kind != "f" or values.ndim != 2 or not values.size:
         return None  # integers and booleans hold no NaN; sparse or object outputs are not checked
     with np.errstate(invalid="ignore"):
-        if -FLOAT32_OVERFLOW < values.min() and values.max() < FLOAT32_OVERFLOW:
+        if values.min() > -FLOAT32_OVERFLOW and values.max() < FLOAT32_OVERFLOW:
             return None
         return ~(np.abs(values) < FLOAT32_OVERFLOW).all(axis=1)
 

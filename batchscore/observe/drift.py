@@ -9,9 +9,10 @@ compared by their shares (PSI only).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..logs import event
 from .profile import centres, counts_on_edges, dense_sketch
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 PSI_FLOOR = 1e-4
 
 
-def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+def psi(expected: ArrayLike, actual: ArrayLike) -> float:
     """Population stability index of ``actual`` counts against ``expected`` counts, bar by bar."""
     e = np.asarray(expected, dtype=np.float64)
     a = np.asarray(actual, dtype=np.float64)

@@ -140,7 +140,7 @@ class LineageRun:
                     fields=[schema_dataset.SchemaDatasetFacetFields(name=c["name"], type=c["type"]) for c in schema])
             outputs.append(OutputDataset(*dataset_name(output), facets=facets, outputFacets=output_facets))
         names = list(dict.fromkeys(dataset_name(uri) for uri in inputs))
-        job_facets = {"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="BATCHSCORE",
+        job_facets: dict[str, Any] = {"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="BATCHSCORE",
                                                               jobType="JOB")}
         return RunEvent(
             eventType=getattr(RunState, state),

@@ -296,7 +296,7 @@ def summarize(column: Mapping[str, Any]) -> dict[str, Any]:
         "mean": profile.total / profile.count if profile.count else None,
     }
     if profile.count:
-        low, high = float(profile.minimum), float(profile.maximum)  # type: ignore[arg-type]
+        low, high = float(profile.minimum), float(profile.maximum)  # type: ignore[arg-type]  # set once a row is counted
         summary["quantiles"] = {f"p{round(q * 100):02d}": quantile(profile.sketch, q, low, high) for q in QUANTILES}
         edges = histogram_edges(low, high)
         summary["histogram"] = {"edges": edges, "counts": counts_on_edges(profile.sketch, edges)[1:-1].tolist()}

@@ -19,7 +19,7 @@ import jinja2
 try:
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 3.0
-    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]  # 3.0's home
 
 from .dagspec import JobSettings
 from .. import schema
@@ -160,7 +160,7 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
     """
     dag_run = context["dag_run"]
     dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None))  # fmt: skip
+                      getattr(dag_run, "run_after", None))
     if dates:
         why = "the 'date' param" if context["params"].get(DATE_PARAM) else "no logical date: the schedule's last complete interval"
         log.info("templates see ds=%s (%s)", dates["ds"], why)
@@ -178,13 +178,13 @@ class RunDatesMixin:
     job_settings: JobSettings
 
     def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Any, jinja_env: Any,
-                                   seen_oids: set[int]) -> None:  # fmt: skip
+                                   seen_oids: set[int]) -> None:
         dag_run = context.get("dag_run")
         if dag_run is not None:
             dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
-                              getattr(dag_run, "run_after", None))  # fmt: skip
+                              getattr(dag_run, "run_after", None))
             context = {**context, **dates}
-        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]  # a mixin
 
 
 def rendered_env(settings: JobSettings, context: Mapping[str, Any]) -> dict[str, str]:
@@ -212,7 +212,7 @@ def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | 
 
     dag_run = context["dag_run"]
     dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None)) or context  # fmt: skip
+                      getattr(dag_run, "run_after", None)) or context
     start = dates.get("logical_date")  # the date this run scores and names its output after
     previous = last_interval(settings.dag.schedule, settings.dag.timezone, start) if start is not None else None
     if previous is None:
@@ -220,7 +220,7 @@ def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | 
     ds = pendulum.instance(previous[0]).in_timezone("UTC").strftime("%Y-%m-%d")
     task_ = context["task"]
     rendered = task_.render_template(settings.output, {**context, **interval_dates(*previous, ds)},
-                                     task_.dag.get_template_env())  # fmt: skip
+                                     task_.dag.get_template_env())
     return str(rendered)
 
 
@@ -359,7 +359,7 @@ def timetable(settings: JobSettings) -> Any:
     try:
         from airflow.sdk import CronDataIntervalTimetable
     except ImportError:  # Airflow 3.0
-        from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[no-redef]
+        from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[assignment]  # 3.0's home
     return CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
 
 

@@ -153,7 +153,7 @@ class DagSpec(BaseModel):
     schedule: Optional[str] = setting(
         None, "Cron expression or preset (\"0 3 * * *\", \"@daily\"). Runs cover **data intervals**: the run for "
         "2024-06-01 of a daily job starts once that interval has ended, and its `{{ ds }}` is `2024-06-01`.",
-        shown="required (may be `null`: manual runs only)")  # fmt: skip
+        shown="required (may be `null`: manual runs only)")
     start_date: When = setting(..., "First date to schedule, like 2024-06-01.", shown="required")
     end_date: Optional[When] = setting(None, "Last date to schedule.")
     timezone: str = setting("UTC", "Time zone of the schedule and of dates without one.")
@@ -164,7 +164,7 @@ class DagSpec(BaseModel):
     tags: Strings = setting((), "Tags besides `batchscore`.")
     runner: Literal["kubernetes", "docker", "local"] = setting(
         "kubernetes", "Where shards run. The environment variable `BATCHSCORE_RUNNER` overrides it for every job "
-        "when the DAGs are parsed (e.g. `local` on a laptop).")  # fmt: skip
+        "when the DAGs are parsed (e.g. `local` on a laptop).")
     image: Optional[str] = setting(None, "Scoring image; a run's `image` param overrides it.",
                                    shown="required unless `local`")
     image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = setting(
@@ -172,7 +172,7 @@ class DagSpec(BaseModel):
     shards: Optional[int] = setting(None, "Number of shards (or give `rows_per_shard`); a run's params override it.",
                                     ge=1, le=MAX_SHARDS, shown="one shard", why=SHARDS_WHY)
     rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of `shards`; a run's params "
-                                            "override it.", ge=1, le=MAX_ROWS, why=ROWS_WHY)  # fmt: skip
+                                            "override it.", ge=1, le=MAX_ROWS, why=ROWS_WHY)
     max_active_tis_per_dagrun: int = setting(8, "Shards running at once within one run.", ge=1, le=MAX_PARALLEL,
                                              why=PARALLEL_WHY)
     resources: Resources = setting(Resources(), shown="none", help="`{requests: {cpu, memory}, limits: {cpu, memory}}` as Kubernetes "
@@ -188,11 +188,11 @@ class DagSpec(BaseModel):
     docker_conn_id: Optional[str] = setting(None, "Docker runner only: Airflow connection to a registry.")
     mounts: Annotated[Tuple[str, ...], BeforeValidator(_strings)] = setting(
         (), "Docker runner only: host folders for the container, as `HOST:CONTAINER` or `HOST:CONTAINER:ro` "
-        "(list), like `docker run -v`; both paths absolute.")  # fmt: skip
+        "(list), like `docker run -v`; both paths absolute.")
     network_mode: Optional[str] = setting(None, "Docker runner only: the container's network (`bridge`, `host`, "
-                                          "`none`, a network's name).", shown="the engine's default")  # fmt: skip
+                                          "`none`, a network's name).", shown="the engine's default")
     user: Optional[str] = setting(None, "Docker runner only: `UID[:GID]` (or a name) the scorer runs as, e.g. the "
-                                  "owner of mounted folders.", shown="the image's user (10001)")  # fmt: skip
+                                  "owner of mounted folders.", shown="the image's user (10001)")
     local_command: Strings = setting((), "`local` runner only: the command that starts batchscore (list or string).",
                                      shown="`python -m batchscore`")
     retries: int = setting(2, "Retries of every task.", ge=0, le=100,
@@ -202,12 +202,12 @@ class DagSpec(BaseModel):
     retry_exponential_backoff: Annotated[float, BeforeValidator(_backoff)] = setting(
         2.0, "`true` doubles the delay at each retry; a number is the multiplier; `false` keeps the delay fixed.",
         ge=0, le=10, shown="true", why="each retry waits that many times longer: 10 is already steeper than "
-        "any backoff needs")  # fmt: skip
+        "any backoff needs")
     max_retry_delay: Optional[float] = setting(None, "Upper bound on the delay, in seconds.", ge=0, le=DAY_SECONDS,
                                                unit="seconds", why="a retry a day later has missed its schedule")
     execution_timeout: Optional[float] = setting(None, "Seconds one shard may run before it is failed (and retried).",
                                                  ge=0, le=WEEK_SECONDS, unit="seconds",
-                                                 why="a shard running a week is stuck")  # fmt: skip
+                                                 why="a shard running a week is stuck")
     sensor: Annotated[Optional[SensorSpec], BeforeValidator(_switch)] = setting(
         None, "`true`, or `{path, marker, poke_interval, timeout, mode}`. It waits for `path` (default: the inputs) or "
         "for `<path>/<marker>` (e.g. `_SUCCESS`). `mode` is `reschedule` (default) or `poke`.", shown="off")
@@ -227,7 +227,7 @@ class DagSpec(BaseModel):
         for mount in mounts:
             parts = mount.split(":")
             if not (len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2])
-                    and parts[2:] in ([], ["ro"], ["rw"])):  # fmt: skip
+                    and parts[2:] in ([], ["ro"], ["rw"])):
                 raise ValueError(f"dag.mounts entry {mount!r} is not HOST:CONTAINER[:ro] with absolute paths")
         return mounts
 
@@ -343,7 +343,7 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     leaked = sorted(k for k in given.get("storage_options") or {} if SECRET_NAME.search(str(k)))
     if leaked:
         raise DagConfigError(f"{source}: storage_options {', '.join(leaked)} look like credentials: they would be "
-                             "passed as arguments; use dag.secrets or the worker's environment instead")  # fmt: skip
+                             "passed as arguments; use dag.secrets or the worker's environment instead")
     try:
         with templates_rendered():  # Airflow renders them before the container runs
             config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
