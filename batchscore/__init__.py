@@ -33,7 +33,27 @@ from .api import (  # noqa: E402
 from .config import JobConfig, build_config  # noqa: E402
 from .errors import BatchscoreError, ConfigError, InputDataError, ModelError  # noqa: E402
 
-__all__ = ["JobConfig", "build_config", "BatchscoreError", "ConfigError", "InputDataError", "ModelError",
-           "validate", "plan", "run_shard", "commit", "run", "inspect", "load_plan", "compile_model", "report",
-           "ValidateResult", "ShardResult", "CommitResult", "RunResult", "InspectResult",
-           "CompileResult", "ReportResult"]
+__all__ = [
+    "JobConfig",
+    "build_config",
+    "BatchscoreError",
+    "ConfigError",
+    "InputDataError",
+    "ModelError",
+    "validate",
+    "plan",
+    "run_shard",
+    "commit",
+    "run",
+    "inspect",
+    "load_plan",
+    "compile_model",
+    "report",
+    "ValidateResult",
+    "ShardResult",
+    "CommitResult",
+    "RunResult",
+    "InspectResult",
+    "CompileResult",
+    "ReportResult",
+]

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .config import JobConfig, StorageSettings, check_numbers, refuse_template
 from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, param
@@ -42,7 +43,7 @@ class Failure:
     unexpected: bool = False
 
     @classmethod
-    def of(cls, exc: BaseException, name: Any = None) -> "Failure":
+    def of(cls, exc: BaseException, name: Any = None) -> Failure:
         from .io.storage import failure_cause
 
         if isinstance(exc, BatchscoreError):
@@ -60,7 +61,7 @@ class Failure:
 
 
 @contextlib.contextmanager
-def _observed(config: JobConfig, shard: int | None = None, lineage: bool = True) -> Iterator["Observers"]:
+def _observed(config: JobConfig, shard: int | None = None, lineage: bool = True) -> Iterator[Observers]:
     """Observe one step: its metrics and lineage start now and hear how it ends, success (the
     step calls ``succeeded`` with its manifest or receipt) or failure (with its exit code)."""
     from .observe.observers import Observers
@@ -100,9 +101,17 @@ class ShardResult:
     receipt: Mapping[str, Any]
 
     @classmethod
-    def of(cls, receipt: Mapping[str, Any]) -> "ShardResult":
-        return cls(receipt["shard"], receipt["plan_id"], receipt["rows_in"], receipt["rows_out"],
-                   receipt["rows_invalid"], tuple(p["name"] for p in receipt["parts"]), receipt["seconds"], receipt)
+    def of(cls, receipt: Mapping[str, Any]) -> ShardResult:
+        return cls(
+            receipt["shard"],
+            receipt["plan_id"],
+            receipt["rows_in"],
+            receipt["rows_out"],
+            receipt["rows_invalid"],
+            tuple(p["name"] for p in receipt["parts"]),
+            receipt["seconds"],
+            receipt,
+        )
 
     @property
     def engine(self) -> Mapping[str, Any]:
@@ -127,8 +136,16 @@ class CommitResult:
     @classmethod
     def of(cls, manifest: Mapping[str, Any]) -> Any:
         rows = manifest["rows"]
-        return cls(manifest["output"], manifest["plan_id"], rows["in"], rows["out"], rows["invalid"],
-                   tuple(p["name"] for p in manifest["parts"]), manifest["state"], manifest)
+        return cls(
+            manifest["output"],
+            manifest["plan_id"],
+            rows["in"],
+            rows["out"],
+            rows["invalid"],
+            tuple(p["name"] for p in manifest["parts"]),
+            manifest["state"],
+            manifest,
+        )
 
     @property
     def engine(self) -> Mapping[str, Any]:
@@ -191,10 +208,17 @@ class ReportResult:
     report: Mapping[str, Any]
 
     @classmethod
-    def of(cls, report: Mapping[str, Any]) -> "ReportResult":
+    def of(cls, report: Mapping[str, Any]) -> ReportResult:
         drift = report.get("drift") or {}
-        return cls(report["output"], bool(report.get("committed")), bool(report.get("held")),
-                   report["rows"]["scored"], report["rows"]["invalid"], drift.get("max_psi"), report)
+        return cls(
+            report["output"],
+            bool(report.get("committed")),
+            bool(report.get("held")),
+            report["rows"]["scored"],
+            report["rows"]["invalid"],
+            drift.get("max_psi"),
+            report,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What ``batchscore report`` prints: the report without the columns' sketches."""
@@ -214,12 +238,18 @@ def validate(config: JobConfig) -> ValidateResult:
     guard_output(config, prepared.location, prepared.files)
     check_lease(prepared)
     check_access(prepared)
-    return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
-                          tuple(prepared.model.features), tuple(prepared.output_schema.names))
+    return ValidateResult(
+        prepared.output,
+        len(prepared.files),
+        sum(f.num_rows for f in prepared.files),
+        tuple(prepared.model.features),
+        tuple(prepared.output_schema.names),
+    )
 
 
-def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None,
-         out: str | None = None) -> "Plan":
+def plan(
+    config: JobConfig, shards: int | None = None, rows_per_shard: int | None = None, out: str | None = None
+) -> Plan:
     """Check the whole job, then split it into shards (``shards``, or about ``rows_per_shard`` rows
     each); with ``out``, also write the plan there for ``run_shard`` and ``commit`` to read."""
     from .job import planning
@@ -229,7 +259,7 @@ def plan(config: JobConfig, shards: int | None = None, rows_per_shard: int | Non
     return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
 
 
-def load_plan(uri: str, config: JobConfig) -> "Plan":
+def load_plan(uri: str, config: JobConfig) -> Plan:
     """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
     from .job import planning
 
@@ -237,8 +267,13 @@ def load_plan(uri: str, config: JobConfig) -> "Plan":
     return planning.load_plan(uri, config)
 
 
-def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, count: int | None = None,
-              plan_sha256: str | None = None) -> ShardResult:
+def run_shard(
+    config: JobConfig,
+    index: int,
+    plan: Plan | str | None = None,
+    count: int | None = None,
+    plan_sha256: str | None = None,
+) -> ShardResult:
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
     planned on the fly, and write its receipt; ``commit`` publishes the shards together.
 
@@ -251,40 +286,50 @@ def run_shard(config: JobConfig, index: int, plan: "Plan | str | None" = None, c
         refuse_template("plan", plan if isinstance(plan, str) else None)
         if plan is None:
             if count is None:
-                raise ConfigError(f"{param('index')} needs {param('plan')}, or {param('count')} to plan the "
-                                  f"shards on the fly")
+                raise ConfigError(
+                    f"{param('index')} needs {param('plan')}, or {param('count')} to plan the shards on the fly"
+                )
             if plan_sha256:
                 raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
             receipt = shard.run_shard_of(config, index, count, observers)
         else:
             the_plan = _the_plan(plan, config, plan_sha256)
             if count is not None and count != the_plan.num_shards:
-                raise ConfigError(f"shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
-                                  f"has {the_plan.num_shards} shards, not {count} ({param('count')})")
+                raise ConfigError(
+                    f"shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
+                    f"has {the_plan.num_shards} shards, not {count} ({param('count')})"
+                )
             receipt = shard.run_shard(config, the_plan, index, source=_source(plan), observers=observers)
         observers.succeeded(receipt)
     return ShardResult.of(receipt)
 
 
-def _source(plan: "Plan | str") -> str:
+def _source(plan: Plan | str) -> str:
     return plan if isinstance(plan, str) else f"plan {plan.plan_id}"
 
 
-def _the_plan(plan: "Plan | str", config: JobConfig, plan_sha256: str | None) -> "Plan":
+def _the_plan(plan: Plan | str, config: JobConfig, plan_sha256: str | None) -> Plan:
     """A plan read from its URI (or given), held to ``plan_sha256`` when that is given."""
-    from .job import planning
     from .errors import InputDataError
+    from .job import planning
 
     if isinstance(plan, str):
         return planning.load_plan(plan, config, expected_sha256=plan_sha256)
     if plan_sha256 and plan.sha256 != plan_sha256.strip().lower():
-        raise InputDataError(f"plan {plan.plan_id} is not the plan that was made: its sha256 is {plan.sha256}, "
-                             f"{param('plan_sha256')} says {plan_sha256}; plan again")
+        raise InputDataError(
+            f"plan {plan.plan_id} is not the plan that was made: its sha256 is {plan.sha256}, "
+            f"{param('plan_sha256')} says {plan_sha256}; plan again"
+        )
     return plan
 
 
-def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | None = None,
-           accept_drift: bool = False, plan_sha256: str | None = None) -> CommitResult:
+def commit(
+    config: JobConfig,
+    plan: Plan | str | None = None,
+    shards: int | None = None,
+    accept_drift: bool = False,
+    plan_sha256: str | None = None,
+) -> CommitResult:
     """Check every shard's receipt against ``plan`` (a ``Plan`` or the URI of one), or against the
     plan of ``shards`` shards made again, then write the run report, the manifest and ``_SUCCESS``.
     Safe to repeat. Drift above ``config.drift_fail`` raises ``DriftError`` with the report written
@@ -319,8 +364,10 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
         elif shards:
             the_plan = planning.plan_again(config, shards)
         else:
-            raise ConfigError(f"commit needs {param('plan')}, or {param('shards')} to plan again (or "
-                              f"{param('accept_drift')} alone, for an output held for drift)")
+            raise ConfigError(
+                f"commit needs {param('plan')}, or {param('shards')} to plan again (or "
+                f"{param('accept_drift')} alone, for an output held for drift)"
+            )
         manifest = committing.commit(config, the_plan, accept_drift=accept_drift)
         observers.succeeded(manifest)
     return CommitResult.of(manifest)
@@ -328,9 +375,9 @@ def commit(config: JobConfig, plan: "Plan | str | None" = None, shards: int | No
 
 def run(config: JobConfig) -> RunResult:
     """Score everything as one shard and commit: the terminal user's one command."""
-    from .job.committing import commit as commit_plan
     from .io.lease import run_holder
     from .io.output_guard import guard_output
+    from .job.committing import commit as commit_plan
     from .job.planning import hold, plan_of
     from .job.preflight import check_access
     from .job.preparation import now, prepare
@@ -345,8 +392,9 @@ def run(config: JobConfig) -> RunResult:
             guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
             check_access(prepared)  # what validate checks: nothing is scored that cannot be written
             score_shard(prepared, the_plan, 0, lease, observers)
-            manifest = commit_plan(config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)},
-                                   lease=lease)
+            manifest = commit_plan(
+                config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)}, lease=lease
+            )
         observers.succeeded(manifest)
     return RunResult.of(manifest)
 
@@ -371,13 +419,14 @@ def inspect(config: JobConfig, sha256_only: bool = False) -> InspectResult:
 def compile_model(config: JobConfig, out: str | None = None) -> CompileResult:
     """Compile ``config.model`` (a tree ensemble) into ``out``, by default the job's compiled cache,
     so a run whose cache holds the library loads it without a C compiler; checks pins and formats first."""
-    from .models.compiled import compile_ahead
     from .models.artifacts import ArtifactPolicy
+    from .models.compiled import compile_ahead
 
     model_uri = config.require("model")
     refuse_template("out", out)
-    artifact, library = compile_ahead(model_uri, config.storage, ArtifactPolicy.of(config),
-                                     out or config.compiled_cache)
+    artifact, library = compile_ahead(
+        model_uri, config.storage, ArtifactPolicy.of(config), out or config.compiled_cache
+    )
     return CompileResult(artifact.uri, artifact.sha256, library.path, library.to_dict())
 
 

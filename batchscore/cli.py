@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
 # Every computation runs in single-threaded workers (see scorer), so this process needs no BLAS
 # thread pool; OpenBLAS would start one as NumPy loads and keep it spinning while start-up runs.
@@ -16,7 +17,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import click
 
 from . import __version__, api, logs, schema
-from .config import ARTIFACT_KEYS, COMMAND_FIELDS, CONFIG_KEYS, FIELDS, PLAN_FIELDS, JobConfig, build_config, check_numbers
+from .config import (
+    ARTIFACT_KEYS,
+    COMMAND_FIELDS,
+    CONFIG_KEYS,
+    FIELDS,
+    PLAN_FIELDS,
+    JobConfig,
+    build_config,
+    check_numbers,
+)
 from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, ConfigError
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -27,8 +37,14 @@ log = logging.getLogger(__name__)
 
 #: The library's parameters that are no job setting, as this command line spells them (a job
 #: setting's flag is its own, see config.py); errors name parameters, see ``errors.param``.
-PARAMETER_FLAGS = {"index": "--shard I", "count": "--shard I/N", "plan": "--plan", "plan_sha256": "--plan-sha256",
-                   "accept_drift": "--accept-drift", "out": "--out"}
+PARAMETER_FLAGS = {
+    "index": "--shard I",
+    "count": "--shard I/N",
+    "plan": "--plan",
+    "plan_sha256": "--plan-sha256",
+    "accept_drift": "--accept-drift",
+    "out": "--out",
+}
 
 
 def flag(name: str) -> str:
@@ -121,7 +137,9 @@ def _artifact_settings(kw: dict[str, Any]) -> dict[str, Any]:
 
 #: One option per JobConfig field (see config.py), after ``--config``.
 JOB_OPTIONS = [
-    click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."),
+    click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), help="YAML job file; flags override its keys."
+    ),
     *schema.click_options(FIELDS, CONFIG_KEYS),
 ]
 
@@ -144,8 +162,17 @@ def _summary(config: JobConfig, result: Any) -> None:
     rows = {"in": result.rows_in, "out": result.rows_out, "invalid": result.rows_invalid}
     seconds = getattr(result, "seconds", None)
     if config.log_format == "json":
-        click.echo(json.dumps({"output": result.output, "rows": rows, "parts": len(result.parts),
-                               "seconds": seconds, "plan_id": result.plan_id}))
+        click.echo(
+            json.dumps(
+                {
+                    "output": result.output,
+                    "rows": rows,
+                    "parts": len(result.parts),
+                    "seconds": seconds,
+                    "plan_id": result.plan_id,
+                }
+            )
+        )
         return
     speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
@@ -196,8 +223,17 @@ def run(plan: str | None, shard: str | None, plan_sha256: str | None, **kw: Any)
         _summary(config, result)
         return
     done = api.run_shard(config, index, plan=plan, count=count, plan_sha256=plan_sha256)
-    click.echo(json.dumps({"shard": done.shard, "rows_in": done.rows_in, "rows_out": done.rows_out,
-                           "rows_invalid": done.rows_invalid, "seconds": done.seconds}))
+    click.echo(
+        json.dumps(
+            {
+                "shard": done.shard,
+                "rows_in": done.rows_in,
+                "rows_out": done.rows_out,
+                "rows_invalid": done.rows_invalid,
+                "seconds": done.seconds,
+            }
+        )
+    )
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -222,12 +258,22 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
 @job_options
 @declared(PLAN_FIELDS, "plan")
 @declared(COMMAND_FIELDS, "shards")
-@click.option("--accept-drift", is_flag=True, help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held "
-              "report describes it; `commit OUTPUT --accept-drift` needs nothing else.")
+@click.option(
+    "--accept-drift",
+    is_flag=True,
+    help=f"Commit an output held for drift (exit {EXIT_DRIFT}), as its held "
+    "report describes it; `commit OUTPUT --accept-drift` needs nothing else.",
+)
 @declared(PLAN_FIELDS, "plan_sha256")
 @_handle_errors
-def commit(held_output: str | None, plan: str | None, shards: int | None, accept_drift: bool,
-           plan_sha256: str | None, **kw: Any) -> None:
+def commit(
+    held_output: str | None,
+    plan: str | None,
+    shards: int | None,
+    accept_drift: bool,
+    plan_sha256: str | None,
+    **kw: Any,
+) -> None:
     """Check every shard receipt against the plan, then write the manifest and _SUCCESS.
 
     Without --plan, --shards N plans the job again (deterministic) and commits its N shards.
@@ -247,7 +293,9 @@ def commit(held_output: str | None, plan: str | None, shards: int | None, accept
 @main.command(name="spark", epilog=EXIT_CODES_HELP)
 @job_options
 @click.option("--shards", type=int, help="Spark tasks, one shard each [default: the cluster's default parallelism].")
-@click.option("--master", help="Spark master URL (spark://host:7077, local[4]); under spark-submit, leave it to its --master.")
+@click.option(
+    "--master", help="Spark master URL (spark://host:7077, local[4]); under spark-submit, leave it to its --master."
+)
 @_handle_errors
 def spark(shards: int | None, master: str | None, **kw: Any) -> None:
     """Score the job on a Spark cluster and commit it: plan here, one Spark task per shard, commit here.
@@ -257,9 +305,7 @@ def spark(shards: int | None, master: str | None, **kw: Any) -> None:
     from . import spark as on_spark
 
     config = _config(kw)
-    _observe(config)
-    result = on_spark.run_job(config, shards=shards, master=master)
-    _observed(result.manifest)
+    result = on_spark.run_job(config, shards=shards, master=master)  # each shard and the commit observe themselves
     _summary(config, result)
 
 
@@ -270,13 +316,17 @@ def validate(**kw: Any) -> None:
     """Check the model, every input footer and schema, and the output location; score nothing."""
     config = _config(kw)
     checked = api.validate(config)
-    click.echo(f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
-               f"output columns {', '.join(checked.output_columns)}")
+    click.echo(
+        f"ok: {checked.files} file(s), {checked.rows:,} rows; features {', '.join(checked.features)}; "
+        f"output columns {', '.join(checked.output_columns)}"
+    )
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("output")
-@click.option("--html", "html", type=click.Path(dir_okay=False), help="Also write the report as a self-contained HTML page here.")
+@click.option(
+    "--html", "html", type=click.Path(dir_okay=False), help="Also write the report as a self-contained HTML page here."
+)
 @declared(FIELDS, "storage_options")
 @_handle_errors
 def report(output: str, html: str | None, **kw: Any) -> None:
@@ -302,7 +352,11 @@ def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("model")
 @declared(FIELDS, *INSPECT_KEYS)
 @_artifact_options
-@click.option("--sha256-only", is_flag=True, help="Print only each artifact's format and sha256, without loading it: safe on a file not yet trusted.")
+@click.option(
+    "--sha256-only",
+    is_flag=True,
+    help="Print only each artifact's format and sha256, without loading it: safe on a file not yet trusted.",
+)
 @_handle_errors
 def inspect(model: str, sha256_only: bool, **kw: Any) -> None:
     """Print a model's type, features, classes, scikit-learn version and sha256 as JSON.
@@ -315,8 +369,11 @@ def inspect(model: str, sha256_only: bool, **kw: Any) -> None:
 
 @main.command(name="compile", epilog=EXIT_CODES_HELP)
 @click.argument("model")
-@click.option("--out", help="Folder or URL (s3://...) to put the library in [default: the compiled cache, see "
-              "run --compiled-cache]; a URL also keeps a copy in the local cache.")
+@click.option(
+    "--out",
+    help="Folder or URL (s3://...) to put the library in [default: the compiled cache, see "
+    "run --compiled-cache]; a URL also keeps a copy in the local cache.",
+)
 @declared(FIELDS, "storage_options")
 @_artifact_options
 @_handle_errors
@@ -326,13 +383,20 @@ def compile_(model: str, out: str | None, **kw: Any) -> None:
     Runs that find the library in their --compiled-cache load it without compiling, so an image
     without a compiler can use it. Prints the library's path and sha256 as JSON.
     """
-    config = build_config(None, model=model, **schema.from_click(FIELDS, ("storage_options",), kw),
-                          **_artifact_settings(kw))
+    config = build_config(
+        None, model=model, **schema.from_click(FIELDS, ("storage_options",), kw), **_artifact_settings(kw)
+    )
     click.echo(json.dumps(api.compile_model(config, out).to_dict()))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.option("--out-dir", default="sample_data", show_default=True, type=click.Path(file_okay=False), help="Folder for churn.parquet and model/.")
+@click.option(
+    "--out-dir",
+    default="sample_data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for churn.parquet and model/.",
+)
 @declared(COMMAND_FIELDS, "rows")
 @click.option("--model-only", is_flag=True, help="Only (re)train the model from the existing sample data.")
 @_handle_errors
@@ -349,5 +413,7 @@ def sample(out_dir: str, rows: int | None, model_only: bool) -> None:
     elif not os.path.exists(data):
         raise ConfigError(f"--model-only needs existing sample data at {data}")
     scaler_path, model_path = samples.train_sample_model(data, os.path.join(out_dir, samples.MODEL_DIR))
-    click.echo(f"sample data: {data}\nscaler: {scaler_path}\nmodel: {model_path}\n"
-               f"pickle-free copies: {samples.skops_path(scaler_path)}, {samples.skops_path(model_path)}")
+    click.echo(
+        f"sample data: {data}\nscaler: {scaler_path}\nmodel: {model_path}\n"
+        f"pickle-free copies: {samples.skops_path(scaler_path)}, {samples.skops_path(model_path)}"
+    )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Literal, Optional, Tuple
+from typing import Any, Literal
 
 import yaml
 from pydantic import ConfigDict, ValidationError, field_validator
@@ -22,8 +22,8 @@ from pydantic.dataclasses import dataclass
 
 from . import schema
 from .errors import EXIT_DRIFT, EXIT_USAGE, ConfigError, param
-from .strict_yaml import DuplicateKeyError, load_yaml
 from .schema import setting
+from .strict_yaml import DuplicateKeyError, load_yaml
 
 DEFAULT_BATCH_SIZE = 65_536
 DEFAULT_MAX_INVALID_FRACTION = 0.05
@@ -68,8 +68,10 @@ class TemplateLeftError(ConfigError):
     """A setting still holds a template where nothing renders it; ``key`` names the setting."""
 
     def __init__(self, key: str, text: str) -> None:
-        super().__init__(f"setting '{key}' holds the template {text!r}, which nothing renders here (only the "
-                         f"Airflow DAG renders a job's templates, before it starts batchscore); give the value itself")
+        super().__init__(
+            f"setting '{key}' holds the template {text!r}, which nothing renders here (only the "
+            f"Airflow DAG renders a job's templates, before it starts batchscore); give the value itself"
+        )
         self.key = key
 
 
@@ -120,76 +122,172 @@ class StorageSettings:
 class JobConfig:
     """Everything a scoring job needs; every field is also a YAML key of the same name."""
 
-    input: Tuple[str, ...] = setting((), "Parquet file, directory or glob, local, file:// or s3://; a list of them in YAML.",
-                                     repeat=True, shown="required")
-    output: Optional[str] = setting(None, "Output dataset directory (local or s3://).", shown="required")
-    model: Optional[str] = setting(None, "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline.",
-                                   shown="required")
-    scaler: Optional[str] = setting(None, "Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline).")
-    model_sha256: Optional[str] = setting(None, "Refuse the model unless its bytes have this sha256; checked before it is "
-                                          "loaded (`batchscore inspect --sha256-only` prints it).", metavar="HEX")
-    scaler_sha256: Optional[str] = setting(None, "Refuse the scaler unless its bytes have this sha256; needs a scaler.",
-                                           metavar="HEX")
-    trusted_types: Tuple[str, ...] = setting((), "Types a .skops artifact may hold beyond those skops trusts, by full "
-                                             "name, e.g. sklearn.tree._tree.Tree.", flag="--trust", metavar="TYPE",
-                                             repeat=True)
-    allow_pickle: bool = setting(True, "Whether joblib (pickle) artifacts may load; false (flag --no-pickle) loads only .skops artifacts.",
-                                 flag="--no-pickle", switch=False)
-    model_version: str = setting("unversioned", "Written to every row and the manifest; quote it in YAML (\"1.10\").")
-    features: Optional[Tuple[str, ...]] = setting(None, "Feature columns, comma-separated on the command line.", csv=True,
-                                                  shown="the estimator's feature_names_in_")
-    keep: Optional[Tuple[str, ...]] = setting(None, "Passthrough columns, comma-separated on the command line.", csv=True,
-                                              shown="all input columns")
-    batch_size: int = setting(DEFAULT_BATCH_SIZE, "Rows per batch read, scored and written.", ge=1, le=MAX_BATCH_SIZE,
-                              why="a few batches per worker are held in memory at once, and 2^24 rows of "
-                              "features already take gigabytes")
+    input: tuple[str, ...] = setting(
+        (),
+        "Parquet file, directory or glob, local, file:// or s3://; a list of them in YAML.",
+        repeat=True,
+        shown="required",
+    )
+    output: str | None = setting(None, "Output dataset directory (local or s3://).", shown="required")
+    model: str | None = setting(
+        None,
+        "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline.",
+        shown="required",
+    )
+    scaler: str | None = setting(
+        None, "Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline)."
+    )
+    model_sha256: str | None = setting(
+        None,
+        "Refuse the model unless its bytes have this sha256; checked before it is "
+        "loaded (`batchscore inspect --sha256-only` prints it).",
+        metavar="HEX",
+    )
+    scaler_sha256: str | None = setting(
+        None, "Refuse the scaler unless its bytes have this sha256; needs a scaler.", metavar="HEX"
+    )
+    trusted_types: tuple[str, ...] = setting(
+        (),
+        "Types a .skops artifact may hold beyond those skops trusts, by full name, e.g. sklearn.tree._tree.Tree.",
+        flag="--trust",
+        metavar="TYPE",
+        repeat=True,
+    )
+    allow_pickle: bool = setting(
+        True,
+        "Whether joblib (pickle) artifacts may load; false (flag --no-pickle) loads only .skops artifacts.",
+        flag="--no-pickle",
+        switch=False,
+    )
+    model_version: str = setting("unversioned", 'Written to every row and the manifest; quote it in YAML ("1.10").')
+    features: tuple[str, ...] | None = setting(
+        None,
+        "Feature columns, comma-separated on the command line.",
+        csv=True,
+        shown="the estimator's feature_names_in_",
+    )
+    keep: tuple[str, ...] | None = setting(
+        None, "Passthrough columns, comma-separated on the command line.", csv=True, shown="all input columns"
+    )
+    batch_size: int = setting(
+        DEFAULT_BATCH_SIZE,
+        "Rows per batch read, scored and written.",
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        why="a few batches per worker are held in memory at once, and 2^24 rows of features already take gigabytes",
+    )
     on_invalid: Literal["fail", "skip", "quarantine"] = setting(
-        "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason.")
-    max_invalid_fraction: float = setting(DEFAULT_MAX_INVALID_FRACTION, "Most invalid rows allowed as a fraction of "
-                                          "input rows (skip or quarantine).", ge=0, le=1, why="a fraction")
+        "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason."
+    )
+    max_invalid_fraction: float = setting(
+        DEFAULT_MAX_INVALID_FRACTION,
+        "Most invalid rows allowed as a fraction of input rows (skip or quarantine).",
+        ge=0,
+        le=1,
+        why="a fraction",
+    )
     overwrite: bool = setting(False, "Replace an existing output.", switch=True)
-    workers: Optional[int] = setting(None, "Worker processes, each with one compute thread.", ge=1, le=MAX_WORKERS,
-                                     shown="all cores this process may use",
-                                     why="each worker is a process with its own copy of the model; no host has "
-                                     f"more than {MAX_WORKERS} cores to give them")
-    storage_options: Mapping[str, Any] = setting({}, "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
-                                                 flag="--storage-option", metavar="KEY=VALUE")
-    storage_timeout: float = setting(DEFAULT_STORAGE_TIMEOUT, "Seconds one storage request may wait to connect or for "
-                                     "the next data.", gt=0, le=3600, unit="seconds",
-                                     why="a request stalled for an hour has failed")
-    storage_retries: int = setting(DEFAULT_STORAGE_RETRIES, "Retries of a failed storage request; a stalled endpoint "
-                                   f"fails a call within (retries + 1) x timeout + 2^retries - 1 s "
-                                   f"({DEFAULT_STALLED_CALL_SECONDS:g} s).", ge=0, le=20,
-                                   why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days")
-    storage_throttle_seconds: float = setting(DEFAULT_STORAGE_THROTTLE_SECONDS, "Seconds one storage request is "
-                                              "retried, with exponential backoff and jitter, while the store answers "
-                                              "that it is throttling (503 SlowDown, 429); apart from storage_retries.",
-                                              ge=0, le=3600, unit="seconds",
-                                              why="a request throttled for an hour has failed: the store is down for this job")
+    workers: int | None = setting(
+        None,
+        "Worker processes, each with one compute thread.",
+        ge=1,
+        le=MAX_WORKERS,
+        shown="all cores this process may use",
+        why="each worker is a process with its own copy of the model; no host has "
+        f"more than {MAX_WORKERS} cores to give them",
+    )
+    storage_options: Mapping[str, Any] = setting(
+        {},
+        "fsspec options for remote storage, one KEY=VALUE per flag, e.g. endpoint_url=http://127.0.0.1:9000.",
+        flag="--storage-option",
+        metavar="KEY=VALUE",
+    )
+    storage_timeout: float = setting(
+        DEFAULT_STORAGE_TIMEOUT,
+        "Seconds one storage request may wait to connect or for the next data.",
+        gt=0,
+        le=3600,
+        unit="seconds",
+        why="a request stalled for an hour has failed",
+    )
+    storage_retries: int = setting(
+        DEFAULT_STORAGE_RETRIES,
+        "Retries of a failed storage request; a stalled endpoint "
+        f"fails a call within (retries + 1) x timeout + 2^retries - 1 s "
+        f"({DEFAULT_STALLED_CALL_SECONDS:g} s).",
+        ge=0,
+        le=20,
+        why="backoff doubles per retry: 20 retries already wait 2^20 s, 12 days",
+    )
+    storage_throttle_seconds: float = setting(
+        DEFAULT_STORAGE_THROTTLE_SECONDS,
+        "Seconds one storage request is "
+        "retried, with exponential backoff and jitter, while the store answers "
+        "that it is throttling (503 SlowDown, 429); apart from storage_retries.",
+        ge=0,
+        le=3600,
+        unit="seconds",
+        why="a request throttled for an hour has failed: the store is down for this job",
+    )
     log_format: Literal["text", "json"] = setting("text", "Log lines, warnings and the final error as text or JSON.")
-    lease_seconds: float = setting(DEFAULT_LEASE_SECONDS, "How long the lease on the output outlives a holder that "
-                                   "stopped renewing it; renewed every third of it.", ge=1, le=DAY_SECONDS, unit="seconds",
-                                   why="a crashed holder blocks the output this long; a day is already a lost run")
-    lock_timeout: float = setting(DEFAULT_LOCK_TIMEOUT, "Seconds to wait while another job writes the output before "
-                                  f"giving up (exit {EXIT_USAGE}).", ge=0, le=DAY_SECONDS, unit="seconds",
-                                  why="a job that waits a day for another has missed its schedule")
+    lease_seconds: float = setting(
+        DEFAULT_LEASE_SECONDS,
+        "How long the lease on the output outlives a holder that stopped renewing it; renewed every third of it.",
+        ge=1,
+        le=DAY_SECONDS,
+        unit="seconds",
+        why="a crashed holder blocks the output this long; a day is already a lost run",
+    )
+    lock_timeout: float = setting(
+        DEFAULT_LOCK_TIMEOUT,
+        f"Seconds to wait while another job writes the output before giving up (exit {EXIT_USAGE}).",
+        ge=0,
+        le=DAY_SECONDS,
+        unit="seconds",
+        why="a job that waits a day for another has missed its schedule",
+    )
     engine: Literal["sklearn", "compiled", "auto"] = setting(
-        "sklearn", "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
-        "auto (compiled where it qualifies and agrees, else scikit-learn).")
-    compiled_cache: Optional[str] = setting(None, "Folder of compiled model libraries (see `batchscore compile`), or a "
-                                            "URL such as s3://bucket/compiled/ shared by every host.", metavar="DIR",
-                                            shown=f"${COMPILED_CACHE_ENV} or ~/.cache/batchscore/compiled")
-    pushgateway: Optional[str] = setting(None, "Prometheus Pushgateway that receives the job's metrics when it ends "
-                                         "(see Monitoring); the flag wins over the variable, the variable over the key.",
-                                         metavar="URL", envvar="BATCHSCORE_PUSHGATEWAY")
-    job_name: Optional[str] = setting(None, "The job's name in its metrics (`job` label) and lineage.",
-                                      shown="the config file's stem, else batchscore")
-    reference: Optional[str] = setting(None, "A previous committed output (local or S3) to check drift against (PSI, "
-                                       "Wasserstein) at commit.")
-    drift_warn: float = setting(DEFAULT_DRIFT_WARN, "Warn about columns whose PSI against the reference is above this.",
-                                ge=0, le=MAX_PSI, why=PSI_WHY)
-    drift_fail: Optional[float] = setting(None, f"Exit {EXIT_DRIFT} without _SUCCESS when a column's PSI against the reference is "
-                                          "above this.", ge=0, le=MAX_PSI, shown="off", why=PSI_WHY)
+        "sklearn",
+        "Score tree ensembles with scikit-learn, a compiled library verified on the job's rows first, or "
+        "auto (compiled where it qualifies and agrees, else scikit-learn).",
+    )
+    compiled_cache: str | None = setting(
+        None,
+        "Folder of compiled model libraries (see `batchscore compile`), or a "
+        "URL such as s3://bucket/compiled/ shared by every host.",
+        metavar="DIR",
+        shown=f"${COMPILED_CACHE_ENV} or ~/.cache/batchscore/compiled",
+    )
+    pushgateway: str | None = setting(
+        None,
+        "Prometheus Pushgateway that receives the job's metrics when it ends "
+        "(see Monitoring); the flag wins over the variable, the variable over the key.",
+        metavar="URL",
+        envvar="BATCHSCORE_PUSHGATEWAY",
+    )
+    job_name: str | None = setting(
+        None,
+        "The job's name in its metrics (`job` label) and lineage.",
+        shown="the config file's stem, else batchscore",
+    )
+    reference: str | None = setting(
+        None, "A previous committed output (local or S3) to check drift against (PSI, Wasserstein) at commit."
+    )
+    drift_warn: float = setting(
+        DEFAULT_DRIFT_WARN,
+        "Warn about columns whose PSI against the reference is above this.",
+        ge=0,
+        le=MAX_PSI,
+        why=PSI_WHY,
+    )
+    drift_fail: float | None = setting(
+        None,
+        f"Exit {EXIT_DRIFT} without _SUCCESS when a column's PSI against the reference is above this.",
+        ge=0,
+        le=MAX_PSI,
+        shown="off",
+        why=PSI_WHY,
+    )
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod
@@ -220,8 +318,10 @@ class JobConfig:
     def _type_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
         bad = [name for name in names if not TYPE_NAME.fullmatch(name)]
         if bad:
-            raise ValueError("setting 'trusted_types' names each type by module and name, e.g. "
-                             f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}")
+            raise ValueError(
+                "setting 'trusted_types' names each type by module and name, e.g. "
+                f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}"
+            )
         return names
 
     @field_validator("storage_options", mode="after")
@@ -235,10 +335,11 @@ class JobConfig:
                 refuse_template(key, getattr(self, key))
 
     @property
-    def storage(self) -> "StorageSettings":
+    def storage(self) -> StorageSettings:
         """How this job reaches storage: every filesystem it opens is opened with these."""
-        return StorageSettings(dict(self.storage_options), self.storage_timeout, self.storage_retries,
-                               self.storage_throttle_seconds)
+        return StorageSettings(
+            dict(self.storage_options), self.storage_timeout, self.storage_retries, self.storage_throttle_seconds
+        )
 
     def require(self, name: str) -> str:
         """The value of a required setting (``model``, ``output``), or a usage error naming it."""
@@ -279,14 +380,28 @@ class CommandNumbers:
     Declared like the job's settings so that they are bounded (and tested) the same way.
     """
 
-    shards: Optional[int] = setting(None, "Number of shards (plan, commit; `dag.shards`).", ge=1, le=MAX_SHARDS,
-                                    shown="1", why=SHARDS_WHY)
-    rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS,
-                                            why=ROWS_WHY)
-    shard: Optional[int] = setting(None, "The shard to score, I of --shard I or I/N.", ge=0, le=MAX_SHARDS - 1,
-                                   flag="--shard", why=f"shards are numbered from 0 below the most a job has, {MAX_SHARDS}")
-    rows: Optional[int] = setting(None, "Rows of sample data (batchscore sample).", ge=1, le=10**8, shown=str(SAMPLE_ROWS),
-                                  why="the sample is built in memory: 10^8 rows take gigabytes")
+    shards: int | None = setting(
+        None, "Number of shards (plan, commit; `dag.shards`).", ge=1, le=MAX_SHARDS, shown="1", why=SHARDS_WHY
+    )
+    rows_per_shard: int | None = setting(
+        None, "Target rows per shard instead of --shards.", ge=1, le=MAX_ROWS, why=ROWS_WHY
+    )
+    shard: int | None = setting(
+        None,
+        "The shard to score, I of --shard I or I/N.",
+        ge=0,
+        le=MAX_SHARDS - 1,
+        flag="--shard",
+        why=f"shards are numbered from 0 below the most a job has, {MAX_SHARDS}",
+    )
+    rows: int | None = setting(
+        None,
+        "Rows of sample data (batchscore sample).",
+        ge=1,
+        le=10**8,
+        shown=str(SAMPLE_ROWS),
+        why="the sample is built in memory: 10^8 rows take gigabytes",
+    )
 
 
 COMMAND_FIELDS = CommandNumbers.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
@@ -323,15 +438,24 @@ class PlanFlags:
     """The flags that tie a step of a sharded job to one plan: the DAG hands them from its plan task
     to every shard and to the commit. Declared here so that the CLI and the DAG spell them alike."""
 
-    plan: Optional[str] = setting(None, "Plan JSON written by `batchscore plan --out`: run scores its --shard, "
-                                  "commit checks every shard's receipt against it.", metavar="URI")
-    plan_sha256: Optional[str] = setting(None, "Refuse a --plan whose sha256 is not this one (as `plan` printed it).",
-                                         metavar="HEX")
-    out: Optional[str] = setting(None, "Also write the plan JSON here, never inside the output: beside it, e.g. in "
-                                 "the output's state folder, where the DAG puts it.", metavar="URI")
+    plan: str | None = setting(
+        None,
+        "Plan JSON written by `batchscore plan --out`: run scores its --shard, "
+        "commit checks every shard's receipt against it.",
+        metavar="URI",
+    )
+    plan_sha256: str | None = setting(
+        None, "Refuse a --plan whose sha256 is not this one (as `plan` printed it).", metavar="HEX"
+    )
+    out: str | None = setting(
+        None,
+        "Also write the plan JSON here, never inside the output: beside it, e.g. in "
+        "the output's state folder, where the DAG puts it.",
+        metavar="URI",
+    )
 
 
-PLAN_FIELDS = PlanFlags.__pydantic_fields__
+PLAN_FIELDS = PlanFlags.__pydantic_fields__  # type: ignore[attr-defined]  # set by pydantic's @dataclass
 
 
 #: The declaration as data: each setting's pydantic field, in order.
@@ -356,13 +480,16 @@ def check_text(key: str, value: Any) -> str | None:
     if isinstance(value, (bool, int, float)):
         raise ValueError(
             f"setting '{key}' must be text, but YAML read {value!r} as a {type(value).__name__}; "
-            f"quote it in the YAML file, e.g. {key}: \"1.10\" (unquoted, 1.10 becomes 1.1)"
+            f'quote it in the YAML file, e.g. {key}: "1.10" (unquoted, 1.10 becomes 1.1)'
         )
     raise ValueError(f"setting '{key}' must be a string, got {value!r}")
 
 
-def validate_settings(settings: Mapping[str, Any], where: Callable[[str], str] = lambda key: "",
-                      name: Callable[[str], str] = lambda key: f"setting '{key}'") -> JobConfig:
+def validate_settings(
+    settings: Mapping[str, Any],
+    where: Callable[[str], str] = lambda key: "",
+    name: Callable[[str], str] = lambda key: f"setting '{key}'",
+) -> JobConfig:
     """A JobConfig of these settings, or one ConfigError naming every bad one: ``where(key)`` says
     where the key was written (e.g. ``config file job.yaml: ``), ``name(key)`` how to call it."""
     try:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -11,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_DRIFT = 5
+
 
 class ExitCode(NamedTuple):
     """One exit code: what it is in a few words, what causes it, and whether running the same

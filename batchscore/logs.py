@@ -77,8 +77,9 @@ _chosen: dict[str, Any] = {"format": None, "handler": None, "interval": LOG_INTE
 _python_showwarning = warnings.showwarning
 
 
-def configure(log_format: str = "text", stream: IO[str] | None = None,
-              progress_interval: float = LOG_INTERVAL_SECONDS) -> None:
+def configure(
+    log_format: str = "text", stream: IO[str] | None = None, progress_interval: float = LOG_INTERVAL_SECONDS
+) -> None:
     """Send log records, Python warnings under JSON, and progress to ``stream`` (stderr by default)
     in ``log_format``; the process's application (the CLI) calls this, a library never does.
     Calling it again replaces what the last call set up."""
@@ -101,8 +102,9 @@ def reset() -> None:
     _chosen.update(format=None, handler=None, interval=LOG_INTERVAL_SECONDS)
 
 
-def _warning_as_record(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                       line: Any = None) -> None:
+def _warning_as_record(
+    message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     """A Python warning (e.g. scikit-learn's about a model's version) as a ``warning`` record."""
     logging.getLogger("py.warnings").warning(
         f"{category.__name__}: {message}",
@@ -110,7 +112,7 @@ def _warning_as_record(message: Any, category: type[Warning], filename: str, lin
     )
 
 
-def progress(log: logging.Logger, total_rows: int) -> "Progress":
+def progress(log: logging.Logger, total_rows: int) -> Progress:
     """Rows scored out of ``total_rows``: a bar if the CLI writes text to a terminal, else records on ``log``."""
     handler = _chosen["handler"]
     interactive = _chosen["format"] == "text" and handler is not None and handler.stream.isatty()
@@ -129,11 +131,15 @@ class Progress:
         self.started = self.last_log = time.monotonic()
         self._bar: Any = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.terminal is not None:
             self._bar = click.progressbar(
-                length=max(self.total, 1), label="scoring", file=self.terminal, show_eta=True,
-                show_percent=True, item_show_func=lambda _: f"{self.rate:,.0f} rows/s",
+                length=max(self.total, 1),
+                label="scoring",
+                file=self.terminal,
+                show_eta=True,
+                show_percent=True,
+                item_show_func=lambda _: f"{self.rate:,.0f} rows/s",
             )
             self._bar.__enter__()
         return self
@@ -155,8 +161,13 @@ class Progress:
             eta = (self.total - self.done) / self.rate if self.rate else 0.0
             self.log.info(
                 f"scored {self.done:,}/{self.total:,} rows ({share:.0%}), {self.rate:,.0f} rows/s, ETA {eta:,.0f}s",
-                extra=event("progress", rows_done=self.done, rows_total=self.total, rows_per_second=round(self.rate),
-                            eta_seconds=round(eta)),
+                extra=event(
+                    "progress",
+                    rows_done=self.done,
+                    rows_total=self.total,
+                    rows_per_second=round(self.rate),
+                    eta_seconds=round(eta),
+                ),
             )
 
     def __exit__(self, *exc: Any) -> None:

@@ -76,17 +76,24 @@ def settings_rows(fields: Mapping[str, FieldInfo], with_flags: bool) -> list[lis
 
 def job_keys() -> str:
     """Every job key (``JobConfig``), with its flag, and the sections the scorer leaves to others."""
-    sections = [[f"`{key}`", NOTHING, "a mapping", NOTHING, f"{text} See [Airflow](airflow.md#the-dag-section)."]
-                for key, text in IGNORED_SECTIONS.items()]
+    sections = [
+        [f"`{key}`", NOTHING, "a mapping", NOTHING, f"{text} See [Airflow](airflow.md#the-dag-section)."]
+        for key, text in IGNORED_SECTIONS.items()
+    ]
     return table(["key", "flag", "value", "default", "meaning"], settings_rows(FIELDS, True) + sections)
 
 
 def bounds() -> str:
     """Every number a job key or a command flag takes: its largest value and why it is that."""
-    rows = [[f"`{key}`", schema._number(schema.upper_bound(info)), schema.extra(info)["why"]]
-            for key, info in FIELDS.items() if schema.is_number(info)]
-    rows += [[f"`{schema.flag_of(key, info)}`", schema._number(schema.upper_bound(info)), schema.extra(info)["why"]]
-             for key, info in COMMAND_FIELDS.items()]
+    rows = [
+        [f"`{key}`", schema._number(schema.upper_bound(info)), schema.extra(info)["why"]]
+        for key, info in FIELDS.items()
+        if schema.is_number(info)
+    ]
+    rows += [
+        [f"`{schema.flag_of(key, info)}`", schema._number(schema.upper_bound(info)), schema.extra(info)["why"]]
+        for key, info in COMMAND_FIELDS.items()
+    ]
     return table(["setting", "at most", "why"], rows)
 
 
@@ -110,8 +117,10 @@ def dag_keys() -> str:
         section = _section(info)
         if section is not None:
             item = "[]" if value(info).startswith("a list") else ""
-            out += [f"\n`dag.{key}{item}`:\n\n",
-                    table(["key", "value", "default", "meaning"], settings_rows(section.model_fields, False))]
+            out += [
+                f"\n`dag.{key}{item}`:\n\n",
+                table(["key", "value", "default", "meaning"], settings_rows(section.model_fields, False)),
+            ]
     return "".join(out)
 
 
@@ -137,8 +146,10 @@ def commands() -> str:
     root = click.Context(main, info_name="batchscore")
     for name, command in main.commands.items():
         ctx = click.Context(command, info_name=name, parent=root)
-        out.append(f"### `batchscore {name}`\n\n```\n{command.get_usage(ctx)}\n```\n\n"
-                   f"{inspect.cleandoc(command.help or '')}\n\n")
+        out.append(
+            f"### `batchscore {name}`\n\n```\n{command.get_usage(ctx)}\n```\n\n"
+            f"{inspect.cleandoc(command.help or '')}\n\n"
+        )
         rows, keys = [], []
         for param in command.get_params(ctx):
             if not isinstance(param, click.Option) or "--help" in param.opts:
@@ -154,8 +165,9 @@ def commands() -> str:
             out.append("And every job key's flag (see [Configuration](configuration.md#keys)).\n\n")
         elif keys:
             flags = [f"`{schema.flag_of(key, FIELDS[key])}`" for key in keys]
-            out.append(f"And the flags of the job keys {', '.join(flags)} (see "
-                       "[Configuration](configuration.md#keys)).\n\n")
+            out.append(
+                f"And the flags of the job keys {', '.join(flags)} (see [Configuration](configuration.md#keys)).\n\n"
+            )
     return "".join(out).rstrip("\n") + "\n"
 
 

@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Callable, Iterable, Literal, Union
+from typing import Any, Literal, Union
 
 import annotated_types
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
 
-def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
-            csv: bool = False, switch: bool | None = None, shown: str | None = None, unit: str | None = None,
-            envvar: str | None = None, why: str | None = None, **constraints: Any) -> Any:
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    repeat: bool = False,
+    csv: bool = False,
+    switch: bool | None = None,
+    shown: str | None = None,
+    unit: str | None = None,
+    envvar: str | None = None,
+    why: str | None = None,
+    **constraints: Any,
+) -> Any:
     """Declare one setting: its default, help and constraints (``ge``, ``le``, ``gt`` ...).
 
     ``flag`` names the option when it is not ``--the-key``; ``repeat`` makes it repeatable (one value
@@ -35,8 +48,17 @@ def setting(default: Any, help: str, *, flag: str | None = None, metavar: str | 
     bounds are what they are: every number has an upper bound (``le``/``lt``), and a value past it
     is refused with this reason (see :func:`unbounded`).
     """
-    faces: dict[str, Any] = {"flag": flag, "metavar": metavar, "repeat": repeat or None, "csv": csv or None, "switch": switch,
-             "shown": shown, "unit": unit, "envvar": envvar, "why": why}
+    faces: dict[str, Any] = {
+        "flag": flag,
+        "metavar": metavar,
+        "repeat": repeat or None,
+        "csv": csv or None,
+        "switch": switch,
+        "shown": shown,
+        "unit": unit,
+        "envvar": envvar,
+        "why": why,
+    }
     faces = {key: value for key, value in faces.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=faces, **constraints)
@@ -90,8 +112,11 @@ def unbounded(fields: Mapping[str, FieldInfo]) -> list[str]:
     A typo like ``--batch-size 99999999999999999999999`` must be a one-line usage error, not a
     traceback from deep inside the job: every number gets a bound, and the bound a reason.
     """
-    return [key for key, info in fields.items()
-            if is_number(info) and (upper_bound(info) is None or not extra(info).get("why"))]
+    return [
+        key
+        for key, info in fields.items()
+        if is_number(info) and (upper_bound(info) is None or not extra(info).get("why"))
+    ]
 
 
 def _number(value: Any) -> str:
@@ -109,7 +134,9 @@ def expectation(info: FieldInfo) -> str:
     bounds = _bounds(info)
     low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
     if kind in (int, float):
-        word = ("an integer" if kind is int else "a number") + (f" of {extra(info)['unit']}" if "unit" in extra(info) else "")
+        word = ("an integer" if kind is int else "a number") + (
+            f" of {extra(info)['unit']}" if "unit" in extra(info) else ""
+        )
         if low is not None and high is not None:
             return f"{word} from {_number(low)} to {_number(high)}"
         if high is not None:
@@ -142,8 +169,12 @@ def _field_at(fields: Mapping[str, FieldInfo], loc: tuple[Any, ...]) -> FieldInf
     return info
 
 
-def explain(exc: ValidationError, fields: Mapping[str, FieldInfo], name: Callable[[tuple[Any, ...]], str],
-            where: Callable[[str], str] = lambda key: "") -> str:
+def explain(
+    exc: ValidationError,
+    fields: Mapping[str, FieldInfo],
+    name: Callable[[tuple[Any, ...]], str],
+    where: Callable[[str], str] = lambda key: "",
+) -> str:
     """One sentence per invalid value of a pydantic error, naming each setting with ``name(loc)``,
     after ``where(key)`` (e.g. the file it was written in).
 
@@ -163,7 +194,7 @@ def explain(exc: ValidationError, fields: Mapping[str, FieldInfo], name: Callabl
             info = _field_at(fields, loc)
             expected = expectation(info) if info is not None else error["msg"][0].lower() + error["msg"][1:]
             if expected.startswith("input should be "):
-                expected = expected[len("input should be "):]
+                expected = expected[len("input should be ") :]
             if error["type"] in ("less_than_equal", "less_than") and info is not None and extra(info).get("why"):
                 expected += f" ({extra(info)['why']})"
             sentences.append(f"{where(key)}{name(loc)} must be {expected}, got {error['input']!r}")
@@ -230,8 +261,8 @@ def parse_pairs(values: Iterable[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping; each value is read as YAML reads it (``true``, 3, text)."""
     import yaml
 
-    from .strict_yaml import load_yaml
     from .errors import ConfigError
+    from .strict_yaml import load_yaml
 
     pairs: dict[str, Any] = {}
     for item in values:

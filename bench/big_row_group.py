@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from measuring import high_water_mark
 
 FEATURES = [f"f{j:02d}" for j in range(12)]
@@ -44,8 +45,9 @@ def write_file(path: Path, rows: int, row_group_size: int, seed: int = 1) -> Non
             writer.write_table(_chunk(0, rows, seed, schema), row_group_size=rows)
         else:
             for start in range(0, rows, row_group_size):
-                writer.write_table(_chunk(start, min(row_group_size, rows - start), seed, schema),
-                                   row_group_size=row_group_size)
+                writer.write_table(
+                    _chunk(start, min(row_group_size, rows - start), seed, schema), row_group_size=row_group_size
+                )
     tmp.rename(path)
 
 
@@ -99,9 +101,13 @@ def run_measured(cmd: list[str], interval: float) -> dict:
     sampler.join()
     mb = 1024 * 1024
     workers = sorted((round(v / mb, 1) for pid, v in peaks.items() if pid != proc.pid), reverse=True)
-    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - started, 2),
-            "main_peak_mb": round(peaks.get(proc.pid, 0) / mb, 1), "worker_peaks_mb": workers,
-            "stderr_tail": err.decode(errors="replace")[-600:] if proc.returncode else ""}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(time.perf_counter() - started, 2),
+        "main_peak_mb": round(peaks.get(proc.pid, 0) / mb, 1),
+        "worker_peaks_mb": workers,
+        "stderr_tail": err.decode(errors="replace")[-600:] if proc.returncode else "",
+    }
 
 
 def write_model(folder: Path) -> tuple[Path, Path]:
@@ -138,18 +144,41 @@ def main() -> None:
         write_file(data, a.rows, group)
         out = a.dir / f"out-{layout}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "batchscore", "run", "--log-format", "json", "--input", str(data),
-               "--output", str(out), "--model", str(model), "--scaler", str(scaler), "--keep", "id", "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "batchscore",
+            "run",
+            "--log-format",
+            "json",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--model",
+            str(model),
+            "--scaler",
+            str(scaler),
+            "--keep",
+            "id",
+            "--overwrite",
+        ]
         if a.workers:
             cmd += ["--workers", str(a.workers)]
         measured = run_measured(cmd, a.interval)
         parts = sorted(p for p in os.listdir(out) if p.startswith("part-")) if out.exists() else []
         rows = [pq.ParquetFile(out / p).metadata.num_rows for p in parts]
-        results.append({
-            "layout": layout, "rows": a.rows, "row_group_rows": group,
-            "largest_process_peak_mb": max([measured["main_peak_mb"]] + measured["worker_peaks_mb"]),
-            **measured, "parts": len(parts), "largest_part_rows": max(rows, default=0),
-        })
+        results.append(
+            {
+                "layout": layout,
+                "rows": a.rows,
+                "row_group_rows": group,
+                "largest_process_peak_mb": max([measured["main_peak_mb"]] + measured["worker_peaks_mb"]),
+                **measured,
+                "parts": len(parts),
+                "largest_part_rows": max(rows, default=0),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
 
 

@@ -20,9 +20,14 @@ def read_scores(path: Path):
     cols = ["customer_id", "prediction", "probability"]
     if path.is_file():
         return pq.read_table(path, columns=cols)
-    files = sorted((p for p in path.rglob("*.parquet")
-                    if not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)),
-                   key=lambda p: natural_key(str(p.relative_to(path))))
+    files = sorted(
+        (
+            p
+            for p in path.rglob("*.parquet")
+            if not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
+        ),
+        key=lambda p: natural_key(str(p.relative_to(path))),
+    )
     if not files:
         raise FileNotFoundError(f"no Parquet files under {path}")
     return pa.concat_tables([pq.read_table(f, columns=cols) for f in files])

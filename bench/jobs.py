@@ -77,13 +77,21 @@ def batchscore_cmd(arg: str | None) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "batchscore"]
 
 
-def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: list[str],
-               a: argparse.Namespace, head: Path) -> list[Job]:
+def model_jobs(
+    model: str, paths: dict[str, str], data: Path, work: Path, keys: list[str], a: argparse.Namespace, head: Path
+) -> list[Job]:
     """The jobs scoring `data` with one model, in the order they alternate; start-up jobs score `head`."""
     py, m, s = sys.executable, rel(paths["model"]), rel(paths["scaler"])
     common = ["--input", rel(data), "--model", m, "--scaler", s]
-    options = ["--features", FEATURES, "--model-version", MODEL_VERSION, "--log-format", "json",
-               *shlex.split(a.batchscore_args)]
+    options = [
+        "--features",
+        FEATURES,
+        "--model-version",
+        MODEL_VERSION,
+        "--log-format",
+        "json",
+        *shlex.split(a.batchscore_args),
+    ]
     bs = batchscore_cmd(a.batchscore) + ["run", *common, *options]
     start = batchscore_cmd(a.batchscore) + ["run", "--input", rel(head), "--model", m, "--scaler", s, *options]
     compiled = ["--engine", "compiled", "--compiled-cache", rel(compiled_cache(a))]
@@ -92,8 +100,10 @@ def model_jobs(model: str, paths: dict[str, str], data: Path, work: Path, keys: 
         "bs_w1": ([*bs, "--workers", "1", "--output"], work / "bs_w1"),
         # --workers 1 reads and writes on threads that use a second core when there is one; this
         # confines the whole process to one core, the baseline for scaling per core.
-        "bs_1core": (["taskset", "-c", str(min(os.sched_getaffinity(0))), *bs, "--workers", "1", "--output"],
-                     work / "bs_1core"),
+        "bs_1core": (
+            ["taskset", "-c", str(min(os.sched_getaffinity(0))), *bs, "--workers", "1", "--output"],
+            work / "bs_1core",
+        ),
         "bs": ([*bs, "--output"], work / "bs"),
         "bs_c": ([*bs, *compiled, "--output"], work / "bs_c"),
         "start": ([*start, "--output"], work / "start"),

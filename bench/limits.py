@@ -21,12 +21,20 @@ import json
 import time
 
 # What every scoring process imports before doing any work.
-LIBRARIES = ["pyarrow.parquet", "pyarrow.dataset", "pandas", "joblib",
-             "sklearn.preprocessing", "sklearn.linear_model", "sklearn.ensemble"]
+LIBRARIES = [
+    "pyarrow.parquet",
+    "pyarrow.dataset",
+    "pandas",
+    "joblib",
+    "sklearn.preprocessing",
+    "sklearn.linear_model",
+    "sklearn.ensemble",
+]
 
 
 def compute(a: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
+
     from scoring import FEATURES, load
 
     t0 = time.perf_counter()
@@ -37,8 +45,13 @@ def compute(a: argparse.Namespace) -> dict:
     t2 = time.perf_counter()
     model.predict_proba(scaled)
     t3 = time.perf_counter()
-    return {"rows": len(features), "untimed_load_s": t1 - t0, "transform_s": t2 - t1,
-            "predict_proba_s": t3 - t2, "timed_s": t3 - t1}
+    return {
+        "rows": len(features),
+        "untimed_load_s": t1 - t0,
+        "transform_s": t2 - t1,
+        "predict_proba_s": t3 - t2,
+        "timed_s": t3 - t1,
+    }
 
 
 def io(a: argparse.Namespace) -> dict:
@@ -56,6 +69,7 @@ def io(a: argparse.Namespace) -> dict:
 
 def sequential(a: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
+
     from scoring import FEATURES, add_outputs_arrow, load, predict
 
     importlib.import_module("pyarrow.dataset")  # else read_table imports it inside the timed section
@@ -68,8 +82,7 @@ def sequential(a: argparse.Namespace) -> dict:
     t2 = time.perf_counter()
     pq.write_table(add_outputs_arrow(table, labels, proba), a.output)
     t3 = time.perf_counter()
-    return {"rows": table.num_rows, "read_s": t1 - t0, "score_s": t2 - t1,
-            "write_s": t3 - t2, "timed_s": t3 - t0}
+    return {"rows": table.num_rows, "read_s": t1 - t0, "score_s": t2 - t1, "write_s": t3 - t2, "timed_s": t3 - t0}
 
 
 def imports(a: argparse.Namespace) -> dict:

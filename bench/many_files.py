@@ -65,8 +65,17 @@ def bench(count: int, shards: int, rows: int, tmp: Path) -> dict[str, object]:
         make_inputs(inputs, count, rows)
     made = time.perf_counter() - clock
     plan = tmp / f"out-{count}" / "_batchscore" / "scores" / "plan.json"
-    common = ["--input", str(inputs), "--output", str(out), "--model", str(SAMPLE / "model" / "model.joblib"),
-              "--scaler", str(SAMPLE / "model" / "scaler.joblib"), "--overwrite"]
+    common = [
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        "--model",
+        str(SAMPLE / "model" / "model.joblib"),
+        "--scaler",
+        str(SAMPLE / "model" / "scaler.joblib"),
+        "--overwrite",
+    ]
     cli = [sys.executable, "-m", "batchscore"]
     log = tmp / f"log-{count}.txt"
     steps: dict[str, tuple[float, float]] = {}
@@ -77,7 +86,9 @@ def bench(count: int, shards: int, rows: int, tmp: Path) -> dict[str, object]:
     state = plan.parent
     receipts = sorted((state / "receipts").glob("*.json")) if (state / "receipts").exists() else []
     return {
-        "files": count, "shards": shards, "make_inputs_s": round(made, 1),
+        "files": count,
+        "shards": shards,
+        "make_inputs_s": round(made, 1),
         "plan_bytes": plan.stat().st_size,
         "receipt_bytes": sum(p.stat().st_size for p in receipts),
         "manifest_bytes": (state / "manifest.json").stat().st_size if (state / "manifest.json").exists() else None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
 from jobs import BATCHSCORE_JOBS, JOB_LABELS, LIMIT_JOBS, MB, PARTIAL_JOBS, ROOT, Job, receipt_workers, rel, remove
 
 
@@ -173,11 +174,14 @@ def run_group(jobs: list[Job], repeats: int, logs: Path, env: dict[str, str], in
                 res["stdout_json"]["workers"] = receipt_workers(job.output)
             job.runs.append(res)
             timed = (res["stdout_json"] or {}).get("timed_s")
-            print(f"  [{tag} r{r}] {job.key:<8} rc={res['rc']} wall={res['wall_s']:8.2f}s"
-                  f"{f' timed={timed:.2f}s' if timed is not None else ''}"
-                  f" tree={res['tree_peak_mb']:8.1f}MB pss={res['tree_pss_peak_mb']:8.1f}MB"
-                  f" proc={res['proc_peak_mb']:7.1f}MB"
-                  f" procs={res['max_processes']}", flush=True)
+            print(
+                f"  [{tag} r{r}] {job.key:<8} rc={res['rc']} wall={res['wall_s']:8.2f}s"
+                f"{f' timed={timed:.2f}s' if timed is not None else ''}"
+                f" tree={res['tree_peak_mb']:8.1f}MB pss={res['tree_pss_peak_mb']:8.1f}MB"
+                f" proc={res['proc_peak_mb']:7.1f}MB"
+                f" procs={res['max_processes']}",
+                flush=True,
+            )
             if res["rc"]:
                 print(f"    FAILED, see {res['log']} / .err:\n    {res['stderr_tail'][-300:]}", flush=True)
 
@@ -185,8 +189,15 @@ def run_group(jobs: list[Job], repeats: int, logs: Path, env: dict[str, str], in
 def summarize(job: Job, rows: int) -> dict:
     """Median times over rounds, maximum memory over rounds."""
     ok = [r for r in job.runs if r["rc"] == 0]
-    summary: dict = {"job": job.key, "label": JOB_LABELS[job.key], "model": job.model, "cmd": job.runs[0]["cmd"],
-                     "ok": len(ok) == len(job.runs), "rounds": len(job.runs), "runs": job.runs}
+    summary: dict = {
+        "job": job.key,
+        "label": JOB_LABELS[job.key],
+        "model": job.model,
+        "cmd": job.runs[0]["cmd"],
+        "ok": len(ok) == len(job.runs),
+        "rounds": len(job.runs),
+        "runs": job.runs,
+    }
     if not ok:
         return summary
     wall = statistics.median(r["wall_s"] for r in ok)
@@ -202,8 +213,9 @@ def summarize(job: Job, rows: int) -> dict:
     timings = [r["stdout_json"] for r in ok if r["stdout_json"]]
     keys = [k for k, v in (timings[0] if timings else {}).items() if k.endswith("_s") and isinstance(v, (int, float))]
     summary["timed"] = {k: round(statistics.median(t[k] for t in timings if k in t), 4) for k in keys}
-    summary["info"] = {k: timings[-1][k] for k in ("workers", "parts", "partitions")
-                       if timings and timings[-1].get(k) is not None}
+    summary["info"] = {
+        k: timings[-1][k] for k in ("workers", "parts", "partitions") if timings and timings[-1].get(k) is not None
+    }
     return summary
 
 

@@ -32,10 +32,10 @@ def main() -> None:
     from batchscore.config import build_config
     from batchscore.job.planning import plan_of
     from batchscore.job.preparation import now, prepare
-    from batchscore.sample import churn_table, train_sample_model
-    from batchscore.models.engine import Predictor
     from batchscore.job.scorer import ScoreTask, score_unit
     from batchscore.job.workers import single_threaded, use_lean_memory_pool
+    from batchscore.models.engine import Predictor
+    from batchscore.sample import churn_table, train_sample_model
 
     work = Path(tempfile.mkdtemp(prefix="batchscore-report-cost-"))
     try:
@@ -47,9 +47,16 @@ def main() -> None:
         the_plan = plan_of(prepared, shards=1)
         (work / "out").mkdir()
         base = ScoreTask(
-            model=prepared.model, model_version="bench", predicted_at=now(), files=the_plan.files,
-            output=prepared.location, passthrough=prepared.passthrough, output_schema=prepared.output_schema,
-            batch_size=config.batch_size, on_invalid="fail", max_invalid_rows=0,
+            model=prepared.model,
+            model_version="bench",
+            predicted_at=now(),
+            files=the_plan.files,
+            output=prepared.location,
+            passthrough=prepared.passthrough,
+            output_schema=prepared.output_schema,
+            batch_size=config.batch_size,
+            on_invalid="fail",
+            max_invalid_rows=0,
             storage=config.storage,
         )
         units = the_plan.shard(0).units
@@ -68,8 +75,10 @@ def main() -> None:
                     score_unit(task, predictor, unit)
                 best[profile] = min(best[profile], time.process_time() - clock)
         off, on = args.rows / best[False], args.rows / best[True]
-        print(f"rows {args.rows:,}, best of {args.rounds}: profiles off {off:,.0f} rows/CPU s, "
-              f"on {on:,.0f} rows/CPU s, cost {(off - on) / off:.1%}")
+        print(
+            f"rows {args.rows:,}, best of {args.rounds}: profiles off {off:,.0f} rows/CPU s, "
+            f"on {on:,.0f} rows/CPU s, cost {(off - on) / off:.1%}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,8 +43,19 @@ from jobs import (  # noqa: E402
 from measuring import add_ratios, run_group, summarize  # noqa: E402
 from reporting import markdown, print_summary  # noqa: E402
 
-LIBRARIES = ["batchscore", "pyarrow", "pandas", "numpy", "scikit-learn", "scipy", "joblib",
-             "threadpoolctl", "psutil", "dask", "ray"]
+LIBRARIES = [
+    "batchscore",
+    "pyarrow",
+    "pandas",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+    "joblib",
+    "threadpoolctl",
+    "psutil",
+    "dask",
+    "ray",
+]
 
 
 # --------------------------------------------------------------------------- setup
@@ -117,9 +128,22 @@ def precompile(a: argparse.Namespace, models: dict[str, dict[str, str]], env: di
 
 def prepare_data(a: argparse.Namespace, rows: int, env: dict[str, str]) -> dict:
     """Generate (or reuse) the table and models in a subprocess, keeping this process small."""
-    cmd = [sys.executable, str(BENCH / "datagen.py"), "--data-dir", str(a.data_dir), "--rows", str(rows),
-           "--seed", str(a.seed), "--row-group-size", str(a.row_group_size), "--models", ",".join(a.models),
-           "--train-rows", str(a.train_rows)]
+    cmd = [
+        sys.executable,
+        str(BENCH / "datagen.py"),
+        "--data-dir",
+        str(a.data_dir),
+        "--rows",
+        str(rows),
+        "--seed",
+        str(a.seed),
+        "--row-group-size",
+        str(a.row_group_size),
+        "--models",
+        ",".join(a.models),
+        "--train-rows",
+        str(a.train_rows),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"data generation failed:\n{done.stderr}")
@@ -169,8 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=10_000_000, help="rows to score (default 10M)")
     p.add_argument("--sizes", help="comma-separated row counts, e.g. 1000000,10000000 (overrides --rows)")
     p.add_argument("--models", default="lr,hgb,gb,rf", help="subset of lr,hgb,gb,rf")
-    p.add_argument("--jobs", default=",".join(MODEL_JOBS + SHARED_JOBS),
-                   help=f"subset of {','.join(MODEL_JOBS + SHARED_JOBS)} (default: all)")
+    p.add_argument(
+        "--jobs",
+        default=",".join(MODEL_JOBS + SHARED_JOBS),
+        help=f"subset of {','.join(MODEL_JOBS + SHARED_JOBS)} (default: all)",
+    )
     p.add_argument("--peers", action="store_true", help="also run dask / ray jobs when importable")
     p.add_argument("--repeats", type=int, default=2, help="rounds per job; medians are reported")
     p.add_argument("--row-group-size", type=int, default=128 * 1024)
@@ -199,8 +226,10 @@ def run_size(a: argparse.Namespace, rows: int, env: dict[str, str], peers: list[
     """Prepare data for one size and run every group of jobs on it."""
     info = prepare_data(a, rows, env)
     data = Path(info["input"])
-    print(f"\n== {rows:,} rows: {data} ({'generated in ' + str(info['seconds']) + ' s' if info['generated'] else 'reused'})",
-          flush=True)
+    print(
+        f"\n== {rows:,} rows: {data} ({'generated in ' + str(info['seconds']) + ' s' if info['generated'] else 'reused'})",
+        flush=True,
+    )
     pools = warm_up(info["models"], data, env)
     head = write_head(data)
     precompile(a, info["models"], env)
@@ -237,21 +266,38 @@ def main(argv: list[str] | None = None) -> int:
         missing = [engine for engine in ENGINES if a.peers and engine not in peers]
         if missing:
             print(f"warning: --peers: {', '.join(missing)} not importable, left out (`make bench` installs them)")
-        results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
-                   "config": {"command": shlex.join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
-                              "sizes": a.size_list, "models": a.models, "jobs": a.jobs, "peers": peers,
-                              "repeats": a.repeats, "row_group_size": a.row_group_size, "seed": a.seed,
-                              "train_rows": a.train_rows, "batchscore": shlex.join(batchscore_cmd(a.batchscore)),
-                              "batchscore_args": a.batchscore_args, "sample_interval_s": a.interval},
-                   "sizes": {}}
+        results = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "machine": machine(),
+            "config": {
+                "command": shlex.join(["python", "bench/run.py", *(argv or sys.argv[1:])]),
+                "sizes": a.size_list,
+                "models": a.models,
+                "jobs": a.jobs,
+                "peers": peers,
+                "repeats": a.repeats,
+                "row_group_size": a.row_group_size,
+                "seed": a.seed,
+                "train_rows": a.train_rows,
+                "batchscore": shlex.join(batchscore_cmd(a.batchscore)),
+                "batchscore_args": a.batchscore_args,
+                "sample_interval_s": a.interval,
+            },
+            "sizes": {},
+        }
         load = os.getloadavg()[0]
         if load > 0.5:
-            print(f"warning: 1-minute load average is {load:.2f}; other work on this machine skews timings "
-                  "(threaded predictors suffer most)")
+            print(
+                f"warning: 1-minute load average is {load:.2f}; other work on this machine skews timings "
+                "(threaded predictors suffer most)"
+            )
         if os.environ.get("PYTHONDONTWRITEBYTECODE"):
             print("note: PYTHONDONTWRITEBYTECODE is set here; it is removed for the benchmark's processes")
-        print(f"machine: {results['machine']['cpu_model']}, {results['machine']['usable_cores']} cores, "
-              f"{results['machine']['memory_gb']} GB; peers: {', '.join(peers) or 'none'}", flush=True)
+        print(
+            f"machine: {results['machine']['cpu_model']}, {results['machine']['usable_cores']} cores, "
+            f"{results['machine']['memory_gb']} GB; peers: {', '.join(peers) or 'none'}",
+            flush=True,
+        )
         for rows in sorted(a.size_list):
             results["sizes"][str(rows)], results["threadpools"] = run_size(a, rows, env, peers)
         results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")

@@ -13,20 +13,56 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, task
 
-from batchscore.orchestration.dagrun import (
-    DATE_PARAM, PERMANENT_EXIT_CODES, AirflowFailException, RunDatesMixin, RunTemplateUndefined, asset_extra,
-    cli_command, commit_shards, execution_timeout, inputs_ready, local_score_environment, permanent_failure,
-    plan_shards, plan_uri, pod_exit_code, retry_kwargs, run_cli, run_dates, score_environment, secret_environment,
-    shard_arguments, timetable,
-)
 from batchscore.config import MAX_ROWS, MAX_SHARDS
+from batchscore.orchestration.dagrun import (
+    DATE_PARAM,
+    PERMANENT_EXIT_CODES,
+    AirflowFailException,
+    RunDatesMixin,
+    RunTemplateUndefined,
+    asset_extra,
+    cli_command,
+    commit_shards,
+    execution_timeout,
+    inputs_ready,
+    local_score_environment,
+    permanent_failure,
+    plan_shards,
+    plan_uri,
+    pod_exit_code,
+    retry_kwargs,
+    run_cli,
+    run_dates,
+    score_environment,
+    secret_environment,
+    shard_arguments,
+    timetable,
+)
 from batchscore.orchestration.dagspec import (
-    DagConfigError, JobSettings, asset_uri, common_args, configs_dir, docker_mounts, load_jobs, parse_job,
+    DagConfigError,
+    JobSettings,
+    asset_uri,
+    common_args,
+    configs_dir,
+    docker_mounts,
+    load_jobs,
+    parse_job,
 )
 from batchscore.orchestration.quantity import docker_cpus, docker_memory
 
-__all__ = ["DagConfigError", "JobSettings", "build_dag", "common_args", "configs_dir", "load_jobs", "parse_job",
-           "plan_uri", "run_cli", "run_dates", "shard_arguments"]
+__all__ = [
+    "DagConfigError",
+    "JobSettings",
+    "build_dag",
+    "common_args",
+    "configs_dir",
+    "load_jobs",
+    "parse_job",
+    "plan_uri",
+    "run_cli",
+    "run_dates",
+    "shard_arguments",
+]
 
 
 def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
@@ -55,10 +91,14 @@ def _k8s_score(settings: JobSettings, shard_args: Any) -> Any:
 
     spec = settings.dag
     secrets = [Secret("env", ref.env if ref.key else None, ref.secret, ref.key) for ref in spec.secrets]
-    resources = k8s.V1ResourceRequirements(requests=spec.resources.requests or None,
-                                           limits=spec.resources.limits or None)
-    optional = {"kubernetes_conn_id": spec.kubernetes_conn_id, "service_account_name": spec.service_account,
-                "image_pull_policy": spec.image_pull_policy}
+    resources = k8s.V1ResourceRequirements(
+        requests=spec.resources.requests or None, limits=spec.resources.limits or None
+    )
+    optional = {
+        "kubernetes_conn_id": spec.kubernetes_conn_id,
+        "service_account_name": spec.service_account,
+        "image_pull_policy": spec.image_pull_policy,
+    }
     return BatchscorePodOperator.partial(
         task_id="score",
         name=settings.pod_name,
@@ -106,10 +146,15 @@ def _docker_score(settings: JobSettings, shard_args: Any) -> Any:
                 ) from exc
 
     spec, limits = settings.dag, settings.dag.resources.limits
-    optional = {"docker_url": spec.docker_url, "docker_conn_id": spec.docker_conn_id,
-                "mem_limit": docker_memory(limits["memory"]) if "memory" in limits else None,
-                "cpus": docker_cpus(limits["cpu"]) if "cpu" in limits else None,
-                "mounts": docker_mounts(spec) or None, "network_mode": spec.network_mode, "user": spec.user}
+    optional = {
+        "docker_url": spec.docker_url,
+        "docker_conn_id": spec.docker_conn_id,
+        "mem_limit": docker_memory(limits["memory"]) if "memory" in limits else None,
+        "cpus": docker_cpus(limits["cpu"]) if "cpu" in limits else None,
+        "mounts": docker_mounts(spec) or None,
+        "network_mode": spec.network_mode,
+        "user": spec.user,
+    }
     return BatchscoreDockerOperator.partial(
         task_id="score",
         image="{{ params.image }}",
@@ -143,12 +188,26 @@ def build_dag(settings: JobSettings) -> DAG:
     spec = settings.dag
     output_asset = Asset(name=f"batchscore/{settings.name}", uri=asset_uri(settings.output))
     params: dict[str, Param] = {
-        "shards": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_SHARDS,
-                        description=f"Shards for this run (job file: {spec.shards or 'unset'})."),
-        "rows_per_shard": Param(None, type=["null", "integer"], minimum=1, maximum=MAX_ROWS,
-                                description=f"Rows per shard (job file: {spec.rows_per_shard or 'unset'})."),
-        DATE_PARAM: Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
-                          description="Score this date (YYYY-MM-DD) instead of the run's own."),
+        "shards": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=MAX_SHARDS,
+            description=f"Shards for this run (job file: {spec.shards or 'unset'}).",
+        ),
+        "rows_per_shard": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=MAX_ROWS,
+            description=f"Rows per shard (job file: {spec.rows_per_shard or 'unset'}).",
+        ),
+        DATE_PARAM: Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^\d{4}-\d{2}-\d{2}$",
+            description="Score this date (YYYY-MM-DD) instead of the run's own.",
+        ),
     }
     if spec.runner != "local":
         params["image"] = Param(spec.image, type="string", description="Scoring image for this run.")
@@ -189,8 +248,12 @@ def build_dag(settings: JobSettings) -> DAG:
         shard_args = plan()
         if spec.sensor is not None:
 
-            @task.sensor(task_id="wait_for_input", poke_interval=spec.sensor.poke_interval,
-                         timeout=spec.sensor.timeout, mode=spec.sensor.mode)
+            @task.sensor(
+                task_id="wait_for_input",
+                poke_interval=spec.sensor.poke_interval,
+                timeout=spec.sensor.timeout,
+                mode=spec.sensor.mode,
+            )
             def wait_for_input() -> bool:
                 from airflow.sdk import get_current_context
 

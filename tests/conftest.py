@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -10,7 +10,6 @@ import skip_guard
 from airflow_fixtures import airflow_env, airflow_home, moto_s3  # noqa: F401  (fixtures)
 from container_fixtures import container_name, docker_engine, scoring_image  # noqa: F401  (fixtures)
 from helpers import binary_model, write_inputs
-
 
 #: The time limit of a test marked slow or fault (real processes, trial after trial) that sets
 #: none of its own; every other test has pyproject.toml's.

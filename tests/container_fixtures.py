@@ -30,8 +30,9 @@ def podman_env() -> dict[str, str]:
 
 def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """One podman command, bounded in time; its output as text."""
-    result = subprocess.run(["podman", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env=podman_env(), **kwargs)
+    result = subprocess.run(
+        ["podman", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=podman_env(), **kwargs
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(map(str, args))} exited {result.returncode}: {result.stderr[-2000:]}")
     return result
@@ -49,8 +50,9 @@ def build(tag: str) -> float:
     env = {**podman_env(), "BATCHSCORE_BUILDER": "buildah", "BATCHSCORE_IMAGE": tag}
     if os.environ.get("BATCHSCORE_BASE_CACHE"):
         env["BATCHSCORE_BASE_CACHE"] = os.environ["BATCHSCORE_BASE_CACHE"]
-    result = subprocess.run([str(REPO / "scripts" / "build-image")], env=env, capture_output=True, text=True,
-                            timeout=1200, cwd=REPO)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "build-image")], env=env, capture_output=True, text=True, timeout=1200, cwd=REPO
+    )
     assert result.returncode == 0, f"scripts/build-image failed:\n{result.stderr[-4000:]}"
     assert result.stdout.strip().splitlines()[-1] == tag
     return time.monotonic() - start
@@ -86,8 +88,9 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     socket = folder / "podman.sock"
     url = f"unix://{socket}"
     with open(folder / "service.log", "wb") as log:  # the service holds its own copy
-        service = subprocess.Popen(["podman", "system", "service", "--time=0", url], env=podman_env(),
-                                   stdout=subprocess.DEVNULL, stderr=log)
+        service = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", url], env=podman_env(), stdout=subprocess.DEVNULL, stderr=log
+        )
     try:
         import docker
 

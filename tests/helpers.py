@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import joblib
 import numpy as np
@@ -13,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from click.testing import CliRunner, Result
 
-from batchscore.io import layout
 from batchscore.cli import main
+from batchscore.io import layout
 from batchscore.sample import FEATURES, churn_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,9 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def write_inputs(folder: Path, files: int = 3, rows: int = 4_800, row_group_size: int = 1_000, seed: int = 7) -> list[Path]:
+def write_inputs(
+    folder: Path, files: int = 3, rows: int = 4_800, row_group_size: int = 1_000, seed: int = 7
+) -> list[Path]:
     """Several churn files with several row groups each; ids run on across files."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -145,7 +148,9 @@ def read_inputs(paths: Sequence[Path]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths])
 
 
-def assert_exact(output: pa.Table, inputs: pa.Table, model_paths: dict[str, Path], passthrough: Sequence[str] | None = None) -> None:
+def assert_exact(
+    output: pa.Table, inputs: pa.Table, model_paths: dict[str, Path], passthrough: Sequence[str] | None = None
+) -> None:
     """Every output row equals predict/predict_proba(scaler.transform(row)), in input order.
 
     The reference is one call over the whole input, as a user would write it. BLAS/SIMD kernels

@@ -12,8 +12,8 @@ import http.client
 import random
 import re
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 from urllib.parse import urlsplit
 
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
@@ -64,8 +64,10 @@ class S3Proxy:
                     return
                 if decision == "throttle":
                     status, code, message = proxy.throttle_answer
-                    payload = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                               f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>").encode()
+                    payload = (
+                        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>"
+                    ).encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))

@@ -62,7 +62,11 @@ class SkipGuard:
         self.unlisted: list[tuple[str, str]] = []
 
     def pytest_report_header(self) -> list[str]:
-        mode = "CI is set: a test not run for an unlisted reason fails the run" if in_ci() else "CI unset: skips are only reported"
+        mode = (
+            "CI is set: a test not run for an unlisted reason fails the run"
+            if in_ci()
+            else "CI unset: skips are only reported"
+        )
         lines = [f"skip allow-list {ALLOWLIST}: {len(self.entries)} entries ({mode})"]
         return lines + [f"  allowed: {text}" for text, _ in self.entries]
 

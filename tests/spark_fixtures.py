@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytest
 
@@ -47,9 +47,15 @@ def _free_port() -> int:
 
 def spark_env(**extra: str) -> dict[str, str]:
     """What Spark's processes run with: this interpreter for Python, loopback only, quiet."""
-    return {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1",
-            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-            "SPARK_NO_DAEMONIZE": "1", **extra}
+    return {
+        **os.environ,
+        "SPARK_HOME": str(spark_home()),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_NO_DAEMONIZE": "1",
+        **extra,
+    }
 
 
 @dataclass
@@ -58,14 +64,25 @@ class Cluster:
     logs: Path
     submitted: int = 0
 
-    def submit(self, args: Sequence[str], conf: dict[str, str] | None = None, timeout: float = SUBMIT_SECONDS,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def submit(
+        self,
+        args: Sequence[str],
+        conf: dict[str, str] | None = None,
+        timeout: float = SUBMIT_SECONDS,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """``spark-submit`` of batchscore's application to this cluster, in client mode."""
         from batchscore.spark import submit
 
-        settings = {"spark.pyspark.python": sys.executable, "spark.executor.memory": "512m",
-                    "spark.driver.memory": "512m", "spark.ui.enabled": "false", "spark.task.maxFailures": "2",
-                    "spark.driver.host": "127.0.0.1", **(conf or {})}
+        settings = {
+            "spark.pyspark.python": sys.executable,
+            "spark.executor.memory": "512m",
+            "spark.driver.memory": "512m",
+            "spark.ui.enabled": "false",
+            "spark.task.maxFailures": "2",
+            "spark.driver.host": "127.0.0.1",
+            **(conf or {}),
+        }
         command = [str(spark_home() / "bin" / "spark-submit"), "--master", self.master]
         for key, value in settings.items():
             command += ["--conf", f"{key}={value}"]
@@ -77,7 +94,9 @@ class Cluster:
 
     def batchscore_lines(self, done: subprocess.CompletedProcess[str]) -> str:
         """The driver's batchscore log lines and Spark's lost tasks, for an assertion's message."""
-        return "\n".join(line for line in (done.stdout + done.stderr).splitlines() if "batchscore" in line or "Lost task" in line)
+        return "\n".join(
+            line for line in (done.stdout + done.stderr).splitlines() if "batchscore" in line or "Lost task" in line
+        )
 
 
 def _wait_for_worker(ui_port: int, processes: Sequence[subprocess.Popen[bytes]], logs: Path) -> None:
@@ -117,15 +136,42 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     started: list[subprocess.Popen[bytes]] = []
     try:
         for name, args in (
-            ("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-                        "--webui-port", str(ui_port)]),
-            ("worker", ["org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host", "127.0.0.1",
-                        "--cores", "2", "--memory", "2g", "--webui-port", str(worker_ui),
-                        "--work-dir", str(logs / "work")]),
+            (
+                "master",
+                [
+                    "org.apache.spark.deploy.master.Master",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--webui-port",
+                    str(ui_port),
+                ],
+            ),
+            (
+                "worker",
+                [
+                    "org.apache.spark.deploy.worker.Worker",
+                    f"spark://127.0.0.1:{port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--cores",
+                    "2",
+                    "--memory",
+                    "2g",
+                    "--webui-port",
+                    str(worker_ui),
+                    "--work-dir",
+                    str(logs / "work"),
+                ],
+            ),
         ):
             with open(logs / f"{name}.log", "wb") as log:
-                started.append(subprocess.Popen([spark_class, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                start_new_session=True))
+                started.append(
+                    subprocess.Popen(
+                        [spark_class, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
+                )
         _wait_for_worker(ui_port, started, logs)
         yield Cluster(f"spark://127.0.0.1:{port}", logs)
     finally:

@@ -24,8 +24,15 @@ ROWS = 4_816  # per file; a multiple of 16 (see helpers.assert_exact), not a rou
 
 def _job(tmp_path: Path, model_paths: dict[str, Path], output: Path) -> dict[str, object]:
     inputs = write_inputs(tmp_path / "in", files=3, rows=ROWS, row_group_size=1_204)
-    return dict(input=tuple(str(p) for p in inputs), output=str(output), model=str(model_paths["model"]),
-                scaler=str(model_paths["scaler"]), model_version="7", batch_size=1_204, workers=2)
+    return dict(
+        input=tuple(str(p) for p in inputs),
+        output=str(output),
+        model=str(model_paths["model"]),
+        scaler=str(model_paths["scaler"]),
+        model_version="7",
+        batch_size=1_204,
+        workers=2,
+    )
 
 
 def _scores(output: Path) -> pa.Table:
@@ -38,7 +45,11 @@ def test_every_step_again_and_again_in_one_process(tmp_path: Path, binary_model_
     settings = _job(tmp_path, binary_model_paths, out)
     config = batchscore.JobConfig(**settings, overwrite=True)  # type: ignore[arg-type]  # values of mixed types
     inputs = read_inputs(sorted((tmp_path / "in").iterdir()))
-    freeze, pool, method = gc.get_freeze_count(), pa.default_memory_pool().backend_name, multiprocessing.get_start_method(True)
+    freeze, pool, method = (
+        gc.get_freeze_count(),
+        pa.default_memory_pool().backend_name,
+        multiprocessing.get_start_method(True),
+    )
 
     checked = batchscore.validate(config)
     assert (checked.files, checked.rows, checked.output) == (3, 3 * ROWS, str(out))
@@ -160,7 +171,8 @@ def test_modules_import_each_other_without_a_cycle() -> None:
         tree = ast.parse(path.read_text())
         imports[path.stem] = {
             (node.module or "").split(".")[0] or alias.name
-            for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.level == 1
             for alias in node.names
         }
     done: set[str] = set()
@@ -189,8 +201,11 @@ def _invalid_inputs(folder: Path) -> Path:
     table = churn_table(ROWS, seed=23, first_id=1 + ROWS)
     age = table.column("age").to_numpy().copy()
     age[:1_204:31][:37] = np.nan
-    pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", pa.array(age)),
-                   folder / "day-01.parquet", row_group_size=1_204)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("age"), "age", pa.array(age)),
+        folder / "day-01.parquet",
+        row_group_size=1_204,
+    )
     return folder
 
 
@@ -198,42 +213,61 @@ def _invalid_inputs(folder: Path) -> Path:
 #: parameters and settings as the caller passed them, the CLI's names its flags, the rest alike.
 ERROR_CASES = {
     "shard without a plan": (
-        lambda config, **_: batchscore.run_shard(config, 0), ["run", "--shard", "0"],
+        lambda config, **_: batchscore.run_shard(config, 0),
+        ["run", "--shard", "0"],
         "index needs plan, or count to plan the shards on the fly",
-        "--shard I needs --plan, or --shard I/N to plan the shards on the fly", EXIT_USAGE),
+        "--shard I needs --plan, or --shard I/N to plan the shards on the fly",
+        EXIT_USAGE,
+    ),
     "plan digest without a plan": (
         lambda config, **_: batchscore.commit(config, shards=2, plan_sha256="a" * 64),
         ["commit", "--shards", "2", "--plan-sha256", "a" * 64],
-        "plan_sha256 needs plan", "--plan-sha256 needs --plan", EXIT_USAGE),
+        "plan_sha256 needs plan",
+        "--plan-sha256 needs --plan",
+        EXIT_USAGE,
+    ),
     "shards and rows per shard": (
         lambda config, **_: batchscore.plan(config, shards=2, rows_per_shard=1_000),
         ["plan", "--shards", "2", "--rows-per-shard", "1000"],
-        "give shards or rows_per_shard, not both", "give --shards or --rows-per-shard, not both",
-        EXIT_USAGE),
+        "give shards or rows_per_shard, not both",
+        "give --shards or --rows-per-shard, not both",
+        EXIT_USAGE,
+    ),
     "shard out of range": (
-        lambda config, **_: batchscore.run_shard(config, 3, count=0), ["run", "--shard", "3/0"],
-        "count must be an integer from 1 to 10000", "--shard 3/0: --shards must be an integer from 1 to 10000",
-        EXIT_USAGE),
+        lambda config, **_: batchscore.run_shard(config, 3, count=0),
+        ["run", "--shard", "3/0"],
+        "count must be an integer from 1 to 10000",
+        "--shard 3/0: --shards must be an integer from 1 to 10000",
+        EXIT_USAGE,
+    ),
     "no model": (
         lambda config, **_: batchscore.validate(batchscore.JobConfig(input=config.input, output=config.output)),
         ["validate"],
-        "missing required setting model (YAML key 'model')", "missing required setting --model (YAML key 'model')",
-        EXIT_USAGE),
+        "missing required setting model (YAML key 'model')",
+        "missing required setting --model (YAML key 'model')",
+        EXIT_USAGE,
+    ),
     "too many invalid rows": (  # raised in a worker process, and handed over to the parent
         lambda config, invalid, **_: batchscore.run(dataclasses.replace(config, **invalid)),
         ["run", "--on-invalid", "skip", "--max-invalid-fraction", "0.003", "--input", "{invalid}"],
-        "more invalid rows than max_invalid_fraction allows", "more invalid rows than --max-invalid-fraction allows",
-        EXIT_INPUT),
+        "more invalid rows than max_invalid_fraction allows",
+        "more invalid rows than --max-invalid-fraction allows",
+        EXIT_INPUT,
+    ),
     "output exists": (
         lambda config, existing, **_: batchscore.run(dataclasses.replace(config, output=existing)),
         ["run", "--output", "{existing}"],
-        "; pass overwrite to replace it", "; pass --overwrite to replace it", EXIT_USAGE),
+        "; pass overwrite to replace it",
+        "; pass --overwrite to replace it",
+        EXIT_USAGE,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_errors_name_parameters_in_the_library_and_flags_in_the_cli(
-        tmp_path: Path, binary_model_paths: dict[str, Path], case: str) -> None:
+    tmp_path: Path, binary_model_paths: dict[str, Path], case: str
+) -> None:
     call, argv, library, command_line, exit_code = ERROR_CASES[case]
     settings = _job(tmp_path, binary_model_paths, tmp_path / "out")
     settings["input"] = (str(tmp_path / "in"),)
@@ -244,14 +278,24 @@ def test_errors_name_parameters_in_the_library_and_flags_in_the_cli(
     config = batchscore.JobConfig(**settings)  # type: ignore[arg-type]
 
     with pytest.raises(batchscore.BatchscoreError) as raised:
-        call(config, invalid={"input": (places["invalid"],), "on_invalid": "skip", "max_invalid_fraction": 0.003},
-             existing=places["existing"])
+        call(
+            config,
+            invalid={"input": (places["invalid"],), "on_invalid": "skip", "max_invalid_fraction": 0.003},
+            existing=places["existing"],
+        )
     assert library in str(raised.value) and "--" not in str(raised.value), str(raised.value)
     assert raised.value.exit_code == exit_code
 
-    job = ["--output", tmp_path / "cli-out", "--scaler", settings["scaler"], "--workers", "2",
-           *(["--input", settings["input"][0]] if "--input" not in argv else []),
-           *(["--model", settings["model"]] if argv[0] != "validate" else [])]
+    job = [
+        "--output",
+        tmp_path / "cli-out",
+        "--scaler",
+        settings["scaler"],
+        "--workers",
+        "2",
+        *(["--input", settings["input"][0]] if "--input" not in argv else []),
+        *(["--model", settings["model"]] if argv[0] != "validate" else []),
+    ]
     result = cli(argv[0], *job, *[arg.format(**places) for arg in argv[1:]])
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert result.exit_code == exit_code and len(errors) == 1, result.stderr

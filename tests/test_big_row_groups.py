@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchscore.io.sink import PART_PATTERN, REJECTED_PATTERN
 from batchscore.job import planning
 from batchscore.job.planning import Plan, make_plan
 from batchscore.sample import churn_table
-from batchscore.io.sink import PART_PATTERN, REJECTED_PATTERN
 from helpers import assert_exact, binary_model, cli, plan_file, read_inputs, read_output, read_rejected
 
 ROWS_PER_PART = 1_000
@@ -65,10 +65,16 @@ def test_a_big_row_group_is_written_as_bounded_slices(tmp_path: Path, small_part
     assert result.exit_code == 0, result.output + result.stderr
     parts = _parts(out)
     assert [n for n, _ in parts] == [
-        "part-00000-00000-00000.parquet", "part-00000-00000-00001.parquet", "part-00000-00000-00002.parquet",
-        "part-00000-00000-00003.parquet", "part-00000-00000-00004.parquet", "part-00000-00000-00005.parquet",
+        "part-00000-00000-00000.parquet",
+        "part-00000-00000-00001.parquet",
+        "part-00000-00000-00002.parquet",
+        "part-00000-00000-00003.parquet",
+        "part-00000-00000-00004.parquet",
+        "part-00000-00000-00005.parquet",
         "part-00001-00000.parquet",  # 700 rows alone: the next row group is sliced
-        "part-00001-00001-00000.parquet", "part-00001-00001-00001.parquet", "part-00001-00001-00002.parquet",
+        "part-00001-00001-00000.parquet",
+        "part-00001-00001-00001.parquet",
+        "part-00001-00001-00002.parquet",
         "part-00001-00002.parquet",  # 300 + 452 rows together
     ]
     assert all(PART_PATTERN.match(n) for n, _ in parts)
@@ -85,13 +91,25 @@ def test_slices_survive_plans_shards_and_quarantine(tmp_path: Path, small_parts:
     table = pq.read_table(bad)
     tenure = table.column("tenure").to_numpy().astype(np.float64)
     tenure[[1, 2_504, 5_007]] = np.nan  # in the first, third and last slice
-    pq.write_table(table.set_column(table.schema.get_field_index("tenure"), "tenure", pa.array(tenure)), bad,
-                   row_group_size=5_008)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("tenure"), "tenure", pa.array(tenure)), bad, row_group_size=5_008
+    )
     model = binary_model(tmp_path / "model")
     out = tmp_path / "out"
     sources = [arg for path in inputs for arg in ("--input", path)] + ["--keep", "customer_id"]
-    common = [*sources, "--output", out, "--model", model["model"], "--scaler", model["scaler"], "--batch-size", "500",
-              "--on-invalid", "quarantine"]
+    common = [
+        *sources,
+        "--output",
+        out,
+        "--model",
+        model["model"],
+        "--scaler",
+        model["scaler"],
+        "--batch-size",
+        "500",
+        "--on-invalid",
+        "quarantine",
+    ]
     planned = cli("plan", *common, "--shards", "2", "--out", plan_file(out))
     assert planned.exit_code == 0, planned.output + planned.stderr
     plan = Plan.from_dict(json.loads(plan_file(out).read_text()))
@@ -105,16 +123,29 @@ def test_slices_survive_plans_shards_and_quarantine(tmp_path: Path, small_parts:
     rejected = read_rejected(out)
     assert rejected.column("customer_id").to_pylist() == [2, 2_505, 5_008]
     names = sorted(p.name for p in (out.parent / "_batchscore" / out.name / "rejected").iterdir())
-    assert names == ["part-00000-00000-00000.parquet.rejected", "part-00000-00000-00003.parquet.rejected",
-                     "part-00000-00000-00005.parquet.rejected"]
+    assert names == [
+        "part-00000-00000-00000.parquet.rejected",
+        "part-00000-00000-00003.parquet.rejected",
+        "part-00000-00000-00005.parquet.rejected",
+    ]
     assert all(REJECTED_PATTERN.match(n) for n in names)
     output = read_output(out)
     assert output.num_rows == 5_008 + 4_352 - 3
     ids = [i for p in inputs for i in pq.read_table(p, columns=["customer_id"]).column(0).to_pylist()]
     assert output.column("customer_id").to_pylist() == [i for i in ids if i not in (2, 2_505, 5_008)]
 
-    failed = cli("run", *sources, "--output", tmp_path / "failed", "--model", model["model"], "--scaler",
-                 model["scaler"], "--batch-size", "500")
+    failed = cli(
+        "run",
+        *sources,
+        "--output",
+        tmp_path / "failed",
+        "--model",
+        model["model"],
+        "--scaler",
+        model["scaler"],
+        "--batch-size",
+        "500",
+    )
     # Workers score slices at once: the job stops at whichever invalid row a worker meets first.
     assert failed.exit_code == 3 and any(f"{bad}: row {row} " in failed.stderr for row in (1, 2_504, 5_007))
 
@@ -126,8 +157,13 @@ def test_plans_slice_only_row_groups_larger_than_a_part() -> None:
     files = [InputFile("/data/0.parquet", 10, (3_001, 10, 20, 2_000), schema, {"size": 10})]
     units = make_plan(files, "/out", [], rows_per_part=1_000).shards[0].units
     assert [(u.row_groups, u.slice, u.start, u.rows) for u in units] == [
-        ((0,), 0, 0, 750), ((0,), 1, 750, 750), ((0,), 2, 1_500, 750), ((0,), 3, 2_250, 751),
-        ((1, 2), None, 0, 30), ((3,), 0, 0, 1_000), ((3,), 1, 1_000, 1_000),
+        ((0,), 0, 0, 750),
+        ((0,), 1, 750, 750),
+        ((0,), 2, 1_500, 750),
+        ((0,), 3, 2_250, 751),
+        ((1, 2), None, 0, 30),
+        ((3,), 0, 0, 1_000),
+        ((3,), 1, 1_000, 1_000),
     ]
     again = Plan.from_dict(json.loads(json.dumps(make_plan(files, "/out", [], rows_per_part=1_000).to_dict())))
     assert again.shards[0].units == units

@@ -63,8 +63,17 @@ def test_inspect(binary_model_paths) -> None:
 
 def test_validate_scores_nothing(tmp_path: Path, binary_model_paths) -> None:
     inputs = write_inputs(tmp_path / "in", files=2, rows=64)
-    result = cli("validate", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
-                 binary_model_paths["model"], "--scaler", binary_model_paths["scaler"])
+    result = cli(
+        "validate",
+        "--input",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+    )
     assert result.exit_code == 0, result.stderr
     assert "ok: 2 file(s), 128 rows" in result.output
     assert not (tmp_path / "out").exists()
@@ -74,8 +83,10 @@ def test_validate_scores_nothing(tmp_path: Path, binary_model_paths) -> None:
 def test_flags_override_config(tmp_path: Path, binary_model_paths) -> None:
     inputs = write_inputs(tmp_path / "in", files=1, rows=64)
     config = tmp_path / "job.yaml"
-    config.write_text(f"input: {inputs[0]}\noutput: {tmp_path / 'a'}\nmodel: {binary_model_paths['model']}\n"
-                      f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\n")
+    config.write_text(
+        f"input: {inputs[0]}\noutput: {tmp_path / 'a'}\nmodel: {binary_model_paths['model']}\n"
+        f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\n"
+    )
     result = cli("run", "--config", config, "--output", tmp_path / "b", "--model-version", "2", "--log-format", "json")
     assert result.exit_code == 0, result.stderr
     assert not (tmp_path / "a").exists()
@@ -94,9 +105,11 @@ def test_yaml_keys_without_a_value_count_as_absent(tmp_path: Path, binary_model_
     """``storage_options:`` or ``keep:`` with nothing after them are YAML nulls: as if not written."""
     inputs = write_inputs(tmp_path / "in", files=1, rows=64)
     config = tmp_path / "job.yaml"
-    config.write_text(f"input: {inputs[0]}\noutput: {tmp_path / 'out'}\nmodel: {binary_model_paths['model']}\n"
-                      f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\nstorage_options:\nkeep:\n"
-                      "features:\ntrusted_types:\n")
+    config.write_text(
+        f"input: {inputs[0]}\noutput: {tmp_path / 'out'}\nmodel: {binary_model_paths['model']}\n"
+        f"scaler: {binary_model_paths['scaler']}\nmodel_version: '1'\nstorage_options:\nkeep:\n"
+        "features:\ntrusted_types:\n"
+    )
     result = cli("run", "--config", config, "--storage-option", "auto_mkdir=true", "--log-format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["rows"]["out"] == 64
@@ -138,6 +151,7 @@ def test_sample_command_regenerates_the_committed_sample(tmp_path: Path) -> None
     assert result.exit_code == 0, result.stderr
     assert pq.read_table(tmp_path / "churn.parquet").equals(pq.read_table(REPO / "sample_data" / "churn.parquet"))
     assert (tmp_path / "model" / "model.joblib").exists() and (tmp_path / "model" / "scaler.joblib").exists()
-    skops_only = cli("inspect", tmp_path / "model" / "model.skops", "--scaler", tmp_path / "model" / "scaler.skops",
-                     "--no-pickle")
+    skops_only = cli(
+        "inspect", tmp_path / "model" / "model.skops", "--scaler", tmp_path / "model" / "scaler.skops", "--no-pickle"
+    )
     assert skops_only.exit_code == 0, skops_only.stderr  # the pickle-free copies load with default trust

@@ -21,19 +21,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 import tl2cgen  # noqa: F401  (the compiled extra, which dev installs with the tests)
 import treelite  # noqa: F401
 
 if shutil.which(compiled_toolchain := "gcc") is None:
     pytest.skip(f"no C compiler ({compiled_toolchain}) to build libraries with", allow_module_level=True)
 
-from batchscore.models import compiled  # noqa: E402
-from batchscore.models.engine import Predictor  # noqa: E402
 from batchscore.errors import EXIT_MODEL, EXIT_USAGE  # noqa: E402
+from batchscore.models import compiled  # noqa: E402
 from batchscore.models.artifacts import load_model  # noqa: E402
-from batchscore.sample import FEATURES, churn_table  # noqa: E402
+from batchscore.models.engine import Predictor  # noqa: E402
 from batchscore.models.verification import TOLERANCE  # noqa: E402
+from batchscore.sample import FEATURES, churn_table  # noqa: E402
 from helpers import cli, read_manifest, read_output, training_frame  # noqa: E402
 
 ROWS = 1_003  # not a multiple of 16
@@ -71,7 +70,8 @@ def _models() -> dict[str, object]:
         "et_binary": ExtraTreesClassifier(n_estimators=5, max_depth=4, random_state=0).fit(x, frame["churned"]),
         "hgb_other": HistGradientBoostingClassifier(max_iter=5, max_depth=2, random_state=1).fit(x, frame["churned"]),
         "pipeline_hgb": make_pipeline(StandardScaler(), HistGradientBoostingClassifier(**small)).fit(
-            with_nan, frame["plan"]),
+            with_nan, frame["plan"]
+        ),
     }
 
 
@@ -99,8 +99,9 @@ def _predictors(path: Path, cache: Path) -> tuple[Predictor, Predictor]:
 
 
 def _batch(rows: int, nan: bool, seed: int = 11) -> pa.RecordBatch:
-    table = churn_table(rows, seed=seed).select(list(FEATURES)).cast(
-        pa.schema([(name, pa.float64()) for name in FEATURES]))
+    table = (
+        churn_table(rows, seed=seed).select(list(FEATURES)).cast(pa.schema([(name, pa.float64()) for name in FEATURES]))
+    )
     if nan:
         rng = np.random.default_rng(seed)
         columns = []
@@ -112,9 +113,19 @@ def _batch(rows: int, nan: bool, seed: int = 11) -> pa.RecordBatch:
     return table.to_batches(max_chunksize=rows)[0]
 
 
-EXACT = [("hgb_binary", False), ("hgb_binary", True), ("hgb_multiclass", False), ("hgb_multiclass", True),
-         ("hgb_regressor", False), ("hgb_regressor", True), ("gb_binary", False), ("gb_multiclass", False),
-         ("gb_regressor", False), ("pipeline_hgb", False), ("pipeline_hgb", True)]
+EXACT = [
+    ("hgb_binary", False),
+    ("hgb_binary", True),
+    ("hgb_multiclass", False),
+    ("hgb_multiclass", True),
+    ("hgb_regressor", False),
+    ("hgb_regressor", True),
+    ("gb_binary", False),
+    ("gb_multiclass", False),
+    ("gb_regressor", False),
+    ("pipeline_hgb", False),
+    ("pipeline_hgb", True),
+]
 
 
 @pytest.mark.parametrize("name, nan", EXACT, ids=[f"{n}-{'nan' if m else 'finite'}" for n, m in EXACT])
@@ -189,18 +200,41 @@ def _inputs(folder: Path, nan: bool = False) -> list[Path]:
     return paths
 
 
-def _run(tmp_path: Path, model: Path, name: str, *args: str, env: dict[str, str] | None = None,
-         command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path,
+    model: Path,
+    name: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*(command or BATCHSCORE), "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / name),
-         "--model", str(model), "--log-format", "json", *args],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            *(command or BATCHSCORE),
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / name),
+            "--model",
+            str(model),
+            "--log-format",
+            "json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
 def _engine_events(stderr: str) -> list[dict]:
-    return [e for e in map(json.loads, (line for line in stderr.splitlines() if line.startswith("{")))
-            if e.get("event") == "engine"]
+    return [
+        e
+        for e in map(json.loads, (line for line in stderr.splitlines() if line.startswith("{")))
+        if e.get("event") == "engine"
+    ]
 
 
 @pytest.mark.parametrize("name", ["hgb_multiclass", "hgb_regressor"])
@@ -209,8 +243,7 @@ def test_job_with_compiled_engine_matches_scikit_learn_and_records_the_evidence(
     skip = ("--on-invalid", "skip", "--max-invalid-fraction", "0.2")
     sk = _run(tmp_path, models[name], "sk", *skip)
     assert sk.returncode == 0, sk.stderr
-    done = _run(tmp_path, models[name], "c", *skip, "--engine", "compiled",
-                "--compiled-cache", str(cache))
+    done = _run(tmp_path, models[name], "c", *skip, "--engine", "compiled", "--compiled-cache", str(cache))
     assert done.returncode == 0, done.stderr
     expected, got = read_output(tmp_path / "sk"), read_output(tmp_path / "c")
     assert got.num_rows == expected.num_rows == 1_520 - 112 - 58  # NaN ages set aside the same way
@@ -234,7 +267,9 @@ def test_forest_asked_to_compile_is_scored_by_scikit_learn_bit_for_bit(tmp_path,
     sk = _run(tmp_path, models["rf_binary"], "sk")
     done = _run(tmp_path, models["rf_binary"], "c", "--engine", "compiled", "--compiled-cache", str(cache))
     assert sk.returncode == 0 and done.returncode == 0, done.stderr
-    assert read_output(tmp_path / "c").drop(["predicted_at"]).equals(read_output(tmp_path / "sk").drop(["predicted_at"]))
+    assert (
+        read_output(tmp_path / "c").drop(["predicted_at"]).equals(read_output(tmp_path / "sk").drop(["predicted_at"]))
+    )
     engine = read_manifest(tmp_path / "c")["engine"]
     assert engine["used"] == "sklearn" and "slower" in engine["reasons"][0]
     assert "slower" in _engine_events(done.stderr)[0]["message"]
@@ -256,8 +291,11 @@ def test_library_that_disagrees_falls_back_in_auto_and_stops_in_compiled(tmp_pat
     sk = _run(tmp_path, models["hgb_binary"], "sk")
     auto = _run(tmp_path, models["hgb_binary"], "auto", "--engine", "auto", "--compiled-cache", str(poisoned))
     assert sk.returncode == 0 and auto.returncode == 0, auto.stderr
-    assert read_output(tmp_path / "auto").drop(["predicted_at"]).equals(
-        read_output(tmp_path / "sk").drop(["predicted_at"]))
+    assert (
+        read_output(tmp_path / "auto")
+        .drop(["predicted_at"])
+        .equals(read_output(tmp_path / "sk").drop(["predicted_at"]))
+    )
     engine = read_manifest(tmp_path / "auto")["engine"]
     assert engine["used"] == "sklearn" and engine["largest_difference"] > TOLERANCE
     assert "disagrees with scikit-learn" in engine["reasons"][0]
@@ -272,8 +310,12 @@ def test_library_that_disagrees_falls_back_in_auto_and_stops_in_compiled(tmp_pat
 def test_prebuilt_library_loads_without_a_compiler(tmp_path, models) -> None:
     """The container flow: `batchscore compile` where gcc is, then runs where it is not."""
     prebuilt = tmp_path / "prebuilt"
-    built = subprocess.run([*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", str(prebuilt)],
-                           capture_output=True, text=True, timeout=120)
+    built = subprocess.run(
+        [*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", str(prebuilt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert built.returncode == 0, built.stderr
     record = json.loads(built.stdout)
     assert Path(record["path"]).parent == prebuilt and record["compiled_now"] is True
@@ -282,18 +324,45 @@ def test_prebuilt_library_loads_without_a_compiler(tmp_path, models) -> None:
     bare.mkdir()
     env = {**os.environ, "PATH": str(bare)}
     command = [sys.executable, "-m", "batchscore"]
-    done = _run(tmp_path, models["gb_binary"], "c", "--engine", "compiled", "--compiled-cache", f"file://{prebuilt}",
-                env=env, command=command)  # the same folder spelled as a URL
+    done = _run(
+        tmp_path,
+        models["gb_binary"],
+        "c",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        f"file://{prebuilt}",
+        env=env,
+        command=command,
+    )  # the same folder spelled as a URL
     assert done.returncode == 0, done.stderr
     engine = read_manifest(tmp_path / "c")["engine"]
     assert engine["used"] == "compiled" and engine["shards"][0]["compiled_now"] is False
     assert engine["library_sha256"] == record["library_sha256"]
     empty = tmp_path / "empty-cache"
-    stopped = _run(tmp_path, models["gb_binary"], "none", "--engine", "compiled", "--compiled-cache", str(empty),
-                   env=env, command=command)
+    stopped = _run(
+        tmp_path,
+        models["gb_binary"],
+        "none",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        str(empty),
+        env=env,
+        command=command,
+    )
     assert stopped.returncode == EXIT_MODEL and "no C compiler" in stopped.stderr
-    auto = _run(tmp_path, models["gb_binary"], "auto", "--engine", "auto", "--compiled-cache", str(empty),
-                env=env, command=command)
+    auto = _run(
+        tmp_path,
+        models["gb_binary"],
+        "auto",
+        "--engine",
+        "auto",
+        "--compiled-cache",
+        str(empty),
+        env=env,
+        command=command,
+    )
     assert auto.returncode == 0, auto.stderr
     assert "no C compiler" in read_manifest(tmp_path / "auto")["engine"]["reasons"][0]
 
@@ -308,19 +377,28 @@ def test_library_api_compiles_into_the_job_cache_and_results_name_the_engine(tmp
     assert Path(built.path).parent == cache and built.library["compiled_now"] is True
     assert batchscore.compile_model(config).library["compiled_now"] is False
     _inputs(tmp_path / "in")
-    job = batchscore.build_config(None, input=str(tmp_path / "in"), output=str(tmp_path / "out"), workers=1,
-                                  model=str(models["gb_regressor"]), engine="compiled", compiled_cache=str(cache))
+    job = batchscore.build_config(
+        None,
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        workers=1,
+        model=str(models["gb_regressor"]),
+        engine="compiled",
+        compiled_cache=str(cache),
+    )
     ran = batchscore.run(job)
     assert ran.engine["used"] == "compiled" and ran.engine["library_sha256"] == built.library["library_sha256"]
     assert ran.engine["checked_rows"] > 0 and ran.engine["largest_difference"] <= TOLERANCE
-    plain = batchscore.build_config(None, input=str(tmp_path / "in"), output=str(tmp_path / "sharded"), workers=1,
-                                    model=str(models["gb_regressor"]))
+    plain = batchscore.build_config(
+        None, input=str(tmp_path / "in"), output=str(tmp_path / "sharded"), workers=1, model=str(models["gb_regressor"])
+    )
     assert batchscore.run_shard(plain, 0, count=1).engine == {"requested": "sklearn", "used": "sklearn"}
 
 
 def test_engine_setting_is_checked(tmp_path, models) -> None:
-    result = cli("run", "--input", tmp_path, "--output", tmp_path / "o", "--model", models["gb_binary"],
-                 "--engine", "fast")
+    result = cli(
+        "run", "--input", tmp_path, "--output", tmp_path / "o", "--model", models["gb_binary"], "--engine", "fast"
+    )
     assert result.exit_code == EXIT_USAGE
     config = tmp_path / "job.yaml"
     config.write_text("engine: fast\n")
@@ -337,8 +415,13 @@ def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None
     remote = f"s3://{bucket}/models/churn/compiled/"
     storage = ["--storage-option", f"endpoint_url={options['endpoint_url']}"]
     builder = {**os.environ, compiled.CACHE_ENV: str(tmp_path / "builder-cache")}
-    built = subprocess.run([*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", remote, *storage],
-                           capture_output=True, text=True, timeout=120, env=builder)
+    built = subprocess.run(
+        [*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", remote, *storage],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=builder,
+    )
     assert built.returncode == 0, built.stderr
     record = json.loads(built.stdout)
     published = f"{remote}{record['library']}"
@@ -349,8 +432,18 @@ def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None
     bare = tmp_path / "bin"  # a host with no compiler and nothing in its local cache
     bare.mkdir()
     host = {**os.environ, "PATH": str(bare), compiled.CACHE_ENV: str(tmp_path / "host-cache")}
-    done = _run(tmp_path, models["gb_binary"], "c", "--engine", "compiled", "--compiled-cache", remote, *storage,
-                env=host, command=[sys.executable, "-m", "batchscore"])
+    done = _run(
+        tmp_path,
+        models["gb_binary"],
+        "c",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        remote,
+        *storage,
+        env=host,
+        command=[sys.executable, "-m", "batchscore"],
+    )
     assert done.returncode == 0, done.stderr
     engine = read_manifest(tmp_path / "c")["engine"]
     shard = engine["shards"][0]
@@ -359,16 +452,29 @@ def test_remote_cache_compiles_once_for_every_host(tmp_path, models, s3) -> None
     assert (tmp_path / "host-cache" / record["library"]).is_file()
 
     fresh = f"s3://{bucket}/other/compiled"  # nothing there yet: this host compiles and uploads
-    first = _run(tmp_path, models["hgb_binary"], "h", "--engine", "compiled", "--compiled-cache", fresh, *storage,
-                 env={**os.environ, compiled.CACHE_ENV: str(tmp_path / "first-cache")})
+    first = _run(
+        tmp_path,
+        models["hgb_binary"],
+        "h",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        fresh,
+        *storage,
+        env={**os.environ, compiled.CACHE_ENV: str(tmp_path / "first-cache")},
+    )
     assert first.returncode == 0, first.stderr
     uploaded = read_manifest(tmp_path / "h")["engine"]["shards"][0]
     assert uploaded["compiled_now"] is True and uploaded["downloaded_now"] is False
     assert hashlib.sha256(fs.cat_file(uploaded["remote_library"])).hexdigest() == uploaded["library_sha256"]
 
-    missing = subprocess.run([*BATCHSCORE, "compile", str(models["gb_binary"]), "--out",
-                              f"s3://{bucket}-absent/compiled/", *storage],
-                             capture_output=True, text=True, timeout=120, env=builder)
+    missing = subprocess.run(
+        [*BATCHSCORE, "compile", str(models["gb_binary"]), "--out", f"s3://{bucket}-absent/compiled/", *storage],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=builder,
+    )
     assert missing.returncode == 1 and "cannot upload the compiled library" in missing.stderr
 
 
@@ -379,9 +485,13 @@ def test_compiled_cache_never_lands_in_the_input_or_the_output(tmp_path, models)
     inputs = _inputs(tmp_path / "in")
     before = {p: p.read_bytes() for p in inputs}
     (tmp_path / "link").symlink_to(tmp_path / "in")
-    for name, cache in [("inside-input", tmp_path / "in" / "compiled"), ("via-symlink", tmp_path / "link" / "lib"),
-                        ("holds-input", tmp_path), ("inside-output", tmp_path / "o" / "lib"),
-                        ("in-state", tmp_path / "_batchscore" / "o")]:
+    for name, cache in [
+        ("inside-input", tmp_path / "in" / "compiled"),
+        ("via-symlink", tmp_path / "link" / "lib"),
+        ("holds-input", tmp_path),
+        ("inside-output", tmp_path / "o" / "lib"),
+        ("in-state", tmp_path / "_batchscore" / "o"),
+    ]:
         output = "o" if name in ("inside-output", "in-state") else name
         done = _run(tmp_path, models["gb_binary"], output, "--engine", "auto", "--compiled-cache", str(cache))
         assert done.returncode == EXIT_USAGE, (name, done.stderr)

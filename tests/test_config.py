@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from batchscore import schema
 from batchscore.cli import _config, job_options, main
 from batchscore.config import CONFIG_KEYS, FIELDS, build_config
-from batchscore.reference import job_keys
 from batchscore.errors import EXIT_USAGE, ConfigError
+from batchscore.reference import job_keys
 from helpers import REPO, cli
 
 #: A value other than the default for every job key.
@@ -118,12 +118,14 @@ def test_yaml_errors_name_the_file_the_key_and_the_value(tmp_path: Path) -> None
     assert "setting 'on_invalid' must be one of fail, skip, quarantine, got 'maybe'" in error
     # A flag's value was not written in the file, so the file is not blamed for it.
     assert "; setting 'lease_seconds' must be a number of seconds from 1 to 86400, got 0.5" in error
-    for bad, message in [("workers: true", "setting 'workers' must be an integer from 1 to 1024, got True"),
-                         ("batch_size: '100'", "setting 'batch_size' must be an integer from 1 to 16777216, got '100'"),
-                         ("lease_seconds: .inf", "setting 'lease_seconds' must be a number of seconds from 1 to 86400, got inf"),
-                         ("storage_options: [a]", "setting 'storage_options' must be a mapping, got ['a']"),
-                         ("keep: 3", "setting 'keep' must be a string or a list of strings, got 3"),
-                         ("overwrite: 'yes'", "setting 'overwrite' must be true or false, got 'yes'")]:
+    for bad, message in [
+        ("workers: true", "setting 'workers' must be an integer from 1 to 1024, got True"),
+        ("batch_size: '100'", "setting 'batch_size' must be an integer from 1 to 16777216, got '100'"),
+        ("lease_seconds: .inf", "setting 'lease_seconds' must be a number of seconds from 1 to 86400, got inf"),
+        ("storage_options: [a]", "setting 'storage_options' must be a mapping, got ['a']"),
+        ("keep: 3", "setting 'keep' must be a string or a list of strings, got 3"),
+        ("overwrite: 'yes'", "setting 'overwrite' must be true or false, got 'yes'"),
+    ]:
         config.write_text(f"input: in/\n{bad}\n")
         with pytest.raises(ConfigError, match=re.escape(f"config file {config}: {message}")):
             build_config(str(config))
@@ -131,8 +133,10 @@ def test_yaml_errors_name_the_file_the_key_and_the_value(tmp_path: Path) -> None
 
 def test_yaml_values_are_read_as_declared(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text("input: a.parquet\nfeatures: 'age, tenure'\nkeep: [id]\nstorage_timeout: 3\n"
-                      "model_sha256: " + "A" * 64 + "\nstorage_options: {anon: true}\ndag: {anything: 1}\n")
+    config.write_text(
+        "input: a.parquet\nfeatures: 'age, tenure'\nkeep: [id]\nstorage_timeout: 3\n"
+        "model_sha256: " + "A" * 64 + "\nstorage_options: {anon: true}\ndag: {anything: 1}\n"
+    )
     job = build_config(str(config), storage_options={"endpoint_url": "http://x"})
     assert job.input == ("a.parquet",) and job.features == ("age", "tenure") and job.keep == ("id",)
     assert job.storage_timeout == 3.0 and isinstance(job.storage_timeout, float) and job.model_sha256 == "a" * 64
@@ -143,8 +147,10 @@ def test_workers_default_to_the_cores_this_process_may_use() -> None:
     """One core of affinity means one worker, whatever the machine has (joblib.cpu_count)."""
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
-    probe = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from batchscore import JobConfig; "
-             "print(JobConfig().worker_count, JobConfig(workers=5).worker_count)")
+    probe = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from batchscore import JobConfig; "
+        "print(JobConfig().worker_count, JobConfig(workers=5).worker_count)"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split() == ["1", "5"]
 

@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -26,8 +27,8 @@ import yaml
 import batchscore
 from batchscore import api, schema
 from batchscore.config import COMMAND_FIELDS, FIELDS, build_config
-from batchscore.orchestration.dagspec import DAG_FIELDS, DagConfigError, parse_job
 from batchscore.errors import EXIT_FAILURE, EXIT_MODEL, EXIT_USAGE, ConfigError
+from batchscore.orchestration.dagspec import DAG_FIELDS, DagConfigError, parse_job
 from helpers import REPO, binary_model, cli, multiclass_model, write_inputs
 
 pytestmark = pytest.mark.fault
@@ -57,10 +58,17 @@ def sections(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[s
     return found
 
 
-DECLARATIONS = [("job", "", FIELDS), ("command", "", COMMAND_FIELDS),
-                *[("dag", prefix, fields) for prefix, fields in sections(DAG_FIELDS)]]
-NUMBERS = [(where, prefix + key, info) for where, prefix, fields in DECLARATIONS
-           for key, info in fields.items() if schema.is_number(info)]
+DECLARATIONS = [
+    ("job", "", FIELDS),
+    ("command", "", COMMAND_FIELDS),
+    *[("dag", prefix, fields) for prefix, fields in sections(DAG_FIELDS)],
+]
+NUMBERS = [
+    (where, prefix + key, info)
+    for where, prefix, fields in DECLARATIONS
+    for key, info in fields.items()
+    if schema.is_number(info)
+]
 
 
 def test_every_number_has_an_upper_bound_and_says_why() -> None:
@@ -108,8 +116,9 @@ def test_job_numbers_past_their_bound_are_usage_errors(tmp_path: Path, key: str,
 
 @pytest.mark.parametrize("make", [past, absurd], ids=["bound+1", "absurd"])
 @pytest.mark.parametrize("key,info", DAG_NUMBERS, ids=[k for k, _ in DAG_NUMBERS])
-def test_dag_numbers_past_their_bound_fail_when_the_dags_are_parsed(tmp_path: Path, key: str, info: Any,
-                                                                     make: Callable) -> None:
+def test_dag_numbers_past_their_bound_fail_when_the_dags_are_parsed(
+    tmp_path: Path, key: str, info: Any, make: Callable
+) -> None:
     section: dict[str, Any] = dict(DAG)
     head, _, leaf = key.rpartition(".")
     (section.setdefault(head, {}) if head else section)[leaf] = make(info)
@@ -124,17 +133,24 @@ def test_dag_numbers_past_their_bound_fail_when_the_dags_are_parsed(tmp_path: Pa
 def test_resource_amounts_past_what_kubernetes_holds_are_refused(amount: str) -> None:
     """Quantities are text, but numbers all the same: Kubernetes keeps them in 64 bits."""
     section = {**DAG, "resources": {"limits": {"memory": amount}}}
-    with pytest.raises(DagConfigError, match=r"dag\.resources\.limits\.memory must be a Kubernetes quantity of at most "
-                                             r"9223372036854775807 \(Kubernetes keeps a quantity in 64 bits\)"):
+    with pytest.raises(
+        DagConfigError,
+        match=r"dag\.resources\.limits\.memory must be a Kubernetes quantity of at most "
+        r"9223372036854775807 \(Kubernetes keeps a quantity in 64 bits\)",
+    ):
         parse_job("job.yaml", {"input": "in/", "output": "out/x", "dag": section})
-    assert parse_job("job.yaml", {"input": "in/", "output": "out/x",
-                                  "dag": {**DAG, "resources": {"limits": {"memory": "7Ei"}}}})
+    assert parse_job(
+        "job.yaml", {"input": "in/", "output": "out/x", "dag": {**DAG, "resources": {"limits": {"memory": "7Ei"}}}}
+    )
 
 
 #: How each command-only number is given on the command line; a new one needs its case here.
 COMMAND_CASES: dict[str, list[Callable[[Any], list[str]]]] = {
-    "shards": [lambda v: ["plan", "--shards", v], lambda v: ["commit", "--shards", v],
-               lambda v: ["run", "--shard", f"0/{v}"]],
+    "shards": [
+        lambda v: ["plan", "--shards", v],
+        lambda v: ["commit", "--shards", v],
+        lambda v: ["run", "--shard", f"0/{v}"],
+    ],
     "rows_per_shard": [lambda v: ["plan", "--rows-per-shard", v]],
     "shard": [lambda v: ["run", "--shard", v], lambda v: ["run", "--shard", f"{v}/3"]],
     "rows": [lambda v: ["sample", "--rows", v]],
@@ -173,19 +189,29 @@ def test_numbers_at_their_bound_are_accepted(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- keys named twice
 
 
-@pytest.mark.parametrize("text,key,lines", [
-    ("input: in/\noutput: out/\nbatch_size: 100\nkeep: [id]\nbatch_size: 200\n", "batch_size", (3, 5)),
-    ("input: in/\noutput: out/\ndag:\n  schedule: '@daily'\n  start_date: 2024-06-01\n  schedule: null\n",
-     "schedule", (4, 6)),
-    ("input: in/\ndag:\n  resources:\n    limits:\n      cpu: 1\n      memory: 1Gi\n      cpu: 2\n", "cpu", (5, 7)),
-    ("input: in/\ndag:\n  sensor: {marker: _SUCCESS, timeout: 60, marker: _DONE}\n", "marker", (3, 3)),
-    ("input: in/\nstorage_options:\n  endpoint_url: http://a\n  endpoint_url: http://b\n", "endpoint_url", (3, 4)),
-    ("input: in/\ndag:\n  secrets:\n    - {secret: s3, key: id, env: A}\n    - secret: s3\n      secret: gcs\n",
-     "secret", (5, 6)),
-    ("input: in/\ninput: other/\n", "input", (1, 2)),
-])
-def test_a_key_named_twice_names_the_key_and_both_lines(tmp_path: Path, text: str, key: str,
-                                                        lines: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    "text,key,lines",
+    [
+        ("input: in/\noutput: out/\nbatch_size: 100\nkeep: [id]\nbatch_size: 200\n", "batch_size", (3, 5)),
+        (
+            "input: in/\noutput: out/\ndag:\n  schedule: '@daily'\n  start_date: 2024-06-01\n  schedule: null\n",
+            "schedule",
+            (4, 6),
+        ),
+        ("input: in/\ndag:\n  resources:\n    limits:\n      cpu: 1\n      memory: 1Gi\n      cpu: 2\n", "cpu", (5, 7)),
+        ("input: in/\ndag:\n  sensor: {marker: _SUCCESS, timeout: 60, marker: _DONE}\n", "marker", (3, 3)),
+        ("input: in/\nstorage_options:\n  endpoint_url: http://a\n  endpoint_url: http://b\n", "endpoint_url", (3, 4)),
+        (
+            "input: in/\ndag:\n  secrets:\n    - {secret: s3, key: id, env: A}\n    - secret: s3\n      secret: gcs\n",
+            "secret",
+            (5, 6),
+        ),
+        ("input: in/\ninput: other/\n", "input", (1, 2)),
+    ],
+)
+def test_a_key_named_twice_names_the_key_and_both_lines(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(text)
     expected = f"{job}: key '{key}' appears twice (lines {lines[0]} and {lines[1]})"
@@ -212,8 +238,17 @@ def test_merge_keys_and_repeated_values_are_not_duplicates(tmp_path: Path) -> No
 
 
 def test_a_storage_option_given_twice_on_the_command_line_is_refused() -> None:
-    result = cli("validate", "--input", "in/", "--output", "out/", "--storage-option", "anon=true",
-                 "--storage-option", "anon=false")
+    result = cli(
+        "validate",
+        "--input",
+        "in/",
+        "--output",
+        "out/",
+        "--storage-option",
+        "anon=true",
+        "--storage-option",
+        "anon=false",
+    )
     assert result.exit_code == EXIT_USAGE
     assert "--storage-option gives 'anon' twice" in one_error_line(result.stderr)
 
@@ -239,7 +274,9 @@ def test_a_template_nothing_renders_is_refused_naming_the_setting(tmp_path: Path
             result = cli(command, *args)
             assert result.exit_code == EXIT_USAGE, result.output
             line = one_error_line(result.stderr)
-            shown = template.split(" #")[0] if len(args) > 2 and key == "storage_options" else template  # YAML: " #" is a comment
+            shown = (
+                template.split(" #")[0] if len(args) > 2 and key == "storage_options" else template
+            )  # YAML: " #" is a comment
             assert f"setting '{key}' holds the template" in line and shown in line, line
     with pytest.raises(ConfigError, match=f"setting '{key}' holds the template") as refused:
         build_config(None, **{k: (tuple([v]) if k == "input" else v) for k, v in settings.items()})
@@ -251,37 +288,63 @@ def test_a_template_nothing_renders_is_refused_naming_the_setting(tmp_path: Path
 
 def test_templates_in_command_only_paths_are_refused(tmp_path: Path) -> None:
     config = build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model="m.joblib")
-    for call, key in [(lambda: api.plan(config, out="plans/{{ ds }}.json"), "out"),
-                      (lambda: api.run_shard(config, 0, plan="plans/{{ ds }}.json"), "plan"),
-                      (lambda: api.commit(config, plan="plans/{{ ds }}.json"), "plan"),
-                      (lambda: api.load_plan("plans/{{ ds }}.json", config), "plan"),
-                      (lambda: api.report("out/dt={{ ds }}"), "output"),
-                      (lambda: api.compile_model(config, out="cache/{{ ds }}"), "out")]:
+    for call, key in [
+        (lambda: api.plan(config, out="plans/{{ ds }}.json"), "out"),
+        (lambda: api.run_shard(config, 0, plan="plans/{{ ds }}.json"), "plan"),
+        (lambda: api.commit(config, plan="plans/{{ ds }}.json"), "plan"),
+        (lambda: api.load_plan("plans/{{ ds }}.json", config), "plan"),
+        (lambda: api.report("out/dt={{ ds }}"), "output"),
+        (lambda: api.compile_model(config, out="cache/{{ ds }}"), "out"),
+    ]:
         with pytest.raises(ConfigError, match=f"setting '{key}' holds the template"):
             call()
-    result = cli("plan", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", "m.joblib",
-                 "--out", "plans/{{ ds }}.json")
+    result = cli(
+        "plan",
+        "--input",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        "m.joblib",
+        "--out",
+        "plans/{{ ds }}.json",
+    )
     assert result.exit_code == EXIT_USAGE and "setting 'out' holds the template" in one_error_line(result.stderr)
     result = cli("report", "out/dt={{ ds }}")
     assert result.exit_code == EXIT_USAGE and "setting 'output' holds the template" in one_error_line(result.stderr)
 
 
 def test_the_dag_takes_templates_where_airflow_renders_them() -> None:
-    job = {"input": ["in/dt={{ ds }}/", "in/{% if params.x %}x{% endif %}/"], "output": "out/dt={{ ds }}/",
-           "model": "models/{{ params.version }}.joblib", "storage_options": {"endpoint_url": "{{ var.value.s3 }}"},
-           "job_name": "churn_{{ ds_nodash }}",
-           "dag": {**DAG, "env": {"RUN_DATE": "{{ ds }}"}, "sensor": {"path": "in/dt={{ ds }}/", "marker": "_{{ ds }}"},
-                   "drift": {"reference": "out/dt={{ macros.ds_add(ds, -7) }}/"}}}
+    job = {
+        "input": ["in/dt={{ ds }}/", "in/{% if params.x %}x{% endif %}/"],
+        "output": "out/dt={{ ds }}/",
+        "model": "models/{{ params.version }}.joblib",
+        "storage_options": {"endpoint_url": "{{ var.value.s3 }}"},
+        "job_name": "churn_{{ ds_nodash }}",
+        "dag": {
+            **DAG,
+            "env": {"RUN_DATE": "{{ ds }}"},
+            "sensor": {"path": "in/dt={{ ds }}/", "marker": "_{{ ds }}"},
+            "drift": {"reference": "out/dt={{ macros.ds_add(ds, -7) }}/"},
+        },
+    }
     settings = parse_job("job.yaml", job)
     assert "--output" in settings.common_args and "out/dt={{ ds }}/" in settings.common_args
     assert "models/{{ params.version }}.joblib" in settings.common_args
     assert settings.dag.env == {"RUN_DATE": "{{ ds }}"} and settings.dag.sensor.marker == "_{{ ds }}"  # type: ignore[union-attr]  # it has one
 
 
-@pytest.mark.parametrize("key,value", [("image", "repo/batchscore:{{ ds }}"), ("namespace", "{{ params.ns }}"),
-                                       ("description", "scores of {{ ds }}"), ("tags", ["{{ ds }}"]),
-                                       ("service_account", "{% if 1 %}sa{% endif %}"),
-                                       ("node_selector", {"pool": "{{ ds }}"})])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("image", "repo/batchscore:{{ ds }}"),
+        ("namespace", "{{ params.ns }}"),
+        ("description", "scores of {{ ds }}"),
+        ("tags", ["{{ ds }}"]),
+        ("service_account", "{% if 1 %}sa{% endif %}"),
+        ("node_selector", {"pool": "{{ ds }}"}),
+    ],
+)
 def test_the_dag_refuses_templates_in_keys_nothing_renders(key: str, value: Any) -> None:
     job = {"input": "in/", "output": "out/x", "dag": {**DAG, key: value}}
     with pytest.raises(DagConfigError, match=rf"^job\.yaml: dag\.{key}: .* is a template, but the DAG does not render"):
@@ -302,8 +365,15 @@ def _without_root_override() -> None:
 def batchscore_process(cwd: Path, *args: Any) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(cwd / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("BATCHSCORE_COMPILED_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "batchscore", *map(str, args)], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=240, preexec_fn=_without_root_override)
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=240,
+        preexec_fn=_without_root_override,
+    )
 
 
 #: One process runs ``validate`` then ``run`` with the same flags (Python starts once) and prints
@@ -327,8 +397,15 @@ def validate_then_run(cwd: Path, *args: Any, privileged: bool) -> list[tuple[int
         return [(r.exit_code, r.stderr) for r in (cli("validate", *args), cli("run", *args))]
     env = {**os.environ, "HOME": str(cwd / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("BATCHSCORE_COMPILED_CACHE", None)
-    child = subprocess.run([sys.executable, "-c", VALIDATE_THEN_RUN, *map(str, args)], cwd=cwd, env=env, text=True,
-                           capture_output=True, timeout=300, preexec_fn=_without_root_override)
+    child = subprocess.run(
+        [sys.executable, "-c", VALIDATE_THEN_RUN, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        preexec_fn=_without_root_override,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     import json
 
@@ -354,8 +431,17 @@ def _lease_of_another_job(output: Path) -> None:
     from batchscore.io.lease import LeaseRecord
 
     now = time.time()
-    record = LeaseRecord("plan 0123456789abcdef", "0123456789abcdef", "plan", socket.gethostname(), os.getpid(),
-                         None, False, now, now + 3600)
+    record = LeaseRecord(
+        "plan 0123456789abcdef",
+        "0123456789abcdef",
+        "plan",
+        socket.gethostname(),
+        os.getpid(),
+        None,
+        False,
+        now,
+        now + 3600,
+    )
     path = Path(lease_path(str(output)))
     path.parent.mkdir(parents=True)
     path.write_bytes(record.to_bytes())
@@ -381,8 +467,16 @@ def _unreadable_model(case: Path, parity: dict[str, Path]) -> list[str]:
 
 def _unwritable_cache(case: Path, parity: dict[str, Path]) -> list[str]:
     models = multiclass_model(case / "trees")
-    return ["--model", str(models["model"]), "--scaler", str(models["scaler"]), "--engine", "compiled",
-            "--compiled-cache", str(read_only(case / "cache"))]
+    return [
+        "--model",
+        str(models["model"]),
+        "--scaler",
+        str(models["scaler"]),
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        str(read_only(case / "cache")),
+    ]
 
 
 def _existing_output(case: Path) -> list[str]:
@@ -395,33 +489,59 @@ def _existing_output(case: Path) -> list[str]:
 PARITY_CASES: dict[str, tuple[Callable[..., list[str] | None], int, str]] = {
     "output parent read-only": (lambda c, p: read_only(c) and None, EXIT_FAILURE, "{case}/_batchscore/out"),
     "output folder read-only": (lambda c, p: read_only(c / "out") and ["--overwrite"], EXIT_FAILURE, "{case}/out"),
-    "state root is a file": (lambda c, p: (c / "_batchscore").write_text("x") and None, EXIT_USAGE,
-                             "{case}/_batchscore/out"),
-    "state folder read-only": (lambda c, p: read_only(c / "_batchscore" / "out") and None, EXIT_FAILURE,
-                               "{case}/_batchscore/out"),
-    "receipts read-only": (lambda c, p: read_only(c / "_batchscore" / "out" / "receipts") and None, EXIT_FAILURE,
-                           "{case}/_batchscore/out/receipts"),
-    "rejected read-only (quarantine)": (lambda c, p: read_only(c / "_batchscore" / "out" / "rejected") and
-                                        ["--on-invalid", "quarantine"], EXIT_FAILURE, "{case}/_batchscore/out/rejected"),
-    "rejected is a file (quarantine)": (lambda c, p: ((c / "_batchscore" / "out").mkdir(parents=True),
-                                                      (c / "_batchscore" / "out" / "rejected").write_text("x"),
-                                                      ["--on-invalid", "quarantine"])[-1],
-                                        EXIT_USAGE, "{case}/_batchscore/out/rejected"),
+    "state root is a file": (
+        lambda c, p: (c / "_batchscore").write_text("x") and None,
+        EXIT_USAGE,
+        "{case}/_batchscore/out",
+    ),
+    "state folder read-only": (
+        lambda c, p: read_only(c / "_batchscore" / "out") and None,
+        EXIT_FAILURE,
+        "{case}/_batchscore/out",
+    ),
+    "receipts read-only": (
+        lambda c, p: read_only(c / "_batchscore" / "out" / "receipts") and None,
+        EXIT_FAILURE,
+        "{case}/_batchscore/out/receipts",
+    ),
+    "rejected read-only (quarantine)": (
+        lambda c, p: read_only(c / "_batchscore" / "out" / "rejected") and ["--on-invalid", "quarantine"],
+        EXIT_FAILURE,
+        "{case}/_batchscore/out/rejected",
+    ),
+    "rejected is a file (quarantine)": (
+        lambda c, p: (
+            (c / "_batchscore" / "out").mkdir(parents=True),
+            (c / "_batchscore" / "out" / "rejected").write_text("x"),
+            ["--on-invalid", "quarantine"],
+        )[-1],
+        EXIT_USAGE,
+        "{case}/_batchscore/out/rejected",
+    ),
     "output held by another job": (lambda c, p: _lease_of_another_job(c / "out"), EXIT_USAGE, "{case}/out"),
     "output exists": (lambda c, p: _existing_output(c), EXIT_USAGE, "{case}/out"),
     "output is a file": (lambda c, p: (c / "out").write_text("x") and ["--overwrite"], EXIT_USAGE, "{case}/out"),
     "output overlaps the input": (lambda c, p: ["--output", str(p["input"] / "scores")], EXIT_USAGE, "scores"),
     "model unreadable": (lambda c, p: _unreadable_model(c, p), EXIT_FAILURE, "{case}/model.joblib"),
-    "reference unreadable": (lambda c, p: _unreadable_reference(c), EXIT_FAILURE,
-                             "{case}/refs/_batchscore/ref/report.json"),
+    "reference unreadable": (
+        lambda c, p: _unreadable_reference(c),
+        EXIT_FAILURE,
+        "{case}/refs/_batchscore/ref/report.json",
+    ),
     "compiled cache read-only": (lambda c, p: _unwritable_cache(c, p), EXIT_MODEL, "{case}/cache"),
 }
 
 
 #: Cases that need no permission bits (a file in the way, a lease, an existing output): they run in
 #: this process; the others run in a child without root's permission override.
-NO_PERMISSION_BITS = {"state root is a file", "rejected is a file (quarantine)", "output held by another job",
-                      "output exists", "output is a file", "output overlaps the input"}
+NO_PERMISSION_BITS = {
+    "state root is a file",
+    "rejected is a file (quarantine)",
+    "output held by another job",
+    "output exists",
+    "output is a file",
+    "output overlaps the input",
+}
 
 
 @pytest.mark.parametrize("name", sorted(PARITY_CASES))
@@ -431,12 +551,26 @@ def test_validate_fails_where_run_fails_with_the_same_code_and_path(parity: dict
     case.mkdir()
     (case.parent / "home").mkdir(exist_ok=True)
     extra = spoil(case, parity) or []
-    args = ["--input", parity["input"], "--output", case / "out", "--model", parity["model"], "--scaler",
-            parity["scaler"], "--workers", "1", "--batch-size", "333", *extra]
+    args = [
+        "--input",
+        parity["input"],
+        "--output",
+        case / "out",
+        "--model",
+        parity["model"],
+        "--scaler",
+        parity["scaler"],
+        "--workers",
+        "1",
+        "--batch-size",
+        "333",
+        *extra,
+    ]
     path = where.format(case=case)
     try:
-        (checked, checked_err), (ran, ran_err) = validate_then_run(case.parent, *args,
-                                                                   privileged=name in NO_PERMISSION_BITS)
+        (checked, checked_err), (ran, ran_err) = validate_then_run(
+            case.parent, *args, privileged=name in NO_PERMISSION_BITS
+        )
     finally:
         for folder in [case, *case.rglob("*")]:  # let the next test (and pytest) remove it
             if not folder.is_symlink():
@@ -451,8 +585,20 @@ def test_validate_and_run_succeed_as_an_unprivileged_process(parity: dict[str, P
     """The control for the cases above: nothing spoiled, both succeed, and validate leaves nothing."""
     case = parity["root"] / "clean"
     case.mkdir()
-    args = ["--input", parity["input"], "--output", case / "out", "--model", parity["model"], "--scaler",
-            parity["scaler"], "--workers", "1", "--on-invalid", "quarantine"]
+    args = [
+        "--input",
+        parity["input"],
+        "--output",
+        case / "out",
+        "--model",
+        parity["model"],
+        "--scaler",
+        parity["scaler"],
+        "--workers",
+        "1",
+        "--on-invalid",
+        "quarantine",
+    ]
     (checked, checked_err), (ran, ran_err) = validate_then_run(parity["root"], *args, privileged=False)
     assert (checked, ran) == (0, 0), (checked_err[-2000:], ran_err[-2000:])
     assert sorted(p.name for p in case.iterdir()) == ["_batchscore", "out"]
@@ -469,8 +615,20 @@ def test_plan_out_that_cannot_be_written_fails_before_the_lease_is_taken(parity:
     case = parity["root"] / "plan-out"
     case.mkdir()
     plans = read_only(case / "plans")
-    args = ["--input", parity["input"], "--output", case / "out", "--model", parity["model"], "--scaler",
-            parity["scaler"], "--shards", "2", "--out", plans / "plan.json"]
+    args = [
+        "--input",
+        parity["input"],
+        "--output",
+        case / "out",
+        "--model",
+        parity["model"],
+        "--scaler",
+        parity["scaler"],
+        "--shards",
+        "2",
+        "--out",
+        plans / "plan.json",
+    ]
     try:
         planned = batchscore_process(parity["root"], "plan", *args)
     finally:
@@ -482,6 +640,6 @@ def test_plan_out_that_cannot_be_written_fails_before_the_lease_is_taken(parity:
 def test_docs_say_what_is_checked_before_anything_runs() -> None:
     text = (REPO / "docs" / "safety.md").read_text()
     start = text.index("Every setting is checked before anything runs")
-    paragraph = text[start:text.index("\n\n", start)]
+    paragraph = text[start : text.index("\n\n", start)]
     for words in ("twice", "template", "upper bound", "validate"):
         assert words in paragraph, words

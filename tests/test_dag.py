@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow_fixtures import DAGS_FOLDER
-from helpers import binary_model, read_inputs, read_manifest, write_inputs
-from helpers import read_output as read_parts
 
+from airflow_fixtures import DAGS_FOLDER
 from batchscore.errors import PERMANENT_EXIT_CODES
 from batchscore.io.layout import STATE_ROOT, plan_path
 from batchscore.sample import FEATURES
+from helpers import binary_model, read_inputs, read_manifest, write_inputs
+from helpers import read_output as read_parts
 
 if str(DAGS_FOLDER) not in sys.path:  # the factory module lives beside the DAG file
     sys.path.append(str(DAGS_FOLDER))
@@ -64,9 +64,26 @@ def write_job(folder: Path, name: str, job: dict[str, Any], dag: dict[str, Any])
 def single_process_run(inputs: str, output: str, model: str, scaler: str, *extra: str) -> None:
     """The reference: one ``batchscore run`` over the whole input, no plan, no shards."""
     subprocess.run(
-        [sys.executable, "-m", "batchscore", "run", "--input", inputs, "--output", output,
-         "--model", model, "--scaler", scaler, "--model-version", "test-1",
-         "--features", ",".join(FEATURES), "--overwrite", *extra],
+        [
+            sys.executable,
+            "-m",
+            "batchscore",
+            "run",
+            "--input",
+            inputs,
+            "--output",
+            output,
+            "--model",
+            model,
+            "--scaler",
+            scaler,
+            "--model-version",
+            "test-1",
+            "--features",
+            ",".join(FEATURES),
+            "--overwrite",
+            *extra,
+        ],
         check=True,
     )
 
@@ -196,8 +213,9 @@ def test_pod_for_a_mapped_shard(airflow_env: Path, monkeypatch: pytest.MonkeyPat
     parent = f"default/{dag.dag_id}.score/0193a5c4-5d2e-7f00-8000-000000000002"
     plugin = SimpleNamespace(lineage_parent_id=lambda ti: parent)
     lineage_op = dag.get_task("score").unmap({"arguments": shard_args[1]})
-    lineage_op.render_template_fields({**context, "macros": SimpleNamespace(OpenLineageProviderPlugin=plugin),
-                                       "task_instance": SimpleNamespace()})
+    lineage_op.render_template_fields(
+        {**context, "macros": SimpleNamespace(OpenLineageProviderPlugin=plugin), "task_instance": SimpleNamespace()}
+    )
     lineage_env = {e.name: e.value for e in lineage_op.build_pod_request_obj(dry_run=True).spec.containers[0].env}
     assert (lineage_env["OPENLINEAGE_PARENT_ID"], lineage_env["OPENLINEAGE_ROOT_PARENT_ID"]) == (parent, "")
     assert pod.spec.restart_policy == "Never"
@@ -215,8 +233,12 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
         "docker_job",
         {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/", "model": "s3://b/m.joblib"},
         {
-            "schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev",
-            "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}}, "env": {"LOG": "1"},
+            "schedule": "@daily",
+            "start_date": "2024-01-01",
+            "runner": "docker",
+            "image": "batchscore:dev",
+            "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}},
+            "env": {"LOG": "1"},
             "secrets": [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
         },
     )
@@ -225,7 +247,11 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
     op.render_template_fields({"params": {"image": "batchscore:dev"}})
     assert "DockerOperator" in [cls.__name__ for cls in type(op).__mro__]
     no_lineage = {"OPENLINEAGE_PARENT_ID": "", "OPENLINEAGE_ROOT_PARENT_ID": ""}  # no OpenLineage provider here
-    assert (op.image, op.command, op.environment) == ("batchscore:dev", ["run", "--shard", "0"], {"LOG": "1", **no_lineage})
+    assert (op.image, op.command, op.environment) == (
+        "batchscore:dev",
+        ["run", "--shard", "0"],
+        {"LOG": "1", **no_lineage},
+    )
     assert (op.mem_limit, op.cpus) == ("3g", 1.5)
     assert op.secret_env == ("AWS_ACCESS_KEY_ID",)
 
@@ -247,8 +273,12 @@ def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, config
     with pytest.raises(DagConfigError, match="storage_options secret look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky.yaml").unlink()
-    write_job(configs_dir, "leaky_env", base, {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local",
-                                               "env": {"AWS_SECRET_ACCESS_KEY": "x"}})
+    write_job(
+        configs_dir,
+        "leaky_env",
+        base,
+        {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local", "env": {"AWS_SECRET_ACCESS_KEY": "x"}},
+    )
     with pytest.raises(DagConfigError, match="dag.env AWS_SECRET_ACCESS_KEY look like credentials"):
         load_jobs(configs_dir)
     (configs_dir / "leaky_env.yaml").unlink()
@@ -284,6 +314,7 @@ def test_model_pins_and_trust_reach_the_container(airflow_env: Path, tmp_path: P
 
     import joblib
     import skops.io
+
     from batchscore_dagfactory import DagConfigError, common_args
     from helpers import cli, pipeline_model
 
@@ -293,8 +324,14 @@ def test_model_pins_and_trust_reach_the_container(airflow_env: Path, tmp_path: P
         skops.io.dump(joblib.load(pipeline_model(tmp_path)["model"]), model)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     inputs = write_inputs(tmp_path / "in", files=1, rows=496)
-    job = {"input": str(inputs[0]), "output": str(tmp_path / "out"), "model": str(model), "model_sha256": "0" * 64,
-           "trusted_types": ["sklearn.tree._tree.Tree", "numpy.float64"], "allow_pickle": False}
+    job = {
+        "input": str(inputs[0]),
+        "output": str(tmp_path / "out"),
+        "model": str(model),
+        "model_sha256": "0" * 64,
+        "trusted_types": ["sklearn.tree._tree.Tree", "numpy.float64"],
+        "allow_pickle": False,
+    }
     args = common_args(job, "job.yaml")
     assert args[args.index("--model-sha256") + 1] == "0" * 64 and "--no-pickle" in args
     assert [args[i + 1] for i, a in enumerate(args) if a == "--trust"] == job["trusted_types"]
@@ -309,6 +346,7 @@ def test_model_pins_and_trust_reach_the_container(airflow_env: Path, tmp_path: P
 def test_permanent_cli_errors_are_not_retried(airflow_env: Path) -> None:
     """Exit 2/3/4 (config, data, model) fail for good; exit 1 is left to the retries."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
     from batchscore_dagfactory import run_cli
 
     with pytest.raises(AirflowFailException, match="code 3 .input data invalid"):
@@ -332,11 +370,19 @@ def test_exit_codes_no_retry_can_fix_fail_the_pod_at_once(airflow_env: Path, mon
 
     def finished_pod(exit_code: int, reason: str = "Error") -> k8s.V1Pod:
         terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, reason=reason)
-        status = k8s.V1ContainerStatus(name=op.base_container_name, image=op.image, image_id="", ready=False,
-                                       restart_count=0, state=k8s.V1ContainerState(terminated=terminated))
-        return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="batchscore-daily-churn-x", namespace="batchscore"),
-                         spec=k8s.V1PodSpec(containers=[k8s.V1Container(name=op.base_container_name)]),
-                         status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
+        status = k8s.V1ContainerStatus(
+            name=op.base_container_name,
+            image=op.image,
+            image_id="",
+            ready=False,
+            restart_count=0,
+            state=k8s.V1ContainerState(terminated=terminated),
+        )
+        return k8s.V1Pod(
+            metadata=k8s.V1ObjectMeta(name="batchscore-daily-churn-x", namespace="batchscore"),
+            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name=op.base_container_name)]),
+            status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]),
+        )
 
     class FakeCoreV1:
         """The two Kubernetes API calls cleanup makes for a failed pod: read it, label it as checked."""
@@ -424,9 +470,18 @@ def test_docker_secrets_are_read_from_the_worker_when_the_task_runs(
     airflow_env: Path, configs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The container gets each secret variable the worker has; none is in the DAG or its rendered fields."""
-    secrets = [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}, {"secret": "s3", "key": "k", "env": "UNSET_KEY"}]
-    docker = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": "batchscore:dev",
-              "env": {"LOG": "1"}, "secrets": secrets}
+    secrets = [
+        {"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"},
+        {"secret": "s3", "key": "k", "env": "UNSET_KEY"},
+    ]
+    docker = {
+        "schedule": "@daily",
+        "start_date": "2024-01-01",
+        "runner": "docker",
+        "image": "batchscore:dev",
+        "env": {"LOG": "1"},
+        "secrets": secrets,
+    }
     write_job(configs_dir, "docker_secrets", {"input": "s3://b/in/", "output": "s3://b/out/"}, docker)
     monkeypatch.delenv("UNSET_KEY", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-not-in-the-dag")
@@ -453,9 +508,14 @@ def test_runs_without_a_logical_date_score_the_last_complete_interval(airflow_en
     from batchscore_dagfactory import parse_job, run_dates
 
     def ds(schedule: str | None, run_after: datetime, params: dict[str, Any] | None = None, tz: str = "UTC") -> str:
-        job = parse_job("job.yaml", {"input": "in/", "output": "out/dt={{ ds }}/",
-                                     "dag": {"schedule": schedule, "start_date": "2024-01-01", "runner": "local",
-                                             "timezone": tz}})
+        job = parse_job(
+            "job.yaml",
+            {
+                "input": "in/",
+                "output": "out/dt={{ ds }}/",
+                "dag": {"schedule": schedule, "start_date": "2024-01-01", "runner": "local", "timezone": tz},
+            },
+        )
         return run_dates(job, params or {}, None, run_after)["ds"]
 
     utc = timezone.utc
@@ -479,8 +539,12 @@ def test_container_env_sees_the_date_the_output_does(airflow_env: Path, configs_
     from types import SimpleNamespace
 
     job = {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/"}
-    dag_cfg = {"schedule": "@daily", "start_date": "2024-01-01", "image": "batchscore:dev",
-               "env": {"SCORED_DAY": "{{ ds }}"}}
+    dag_cfg = {
+        "schedule": "@daily",
+        "start_date": "2024-01-01",
+        "image": "batchscore:dev",
+        "env": {"SCORED_DAY": "{{ ds }}"},
+    }
     write_job(configs_dir, "env_docker", job, {**dag_cfg, "runner": "docker"})
     write_job(configs_dir, "env_kubernetes", job, {**dag_cfg, "runner": "kubernetes"})
     dags = load_dags(configs_dir)
@@ -503,8 +567,12 @@ def test_container_env_sees_the_date_the_output_does(airflow_env: Path, configs_
 def test_template_syntax_errors_fail_parsing(airflow_env: Path, configs_dir: Path) -> None:
     from batchscore_dagfactory import DagConfigError, load_jobs
 
-    write_job(configs_dir, "broken", {"input": "in/", "output": "out/dt={{ ds }/"},
-              {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"})
+    write_job(
+        configs_dir,
+        "broken",
+        {"input": "in/", "output": "out/dt={{ ds }/"},
+        {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"},
+    )
     with pytest.raises(DagConfigError, match=r"broken\.yaml: output: template 'out/dt=\{\{ ds \}/' is not valid"):
         load_jobs(configs_dir)
 
@@ -593,8 +661,13 @@ def test_s3_run_through_moto_commits_what_a_single_process_scores(
     fs.put(str(paths["model"]), "bs-data/models/model.joblib")
     fs.put(str(paths["scaler"]), "bs-data/models/scaler.joblib")
     options = ["--storage-option", f"endpoint_url={moto_s3}"]
-    single_process_run(f"s3://bs-data/events/dt={DAY}/", str(tmp_path / "reference"),
-                       "s3://bs-data/models/model.joblib", "s3://bs-data/models/scaler.joblib", *options)
+    single_process_run(
+        f"s3://bs-data/events/dt={DAY}/",
+        str(tmp_path / "reference"),
+        "s3://bs-data/models/model.joblib",
+        "s3://bs-data/models/scaler.joblib",
+        *options,
+    )
 
     job = {
         "input": "s3://bs-data/events/dt={{ ds }}/",
@@ -676,8 +749,12 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     scores, log = tmp_path / "scores", tmp_path / "calls.log"
     wrapper = tmp_path / "env_logging_batchscore.py"
     wrapper.write_text(ENV_WRAPPER.format(log=str(log)))
-    dag_cfg = {**LOCAL_DAG, "shards": 2, "env": {"SCORED_DAY": "{{ ds }}"},
-               "local_command": [sys.executable, str(wrapper)]}
+    dag_cfg = {
+        **LOCAL_DAG,
+        "shards": 2,
+        "env": {"SCORED_DAY": "{{ ds }}"},
+        "local_command": [sys.executable, str(wrapper)],
+    }
     write_job(configs_dir, "manual_e2e", local_job(local_data, scores), dag_cfg)
     dag = load_dags(configs_dir)["batchscore_manual_e2e"]
     output = scores / f"dt={DAY}"
@@ -696,7 +773,9 @@ def test_a_run_without_a_logical_date_scores_the_last_complete_day(
     (output / "_SUCCESS").unlink()
     rerun = dag.test(logical_date=None, run_after=datetime(2024, 7, 15, tzinfo=timezone.utc), run_conf={"date": DAY})
     assert rerun.state == DagRunState.SUCCESS and len(score_tis(rerun)) == 2
-    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"] and (output / "_SUCCESS").exists()
+    assert [p.name for p in scores.iterdir() if p.name != STATE_ROOT] == [f"dt={DAY}"] and (
+        output / "_SUCCESS"
+    ).exists()
     assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
 
 
@@ -763,8 +842,13 @@ def test_drift_against_the_previous_interval_fails_the_commit_without_retry(
     assert first.state == DagRunState.SUCCESS
     with create_session() as session:
         [event] = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).all()
-        assert event.extra == {"output": str(scores / f"dt={DAY}") + "/", "rows": local_data["rows"],
-                               "invalid_rows": 0, "max_psi": None, "max_psi_column": None}
+        assert event.extra == {
+            "output": str(scores / f"dt={DAY}") + "/",
+            "rows": local_data["rows"],
+            "invalid_rows": 0,
+            "max_psi": None,
+            "max_psi_column": None,
+        }
 
     second = dag.test(logical_date=datetime(2024, 6, 2, tzinfo=timezone.utc))
     assert second.state == DagRunState.FAILED

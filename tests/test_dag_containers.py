@@ -18,14 +18,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from batchscore.sample import FEATURES
 from container_fixtures import podman
 from helpers import binary_model, read_inputs, read_manifest, write_inputs
 from helpers import read_output as read_parts
 from test_dag import (  # noqa: F401  (configs_dir is a fixture)
-    DAY, LOGICAL_DATE, assert_same_scores, configs_dir, load_dags, score_tis, shard_tries, single_process_run, write_job,
+    DAY,
+    LOGICAL_DATE,
+    assert_same_scores,
+    configs_dir,
+    load_dags,
+    score_tis,
+    shard_tries,
+    single_process_run,
+    write_job,
 )
-
-from batchscore.sample import FEATURES
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +48,42 @@ def docker_job(tmp_path: Path) -> dict[str, Any]:
     single_process_run(str(root / "events" / f"dt={DAY}"), str(reference), str(paths["model"]), str(paths["scaler"]))
     scores = tmp_path / "scores"
     scores.mkdir()
-    return {"root": root, "scores": scores, "rows": read_inputs(inputs).num_rows, "model": paths["model"],
-            "scaler": paths["scaler"], "reference": read_parts(str(reference))}
+    return {
+        "root": root,
+        "scores": scores,
+        "rows": read_inputs(inputs).num_rows,
+        "model": paths["model"],
+        "scaler": paths["scaler"],
+        "reference": read_parts(str(reference)),
+    }
 
 
 def job_file(data: dict[str, Any]) -> dict[str, Any]:
-    return {"input": str(data["root"] / "events" / "dt={{ ds }}") + "/", "output": str(data["scores"] / "dt={{ ds }}") + "/",
-            "model": str(data["model"]), "scaler": str(data["scaler"]), "model_version": "test-1",
-            "features": list(FEATURES)}
+    return {
+        "input": str(data["root"] / "events" / "dt={{ ds }}") + "/",
+        "output": str(data["scores"] / "dt={{ ds }}") + "/",
+        "model": str(data["model"]),
+        "scaler": str(data["scaler"]),
+        "model_version": "test-1",
+        "features": list(FEATURES),
+    }
 
 
 def docker_dag(data: dict[str, Any], image: str, engine: str) -> dict[str, Any]:
     """Shards in containers of ``image``: the job's folders mounted at their own paths, the worker's user."""
     return {
-        "schedule": "@daily", "start_date": "2024-01-01", "runner": "docker", "image": image, "docker_url": engine,
-        "shards": 3, "retries": 2, "retry_delay": 1, "retry_exponential_backoff": False,
+        "schedule": "@daily",
+        "start_date": "2024-01-01",
+        "runner": "docker",
+        "image": image,
+        "docker_url": engine,
+        "shards": 3,
+        "retries": 2,
+        "retry_delay": 1,
+        "retry_exponential_backoff": False,
         "mounts": [f"{data['root']}:{data['root']}:ro", f"{data['scores']}:{data['scores']}"],
-        "user": f"{os.getuid()}:{os.getgid()}", "network_mode": "none",
+        "user": f"{os.getuid()}:{os.getgid()}",
+        "network_mode": "none",
     }
 
 
@@ -73,7 +100,11 @@ def remove_containers(job: str) -> None:
 
 
 def test_docker_runner_scores_shards_in_real_containers(
-    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]  # noqa: F811
+    airflow_home: Path,
+    configs_dir: Path,
+    docker_engine: str,
+    scoring_image: str,
+    docker_job: dict[str, Any],  # noqa: F811
 ) -> None:
     """plan -> three shard containers -> commit: every row as one process scores it; containers removed."""
     from airflow.utils.state import DagRunState
@@ -93,7 +124,11 @@ def test_docker_runner_scores_shards_in_real_containers(
 
 @pytest.mark.fault
 def test_container_exiting_3_fails_at_once_and_a_killed_one_is_retried(
-    airflow_home: Path, configs_dir: Path, docker_engine: str, scoring_image: str, docker_job: dict[str, Any]  # noqa: F811
+    airflow_home: Path,
+    configs_dir: Path,
+    docker_engine: str,
+    scoring_image: str,
+    docker_job: dict[str, Any],  # noqa: F811
 ) -> None:
     """A shard whose container exits 3 (invalid input) fails in one try; a container killed from outside
     (``podman kill``) while it scores is retried, and the job commits every row exactly."""
@@ -145,8 +180,11 @@ def test_container_exiting_3_fails_at_once_and_a_killed_one_is_retried(
         killer.join(timeout=60)
         assert killed, "shard 1's container was never seen running"
         assert run.state == DagRunState.SUCCESS
-        assert shard_tries(run) == {0: (TaskInstanceState.SUCCESS, 1), 1: (TaskInstanceState.SUCCESS, 2),
-                                    2: (TaskInstanceState.SUCCESS, 1)}
+        assert shard_tries(run) == {
+            0: (TaskInstanceState.SUCCESS, 1),
+            1: (TaskInstanceState.SUCCESS, 2),
+            2: (TaskInstanceState.SUCCESS, 1),
+        }
         output = kill_job["scores"] / f"dt={DAY}"
         assert (output / "_SUCCESS").exists()
         assert_same_scores(read_parts(str(output)), docker_job["reference"], docker_job["rows"])

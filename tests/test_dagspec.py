@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from batchscore.orchestration.dagspec import DAG_FIELDS, DagConfigError, parse_job
-from batchscore.reference import dag_keys
 from batchscore.orchestration.quantity import docker_cpus, docker_memory, quantity_value
+from batchscore.reference import dag_keys
 from helpers import REPO
 
 LOCAL = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local"}
@@ -20,9 +20,20 @@ JOB = {"input": "in/dt={{ ds }}/", "output": "out/dt={{ ds }}/"}
 
 #: Quantities as Kubernetes reads them (k8s.io/apimachinery resource.Quantity).
 QUANTITIES = {
-    "1G": Decimal(10**9), "1Gi": Decimal(2**30), "1.5Gi": Decimal(3 * 2**29), "512Mi": Decimal(512 * 2**20),
-    "500m": Decimal("0.5"), "2": Decimal(2), "0.25": Decimal("0.25"), ".5": Decimal("0.5"), "5.": Decimal(5),
-    "+3k": Decimal(3000), "100n": Decimal("1E-7"), "1e3": Decimal(1000), "12E-1": Decimal("1.2"), "2Ei": Decimal(2**61),
+    "1G": Decimal(10**9),
+    "1Gi": Decimal(2**30),
+    "1.5Gi": Decimal(3 * 2**29),
+    "512Mi": Decimal(512 * 2**20),
+    "500m": Decimal("0.5"),
+    "2": Decimal(2),
+    "0.25": Decimal("0.25"),
+    ".5": Decimal("0.5"),
+    "5.": Decimal(5),
+    "+3k": Decimal(3000),
+    "100n": Decimal("1E-7"),
+    "1e3": Decimal(1000),
+    "12E-1": Decimal("1.2"),
+    "2Ei": Decimal(2**61),
 }
 NOT_QUANTITIES = ["1GB", "1gi", "1K", "1ki", "1.5.0", "", "Gi", "1 Gi", "1e1.5", "one", "-1", "0x10"]
 
@@ -38,64 +49,101 @@ def test_quantities_follow_kubernetes(text: str) -> None:
 @pytest.mark.parametrize("text", NOT_QUANTITIES)
 def test_what_kubernetes_would_refuse_fails_parsing_with_the_file_and_key(text: str) -> None:
     dag = {**LOCAL, "resources": {"limits": {"memory": text}}}
-    with pytest.raises(DagConfigError, match=re.escape(
-            f"job.yaml: dag.resources.limits.memory must be a Kubernetes quantity such as 500m, 2, 4G or 1.5Gi, got {text!r}")):
+    with pytest.raises(
+        DagConfigError,
+        match=re.escape(
+            f"job.yaml: dag.resources.limits.memory must be a Kubernetes quantity such as 500m, 2, 4G or 1.5Gi, got {text!r}"
+        ),
+    ):
         parse_job("job.yaml", {**JOB, "dag": dag})
 
 
 def test_docker_gets_the_same_amounts() -> None:
     assert [docker_memory(q) for q in ("3Gi", "1.5Gi", "512Mi", "1G", "100M", "1Ki", "1")] == [
-        "3g", "1536m", "512m", "1000000000b", "100000000b", "1k", "1b"]
+        "3g",
+        "1536m",
+        "512m",
+        "1000000000b",
+        "100000000b",
+        "1k",
+        "1b",
+    ]
     assert (docker_cpus("1500m"), docker_cpus("2"), docker_cpus("0.5")) == (1.5, 2.0, 0.5)
     job = parse_job("job.yaml", {**JOB, "dag": {**LOCAL, "resources": {"requests": {"cpu": 2, "memory": "1.5Gi"}}}})
     assert job.dag.resources.requests == {"cpu": "2", "memory": "1.5Gi"}  # as written: the pod spec takes them so
 
 
-@pytest.mark.parametrize(("dag", "message"), [
-    ({"shards": 0}, "dag.shards must be an integer from 1 to 10000, got 0"),
-    ({"shards": 2, "rows_per_shard": 10}, "give dag.shards or dag.rows_per_shard, not both"),
-    ({"start_date": None}, "dag.start_date is required"),
-    ({"start_date": "June"}, "dag.start_date must be a date like 2024-06-01, got 'June'"),
-    ({"timezone": "Mars/Olympus"}, "dag.timezone 'Mars/Olympus' is not a known time zone"),
-    ({"runner": "ssh"}, "dag.runner must be one of kubernetes, docker, local, got 'ssh'"),
-    ({"retry_delay": -1}, "dag.retry_delay must be a number of seconds from 0 to 86400, got -1"),
-    ({"catchup": "no"}, "dag.catchup must be true or false, got 'no'"),
-    ({"sensor": {"mode": "wait"}}, "dag.sensor.mode must be one of poke, reschedule, got 'wait'"),
-    ({"secrets": [{"secret": "s3", "key": "id"}]}, "give both 'key' and 'env', or neither"),
-    ({"secrets": [{"name": "s3"}]}, "dag.secrets.0.name is not a known setting"),
-    ({"env": {"API_TOKEN": "x"}}, "dag.env API_TOKEN look like credentials; use dag.secrets instead"),
-    ({"shard": 3}, "unknown dag key(s) shard; known: schedule, start_date"),
-])
+@pytest.mark.parametrize(
+    ("dag", "message"),
+    [
+        ({"shards": 0}, "dag.shards must be an integer from 1 to 10000, got 0"),
+        ({"shards": 2, "rows_per_shard": 10}, "give dag.shards or dag.rows_per_shard, not both"),
+        ({"start_date": None}, "dag.start_date is required"),
+        ({"start_date": "June"}, "dag.start_date must be a date like 2024-06-01, got 'June'"),
+        ({"timezone": "Mars/Olympus"}, "dag.timezone 'Mars/Olympus' is not a known time zone"),
+        ({"runner": "ssh"}, "dag.runner must be one of kubernetes, docker, local, got 'ssh'"),
+        ({"retry_delay": -1}, "dag.retry_delay must be a number of seconds from 0 to 86400, got -1"),
+        ({"catchup": "no"}, "dag.catchup must be true or false, got 'no'"),
+        ({"sensor": {"mode": "wait"}}, "dag.sensor.mode must be one of poke, reschedule, got 'wait'"),
+        ({"secrets": [{"secret": "s3", "key": "id"}]}, "give both 'key' and 'env', or neither"),
+        ({"secrets": [{"name": "s3"}]}, "dag.secrets.0.name is not a known setting"),
+        ({"env": {"API_TOKEN": "x"}}, "dag.env API_TOKEN look like credentials; use dag.secrets instead"),
+        ({"shard": 3}, "unknown dag key(s) shard; known: schedule, start_date"),
+    ],
+)
 def test_bad_dag_keys_are_named_with_their_file(dag: dict[str, Any], message: str) -> None:
     with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
         parse_job("job.yaml", {**JOB, "dag": {**LOCAL, **dag}})
 
 
 def test_job_keys_in_a_dag_file_are_checked_as_the_cli_checks_them() -> None:
-    for job, message in [({"batch_size": 0}, "batch_size must be an integer from 1 to 16777216, got 0"),
-                         ({"model_sha256": "abc"}, "setting 'model_sha256' must be a sha256 digest"),
-                         ({"scaler_sha256": "e" * 64}, "'scaler_sha256' pins a scaler but no scaler is given"),
-                         ({"outptu": "x"}, "unknown key(s) outptu")]:
+    for job, message in [
+        ({"batch_size": 0}, "batch_size must be an integer from 1 to 16777216, got 0"),
+        ({"model_sha256": "abc"}, "setting 'model_sha256' must be a sha256 digest"),
+        ({"scaler_sha256": "e" * 64}, "'scaler_sha256' pins a scaler but no scaler is given"),
+        ({"outptu": "x"}, "unknown key(s) outptu"),
+    ]:
         with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
             parse_job("job.yaml", {**JOB, **job, "dag": LOCAL})
 
 
 def test_values_are_read_as_declared(monkeypatch: pytest.MonkeyPatch) -> None:
-    dag = {**LOCAL, "runner": "kubernetes", "image": "img:1", "timezone": "Europe/Amsterdam", "tags": ["a", 2],
-           "env": {"DEBUG": True, "N": 3}, "secrets": ["whole", {"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
-           "local_command": "python -X dev -m batchscore", "retry_exponential_backoff": True, "sensor": True,
-           "max_retry_delay": None}
+    dag = {
+        **LOCAL,
+        "runner": "kubernetes",
+        "image": "img:1",
+        "timezone": "Europe/Amsterdam",
+        "tags": ["a", 2],
+        "env": {"DEBUG": True, "N": 3},
+        "secrets": ["whole", {"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}],
+        "local_command": "python -X dev -m batchscore",
+        "retry_exponential_backoff": True,
+        "sensor": True,
+        "max_retry_delay": None,
+    }
     job = parse_job("configs/daily.yaml", {**JOB, "keep": ["id"], "dag": dag})
     spec = job.dag
     assert (job.name, job.dag_id) == ("daily", "batchscore_daily")
     assert spec.start_date.isoformat() == "2024-01-01T00:00:00+01:00"
     assert spec.tags == ("a", "2") and spec.env == {"DEBUG": "true", "N": "3"}
-    assert [(s.secret, s.key, s.env) for s in spec.secrets] == [("whole", None, None), ("s3", "id", "AWS_ACCESS_KEY_ID")]
+    assert [(s.secret, s.key, s.env) for s in spec.secrets] == [
+        ("whole", None, None),
+        ("s3", "id", "AWS_ACCESS_KEY_ID"),
+    ]
     assert spec.local_command == ("python", "-X", "dev", "-m", "batchscore")
     assert spec.retry_exponential_backoff == 2.0 and spec.max_retry_delay is None and spec.retries == 2
     assert spec.sensor is not None and job.sensor_paths == ("in/dt={{ ds }}/",)
-    assert job.common_args == ("--input", "in/dt={{ ds }}/", "--output", "out/dt={{ ds }}/", "--keep", "id",
-                               "--overwrite", "--job-name", "daily")
+    assert job.common_args == (
+        "--input",
+        "in/dt={{ ds }}/",
+        "--output",
+        "out/dt={{ ds }}/",
+        "--keep",
+        "id",
+        "--overwrite",
+        "--job-name",
+        "daily",
+    )
     monkeypatch.setenv("BATCHSCORE_RUNNER", "local")  # parse-time override: no image needed any more
     assert parse_job("job.yaml", {**JOB, "dag": {k: v for k, v in dag.items() if k != "image"}}).dag.runner == "local"
 
@@ -103,7 +151,7 @@ def test_values_are_read_as_declared(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_docs_dag_table_is_the_declaration() -> None:
     """Every ``dag:`` key and the keys of its sections, as DagSpec declares them (``make docs`` writes it)."""
     text = (REPO / "docs" / "airflow.md").read_text()
-    section = text[text.index("## The `dag:` section"):]
+    section = text[text.index("## The `dag:` section") :]
     expected = dag_keys()
     assert expected in section, "run `make docs`\n" + expected
     for key in DAG_FIELDS:
@@ -113,7 +161,9 @@ def test_docs_dag_table_is_the_declaration() -> None:
 
 
 def test_the_declaration_imports_without_airflow_or_the_data_stack() -> None:
-    probe = ("import sys, batchscore.orchestration.dagspec; print(sorted(m for m in ('airflow', 'pandas', 'pyarrow', 'sklearn', "
-             "'joblib', 'kubernetes', 'jinja2') if m in sys.modules))")
+    probe = (
+        "import sys, batchscore.orchestration.dagspec; print(sorted(m for m in ('airflow', 'pandas', 'pyarrow', 'sklearn', "
+        "'joblib', 'kubernetes', 'jinja2') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"

@@ -7,9 +7,9 @@ multiples of 16 (see helpers.assert_exact) but not round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable
 
 import joblib
 import numpy as np
@@ -42,8 +42,11 @@ def _columns(kind: str, rng: np.random.Generator, rows: int) -> dict[str, pa.Arr
     if kind == "all_int":  # integer features only: the matrix stays int64 until scikit-learn converts it
         return {n: pa.array(np.round(x[:, j] * 10).astype(np.int64)) for j, n in enumerate(FEATURES)}
     if kind == "bool_float32":  # pandas would make this object; scikit-learn makes it float32
-        return {"a": pa.array(x[:, 0] > 100), "b": pa.array(x[:, 1].astype(np.float32)),
-                "c": pa.array(x[:, 2].astype(np.float32))}
+        return {
+            "a": pa.array(x[:, 0] > 100),
+            "b": pa.array(x[:, 1].astype(np.float32)),
+            "c": pa.array(x[:, 2].astype(np.float32)),
+        }
     if kind == "int_nulls":  # nulls in 32 rows of an int64 column: those rows are invalid
         ints = np.round(x[:, 0]).astype(np.int64)
         mask = np.zeros(rows, dtype=bool)
@@ -53,8 +56,11 @@ def _columns(kind: str, rng: np.random.Generator, rows: int) -> dict[str, pa.Arr
         ints = np.round(x[:, 1] * 100).astype(np.int16)
         mask = np.zeros(rows, dtype=bool)
         mask[rng.choice(min(rows, 160), 16, replace=False)] = True
-        return {"a": pa.array(x[:, 0].astype(np.float32)), "b": pa.array(ints, mask=mask),
-                "c": pa.array(x[:, 2].astype(np.float32))}
+        return {
+            "a": pa.array(x[:, 0].astype(np.float32)),
+            "b": pa.array(ints, mask=mask),
+            "c": pa.array(x[:, 2].astype(np.float32)),
+        }
     raise AssertionError(kind)
 
 
@@ -101,8 +107,23 @@ def test_feature_type_scores_as_pandas_does(tmp_path: Path, kind: str, estimator
     data = tmp_path / "in.parquet"
     pq.write_table(_table(kind, ROWS, seed=2), data, row_group_size=1_000)
     out = tmp_path / "out"
-    result = cli("run", "--input", data, "--output", out, "--model", paths["model"], "--scaler", paths["scaler"],
-                 "--batch-size", "700", "--workers", "2", "--on-invalid", "skip")
+    result = cli(
+        "run",
+        "--input",
+        data,
+        "--output",
+        out,
+        "--model",
+        paths["model"],
+        "--scaler",
+        paths["scaler"],
+        "--batch-size",
+        "700",
+        "--workers",
+        "2",
+        "--on-invalid",
+        "skip",
+    )
     assert result.exit_code == 0, result.output + result.stderr
 
     frame = pq.read_table(data).to_pandas()
@@ -127,8 +148,22 @@ def test_float32_features_stay_float32(tmp_path: Path) -> None:
     data = tmp_path / "in.parquet"
     pq.write_table(_table("float32", ROWS, seed=2), data)
     out = tmp_path / "out"
-    assert cli("run", "--input", data, "--output", out, "--model", paths["model"], "--scaler", paths["scaler"],
-               "--workers", "1").exit_code == 0
+    assert (
+        cli(
+            "run",
+            "--input",
+            data,
+            "--output",
+            out,
+            "--model",
+            paths["model"],
+            "--scaler",
+            paths["scaler"],
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     frame = pq.read_table(data).to_pandas()
     as_float32 = model.predict_proba(scaler.transform(frame[FEATURES]))[:, 1]
     as_float64 = model.predict_proba(scaler.transform(frame[FEATURES].astype(np.float64)))[:, 1]
@@ -166,14 +201,36 @@ def test_int_nulls_follow_the_invalid_policy(tmp_path: Path, binary_model_paths)
     data = tmp_path / "in.parquet"
     pq.write_table(table, data)
     out = tmp_path / "out"
-    result = cli("run", "--input", data, "--output", out, "--model", binary_model_paths["model"],
-                 "--scaler", binary_model_paths["scaler"], "--on-invalid", "quarantine")
+    result = cli(
+        "run",
+        "--input",
+        data,
+        "--output",
+        out,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--on-invalid",
+        "quarantine",
+    )
     assert result.exit_code == 0, result.output + result.stderr
     rejected = read_rejected(out)
     assert rejected.column("reject_reason").to_pylist() == ["tenure is null"] * 3
     assert pq.read_table(out).num_rows == 1_613
-    failed = cli("run", "--input", data, "--output", tmp_path / "out2", "--model", binary_model_paths["model"],
-                 "--scaler", binary_model_paths["scaler"], "--on-invalid", "fail")
+    failed = cli(
+        "run",
+        "--input",
+        data,
+        "--output",
+        tmp_path / "out2",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--on-invalid",
+        "fail",
+    )
     assert failed.exit_code == 3 and "row 3" in failed.stderr and "tenure is null" in failed.stderr
 
 

@@ -77,7 +77,9 @@ def test_non_numeric_feature_column(tmp_path: Path, binary_model_paths) -> None:
     path = tmp_path / "strings.parquet"
     pq.write_table(table, path)
     out = tmp_path / "out"
-    assert_refused(run([path], out, binary_model_paths), EXIT_INPUT, path, "feature column 'age' has type string", out=out)
+    assert_refused(
+        run([path], out, binary_model_paths), EXIT_INPUT, path, "feature column 'age' has type string", out=out
+    )
 
 
 def test_output_column_clash(tmp_path: Path, binary_model_paths) -> None:
@@ -108,7 +110,9 @@ def test_model_missing_unloadable_or_unfitted(tmp_path: Path, binary_model_paths
     assert_refused(run(inputs, out, missing), EXIT_MODEL, "model artifact not found", missing["model"], out=out)
     garbage = tmp_path / "garbage.joblib"
     garbage.write_bytes(b"\x80\x04not a pickle")
-    assert_refused(run(inputs, out, {**binary_model_paths, "model": garbage}), EXIT_MODEL, garbage, "could not be loaded")
+    assert_refused(
+        run(inputs, out, {**binary_model_paths, "model": garbage}), EXIT_MODEL, garbage, "could not be loaded"
+    )
     unfitted = tmp_path / "unfitted.joblib"
     joblib.dump(LogisticRegression(), unfitted)
     assert_refused(run(inputs, out, {**binary_model_paths, "model": unfitted}), EXIT_MODEL, unfitted, "not fitted")

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from batchscore.models.engine import Predictor
-from batchscore.models.artifacts import load_model
-from batchscore.sample import FEATURES
 from batchscore.job.workers import single_threaded
+from batchscore.models.artifacts import load_model
+from batchscore.models.engine import Predictor
+from batchscore.sample import FEATURES
 from helpers import assert_exact, cli, read_inputs, read_output, save, training_frame, write_inputs
 
 
@@ -76,7 +76,9 @@ def test_multi_output_models_are_refused(tmp_path: Path, kind: str) -> None:
     frame = training_frame()
     x = frame[list(FEATURES)]
     if kind == "forest":
-        model = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, np.c_[frame["churned"].astype(int), frame["plan"].astype("category").cat.codes])
+        model = RandomForestClassifier(n_estimators=3, random_state=0).fit(
+            x, np.c_[frame["churned"].astype(int), frame["plan"].astype("category").cat.codes]
+        )
     elif kind == "ridge":
         model = Ridge().fit(x, frame[["total_charges", "tenure"]])
     else:
@@ -112,7 +114,9 @@ def test_shortcut_is_checked_against_predict_on_the_loaded_model(tmp_path: Path)
     predictor = Predictor(loaded, "1", datetime.now(timezone.utc))
     batch = pa.RecordBatch.from_pandas(frame[list(FEATURES)].iloc[:992], preserve_index=False)
     columns = predictor.predict(predictor.feature_matrix(batch), batch.num_rows)
-    assert np.array_equal(columns[0].to_numpy(zero_copy_only=False), model.predict(frame[list(FEATURES)].iloc[:992].to_numpy()))
+    assert np.array_equal(
+        columns[0].to_numpy(zero_copy_only=False), model.predict(frame[list(FEATURES)].iloc[:992].to_numpy())
+    )
     assert not predictor._derive_class
 
 

@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 import threading
-from typing import Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -199,8 +199,20 @@ class Job:
         assert_exact(self.clean, read_inputs(self.inputs), self.model)
 
     def options(self, output: Path) -> list[str]:
-        return ["--input", str(self.root / "in"), "--output", str(output), "--model", str(self.model["model"]),
-                "--scaler", str(self.model["scaler"]), "--workers", "2", "--batch-size", "2048"]
+        return [
+            "--input",
+            str(self.root / "in"),
+            "--output",
+            str(output),
+            "--model",
+            str(self.model["model"]),
+            "--scaler",
+            str(self.model["scaler"]),
+            "--workers",
+            "2",
+            "--batch-size",
+            "2048",
+        ]
 
     def run_args(self, output: Path, *extra: str) -> list[str]:
         return _cli("run", *self.options(output), *extra)
@@ -211,11 +223,17 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return Job(tmp_path_factory.mktemp("faults"))
 
 
-def _kill_at_random_point(args: Sequence[str], rng: random.Random, job: Job, phase: str) -> tuple[subprocess.Popen[str], list[int]]:
+def _kill_at_random_point(
+    args: Sequence[str], rng: random.Random, job: Job, phase: str
+) -> tuple[subprocess.Popen[str], list[int]]:
     """Start ``args`` and SIGKILL it at a random moment: in "scoring", while its workers score; in
     "anywhere", mostly while workers score or the run commits (a few during start-up). A strike
     that comes too late is tried again earlier; returns the killed run and its workers then."""
-    delay = rng.uniform(0.0, job.scoring_seconds * 0.7) if phase == "scoring" else rng.uniform(job.startup_seconds * 0.8, job.seconds)
+    delay = (
+        rng.uniform(0.0, job.scoring_seconds * 0.7)
+        if phase == "scoring"
+        else rng.uniform(job.startup_seconds * 0.8, job.seconds)
+    )
     for _ in range(ATTEMPTS):
         proc = _start(args)
         workers = _strike(proc, delay, phase)
@@ -357,13 +375,19 @@ list(workers.map_unordered([1], [0]))
 """
 
 
-@pytest.mark.parametrize("how, poll, write", [("kernel", "0.2", "30"), ("portable", "0.2", "30"), ("portable", "60", "1")])
+@pytest.mark.parametrize(
+    "how, poll, write", [("kernel", "0.2", "30"), ("portable", "0.2", "30"), ("portable", "60", "1")]
+)
 def test_worker_dies_with_its_parent_and_publishes_nothing(tmp_path: Path, how: str, poll: str, write: str) -> None:
     """kill -9 of a worker's parent mid-write: the worker ends at once (kernel signal or watch
     thread), and never renames its file into place, even when its watch would look too late."""
     target = tmp_path / "part-00000-00000.parquet"
-    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, how, poll, str(target), write],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT, how, poll, str(target), write],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         worker = int(proc.stdout.readline())  # type: ignore[union-attr]  # stdout=PIPE
         deadline = time.monotonic() + 30
@@ -428,6 +452,7 @@ def test_stop_landing_in_a_finalizer_still_unwinds_the_worker() -> None:
 
 def test_abandoned_reader_does_not_hold_up_its_consumer() -> None:
     """A consumer that stops early waits a bounded time for a reader stuck in a slow read."""
+
     def slow() -> Iterator[int]:
         yield 1
         time.sleep(30)  # a read that hangs in storage
@@ -457,8 +482,9 @@ def _mount_small_disk(folder: Path, size: int, image: Path) -> str | None:
     """Mount a ``size``-byte filesystem at ``folder``: tmpfs, else ext4 on a loop device.
     Returns why neither worked, or None."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                           capture_output=True, text=True, timeout=30)
+    tmpfs = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True, timeout=30
+    )
     if tmpfs.returncode == 0:
         return None
     with open(image, "wb") as fh:

@@ -19,8 +19,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,8 +50,9 @@ class MotoServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "wb") as fh:
-            self.proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
-                                         stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)], stdout=fh, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -97,15 +99,33 @@ def s3_job(server: MotoServer, binary_model_paths: dict[str, Path]) -> dict[str,
     for i in range(2):
         with fs.open(f"{bucket}/in/day-{i}.parquet", "wb") as fh:
             pq.write_table(churn_table(48_016, seed=i, first_id=1 + i * 48_016), fh, row_group_size=4_016)
-    args = ["--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model", binary_model_paths["model"],
-            "--scaler", binary_model_paths["scaler"], "--storage-option", f"endpoint_url={server.endpoint}",
-            "--batch-size", "1024", "--workers", "1"]
+    args = [
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--storage-option",
+        f"endpoint_url={server.endpoint}",
+        "--batch-size",
+        "1024",
+        "--workers",
+        "1",
+    ]
     return {"fs": fs, "bucket": bucket, "args": [str(a) for a in args]}
 
 
 def batchscore(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **AWS_ENV})
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **AWS_ENV},
+    )
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> str:
@@ -119,7 +139,9 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
     return errors[0]
 
 
-def run_with_stall(s3_job: dict[str, Any], server: MotoServer, *extra: str, limit: float) -> tuple[subprocess.CompletedProcess[str], float]:
+def run_with_stall(
+    s3_job: dict[str, Any], server: MotoServer, *extra: str, limit: float
+) -> tuple[subprocess.CompletedProcess[str], float]:
     """Start a run, stop the S3 server once scoring has begun, and time how long the run takes to fail."""
     log = Path(f"/tmp/batchscore-stall-{uuid.uuid4().hex}.log")
     cmd = [sys.executable, "-m", "batchscore", "run", *s3_job["args"], "--log-format", "json", *extra]
@@ -163,7 +185,9 @@ def test_stalled_endpoint_fails_within_the_configured_bound(s3_job: dict[str, An
 
 
 @pytest.mark.fault
-def test_stalled_endpoint_fails_the_job_within_two_minutes_by_default(s3_job: dict[str, Any], server: MotoServer) -> None:
+def test_stalled_endpoint_fails_the_job_within_two_minutes_by_default(
+    s3_job: dict[str, Any], server: MotoServer
+) -> None:
     result, elapsed = run_with_stall(s3_job, server, limit=150)
     error = assert_failed_json(result, "did not answer in time")
     print(f"stalled endpoint, default bounds: failed {elapsed:.1f} s after the server stopped: {error['message']}")
@@ -196,7 +220,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs mounted for the test (root only)."""
     mount = tmp_path / "mnt"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -209,12 +235,24 @@ def local_job(tmp_path: Path, model: dict[str, Path], output: Path, rows: int = 
     source = tmp_path / "in.parquet"
     if not source.exists():
         pq.write_table(churn_table(rows, seed=5), source, row_group_size=1_024)
-    return ["--input", str(source), "--output", str(output), "--model", str(model["model"]),
-            "--scaler", str(model["scaler"]), "--workers", "1"]
+    return [
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--model",
+        str(model["model"]),
+        "--scaler",
+        str(model["scaler"]),
+        "--workers",
+        "1",
+    ]
 
 
 @pytest.mark.fault
-def test_read_only_output_fails_validate_and_run(tmp_path: Path, tmpfs: Path, binary_model_paths: dict[str, Path]) -> None:
+def test_read_only_output_fails_validate_and_run(
+    tmp_path: Path, tmpfs: Path, binary_model_paths: dict[str, Path]
+) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True, timeout=30)
     output = tmpfs / "scores"
     job = local_job(tmp_path, binary_model_paths, output)
@@ -227,7 +265,9 @@ def test_read_only_output_fails_validate_and_run(tmp_path: Path, tmpfs: Path, bi
 
 
 @pytest.mark.fault
-def test_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path: Path, tmpfs: Path, binary_model_paths: dict[str, Path]) -> None:
+def test_full_disk_is_one_line_and_leaves_no_temporary_files(
+    tmp_path: Path, tmpfs: Path, binary_model_paths: dict[str, Path]
+) -> None:
     output = tmpfs / "scores"
     job = local_job(tmp_path, binary_model_paths, output, rows=96_016)  # ~2 MB of parts for 1 MiB of disk
     result = batchscore("run", *job, timeout=90)
@@ -249,8 +289,22 @@ def test_permission_denied_is_one_line(tmp_path: Path, binary_model_paths: dict[
     job = local_job(tmp_path, binary_model_paths, locked / "scores")
     drop = "-dac_override,-dac_read_search"
     for command in ("validate", "run"):
-        result = subprocess.run([setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--", sys.executable, "-m",
-                                 "batchscore", command, *job], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [
+                setpriv,
+                f"--inh-caps={drop}",
+                f"--bounding-set={drop}",
+                "--",
+                sys.executable,
+                "-m",
+                "batchscore",
+                command,
+                *job,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 1, result.stderr
         assert_one_line_error(result.stderr, str(locked / "scores"), "permission denied")
 
@@ -294,11 +348,26 @@ def test_a_failed_multipart_write_leaves_no_upload(server: MotoServer, binary_mo
     table = table.set_column(table.schema.get_field_index("monthly_charges"), "monthly_charges", [charges])
     with fs.open(f"{bucket}/in/big.parquet", "wb") as fh:
         pq.write_table(table, fh, row_group_size=320_016)
-    result = batchscore("run", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out",
-                        "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
-                        "--storage-option", f"endpoint_url={server.endpoint}",
-                        "--storage-option", "default_block_size=5242880", "--batch-size", "8192", "--workers", "1",
-                        timeout=120)
+    result = batchscore(
+        "run",
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--storage-option",
+        f"endpoint_url={server.endpoint}",
+        "--storage-option",
+        "default_block_size=5242880",
+        "--batch-size",
+        "8192",
+        "--workers",
+        "1",
+        timeout=120,
+    )
     assert result.returncode == 3, result.stderr
     assert_one_line_error(result.stderr, "invalid feature value")
     # The fault landed mid-write: the part's multipart upload was begun, had a 5 MiB part stored, and was aborted.
@@ -345,10 +414,16 @@ def test_json_logs_make_warnings_and_the_error_json_lines(tmp_path: Path, binary
     assert records[-1]["level"] == "error" and records[-1]["exit_code"] == 2, records[-1]
     assert result.returncode == 2
     text = batchscore("validate", *job, timeout=60)
-    assert "version 1.0" in text.stderr and "{" not in text.stderr and text.stderr.rstrip().splitlines()[-1].startswith("Error:")
+    assert (
+        "version 1.0" in text.stderr
+        and "{" not in text.stderr
+        and text.stderr.rstrip().splitlines()[-1].startswith("Error:")
+    )
 
 
-def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(
+    tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
     from batchscore.config import JobConfig, StorageSettings
     from batchscore.io.storage import filesystem
 
@@ -356,20 +431,28 @@ def test_storage_bounds_reach_every_s3_filesystem_unless_set_explicitly(tmp_path
     config = JobConfig(storage_options=given, storage_timeout=3, storage_retries=0)
     assert config.storage_options == given  # the user's options, as given: the bounds are settings of their own
     fs, _ = filesystem("s3://bucket/out", config.storage)
-    assert fs._prepare_config_kwargs() == {"read_timeout": 60, "connect_timeout": 3.0,
-                                           "retries": {"total_max_attempts": 1, "mode": "standard"}}
+    assert fs._prepare_config_kwargs() == {
+        "read_timeout": 60,
+        "connect_timeout": 3.0,
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
+    }
     assert fs.retries == 1 and fs.retry_policy.retries == 0
     default, _ = filesystem("s3://bucket/out", StorageSettings({"endpoint_url": "http://127.0.0.1:9"}))
     # botocore makes one attempt; batchscore's retry policy decides every retry (throttling apart)
     assert default._prepare_config_kwargs()["retries"] == {"total_max_attempts": 1, "mode": "standard"}
     assert (default.retry_policy.retries, default.retry_policy.throttle_seconds) == (2, 120.0)
-    own, _ = filesystem("s3://bucket/out", StorageSettings({"endpoint_url": "http://127.0.0.1:9",
-                                                            "config_kwargs": {"retries": {"max_attempts": 7}}}))
+    own, _ = filesystem(
+        "s3://bucket/out",
+        StorageSettings({"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 7}}}),
+    )
     assert own._prepare_config_kwargs()["retries"] == {"max_attempts": 7} and own.retry_policy is None
     # Jobs in one process with the same options but other bounds never share a filesystem (and its policy).
     for retries, throttle in ((0, 120.0), (5, 120.0), (2, 7.5), (2, 120.0)):
-        other = JobConfig(storage_options={"endpoint_url": "http://127.0.0.1:9"}, storage_retries=retries,
-                          storage_throttle_seconds=throttle)
+        other = JobConfig(
+            storage_options={"endpoint_url": "http://127.0.0.1:9"},
+            storage_retries=retries,
+            storage_throttle_seconds=throttle,
+        )
         fs_other, _ = filesystem("s3://bucket/out", other.storage)
         assert (fs_other.retry_policy.retries, fs_other.retry_policy.throttle_seconds) == (retries, throttle)
         assert (fs_other is default) == ((retries, throttle) == (2, 120.0))

@@ -19,15 +19,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchscore.config import JobConfig
+from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
+from batchscore.io.storage import location, overlapping
 from batchscore.job import planning
 from batchscore.job.preparation import prepare
 from batchscore.job.shard import score_shard
-from batchscore.config import JobConfig
-from batchscore.errors import EXIT_INPUT, EXIT_USAGE, InputDataError
 from batchscore.sample import churn_table
-from batchscore.io.storage import location, overlapping
-from helpers import (assert_exact, cli, plan_file, planned_file, read_inputs, read_output, receipt_file, state,
-                     write_inputs)
+from helpers import (
+    assert_exact,
+    cli,
+    plan_file,
+    planned_file,
+    read_inputs,
+    read_output,
+    receipt_file,
+    state,
+    write_inputs,
+)
 
 
 def model_args(model: dict[str, Path]) -> list[str]:
@@ -81,8 +90,16 @@ def _spelling(tmp_path: Path, case: str) -> tuple[list[str], str, list[Path]]:
     raise AssertionError(case)
 
 
-SPELLINGS = ["dotdot", "dotdot-sub", "dot-slash", "symlink-folder", "file-url", "glob-relative",
-             "input-links-into-output", "previous-output-as-input"]
+SPELLINGS = [
+    "dotdot",
+    "dotdot-sub",
+    "dot-slash",
+    "symlink-folder",
+    "file-url",
+    "glob-relative",
+    "input-links-into-output",
+    "previous-output-as-input",
+]
 COMMANDS = {
     "validate": ["validate"],
     "plan": ["plan", "--shards", "2"],
@@ -116,7 +133,10 @@ def test_the_refusal_names_both_locations(tmp_path: Path, binary_model_paths, mo
     result = cli("run", "--input", specs[0], "--output", output, *model_args(binary_model_paths))
     assert result.exit_code == EXIT_USAGE
     real = os.path.realpath(tmp_path / "data")
-    assert f"output {tmp_path}/lnk/scored (at file://{real}/scored) overlaps input data (at file://{real})" in result.stderr
+    assert (
+        f"output {tmp_path}/lnk/scored (at file://{real}/scored) overlaps input data (at file://{real})"
+        in result.stderr
+    )
 
 
 def test_shards_and_commit_check_the_plan_output_again(tmp_path: Path, binary_model_paths) -> None:
@@ -130,7 +150,10 @@ def test_shards_and_commit_check_the_plan_output_again(tmp_path: Path, binary_mo
     lnk.unlink()
     lnk.symlink_to(data, target_is_directory=True)
     before = snapshot(data)
-    for command in (["run", "--plan", tmp_path / "plan.json", "--shard", "0"], ["commit", "--plan", tmp_path / "plan.json"]):
+    for command in (
+        ["run", "--plan", tmp_path / "plan.json", "--shard", "0"],
+        ["commit", "--plan", tmp_path / "plan.json"],
+    ):
         result = cli(*command, *common)
         assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr, (command, result.stderr)
     assert snapshot(data) == before
@@ -140,8 +163,16 @@ def test_a_plan_file_is_never_written_into_the_input(tmp_path: Path, binary_mode
     data = tmp_path / "data"
     write_inputs(data, files=1, rows=160)
     before = snapshot(data)
-    result = cli("plan", "--input", data, "--output", tmp_path / "out", *model_args(binary_model_paths),
-                 "--out", data / "plan.json")
+    result = cli(
+        "plan",
+        "--input",
+        data,
+        "--output",
+        tmp_path / "out",
+        *model_args(binary_model_paths),
+        "--out",
+        data / "plan.json",
+    )
     assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr
     assert snapshot(data) == before
 
@@ -170,13 +201,14 @@ def test_a_state_folder_in_the_input_is_refused(tmp_path: Path, binary_model_pat
     data = tmp_path / "data"
     write_inputs(state(data / "out"), files=1, rows=160)
     before = snapshot(data)
-    result = cli("run", "--input", state(data / "out"), "--output", data / "out",
-                 *model_args(binary_model_paths))
+    result = cli("run", "--input", state(data / "out"), "--output", data / "out", *model_args(binary_model_paths))
     assert result.exit_code == EXIT_USAGE and "state folder" in result.stderr and "overlaps input" in result.stderr
     assert snapshot(data) == before
 
 
-def test_siblings_sharing_a_prefix_do_not_overlap(tmp_path: Path, binary_model_paths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_siblings_sharing_a_prefix_do_not_overlap(
+    tmp_path: Path, binary_model_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     inputs = write_inputs(tmp_path / "data", files=2, rows=496, row_group_size=160)
     for output in ("data2", "data-scores", "out/../data.scored"):
@@ -188,7 +220,12 @@ def test_siblings_sharing_a_prefix_do_not_overlap(tmp_path: Path, binary_model_p
 def test_locations_compare_places_not_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    assert location("out/../data") == location("data/./") == location(f"file://{tmp_path}/data") == f"file://{tmp_path}/data"
+    assert (
+        location("out/../data")
+        == location("data/./")
+        == location(f"file://{tmp_path}/data")
+        == f"file://{tmp_path}/data"
+    )
     assert location("s3://b/x//y/") == location("s3a://b/x/y") == "s3://b/x/y"
     assert overlapping(location("s3://b/x//y/"), location("s3://b/x/y/z"))
     assert not overlapping(location("s3://b/x/y"), location("s3://b/x/y2"))
@@ -201,14 +238,29 @@ def test_s3_spellings_of_one_key_overlap(tmp_path: Path, s3, binary_model_paths)
     inputs = write_inputs(tmp_path / "in", files=1, rows=160)
     fs.put_file(str(inputs[0]), f"{bucket}/x/y/a.parquet")
     endpoint = ["--storage-option", f"endpoint_url={options['endpoint_url']}"]
-    for spec, output in [(f"s3://{bucket}/x/y", f"s3://{bucket}/x//y/"), (f"s3://{bucket}/x/y", f"s3a://{bucket}/x//y/scores/"),
-                         (f"s3://{bucket}/x/y/*.parquet", f"s3://{bucket}//x/y/")]:
+    for spec, output in [
+        (f"s3://{bucket}/x/y", f"s3://{bucket}/x//y/"),
+        (f"s3://{bucket}/x/y", f"s3a://{bucket}/x//y/scores/"),
+        (f"s3://{bucket}/x/y/*.parquet", f"s3://{bucket}//x/y/"),
+    ]:
         for command in (["validate"], ["run", "--overwrite"], ["run", "--shard", "0/1", "--overwrite"]):
             result = cli(*command, "--input", spec, "--output", output, *model_args(binary_model_paths), *endpoint)
-            assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr, (command, output, result.stderr)
+            assert result.exit_code == EXIT_USAGE and "overlaps input" in result.stderr, (
+                command,
+                output,
+                result.stderr,
+            )
             assert f"(at s3://{bucket}/x/y" in result.stderr
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/x")) == ["a.parquet"]
-    result = cli("validate", "--input", f"s3://{bucket}/x/y", "--output", f"s3://{bucket}/x/y2", *model_args(binary_model_paths), *endpoint)
+    result = cli(
+        "validate",
+        "--input",
+        f"s3://{bucket}/x/y",
+        "--output",
+        f"s3://{bucket}/x/y2",
+        *model_args(binary_model_paths),
+        *endpoint,
+    )
     assert result.exit_code == 0, result.stderr
 
 
@@ -253,7 +305,13 @@ def test_same_size_rewrite_after_plan_stops_the_shard(tmp_path: Path, binary_mod
     assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
     plan = json.loads((plan_file(out)).read_text())
     assert {k for k, v in planned_file(plan).items() if v is not None} == {
-        "uri", "size", "row_groups", "mtime_ns", "inode", "device"}
+        "uri",
+        "size",
+        "row_groups",
+        "mtime_ns",
+        "inode",
+        "device",
+    }
     _same_size_other_values(inputs[0])
     result = cli("run", *common, "--plan", plan_file(out), "--shard", "0")
     assert result.exit_code == EXIT_INPUT, result.stderr
@@ -266,7 +324,10 @@ def test_same_size_rewrite_after_plan_stops_the_shard(tmp_path: Path, binary_mod
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(replacement, inputs[1])
     result = cli("run", *common, "--plan", plan_file(out), "--shard", "1")
-    assert result.exit_code == EXIT_INPUT and f"input file {inputs[1]} changed since the plan was made (inode" in result.stderr
+    assert (
+        result.exit_code == EXIT_INPUT
+        and f"input file {inputs[1]} changed since the plan was made (inode" in result.stderr
+    )
     assert cli("commit", *common, "--plan", plan_file(out)).exit_code == EXIT_INPUT
     assert not (out / "_SUCCESS").exists()
 
@@ -302,8 +363,13 @@ def test_a_file_replaced_after_the_footers_were_read_stops_its_unit(tmp_path: Pa
     """The whole-job run checks each file again when a worker opens it."""
     inputs = _plain_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    config = JobConfig(input=tuple(map(str, inputs)), output=str(out), model=str(binary_model_paths["model"]),
-                       scaler=str(binary_model_paths["scaler"]), workers=1)
+    config = JobConfig(
+        input=tuple(map(str, inputs)),
+        output=str(out),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        workers=1,
+    )
     prepared = prepare(config)
     the_plan = planning.plan_of(prepared, shards=1)
     _same_size_other_values(inputs[1])
@@ -341,9 +407,22 @@ def test_a_file_replaced_while_the_run_scores_is_never_mixed_in(tmp_path: Path, 
     watcher.start()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "batchscore", "run", "--input", str(folder), "--output", str(out),
-             *model_args(binary_model_paths), "--workers", "1"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "batchscore",
+                "run",
+                "--input",
+                str(folder),
+                "--output",
+                str(out),
+                *model_args(binary_model_paths),
+                "--workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         replaced.set()
@@ -362,8 +441,15 @@ def test_s3_reupload_after_plan_stops_the_shard(tmp_path: Path, s3, binary_model
     inputs = _plain_inputs(tmp_path / "in", files=1)
     fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")
     out = f"s3://{bucket}/out"
-    common = ["--input", f"s3://{bucket}/in/", "--output", out, *model_args(binary_model_paths),
-              "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    common = [
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        out,
+        *model_args(binary_model_paths),
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+    ]
     plan_file = tmp_path / "plan.json"
     assert cli("plan", *common, "--out", plan_file).exit_code == 0
     identity = planned_file(json.loads(plan_file.read_text()))
@@ -384,13 +470,21 @@ def test_s3_object_replaced_after_the_listing_stops_its_unit(tmp_path: Path, s3,
     inputs = _plain_inputs(tmp_path / "in", files=2)
     for path in inputs:
         fs.put_file(str(path), f"{bucket}/in/{path.name}")
-    config = JobConfig(input=(f"s3://{bucket}/in/",), output=f"s3://{bucket}/out", model=str(binary_model_paths["model"]),
-                       scaler=str(binary_model_paths["scaler"]), storage_options=options, workers=1)
+    config = JobConfig(
+        input=(f"s3://{bucket}/in/",),
+        output=f"s3://{bucket}/out",
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        storage_options=options,
+        workers=1,
+    )
     prepared = prepare(config)
     the_plan = planning.plan_of(prepared, shards=1)
     _same_size_other_values(inputs[1])
     s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(str(inputs[1]), f"{bucket}/in/{inputs[1].name}")
-    with pytest.raises(InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"):
+    with pytest.raises(
+        InputDataError, match=f"input file s3://{bucket}/in/day-01.parquet changed since the plan was made"
+    ):
         with planning.hold(config, the_plan, "run", release="always") as lease:
             score_shard(prepared, the_plan, 0, lease)
     fs.invalidate_cache()
@@ -422,10 +516,16 @@ def test_a_passthrough_column_missing_from_a_later_file_is_refused(tmp_path: Pat
     out = tmp_path / "out"
     result = cli(*command, *_job(inputs, out, binary_model_paths))
     assert result.exit_code == EXIT_INPUT, result.stderr
-    assert f"{inputs[2]}: passthrough column(s) region missing (named by the first input file {inputs[0]})" in result.stderr
+    assert (
+        f"{inputs[2]}: passthrough column(s) region missing (named by the first input file {inputs[0]})"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr and not (out / "_SUCCESS").exists()
     result = cli(*command, *_job(inputs, out, binary_model_paths), "--keep", "customer_id,region")
-    assert result.exit_code == EXIT_INPUT and f"{inputs[2]}: passthrough column(s) region missing (named by --keep)" in result.stderr
+    assert (
+        result.exit_code == EXIT_INPUT
+        and f"{inputs[2]}: passthrough column(s) region missing (named by --keep)" in result.stderr
+    )
     assert not (out / "_SUCCESS").exists()
 
 
@@ -436,7 +536,10 @@ def test_a_passthrough_column_of_another_type_is_refused(tmp_path: Path, binary_
     pq.write_table(table.set_column(table.schema.get_field_index("plan"), "plan", plan_column), inputs[1])
     result = cli("run", *_job(inputs, tmp_path / "out", binary_model_paths))
     assert result.exit_code == EXIT_INPUT
-    assert f"{inputs[1]}: column 'plan' has type large_string but the first input file {inputs[0]} has string" in result.stderr
+    assert (
+        f"{inputs[1]}: column 'plan' has type large_string but the first input file {inputs[0]} has string"
+        in result.stderr
+    )
 
 
 def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: Path, binary_model_paths) -> None:
@@ -446,9 +549,17 @@ def test_plan_records_schema_and_model_version_and_shards_must_match(tmp_path: P
     assert cli("plan", *common, "--shards", "2", "--out", plan_file(out)).exit_code == 0
     plan = json.loads((plan_file(out)).read_text())
     assert plan["model_version"] == "1.4.0"
-    assert plan["schema"][0] == {"name": "customer_id", "type": "int64"} and plan["schema"][-1]["name"] == "model_version"
-    result = cli("run", *_job(inputs, out, binary_model_paths, "--model-version", "1.5.0"),
-                 "--plan", plan_file(out), "--shard", "1")
+    assert (
+        plan["schema"][0] == {"name": "customer_id", "type": "int64"} and plan["schema"][-1]["name"] == "model_version"
+    )
+    result = cli(
+        "run",
+        *_job(inputs, out, binary_model_paths, "--model-version", "1.5.0"),
+        "--plan",
+        plan_file(out),
+        "--shard",
+        "1",
+    )
     assert result.exit_code == EXIT_INPUT
     assert "shard 1: --model-version '1.5.0' differs from the plan's '1.4.0'" in result.stderr
     for shard in ("0", "1"):
@@ -487,12 +598,22 @@ def test_s3_versioned_object_records_its_version(tmp_path: Path, s3, binary_mode
     fs.make_bucket_versioned(bucket)
     inputs = _plain_inputs(tmp_path / "in", files=1)
     fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")
-    common = ["--input", f"s3://{bucket}/in/a.parquet", "--output", f"s3://{bucket}/out", *model_args(binary_model_paths),
-              "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    common = [
+        "--input",
+        f"s3://{bucket}/in/a.parquet",
+        "--output",
+        f"s3://{bucket}/out",
+        *model_args(binary_model_paths),
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+    ]
     plan_file = tmp_path / "plan.json"
     assert cli("plan", *common, "--out", plan_file).exit_code == 0
     identity = planned_file(json.loads(plan_file.read_text()))
     assert identity["version_id"] == fs.info(f"{bucket}/in/a.parquet")["VersionId"]
     fs.put_file(str(inputs[0]), f"{bucket}/in/a.parquet")  # the same bytes again: same ETag, new version
     result = cli("run", *common, "--plan", plan_file, "--shard", "0")
-    assert result.exit_code == EXIT_INPUT and f"changed since the plan was made (version_id {identity['version_id']}" in result.stderr
+    assert (
+        result.exit_code == EXIT_INPUT
+        and f"changed since the plan was made (version_id {identity['version_id']}" in result.stderr
+    )

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from container_fixtures import TEST_LABEL, podman
-from helpers import binary_model, read_manifest, read_output, write_inputs
 
 from batchscore.errors import EXIT_DRIFT, EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
+from container_fixtures import TEST_LABEL, podman
+from helpers import binary_model, read_manifest, read_output, write_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,9 @@ HOST = [sys.executable, "-m", "batchscore"]
 LOCKED_DOWN = ["--read-only", "--tmpfs", "/tmp:rw,size=256m", "--label", TEST_LABEL]
 
 
-def run_container(image: str, name: str, *args: str, options: tuple[str, ...] = (), timeout: float = 300,
-                  check: bool = False) -> subprocess.CompletedProcess:
+def run_container(
+    image: str, name: str, *args: str, options: tuple[str, ...] = (), timeout: float = 300, check: bool = False
+) -> subprocess.CompletedProcess:
     return podman("run", "--rm", "--name", name, *LOCKED_DOWN, *options, image, *args, check=check, timeout=timeout)
 
 
@@ -64,8 +65,22 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def job_args(root: str, output: str, *extra: str) -> list[str]:
-    return ["run", "--input", f"{root}/in", "--output", output, "--model", f"{root}/model/model.joblib",
-            "--scaler", f"{root}/model/scaler.joblib", "--model-version", "test-1", "--workers", "2", *extra]
+    return [
+        "run",
+        "--input",
+        f"{root}/in",
+        "--output",
+        output,
+        "--model",
+        f"{root}/model/model.joblib",
+        "--scaler",
+        f"{root}/model/scaler.joblib",
+        "--model-version",
+        "test-1",
+        "--workers",
+        "2",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- the image itself
@@ -76,18 +91,30 @@ def test_image_is_non_root_read_only_and_reports_its_version(scoring_image: str,
     assert config["User"] == "10001:10001" and config["Entrypoint"] == ["batchscore"]
     expected = host("--version").stdout.strip()
     assert run_container(scoring_image, container_name, "--version", check=True).stdout.strip() == expected
-    who = run_container(scoring_image, container_name, "-c", "import os; print(os.getuid(), os.getgid())",
-                        options=("--entrypoint", "python"), check=True)
+    who = run_container(
+        scoring_image,
+        container_name,
+        "-c",
+        "import os; print(os.getuid(), os.getgid())",
+        options=("--entrypoint", "python"),
+        check=True,
+    )
     assert who.stdout.split() == ["10001", "10001"]
     # The root filesystem is read-only for the scorer; /tmp is the only place it may write.
     probe = "import pathlib; pathlib.Path('/tmp/ok').write_text('x'); pathlib.Path('/opt/batchscore/x').write_text('x')"
     denied = run_container(scoring_image, container_name, "-c", probe, options=("--entrypoint", "python"))
     assert denied.returncode == 1 and "Read-only file system" in denied.stderr
     # No compiler, no pip, no Airflow, no package test suites in the runtime image.
-    bare = run_container(scoring_image, container_name, "-c",
-                         "import shutil, importlib.util as u; print([shutil.which(t) for t in ('gcc', 'cc', 'pip')],"
-                         " u.find_spec('pip'), u.find_spec('airflow'), u.find_spec('pandas.tests'),"
-                         " u.find_spec('sklearn.tests'))", options=("--entrypoint", "python"), check=True)
+    bare = run_container(
+        scoring_image,
+        container_name,
+        "-c",
+        "import shutil, importlib.util as u; print([shutil.which(t) for t in ('gcc', 'cc', 'pip')],"
+        " u.find_spec('pip'), u.find_spec('airflow'), u.find_spec('pandas.tests'),"
+        " u.find_spec('sklearn.tests'))",
+        options=("--entrypoint", "python"),
+        check=True,
+    )
     assert bare.stdout.split() == ["[None,", "None,", "None]", "None", "None", "None", "None"]
 
 
@@ -103,9 +130,14 @@ def test_the_proxy_ca_bundle_is_not_in_any_layer(scoring_image: str) -> None:
     try:
         # Public roots are in many files; the certificates this machine added to its bundle (a proxy's) are not.
         own = "".join(p.read_text() for p in Path("/usr/share/ca-certificates").rglob("*.crt"))
-        certificates = ["-----BEGIN CERTIFICATE-----" + c for c in bundle.read_text().split("-----BEGIN CERTIFICATE-----")[1:]]
-        foreign = [c.split("-----END CERTIFICATE-----")[0].strip() for c in certificates
-                   if c.split("-----END CERTIFICATE-----")[0].strip() not in own]
+        certificates = [
+            "-----BEGIN CERTIFICATE-----" + c for c in bundle.read_text().split("-----BEGIN CERTIFICATE-----")[1:]
+        ]
+        foreign = [
+            c.split("-----END CERTIFICATE-----")[0].strip()
+            for c in certificates
+            if c.split("-----END CERTIFICATE-----")[0].strip() not in own
+        ]
         size, content = bundle.stat().st_size, bundle.read_bytes()
         assert not (root / "run/secrets/ca").exists()
         for folder, _, files in os.walk(root):
@@ -128,17 +160,25 @@ def test_job_from_a_mounted_folder_matches_the_host(scoring_image: str, containe
     """Input and model mounted read-only, the output folder read-write: the rows the host scores."""
     assert host(*job_args(str(job["root"]), str(tmp_path / "host"))).returncode == 0
     out = writable(tmp_path / "mounted")
-    done = run_container(scoring_image, container_name, *job_args("/job", "/out/scores"),
-                         options=("-v", f"{job['root']}:/job:ro", "-v", f"{out}:/out"))
+    done = run_container(
+        scoring_image,
+        container_name,
+        *job_args("/job", "/out/scores"),
+        options=("-v", f"{job['root']}:/job:ro", "-v", f"{out}:/out"),
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "scores" / "_SUCCESS").exists()
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))
     manifest, reference = read_manifest(out / "scores"), read_manifest(tmp_path / "host")
     assert manifest["rows"] == reference["rows"]
-    assert [p.name for p in sorted((out / "scores").glob("part-*"))] == [p.name for p in sorted((tmp_path / "host").glob("part-*"))]
+    assert [p.name for p in sorted((out / "scores").glob("part-*"))] == [
+        p.name for p in sorted((tmp_path / "host").glob("part-*"))
+    ]
 
 
-def test_job_on_s3_through_the_hosts_network(scoring_image: str, container_name: str, job, moto_s3, s3, tmp_path) -> None:
+def test_job_on_s3_through_the_hosts_network(
+    scoring_image: str, container_name: str, job, moto_s3, s3, tmp_path
+) -> None:
     """Input, model and output in a bucket of the moto server on the host's 127.0.0.1 (--network host)."""
     fs, bucket, _ = s3
     fs.put(str(job["input"]), f"{bucket}/in", recursive=True)
@@ -147,8 +187,12 @@ def test_job_on_s3_through_the_hosts_network(scoring_image: str, container_name:
     storage = ["--storage-option", f"endpoint_url={moto_s3}"]
     assert host(*job_args(f"s3://{bucket}", str(tmp_path / "host"), *storage)).returncode == 0
     credentials = [f"--env=AWS_{k}" for k in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "DEFAULT_REGION")]
-    done = run_container(scoring_image, container_name, *job_args(f"s3://{bucket}", f"s3://{bucket}/scores", *storage),
-                         options=("--network", "host", *credentials))
+    done = run_container(
+        scoring_image,
+        container_name,
+        *job_args(f"s3://{bucket}", f"s3://{bucket}/scores", *storage),
+        options=("--network", "host", *credentials),
+    )
     assert done.returncode == 0, done.stderr
     assert fs.exists(f"{bucket}/scores/_SUCCESS")
     same_rows(read_output(f"{bucket}/scores", fs), read_output(tmp_path / "host"))
@@ -168,14 +212,36 @@ def test_exit_codes_come_out_of_the_container_unchanged(scoring_image: str, cont
         os.chmod(path, 0o644)
     mounts = ("-v", f"{job['root']}:/job:ro", "-v", f"{data}:/data")
     model = ["--model", "/job/model/model.joblib", "--scaler", "/job/model/scaler.joblib"]
-    assert run_container(scoring_image, container_name, "run", "--input", "/job/in", "--output", "/data/reference",
-                         *model, options=mounts).returncode == 0
+    assert (
+        run_container(
+            scoring_image,
+            container_name,
+            "run",
+            "--input",
+            "/job/in",
+            "--output",
+            "/data/reference",
+            *model,
+            options=mounts,
+        ).returncode
+        == 0
+    )
     cases = {
         EXIT_USAGE: ["run", "--input", "/job/in", "--output", "/data/o2", *model, "--batch-size", "0"],
         EXIT_INPUT: ["run", "--input", "/data/nan.parquet", "--output", "/data/o3", *model],
         EXIT_MODEL: ["run", "--input", "/job/in", "--output", "/data/o4", "--model", "/data/broken.joblib"],
-        EXIT_DRIFT: ["run", "--input", "/data/shifted.parquet", "--output", "/data/o5", *model,
-                     "--reference", "/data/reference", "--drift-fail", "0.2"],
+        EXIT_DRIFT: [
+            "run",
+            "--input",
+            "/data/shifted.parquet",
+            "--output",
+            "/data/o5",
+            *model,
+            "--reference",
+            "/data/reference",
+            "--drift-fail",
+            "0.2",
+        ],
     }
     for code, args in cases.items():
         done = run_container(scoring_image, container_name, *args, options=mounts)
@@ -220,8 +286,9 @@ def test_stop_mid_run_commits_nothing_and_leaves_no_process(scoring_image: str, 
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))
 
 
-def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, container_name: str, job,
-                                                           tmp_path: Path) -> None:
+def test_compiled_engine_loads_a_library_built_on_the_host(
+    scoring_image: str, container_name: str, job, tmp_path: Path
+) -> None:
     """``batchscore compile`` where gcc is; the image (no compiler) loads that library and scores with it."""
     import joblib
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -242,18 +309,50 @@ def test_compiled_engine_loads_a_library_built_on_the_host(scoring_image: str, c
     os.chmod(work, 0o755)
     out = writable(tmp_path / "out")
     mounts = ("-v", f"{job['root']}:/job:ro", "-v", f"{work}:/work:ro", "-v", f"{out}:/out")
-    args = ["run", "--input", "/job/in", "--output", "/out/scores", "--model", "/work/hgb.joblib", "--engine",
-            "compiled", "--compiled-cache", "/work/cache", "--model-version", "test-1"]
-    no_compiler = run_container(scoring_image, container_name, "-c", "import shutil; print(shutil.which('gcc'), "
-                                "shutil.which('cc'))", options=("--entrypoint", "python"), check=True)
+    args = [
+        "run",
+        "--input",
+        "/job/in",
+        "--output",
+        "/out/scores",
+        "--model",
+        "/work/hgb.joblib",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        "/work/cache",
+        "--model-version",
+        "test-1",
+    ]
+    no_compiler = run_container(
+        scoring_image,
+        container_name,
+        "-c",
+        "import shutil; print(shutil.which('gcc'), shutil.which('cc'))",
+        options=("--entrypoint", "python"),
+        check=True,
+    )
     assert no_compiler.stdout.split() == ["None", "None"]
     done = run_container(scoring_image, container_name, *args, options=mounts)
     assert done.returncode == 0, done.stderr
     engine = read_manifest(out / "scores")["engine"]
     assert engine["used"] == "compiled" and engine["library_sha256"] == library["library_sha256"]
     assert all(shard["compiled_now"] is False for shard in engine["shards"])
-    reference = host("run", "--input", job["input"], "--output", tmp_path / "host", "--model", work / "hgb.joblib",
-                     "--model-version", "test-1", "--engine", "compiled", "--compiled-cache", work / "cache")
+    reference = host(
+        "run",
+        "--input",
+        job["input"],
+        "--output",
+        tmp_path / "host",
+        "--model",
+        work / "hgb.joblib",
+        "--model-version",
+        "test-1",
+        "--engine",
+        "compiled",
+        "--compiled-cache",
+        work / "cache",
+    )
     assert reference.returncode == 0, reference.stderr
     assert read_manifest(tmp_path / "host")["engine"]["library_sha256"] == library["library_sha256"]
     same_rows(read_output(out / "scores"), read_output(tmp_path / "host"))

@@ -19,15 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.io import layout
 from batchscore.errors import EXIT_FAILURE, EXIT_INPUT
+from batchscore.io import layout
 from helpers import assert_exact, cli, plan_file, read_inputs, read_manifest, read_output, write_inputs
 
 pytestmark = pytest.mark.fault
@@ -126,20 +127,30 @@ ODD_ENTRIES = {
 
 #: How the spec reaches the entry: a search of the folder, a glob, a ``**`` glob, or by its name. A
 #: folder loop is met only by what descends; a folder named explicitly is searched, whatever its name.
-REACHED_BY = [(kind, how) for kind in sorted(ODD_ENTRIES) for how in ("folder", "glob", "recursive-glob", "named")
-              if not (kind == "folder-loop" and how in ("glob", "named")) and (kind, how) != ("folder", "named")]
+REACHED_BY = [
+    (kind, how)
+    for kind in sorted(ODD_ENTRIES)
+    for how in ("folder", "glob", "recursive-glob", "named")
+    if not (kind == "folder-loop" and how in ("glob", "named")) and (kind, how) != ("folder", "named")
+]
 
 
 @pytest.mark.parametrize(("kind", "how"), REACHED_BY)
-def test_an_entry_that_is_not_a_regular_file_is_refused(tmp_path: Path, binary_model_paths, kind: str, how: str) -> None:
+def test_an_entry_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, binary_model_paths, kind: str, how: str
+) -> None:
     root = tmp_path / "in"
     _tree(root)
     make, words = ODD_ENTRIES[kind]
     odd = root / "dt=2026-11-24" / "x.parquet"
     make(odd)
     culprit = odd.parent / "up" if kind == "folder-loop" else odd
-    spec = {"folder": root, "glob": root / "dt=*" / "*.parquet", "recursive-glob": root / "**" / "*.parquet",
-            "named": odd}[how]
+    spec = {
+        "folder": root,
+        "glob": root / "dt=*" / "*.parquet",
+        "recursive-glob": root / "**" / "*.parquet",
+        "named": odd,
+    }[how]
     out = tmp_path / "out"
     line = _refused(_job([spec], out, binary_model_paths), out, EXIT_INPUT, words)
     assert str(culprit) in line or (kind == "symlink-loop-of-two" and str(odd.parent / "other.parquet") in line), line
@@ -154,8 +165,12 @@ def test_a_fifo_named_parquet_fails_fast_in_a_real_process(tmp_path: Path, binar
     out = tmp_path / "out"
     for spec in (root, fifo, root / "*" / "*.parquet"):
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "batchscore", "run", *_job([spec], out, binary_model_paths)],
-                              capture_output=True, text=True, timeout=90)
+        done = subprocess.run(
+            [sys.executable, "-m", "batchscore", "run", *_job([spec], out, binary_model_paths)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert done.returncode == EXIT_INPUT, done.stderr
         _one_error(done.stderr, fifo, "FIFO")
         _nothing_committed(out)
@@ -198,8 +213,15 @@ def _drop_permission_override() -> None:
 
 def _nobody_can_run_python() -> bool:
     try:
-        done = subprocess.run([sys.executable, "-c", "import batchscore.cli"], user="nobody", group="nogroup",
-                              extra_groups=[], cwd="/", capture_output=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", "import batchscore.cli"],
+            user="nobody",
+            group="nogroup",
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+            timeout=120,
+        )
     except (PermissionError, KeyError):  # the interpreter lies under a folder only root may enter
         return False
     return done.returncode == 0
@@ -257,14 +279,29 @@ def test_an_unreadable_folder_fails_the_job_for_an_unprivileged_user(world, unpr
     locked.chmod(mode)
     spec = root / "dt=*" / "*.parquet" if case == "through-a-glob" else root
     # the process really is refused the folder (root would not be)
-    probe = subprocess.run([sys.executable, "-c", f"import os; os.listdir({str(locked)!r}); "
-                            f"[os.stat(os.path.join({str(locked)!r}, n)) for n in os.listdir({str(locked)!r})]"],
-                           capture_output=True, text=True, timeout=60, **unprivileged)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import os; os.listdir({str(locked)!r}); "
+            f"[os.stat(os.path.join({str(locked)!r}, n)) for n in os.listdir({str(locked)!r})]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **unprivileged,
+    )
     assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
     out = folder / "out"
-    done = subprocess.run([sys.executable, "-m", "batchscore", "run", *_job([spec], out, model)],
-                          capture_output=True, text=True, timeout=180, cwd=folder, env={**os.environ, "HOME": str(folder)},
-                          **unprivileged)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchscore", "run", *_job([spec], out, model)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=folder,
+        env={**os.environ, "HOME": str(folder)},
+        **unprivileged,
+    )
     assert done.returncode == EXIT_FAILURE, (done.returncode, done.stderr)
     line = _one_error(done.stderr, locked, "ermission denied")
     assert "cannot" in line
@@ -274,7 +311,9 @@ def test_an_unreadable_folder_fails_the_job_for_an_unprivileged_user(world, unpr
 # -- what the rules skip is logged; the manifest lists exactly what was read ---------------------
 
 
-def test_skip_rules_are_logged_and_the_manifest_lists_exactly_the_files_read(tmp_path: Path, binary_model_paths) -> None:
+def test_skip_rules_are_logged_and_the_manifest_lists_exactly_the_files_read(
+    tmp_path: Path, binary_model_paths
+) -> None:
     root = tmp_path / "in"
     inputs = _tree(root)
     (root / "_SUCCESS").write_text("")
@@ -315,10 +354,16 @@ def _only_get_object(endpoint: str, bucket: str) -> Iterator[dict[str, str]]:
     iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
     user = f"reader-{bucket}"
     iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="read-objects", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}],
-    }))
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="read-objects",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}],
+            }
+        ),
+    )
     key = iam.create_access_key(UserName=user)["AccessKey"]
     before = settings.INITIAL_NO_AUTH_ACTION_COUNT
     settings.INITIAL_NO_AUTH_ACTION_COUNT = ActionAuthenticatorMixin.request_count  # from now on, every request
@@ -342,10 +387,19 @@ def test_an_s3_listing_that_is_refused_fails_the_job(tmp_path: Path, s3, binary_
         fs.put_file(str(path), f"{bucket}/in/dt=2026-11-24/{path.name}")
     out = tmp_path / "out"
     with _only_get_object(options["endpoint_url"], bucket) as reader:
-        for spec, listed in ((f"s3://{bucket}/in/", "in/"), (f"s3://{bucket}/in", "in/"),
-                             (f"s3://{bucket}/in/*/*.parquet", "in/"), (f"s3://{bucket}", "")):
-            _refused(_s3_job(spec, out, binary_model_paths, {**options, **reader}), out, EXIT_FAILURE,
-                     f"cannot list input s3://{bucket}/{listed}:", "Access Denied")
+        for spec, listed in (
+            (f"s3://{bucket}/in/", "in/"),
+            (f"s3://{bucket}/in", "in/"),
+            (f"s3://{bucket}/in/*/*.parquet", "in/"),
+            (f"s3://{bucket}", ""),
+        ):
+            _refused(
+                _s3_job(spec, out, binary_model_paths, {**options, **reader}),
+                out,
+                EXIT_FAILURE,
+                f"cannot list input s3://{bucket}/{listed}:",
+                "Access Denied",
+            )
         # a file named by its key needs no listing: GetObject alone reads it
         named = f"s3://{bucket}/in/dt=2026-11-24/{inputs[1].name}"
         result = cli("run", *_s3_job(named, out, binary_model_paths, {**options, **reader}))
@@ -374,13 +428,20 @@ def test_s3_missing_bucket_markers_and_folder_named_like_a_file(tmp_path: Path, 
     # a key ending in '/' that holds bytes is no file and no folder
     fs.call_s3("put_object", Bucket=bucket, Key="in/dt=2026-11-25/", Body=b"PAR1 data")
     out2 = tmp_path / "out2"
-    _refused(_s3_job(f"s3://{base}/", out2, binary_model_paths, options), out2, EXIT_INPUT,
-             f"s3://{base}/dt=2026-11-25/", "ends in '/'")
+    _refused(
+        _s3_job(f"s3://{base}/", out2, binary_model_paths, options),
+        out2,
+        EXIT_INPUT,
+        f"s3://{base}/dt=2026-11-25/",
+        "ends in '/'",
+    )
     fs.call_s3("delete_object", Bucket=bucket, Key="in/dt=2026-11-25/")
     # a folder named *.parquet (Spark's layout) is not one file
     fs.put_file(str(inputs[0]), f"{base}/dt=2026-11-26/x.parquet/part-0.parquet")
     for spec in (f"s3://{base}/", f"s3://{base}/*/*.parquet"):
-        _refused(_s3_job(spec, out2, binary_model_paths, options), out2, EXIT_INPUT, f"s3://{base}/dt=2026-11-26/x.parquet")
+        _refused(
+            _s3_job(spec, out2, binary_model_paths, options), out2, EXIT_INPUT, f"s3://{base}/dt=2026-11-26/x.parquet"
+        )
 
 
 # -- the output schema is a contract ---------------------------------------------------------------
@@ -392,7 +453,9 @@ def _with(table: pa.Table, name: str, array: pa.Array) -> pa.Table:
 
 
 def _seen(n: int, unit: str = "us", tz: str | None = None) -> pa.Array:
-    return pa.array([1_764_547_200_000_000 + i * 1_000 for i in range(n)], pa.timestamp("us")).cast(pa.timestamp(unit, tz))
+    return pa.array([1_764_547_200_000_000 + i * 1_000 for i in range(n)], pa.timestamp("us")).cast(
+        pa.timestamp(unit, tz)
+    )
 
 
 def _base(table: pa.Table) -> pa.Table:
@@ -403,8 +466,11 @@ CHANGES = {
     # name: (how the later file differs, the column named, words of the message)
     "extra-column": (lambda t: t.append_column("note", pa.array(["x"] * t.num_rows)), "note", "extra column"),
     "missing-column": (lambda t: t.drop(["region"]), "region", "missing"),
-    "int64-to-string": (lambda t: _with(t, "customer_id", pa.array([str(v) for v in t["customer_id"].to_pylist()])),
-                        "customer_id", "has type string"),
+    "int64-to-string": (
+        lambda t: _with(t, "customer_id", pa.array([str(v) for v in t["customer_id"].to_pylist()])),
+        "customer_id",
+        "has type string",
+    ),
     "int64-to-int32": (lambda t: _with(t, "customer_id", t["customer_id"].cast(pa.int32())), "customer_id", "int32"),
     "timestamp-unit": (lambda t: _with(t, "seen_at", _seen(t.num_rows, "ms")), "seen_at", "timestamp[ms]"),
     "timestamp-zone": (lambda t: _with(t, "seen_at", _seen(t.num_rows, "us", "UTC")), "seen_at", "tz=UTC"),
@@ -423,17 +489,28 @@ def _schema_inputs(root: Path, change: Any) -> list[Path]:
 
 @pytest.mark.parametrize("mode", ["run", "plan", "shard"])
 @pytest.mark.parametrize("case", sorted(CHANGES))
-def test_a_later_file_that_breaks_the_schema_is_refused(tmp_path: Path, binary_model_paths, case: str, mode: str) -> None:
+def test_a_later_file_that_breaks_the_schema_is_refused(
+    tmp_path: Path, binary_model_paths, case: str, mode: str
+) -> None:
     change, column, words = CHANGES[case]
     inputs = _schema_inputs(tmp_path / "in", change)
     out = tmp_path / "out"
     args = _job([tmp_path / "in"], out, binary_model_paths)
-    command = {"run": ["run"], "plan": ["plan", "--shards", "2", "--out", str(plan_file(out))],
-               "shard": ["run", "--shard", "1/2"]}[mode]
+    command = {
+        "run": ["run"],
+        "plan": ["plan", "--shards", "2", "--out", str(plan_file(out))],
+        "shard": ["run", "--shard", "1/2"],
+    }[mode]
     result = cli(*command, *args)
     assert result.exit_code == EXIT_INPUT, (result.exit_code, result.stderr)
-    _one_error(result.stderr, inputs[2], f"'{column}'" if "type" in words or "int32" in words or "timestamp" in words
-               or "tz" in words or "dictionary" in words else column, words)
+    _one_error(
+        result.stderr,
+        inputs[2],
+        f"'{column}'"
+        if "type" in words or "int32" in words or "timestamp" in words or "tz" in words or "dictionary" in words
+        else column,
+        words,
+    )
     _nothing_committed(out)
     assert not plan_file(out).exists()
 
@@ -441,11 +518,19 @@ def test_a_later_file_that_breaks_the_schema_is_refused(tmp_path: Path, binary_m
 def test_a_feature_of_another_type_is_refused_even_when_not_kept(tmp_path: Path, binary_model_paths) -> None:
     inputs = _schema_inputs(tmp_path / "in", CHANGES["feature-int-to-float"][0])
     out = tmp_path / "out"
-    _refused(_job([tmp_path / "in"], out, binary_model_paths, "--keep", "customer_id"), out, EXIT_INPUT,
-             inputs[2], "feature column 'tenure' has type double", "int64")
+    _refused(
+        _job([tmp_path / "in"], out, binary_model_paths, "--keep", "customer_id"),
+        out,
+        EXIT_INPUT,
+        inputs[2],
+        "feature column 'tenure' has type double",
+        "int64",
+    )
 
 
-def test_a_rewrite_that_keeps_the_identity_is_caught_by_the_schema_at_the_shard(tmp_path: Path, binary_model_paths) -> None:
+def test_a_rewrite_that_keeps_the_identity_is_caught_by_the_schema_at_the_shard(
+    tmp_path: Path, binary_model_paths
+) -> None:
     """A file rewritten with an extra column but the same size, inode and mtime passes the identity
     check; the shard still refuses it, from its footer, before scoring a row."""
     inputs = write_inputs(tmp_path / "in", files=2, rows=ROWS, row_group_size=112)
@@ -455,8 +540,13 @@ def test_a_rewrite_that_keeps_the_identity_is_caught_by_the_schema_at_the_shard(
     scratch, width = tmp_path / "scratch.parquet", 0
     for _ in range(8):  # a first value of the width that gives the same size (plain, uncompressed, no statistics)
         note = pa.array(["n" * width] + [""] * (ROWS - 1))
-        pq.write_table(original.append_column("note", note), scratch, compression="none", use_dictionary=False,
-                       write_statistics=False)
+        pq.write_table(
+            original.append_column("note", note),
+            scratch,
+            compression="none",
+            use_dictionary=False,
+            write_statistics=False,
+        )
         gap = size - scratch.stat().st_size
         if gap == 0:
             break
@@ -490,7 +580,9 @@ def test_what_the_contract_allows(tmp_path: Path, binary_model_paths) -> None:
     later = pq.read_table(inputs[1])
     ids = pa.array([None if i % 7 == 0 else v for i, v in enumerate(later["customer_id"].to_pylist())])
     later = _with(later, "customer_id", ids)
-    pq.write_table(later.select(list(reversed(later.column_names))), inputs[1])  # reordered, nulls where the first forbade them
+    pq.write_table(
+        later.select(list(reversed(later.column_names))), inputs[1]
+    )  # reordered, nulls where the first forbade them
     out = tmp_path / "out"
     result = cli("run", *_job([root], out, binary_model_paths))
     assert result.exit_code == 0, result.stderr

@@ -17,13 +17,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "batchscore"
 
 #: Lowest first. A module may import its own layer and those below it.
 LAYERS = {
-    "errors": 0, "logs": 0, "strict_yaml": 0, "schema": 0, "config": 0,
+    "errors": 0,
+    "logs": 0,
+    "strict_yaml": 0,
+    "schema": 0,
+    "config": 0,
     "io": 1,
     "models": 2,
     "observe": 3,
-    "job": 4, "orchestration": 4,
-    "api": 5, "sample": 5, "spark": 5,
-    "cli": 6, "__main__": 6, "__init__": 6,
+    "job": 4,
+    "orchestration": 4,
+    "api": 5,
+    "sample": 5,
+    "spark": 5,
+    "cli": 6,
+    "__main__": 6,
+    "__init__": 6,
     "reference": 7,  # renders the docs' tables from every declaration, the CLI's included
     "spark.submit": 6,  # the script spark-submit runs: the CLI's `spark` command
 }
@@ -56,7 +65,11 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_module_has_a_layer() -> None:
-    tops = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    tops = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if p.suffix == ".py" or (p / "__init__.py").exists()
+    }
     assert tops <= set(LAYERS), f"give these a layer in LAYERS: {sorted(tops - set(LAYERS))}"
 
 
@@ -80,8 +93,11 @@ def test_only_orchestration_imports_airflow() -> None:
         if path.parent.name == "orchestration":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            )
             found += [f"{path}:{node.lineno} {n}" for n in names if n.split(".")[0] == "airflow"]
     assert not found, found
 
@@ -89,8 +105,17 @@ def test_only_orchestration_imports_airflow() -> None:
 @pytest.mark.parametrize("module", ["batchscore", "batchscore.config", "batchscore.orchestration.dagspec"])
 def test_importing_loads_no_data_stack(module: str) -> None:
     """The package, the settings and the DAG's declarations load without the data stack or storage."""
-    heavy = ("pyarrow", "pandas", "sklearn", "joblib", "fsspec", "s3fs", "airflow", "batchscore.io.storage",
-             "batchscore.job.pool")
+    heavy = (
+        "pyarrow",
+        "pandas",
+        "sklearn",
+        "joblib",
+        "fsspec",
+        "s3fs",
+        "airflow",
+        "batchscore.io.storage",
+        "batchscore.job.pool",
+    )
     probe = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"

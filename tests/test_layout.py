@@ -8,17 +8,20 @@ from batchscore.errors import ConfigError
 from batchscore.io.layout import manifest_path, plan_path, receipt_path, rejected_path, state_folder
 
 
-@pytest.mark.parametrize("output, state", [
-    ("s3://bucket/scores/dt=2026-11-24", "s3://bucket/scores/_batchscore/dt=2026-11-24"),
-    ("s3://bucket/scores/dt=2026-11-24/", "s3://bucket/scores/_batchscore/dt=2026-11-24"),
-    ("s3://bucket/scores", "s3://bucket/_batchscore/scores"),
-    ("bucket/scores/dt=2026-11-24", "bucket/scores/_batchscore/dt=2026-11-24"),  # fsspec's own spelling
-    ("/data/out", "/data/_batchscore/out"),
-    ("/out", "/_batchscore/out"),
-    ("out", "_batchscore/out"),
-    ("data/./out/", "data/_batchscore/out"),
-    ("file:///data/out", "file:///data/_batchscore/out"),
-])
+@pytest.mark.parametrize(
+    "output, state",
+    [
+        ("s3://bucket/scores/dt=2026-11-24", "s3://bucket/scores/_batchscore/dt=2026-11-24"),
+        ("s3://bucket/scores/dt=2026-11-24/", "s3://bucket/scores/_batchscore/dt=2026-11-24"),
+        ("s3://bucket/scores", "s3://bucket/_batchscore/scores"),
+        ("bucket/scores/dt=2026-11-24", "bucket/scores/_batchscore/dt=2026-11-24"),  # fsspec's own spelling
+        ("/data/out", "/data/_batchscore/out"),
+        ("/out", "/_batchscore/out"),
+        ("out", "_batchscore/out"),
+        ("data/./out/", "data/_batchscore/out"),
+        ("file:///data/out", "file:///data/_batchscore/out"),
+    ],
+)
 def test_the_state_folder_is_a_sibling_of_the_output(output: str, state: str) -> None:
     assert state_folder(output) == state
 

@@ -47,8 +47,20 @@ def race_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], pa.T
 
 
 def _argv(command: str, inputs: list[Path], out: Path | str, model: dict[str, Path], *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "batchscore", command, "--output", str(out), "--model", str(model["model"]),
-            "--scaler", str(model["scaler"]), "--workers", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "batchscore",
+        command,
+        "--output",
+        str(out),
+        "--model",
+        str(model["model"]),
+        "--scaler",
+        str(model["scaler"]),
+        "--workers",
+        "1",
+    ]
     for path in inputs:
         args += ["--input", str(path)]
     return args + list(extra)
@@ -85,7 +97,9 @@ def _start_writing(argv: list[str], out: Path) -> subprocess.Popen[str]:
     """A run started and caught in the middle of writing a part into ``out``."""
     proc = _start(argv)
     try:
-        _wait_for(lambda: out.exists() and any(n.startswith(".part-") for n in os.listdir(out)), 60, "a part being written")
+        _wait_for(
+            lambda: out.exists() and any(n.startswith(".part-") for n in os.listdir(out)), 60, "a part being written"
+        )
     except BaseException:
         _kill_group(proc)
         raise
@@ -378,8 +392,18 @@ def test_s3_lease_is_exclusive_and_expires(tmp_path: Path, s3, binary_model_path
     expires = time.time() + 3
     crashed = LeaseRecord(run_holder(), "p", "run", "node-7", 4242, None, True, time.time() - 30, expires)
     fs.pipe_file(lease_path(f"{bucket}/out"), crashed.to_bytes())
-    job = ["--input", str(inputs[0]), "--output", output, "--model", str(binary_model_paths["model"]),
-           "--scaler", str(binary_model_paths["scaler"]), "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    job = [
+        "--input",
+        str(inputs[0]),
+        "--output",
+        output,
+        "--model",
+        str(binary_model_paths["model"]),
+        "--scaler",
+        str(binary_model_paths["scaler"]),
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+    ]
     result = cli("run", *job)
     assert result.exit_code == EXIT_USAGE and "on host node-7 (pid 4242)" in result.stderr, result.stderr
     assert not fs.exists(f"{bucket}/out/_SUCCESS")

@@ -9,9 +9,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -59,21 +60,39 @@ def receiver() -> Iterator[Receiver]:
 def batchscore(*args: Any, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The real CLI in a process of its own, with only these OpenLineage settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENLINEAGE")}
-    return subprocess.run([sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**clean, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+    )
 
 
 def job_args(tmp_path: Path, model: dict[str, Path]) -> list[Any]:
     write_inputs(tmp_path / "in", files=2, rows=ROWS, row_group_size=1_000)
-    return ["--input", tmp_path / "in", "--output", tmp_path / "out", "--model", model["model"],
-            "--scaler", model["scaler"], "--workers", 1]
+    return [
+        "--input",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        model["model"],
+        "--scaler",
+        model["scaler"],
+        "--workers",
+        1,
+    ]
 
 
-def test_run_emits_start_and_complete_with_datasets_rows_and_parent(tmp_path: Path, receiver: Receiver,
-                                                                    binary_model_paths) -> None:
-    env = {"OPENLINEAGE_URL": receiver.url,
-           "OPENLINEAGE_PARENT_ID": f"airflow-prod/batchscore_churn.score/{PARENT_RUN}",
-           "OPENLINEAGE_ROOT_PARENT_ID": f"airflow-prod/batchscore_churn/{ROOT_RUN}"}
+def test_run_emits_start_and_complete_with_datasets_rows_and_parent(
+    tmp_path: Path, receiver: Receiver, binary_model_paths
+) -> None:
+    env = {
+        "OPENLINEAGE_URL": receiver.url,
+        "OPENLINEAGE_PARENT_ID": f"airflow-prod/batchscore_churn.score/{PARENT_RUN}",
+        "OPENLINEAGE_ROOT_PARENT_ID": f"airflow-prod/batchscore_churn/{ROOT_RUN}",
+    }
     proc = batchscore("run", *job_args(tmp_path, binary_model_paths), "--job-name", "churn", env=env)
     assert proc.returncode == 0, proc.stderr
     manifest = read_manifest(tmp_path / "out")
@@ -87,17 +106,22 @@ def test_run_emits_start_and_complete_with_datasets_rows_and_parent(tmp_path: Pa
         assert [(d["namespace"], d["name"]) for d in event["outputs"]] == [("file", str(tmp_path / "out"))]
         parent = event["run"]["facets"]["parent"]
         assert (parent["job"]["namespace"], parent["job"]["name"], parent["run"]["runId"]) == (
-            "airflow-prod", "batchscore_churn.score", PARENT_RUN)
+            "airflow-prod",
+            "batchscore_churn.score",
+            PARENT_RUN,
+        )
         assert (parent["root"]["job"]["name"], parent["root"]["run"]["runId"]) == ("batchscore_churn", ROOT_RUN)
     statistics = complete["outputs"][0]["outputFacets"]["outputStatistics"]
     assert statistics["rowCount"] == manifest["rows"]["out"] == 2 * ROWS
     assert statistics["fileCount"] == len(manifest["parts"])
     assert [f["name"] for f in complete["outputs"][0]["facets"]["schema"]["fields"]] == [
-        c["name"] for c in manifest["schema"]]
+        c["name"] for c in manifest["schema"]
+    ]
 
 
-def test_shards_emit_their_own_runs_and_a_failure_its_exit_code(tmp_path: Path, receiver: Receiver,
-                                                                binary_model_paths) -> None:
+def test_shards_emit_their_own_runs_and_a_failure_its_exit_code(
+    tmp_path: Path, receiver: Receiver, binary_model_paths
+) -> None:
     args = job_args(tmp_path, binary_model_paths)
     env = {"OPENLINEAGE_URL": receiver.url, "OPENLINEAGE_NAMESPACE": "scoring"}
     shard = batchscore("run", *args, "--shard", "1/2", "--job-name", "churn", env=env)
@@ -139,8 +163,9 @@ def test_lineage_never_fails_the_job(tmp_path: Path, receiver: Receiver, binary_
     assert "Traceback" not in proc.stderr
     assert elapsed - read_manifest(tmp_path / "out")["seconds"] < EMIT_TIMEOUT_SECONDS + 15
 
-    disabled = batchscore("run", *args, "--overwrite", env={"OPENLINEAGE_URL": receiver.url,
-                                                             "OPENLINEAGE_DISABLED": "true"})
+    disabled = batchscore(
+        "run", *args, "--overwrite", env={"OPENLINEAGE_URL": receiver.url, "OPENLINEAGE_DISABLED": "true"}
+    )
     assert disabled.returncode == 0, disabled.stderr
     assert receiver.events == []
 
@@ -156,20 +181,33 @@ def test_dataset_names_follow_openlineage_naming() -> None:
 
 def _shape(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """What a run's events say, less what differs from run to run (ids, times, the output's name)."""
+
     def statistics(event: dict[str, Any]) -> Any:
         return [d.get("outputFacets", {}).get("outputStatistics") for d in event["outputs"]]
 
     runs: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         runs.setdefault(event["run"]["runId"], []).append(event)
-    return [tuple((e["eventType"], e["job"]["namespace"], e["job"]["name"], [d["name"] for d in e["inputs"]],
-                   statistics(e), e["run"]["facets"].get("parent", {}).get("run"),
-                   e["run"]["facets"].get("errorMessage", {}).get("message", "").split(":")[0]) for e in run)
-            for run in runs.values()]
+    return [
+        tuple(
+            (
+                e["eventType"],
+                e["job"]["namespace"],
+                e["job"]["name"],
+                [d["name"] for d in e["inputs"]],
+                statistics(e),
+                e["run"]["facets"].get("parent", {}).get("run"),
+                e["run"]["facets"].get("errorMessage", {}).get("message", "").split(":")[0],
+            )
+            for e in run
+        )
+        for run in runs.values()
+    ]
 
 
-def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver, binary_model_paths,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_library_emits_what_the_cli_emits(
+    tmp_path: Path, receiver: Receiver, binary_model_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``batchscore.run`` and ``run_shard`` called from Python report START then COMPLETE or FAIL,
     as the CLI's processes do for the same steps; ``commit`` reports no lineage run, as the CLI's."""
     import dataclasses
@@ -177,11 +215,18 @@ def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver
     import batchscore as library
 
     args = job_args(tmp_path, binary_model_paths)  # the CLI's output: out
-    env = {"OPENLINEAGE_URL": receiver.url, "OPENLINEAGE_NAMESPACE": "scoring",
-           "OPENLINEAGE_PARENT_ID": f"airflow-prod/batchscore_churn.score/{PARENT_RUN}"}
-    for step, code in ((["run"], 0), (["run", "--shard", "1/2"], 0),
-                       (["run", "--shard", "0/2", "--model-sha256", "0" * 64], 4), (["run", "--shard", "0/2"], 0),
-                       (["commit", "--shards", "2"], 0)):
+    env = {
+        "OPENLINEAGE_URL": receiver.url,
+        "OPENLINEAGE_NAMESPACE": "scoring",
+        "OPENLINEAGE_PARENT_ID": f"airflow-prod/batchscore_churn.score/{PARENT_RUN}",
+    }
+    for step, code in (
+        (["run"], 0),
+        (["run", "--shard", "1/2"], 0),
+        (["run", "--shard", "0/2", "--model-sha256", "0" * 64], 4),
+        (["run", "--shard", "0/2"], 0),
+        (["commit", "--shards", "2"], 0),
+    ):
         proc = batchscore(step[0], *args, "--job-name", "churn", *step[1:], env=env)
         assert proc.returncode == code, proc.stderr
     by_cli, receiver.events[:] = list(receiver.events), []
@@ -190,9 +235,15 @@ def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver
         monkeypatch.delenv(name)
     for name, setting in env.items():
         monkeypatch.setenv(name, setting)
-    config = library.build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "library"),
-                                  model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]),
-                                  workers=1, job_name="churn")
+    config = library.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(tmp_path / "library"),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        workers=1,
+        job_name="churn",
+    )
     ran = library.run(config)
     shard = library.run_shard(config, 1, count=2)
     with pytest.raises(library.ModelError):
@@ -204,7 +255,11 @@ def test_the_library_emits_what_the_cli_emits(tmp_path: Path, receiver: Receiver
     assert {name for name in os.environ if name.startswith("OPENLINEAGE")} == set(env)
 
     assert [[e[0] for e in run] for run in _shape(by_library)] == [
-        ["START", "COMPLETE"], ["START", "COMPLETE"], ["START", "FAIL"], ["START", "COMPLETE"]]
+        ["START", "COMPLETE"],
+        ["START", "COMPLETE"],
+        ["START", "FAIL"],
+        ["START", "COMPLETE"],
+    ]
     assert _shape(by_library) == _shape(by_cli)
     assert by_library[1]["outputs"][0]["name"] == str(tmp_path / "library")
     assert by_library[1]["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == ran.rows_out == 2 * ROWS

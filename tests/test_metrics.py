@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,9 +43,11 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("pushgateway")
     url = f"http://127.0.0.1:{_free_port()}"
     with open(folder / "log", "wb") as log:  # the gateway holds its own copy
-        proc = subprocess.Popen([binary, f"--web.listen-address={url[len('http://'):]}",
-                                 f"--persistence.file={folder / 'metrics.data'}"],
-                                stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            [binary, f"--web.listen-address={url[len('http://') :]}", f"--persistence.file={folder / 'metrics.data'}"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -87,9 +89,17 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def _job_file(tmp_path: Path, name: str, model: dict[str, Path], inputs: Path, **keys: object) -> Path:
-    settings = {"input": str(inputs), "output": str(tmp_path / "out"), "model": str(model["model"]),
-                "scaler": str(model["scaler"]), "model_version": "2.1", "batch_size": BATCH, "workers": 2,
-                "overwrite": True, **keys}
+    settings = {
+        "input": str(inputs),
+        "output": str(tmp_path / "out"),
+        "model": str(model["model"]),
+        "scaler": str(model["scaler"]),
+        "model_version": "2.1",
+        "batch_size": BATCH,
+        "workers": 2,
+        "overwrite": True,
+        **keys,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(settings))  # JSON is YAML
     return path
@@ -101,15 +111,19 @@ def _inputs_with_invalid_rows(folder: Path) -> tuple[Path, int]:
     table = churn_table(ROWS_PER_FILE, seed=21, first_id=1 + 2 * ROWS_PER_FILE)
     age = table.column("age").to_numpy().copy()
     age[::151][:32] = np.nan
-    pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", pa.array(age)),
-                   folder / "day-02.parquet", row_group_size=BATCH)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("age"), "age", pa.array(age)),
+        folder / "day-02.parquet",
+        row_group_size=BATCH,
+    )
     return folder, 32
 
 
 def test_run_pushes_counts_timings_and_success(tmp_path: Path, pushgateway: str, binary_model_paths) -> None:
     inputs, invalid = _inputs_with_invalid_rows(tmp_path / "in")
-    job_file = _job_file(tmp_path, "nightly_churn", binary_model_paths, inputs, pushgateway=pushgateway,
-                         on_invalid="skip")
+    job_file = _job_file(
+        tmp_path, "nightly_churn", binary_model_paths, inputs, pushgateway=pushgateway, on_invalid="skip"
+    )
     before = time.time()
     result = cli("run", "--config", job_file)
     assert result.exit_code == 0, result.output + result.stderr
@@ -129,8 +143,9 @@ def test_run_pushes_counts_timings_and_success(tmp_path: Path, pushgateway: str,
     assert not [key for key in got if key[0] == "batchscore_last_failure_timestamp_seconds"]
 
 
-def test_failure_is_pushed_without_erasing_the_last_success(tmp_path: Path, pushgateway: str,
-                                                             binary_model_paths) -> None:
+def test_failure_is_pushed_without_erasing_the_last_success(
+    tmp_path: Path, pushgateway: str, binary_model_paths
+) -> None:
     inputs = tmp_path / "in"
     write_inputs(inputs, files=1, rows=ROWS_PER_FILE, row_group_size=BATCH)
     job_file = _job_file(tmp_path, "flaky", binary_model_paths, inputs)
@@ -144,8 +159,21 @@ def test_failure_is_pushed_without_erasing_the_last_success(tmp_path: Path, push
     assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code="4") > success
     assert value(got, "batchscore_rows_read") == 0  # the failed run's own numbers replace the success's
 
-    refused = cli("run", "--input", inputs, "--output", tmp_path / "out", "--model", binary_model_paths["model"],
-                  "--scaler", binary_model_paths["scaler"], "--job-name", "flaky", "--pushgateway", pushgateway)
+    refused = cli(
+        "run",
+        "--input",
+        inputs,
+        "--output",
+        tmp_path / "out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--job-name",
+        "flaky",
+        "--pushgateway",
+        pushgateway,
+    )
     assert refused.exit_code == 2, refused.stderr  # the output exists and --overwrite is not given
     got = pushed(pushgateway, "flaky")
     failures = {labels: v for (name, labels), v in got.items() if name == "batchscore_last_failure_timestamp_seconds"}
@@ -153,13 +181,28 @@ def test_failure_is_pushed_without_erasing_the_last_success(tmp_path: Path, push
     assert value(got, "batchscore_last_success_timestamp_seconds") == success
 
 
-def test_shards_and_commit_push_under_their_own_grouping_key(tmp_path: Path, pushgateway: str, binary_model_paths,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shards_and_commit_push_under_their_own_grouping_key(
+    tmp_path: Path, pushgateway: str, binary_model_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inputs = tmp_path / "in"
     write_inputs(inputs, files=2, rows=ROWS_PER_FILE, row_group_size=BATCH)
     monkeypatch.setenv("BATCHSCORE_PUSHGATEWAY", pushgateway)
-    common = ["--input", inputs, "--output", tmp_path / "out", "--model", binary_model_paths["model"],
-              "--scaler", binary_model_paths["scaler"], "--job-name", "sharded", "--batch-size", BATCH, "--workers", 1]
+    common = [
+        "--input",
+        inputs,
+        "--output",
+        tmp_path / "out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--job-name",
+        "sharded",
+        "--batch-size",
+        BATCH,
+        "--workers",
+        1,
+    ]
     receipts = []
     for shard in (0, 1):
         result = cli("run", *common, "--shard", f"{shard}/2")
@@ -172,12 +215,18 @@ def test_shards_and_commit_push_under_their_own_grouping_key(tmp_path: Path, pus
     for receipt in receipts:
         shard = str(receipt["shard"])
         assert value(got, "batchscore_rows_read", shard=shard) == receipt["rows_in"]
-        assert value(got, "batchscore_predictions_total", model_version="unversioned", status="ok",
-                     shard=shard) == receipt["rows_out"]
-        assert value(got, "batchscore_batch_seconds_count", shard=shard) == -(-receipt["rows_in"] // BATCH)  # one file each
+        assert (
+            value(got, "batchscore_predictions_total", model_version="unversioned", status="ok", shard=shard)
+            == receipt["rows_out"]
+        )
+        assert value(got, "batchscore_batch_seconds_count", shard=shard) == -(
+            -receipt["rows_in"] // BATCH
+        )  # one file each
         assert value(got, "batchscore_last_success_timestamp_seconds", shard=shard) > 0
     # The job's own group is the commit's: the whole output's counts.
-    assert value(got, "batchscore_predictions_total", model_version="unversioned", status="ok") == manifest["rows"]["out"]
+    assert (
+        value(got, "batchscore_predictions_total", model_version="unversioned", status="ok") == manifest["rows"]["out"]
+    )
     assert value(got, "batchscore_rows_read") == manifest["rows"]["in"] == 2 * ROWS_PER_FILE
     assert sum(v for (name, labels), v in got.items() if name == "batchscore_rows_read") == 4 * ROWS_PER_FILE
 
@@ -198,9 +247,13 @@ def test_an_unreachable_gateway_costs_a_warning_not_the_job(tmp_path: Path, bina
     job_file = _job_file(tmp_path, "unreachable", binary_model_paths, inputs)
     try:
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "batchscore", "run", "--config", str(job_file)],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "BATCHSCORE_PUSHGATEWAY": url})
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchscore", "run", "--config", str(job_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "BATCHSCORE_PUSHGATEWAY": url},
+        )
         elapsed = time.monotonic() - started
         if gateway == "stalled":  # the push did reach the stalled gateway: its connection waits to be accepted
             listener.settimeout(0)
@@ -221,10 +274,15 @@ def test_a_run_stopped_by_sigterm_pushes_its_failure(tmp_path: Path, pushgateway
     """What a scheduler's kill leaves for the on-call: the failure, exit code 1, and the rows read until then."""
     inputs = tmp_path / "in"
     write_inputs(inputs, files=2, rows=48_016, row_group_size=4_816)
-    job_file = _job_file(tmp_path, "stopped", binary_model_paths, inputs, pushgateway=pushgateway, batch_size=16,
-                         workers=1)
-    proc = subprocess.Popen([sys.executable, "-m", "batchscore", "run", "--config", str(job_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job_file = _job_file(
+        tmp_path, "stopped", binary_model_paths, inputs, pushgateway=pushgateway, batch_size=16, workers=1
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchscore", "run", "--config", str(job_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:  # scoring has begun: stop it
@@ -248,27 +306,58 @@ def test_a_run_stopped_by_sigterm_pushes_its_failure(tmp_path: Path, pushgateway
 #: What differs between two pushes of the same job by the clock alone: timings, timestamps and how
 #: the batches' timings fall into the histogram's buckets (their count, the +Inf bucket, does not).
 def _by_count(samples: dict) -> dict:
-    timed = ("batchscore_duration_seconds", "batchscore_model_load_seconds", "batchscore_batch_seconds_sum",
-             "batchscore_last_success_timestamp_seconds", "batchscore_last_failure_timestamp_seconds")
-    return {key: "timed" if key[0] in timed or (key[0] == "batchscore_batch_seconds_bucket"
-                                                and ("le", "+Inf") not in key[1]) else value
-            for key, value in samples.items()}
+    timed = (
+        "batchscore_duration_seconds",
+        "batchscore_model_load_seconds",
+        "batchscore_batch_seconds_sum",
+        "batchscore_last_success_timestamp_seconds",
+        "batchscore_last_failure_timestamp_seconds",
+    )
+    return {
+        key: "timed"
+        if key[0] in timed or (key[0] == "batchscore_batch_seconds_bucket" and ("le", "+Inf") not in key[1])
+        else value
+        for key, value in samples.items()
+    }
 
 
-def test_the_library_pushes_what_the_cli_pushes(tmp_path: Path, pushgateway: str, binary_model_paths,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_library_pushes_what_the_cli_pushes(
+    tmp_path: Path, pushgateway: str, binary_model_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``batchscore.run``, ``run_shard`` and ``commit`` called from Python push the CLI's metrics,
     the same families, labels and counts, on success and on failure; no CLI is involved."""
     import batchscore
 
     monkeypatch.delenv("BATCHSCORE_PUSHGATEWAY", raising=False)
     inputs, invalid = _inputs_with_invalid_rows(tmp_path / "in")
-    job = {"input": (str(inputs),), "model": str(binary_model_paths["model"]),
-           "scaler": str(binary_model_paths["scaler"]), "model_version": "2.1", "batch_size": BATCH, "workers": 2,
-           "on_invalid": "skip", "pushgateway": pushgateway}
-    flags = ["--input", inputs, "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
-             "--model-version", "2.1", "--batch-size", BATCH, "--workers", 2, "--on-invalid", "skip",
-             "--pushgateway", pushgateway]
+    job = {
+        "input": (str(inputs),),
+        "model": str(binary_model_paths["model"]),
+        "scaler": str(binary_model_paths["scaler"]),
+        "model_version": "2.1",
+        "batch_size": BATCH,
+        "workers": 2,
+        "on_invalid": "skip",
+        "pushgateway": pushgateway,
+    }
+    flags = [
+        "--input",
+        inputs,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--model-version",
+        "2.1",
+        "--batch-size",
+        BATCH,
+        "--workers",
+        2,
+        "--on-invalid",
+        "skip",
+        "--pushgateway",
+        pushgateway,
+    ]
 
     def library(name: str, **settings: object) -> batchscore.JobConfig:
         return batchscore.build_config(None, **{**job, "output": str(tmp_path / name), "job_name": name, **settings})
@@ -287,15 +376,18 @@ def test_the_library_pushes_what_the_cli_pushes(tmp_path: Path, pushgateway: str
     assert _by_count(got) == _by_count(pushed(pushgateway, "cli_run"))
 
     # The same job failing: its exit code, without erasing the last success.
-    for exit_code, settings, extra in ((4, {"model": str(tmp_path / "gone.joblib")}, ["--model", tmp_path / "gone.joblib"]),
-                                       (2, {}, [])):  # 2: the output exists and overwrite is not given
+    for exit_code, settings, extra in (
+        (4, {"model": str(tmp_path / "gone.joblib")}, ["--model", tmp_path / "gone.joblib"]),
+        (2, {}, []),
+    ):  # 2: the output exists and overwrite is not given
         with pytest.raises(batchscore.BatchscoreError) as failed:
             batchscore.run(library("library_run", **settings))
         assert failed.value.exit_code == exit_code
         assert cli("run", *command_line("cli_run", *extra)).exit_code == exit_code
         got = pushed(pushgateway, "library_run")
-        assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code=str(exit_code)) > \
-            value(got, "batchscore_last_success_timestamp_seconds")
+        assert value(got, "batchscore_last_failure_timestamp_seconds", exit_code=str(exit_code)) > value(
+            got, "batchscore_last_success_timestamp_seconds"
+        )
         assert _by_count(got) == _by_count(pushed(pushgateway, "cli_run"))
 
     # Shards and their commit, each under its own grouping key.
@@ -317,8 +409,9 @@ def test_the_library_pushes_what_the_cli_pushes(tmp_path: Path, pushgateway: str
     assert _by_count(got) == _by_count(pushed(pushgateway, "cli_shards"))
 
 
-def test_accepting_a_held_output_alone_pushes_under_the_held_job(tmp_path: Path, pushgateway: str, binary_model_paths,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accepting_a_held_output_alone_pushes_under_the_held_job(
+    tmp_path: Path, pushgateway: str, binary_model_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A run held for drift pushes its failure (exit 5); ``commit OUTPUT --accept-drift`` given nothing
     else pushes the commit's success under the job's own name and gateway, as the held run recorded them."""
     monkeypatch.delenv("BATCHSCORE_PUSHGATEWAY", raising=False)
@@ -332,8 +425,22 @@ def test_accepting_a_held_output_alone_pushes_under_the_held_job(tmp_path: Path,
     table = pq.read_table(shifted / "day-00.parquet")
     age = pa.array(table.column("age").to_numpy() + 20.0)
     pq.write_table(table.set_column(table.schema.get_field_index("age"), "age", age), shifted / "day-00.parquet")
-    held = cli("run", "--input", shifted, "--output", tmp_path / "out", *job, "--reference", reference,
-               "--drift-fail", 0.25, "--job-name", "held_nightly", "--pushgateway", pushgateway)
+    held = cli(
+        "run",
+        "--input",
+        shifted,
+        "--output",
+        tmp_path / "out",
+        *job,
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.25,
+        "--job-name",
+        "held_nightly",
+        "--pushgateway",
+        pushgateway,
+    )
     assert held.exit_code == 5, held.stderr
     assert value(pushed(pushgateway, "held_nightly"), "batchscore_last_failure_timestamp_seconds", exit_code="5") > 0
 
@@ -341,5 +448,6 @@ def test_accepting_a_held_output_alone_pushes_under_the_held_job(tmp_path: Path,
     assert accepted.exit_code == 0, accepted.stderr
     got = pushed(pushgateway, "held_nightly")
     assert value(got, "batchscore_rows_read") == read_manifest(tmp_path / "out")["rows"]["in"] == ROWS_PER_FILE
-    assert value(got, "batchscore_last_success_timestamp_seconds") > \
-        value(got, "batchscore_last_failure_timestamp_seconds", exit_code="5")
+    assert value(got, "batchscore_last_success_timestamp_seconds") > value(
+        got, "batchscore_last_failure_timestamp_seconds", exit_code="5"
+    )

@@ -18,6 +18,9 @@ from typing import Any
 import joblib
 import pytest
 import skops.io
+
+from batchscore.errors import EXIT_MODEL, EXIT_USAGE
+from batchscore.sample import FEATURES
 from helpers import (
     assert_exact,
     binary_model,
@@ -32,9 +35,6 @@ from helpers import (
     training_frame,
     write_inputs,
 )
-
-from batchscore.errors import EXIT_MODEL, EXIT_USAGE
-from batchscore.sample import FEATURES
 
 TREE = "sklearn.tree._tree.Tree"
 TREE_PREDICTOR = "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"
@@ -70,8 +70,9 @@ def skops_copies(paths: dict[str, Path], folder: Path) -> dict[str, Path]:
 
 def batchscore(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The real CLI in its own process, as a scheduler would start it."""
-    return subprocess.run([sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,16 @@ def job(tmp_path: Path, inputs: list[Path], binary_model_paths: dict[str, Path])
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.joblib"
     joblib.dump(_TouchOnLoad(marker), evil)
-    return {"model": model, "scaler": binary_model_paths["scaler"], "good_sha256": sha256(model), "evil": evil,
-            "marker": marker, "out": tmp_path / "out", "plan": plan_file(tmp_path / "out"),
-            "common": ["--input", inputs[0].parent]}
+    return {
+        "model": model,
+        "scaler": binary_model_paths["scaler"],
+        "good_sha256": sha256(model),
+        "evil": evil,
+        "marker": marker,
+        "out": tmp_path / "out",
+        "plan": plan_file(tmp_path / "out"),
+        "common": ["--input", inputs[0].parent],
+    }
 
 
 @pytest.mark.fault
@@ -101,14 +109,18 @@ def test_the_malicious_file_runs_code_when_nothing_stops_it(job: dict[str, Any])
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("command", [
-    ["inspect", "{evil}"],
-    ["validate", "{common}", "--output", "{out}", "--model", "{evil}"],
-    ["run", "{common}", "--output", "{out}", "--model", "{evil}"],
-    ["plan", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2", "--out", "{plan}"],
-    ["run", "{common}", "--output", "{out}", "--model", "{evil}", "--shard", "1/2"],
-    ["commit", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2"],
-], ids=["inspect", "validate", "run", "plan", "run-shard-I/N", "commit-shards-N"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "{evil}"],
+        ["validate", "{common}", "--output", "{out}", "--model", "{evil}"],
+        ["run", "{common}", "--output", "{out}", "--model", "{evil}"],
+        ["plan", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2", "--out", "{plan}"],
+        ["run", "{common}", "--output", "{out}", "--model", "{evil}", "--shard", "1/2"],
+        ["commit", "{common}", "--output", "{out}", "--model", "{evil}", "--shards", "2"],
+    ],
+    ids=["inspect", "validate", "run", "plan", "run-shard-I/N", "commit-shards-N"],
+)
 def test_a_pinned_digest_stops_a_swapped_model_before_it_is_unpickled(job: dict[str, Any], command: list[str]) -> None:
     args: list[Any] = []
     for arg in command:
@@ -139,8 +151,18 @@ def test_a_plan_stops_a_model_swapped_after_it_was_made(job: dict[str, Any]) -> 
 @pytest.mark.fault
 def test_a_scaler_pin_is_checked_before_the_model_is_unpickled(job: dict[str, Any]) -> None:
     """Both artifacts pass their checks before either is loaded: a bad scaler stops an unpinned model."""
-    result = batchscore("validate", *job["common"], "--output", job["out"], "--model", job["evil"],
-                        "--scaler", job["scaler"], "--scaler-sha256", "0" * 64)
+    result = batchscore(
+        "validate",
+        *job["common"],
+        "--output",
+        job["out"],
+        "--model",
+        job["evil"],
+        "--scaler",
+        job["scaler"],
+        "--scaler-sha256",
+        "0" * 64,
+    )
     assert result.returncode == EXIT_MODEL and f"scaler artifact {job['scaler']}" in result.stderr
     assert not job["marker"].exists(), "the model's code ran"
 
@@ -152,8 +174,15 @@ def test_inspect_sha256_only_hashes_without_unpickling(job: dict[str, Any]) -> N
     assert not job["marker"].exists(), "the model's code ran"
     info = json.loads(result.stdout)
     digest = sha256(job["evil"])
-    assert info["artifacts"] == [{"role": "model", "uri": str(job["evil"]), "format": "joblib", "sha256": digest,
-                                  "bytes": job["evil"].stat().st_size}]
+    assert info["artifacts"] == [
+        {
+            "role": "model",
+            "uri": str(job["evil"]),
+            "format": "joblib",
+            "sha256": digest,
+            "bytes": job["evil"].stat().st_size,
+        }
+    ]
     assert info["pin"] == f"--model-sha256 {digest}"
 
 
@@ -175,13 +204,27 @@ def test_a_pickle_named_skops_never_reaches_pickle(job: dict[str, Any]) -> None:
 
 def test_a_correct_pin_scores_normally_in_any_case(job: dict[str, Any], inputs: list[Path]) -> None:
     scaler_sha256 = sha256(job["scaler"]).upper()  # hex digits in either case
-    result = cli("run", *job["common"], "--output", job["out"], "--model", job["model"], "--scaler", job["scaler"],
-                 "--model-sha256", job["good_sha256"], "--scaler-sha256", scaler_sha256)
+    result = cli(
+        "run",
+        *job["common"],
+        "--output",
+        job["out"],
+        "--model",
+        job["model"],
+        "--scaler",
+        job["scaler"],
+        "--model-sha256",
+        job["good_sha256"],
+        "--scaler-sha256",
+        scaler_sha256,
+    )
     assert result.exit_code == 0, result.stderr
     assert_exact(read_output(job["out"]), read_inputs(inputs), {"model": job["model"], "scaler": job["scaler"]})
     manifest = read_manifest(job["out"])
     assert [(a["role"], a["format"], a["sha256"]) for a in manifest["artifacts"]] == [
-        ("model", "joblib", job["good_sha256"]), ("scaler", "joblib", scaler_sha256.lower())]
+        ("model", "joblib", job["good_sha256"]),
+        ("scaler", "joblib", scaler_sha256.lower()),
+    ]
 
 
 def test_pins_in_the_job_file_and_their_errors(tmp_path: Path, job: dict[str, Any]) -> None:
@@ -243,7 +286,8 @@ def test_skops_artifacts_score_exactly_like_joblib(tmp_path: Path, inputs: list[
     assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), joblib_paths)
     manifest = read_manifest(tmp_path / "out")
     assert [(a["role"], a["uri"], a["format"], a["sha256"]) for a in manifest["artifacts"]] == [
-        (role, str(path), "skops", sha256(path)) for role, path in paths.items()]
+        (role, str(path), "skops", sha256(path)) for role, path in paths.items()
+    ]
 
 
 def test_a_skops_type_not_trusted_exits_4_naming_it_until_trusted_by_name(tmp_path: Path, inputs: list[Path]) -> None:
@@ -260,9 +304,11 @@ def test_a_skops_type_not_trusted_exits_4_naming_it_until_trusted_by_name(tmp_pa
     common = ["--input", inputs[0].parent, "--output", tmp_path / "out", "--model", tmp_path / "model.skops"]
     result = cli("validate", *common)
     assert result.exit_code == EXIT_MODEL
-    assert result.stderr == (f"Error: model artifact {tmp_path / 'model.skops'} holds type(s) that are not trusted: "
-                             f"{name}; if you trust the file's source, allow each by name (--trust {name}, "
-                             f"or YAML trusted_types)\n")
+    assert result.stderr == (
+        f"Error: model artifact {tmp_path / 'model.skops'} holds type(s) that are not trusted: "
+        f"{name}; if you trust the file's source, allow each by name (--trust {name}, "
+        f"or YAML trusted_types)\n"
+    )
     assert cli("validate", *common, "--trust", "sklearn.tree._tree.Tree").exit_code == EXIT_MODEL
     result = cli("run", *common, "--trust", name)
     assert result.exit_code == 0, result.stderr
@@ -274,9 +320,19 @@ def test_pinned_skops_artifacts_on_s3(tmp_path: Path, s3, inputs: list[Path], bi
     paths = skops_copies(binary_model_paths, tmp_path)
     for path in paths.values():
         fs.put_file(str(path), f"{bucket}/models/{path.name}")
-    common = ["--input", inputs[0].parent, "--output", tmp_path / "out", "--no-pickle",
-              "--model", f"s3://{bucket}/models/model.skops", "--scaler", f"s3://{bucket}/models/scaler.skops",
-              "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    common = [
+        "--input",
+        inputs[0].parent,
+        "--output",
+        tmp_path / "out",
+        "--no-pickle",
+        "--model",
+        f"s3://{bucket}/models/model.skops",
+        "--scaler",
+        f"s3://{bucket}/models/scaler.skops",
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+    ]
     result = cli("validate", *common, "--model-sha256", sha256(paths["scaler"]))
     assert result.exit_code == EXIT_MODEL
     assert f"model artifact s3://{bucket}/models/model.skops does not match its pinned digest" in result.stderr
@@ -285,4 +341,6 @@ def test_pinned_skops_artifacts_on_s3(tmp_path: Path, s3, inputs: list[Path], bi
     assert_exact(read_output(tmp_path / "out"), read_inputs(inputs), binary_model_paths)
     manifest = read_manifest(tmp_path / "out")
     assert [(a["uri"], a["format"]) for a in manifest["artifacts"]] == [
-        (f"s3://{bucket}/models/model.skops", "skops"), (f"s3://{bucket}/models/scaler.skops", "skops")]
+        (f"s3://{bucket}/models/model.skops", "skops"),
+        (f"s3://{bucket}/models/scaler.skops", "skops"),
+    ]

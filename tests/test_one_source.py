@@ -15,7 +15,12 @@ import pytest
 from batchscore import schema
 from batchscore.cli import main
 from batchscore.config import (
-    COMMAND_FIELDS, FIELDS, PLAN_FIELDS, build_config, check_numbers, shard_size_conflict,
+    COMMAND_FIELDS,
+    FIELDS,
+    PLAN_FIELDS,
+    build_config,
+    check_numbers,
+    shard_size_conflict,
 )  # fmt: skip
 from batchscore.errors import EXIT_CODES, EXIT_OK, EXITS, PERMANENT_EXIT_CODES, BatchscoreError
 from batchscore.orchestration.dagspec import DagConfigError, common_args, parse_job
@@ -88,10 +93,11 @@ def test_dag_argv_of_every_setting_is_the_same_job_to_the_cli(command: str) -> N
 def test_every_flag_of_a_declared_setting_comes_from_its_declaration() -> None:
     """No command writes its own option for a declared setting: its help, type and repetition are
     the declaration's. ``run --shard`` takes I or I/N (an index and a count), and ``compile --out``
-    is where a compiled library goes, not a plan: each is its own."""
+    is where a compiled library goes, not a plan, and ``spark --shards`` defaults to the cluster's
+    parallelism: each is its own."""
     declared = {schema.flag_of(key, info): (fields, key) for fields in (FIELDS, COMMAND_FIELDS, PLAN_FIELDS)
                 for key, info in fields.items()}  # fmt: skip
-    own = {("run", "--shard"), ("compile", "--out")}
+    own = {("run", "--shard"), ("compile", "--out"), ("spark", "--shards")}
     checked = 0
     for name, command in main.commands.items():
         for param in command.params:
@@ -100,8 +106,12 @@ def test_every_flag_of_a_declared_setting_comes_from_its_declaration() -> None:
             fields, key = declared[param.opts[0]]
             (expected,) = [p for p in click.command()(schema.click_options(fields, [key])[0](lambda **kw: None)).params]
             assert (param.name, param.help, param.multiple, param.type.to_info_dict(), param.metavar) == (
-                expected.name, expected.help, expected.multiple, expected.type.to_info_dict(), expected.metavar), (
-                name, param.opts)
+                expected.name,
+                expected.help,
+                expected.multiple,
+                expected.type.to_info_dict(),
+                expected.metavar,
+            ), (name, param.opts)
             checked += 1
     assert checked >= len(FIELDS) * 4  # the job options of four commands, and the rest
 
@@ -109,8 +119,11 @@ def test_every_flag_of_a_declared_setting_comes_from_its_declaration() -> None:
 def test_inspect_and_report_read_options_as_the_job_commands_do(tmp_path: Path) -> None:
     """``--storage-option`` and ``--features`` mean one thing on every command."""
     options = ["--storage-option", "anon=true", "--storage-option", "config_kwargs={retries: 0}"]
-    for command, argv in (("inspect", ["m.skops", "--features", "a, b", *options]), ("report", ["out", *options]),
-                          ("compile", ["m.skops", *options])):
+    for command, argv in (
+        ("inspect", ["m.skops", "--features", "a, b", *options]),
+        ("report", ["out", *options]),
+        ("compile", ["m.skops", *options]),
+    ):
         params = parsed(command, argv)
         got = schema.from_click(FIELDS, [k for k in ("features", "storage_options") if k in params], params)
         assert got["storage_options"] == {"anon": True, "config_kwargs": {"retries": 0}}, command
@@ -127,7 +140,11 @@ def test_plan_pin_and_shard_flags_are_read_back_by_run_and_commit() -> None:
     for command in ("run", "commit"):
         params = parsed(command, [*plan.pin(), "--plan", "p.json"])
         assert (params["plan_sha256"], params["model_sha256"], params["scaler_sha256"], params["plan"]) == (
-            plan.sha256, "ab" * 32, "cd" * 32, "p.json")
+            plan.sha256,
+            "ab" * 32,
+            "cd" * 32,
+            "p.json",
+        )
 
 
 def test_dag_size_and_shard_flags_are_read_back_by_the_cli(airflow_env: Path) -> None:
@@ -163,8 +180,19 @@ def test_one_rule_for_shards_or_rows_per_shard(tmp_path: Path) -> None:
     config = build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model="m.skops")
     with pytest.raises(ConfigError, match=in_python):
         api.plan(config, shards=2, rows_per_shard=10)
-    result = cli("plan", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", "m.skops",
-                 "--shards", "2", "--rows-per-shard", "10")
+    result = cli(
+        "plan",
+        "--input",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        "m.skops",
+        "--shards",
+        "2",
+        "--rows-per-shard",
+        "10",
+    )
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     dag = {"schedule": "@daily", "start_date": "2024-01-01", "runner": "local", "shards": 2, "rows_per_shard": 10}
     with pytest.raises(DagConfigError, match="give dag.shards or dag.rows_per_shard, not both"):
@@ -176,7 +204,7 @@ def test_one_rule_for_shards_or_rows_per_shard(tmp_path: Path) -> None:
 
 def test_permanent_exit_codes_are_the_declared_ones() -> None:
     """Whether a retry can fix an exit code is declared beside it (errors.EXITS), nowhere else."""
-    assert PERMANENT_EXIT_CODES == {code: e.summary for code, e in EXITS.items() if code and not e.retry_can_fix}
+    assert {code: e.summary for code, e in EXITS.items() if code and not e.retry_can_fix} == PERMANENT_EXIT_CODES
     assert set(PERMANENT_EXIT_CODES) == {2, 3, 4, 5} and EXIT_OK not in PERMANENT_EXIT_CODES
     assert all(EXIT_CODES[code].startswith(summary + ": ") for code, summary in PERMANENT_EXIT_CODES.items())
     classes, todo = [], [BatchscoreError]
@@ -203,7 +231,9 @@ def test_no_module_but_errors_lists_exit_codes() -> None:
 
 def test_dag_docstrings_say_which_codes_are_permanent() -> None:
     """The DAG factory's words about exit codes no retry can fix name the declared ones, or none."""
-    text = (REPO / "dags" / "batchscore_dagfactory.py").read_text() + (REPO / "batchscore" / "orchestration" / "dagrun.py").read_text()
+    text = (REPO / "dags" / "batchscore_dagfactory.py").read_text() + (
+        REPO / "batchscore" / "orchestration" / "dagrun.py"
+    ).read_text()
     for listed in re.findall(r"exits? (\d(?:, \d)*,? (?:or|and) \d)", text):
         assert {int(n) for n in re.findall(r"\d", listed)} == set(PERMANENT_EXIT_CODES), listed
 
@@ -220,9 +250,12 @@ def test_output_file_names_are_spelled_only_by_the_layout() -> None:
         if path.name == "layout.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            pieces = [v.value for v in node.values if isinstance(v, ast.Constant)] if isinstance(node, ast.JoinedStr) else []
+            pieces = (
+                [v.value for v in node.values if isinstance(v, ast.Constant)] if isinstance(node, ast.JoinedStr) else []
+            )
             if (isinstance(node, ast.Constant) and node.value in names) or any(
-                    str(p).startswith(("part-", "shard-")) for p in pieces):
+                str(p).startswith(("part-", "shard-")) for p in pieces
+            ):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert found == []
     name = layout.part_name(12, 345_678, slice=3, digits=6)

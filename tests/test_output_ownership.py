@@ -39,8 +39,20 @@ def _inputs(folder: Path, rows: tuple[int, ...] = ROWS, seed: int = 40) -> pa.Ta
 
 
 def _run(inputs: Path | str, output: Path | str, model: dict[str, Path], *extra: str) -> Any:
-    return cli("run", "--input", inputs, "--output", output, "--model", model["model"], "--scaler", model["scaler"],
-               "--workers", "1", *extra)
+    return cli(
+        "run",
+        "--input",
+        inputs,
+        "--output",
+        output,
+        "--model",
+        model["model"],
+        "--scaler",
+        model["scaler"],
+        "--workers",
+        "1",
+        *extra,
+    )
 
 
 def _foreign_parquet(path: Path) -> None:
@@ -65,6 +77,7 @@ def _read_with_every_reader(output: Path) -> dict[str, int]:
     import duckdb
 
     with duckdb.connect() as con:
+
         def duck(pattern: str) -> int:
             return con.execute("select count(*) from read_parquet(?)", [pattern]).fetchone()[0]
 
@@ -143,8 +156,21 @@ def test_overwrite_of_a_folder_holding_only_another_tools_parquet_is_refused(
     assert result.exit_code == 2 and "part-00000-3f1c2a.snappy.parquet" in result.stderr, result.stderr
     assert _snapshot(output) == before
     assert not os.path.exists(state_folder(str(output))), "nothing was written beside it either"
-    assert cli("validate", "--input", tmp_path / "in", "--output", output, "--model", binary_model_paths["model"],
-               "--scaler", binary_model_paths["scaler"], "--overwrite").exit_code == 2
+    assert (
+        cli(
+            "validate",
+            "--input",
+            tmp_path / "in",
+            "--output",
+            output,
+            "--model",
+            binary_model_paths["model"],
+            "--scaler",
+            binary_model_paths["scaler"],
+            "--overwrite",
+        ).exit_code
+        == 2
+    )
 
 
 @pytest.mark.fault
@@ -171,8 +197,18 @@ def test_a_foreign_file_that_appears_before_commit_stops_the_commit(
 ) -> None:
     _inputs(tmp_path / "in")
     output = tmp_path / "scores"
-    job = ["--input", tmp_path / "in", "--output", output, "--model", binary_model_paths["model"],
-           "--scaler", binary_model_paths["scaler"], "--workers", "1"]
+    job = [
+        "--input",
+        tmp_path / "in",
+        "--output",
+        output,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--workers",
+        "1",
+    ]
     assert cli("run", *job, "--shard", "0/2").exit_code == 0
     assert cli("run", *job, "--shard", "1/2").exit_code == 0
     _foreign_parquet(output / "dt=1" / "part.parquet")  # another tool writes while the shards ran

@@ -80,8 +80,19 @@ def test_corrupt_row_group_mid_file_leaves_no_part(tmp_path: Path, binary_model_
     data[start : start + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
     out = tmp_path / "out"
-    result = cli("run", "--input", path, "--output", out, "--model", binary_model_paths["model"], "--scaler",
-                 binary_model_paths["scaler"], "--batch-size", "500")
+    result = cli(
+        "run",
+        "--input",
+        path,
+        "--output",
+        out,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--batch-size",
+        "500",
+    )
     assert result.exit_code == EXIT_INPUT, result.stderr
     assert str(path) in result.stderr
     assert not (out / "_SUCCESS").exists()
@@ -97,10 +108,27 @@ def test_sigterm_mid_run_discards_unfinished_parts(tmp_path: Path, binary_model_
     inputs = write_inputs(tmp_path / "in", files=1, rows=200_000, row_group_size=50_000)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchscore", "run", "--input", str(inputs[0]), "--output", str(out), "--model",
-         str(binary_model_paths["model"]), "--scaler", str(binary_model_paths["scaler"]), "--batch-size", "64",
-         "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "batchscore",
+            "run",
+            "--input",
+            str(inputs[0]),
+            "--output",
+            str(out),
+            "--model",
+            str(binary_model_paths["model"]),
+            "--scaler",
+            str(binary_model_paths["scaler"]),
+            "--batch-size",
+            "64",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not (out.exists() and any(n.startswith(".part-") for n in os.listdir(out))):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL, EXIT_USAGE
-from batchscore.job.planning import Plan, make_plan
 from batchscore.io.source import InputFile
+from batchscore.job.planning import Plan, make_plan
 from helpers import (
     assert_exact,
     cli,
@@ -79,7 +79,11 @@ def test_retried_shard_overwrites_its_parts_and_commit_drops_strays(tmp_path: Pa
     (out / ".part-00000-00000.parquet.tmp-0123abcd").write_bytes(b"temp")
     assert cli("commit", *common, "--plan", plan_file(out)).exit_code == 0
     assert sorted(p.name for p in out.iterdir() if "part-" in p.name) == [
-        "part-00000-00000.parquet", "part-00001-00000.parquet", "part-00001-00002.parquet", "part-00002-00000.parquet"]
+        "part-00000-00000.parquet",
+        "part-00001-00000.parquet",
+        "part-00001-00002.parquet",
+        "part-00002-00000.parquet",
+    ]
     table = read_output(out)
     assert table.num_rows == 2_400 and len(set(table.column("customer_id").to_pylist())) == 2_400
     manifest = read_manifest(out)
@@ -151,8 +155,9 @@ def test_plan_errors(tmp_path: Path, binary_model_paths) -> None:
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     result = cli("run", *common, "--plan", tmp_path / "edited.json", "--shard", "0")
     assert result.exit_code == EXIT_INPUT and "plan inconsistent" in result.stderr
-    result = cli("run", *job_args(inputs, tmp_path / "elsewhere", binary_model_paths), "--plan", plan_file(out),
-                 "--shard", "0")
+    result = cli(
+        "run", *job_args(inputs, tmp_path / "elsewhere", binary_model_paths), "--plan", plan_file(out), "--shard", "0"
+    )
     assert result.exit_code == EXIT_USAGE and "is for output" in result.stderr
 
 
@@ -181,7 +186,8 @@ def test_parts_are_equal_slices_of_each_file() -> None:
     assert [u.rows for u in units if u.file == 1] == [300]
     assert [u.row_groups for u in units if u.file == 2] == [(0, 1, 2)]
     assert [(u.file, rg) for u in units for rg in u.row_groups] == [
-        (i, rg) for i, f in enumerate(files) for rg in range(len(f.row_groups))]
+        (i, rg) for i, f in enumerate(files) for rg in range(len(f.row_groups))
+    ]
 
 
 @pytest.mark.slow
@@ -247,11 +253,20 @@ def test_commit_clean_up_knows_wide_part_names(tmp_path: Path) -> None:
     rejected = rejected_file(output, "part-100000-000007.parquet")
     rejected.parent.mkdir(parents=True)
     output.mkdir()
-    for name in ["part-123456-000000.parquet", "part-00001-00000.parquet", ".part-123456-000000.parquet.tmp-0a1b",
-                 "parts.txt", "part-1-2.parquet"]:
+    for name in [
+        "part-123456-000000.parquet",
+        "part-00001-00000.parquet",
+        ".part-123456-000000.parquet.tmp-0a1b",
+        "parts.txt",
+        "part-1-2.parquet",
+    ]:
         (output / name).write_bytes(b"")
     for name in [rejected.name, "part-100000-000008.parquet", ".part-1-2.parquet.rejected"]:
         (rejected.parent / name).write_bytes(b"")
     found = sorted((kind, Path(path).name) for kind, path in iter_own_files(fsspec.filesystem("file"), str(output)))
-    assert found == [("part", ".part-123456-000000.parquet.tmp-0a1b"), ("part", "part-00001-00000.parquet"),
-                     ("part", "part-123456-000000.parquet"), ("rejected", "part-100000-000007.parquet.rejected")]
+    assert found == [
+        ("part", ".part-123456-000000.parquet.tmp-0a1b"),
+        ("part", "part-00001-00000.parquet"),
+        ("part", "part-123456-000000.parquet"),
+        ("rejected", "part-100000-000007.parquet.rejected"),
+    ]

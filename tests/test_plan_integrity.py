@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
 from batchscore.errors import EXIT_INPUT, EXIT_MODEL
-from batchscore.job.planning import Plan, PlanFiles, _split
 from batchscore.io.source import read_footer
+from batchscore.job.planning import Plan, PlanFiles, _split
 from helpers import FEATURES, assert_exact, cli, plan_file, read_inputs, read_output, save, training_frame, write_inputs
 
 pytestmark = pytest.mark.fault
@@ -29,9 +30,16 @@ def forged(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with every derived field (shards, totals, plan id) recomputed to agree with it."""
     files = PlanFiles.from_rows(doc["files"], "forged")
     schema = None if doc["schema"] is None else tuple(doc["schema"])
-    plan = Plan(files, _split(files.row_groups, doc["num_shards"], doc["rows_per_part"]), doc["output"],
-                tuple(doc["artifacts"]), doc["predicted_at"], schema=schema, model_version=doc["model_version"],
-                rows_per_part=doc["rows_per_part"])
+    plan = Plan(
+        files,
+        _split(files.row_groups, doc["num_shards"], doc["rows_per_part"]),
+        doc["output"],
+        tuple(doc["artifacts"]),
+        doc["predicted_at"],
+        schema=schema,
+        model_version=doc["model_version"],
+        rows_per_part=doc["rows_per_part"],
+    )
     return plan.to_dict()
 
 
@@ -50,8 +58,18 @@ class Job:
         self.inputs, self.excluded = paths[:3], paths[3]
         self.outside = write_inputs(tmp_path / "elsewhere", files=1, rows=1_008, row_group_size=1_008, seed=99)[0]
         self.out, self.model = tmp_path / "out", model
-        self.common = ["--input", str(self.folder / "day-0[0-2].parquet"), "--output", str(self.out),
-                       "--model", str(model["model"]), "--scaler", str(model["scaler"]), "--lease-seconds", "1"]
+        self.common = [
+            "--input",
+            str(self.folder / "day-0[0-2].parquet"),
+            "--output",
+            str(self.out),
+            "--model",
+            str(model["model"]),
+            "--scaler",
+            str(model["scaler"]),
+            "--lease-seconds",
+            "1",
+        ]
         result = cli("plan", *self.common, "--shards", str(SHARDS), "--out", plan_file(self.out))
         assert result.exit_code == 0, result.stderr
         self.printed = json.loads(result.stdout)
@@ -154,14 +172,20 @@ ATTACKS: dict[str, tuple[Callable[[Job, dict[str, Any]], dict[str, Any]], set[in
 
 #: Without the plan's digest a consistent re-split of the same input is indistinguishable (and
 #: harmless: it scores exactly the job's input): that attack is tried with the pin only.
-CASES = [(attack, pinned) for attack, (_, seen_by) in ATTACKS.items() for pinned in (True, False)
-         if pinned or seen_by is not None]
+CASES = [
+    (attack, pinned)
+    for attack, (_, seen_by) in ATTACKS.items()
+    for pinned in (True, False)
+    if pinned or seen_by is not None
+]
 
 
-@pytest.mark.parametrize(("attack", "pinned"), CASES,
-                         ids=[f"{a} ({'pin from plan (DAG)' if p else 'terminal, no pin'})" for a, p in CASES])
-def test_an_edited_plan_is_refused_after_its_lease_expired(tmp_path: Path, binary_model_paths, attack: str,
-                                                           pinned: bool) -> None:
+@pytest.mark.parametrize(
+    ("attack", "pinned"), CASES, ids=[f"{a} ({'pin from plan (DAG)' if p else 'terminal, no pin'})" for a, p in CASES]
+)
+def test_an_edited_plan_is_refused_after_its_lease_expired(
+    tmp_path: Path, binary_model_paths, attack: str, pinned: bool
+) -> None:
     job = Job(tmp_path, binary_model_paths)
     edit, seen_by = ATTACKS[attack]
     job.write(edit(job, json.loads(json.dumps(job.doc))))
@@ -183,10 +207,12 @@ def test_what_differs_is_named(tmp_path: Path, binary_model_paths, attack: str) 
     job.write(ATTACKS[attack][0](job, json.loads(json.dumps(job.doc))))
     result = job.commit([])
     assert result.exit_code == EXIT_INPUT
-    expected = {"outside file, plan id recomputed": f"outside the job's input ({job.folder}/day-0[0-2].parquet), "
-                                                   f"e.g. {job.outside}",
-                "file dropped": f"the job's input matches 1 file(s) the plan lacks, e.g. {job.inputs[2]}",
-                "row counts edited": f"input file {job.inputs[0]} changed since the plan was made (row groups"}[attack]
+    expected = {
+        "outside file, plan id recomputed": f"outside the job's input ({job.folder}/day-0[0-2].parquet), "
+        f"e.g. {job.outside}",
+        "file dropped": f"the job's input matches 1 file(s) the plan lacks, e.g. {job.inputs[2]}",
+        "row counts edited": f"input file {job.inputs[0]} changed since the plan was made (row groups",
+    }[attack]
     assert expected in result.stderr, result.stderr
 
 

@@ -12,8 +12,13 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from test_dag import DAY, load_dags, write_job
-from test_dag import configs_dir  # noqa: F401  (fixture)
+
+from test_dag import (
+    DAY,
+    configs_dir,  # noqa: F401  (fixture)
+    load_dags,
+    write_job,
+)
 
 VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 
@@ -42,8 +47,12 @@ def test_repository_job_pod_is_valid_for_the_kubernetes_api(airflow_env: Path, m
     validate(pod)
     # The check is live: what the API server refuses, it refuses too.
     container = pod["spec"]["containers"][0]
-    for broken in ({**container, "resources": {"limits": {"cpu": ["2"]}}}, {**container, "imagePullPolicy": 3},
-                   {**container, "env_vars": []}, {**container, "args": "run --shard 2"}):
+    for broken in (
+        {**container, "resources": {"limits": {"cpu": ["2"]}}},
+        {**container, "imagePullPolicy": 3},
+        {**container, "env_vars": []},
+        {**container, "args": "run --shard 2"},
+    ):
         with pytest.raises(kubernetes_validate.ValidationError):
             validate({**pod, "spec": {**pod["spec"], "containers": [broken]}})
 
@@ -52,9 +61,15 @@ def test_every_dag_setting_the_pod_carries_is_valid(airflow_env: Path, configs_d
     """A job using each pod-related ``dag:`` key at once (whole secrets and single keys, requests and
     limits in every unit the docs allow, env templates, pull policy, node selector)."""
     dag_section = {
-        "schedule": "@daily", "start_date": "2024-01-01", "runner": "kubernetes", "image": "registry.example/bs:1",
-        "image_pull_policy": "IfNotPresent", "namespace": "scoring", "service_account": "scorer",
-        "node_selector": {"pool": "batch", "disk": "ssd"}, "env": {"SCORED_DAY": "{{ ds }}", "LOG_LEVEL": "INFO"},
+        "schedule": "@daily",
+        "start_date": "2024-01-01",
+        "runner": "kubernetes",
+        "image": "registry.example/bs:1",
+        "image_pull_policy": "IfNotPresent",
+        "namespace": "scoring",
+        "service_account": "scorer",
+        "node_selector": {"pool": "batch", "disk": "ssd"},
+        "env": {"SCORED_DAY": "{{ ds }}", "LOG_LEVEL": "INFO"},
         "resources": {"requests": {"cpu": "500m", "memory": "1.5Gi"}, "limits": {"cpu": 2, "memory": "6G"}},
         "secrets": [{"secret": "s3", "key": "id", "env": "AWS_ACCESS_KEY_ID"}, {"secret": "whole-secret"}],
     }
@@ -63,5 +78,7 @@ def test_every_dag_setting_the_pod_carries_is_valid(airflow_env: Path, configs_d
     pod = rendered_pod(load_dags(configs_dir)["batchscore_every_key"], ["run", "--shard", "0"], "registry.example/bs:2")
     validate(pod)
     container = pod["spec"]["containers"][0]
-    assert container["image"] == "registry.example/bs:2" and container["envFrom"][0]["secretRef"]["name"] == "whole-secret"
+    assert (
+        container["image"] == "registry.example/bs:2" and container["envFrom"][0]["secretRef"]["name"] == "whole-secret"
+    )
     assert {e["name"]: e.get("value") for e in container["env"]}["SCORED_DAY"] == DAY

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,9 +54,21 @@ def scores(tmp_path_factory: pytest.TempPathFactory, binary_model_paths: dict[st
     for n, day in enumerate(DATES):
         valid = _write_day(root / "events" / f"dt={day}", first_id=1 + n * 10_000, seed=20 + n)
         output = root / "scores" / f"dt={day}"
-        result = cli("run", "--input", root / "events" / f"dt={day}", "--output", output,
-                     "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
-                     "--on-invalid", "quarantine", "--model-version", "v1")
+        result = cli(
+            "run",
+            "--input",
+            root / "events" / f"dt={day}",
+            "--output",
+            output,
+            "--model",
+            binary_model_paths["model"],
+            "--scaler",
+            binary_model_paths["scaler"],
+            "--on-invalid",
+            "quarantine",
+            "--model-version",
+            "v1",
+        )
         assert result.exit_code == 0, result.stderr
         committed = read_output(output)
         assert_exact(committed, valid, binary_model_paths)
@@ -88,8 +101,9 @@ def assert_scored_rows(
     frame = _frame(got)
     manifests = [read_manifest(data["scores"] / f"dt={day}") for day in days]
     assert len(frame) == sum(m["rows"]["out"] for m in manifests)
-    rejected = set().union(*(read_rejected(data["scores"] / f"dt={day}").column("customer_id").to_pylist()
-                             for day in days))
+    rejected = set().union(
+        *(read_rejected(data["scores"] / f"dt={day}").column("customer_id").to_pylist() for day in days)
+    )
     assert rejected and not rejected & set(frame["customer_id"])
     assert dt is None or dt == ("dt" in frame.columns)
     want = _expected(data, days, "dt" in frame.columns)
@@ -108,8 +122,11 @@ def test_the_output_folder_holds_only_parts_and_an_empty_success(scores: dict[st
     assert manifest["rows"] == {"in": 1_235, "out": 1_232, "invalid": 3}
     assert manifest["state"] == str(state(output))
     rejected = sorted(os.listdir(state(output) / "rejected"))
-    assert rejected == manifest["rejected_parts"] == ["part-00000-00000.parquet.rejected",
-                                                      "part-00001-00000.parquet.rejected"]
+    assert (
+        rejected
+        == manifest["rejected_parts"]
+        == ["part-00000-00000.parquet.rejected", "part-00001-00000.parquet.rejected"]
+    )
     assert read_rejected(output).column("reject_reason").to_pylist() == ["age is NaN"] * 3
     assert len(pd.read_parquet(state(output) / "rejected")) == 3  # as docs/output.md reads them
 
@@ -183,9 +200,14 @@ def spark() -> Any:
         pytest.skip("no Java runtime (java not on PATH, JAVA_HOME unset): Spark cannot start here")
     from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[1]").appName("batchscore-readers")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
-               .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    session = (
+        SparkSession.builder.master("local[1]")
+        .appName("batchscore-readers")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .getOrCreate()
+    )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -207,19 +229,41 @@ def test_polars_reads_the_output_on_s3(scores: dict[str, Any], s3, binary_model_
     fs, bucket, options = s3
     day = DATES[0]
     output = f"s3://{bucket}/scores/dt={day}"
-    result = cli("run", "--input", scores["root"] / "events" / f"dt={day}", "--output", output,
-                 "--model", binary_model_paths["model"], "--scaler", binary_model_paths["scaler"],
-                 "--on-invalid", "quarantine", "--model-version", "v1",
-                 "--storage-option", f"endpoint_url={options['endpoint_url']}")
+    result = cli(
+        "run",
+        "--input",
+        scores["root"] / "events" / f"dt={day}",
+        "--output",
+        output,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--on-invalid",
+        "quarantine",
+        "--model-version",
+        "v1",
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+    )
     assert result.exit_code == 0, result.stderr
     manifest = read_manifest(output, fs)
     assert manifest["rows"]["invalid"] == 3 and manifest["state"] == state_folder(output)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(output)) == [
-        "_SUCCESS", "part-00000-00000.parquet", "part-00001-00000.parquet"]
-    polars_options = {"aws_endpoint_url": options["endpoint_url"], "aws_access_key_id": "testing",
-                      "aws_secret_access_key": "testing", "aws_region": "us-east-1", "aws_allow_http": "true"}
+        "_SUCCESS",
+        "part-00000-00000.parquet",
+        "part-00001-00000.parquet",
+    ]
+    polars_options = {
+        "aws_endpoint_url": options["endpoint_url"],
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "aws_region": "us-east-1",
+        "aws_allow_http": "true",
+    }
     for path in (output + "/", f"{output}/*.parquet"):
         assert_scored_rows(pl.read_parquet(path, storage_options=polars_options), scores)
     pattern = f"s3://{bucket}/scores/**/*.parquet"
-    assert_scored_rows(pl.scan_parquet(pattern, hive_partitioning=True, storage_options=polars_options).collect(),
-                       scores, dt=True)
+    assert_scored_rows(
+        pl.scan_parquet(pattern, hive_partitioning=True, storage_options=polars_options).collect(), scores, dt=True
+    )

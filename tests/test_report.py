@@ -6,8 +6,8 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -73,8 +73,13 @@ def test_progress_moves_with_every_batch_not_every_part(tmp_path: Path, binary_m
     scored, from every worker (counted, not timed)."""
     inputs = write_inputs(tmp_path / "in", files=2, rows=4_816, row_group_size=1_204)
     config = JobConfig(
-        input=tuple(str(p) for p in inputs), output=str(tmp_path / "out"), model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]), batch_size=602, workers=workers, log_format="json",
+        input=tuple(str(p) for p in inputs),
+        output=str(tmp_path / "out"),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        batch_size=602,
+        workers=workers,
+        log_format="json",
     )
     stream = io.StringIO()
     logs.configure("json", stream, progress_interval=0.0)

@@ -17,6 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
+from batchscore.errors import EXIT_DRIFT, EXIT_USAGE
+from batchscore.observe.drift import PSI_FLOOR
+from batchscore.observe.profile import bucket_index, lower_bound
+from batchscore.sample import FEATURES
 from helpers import (
     cli,
     multiclass_model,
@@ -29,18 +34,24 @@ from helpers import (
     write_inputs,
 )
 
-from batchscore.observe.drift import PSI_FLOOR
-from batchscore.errors import EXIT_DRIFT, EXIT_USAGE
-from batchscore.observe.profile import bucket_index, lower_bound
-from batchscore.sample import FEATURES
-
 ROWS_PER_FILE = 1_616  # three files: 4_848 rows, a multiple of 16
 VOLATILE = ("created_at", "attempts", "plan_id", "output", "predicted_at", "drift", "held", "committed")
 
 
 def job(inputs: Path, output: Path, model: dict[str, Path], *extra: Any) -> list[str]:
-    return ["--input", str(inputs), "--output", str(output), "--model", str(model["model"]),
-            "--scaler", str(model["scaler"]), "--on-invalid", "skip", *map(str, extra)]
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--model",
+        str(model["model"]),
+        "--scaler",
+        str(model["scaler"]),
+        "--on-invalid",
+        "skip",
+        *map(str, extra),
+    ]
 
 
 def with_invalid_values(folder: Path, seed: int = 7, shift_age: float = 0.0) -> Path:
@@ -65,8 +76,9 @@ def with_invalid_values(folder: Path, seed: int = 7, shift_age: float = 0.0) -> 
 
 def batchscore(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The real CLI in its own process."""
-    return subprocess.run([sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def direct_counts(values: np.ndarray, edges: list[float]) -> np.ndarray:
@@ -88,8 +100,14 @@ def finite(column: pa.ChunkedArray) -> np.ndarray:
 
 def test_the_grid_holds_every_value_in_its_bucket() -> None:
     rng = np.random.default_rng(5)
-    values = np.concatenate([rng.normal(0, 1e3, 4_000), rng.uniform(-1, 1, 1_000) * 1e-12, [0.0, -0.0, 1.0, -1.0,
-                             32.0, -32.0, 0.75, -0.75, 2.0 ** -32, -(2.0 ** -32)], np.arange(-300, 300.0)])
+    values = np.concatenate(
+        [
+            rng.normal(0, 1e3, 4_000),
+            rng.uniform(-1, 1, 1_000) * 1e-12,
+            [0.0, -0.0, 1.0, -1.0, 32.0, -32.0, 0.75, -0.75, 2.0**-32, -(2.0**-32)],
+            np.arange(-300, 300.0),
+        ]
+    )
     index = bucket_index(values)
     assert np.all(lower_bound(index) <= values) and np.all(values < lower_bound(index + 1))
     assert np.all(np.diff(bucket_index(np.sort(values))) >= 0)  # buckets keep the values' order
@@ -112,9 +130,12 @@ def test_shards_merge_exactly_and_match_a_direct_computation(tmp_path: Path, bin
     assert len(three["attempts"]) == 3
     for report, output in ((one, single), (three, sharded)):
         rows = read_manifest(output)["rows"]
-        assert report["rows"] == {"read": rows["in"], "scored": rows["out"], "invalid": rows["invalid"],
-                                  "invalid_by_reason": {"age is null": 4, "total_charges is NaN": 2,
-                                                        "total_charges is infinite": 1}}
+        assert report["rows"] == {
+            "read": rows["in"],
+            "scored": rows["out"],
+            "invalid": rows["invalid"],
+            "invalid_by_reason": {"age is null": 4, "total_charges is NaN": 2, "total_charges is infinite": 1},
+        }
         assert rows["in"] == 3 * ROWS_PER_FILE and rows["invalid"] == 6  # row 17 has two reasons
         probability = report["scores"]["columns"]["probability"]
         assert probability["count"] == sum(probability["histogram"]["counts"]) == rows["out"]
@@ -127,7 +148,8 @@ def test_shards_merge_exactly_and_match_a_direct_computation(tmp_path: Path, bin
     for name in FEATURES:  # float sums may round differently when added in another order
         assert one["features"][name].pop("mean") == pytest.approx(three["features"][name].pop("mean"), rel=1e-12)
     assert one["scores"]["columns"]["probability"].pop("mean") == pytest.approx(
-        three["scores"]["columns"]["probability"].pop("mean"), rel=1e-12)
+        three["scores"]["columns"]["probability"].pop("mean"), rel=1e-12
+    )
     assert strip(one) == strip(three)
 
     table, scored, fresh = read_inputs(sorted(inputs.glob("*.parquet"))), read_output(sharded), read_run_report(sharded)
@@ -175,8 +197,14 @@ def test_drift_holds_the_output_until_accepted(tmp_path: Path, binary_model_path
     assert batchscore("run", *job(inputs, reference, binary_model_paths)).returncode == 0
 
     same = tmp_path / "same"
-    result = batchscore("run", *job(with_invalid_values(tmp_path / "day2", seed=99), same, binary_model_paths),
-                        "--reference", reference, "--drift-fail", 0.25)
+    result = batchscore(
+        "run",
+        *job(with_invalid_values(tmp_path / "day2", seed=99), same, binary_model_paths),
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.25,
+    )
     assert result.returncode == 0, result.stderr
     drift = read_run_report(same)["drift"]
     assert drift["max_psi"] < 0.05 and drift["drifted"] == [] and "PSI above" not in result.stderr
@@ -222,8 +250,13 @@ def test_a_held_sharded_job_accepts_only_what_was_reviewed(tmp_path: Path, binar
     reference = tmp_path / "reference"
     assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
     output, plan = tmp_path / "out", tmp_path / "plan.json"
-    args = [*job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
-            "--reference", reference, "--drift-fail", 0.5]
+    args = [
+        *job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.5,
+    ]
     assert cli("plan", *args, "--shards", 3, "--out", plan).exit_code == 0
     for index in range(3):
         assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
@@ -247,8 +280,9 @@ def test_reference_on_s3(tmp_path: Path, s3: Any, binary_model_paths) -> None:
     inputs = with_invalid_values(tmp_path / "in")
     assert cli("run", *job(inputs, f"s3://{bucket}/day1", binary_model_paths), *store).exit_code == 0
     shifted = with_invalid_values(tmp_path / "shifted", shift_age=12.0)
-    result = cli("run", *job(shifted, f"s3://{bucket}/day2", binary_model_paths), *store,
-                 "--reference", f"s3://{bucket}/day1/")
+    result = cli(
+        "run", *job(shifted, f"s3://{bucket}/day2", binary_model_paths), *store, "--reference", f"s3://{bucket}/day1/"
+    )
     assert result.exit_code == 0, result.stderr
     shown = cli("report", f"s3://{bucket}/day2", *store)
     assert shown.exit_code == 0, shown.stderr
@@ -268,7 +302,7 @@ def _chromium() -> str:
 
 def _pixels_of(image: Any, colour: str) -> int:
     rgb = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    target = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    target = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     return int(np.all(np.abs(rgb.astype(int) - target) <= 2, axis=1).sum())
 
 
@@ -283,26 +317,46 @@ def test_the_html_page_shows_the_charts_in_chromium(tmp_path: Path, binary_model
     reference = tmp_path / "reference"
     assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
     output = tmp_path / "out"
-    held = cli("run", *job(with_invalid_values(tmp_path / "day2", shift_age=12.0), output, binary_model_paths),
-               "--reference", reference, "--drift-fail", 0.25)
+    held = cli(
+        "run",
+        *job(with_invalid_values(tmp_path / "day2", shift_age=12.0), output, binary_model_paths),
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.25,
+    )
     assert held.exit_code == EXIT_DRIFT
     page, shot = tmp_path / "report.html", tmp_path / "report.png"
     assert cli("report", output, "--html", page).exit_code == 0
     text = page.read_text()
     assert "<script" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
-    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--disable-extensions", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    browser = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-extensions",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     env = {**os.environ, "HOME": str(tmp_path)}
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri()],
-                   capture_output=True, timeout=90, check=True, env=env)
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri()],
+        capture_output=True,
+        timeout=90,
+        check=True,
+        env=env,
+    )
     image = Image.open(shot)
     assert image.size == (1200, 1400)
     assert _pixels_of(image, BAR) > 5_000  # the probability histogram and the class bars
     assert _pixels_of(image, SPARK) > 500  # four feature sparklines
     assert _pixels_of(image, FAIL) > 50  # the held badge and the dot of the drifted column
-    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90,
-                         check=True, env=env).stdout
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90, check=True, env=env
+    ).stdout
     assert "held for drift" in dom and "Drift" in dom and "above fail" in dom
     for name in (*FEATURES, "probability", "predicted classes"):
         assert name in dom
@@ -330,19 +384,31 @@ def test_the_library_reports_holds_and_accepts_drift(tmp_path: Path, binary_mode
     import batchscore
     from batchscore.errors import DriftError
 
-    model = {"model": str(binary_model_paths["model"]), "scaler": str(binary_model_paths["scaler"]),
-             "on_invalid": "skip"}
+    model = {
+        "model": str(binary_model_paths["model"]),
+        "scaler": str(binary_model_paths["scaler"]),
+        "on_invalid": "skip",
+    }
     reference = tmp_path / "reference"
-    ran = batchscore.run(batchscore.build_config(
-        None, input=(str(with_invalid_values(tmp_path / "day1")),), output=str(reference), **model))
+    ran = batchscore.run(
+        batchscore.build_config(
+            None, input=(str(with_invalid_values(tmp_path / "day1")),), output=str(reference), **model
+        )
+    )
     found = batchscore.report(str(reference))
     assert isinstance(found, batchscore.ReportResult) and found.committed and not found.held
     assert (found.rows_scored, found.rows_invalid, found.max_psi) == (ran.rows_out, ran.rows_invalid, None)
     assert '"sketch"' in json.dumps(found.report) and '"sketch"' not in json.dumps(found.to_dict())
 
     shifted = tmp_path / "shifted"
-    config = batchscore.build_config(None, input=(str(with_invalid_values(tmp_path / "day2", shift_age=12.0)),),
-                                     output=str(shifted), reference=str(reference), drift_fail=0.25, **model)
+    config = batchscore.build_config(
+        None,
+        input=(str(with_invalid_values(tmp_path / "day2", shift_age=12.0)),),
+        output=str(shifted),
+        reference=str(reference),
+        drift_fail=0.25,
+        **model,
+    )
     with pytest.raises(DriftError) as held:
         batchscore.run(config)
     assert held.value.exit_code == EXIT_DRIFT and no_success(shifted)
@@ -361,8 +427,9 @@ MANIFEST_VOLATILE = ("output", "state", "plan_id", "committed_at", "predicted_at
 
 def _same_commit(manifest: dict[str, Any], twin: dict[str, Any]) -> None:
     """Two manifests of the same job committed to two outputs: equal but for where and when."""
-    assert {k: v for k, v in manifest.items() if k not in MANIFEST_VOLATILE} == \
-        {k: v for k, v in twin.items() if k not in MANIFEST_VOLATILE}
+    assert {k: v for k, v in manifest.items() if k not in MANIFEST_VOLATILE} == {
+        k: v for k, v in twin.items() if k not in MANIFEST_VOLATILE
+    }
 
 
 def test_a_held_run_is_accepted_from_its_output_alone(tmp_path: Path, binary_model_paths) -> None:
@@ -380,8 +447,9 @@ def test_a_held_run_is_accepted_from_its_output_alone(tmp_path: Path, binary_mod
     assert cli("run", *job(day3, twin, binary_model_paths), *settings).exit_code == 0
 
     held = tmp_path / "held"
-    run = batchscore("run", *job(day3, held, binary_model_paths), *settings, "--reference", reference,
-                     "--drift-fail", 0.25)
+    run = batchscore(
+        "run", *job(day3, held, binary_model_paths), *settings, "--reference", reference, "--drift-fail", 0.25
+    )
     assert run.returncode == EXIT_DRIFT and no_success(held), run.stderr
     parts = {p.name: p.read_bytes() for p in held.glob("part-*.parquet")}
     report = read_run_report(held)
@@ -403,10 +471,18 @@ def test_a_held_run_is_accepted_from_its_output_alone(tmp_path: Path, binary_mod
     assert "--accept-drift" in again.stderr and read_manifest(held) == manifest
 
     # The same through the library: a run held, then accepted from the output's name.
-    config = library.build_config(None, input=(str(day3),), output=str(tmp_path / "library"),
-                                  model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]),
-                                  on_invalid="skip", model_version="3.1", max_invalid_fraction=0.01,
-                                  reference=str(reference), drift_fail=0.25)
+    config = library.build_config(
+        None,
+        input=(str(day3),),
+        output=str(tmp_path / "library"),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        on_invalid="skip",
+        model_version="3.1",
+        max_invalid_fraction=0.01,
+        reference=str(reference),
+        drift_fail=0.25,
+    )
     with pytest.raises(DriftError):
         library.run(config)
     committed = library.commit(library.build_config(None, output=str(tmp_path / "library")), accept_drift=True)
@@ -423,8 +499,13 @@ def test_a_held_sharded_job_is_accepted_from_its_output_alone(tmp_path: Path, bi
     reference = tmp_path / "reference"
     assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
     output, plan = tmp_path / "out", tmp_path / "plan.json"
-    args = [*job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
-            "--reference", reference, "--drift-fail", 0.5]
+    args = [
+        *job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.5,
+    ]
     assert cli("plan", *args, "--shards", 3, "--out", plan).exit_code == 0
     for index in range(3):
         assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
@@ -446,16 +527,22 @@ def test_a_held_sharded_job_is_accepted_from_its_output_alone(tmp_path: Path, bi
 
 @pytest.mark.fault
 @pytest.mark.parametrize("tamper", ["edited plan", "other output", "unsigned", "not json", "gone"])
-def test_a_held_record_that_is_not_the_held_commit_is_refused(tmp_path: Path, binary_model_paths,
-                                                            monkeypatch: pytest.MonkeyPatch, tamper: str) -> None:
+def test_a_held_record_that_is_not_the_held_commit_is_refused(
+    tmp_path: Path, binary_model_paths, monkeypatch: pytest.MonkeyPatch, tamper: str
+) -> None:
     """The record beside a held output is held to what a plan file is: consistent, for this output,
     signed where a key is set. Refused with nothing committed; the output stays held."""
     monkeypatch.setenv("BATCHSCORE_PLAN_KEY", "held-key")
     reference = tmp_path / "reference"
     assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
     output = tmp_path / "out"
-    args = [*job(with_invalid_values(tmp_path / "day2", shift_age=12.0), output, binary_model_paths),
-            "--reference", reference, "--drift-fail", 0.25]
+    args = [
+        *job(with_invalid_values(tmp_path / "day2", shift_age=12.0), output, binary_model_paths),
+        "--reference",
+        reference,
+        "--drift-fail",
+        0.25,
+    ]
     assert cli("run", *args).exit_code == EXIT_DRIFT
     record = tmp_path / "_batchscore" / "out" / "held.json"
     data = json.loads(record.read_text())

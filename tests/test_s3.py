@@ -28,10 +28,23 @@ def test_s3_in_s3_out_with_model_on_s3(tmp_path: Path, s3, binary_model_paths) -
     _upload(fs, binary_model_paths["scaler"], f"{bucket}/models/1.2.0/scaler.joblib")
     output = f"s3://{bucket}/scores/2026-11-24"
     result = cli(
-        "run", "--input", f"s3://{bucket}/daily/2026-11-24/*.parquet", "--output", output,
-        "--model", f"s3://{bucket}/models/1.2.0/model.joblib", "--scaler", f"s3://{bucket}/models/1.2.0/scaler.joblib",
-        "--model-version", "1.2.0", "--storage-option", f"endpoint_url={options['endpoint_url']}",
-        "--workers", "2", "--batch-size", "256",
+        "run",
+        "--input",
+        f"s3://{bucket}/daily/2026-11-24/*.parquet",
+        "--output",
+        output,
+        "--model",
+        f"s3://{bucket}/models/1.2.0/model.joblib",
+        "--scaler",
+        f"s3://{bucket}/models/1.2.0/scaler.joblib",
+        "--model-version",
+        "1.2.0",
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+        "--workers",
+        "2",
+        "--batch-size",
+        "256",
     )
     assert result.exit_code == 0, result.stderr
     assert fs.exists(f"{bucket}/scores/2026-11-24/_SUCCESS")
@@ -63,12 +76,32 @@ def test_s3_bad_input_and_missing_model(tmp_path: Path, s3, binary_model_paths) 
     fs, bucket, options = s3
     fs.pipe_file(f"{bucket}/in/broken.parquet", b"not parquet" * 20)
     endpoint = f"endpoint_url={options['endpoint_url']}"
-    result = cli("run", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model",
-                 binary_model_paths["model"], "--scaler", binary_model_paths["scaler"], "--storage-option", endpoint)
+    result = cli(
+        "run",
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--storage-option",
+        endpoint,
+    )
     assert result.exit_code == EXIT_INPUT
     assert f"s3://{bucket}/in/broken.parquet" in result.stderr
-    result = cli("run", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model",
-                 f"s3://{bucket}/models/none.joblib", "--storage-option", endpoint)
+    result = cli(
+        "run",
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--model",
+        f"s3://{bucket}/models/none.joblib",
+        "--storage-option",
+        endpoint,
+    )
     assert result.exit_code == EXIT_MODEL
     assert f"s3://{bucket}/models/none.joblib" in result.stderr
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
@@ -78,8 +111,13 @@ def _use_in_child(location: Location, conn: Any) -> None:
     """What a worker does with a location it was handed: use its filesystem."""
     try:
         fs = location.fs
-        conn.send((fs is location._fs, fs.ls(location.path, detail=False),
-                   (fs.retry_policy.retries, fs.retry_policy.throttle_seconds)))
+        conn.send(
+            (
+                fs is location._fs,
+                fs.ls(location.path, detail=False),
+                (fs.retry_policy.retries, fs.retry_policy.throttle_seconds),
+            )
+        )
     except Exception as exc:  # e.g. "This class is not fork-safe": the parent's client reused
         conn.send(repr(exc))
 
@@ -109,4 +147,3 @@ def test_a_location_gives_each_process_its_own_filesystem(s3) -> None:
                 child.kill()
     again = pickle.loads(pickle.dumps(here))
     assert again == here and again.fs is here.fs  # in the same process: fsspec's one instance
-

@@ -43,13 +43,26 @@ def test_sample_job_is_exact(tmp_path: Path) -> None:
     shutil.copytree(REPO / "sample_data", data, ignore=shutil.ignore_patterns("model"))
     assert cli("sample", "--out-dir", data, "--model-only").exit_code == 0
     out = tmp_path / "out"
-    result = cli("run", "--config", REPO / "configs" / "sample.yaml", "--input", data / "churn.parquet",
-                 "--model", data / "model" / "model.joblib", "--scaler", data / "model" / "scaler.joblib",
-                 "--output", out)
+    result = cli(
+        "run",
+        "--config",
+        REPO / "configs" / "sample.yaml",
+        "--input",
+        data / "churn.parquet",
+        "--model",
+        data / "model" / "model.joblib",
+        "--scaler",
+        data / "model" / "scaler.joblib",
+        "--output",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     table = read_output(out)
-    assert_exact(table, pq.read_table(data / "churn.parquet"),
-                 {"model": data / "model" / "model.joblib", "scaler": data / "model" / "scaler.joblib"})
+    assert_exact(
+        table,
+        pq.read_table(data / "churn.parquet"),
+        {"model": data / "model" / "model.joblib", "scaler": data / "model" / "scaler.joblib"},
+    )
     assert table.column_names[-4:] == ["prediction", "probability", "predicted_at", "model_version"]
     assert table.schema.field("predicted_at").type == pa.timestamp("us", tz="UTC")
     assert set(table.column("model_version").to_pylist()) == {"1.0.0"}
@@ -82,8 +95,14 @@ def test_multiclass_output_columns(tmp_path: Path) -> None:
     model = multiclass_model(tmp_path / "model")
     _run(inputs, tmp_path / "out", model)
     names = read_output(tmp_path / "out").column_names
-    assert names[-6:] == ["prediction", "probability_basic", "probability_premium", "probability_standard",
-                          "predicted_at", "model_version"]
+    assert names[-6:] == [
+        "prediction",
+        "probability_basic",
+        "probability_premium",
+        "probability_standard",
+        "predicted_at",
+        "model_version",
+    ]
 
 
 def test_regressor_has_prediction_only(tmp_path: Path) -> None:
@@ -109,8 +128,11 @@ def test_directory_glob_and_several_inputs_in_deterministic_order(tmp_path: Path
     (tmp_path / "in" / "_SUCCESS").write_text("")  # not data
     _run([tmp_path / "in"], tmp_path / "dir", binary_model_paths)
     assert_exact(read_output(tmp_path / "dir"), read_inputs(inputs + nested), binary_model_paths)
-    _run([tmp_path / "in" / "day-02.parquet", tmp_path / "in" / "day-0[01].parquet"], tmp_path / "glob",
-         binary_model_paths)
+    _run(
+        [tmp_path / "in" / "day-02.parquet", tmp_path / "in" / "day-0[01].parquet"],
+        tmp_path / "glob",
+        binary_model_paths,
+    )
     assert_exact(read_output(tmp_path / "glob"), read_inputs([inputs[2], inputs[0], inputs[1]]), binary_model_paths)
 
 
@@ -133,8 +155,19 @@ def test_decision_boundary_ties_follow_predict(tmp_path: Path) -> None:
     pq.write_table(pa.table({n: raw[:, i] for i, n in enumerate(names)}), tmp_path / "ties.parquet")
     proba = model.predict_proba(scaler.transform(raw))
     assert (proba[:, 0] == proba[:, 1]).any(), "the data must contain exact ties"
-    result = cli("run", "--input", tmp_path / "ties.parquet", "--output", tmp_path / "out", "--model",
-                 folder / "model.joblib", "--scaler", folder / "scaler.joblib", "--features", "a,b,c,d")
+    result = cli(
+        "run",
+        "--input",
+        tmp_path / "ties.parquet",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        folder / "model.joblib",
+        "--scaler",
+        folder / "scaler.joblib",
+        "--features",
+        "a,b,c,d",
+    )
     assert result.exit_code == 0, result.stderr
     got = read_output(tmp_path / "out").column("prediction").to_numpy()
     assert np.array_equal(got, model.predict(scaler.transform(raw)))

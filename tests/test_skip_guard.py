@@ -71,8 +71,14 @@ def _pytest(root: Path, ci: str | None, *args: str) -> subprocess.CompletedProce
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", *args],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_in_ci_only_allowlisted_skips_pass(tmp_path: Path) -> None:
@@ -90,15 +96,17 @@ def test_in_ci_every_unlisted_way_of_not_running_fails_the_run_by_name(tmp_path:
     done = _pytest(root, "true")
     assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr
     not_run = sorted(line for line in done.stdout.splitlines() if line.startswith("NOT RUN "))
-    assert not_run == sorted([
-        "NOT RUN tests/test_demo.py::test_unlisted: no compiler here",
-        "NOT RUN tests/test_demo.py::test_marked: not on this platform",
-        "NOT RUN tests/test_demo.py::test_in_fixture: the fixture's service is absent",
-        "NOT RUN tests/test_demo.py::test_xfailed: xfailed: known to be broken",
-        "NOT RUN tests/test_demo.py::test_xpassed: xpassed: thought broken",
-        "NOT RUN tests/test_module.py: could not import 'no_such_module_for_the_guard': "
-        "No module named 'no_such_module_for_the_guard'",
-    ]), done.stdout
+    assert not_run == sorted(
+        [
+            "NOT RUN tests/test_demo.py::test_unlisted: no compiler here",
+            "NOT RUN tests/test_demo.py::test_marked: not on this platform",
+            "NOT RUN tests/test_demo.py::test_in_fixture: the fixture's service is absent",
+            "NOT RUN tests/test_demo.py::test_xfailed: xfailed: known to be broken",
+            "NOT RUN tests/test_demo.py::test_xpassed: xpassed: thought broken",
+            "NOT RUN tests/test_module.py: could not import 'no_such_module_for_the_guard': "
+            "No module named 'no_such_module_for_the_guard'",
+        ]
+    ), done.stdout
     assert "test_allowed" not in "\n".join(not_run)
 
 
@@ -114,7 +122,13 @@ def test_a_failure_stays_a_failure_and_a_bad_entry_is_a_usage_error(tmp_path: Pa
     failing = "import pytest\n\ndef test_fails():\n    assert False\n\ndef test_skips():\n    pytest.skip('nope')\n"
     root = _suite(tmp_path / "a", {"test_fails.py": failing})
     done = _pytest(root, "true")
-    assert done.returncode == pytest.ExitCode.TESTS_FAILED and "NOT RUN tests/test_fails.py::test_skips: nope" in done.stdout
+    assert (
+        done.returncode == pytest.ExitCode.TESTS_FAILED
+        and "NOT RUN tests/test_fails.py::test_skips: nope" in done.stdout
+    )
     root = _suite(tmp_path / "b", {"test_ok.py": "def test_ok():\n    pass\n"}, allowlist="# why\nunclosed (group\n")
     done = _pytest(root, "true")
-    assert done.returncode == pytest.ExitCode.USAGE_ERROR and "skip-allowlist.txt:2: not a regular expression" in done.stderr
+    assert (
+        done.returncode == pytest.ExitCode.USAGE_ERROR
+        and "skip-allowlist.txt:2: not a regular expression" in done.stderr
+    )

@@ -17,12 +17,19 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import (assert_exact, binary_model, multiclass_model, read_inputs, read_manifest, read_output,
-                     receipt_file, state, write_inputs)
-from spark_fixtures import spark_cluster, spark_local  # noqa: F401  (fixtures)
-
 import batchscore
 from batchscore.errors import ConfigError, InputDataError, ModelError
+from helpers import (
+    assert_exact,
+    binary_model,
+    multiclass_model,
+    read_inputs,
+    read_manifest,
+    read_output,
+    receipt_file,
+    write_inputs,
+)
+from spark_fixtures import spark_cluster, spark_local  # noqa: F401  (fixtures)
 
 
 def _job_file(folder: Path, **job: Any) -> Path:
@@ -39,17 +46,24 @@ def _output_files(output: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(spark_cluster: Any, tmp_path: Path,
-                                                                   binary_model_paths: dict[str, Path]) -> None:
+def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(
+    spark_cluster: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
     """Five files of several row groups, three shards of two or three files each; the first attempt
     of shard 1 dies (os._exit) once its first part is written. Spark retries it; the commit is
     exact, in input order, with one part per planned unit and nothing else in the output."""
     paths = write_inputs(tmp_path / "in", files=5, rows=656, row_group_size=200)
     output = tmp_path / "out"
-    job = _job_file(tmp_path, input=str(tmp_path / "in"), output=str(output),
-                    model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]))
-    done = spark_cluster.submit(["--config", str(job), "--shards", "3"],
-                                conf={"spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:part"})
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+    )
+    done = spark_cluster.submit(
+        ["--config", str(job), "--shards", "3"], conf={"spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:part"}
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "scored 3,280 of 3,280 rows, 0 invalid" in done.stdout
     assert "shard 1 by task attempt 1" in done.stdout + done.stderr, spark_cluster.batchscore_lines(done)
@@ -68,34 +82,48 @@ def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(spark_cluster
 
 
 @pytest.mark.slow
-def test_submitted_job_reads_and_writes_s3(spark_cluster: Any, tmp_path: Path, s3: Any,
-                                           binary_model_paths: dict[str, Path]) -> None:
+def test_submitted_job_reads_and_writes_s3(
+    spark_cluster: Any, tmp_path: Path, s3: Any, binary_model_paths: dict[str, Path]
+) -> None:
     """Input, model and output on the loopback S3 server: each task reads its row groups through
     batchscore's own fsspec storage, the driver commits there."""
     fs, bucket, options = s3
     paths = write_inputs(tmp_path / "in", files=2, rows=992, row_group_size=256)
     for path in paths:
         fs.put(str(path), f"{bucket}/in/{path.name}")
-    for name, path in binary_model_paths.items():
+    for path in binary_model_paths.values():
         fs.put(str(path), f"{bucket}/model/{path.name}")
-    job = _job_file(tmp_path, input=f"s3://{bucket}/in/*.parquet", output=f"s3://{bucket}/scores/out",
-                    model=f"s3://{bucket}/model/model.joblib", scaler=f"s3://{bucket}/model/scaler.joblib",
-                    storage_options=options)
+    job = _job_file(
+        tmp_path,
+        input=f"s3://{bucket}/in/*.parquet",
+        output=f"s3://{bucket}/scores/out",
+        model=f"s3://{bucket}/model/model.joblib",
+        scaler=f"s3://{bucket}/model/scaler.joblib",
+        storage_options=options,
+    )
     credentials = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    done = spark_cluster.submit(["--config", str(job)],
-                                conf={f"spark.executorEnv.{k}": v for k, v in credentials.items()}, env=credentials)
+    done = spark_cluster.submit(
+        ["--config", str(job)], conf={f"spark.executorEnv.{k}": v for k, v in credentials.items()}, env=credentials
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert_exact(read_output(f"{bucket}/scores/out", fs), read_inputs(paths), binary_model_paths)
     assert read_manifest(f"{bucket}/scores/out", fs)["rows"]["out"] == 1_984
 
 
 @pytest.mark.slow
-def test_submitted_job_with_a_wrong_pin_exits_4_and_writes_nothing(spark_cluster: Any, tmp_path: Path,
-                                                                    binary_model_paths: dict[str, Path]) -> None:
+def test_submitted_job_with_a_wrong_pin_exits_4_and_writes_nothing(
+    spark_cluster: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
     write_inputs(tmp_path / "in", files=1, rows=480, row_group_size=160)
     output = tmp_path / "out"
-    job = _job_file(tmp_path, input=str(tmp_path / "in"), output=str(output), model=str(binary_model_paths["model"]),
-                    scaler=str(binary_model_paths["scaler"]), model_sha256="0" * 64)
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        model_sha256="0" * 64,
+    )
     done = spark_cluster.submit(["--config", str(job)])
     assert done.returncode == 4, done.stderr[-4000:]
     assert "does not match its pinned digest" in done.stdout + done.stderr
@@ -105,10 +133,13 @@ def test_submitted_job_with_a_wrong_pin_exits_4_and_writes_nothing(spark_cluster
 # --- the job from Python, on local[2] ---------------------------------------------------------------------------
 
 
-def test_run_job_retries_a_task_killed_after_its_receipt(spark_local: Any, tmp_path: Path,
-                                                        binary_model_paths: dict[str, Path],
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_run_job_retries_a_task_killed_after_its_receipt(
+    spark_local: Any,
+    tmp_path: Path,
+    binary_model_paths: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An attempt that wrote its parts and its receipt, then died before Spark heard of it: the
     retry scores the shard again under a new attempt, and only that one is committed."""
     from batchscore.spark import run_job
@@ -117,9 +148,14 @@ def test_run_job_retries_a_task_killed_after_its_receipt(spark_local: Any, tmp_p
     monkeypatch.setitem(environment, "BATCHSCORE_SPARK_FAULT", "0:receipt")
     paths = write_inputs(tmp_path / "in", files=2, rows=640, row_group_size=200)
     output = tmp_path / "out"
-    config = batchscore.build_config(None, input=(str(tmp_path / "in"),), output=str(output),
-                                     model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]),
-                                     model_version="3")
+    config = batchscore.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        model_version="3",
+    )
     with caplog.at_level(logging.INFO, logger="batchscore.spark.driver"):
         result = run_job(config, spark=spark_local, shards=2)
     assert "shard 0 by task attempt 1" in caplog.text
@@ -130,8 +166,9 @@ def test_run_job_retries_a_task_killed_after_its_receipt(spark_local: Any, tmp_p
     assert receipt["attempt"] == result.manifest["shards"][0]["attempt"]
 
 
-def test_run_job_refuses_bad_input_without_retrying(spark_local: Any, tmp_path: Path,
-                                                    binary_model_paths: dict[str, Path]) -> None:
+def test_run_job_refuses_bad_input_without_retrying(
+    spark_local: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
     """A null feature under on_invalid fail is the data's fault: exit 3, the file named, nothing committed."""
     from batchscore.spark import run_job
 
@@ -139,11 +176,21 @@ def test_run_job_refuses_bad_input_without_retrying(spark_local: Any, tmp_path: 
     table = pq.read_table(paths[1])
     tenure = table.column("tenure").to_pylist()
     tenure[200] = None
-    pq.write_table(table.set_column(table.schema.get_field_index("tenure"), "tenure", pa.array(tenure, pa.int64())),
-                   paths[1], row_group_size=160)
-    config = batchscore.build_config(None, input=(str(tmp_path / "in"),), output=str(tmp_path / "out"),
-                                     model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]))
-    with pytest.raises(InputDataError, match=r"day-01\.parquet: row 200 has an invalid feature value \(tenure is null\)"):
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("tenure"), "tenure", pa.array(tenure, pa.int64())),
+        paths[1],
+        row_group_size=160,
+    )
+    config = batchscore.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(tmp_path / "out"),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+    )
+    with pytest.raises(
+        InputDataError, match=r"day-01\.parquet: row 200 has an invalid feature value \(tenure is null\)"
+    ):
         run_job(config, spark=spark_local, shards=2)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
@@ -168,8 +215,16 @@ def test_score_is_exact_with_the_cli_columns(spark_local: Any, tmp_path: Path) -
         settings = {"scaler": str(model["scaler"])}
         scored = score(df, str(model["model"]), model_version="7", batch_size=97, **settings)
         cli_output = tmp_path / f"cli-{build.__name__}"
-        batchscore.run(batchscore.build_config(None, input=(str(paths[0]),), output=str(cli_output),
-                                               model=str(model["model"]), model_version="7", **settings))
+        batchscore.run(
+            batchscore.build_config(
+                None,
+                input=(str(paths[0]),),
+                output=str(cli_output),
+                model=str(model["model"]),
+                model_version="7",
+                **settings,
+            )
+        )
         assert scored.columns == read_output(cli_output).column_names
         table = _scored(scored)
         assert_exact(table, inputs, model, passthrough=["customer_id", "tenure", "monthly_charges"])
@@ -194,8 +249,10 @@ def test_score_keeps_skips_and_refuses(spark_local: Any, tmp_path: Path, binary_
     kept = score(df, model, scaler=scaler, keep=("customer_id",), on_invalid="skip")
     assert kept.columns == ["customer_id", "prediction", "probability", "predicted_at", "model_version"]
     ids = sorted(r.customer_id for r in kept.select("customer_id").collect())
-    assert ids == sorted(set(frame.column("customer_id").to_pylist()) - {frame.column("customer_id")[3].as_py(),
-                                                                          frame.column("customer_id")[77].as_py()})
+    assert ids == sorted(
+        set(frame.column("customer_id").to_pylist())
+        - {frame.column("customer_id")[3].as_py(), frame.column("customer_id")[77].as_py()}
+    )
     with pytest.raises(Exception, match=r"invalid feature value \(monthly_charges is NaN\)"):
         score(df, model, scaler=scaler).collect()
     with pytest.raises(ConfigError, match="quarantine"):
@@ -211,8 +268,7 @@ def test_score_keeps_skips_and_refuses(spark_local: Any, tmp_path: Path, binary_
 def test_slices_bound_rows_and_bytes() -> None:
     from batchscore.spark.frame import slices
 
-    batch = pa.record_batch({"a": pa.array(np.arange(1_001, dtype=np.float64)),
-                             "b": pa.array(["x" * 100] * 1_001)})
+    batch = pa.record_batch({"a": pa.array(np.arange(1_001, dtype=np.float64)), "b": pa.array(["x" * 100] * 1_001)})
     width = batch.nbytes / batch.num_rows
     for rows, max_bytes in ((1_000_000, 10_000), (37, 1 << 30), (37, 3_000), (5, 1)):
         pieces = list(slices(batch, rows, max_bytes))
@@ -225,8 +281,9 @@ def test_slices_bound_rows_and_bytes() -> None:
 
 
 @pytest.mark.fault
-def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(tmp_path: Path,
-                                                                        binary_model_paths: dict[str, Path]) -> None:
+def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(
+    tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
     """Two processes score the same shard of a plan at the same time: the commit
     then publishes one attempt's parts, exact, or refuses (exit 3) naming a part of the other
     attempt; never a mixture. A rerun of the shard alone then commits exactly. (Twice: each
@@ -238,16 +295,36 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(tmp_path
 
     paths = write_inputs(tmp_path / "in", files=4, rows=1_600, row_group_size=400)
     output = tmp_path / "out"
-    job = _job_file(tmp_path, input=str(tmp_path / "in"), output=str(output),
-                    model=str(binary_model_paths["model"]), scaler=str(binary_model_paths["scaler"]))
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+    )
     config = batchscore.build_config(str(job))
     plan = batchscore.plan(config, shards=1, out=plan_path(str(output)))
-    shard = [sys.executable, "-m", "batchscore", "run", "--config", str(job), "--plan", plan_path(str(output)),
-             "--shard", "0", "--plan-sha256", plan.sha256, "--workers", "2"]
+    shard = [
+        sys.executable,
+        "-m",
+        "batchscore",
+        "run",
+        "--config",
+        str(job),
+        "--plan",
+        plan_path(str(output)),
+        "--shard",
+        "0",
+        "--plan-sha256",
+        plan.sha256,
+        "--workers",
+        "2",
+    ]
     outcomes = []
     for _ in range(2):
-        attempts = [subprocess.Popen(shard, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    for _ in range(2)]
+        attempts = [
+            subprocess.Popen(shard, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
+        ]
         for attempt in attempts:
             attempt.communicate(timeout=180)
         try:
@@ -258,8 +335,11 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(tmp_path
             outcomes.append("refused")
             continue
         assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
-        attempts_named = {pq.read_metadata(output / p).metadata[b"batchscore.attempt"] for p in os.listdir(output)
-                          if p.startswith("part-")}
+        attempts_named = {
+            pq.read_metadata(output / p).metadata[b"batchscore.attempt"]
+            for p in os.listdir(output)
+            if p.startswith("part-")
+        }
         assert len(attempts_named) == 1, "a committed output mixes two attempts' parts"
         outcomes.append("committed")
     batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=plan.sha256)

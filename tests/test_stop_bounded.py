@@ -15,15 +15,16 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.sample import churn_table
 from batchscore.job.stopping import STOP_DEADLINE_SECONDS
+from batchscore.sample import churn_table
 from helpers import assert_exact, read_manifest, read_output
 from s3proxy import S3Proxy
 
@@ -71,8 +72,13 @@ class Running:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = Path(f"/tmp/batchscore-stop-{uuid.uuid4().hex}.log")
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "batchscore", *args], stdout=subprocess.DEVNULL,
-                                         stderr=err, text=True, env={**os.environ, **(env or {})})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "batchscore", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                text=True,
+                env={**os.environ, **(env or {})},
+            )
         self.started = time.monotonic()
 
     def wait_until(self, condition: Callable[[], bool], what: str, limit: float = 120) -> None:
@@ -120,8 +126,10 @@ def running() -> Iterator[Callable[..., Running]]:
 def assert_stopped(run: Running, signum: int) -> float:
     code, seconds, children = run.stop(signum)
     stderr = run.stderr()
-    print(f"{signal.Signals(signum).name}: exit {code} {seconds:.1f} s after the signal, {len(children)} child(ren); "
-          f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+    print(
+        f"{signal.Signals(signum).name}: exit {code} {seconds:.1f} s after the signal, {len(children)} child(ren); "
+        f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}"
+    )
     assert code == 1, stderr
     assert seconds < STOP_DEADLINE_SECONDS + MARGIN, f"took {seconds:.1f} s to stop"
     errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
@@ -161,8 +169,21 @@ def test_stop_while_the_parent_is_blocked_opening_a_fifo_model(
     run.wait_until(lambda: "wait_for_partner" in _tasks_wchan(run.proc.pid), "blocked opening the FIFO")
     assert_stopped(run, signum)
     _no_leftovers(output)
-    retry = subprocess.run([sys.executable, "-m", "batchscore", "run", *map(str, job), "--model",
-                            binary_model_paths["model"], "--overwrite"], capture_output=True, text=True, timeout=180)
+    retry = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchscore",
+            "run",
+            *map(str, job),
+            "--model",
+            binary_model_paths["model"],
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert retry.returncode == 0, retry.stderr
     assert_exact(read_output(output), source, binary_model_paths)
 
@@ -174,8 +195,18 @@ def test_stop_while_footer_threads_are_blocked_on_a_fifo_input(
     source = _local_input(tmp_path / "in")
     os.mkfifo(tmp_path / "in" / "x.parquet")  # an input entry that never returns data
     output = tmp_path / "out"
-    job = ["--input", tmp_path / "in", "--output", output, "--model", binary_model_paths["model"],
-           "--scaler", binary_model_paths["scaler"], "--workers", "2"]
+    job = [
+        "--input",
+        tmp_path / "in",
+        "--output",
+        output,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        "--workers",
+        "2",
+    ]
     run = running("run", *job)
     deadline = time.monotonic() + 120
     while "wait_for_partner" not in _tasks_wchan(run.proc.pid) and run.proc.poll() is None:
@@ -187,8 +218,12 @@ def test_stop_while_footer_threads_are_blocked_on_a_fifo_input(
         assert_stopped(run, signal.SIGTERM)
     _no_leftovers(output)
     (tmp_path / "in" / "x.parquet").unlink()
-    retry = subprocess.run([sys.executable, "-m", "batchscore", "run", *map(str, job), "--overwrite"],
-                           capture_output=True, text=True, timeout=180)
+    retry = subprocess.run(
+        [sys.executable, "-m", "batchscore", "run", *map(str, job), "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert retry.returncode == 0, retry.stderr
     assert_exact(read_output(output), source, binary_model_paths)
 
@@ -205,8 +240,13 @@ def proxied(s3: tuple[Any, str, dict[str, str]], tmp_path: Path) -> Iterator[dic
         tables.append(table)
     proxy = S3Proxy(options["endpoint_url"])
     try:
-        yield {"fs": fs, "bucket": bucket, "proxy": proxy, "input": pa.concat_tables(tables),
-               "storage": ["--storage-option", f"endpoint_url={proxy.endpoint}"]}
+        yield {
+            "fs": fs,
+            "bucket": bucket,
+            "proxy": proxy,
+            "input": pa.concat_tables(tables),
+            "storage": ["--storage-option", f"endpoint_url={proxy.endpoint}"],
+        }
     finally:
         proxy.close()
 
@@ -217,9 +257,25 @@ def test_stop_while_a_worker_is_blocked_reading_from_a_stalled_store(
 ) -> None:
     bucket, proxy = proxied["bucket"], proxied["proxy"]
     output = tmp_path / "out"
-    job = ["--input", f"s3://{bucket}/in/", "--output", output, "--model", binary_model_paths["model"],
-           "--scaler", binary_model_paths["scaler"], *proxied["storage"], "--storage-option",
-           "default_block_size=131072", "--batch-size", "1000", "--workers", "2", "--log-format", "json"]
+    job = [
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        output,
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        *proxied["storage"],
+        "--storage-option",
+        "default_block_size=131072",
+        "--batch-size",
+        "1000",
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+    ]
     run = running("run", *job)
     run.wait_until(lambda: '"shard_start"' in run.stderr(), "scoring started")
     proxy.stall(rf"^(GET|HEAD) /{bucket}/in/")  # the workers' next reads of the input never return
@@ -233,8 +289,12 @@ def test_stop_while_a_worker_is_blocked_reading_from_a_stalled_store(
         assert _gone(child), f"worker {child} outlived the stopped run"
     _no_leftovers(output)
     proxy.release()
-    retry = subprocess.run([sys.executable, "-m", "batchscore", "run", *map(str, job), "--overwrite"],
-                           capture_output=True, text=True, timeout=180)
+    retry = subprocess.run(
+        [sys.executable, "-m", "batchscore", "run", *map(str, job), "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert retry.returncode == 0, retry.stderr
     assert_exact(read_output(output), proxied["input"], binary_model_paths)
 
@@ -244,8 +304,19 @@ def test_stop_while_commit_is_blocked_on_a_stalled_store(
     proxied: dict[str, Any], binary_model_paths: dict[str, Path], running: Callable[..., Running]
 ) -> None:
     fs, bucket, proxy = proxied["fs"], proxied["bucket"], proxied["proxy"]
-    job = ["--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model", binary_model_paths["model"],
-           "--scaler", binary_model_paths["scaler"], *proxied["storage"], "--workers", "2"]
+    job = [
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out",
+        "--model",
+        binary_model_paths["model"],
+        "--scaler",
+        binary_model_paths["scaler"],
+        *proxied["storage"],
+        "--workers",
+        "2",
+    ]
     proxy.stall(rf"^PUT /{bucket}/_batchscore/out/(report|manifest)\.json")  # commit's first write never returns
     run = running("run", *job)
     run.wait_until(lambda: proxy.stalled > 0, "commit was blocked", limit=180)
@@ -254,8 +325,9 @@ def test_stop_while_commit_is_blocked_on_a_stalled_store(
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
     proxy.release()  # held requests are dropped, never forwarded: nothing lands late
-    retry = subprocess.run([sys.executable, "-m", "batchscore", "run", *job, "--overwrite"],
-                           capture_output=True, text=True, timeout=180)
+    retry = subprocess.run(
+        [sys.executable, "-m", "batchscore", "run", *job, "--overwrite"], capture_output=True, text=True, timeout=180
+    )
     assert retry.returncode == 0, retry.stderr
     fs.invalidate_cache()
     assert read_manifest(f"{bucket}/out", fs)["rows"]["out"] == 64_016

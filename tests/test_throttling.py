@@ -12,8 +12,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,19 +39,36 @@ def throttled_job(s3: tuple[Any, str, dict[str, str]], binary_model_paths: dict[
         tables.append(table)
     proxy = S3Proxy(options["endpoint_url"], seed=1234)
     try:
-        args = ["--input", f"s3://{bucket}/in/", "--model", binary_model_paths["model"],
-                "--scaler", binary_model_paths["scaler"], "--storage-option", f"endpoint_url={proxy.endpoint}",
-                "--batch-size", "1000", "--workers", "2"]
-        yield {"fs": fs, "bucket": bucket, "proxy": proxy, "args": [str(a) for a in args],
-               "input": pa.concat_tables(tables)}
+        args = [
+            "--input",
+            f"s3://{bucket}/in/",
+            "--model",
+            binary_model_paths["model"],
+            "--scaler",
+            binary_model_paths["scaler"],
+            "--storage-option",
+            f"endpoint_url={proxy.endpoint}",
+            "--batch-size",
+            "1000",
+            "--workers",
+            "2",
+        ]
+        yield {
+            "fs": fs,
+            "bucket": bucket,
+            "proxy": proxy,
+            "args": [str(a) for a in args],
+            "input": pa.concat_tables(tables),
+        }
     finally:
         proxy.close()
 
 
 def batchscore(*args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "batchscore", *args], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ})
+    result = subprocess.run(
+        [sys.executable, "-m", "batchscore", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ}
+    )
     return result, time.monotonic() - started
 
 
@@ -67,8 +85,10 @@ def test_runs_behind_a_store_throttling_a_fifth_of_requests_commit_exactly(
         seen, throttled = proxy.requests, proxy.throttled
         result, seconds = batchscore("run", *throttled_job["args"], "--output", output)
         proxy.throttle(0.0)
-        print(f"{answer[1]}: run {attempt + 1}/{runs}: exit {result.returncode} in {seconds:.1f} s, "
-              f"{proxy.throttled - throttled} of {proxy.requests - seen} requests throttled")
+        print(
+            f"{answer[1]}: run {attempt + 1}/{runs}: exit {result.returncode} in {seconds:.1f} s, "
+            f"{proxy.throttled - throttled} of {proxy.requests - seen} requests throttled"
+        )
         assert result.returncode == 0, result.stderr
         assert proxy.throttled - throttled > 0, "the proxy throttled nothing: the test tests nothing"
         assert fs.exists(f"{bucket}/out-{attempt}/_SUCCESS")
@@ -84,11 +104,14 @@ def test_a_store_that_throttles_everything_fails_within_the_throttle_bound(
 ) -> None:
     fs, bucket, proxy = throttled_job["fs"], throttled_job["bucket"], throttled_job["proxy"]
     proxy.throttle(1.0, answer)
-    result, seconds = batchscore("run", *throttled_job["args"], "--output", f"s3://{bucket}/out",
-                                 "--storage-throttle-seconds", "4", timeout=120)
+    result, seconds = batchscore(
+        "run", *throttled_job["args"], "--output", f"s3://{bucket}/out", "--storage-throttle-seconds", "4", timeout=120
+    )
     proxy.throttle(0.0)
-    print(f"{answer[1]} on every request, storage_throttle_seconds 4: exit {result.returncode} after {seconds:.1f} s "
-          f"({proxy.throttled} throttled answers)")
+    print(
+        f"{answer[1]} on every request, storage_throttle_seconds 4: exit {result.returncode} after {seconds:.1f} s "
+        f"({proxy.throttled} throttled answers)"
+    )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
@@ -114,13 +137,21 @@ def test_throttling_is_retried_apart_from_stalls() -> None:
     request: dict[str, Any] = {"context": {}}
     throttled = (Response(503), {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}})
     for attempt in range(1, 13):  # twelve throttled answers in a row: all retried, the waits growing
-        delay = policy(response=throttled, attempts=attempt, operation=None, caught_exception=None, request_dict=request)
+        delay = policy(
+            response=throttled, attempts=attempt, operation=None, caught_exception=None, request_dict=request
+        )
         assert isinstance(delay, float) and 0 <= delay <= 20, delay
-    stalled = {"response": None, "operation": None, "caught_exception": ReadTimeoutError(endpoint_url="x"),
-               "request_dict": request}
+    stalled = {
+        "response": None,
+        "operation": None,
+        "caught_exception": ReadTimeoutError(endpoint_url="x"),
+        "request_dict": request,
+    }
     assert isinstance(policy(attempts=13, **stalled), float)  # the first stall is retried: 2 retries left
     assert isinstance(policy(attempts=14, **stalled), float)
     assert policy(attempts=15, **stalled) is False  # the third stall ends the request
     budget = RetryPolicy(retries=2, throttle_seconds=0)
-    assert budget(response=throttled, attempts=1, operation=None, caught_exception=None,
-                  request_dict={"context": {}}) is False  # no time left for throttling: the answer is the error
+    assert (
+        budget(response=throttled, attempts=1, operation=None, caught_exception=None, request_dict={"context": {}})
+        is False
+    )  # no time left for throttling: the answer is the error

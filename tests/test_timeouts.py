@@ -19,7 +19,7 @@ from conftest import SLOW_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 
-HANGING = '''
+HANGING = """
 import os, subprocess, time
 import pytest
 from batchscore.job.pool import WorkerPool
@@ -50,9 +50,9 @@ def test_slow_but_marked():
 def test_runs_after_them_and_nothing_is_left():
     with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as fh:
         assert fh.read().split() == []
-'''
+"""
 
-UNINTERRUPTIBLE = '''
+UNINTERRUPTIBLE = """
 import signal, time
 
 
@@ -63,15 +63,33 @@ def test_alarm_blocked_forever():
 
 def test_never_reached():
     pass
-'''
+"""
 
 
 def _pytest(folder: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], float]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "CI")}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(folder),
-                           "-p", "no:cacheprovider", "-v", *options, str(folder)],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(REPO / "pyproject.toml"),
+            "--rootdir",
+            str(folder),
+            "-p",
+            "no:cacheprovider",
+            "-v",
+            *options,
+            str(folder),
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     return done, time.monotonic() - started
 
 
@@ -97,5 +115,7 @@ def test_a_hang_the_alarm_cannot_end_is_ended_with_its_stack(tmp_path: Path) -> 
     (tmp_path / "test_stuck.py").write_text(UNINTERRUPTIBLE)
     done, seconds = _pytest(tmp_path, "-o", "timeout=2", "-o", "faulthandler_timeout=6")
     assert done.returncode != 0 and "test_never_reached" not in done.stdout, done.stdout
-    assert "Timeout (0:00:06)!" in done.stderr and 'test_stuck.py", line 7 in test_alarm_blocked_forever' in done.stderr, done.stderr
+    assert (
+        "Timeout (0:00:06)!" in done.stderr and 'test_stuck.py", line 7 in test_alarm_blocked_forever' in done.stderr
+    ), done.stderr
     assert seconds < 120

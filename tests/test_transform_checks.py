@@ -164,8 +164,22 @@ def _expected(paths: dict[str, Path], inputs: list[Path]) -> tuple[list[int], li
 
 
 def _run(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: str, *extra: str):
-    args = ["run", "--output", tmp_path / out, "--model", paths["model"], "--keep", "id", "--batch-size", "50",
-            "--workers", "1", "--max-invalid-fraction", "0.5", *extra]
+    args = [
+        "run",
+        "--output",
+        tmp_path / out,
+        "--model",
+        paths["model"],
+        "--keep",
+        "id",
+        "--batch-size",
+        "50",
+        "--workers",
+        "1",
+        "--max-invalid-fraction",
+        "0.5",
+        *extra,
+    ]
     if "scaler" in paths:
         args += ["--scaler", paths["scaler"]]
     for path in inputs:
@@ -188,8 +202,11 @@ def _check_job(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: 
     for name, values in columns.items():
         got = output.column(name).to_numpy(zero_copy_only=False)
         if extra:  # the compiled engine: within its tolerance, classes identical
-            assert np.array_equal(got, values) if name == "prediction" and got.dtype == object else \
-                np.max(np.abs(got - values), initial=0.0) <= 1e-12, name
+            assert (
+                np.array_equal(got, values)
+                if name == "prediction" and got.dtype == object
+                else np.max(np.abs(got - values), initial=0.0) <= 1e-12
+            ), name
         else:
             # NaN where scikit-learn gives NaN (naive Bayes on a huge but finite value)
             assert np.array_equal(got, values, equal_nan=got.dtype.kind == "f"), f"{name} differs on the kept rows"
@@ -201,8 +218,9 @@ def _check_job(tmp_path: Path, paths: dict[str, Path], inputs: list[Path], out: 
 
 
 #: Every family after a scaler and in a Pipeline; MinMaxScaler and the logarithm with a few.
-GRID = [(f, k) for f in FAMILIES for k in ("standard", "pipeline")] + \
-    [(f, k) for f in ("logistic", "tree", "hgb", "knn", "mlp") for k in ("minmax", "log")]
+GRID = [(f, k) for f in FAMILIES for k in ("standard", "pipeline")] + [
+    (f, k) for f in ("logistic", "tree", "hgb", "knn", "mlp") for k in ("minmax", "log")
+]
 
 
 @pytest.mark.parametrize("family, kind", GRID, ids=[f"{f}-{k}" for f, k in GRID])
@@ -222,8 +240,12 @@ def test_rows_the_reference_refuses_are_invalid(tmp_path: Path, family: str, kin
     message = failed.stderr.strip().splitlines()[-1]
     first = min(refused)  # ids of the first (float64) file are its row numbers; row 2 overflows exp
     assert str(inputs[0]) in message and f"row {first} " in message, message
-    after = {"standard": "after StandardScaler", "minmax": "after MinMaxScaler", "log": "after FunctionTransformer",
-             "pipeline": "after FunctionTransformer (pipeline step 'functiontransformer')"}[kind]
+    after = {
+        "standard": "after StandardScaler",
+        "minmax": "after MinMaxScaler",
+        "log": "after FunctionTransformer",
+        "pipeline": "after FunctionTransformer (pipeline step 'functiontransformer')",
+    }[kind]
     assert after in message and "non-finite" in message, message
     assert any(f"{name} " in message or f"column {j}" in message for j, name in enumerate(FEATURES)), message
     assert not (tmp_path / "failed" / "_SUCCESS").exists()
@@ -234,8 +256,9 @@ def test_compiled_engine_refuses_the_same_rows(tmp_path: Path, family: str, kind
     pytest.importorskip("tl2cgen")
     paths = _model(tmp_path / "model", family, kind)
     inputs = _inputs(tmp_path / "in", kind)
-    refused = _check_quarantine(tmp_path, paths, inputs, "compiled", "--engine", "compiled",
-                                "--compiled-cache", str(tmp_path / "cache"))
+    refused = _check_quarantine(
+        tmp_path, paths, inputs, "compiled", "--engine", "compiled", "--compiled-cache", str(tmp_path / "cache")
+    )
     assert bool(refused) == (family == "gb")
 
 
@@ -250,8 +273,11 @@ def test_a_transform_that_raises_for_a_batch_refuses_only_its_rows(tmp_path: Pat
     paths = save(tmp_path / "model", model=pipe)
     inputs = _inputs(tmp_path / "in", "standard")
     refused = _check_quarantine(tmp_path, paths, inputs, "out")
-    assert refused and "refused by scikit-learn: ValueError: too large" in \
-        read_rejected(tmp_path / f"out-{inputs[0].stem}").column("reject_reason")[0].as_py()
+    assert (
+        refused
+        and "refused by scikit-learn: ValueError: too large"
+        in read_rejected(tmp_path / f"out-{inputs[0].stem}").column("reject_reason")[0].as_py()
+    )
 
 
 def _refuse_large(x):

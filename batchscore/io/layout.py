@@ -45,7 +45,7 @@ REJECTED_DIR = "rejected"
 REJECTED_SUFFIX = ".rejected"
 #: Fewest digits of the file and row group numbers in a part's name.
 PART_NUMBER_DIGITS = 5
-_PART = r"part-\d{{{0},}}-\d{{{0},}}(-\d{{{0},}})?\.parquet".format(PART_NUMBER_DIGITS)  # the last number: a slice
+_PART = rf"part-\d{{{PART_NUMBER_DIGITS},}}-\d{{{PART_NUMBER_DIGITS},}}(-\d{{{PART_NUMBER_DIGITS},}})?\.parquet"  # the last number: a slice
 PART_PATTERN = re.compile(f"^{_PART}$")
 REJECTED_PATTERN = re.compile(f"^{_PART}{re.escape(REJECTED_SUFFIX)}$")
 

@@ -25,13 +25,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
-from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from ..config import DEFAULT_LEASE_SECONDS, DEFAULT_LOCK_TIMEOUT
 from ..errors import ConfigError, StorageError, param
+from .conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from .layout import lease_path
 from .storage import Location, full_uri, storage_error
 
@@ -120,8 +121,10 @@ class LeaseRecord:
 
     def describe(self) -> str:
         job = f"sharded job (plan {self.plan_id})" if self.holder.startswith("plan ") else "another run"
-        return (f"{job}: `{self.command}` on host {self.host} (pid {self.pid}) since {_iso(self.acquired_at)}, "
-                f"held until {_iso(self.expires_at)} unless renewed")
+        return (
+            f"{job}: `{self.command}` on host {self.host} (pid {self.pid}) since {_iso(self.acquired_at)}, "
+            f"held until {_iso(self.expires_at)} unless renewed"
+        )
 
 
 class Fence:
@@ -151,16 +154,18 @@ class Fence:
             if self.until == self.LOST:
                 raise OutputBusyError(f"the lease on the output was lost; not publishing {what}")
             if time.monotonic() >= give_up:
-                raise StorageError(f"the lease on the output ran out before {what} could be published; "
-                                   f"not publishing it")
+                raise StorageError(
+                    f"the lease on the output ran out before {what} could be published; not publishing it"
+                )
             time.sleep(0.05)
 
 
 class Lease:
     """The lease on one output, as one process sees it: acquire, renew, release."""
 
-    def __init__(self, location: Location, holder: str, plan_id: str, command: str,
-                 seconds: float = DEFAULT_LEASE_SECONDS):
+    def __init__(
+        self, location: Location, holder: str, plan_id: str, command: str, seconds: float = DEFAULT_LEASE_SECONDS
+    ):
         self.location, self.output = location, location.uri  # the output's
         self.holder, self.plan_id, self.command, self.seconds = holder, plan_id, command, seconds
         self.fs = location.fs
@@ -180,8 +185,12 @@ class Lease:
         mine = current if current is not None and current.holder == self.holder and not current.released else None
         state = _process_state(os.getpid())
         return LeaseRecord(
-            holder=self.holder, plan_id=self.plan_id, command=self.command, host=socket.gethostname(),
-            pid=os.getpid(), pid_started=state[1] if state else None,
+            holder=self.holder,
+            plan_id=self.plan_id,
+            command=self.command,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=state[1] if state else None,
             bound_to_process=self.holder.startswith("run "),
             acquired_at=mine.acquired_at if mine is not None else now,
             expires_at=max(now + self.seconds, mine.expires_at if mine is not None else 0.0),
@@ -203,8 +212,9 @@ class Lease:
             raise _storage_failure(f"cannot write the lease {self.uri} on output {self.output}", exc) from None
 
     def _not_a_folder(self) -> ConfigError:
-        return ConfigError(f"cannot keep the lease {self.uri} of output {self.output}: a file stands where its "
-                           f"folder should be")
+        return ConfigError(
+            f"cannot keep the lease {self.uri} of output {self.output}: a file stands where its folder should be"
+        )
 
     def _wrote(self, record: LeaseRecord) -> None:
         self.fence.set(record.expires_at - SKEW_MARGIN * self.seconds)
@@ -235,8 +245,10 @@ class Lease:
             time.sleep(min(1.0, max(0.05, give_up - time.monotonic())))
 
     def _busy(self, current: LeaseRecord) -> OutputBusyError:
-        return OutputBusyError(f"output {self.output} is being written by {current.describe()}; "
-                               f"wait for it, or pass {param('lock_timeout')} SECONDS to wait here")
+        return OutputBusyError(
+            f"output {self.output} is being written by {current.describe()}; "
+            f"wait for it, or pass {param('lock_timeout')} SECONDS to wait here"
+        )
 
     def check_free(self) -> None:
         """Raise what ``acquire`` would raise now, without taking the lease: another job's live
@@ -256,11 +268,14 @@ class Lease:
             current, tag = self._read() or (None, "")
             if current is None or current.holder != self.holder or current.released:
                 self.fence.set(Fence.LOST)
-                taker = ("it was removed" if current is None else "it was released" if current.holder == self.holder
-                         else f"taken over by {current.describe()}")
-                raise OutputBusyError(
-                    f"lost the lease on output {self.output} ({taker}); stopped before committing"
+                taker = (
+                    "it was removed"
+                    if current is None
+                    else "it was released"
+                    if current.holder == self.holder
+                    else f"taken over by {current.describe()}"
                 )
+                raise OutputBusyError(f"lost the lease on output {self.output} ({taker}); stopped before committing")
             record = self._record(time.time(), current)
             try:
                 self._replace(record, tag)
@@ -318,10 +333,12 @@ class Lease:
                 return self._lose(exc)
             except Exception as exc:  # storage trouble: keep trying while the lease lasts
                 if time.time() >= self.fence.until:
-                    return self._lose(StorageError(
-                        f"could not renew the lease on output {self.output} before it ran out ({exc}); "
-                        f"stopped before committing"
-                    ))
+                    return self._lose(
+                        StorageError(
+                            f"could not renew the lease on output {self.output} before it ran out ({exc}); "
+                            f"stopped before committing"
+                        )
+                    )
                 wait = min(interval, 1.0)
 
     def _lose(self, exc: BaseException) -> None:
@@ -337,9 +354,16 @@ class Lease:
 
 
 @contextlib.contextmanager
-def held(output: Location, holder: str, plan_id: str, command: str, *,
-         seconds: float = DEFAULT_LEASE_SECONDS, wait_seconds: float = DEFAULT_LOCK_TIMEOUT,
-         release: str = "always") -> Iterator[Lease]:
+def held(
+    output: Location,
+    holder: str,
+    plan_id: str,
+    command: str,
+    *,
+    seconds: float = DEFAULT_LEASE_SECONDS,
+    wait_seconds: float = DEFAULT_LOCK_TIMEOUT,
+    release: str = "always",
+) -> Iterator[Lease]:
     """Hold the lease around a block, renewed in the background.
 
     ``release``: "always" on the way out (a run), "on_success" (a commit: a failed one leaves the

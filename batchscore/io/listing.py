@@ -30,8 +30,9 @@ import logging
 import os
 import posixpath
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import fsspec
 
@@ -89,8 +90,9 @@ MARKERS = "folder marker objects (keys ending in '/')"
 
 
 def _not_regular(uri: str, what: str) -> InputDataError:
-    return InputDataError(f"input {uri} is {what}, not a regular file; remove it from the input or change "
-                          f"the input spec")
+    return InputDataError(
+        f"input {uri} is {what}, not a regular file; remove it from the input or change the input spec"
+    )
 
 
 class LocalTree:
@@ -191,8 +193,10 @@ class ObjectTree:
         path = f"{self.bucket}/{key}"
         if key.endswith("/"):
             if size:
-                raise InputDataError(f"input {self.uri(path)} is an object whose key ends in '/' and that holds "
-                                     f"{size} bytes: no path can name it as a file")
+                raise InputDataError(
+                    f"input {self.uri(path)} is an object whose key ends in '/' and that holds "
+                    f"{size} bytes: no path can name it as a file"
+                )
             self.markers.append(self.uri(path))
             path = path.rstrip("/")
         else:
@@ -214,8 +218,9 @@ class ObjectTree:
         path = path.rstrip("/")
         name = posixpath.basename(path)
         if path in self.files and path in self.folders:
-            raise InputDataError(f"input {self.uri(path)} is both an object and a folder (keys below it); "
-                                 f"it cannot be read as one file")
+            raise InputDataError(
+                f"input {self.uri(path)} is both an object and a folder (keys below it); it cannot be read as one file"
+            )
         if path in self.files:
             return Entry(name, path, FILE)
         if path in self.folders:
@@ -260,8 +265,9 @@ def _search(tree: Any, top: Entry, skipped: Skipped) -> Iterator[str]:
         stack.extend(reversed(below))
 
 
-def _glob(tree: Any, base: str, parts: Sequence[str], skipped: Skipped,
-          ancestors: frozenset[tuple[int, int]] | None = None) -> Iterator[Entry]:
+def _glob(
+    tree: Any, base: str, parts: Sequence[str], skipped: Skipped, ancestors: frozenset[tuple[int, int]] | None = None
+) -> Iterator[Entry]:
     """Entries matching ``parts`` below ``base``, component by component (``**``: any depth,
     refusing a folder that holds itself; ``ancestors`` are the folders ``**`` went through)."""
     if not parts:
@@ -335,8 +341,10 @@ def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipp
         found = []
         for entry in _glob(tree, base, parts[fixed:], skipped):
             if entry.kind == FOLDER:
-                raise InputDataError(f"input glob {spec} matched {tree.uri(entry.path)}, which is a folder; "
-                                     f"a glob must match only files (e.g. end it in *{DATA_SUFFIX})")
+                raise InputDataError(
+                    f"input glob {spec} matched {tree.uri(entry.path)}, which is a folder; "
+                    f"a glob must match only files (e.g. end it in *{DATA_SUFFIX})"
+                )
             if entry.kind != FILE:
                 raise _not_regular(tree.uri(entry.path), entry.what)
             found.append(entry.path)

@@ -4,7 +4,8 @@ and never publish an output that holds files another tool (or a person) put ther
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fsspec.core import split_protocol
 
@@ -60,13 +61,14 @@ def foreign_files(fs: Any, path: str) -> list[str]:
         found = fs.find(root, withdirs=True, detail=True)
     entries = {}
     for name, info in found.items():
-        rel = name.rstrip("/")[len(root):].lstrip("/")
+        rel = name.rstrip("/")[len(root) :].lstrip("/")
         if rel:
             entries[rel] = info.get("type") == "directory"
     files = [rel for rel, is_dir in entries.items() if not is_dir]
     foreign = [rel for rel in files if not owned_name(rel)]
-    empty_dirs = [rel + "/" for rel, is_dir in entries.items()
-                  if is_dir and not any(f.startswith(rel + "/") for f in files)]
+    empty_dirs = [
+        rel + "/" for rel, is_dir in entries.items() if is_dir and not any(f.startswith(rel + "/") for f in files)
+    ]
     return sorted(foreign + empty_dirs)
 
 
@@ -94,8 +96,10 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     folder, ``file://`` and relative paths all resolve to where they really are, and so does each
     input file (which may itself be a symlink into the output).
     """
-    written = [(f"output {output}", location(output)),
-               (f"output {output}'s state folder", location(state_folder(output)))]
+    written = [
+        (f"output {output}", location(output)),
+        (f"output {output}'s state folder", location(state_folder(output))),
+    ]
     cache = None
     if config.engine != "sklearn" and config.compiled_cache:  # libraries are written there too
         cache = (f"compiled_cache {config.compiled_cache}", location(config.compiled_cache))
@@ -110,11 +114,15 @@ def guard_overlap(config: JobConfig, output: str, input_uris: Sequence[str]) -> 
     if cache:
         for name, out in written:
             if overlapping(cache[1], out):
-                raise ConfigError(f"{cache[0]} (at {cache[1]}) overlaps {name} (at {out}): readers would see the libraries")
+                raise ConfigError(
+                    f"{cache[0]} (at {cache[1]}) overlaps {name} (at {out}): readers would see the libraries"
+                )
 
 
 def guard_plan_file(output: str, out: str) -> None:
     """A plan written into the output folder would be read as data (Polars refuses the folder)."""
     if overlapping(location(out), location(output)):
-        raise ConfigError(f"plan {param('out')} {out} is inside output {output}, where readers would see it; "
-                          f"write it to {plan_path(output)}")
+        raise ConfigError(
+            f"plan {param('out')} {out} is inside output {output}, where readers would see it; "
+            f"write it to {plan_path(output)}"
+        )

@@ -12,7 +12,8 @@ import contextlib
 import json
 import posixpath
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -52,8 +53,13 @@ ATTEMPT_KEY = "batchscore.attempt"
 
 
 def _is_string_like(dtype: pa.DataType) -> bool:
-    checks = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
-              pa.types.is_dictionary)
+    checks = (
+        pa.types.is_string,
+        pa.types.is_large_string,
+        pa.types.is_binary,
+        pa.types.is_large_binary,
+        pa.types.is_dictionary,
+    )
     return any(check(dtype) for check in checks)
 
 
@@ -69,7 +75,10 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
 
 @contextlib.contextmanager
 def part_writer(
-    fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, attempt: str = "",
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    schema: pa.Schema,
+    attempt: str = "",
     before_publish: Callable[[], None] | None = None,
 ) -> Iterator[pq.ParquetWriter]:
     """A streaming Parquet writer whose file becomes visible at ``path`` only when complete.
@@ -95,7 +104,11 @@ def part_writer(
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any, compact: bool = False) -> None:
     """Indented for people, or ``compact`` (one line) for files that grow with the input."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":")) if compact else json.dumps(data, indent=2, sort_keys=True)
+    text = (
+        json.dumps(data, sort_keys=True, separators=(",", ":"))
+        if compact
+        else json.dumps(data, indent=2, sort_keys=True)
+    )
     write_bytes_atomic(fs, path, (text + "\n").encode())
 
 
@@ -122,7 +135,8 @@ def owned_name(relative: str) -> bool:
     """Whether batchscore writes files under this name (relative to an output folder): its parts,
     their temporary files, ``_SUCCESS`` and the probe; all at the top level, none in subfolders."""
     return relative == SUCCESS_FILE or any(
-        p.match(relative) for p in (PART_PATTERN, TEMP_PATTERN, PROBE_PATTERN, SUCCESS_TEMP_PATTERN))
+        p.match(relative) for p in (PART_PATTERN, TEMP_PATTERN, PROBE_PATTERN, SUCCESS_TEMP_PATTERN)
+    )
 
 
 def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple[str, str]]:

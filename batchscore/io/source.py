@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,8 +56,11 @@ def _local_identity(stat: os.stat_result) -> dict[str, Any]:
 def _remote_identity(opened: Any) -> dict[str, Any]:
     """Size, ETag and (on a versioned bucket) version id of an object as it was opened."""
     details = getattr(opened, "details", None) or {}
-    identity = {"size": int(opened.size), "etag": details.get("ETag", details.get("etag")),
-                "version_id": details.get("VersionId")}
+    identity = {
+        "size": int(opened.size),
+        "etag": details.get("ETag", details.get("etag")),
+        "version_id": details.get("VersionId"),
+    }
     return {key: value for key, value in identity.items() if value is not None}
 
 
@@ -105,7 +109,9 @@ class _FailFast:
 
 @contextlib.contextmanager
 def open_parquet(
-    uri: str, storage: StorageSettings | None = None, expected: Mapping[str, Any] | None = None,
+    uri: str,
+    storage: StorageSettings | None = None,
+    expected: Mapping[str, Any] | None = None,
     streaming: bool = False,
 ) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
     """Open a Parquet file (natively when local, through fsspec when remote) with its identity.
@@ -129,8 +135,13 @@ def open_parquet(
                 source: Any = path
             else:
                 fs.invalidate_cache(path)  # another process may have replaced it since we last looked
-                source = _FailFast(stack.enter_context(
-                    fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="none" if streaming else "readahead")))
+                source = _FailFast(
+                    stack.enter_context(
+                        fs.open(
+                            path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="none" if streaming else "readahead"
+                        )
+                    )
+                )
                 identity = _remote_identity(source)
             check_identity(uri, expected, identity)
             buffer = STREAM_BUFFER if is_local(fs) else REMOTE_STREAM_BUFFER
@@ -240,7 +251,10 @@ def iter_batches(
                 if first >= start and (stop is None or position <= stop):
                     yield batch
                 else:
-                    low, high = max(start - first, 0), batch.num_rows if stop is None else min(stop - first, batch.num_rows)
+                    low, high = (
+                        max(start - first, 0),
+                        batch.num_rows if stop is None else min(stop - first, batch.num_rows),
+                    )
                     yield batch.slice(low, high - low)
                 if stop is not None and position >= stop:
                     return

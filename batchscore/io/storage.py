@@ -11,16 +11,15 @@ import random
 import re
 import time
 import uuid
-from typing import IO, Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import get_filesystem_class
 
-from ..errors import BatchscoreError, ConfigError, StorageError, StorageUnreachableError
-
-
 from ..config import StorageSettings
+from ..errors import BatchscoreError, ConfigError, StorageError, StorageUnreachableError
 
 #: Backoff between throttled attempts: a random wait up to BASE x 2^n s (n = throttled answers so far), at most MAX.
 THROTTLE_BACKOFF_BASE = 0.25
@@ -114,8 +113,9 @@ def _s3_class() -> type[Any]:
             async def set_session(self, refresh: bool = False, kwargs: dict[str, Any] = {}) -> Any:  # noqa: B006
                 client = await super().set_session(refresh=refresh, kwargs=kwargs)
                 if self.retry_policy is not None:
-                    client.meta.events.register_first("needs-retry.s3", self.retry_policy,
-                                                      unique_id="batchscore-retry-policy")
+                    client.meta.events.register_first(
+                        "needs-retry.s3", self.retry_policy, unique_id="batchscore-retry-policy"
+                    )
                 return client
 
         BoundedS3FileSystem.__module__ = __name__
@@ -468,8 +468,9 @@ def probe_writable(fs: fsspec.AbstractFileSystem, folder: str, tidy: bool = True
             while blocked and not os.path.lexists(blocked):
                 blocked = posixpath.dirname(blocked)
             if blocked and not os.path.isdir(blocked):
-                raise ConfigError(f"cannot write to {target}: {full_uri(fs, blocked)} is a file where a folder "
-                                  f"should be")
+                raise ConfigError(
+                    f"cannot write to {target}: {full_uri(fs, blocked)} is a file where a folder should be"
+                )
             missing = []
             parent = folder
             while parent and not os.path.isdir(parent):
@@ -489,7 +490,9 @@ def probe_writable(fs: fsspec.AbstractFileSystem, folder: str, tidy: bool = True
             fs.rm_file(probe)
 
 
-def abort_uploads_after_failure(fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[str], exc: BaseException) -> None:
+def abort_uploads_after_failure(
+    fs: fsspec.AbstractFileSystem, folder: str, names: Iterable[str], exc: BaseException
+) -> None:
     """After a failed run, abort what its workers left uploading; best effort, and skipped when
     the endpoint is unreachable (the next run's start does it then)."""
     if is_local(fs) or endpoint_unreachable(exc):

@@ -5,8 +5,8 @@ Every message names the file and column, and for values the row, so a user can f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,11 +50,19 @@ class SchemaContract:
     chosen_by: str = param("keep")
 
     @classmethod
-    def of(cls, first: InputFile, features: Sequence[str], keep: Sequence[str] | None,
-           output_columns: Sequence[str]) -> "SchemaContract":
+    def of(
+        cls, first: InputFile, features: Sequence[str], keep: Sequence[str] | None, output_columns: Sequence[str]
+    ) -> SchemaContract:
         chosen_by = param("keep") if keep is not None else f"the first input file {first.uri}"
-        return cls(first.uri, first.schema, tuple(features), passthrough_columns(first, keep), tuple(output_columns),
-                   keep is None, chosen_by)
+        return cls(
+            first.uri,
+            first.schema,
+            tuple(features),
+            passthrough_columns(first, keep),
+            tuple(output_columns),
+            keep is None,
+            chosen_by,
+        )
 
     def check(self, uri: str, schema: pa.Schema) -> None:
         """Refuse a file whose columns cannot give the model its features or the output its schema."""
@@ -118,8 +126,15 @@ def check_file_schema(
     ``chosen_by`` says where the passthrough columns came from, for the message.
     """
     first = reference or file
-    SchemaContract(first.uri, first.schema, tuple(features), tuple(passthrough), tuple(output_columns),
-                   closed=False, chosen_by=chosen_by).check(file.uri, file.schema)
+    SchemaContract(
+        first.uri,
+        first.schema,
+        tuple(features),
+        tuple(passthrough),
+        tuple(output_columns),
+        closed=False,
+        chosen_by=chosen_by,
+    ).check(file.uri, file.schema)
 
 
 def check_schemas(

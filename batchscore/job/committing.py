@@ -16,16 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import stopping
 from ..config import JobConfig
 from ..errors import DriftError, InputDataError, param
 from ..io.layout import receipt_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
-from .planning import Plan, hold, record_held
-from .preparation import now, schema_difference
-from ..logs import event
-from ..observe.run_report import build_report, publish
 from ..io.sink import (
     ATTEMPT_KEY,
     held_path,
@@ -44,7 +39,12 @@ from ..io.sink import (
 )
 from ..io.source import FOOTER_THREADS, open_parquet
 from ..io.storage import join, make_durable, remove_if_exists, write_bytes_atomic
+from ..logs import event
 from ..models.verification import engine_manifest
+from ..observe.run_report import build_report, publish
+from . import stopping
+from .planning import Plan, hold, record_held
+from .preparation import now, schema_difference
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,16 @@ def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dic
     """Every listed part must still be the one its receipt describes: written by that shard's
     attempt (named in the footer), with its row count. A part another writer replaced after the
     receipt (a paused or zombie attempt) is refused by name rather than committed."""
-    expected = [(i, part_path(output, p["name"]), p["rows"], r.get("attempt")) for i, r in sorted(receipts.items())
-                for p in r["parts"]]
-    expected += [(i, rejected_path(output, name), None, r.get("attempt")) for i, r in sorted(receipts.items())
-                 for name in r["rejected_parts"]]
+    expected = [
+        (i, part_path(output, p["name"]), p["rows"], r.get("attempt"))
+        for i, r in sorted(receipts.items())
+        for p in r["parts"]
+    ]
+    expected += [
+        (i, rejected_path(output, name), None, r.get("attempt"))
+        for i, r in sorted(receipts.items())
+        for name in r["rejected_parts"]
+    ]
 
     def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
         index, uri, rows, attempt = item
@@ -71,18 +77,28 @@ def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dic
     with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(expected)))) as pool:
         problems = [p for p in pool.map(problem, expected) if p]
     if problems:
-        raise InputDataError(f"cannot commit {output}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if
-                             len(problems) > 1 else "") + "; run that shard again")
+        raise InputDataError(
+            f"cannot commit {output}: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            + "; run that shard again"
+        )
 
 
 def _versions() -> dict[str, str]:
     """Library versions for the manifest, without importing scikit-learn just to ask."""
-    return {"batchscore": version("batchscore"), "scikit-learn": version("scikit-learn"), "pyarrow": pa.__version__,
-            "python": platform.python_version()}
+    return {
+        "batchscore": version("batchscore"),
+        "scikit-learn": version("scikit-learn"),
+        "pyarrow": pa.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def commit(
-    config: JobConfig, the_plan: Plan, extra: dict[str, Any] | None = None, lease: Lease | None = None,
+    config: JobConfig,
+    the_plan: Plan,
+    extra: dict[str, Any] | None = None,
+    lease: Lease | None = None,
     accept_drift: bool = False,
 ) -> dict[str, Any]:
     """Check that the receipts add up to the plan, drop stray parts, then report, manifest and _SUCCESS.
@@ -115,8 +131,11 @@ def commit(
             continue
         if receipt.get("plan_id") != the_plan.plan_id:
             planned_inputs = planned_inputs or {f["uri"]: f["identity"] for f in the_plan.files}
-            read = [i["uri"] for i in receipt.get("inputs", [])
-                    if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]]
+            read = [
+                i["uri"]
+                for i in receipt.get("inputs", [])
+                if planned_inputs.get(i["uri"], i["identity"]) != i["identity"]
+            ]
             if read:
                 changed.append(f"shard {shard.index} read {', '.join(read)}")
             else:
@@ -170,7 +189,9 @@ def commit(
     present = {path for kind, path in own if kind == "part"}
     absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
     if absent:
-        raise InputDataError(f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}")
+        raise InputDataError(
+            f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}"
+        )
     _check_part_attempts(config, the_plan.output, receipts)
     keep = {part_path(out_path, p["name"]) for p in parts} | {rejected_path(out_path, r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
@@ -190,15 +211,26 @@ def commit(
         "model_version": first["model_version"],
         "artifacts": list(the_plan.artifacts),
         "versions": _versions(),
-        "inputs": [{"uri": uri, "bytes": size, "rows": sum(row_groups)} for uri, size, row_groups, *_ in the_plan.files.records],
+        "inputs": [
+            {"uri": uri, "bytes": size, "rows": sum(row_groups)} for uri, size, row_groups, *_ in the_plan.files.records
+        ],
         "rows": {"in": the_plan.total_rows, "out": sum(r["rows_out"] for r in receipts.values()), "invalid": invalid},
         "on_invalid": config.on_invalid,
         "schema": first["schema"],
         "parts": parts,
         "state": state_folder(the_plan.output),
         "rejected_parts": [rejected_name(r) for r in rejected],
-        "shards": [{"index": i, "rows_in": r["rows_in"], "workers": r["workers"], "started_at": r["started_at"],
-                    "seconds": r["seconds"], "attempt": r["attempt"]} for i, r in sorted(receipts.items())],
+        "shards": [
+            {
+                "index": i,
+                "rows_in": r["rows_in"],
+                "workers": r["workers"],
+                "started_at": r["started_at"],
+                "seconds": r["seconds"],
+                "attempt": r["attempt"],
+            }
+            for i, r in sorted(receipts.items())
+        ],
         "removed_stray_files": len(stray),
         "engine": engine_manifest(receipts),
         **(extra or {}),
@@ -210,14 +242,20 @@ def commit(
         try:
             record_held(config, the_plan)  # what `commit OUTPUT --accept-drift` commits
         except Exception as exc:  # the hold stands; only accepting it from the output alone is lost
-            log.warning("could not record the commit held for drift beside %s (%s); accept it with the job's "
-                        "settings and its plan", the_plan.output, exc)
+            log.warning(
+                "could not record the commit held for drift beside %s (%s); accept it with the job's "
+                "settings and its plan",
+                the_plan.output,
+                exc,
+            )
         raise
     write_json(fs, manifest_path(out_path), manifest)
     stopping.check()  # a stop the main thread has not seen yet still commits nothing
     with stopping.publishing():
         write_bytes_atomic(fs, success_path(out_path), b"")
     remove_if_exists(fs, held_path(out_path))  # nothing is held any more
-    log.info(f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
-             extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]))
+    log.info(
+        f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
+        extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]),
+    )
     return manifest

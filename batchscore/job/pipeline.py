@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -28,7 +29,7 @@ class _Failure:
         self.error = error
 
 
-def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
     """Put unless the other side has gone away; never blocks forever."""
     while not stop.is_set():
         try:
@@ -39,7 +40,7 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _get(q: "queue.Queue[Any]", feeder: threading.Thread, stop: threading.Event | None = None) -> Any:
+def _get(q: queue.Queue[Any], feeder: threading.Thread, stop: threading.Event | None = None) -> Any:
     """The next item; raises ``SideGone`` once ``feeder`` has ended (or ``stop`` is set) with
     nothing left in ``q``: a side never waits forever for one that is gone."""
     while True:
@@ -55,7 +56,7 @@ def _get(q: "queue.Queue[Any]", feeder: threading.Thread, stop: threading.Event 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Yield ``items`` produced by a background thread up to ``depth`` ahead; errors re-raise here."""
-    q: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
@@ -92,7 +93,7 @@ class BackgroundWriter:
 
     def __init__(self, write: Callable[[Any], None], depth: int = 2):
         self._write = write
-        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._owner = threading.current_thread()
@@ -143,7 +144,7 @@ class BackgroundWriter:
                     pass
             self._thread.join(timeout=0.1)
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

@@ -13,21 +13,22 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
-from ..schema import to_argv
 from ..errors import ConfigError, InputDataError, ModelError, param
 from ..io.layout import PART_NUMBER_DIGITS, part_name
 from ..io.lease import held, plan_holder
-from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
-from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 from ..io.sink import held_path, read_json, uncommit, write_json
 from ..io.source import InputFile, check_identity, list_inputs, read_footers
 from ..io.storage import Location, location, resolve, write_bytes_atomic
+from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
+from ..schema import to_argv
+from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 
 #: 3: files stored once, one compact record each; shards stored as their row counts only, their units
 #: derived from the files, the shard count and ``rows_per_part`` (an edited split cannot be read back).
@@ -70,7 +71,7 @@ class Unit:
         return part_name(self.file, self.first_row_group, self.slice, self.digits)
 
 
-def _named(shards: Sequence["Shard"]) -> tuple["Shard", ...]:
+def _named(shards: Sequence[Shard]) -> tuple[Shard, ...]:
     """The shards with part names of one width: at least ``PART_NUMBER_DIGITS`` digits, more when
     a file or row group number needs them."""
     largest = max((max(u.file, u.first_row_group, u.slice or 0) for s in shards for u in s.units), default=0)
@@ -102,18 +103,24 @@ class PlanFiles(Sequence[Mapping[str, Any]]):
         self._records = tuple(records)  # FILE_FIELDS, in order
 
     @classmethod
-    def of(cls, files: Sequence[InputFile]) -> "PlanFiles":
+    def of(cls, files: Sequence[InputFile]) -> PlanFiles:
         return cls([(f.uri, f.size, tuple(f.row_groups), *(f.identity.get(k) for k in IDENTITY_FIELDS)) for f in files])
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Any], source: str) -> "PlanFiles":
+    def from_rows(cls, rows: Sequence[Any], source: str) -> PlanFiles:
         records = []
         for i, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != len(FILE_FIELDS):
-                raise InputDataError(f"{source}: not a batchscore plan (file {i} is not a record of {', '.join(FILE_FIELDS)})")
+                raise InputDataError(
+                    f"{source}: not a batchscore plan (file {i} is not a record of {', '.join(FILE_FIELDS)})"
+                )
             uri, size, row_groups, *identity = row
-            if (not isinstance(uri, str) or not isinstance(size, int) or not isinstance(row_groups, list)
-                    or not all(isinstance(n, int) and n >= 0 for n in row_groups)):
+            if (
+                not isinstance(uri, str)
+                or not isinstance(size, int)
+                or not isinstance(row_groups, list)
+                or not all(isinstance(n, int) and n >= 0 for n in row_groups)
+            ):
                 raise InputDataError(f"{source}: not a batchscore plan (file {i}'s uri, size or row groups malformed)")
             records.append((uri, size, tuple(row_groups), *identity))
         return cls(records)
@@ -167,9 +174,9 @@ def _split(row_groups: Sequence[Sequence[int]], count: int, rows_per_part: int) 
     weights = [row_groups[i][rg] if rg >= 0 else 0 for i, rg in items]
     cuts = _split_points(weights, count)
     del weights
-    return _named(tuple(
-        Shard(k, tuple(_units(row_groups, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count)
-    ))
+    return _named(
+        tuple(Shard(k, tuple(_units(row_groups, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count))
+    )
 
 
 @dataclass(frozen=True)
@@ -198,10 +205,16 @@ class Plan:
     @cached_property
     def plan_id(self) -> str:
         """Content hash of what is read, written and with which model (not when it was planned)."""
-        digest = hashlib.sha256(_canonical({
-            "output": self.output, "artifacts": [a["sha256"] for a in self.artifacts],
-            "num_shards": self.num_shards, "rows_per_part": self.rows_per_part,
-        }))
+        digest = hashlib.sha256(
+            _canonical(
+                {
+                    "output": self.output,
+                    "artifacts": [a["sha256"] for a in self.artifacts],
+                    "num_shards": self.num_shards,
+                    "rows_per_part": self.rows_per_part,
+                }
+            )
+        )
         for row in self.files.encoded():
             digest.update(row)
         return digest.hexdigest()[:16]
@@ -213,8 +226,10 @@ class Plan:
 
     def pin(self) -> list[str]:
         """The flags that hold a step of the job to exactly this plan and these artifacts."""
-        return [*to_argv(PLAN_FIELDS, {"plan_sha256": self.sha256}),
-                *[x for a in self.artifacts for x in to_argv(FIELDS, {f"{a['role']}_sha256": a["sha256"]})]]
+        return [
+            *to_argv(PLAN_FIELDS, {"plan_sha256": self.sha256}),
+            *[x for a in self.artifacts for x in to_argv(FIELDS, {f"{a['role']}_sha256": a["sha256"]})],
+        ]
 
     def to_dict(self, files: bool = True) -> dict[str, Any]:
         data = {
@@ -245,7 +260,7 @@ class Plan:
         return out.getvalue()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> Plan:
         """A plan read back; every derived field (units, rows, plan id) must agree with its files."""
         try:
             if data.get("format") != PLAN_FORMAT:
@@ -258,27 +273,39 @@ class Plan:
             files = PlanFiles.from_rows(data["files"], source)
             count, rows_per_part = data["num_shards"], data["rows_per_part"]
             if not (isinstance(count, int) and count >= 1 and isinstance(rows_per_part, int) and rows_per_part >= 1):
-                raise InputDataError(f"{source}: not a batchscore plan (num_shards {count!r}, rows_per_part {rows_per_part!r})")
+                raise InputDataError(
+                    f"{source}: not a batchscore plan (num_shards {count!r}, rows_per_part {rows_per_part!r})"
+                )
             schema = data["schema"]
             plan = cls(
-                files, _split(files.row_groups, count, rows_per_part), data["output"], tuple(data["artifacts"]),
+                files,
+                _split(files.row_groups, count, rows_per_part),
+                data["output"],
+                tuple(data["artifacts"]),
                 data.get("predicted_at"),
                 schema=None if schema is None else tuple({"name": c["name"], "type": c["type"]} for c in schema),
-                model_version=data["model_version"], rows_per_part=rows_per_part,
+                model_version=data["model_version"],
+                rows_per_part=rows_per_part,
             )
             stored = [(s["index"], s["rows"], s["parts"]) for s in data["shards"]]
         except (KeyError, TypeError) as exc:
             raise InputDataError(f"{source}: not a batchscore plan (missing or malformed {exc})") from None
         derived = [(s.index, s.rows, len(s.units)) for s in plan.shards]
         if stored != derived:
-            raise InputDataError(f"{source}: plan inconsistent: its shards {_differ(stored, derived)} differ from the "
-                                 f"split of its files into {plan.num_shards} shard(s); plan again")
+            raise InputDataError(
+                f"{source}: plan inconsistent: its shards {_differ(stored, derived)} differ from the "
+                f"split of its files into {plan.num_shards} shard(s); plan again"
+            )
         if data.get("total_rows") != plan.total_rows:
-            raise InputDataError(f"{source}: plan inconsistent: total_rows {data.get('total_rows')} != "
-                                 f"{plan.total_rows} in its files' row groups; plan again")
+            raise InputDataError(
+                f"{source}: plan inconsistent: total_rows {data.get('total_rows')} != "
+                f"{plan.total_rows} in its files' row groups; plan again"
+            )
         if data.get("plan_id") != plan.plan_id:
-            raise InputDataError(f"{source}: plan was edited after it was made (plan_id "
-                                 f"{data.get('plan_id')!r} does not match its content)")
+            raise InputDataError(
+                f"{source}: plan was edited after it was made (plan_id "
+                f"{data.get('plan_id')!r} does not match its content)"
+            )
         return plan
 
     def shard(self, index: int) -> Shard:
@@ -345,9 +372,7 @@ def _units(row_groups: Sequence[Sequence[int]], items: Sequence[tuple[int, int]]
                 continue
             run_sizes = [sizes[rg] for rg in run]
             cuts = _split_points(run_sizes, max(1, -(-sum(run_sizes) // rows_per_part)))
-            units += [
-                Unit(file_index, tuple(run[a:b]), sum(run_sizes[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a
-            ]
+            units += [Unit(file_index, tuple(run[a:b]), sum(run_sizes[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
     return units
 
 
@@ -377,9 +402,14 @@ def make_plan(
     if rows_per_shard is not None:
         shards = max(1, -(-total // rows_per_shard))
     return Plan(
-        PlanFiles.of(files), _split([f.row_groups for f in files], shards or 1, rows_per_part), output,
-        tuple(artifacts), predicted_at, schema=None if schema is None else tuple(schema),
-        model_version=model_version, rows_per_part=rows_per_part,
+        PlanFiles.of(files),
+        _split([f.row_groups for f in files], shards or 1, rows_per_part),
+        output,
+        tuple(artifacts),
+        predicted_at,
+        schema=None if schema is None else tuple(schema),
+        model_version=model_version,
+        rows_per_part=rows_per_part,
     )
 
 
@@ -393,8 +423,12 @@ def artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
 def plan_of(prepared: Prepared, **split: Any) -> Plan:
     """The plan of a checked job, recording what every shard must write (schema, model version)."""
     return make_plan(
-        prepared.files, prepared.output, artifact_dicts(prepared.model.artifacts),
-        schema=schema_dicts(prepared.output_schema), model_version=prepared.config.model_version, **split,
+        prepared.files,
+        prepared.output,
+        artifact_dicts(prepared.model.artifacts),
+        schema=schema_dicts(prepared.output_schema),
+        model_version=prepared.config.model_version,
+        **split,
     )
 
 
@@ -425,13 +459,25 @@ def plan(
     return result
 
 
-def hold(config: JobConfig, the_plan: Plan, command: str, release: str, holder: str | None = None,
-         output: Location | None = None) -> Any:
+def hold(
+    config: JobConfig,
+    the_plan: Plan,
+    command: str,
+    release: str,
+    holder: str | None = None,
+    output: Location | None = None,
+) -> Any:
     """The lease on the plan's output (``output``, when the step has resolved it already), for a
     sharded job's step (or under ``holder``, a run)."""
-    return held(output or resolve(the_plan.output, config.storage), holder or plan_holder(the_plan.plan_id),
-                the_plan.plan_id, command, seconds=config.lease_seconds, wait_seconds=config.lock_timeout,
-                release=release)
+    return held(
+        output or resolve(the_plan.output, config.storage),
+        holder or plan_holder(the_plan.plan_id),
+        the_plan.plan_id,
+        command,
+        seconds=config.lease_seconds,
+        wait_seconds=config.lock_timeout,
+        release=release,
+    )
 
 
 def plan_again(config: JobConfig, shards: int) -> Plan:
@@ -484,12 +530,16 @@ def checked_plan(data: Any, uri: str, config: JobConfig, expected_sha256: str | 
     result = Plan.from_dict(data, source=uri)
     ArtifactPolicy.of(config).check_planned(result.artifacts, uri)
     if expected_sha256 and result.sha256 != expected_sha256.strip().lower():
-        raise InputDataError(f"plan {uri} is not the plan that was made: its sha256 is {result.sha256}, "
-                             f"{param('plan_sha256')} says {expected_sha256}; plan again")
+        raise InputDataError(
+            f"plan {uri} is not the plan that was made: its sha256 is {result.sha256}, "
+            f"{param('plan_sha256')} says {expected_sha256}; plan again"
+        )
     key = os.environ.get(PLAN_KEY_ENV)
     if key and not (isinstance(signature, str) and hmac.compare_digest(signature, _signature(key, result.sha256))):
-        raise InputDataError(f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "
-                             f"({'unsigned' if signature is None else 'signature does not match'}); plan again")
+        raise InputDataError(
+            f"plan {uri} is not signed with the key in {PLAN_KEY_ENV} "
+            f"({'unsigned' if signature is None else 'signature does not match'}); plan again"
+        )
     if config.output and normalize_output(config) != result.output:
         raise ConfigError(f"plan {uri} is for output {result.output}, not {normalize_output(config)}")
     return result
@@ -505,8 +555,11 @@ def record_held(config: JobConfig, the_plan: Plan) -> None:
     files are) and the job's settings that commit reads, so ``commit OUTPUT --accept-drift``
     can commit it from the output alone. Called after the held report is written."""
     where = resolve(the_plan.output, config.storage)
-    document = {"format": HELD_FORMAT, "plan": json.loads(plan_document(the_plan)),
-                "settings": {key: getattr(config, key) for key in HELD_SETTINGS}}
+    document = {
+        "format": HELD_FORMAT,
+        "plan": json.loads(plan_document(the_plan)),
+        "settings": {key: getattr(config, key) for key in HELD_SETTINGS},
+    }
     write_json(where.fs, held_path(where.path), document, compact=True)  # one line: it grows with the input
 
 
@@ -530,8 +583,11 @@ def held_job(config: JobConfig) -> tuple[Plan, JobConfig]:
         raise InputDataError(f"{uri}: not a record of a commit held for drift (format {HELD_FORMAT})")
     the_plan = checked_plan(data.get("plan"), uri, config)
     defaults = JobConfig()
-    recorded = {key: value for key, value in data["settings"].items()
-                if key in HELD_SETTINGS and getattr(config, key) == getattr(defaults, key)}
+    recorded = {
+        key: value
+        for key, value in data["settings"].items()
+        if key in HELD_SETTINGS and getattr(config, key) == getattr(defaults, key)
+    }
     return the_plan, replace(config, output=output, **recorded)
 
 

@@ -21,8 +21,9 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from ..io.storage import publish_only_while
 
@@ -122,8 +123,11 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _worker_main(
-    conn: Connection, inherited: Sequence[Connection], parent: int,
-    init: Callable[[], None], work: Callable[[Any], Any],
+    conn: Connection,
+    inherited: Sequence[Connection],
+    parent: int,
+    init: Callable[[], None],
+    work: Callable[[Any], Any],
 ) -> None:
     global _report
     try:
@@ -172,7 +176,7 @@ def start_method() -> Literal["fork"] | None:
 
 
 #: Every pool of this process, for ``kill_all_workers``.
-_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 def kill_all_workers() -> None:
@@ -197,9 +201,12 @@ class WorkerPool:
         _pools.add(self)
         try:
             for i, (mine, theirs) in enumerate(pipes):
-                inherited = [c for j, pair in enumerate(pipes) for c in pair if c is not theirs and j >= i] + self._conns
+                inherited = [
+                    c for j, pair in enumerate(pipes) for c in pair if c is not theirs and j >= i
+                ] + self._conns
                 process = context.Process(
-                    target=_worker_main, args=(theirs, inherited, parent, init, work),
+                    target=_worker_main,
+                    args=(theirs, inherited, parent, init, work),
                     name=f"batchscore-worker-{i}",
                 )
                 # A stop signal must not reach the child before it can handle it (it would
@@ -298,7 +305,7 @@ class WorkerPool:
         for conn in self._conns:
             conn.close()
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

@@ -21,8 +21,8 @@ import posixpath
 
 from ..io.layout import receipts_folder, rejected_folder, state_folder
 from ..io.lease import Lease, run_holder
-from .preparation import Prepared
 from ..io.storage import Location, probe_writable
+from .preparation import Prepared
 
 
 def check_lease(prepared: Prepared, holder: str | None = None) -> None:
@@ -38,8 +38,8 @@ def check_access(prepared: Prepared, plan_out: Location | None = None, tidy: boo
     ``tidy`` removes the folders the probes had to create; a shard keeps them (its job's other
     shards may be writing there already).
     """
-    from ..observe.run_report import reference_of
     from ..models.verification import check_engine
+    from ..observe.run_report import reference_of
 
     config = prepared.config
     fs, path = prepared.location.fs, prepared.location.path

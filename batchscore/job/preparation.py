@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Sequence
 
 import pyarrow as pa
 
 from ..config import JobConfig
-from ..models.engine import Predictor
 from ..io.layout import check_output
-from ..observe.observers import NONE, Observers
-from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
 from ..io.source import InputFile, list_inputs, read_footers
 from ..io.storage import Location, resolve
 from ..io.validation import SchemaContract, check_schemas
+from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
+from ..models.engine import Predictor
+from ..observe.observers import NONE, Observers
 
 
 @dataclass
@@ -53,7 +53,9 @@ def normalize_output(config: JobConfig) -> str:
 
 
 def prepare(
-    config: JobConfig, input_uris: Sequence[str] | None = None, policy: ArtifactPolicy | None = None,
+    config: JobConfig,
+    input_uris: Sequence[str] | None = None,
+    policy: ArtifactPolicy | None = None,
     observers: Observers = NONE,
 ) -> Prepared:
     """Load the model first (a bad model costs no I/O), then read footers and check every schema.

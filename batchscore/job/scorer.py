@@ -8,25 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..models.engine import Predictor
 from ..config import StorageSettings
 from ..errors import InputDataError, StorageError, param
-from ..models.artifacts import LoadedModel
-from .pipeline import BackgroundWriter, prefetch
-from .planning import Unit
-from .pool import report_progress
-from ..observe.profile import UnitProfile, score_columns
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
 from ..io.storage import Location, join
 from ..io.validation import invalid_mask, invalid_reasons
+from ..models.artifacts import LoadedModel
+from ..models.engine import Predictor
+from ..observe.profile import UnitProfile, score_columns
+from .pipeline import BackgroundWriter, prefetch
+from .planning import Unit
+from .pool import report_progress
 
 
 @dataclass
@@ -63,7 +64,9 @@ class ScoreTask:
 
     @property
     def rejected_schema(self) -> pa.Schema:
-        return pa.schema([self.output_schema.field(c) for c in self.passthrough] + [pa.field(REJECT_REASON, pa.string())])
+        return pa.schema(
+            [self.output_schema.field(c) for c in self.passthrough] + [pa.field(REJECT_REASON, pa.string())]
+        )
 
 
 @dataclass
@@ -91,7 +94,11 @@ class _UnitScorer:
         self.rejected_writer: Any = None
 
     def _handle_invalid(
-        self, batch: pa.RecordBatch, bad: np.ndarray, offset: int, stack: contextlib.ExitStack,
+        self,
+        batch: pa.RecordBatch,
+        bad: np.ndarray,
+        offset: int,
+        stack: contextlib.ExitStack,
         refusals: Mapping[int, str],
     ) -> None:
         """Apply ``--on-invalid`` to the batch's ``bad`` rows: invalid features, or rows the model
@@ -128,9 +135,11 @@ class _UnitScorer:
                 part = self.task.open_part(output.fs, path, self.task.rejected_schema)
                 self.rejected_writer = stack.enter_context(part)
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
-            self.rejected_writer.write_batch(pa.RecordBatch.from_arrays(
-                list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
-            ))
+            self.rejected_writer.write_batch(
+                pa.RecordBatch.from_arrays(
+                    list(picked.columns) + [pa.array(reasons(rows), pa.string())], schema=self.task.rejected_schema
+                )
+            )
 
     def run(self) -> UnitResult:
         task, predictor = self.task, self.predictor
@@ -138,8 +147,11 @@ class _UnitScorer:
         rows_in = rows_out = 0
         offset = _first_row(self.file, self.unit)
         fs, base = task.output.fs, task.output.path  # this worker's own filesystem (see Location)
-        profile = UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier)) \
-            if task.profile else None
+        profile = (
+            UnitProfile(task.model.features, *score_columns(task.output_schema, task.model.is_classifier))
+            if task.profile
+            else None
+        )
         with contextlib.ExitStack() as stack:
             parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
@@ -153,11 +165,20 @@ class _UnitScorer:
 
             # One batch read ahead keeps the reader busy while this one scores; a second one
             # only costs memory (a batch of every read column).
-            batches = prefetch(iter_batches(
-                self.file["uri"], self.unit.row_groups, task.read_columns, task.batch_size, task.storage,
-                expected=self.file["identity"], on_footer=footer,
-                start=self.unit.start, rows=self.unit.rows if self.unit.slice is not None else None,
-            ), depth=1)
+            batches = prefetch(
+                iter_batches(
+                    self.file["uri"],
+                    self.unit.row_groups,
+                    task.read_columns,
+                    task.batch_size,
+                    task.storage,
+                    expected=self.file["identity"],
+                    on_footer=footer,
+                    start=self.unit.start,
+                    rows=self.unit.rows if self.unit.slice is not None else None,
+                ),
+                depth=1,
+            )
             for batch in batches:
                 batch_started = time.perf_counter()
                 n = batch.num_rows
@@ -201,4 +222,6 @@ def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
     try:
         return _UnitScorer(task, predictor, unit).run()
     except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
-        raise StorageError(f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}") from None
+        raise StorageError(
+            f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}"
+        ) from None

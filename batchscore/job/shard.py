@@ -6,26 +6,27 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from ..config import JobConfig
 from ..errors import InputDataError, param
 from ..io.lease import Lease
-from ..models.artifacts import ArtifactPolicy, artifact_roles
 from ..io.output_guard import guard_overlap
-from .planning import Plan, check_footer, check_within_input, hold, plan_of
-from .preflight import check_access
-from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
-from ..logs import event, progress
-from ..observe.observers import NONE, Observers
-from ..observe.run_report import ProfileSum
-from .scorer import ScoreTask
 from ..io.sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from ..io.source import InputFile
 from ..io.storage import abort_uploads, abort_uploads_after_failure, remove_if_exists
+from ..logs import event, progress
+from ..models.artifacts import ArtifactPolicy, artifact_roles
 from ..models.verification import choose_engine
+from ..observe.observers import NONE, Observers
+from ..observe.run_report import ProfileSum
+from .planning import Plan, check_footer, check_within_input, hold, plan_of
+from .preflight import check_access
+from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
+from .scorer import ScoreTask
 from .workers import score_units
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_fi
         check_footer(found[entry["uri"]], entry)
 
 
-def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given",
-              observers: Observers = NONE) -> dict[str, Any]:
+def run_shard(
+    config: JobConfig, the_plan: Plan, index: int, source: str = "given", observers: Observers = NONE
+) -> dict[str, Any]:
     """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
 
     The plan's first file's footer is read too, so the shard picks the same passthrough columns as
@@ -68,8 +70,9 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
     shard_files = sorted({u.file for u in shard.units})
     shard_uris = [the_plan.files.uri(i) for i in shard_files]
     policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
-    prepared = prepare(config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy,
-                       observers=observers)
+    prepared = prepare(
+        config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy, observers=observers
+    )
     _check_inputs_unchanged(prepared.files, the_plan, shard_files)
     schema = schema_dicts(prepared.output_schema)
     if the_plan.schema is not None and schema != list(the_plan.schema):
@@ -82,8 +85,9 @@ def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "give
         return score_shard(prepared, the_plan, index, lease, observers)
 
 
-def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
-                observers: Observers = NONE) -> dict[str, Any]:
+def score_shard(
+    prepared: Prepared, the_plan: Plan, index: int, lease: Lease, observers: Observers = NONE
+) -> dict[str, Any]:
     """Score a shard under the output's lease; its parts and receipt name this attempt, and
     ``observers`` hear of each batch as a worker scores it."""
     config, shard = prepared.config, the_plan.shard(index)
@@ -97,20 +101,34 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
     shard_files = [the_plan.files[i] for i in sorted({u.file for u in shard.units})]
     engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
     task = ScoreTask(
-        model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
-        files=the_plan.files, output=lease.location, passthrough=prepared.passthrough,
-        output_schema=prepared.output_schema, batch_size=config.batch_size, on_invalid=config.on_invalid,
+        model=prepared.model,
+        model_version=config.model_version,
+        predicted_at=predicted_at,
+        files=the_plan.files,
+        output=lease.location,
+        passthrough=prepared.passthrough,
+        output_schema=prepared.output_schema,
+        batch_size=config.batch_size,
+        on_invalid=config.on_invalid,
         max_invalid_rows=math.floor(config.max_invalid_fraction * the_plan.total_rows),
-        storage=config.storage, attempt=attempt, fence=lease.fence,
-        compiled_library=engine.library_path, contract=prepared.contract,
+        storage=config.storage,
+        attempt=attempt,
+        fence=lease.fence,
+        compiled_library=engine.library_path,
+        contract=prepared.contract,
     )
     workers = config.worker_count
-    log.info(f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
-             f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
+    log.info(
+        f"shard {index}/{the_plan.num_shards}: {shard.rows:,} rows in {len(shard.units)} parts, "
+        f"{min(workers, max(1, len(shard.units)))} worker(s)",
+        extra=event("shard_start", shard=index, rows=shard.rows),
+    )
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
-    uploads = {out_path: [u.part_name for u in shard.units],
-               rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
+    uploads = {
+        out_path: [u.part_name for u in shard.units],
+        rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units],
+    }
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names)
     profiles = ProfileSum()
@@ -121,6 +139,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease,
 
     try:
         with progress(log, shard.rows) as rows:
+
             def on_batch(count: int, seconds: float) -> None:
                 observers.batch_scored(count, seconds)
                 rows.advance(count)

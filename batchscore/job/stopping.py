@@ -23,7 +23,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import EXIT_FAILURE
 from .pool import STOP_GRACE_SECONDS, kill_all_workers
@@ -143,10 +144,15 @@ def _watch(read_end: int, done: threading.Event, report: Callable[[str], None]) 
 def _hard_exit(report: Callable[[str], None]) -> None:
     """The deadline has passed: say so once, kill the workers, clean up what is local, and go."""
     if not _state["reported"]:
-        outcome = ("it was writing _SUCCESS, which may or may not have been written" if _state["publishing"]
-                   else "nothing was committed")
-        message = (f"stopped by {_state['signal']}: the run did not unwind within {STOP_DEADLINE_SECONDS:g} s and was "
-                   f"ended; {outcome}")
+        outcome = (
+            "it was writing _SUCCESS, which may or may not have been written"
+            if _state["publishing"]
+            else "nothing was committed"
+        )
+        message = (
+            f"stopped by {_state['signal']}: the run did not unwind within {STOP_DEADLINE_SECONDS:g} s and was "
+            f"ended; {outcome}"
+        )
         teller = threading.Thread(target=report, args=(message,), daemon=True)
         teller.start()
         teller.join(timeout=1)

@@ -11,20 +11,21 @@ import contextlib
 import functools
 import gc
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 
-from . import stopping
+from ..errors import StorageError, param
+from ..io.sink import TEMP_PATTERN, part_path, rejected_folder, rejected_name, rejected_path
+from ..io.storage import is_local, make_durable
 from ..models.compiled import predictor
 from ..models.engine import Predictor
-from ..errors import StorageError, param
+from . import stopping
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
 from .scorer import ScoreTask, UnitResult, score_unit
-from ..io.sink import TEMP_PATTERN, part_path, rejected_folder, rejected_name, rejected_path
-from ..io.storage import is_local, make_durable
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
 #: one's pages (returning them at once costs page faults), short enough that memory stays flat.
@@ -89,7 +90,10 @@ def _worker_score(unit: Unit) -> UnitResult:
 
 
 def score_units(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_batch: Callable[[int, float], None] | None = None,
+    task: ScoreTask,
+    units: Sequence[Unit],
+    workers: int,
+    on_batch: Callable[[int, float], None] | None = None,
     on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
@@ -127,7 +131,10 @@ def _frozen_collector() -> Iterator[None]:
 
 
 def _score_in_workers(
-    task: ScoreTask, units: Sequence[Unit], workers: int, on_batch: Callable[[int, float], None] | None,
+    task: ScoreTask,
+    units: Sequence[Unit],
+    workers: int,
+    on_batch: Callable[[int, float], None] | None,
     on_result: Callable[[int, UnitResult], UnitResult] | None = None,
 ) -> list[UnitResult]:
     def on_progress(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch

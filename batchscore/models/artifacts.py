@@ -14,8 +14,9 @@ import hashlib
 import io
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..config import FIELDS, StorageSettings
 from ..errors import ModelError, param
@@ -48,7 +49,7 @@ class Artifact:
         return {"role": self.role, "uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
 
     @classmethod
-    def from_dict(cls, entry: Mapping[str, Any]) -> "Artifact":
+    def from_dict(cls, entry: Mapping[str, Any]) -> Artifact:
         """An artifact as a plan recorded it (plans made before formats were recorded name none)."""
         uri = entry["uri"]
         return cls(entry["role"], uri, entry["sha256"], entry["bytes"], entry.get("format") or artifact_format(uri))
@@ -73,7 +74,7 @@ class ArtifactPolicy:
     allow_pickle: bool = True
 
     @classmethod
-    def of(cls, config: "JobConfig") -> "ArtifactPolicy":
+    def of(cls, config: JobConfig) -> ArtifactPolicy:
         pins = {
             role: (Pin(digest, f"does not match its pinned digest (--{role}-sha256 / {role}_sha256)"),)
             for role, digest in (("model", config.model_sha256), ("scaler", config.scaler_sha256))
@@ -81,7 +82,7 @@ class ArtifactPolicy:
         }
         return cls(pins, tuple(config.trusted_types), config.allow_pickle)
 
-    def with_plan(self, planned: Sequence[Mapping[str, Any]], plan_id: str, roles: Sequence[str]) -> "ArtifactPolicy":
+    def with_plan(self, planned: Sequence[Mapping[str, Any]], plan_id: str, roles: Sequence[str]) -> ArtifactPolicy:
         """Also require the digests a plan recorded: a shard scores with the plan's model or not at all."""
         planned_roles = [entry["role"] for entry in planned]
         if sorted(planned_roles) != sorted(roles):
@@ -360,9 +361,7 @@ def load_model(
     started = time.perf_counter()
     policy = policy or ArtifactPolicy()
     data, model_artifact = fetch_artifact("model", model_uri, storage, policy)
-    scaler_data, scaler_artifact = (
-        fetch_artifact("scaler", scaler_uri, storage, policy) if scaler_uri else (b"", None)
-    )
+    scaler_data, scaler_artifact = fetch_artifact("scaler", scaler_uri, storage, policy) if scaler_uri else (b"", None)
     estimator, saved_with = _deserialize(model_artifact, data, policy.trusted_types)
     _check_fitted("model", model_artifact.uri, estimator, "predict")
     artifacts = [model_artifact]
@@ -415,7 +414,9 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "scaler": type(model.scaler).__name__ if model.scaler is not None else None,
         "task": "classification" if model.is_classifier else "regression",
         "features": list(model.features),
-        "classes": [c.item() if hasattr(c, "item") else c for c in model.classes] if model.classes is not None else None,
+        "classes": [c.item() if hasattr(c, "item") else c for c in model.classes]
+        if model.classes is not None
+        else None,
         "predict_proba": model.has_proba,
         "saved_with_sklearn": model.sklearn_version,
         "installed_sklearn": sklearn.__version__,

@@ -25,17 +25,18 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .engine import Predictor
 from ..config import COMPILED_CACHE_ENV, StorageSettings
 from ..errors import BatchscoreError, ConfigError, ModelError, StorageError
-from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
 from ..io.storage import join, probe_writable, read_bytes, resolve, write_bytes_atomic
+from .artifacts import Artifact, ArtifactPolicy, LoadedModel, _deserialize, fetch_artifact
+from .engine import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,17 @@ def build(model: LoadedModel, path: Path, threads: int = 2) -> float:
         built = Path(scratch) / path.name
         with _native_stderr_to(Path(scratch) / "build.log") as build_log:
             try:
-                tl2cgen.export_lib(tree_model, toolchain=TOOLCHAIN, libpath=built, nthread=threads,
-                                   params={"parallel_comp": max(1, threads)})
+                tl2cgen.export_lib(
+                    tree_model,
+                    toolchain=TOOLCHAIN,
+                    libpath=built,
+                    nthread=threads,
+                    params={"parallel_comp": max(1, threads)},
+                )
             except Exception as exc:
-                raise ModelError(f"cannot compile model {model.artifacts[0].uri}: {exc}; {build_log()[-500:]}") from None
+                raise ModelError(
+                    f"cannot compile model {model.artifacts[0].uri}: {exc}; {build_log()[-500:]}"
+                ) from None
         log.debug("build output: %s", build_log())
         os.replace(built, path)
     seconds = time.perf_counter() - started
@@ -221,15 +229,21 @@ class Library:
     downloaded: bool = False  # fetched from the remote cache by this run
 
     def to_dict(self) -> dict[str, Any]:
-        record = {"library": os.path.basename(self.path), "library_sha256": self.sha256,
-                  "compiled_now": self.built, "compile_seconds": round(self.seconds, 3)}
+        record = {
+            "library": os.path.basename(self.path),
+            "library_sha256": self.sha256,
+            "compiled_now": self.built,
+            "compile_seconds": round(self.seconds, 3),
+        }
         if self.remote:
             record.update(remote_library=self.remote, downloaded_now=self.downloaded)
         return record
 
 
 def obtain(
-    model: LoadedModel, configured_cache: str | None, storage: StorageSettings | None = None,
+    model: LoadedModel,
+    configured_cache: str | None,
+    storage: StorageSettings | None = None,
     must_upload: bool = False,
 ) -> Library:
     """The model's library from the cache, compiled into it first if it is not there.
@@ -254,7 +268,9 @@ def obtain(
     data = path.read_bytes()
     if remote and (built or must_upload):
         _upload(data, remote, storage, must_upload)
-    return Library(str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded)
+    return Library(
+        str(path), hashlib.sha256(data).hexdigest(), built, time.perf_counter() - started, remote, downloaded
+    )
 
 
 def check_cache(model: LoadedModel, configured_cache: str | None) -> Path:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,8 +41,12 @@ PREDICTED_AT_TYPE = pa.timestamp("us", tz="UTC")
 #: rounding at the decision boundary exactly. By module, as scikit-learn exports them.
 ARGMAX_CLASSIFIERS = {
     "sklearn.linear_model": ("LogisticRegression",),
-    "sklearn.ensemble": ("HistGradientBoostingClassifier", "RandomForestClassifier", "ExtraTreesClassifier",
-                         "GradientBoostingClassifier"),
+    "sklearn.ensemble": (
+        "HistGradientBoostingClassifier",
+        "RandomForestClassifier",
+        "ExtraTreesClassifier",
+        "GradientBoostingClassifier",
+    ),
     "sklearn.tree": ("DecisionTreeClassifier", "ExtraTreeClassifier"),
 }
 
@@ -51,7 +56,9 @@ def argmax_classifiers() -> tuple[type, ...]:
     was loaded only if its module was imported, so nothing is imported just to ask."""
     return tuple(
         getattr(sys.modules[module], name)
-        for module, names in ARGMAX_CLASSIFIERS.items() if module in sys.modules for name in names
+        for module, names in ARGMAX_CLASSIFIERS.items()
+        if module in sys.modules
+        for name in names
     )
 
 
@@ -119,8 +126,9 @@ class Predictor:
         fields += [pa.field(PREDICTED_AT, PREDICTED_AT_TYPE), pa.field(MODEL_VERSION, pa.string())]
         self.fields = tuple(fields)
         steps = _pipeline_steps(model.estimator)
-        self._transforms = ([(type(model.scaler).__name__, model.scaler)] if model.scaler is not None else []) + \
-            (steps[:-1] if steps is not None else [])
+        self._transforms = ([(type(model.scaler).__name__, model.scaler)] if model.scaler is not None else []) + (
+            steps[:-1] if steps is not None else []
+        )
         self._final = steps[-1][1] if steps is not None else model.estimator
 
     @property
@@ -156,7 +164,7 @@ class Predictor:
             raise ValueError(f"row {first} is refused: {scored.reasons.get(first, 'no valid row')}")
         return scored.columns
 
-    def score(self, matrix: np.ndarray, rows: int, invalid: np.ndarray | None = None) -> "Scored":
+    def score(self, matrix: np.ndarray, rows: int, invalid: np.ndarray | None = None) -> Scored:
         """Score the first ``rows`` rows of a ``feature_matrix``; rows scikit-learn would refuse are
         set aside, never scored.
 
@@ -170,8 +178,11 @@ class Predictor:
 
         # Values are checked here, row by row, so scikit-learn need not check the batch again;
         # features arrive as a plain array even if the estimator was fitted on a DataFrame.
-        with sklearn.config_context(assume_finite=True), warnings.catch_warnings(), \
-                np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with (
+            sklearn.config_context(assume_finite=True),
+            warnings.catch_warnings(),
+            np.errstate(over="ignore", invalid="ignore", divide="ignore"),
+        ):
             warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
             return TransformCheck(self, matrix, rows, invalid).run()
 
@@ -262,7 +273,6 @@ class Predictor:
         if close.size:
             labels[close] = self._predict_rows(scaled, close)
         return labels
-
 
 
 def _pipeline_steps(estimator: Any) -> list[tuple[str, Any]] | None:
@@ -393,8 +403,10 @@ class TransformCheck:
                 j, value = int(bad[0]), float(line[bad[0]])
                 name = self._column_name(s, j)
                 if as_float32:
-                    return (f"non-finite as float32 {self.labels[s]}: {name} is {value:.17g}, beyond float32's range "
-                            f"(scikit-learn: {why})")
+                    return (
+                        f"non-finite as float32 {self.labels[s]}: {name} is {value:.17g}, beyond float32's range "
+                        f"(scikit-learn: {why})"
+                    )
                 return f"non-finite {self.labels[s]}: {name} is {value}"
         return f"refused by scikit-learn: {why}"
 

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from . import compiled
-from .engine import ROW_ALIGNMENT, Predictor
 from ..config import StorageSettings
 from ..errors import ConfigError, ModelError, param
-from ..logs import event
-from .artifacts import LoadedModel
 from ..io.source import FOOTER_THREADS, columns_with_nulls, open_parquet
 from ..io.validation import invalid_mask
+from ..logs import event
+from . import compiled
+from .artifacts import LoadedModel
+from .engine import ROW_ALIGNMENT, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,15 @@ class EngineChoice:
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {"requested": self.requested, "used": self.used}
         if self.library:  # verification ran
-            record.update(tolerance=TOLERANCE, checked_rows=self.checked_rows, nan_rows=self.nan_rows,
-                          largest_difference=self.largest_difference, class_mismatches=self.class_mismatches,
-                          verify_seconds=round(self.seconds, 3), **self.library)
+            record.update(
+                tolerance=TOLERANCE,
+                checked_rows=self.checked_rows,
+                nan_rows=self.nan_rows,
+                largest_difference=self.largest_difference,
+                class_mismatches=self.class_mismatches,
+                verify_seconds=round(self.seconds, 3),
+                **self.library,
+            )
         if self.reason:
             record["reason"] = self.reason
         return record
@@ -72,9 +79,11 @@ class EngineChoice:
         if self.requested == "sklearn":
             return "engine: scikit-learn"
         if self.used == "compiled":
-            return (f"engine: compiled ({self.library.get('library')}); verified on {self.checked_rows:,} rows "
-                    f"({self.nan_rows:,} with NaN): largest difference {self.largest_difference:.3g} <= {TOLERANCE:g}, "
-                    f"classes identical")
+            return (
+                f"engine: compiled ({self.library.get('library')}); verified on {self.checked_rows:,} rows "
+                f"({self.nan_rows:,} with NaN): largest difference {self.largest_difference:.3g} <= {TOLERANCE:g}, "
+                f"classes identical"
+            )
         return f"engine: scikit-learn although {self.requested} was asked for: {self.reason}"
 
 
@@ -105,7 +114,11 @@ def check_engine(config: Any, model: LoadedModel) -> None:
 
 
 def choose_engine(
-    config: Any, model: LoadedModel, files: Sequence[Mapping[str, Any]], model_version: str, predicted_at: datetime,
+    config: Any,
+    model: LoadedModel,
+    files: Sequence[Mapping[str, Any]],
+    model_version: str,
+    predicted_at: datetime,
 ) -> EngineChoice:
     """The engine to score ``files`` (plan entries) with, per ``config.engine``; see the module doc."""
     requested = config.engine
@@ -127,15 +140,23 @@ def choose_engine(
     candidate = compiled.CompiledPredictor(model, model_version, predicted_at, library.path)
     agreement = compare_on_files(reference, candidate, files, config.storage)
     choice = EngineChoice(
-        requested, "compiled", library_path=library.path, library=library.to_dict(), checked_rows=agreement.rows,
-        nan_rows=agreement.nan_rows, largest_difference=agreement.largest,
-        class_mismatches=agreement.class_mismatches, seconds=time.perf_counter() - started,
+        requested,
+        "compiled",
+        library_path=library.path,
+        library=library.to_dict(),
+        checked_rows=agreement.rows,
+        nan_rows=agreement.nan_rows,
+        largest_difference=agreement.largest,
+        class_mismatches=agreement.class_mismatches,
+        seconds=time.perf_counter() - started,
     )
     if agreement.passed:
         log.info(choice.describe(), extra=event("engine", **choice.to_dict()))
         return choice
-    problem = (f"the compiled library {library.path} disagrees with scikit-learn on the job's rows: "
-               f"{agreement.first_problem} (tolerance {TOLERANCE:g}, {agreement.rows:,} rows checked)")
+    problem = (
+        f"the compiled library {library.path} disagrees with scikit-learn on the job's rows: "
+        f"{agreement.first_problem} (tolerance {TOLERANCE:g}, {agreement.rows:,} rows checked)"
+    )
     if requested == "compiled":
         raise ModelError(f"{problem}; nothing was scored (use {param('engine')} auto to fall back to scikit-learn)")
     choice.used, choice.library_path, choice.reason = "sklearn", None, problem
@@ -150,7 +171,10 @@ def _fallback(requested: str, reason: str) -> EngineChoice:
 
 
 def compare_on_files(
-    reference: Predictor, candidate: Predictor, files: Sequence[Mapping[str, Any]], storage: StorageSettings,
+    reference: Predictor,
+    candidate: Predictor,
+    files: Sequence[Mapping[str, Any]],
+    storage: StorageSettings,
 ) -> Agreement:
     """Score a sample of every file with both predictors and measure how far apart they are."""
     handles_nan = type(reference.model.final_estimator).__name__.startswith("HistGradientBoosting")
@@ -217,8 +241,9 @@ def _aligned(rows: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, rows: int, uri: str,
-             agreement: Agreement) -> int:
+def _compare(
+    reference: Predictor, candidate: Predictor, matrix: np.ndarray, rows: int, uri: str, agreement: Agreement
+) -> int:
     """Add how far the candidate's columns are from the reference's on these rows to ``agreement``;
     the rows compared (those scikit-learn accepts: both engines must refuse the same rows)."""
     if not rows:
@@ -247,8 +272,10 @@ def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, row
             differ = [i for i, (a, b) in enumerate(zip(want.to_pylist(), have.to_pylist())) if a != b]
             agreement.class_mismatches += len(differ)
             if differ and not agreement.first_problem:
-                agreement.first_problem = (f"{uri}: checked row {differ[0]} is class {have[differ[0]]} compiled "
-                                           f"but {want[differ[0]]} with scikit-learn")
+                agreement.first_problem = (
+                    f"{uri}: checked row {differ[0]} is class {have[differ[0]]} compiled "
+                    f"but {want[differ[0]]} with scikit-learn"
+                )
             continue
         a, b = want.to_numpy(zero_copy_only=False), have.to_numpy(zero_copy_only=False)
         scale = 1.0 if model.is_classifier else np.maximum(1.0, np.abs(a))
@@ -259,8 +286,9 @@ def _compare(reference: Predictor, candidate: Predictor, matrix: np.ndarray, row
         if diff.size and diff[worst] > agreement.largest:
             agreement.largest = float(diff[worst])
             if diff[worst] > TOLERANCE:
-                agreement.first_problem = (f"{uri}: checked row {worst}, {f.name} is {b[worst]!r} compiled but "
-                                           f"{a[worst]!r} with scikit-learn")
+                agreement.first_problem = (
+                    f"{uri}: checked row {worst}, {f.name} is {b[worst]!r} compiled but {a[worst]!r} with scikit-learn"
+                )
     return len(expected[0])
 
 
@@ -276,12 +304,15 @@ def engine_manifest(receipts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]
     if checked:
         differences = [r["largest_difference"] for r in checked if r.get("largest_difference") is not None]
         summary.update(
-            tolerance=TOLERANCE, checked_rows=sum(r["checked_rows"] for r in checked),
+            tolerance=TOLERANCE,
+            checked_rows=sum(r["checked_rows"] for r in checked),
             nan_rows=sum(r["nan_rows"] for r in checked),
             largest_difference=max(differences) if differences else None,
             class_mismatches=sum(r["class_mismatches"] for r in checked),
         )
-        libraries = sorted({r["library_sha256"] for r in checked if r.get("library_sha256") and r["used"] == "compiled"})
+        libraries = sorted(
+            {r["library_sha256"] for r in checked if r.get("library_sha256") and r["used"] == "compiled"}
+        )
         if libraries:
             summary["library_sha256"] = libraries[0] if len(libraries) == 1 else libraries
     reasons = sorted({r["reason"] for r in records if r.get("reason")})

@@ -9,7 +9,8 @@ compared by their shares (PSI only).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -61,12 +62,16 @@ def compare_column(current: Mapping[str, Any], reference: Mapping[str, Any]) -> 
     return {"psi": value, "wasserstein": wasserstein(u[0], u[1].astype(float), v[0], v[1].astype(float))}
 
 
-def compare(current: Mapping[str, Any], reference: Mapping[str, Any], warn: float, fail: float | None) -> dict[str, Any]:
+def compare(
+    current: Mapping[str, Any], reference: Mapping[str, Any], warn: float, fail: float | None
+) -> dict[str, Any]:
     """Every score and feature column of ``current`` against ``reference`` (both reports)."""
     columns: list[dict[str, Any]] = []
     missing: list[str] = []
-    for kind, section, other in (("score", current["scores"]["columns"], reference["scores"]["columns"]),
-                                 ("feature", current["features"], reference["features"])):
+    for kind, section, other in (
+        ("score", current["scores"]["columns"], reference["scores"]["columns"]),
+        ("feature", current["features"], reference["features"]),
+    ):
         for name, summary in section.items():
             if name not in other:
                 missing.append(name)
@@ -77,8 +82,14 @@ def compare(current: Mapping[str, Any], reference: Mapping[str, Any], warn: floa
     mine, theirs = current["scores"].get("classes") or {}, reference["scores"].get("classes") or {}
     if mine and theirs:
         labels = sorted(set(mine) | set(theirs))
-        columns.append({"column": current["scores"]["class_column"], "kind": "classes", "wasserstein": None,
-                        "psi": psi([theirs.get(c, 0) for c in labels], [mine.get(c, 0) for c in labels])})
+        columns.append(
+            {
+                "column": current["scores"]["class_column"],
+                "kind": "classes",
+                "wasserstein": None,
+                "psi": psi([theirs.get(c, 0) for c in labels], [mine.get(c, 0) for c in labels]),
+            }
+        )
     largest = max(columns, key=lambda c: c["psi"], default=None)
     return {
         "reference_plan_id": reference.get("plan_id"),
@@ -100,11 +111,26 @@ def describe(drift: Mapping[str, Any], threshold: float) -> str:
 
 
 def log_drift(drift: Mapping[str, Any], reference: str) -> None:
-    fields = event("drift", reference=reference, max_psi=drift["max_psi"], max_psi_column=drift["max_psi_column"],
-                   drifted=list(drift["drifted"]))
+    fields = event(
+        "drift",
+        reference=reference,
+        max_psi=drift["max_psi"],
+        max_psi_column=drift["max_psi_column"],
+        drifted=list(drift["drifted"]),
+    )
     if drift["drifted"]:
-        log.warning("drift against %s: PSI above %s in %s", reference, drift["warn"], describe(drift, drift["warn"]),
-                    extra=fields)
+        log.warning(
+            "drift against %s: PSI above %s in %s",
+            reference,
+            drift["warn"],
+            describe(drift, drift["warn"]),
+            extra=fields,
+        )
     else:
-        log.info("no drift against %s: largest PSI %.3g (%s)", reference, drift["max_psi"], drift["max_psi_column"],
-                 extra=fields)
+        log.info(
+            "no drift against %s: largest PSI %.3g (%s)",
+            reference,
+            drift["max_psi"],
+            drift["max_psi_column"],
+            extra=fields,
+        )

@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..io.source import GLOB_CHARS
@@ -40,8 +41,11 @@ def configured(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the environment asks for lineage events (the client would print them otherwise)."""
     if environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
         return False
-    return bool(environ.get("OPENLINEAGE_URL") or environ.get("OPENLINEAGE_CONFIG")
-                or any(name.startswith("OPENLINEAGE__") for name in environ))
+    return bool(
+        environ.get("OPENLINEAGE_URL")
+        or environ.get("OPENLINEAGE_CONFIG")
+        or any(name.startswith("OPENLINEAGE__") for name in environ)
+    )
 
 
 def dataset_name(uri: str) -> tuple[str, str]:
@@ -78,8 +82,16 @@ def parse_parent(value: str | None, variable: str) -> tuple[str, str, str] | Non
 class LineageRun:
     """One OpenLineage run of a scoring command: START now, COMPLETE or FAIL when it ends."""
 
-    def __init__(self, client: Any, namespace: str, job: str, inputs: Sequence[str], output: str | None,
-                 parent: tuple[str, str, str] | None, root: tuple[str, str, str] | None):
+    def __init__(
+        self,
+        client: Any,
+        namespace: str,
+        job: str,
+        inputs: Sequence[str],
+        output: str | None,
+        parent: tuple[str, str, str] | None,
+        root: tuple[str, str, str] | None,
+    ):
         from openlineage.client.uuid import generate_new_uuid
 
         self.client, self.namespace, self.job = client, namespace, job
@@ -96,14 +108,28 @@ class LineageRun:
         result = result or {}
         inputs = self.inputs or [i["uri"] for i in result.get("inputs", ())]
         rows = result["rows"]["out"] if "rows" in result else result.get("rows_out")
-        self._emit("COMPLETE", inputs, self.output or result.get("output"), rows=rows,
-                   parts=len(result.get("parts", ())), schema=result.get("schema"))
+        self._emit(
+            "COMPLETE",
+            inputs,
+            self.output or result.get("output"),
+            rows=rows,
+            parts=len(result.get("parts", ())),
+            schema=result.get("schema"),
+        )
 
     def failed(self, exit_code: int, message: str = "") -> None:
         self._emit("FAIL", self.inputs, self.output, error=f"exit code {exit_code}: {message}")
 
-    def _event(self, state: str, inputs: Sequence[str], output: str | None, rows: int | None = None,
-               parts: int = 0, schema: Sequence[Mapping[str, str]] | None = None, error: str | None = None) -> Any:
+    def _event(
+        self,
+        state: str,
+        inputs: Sequence[str],
+        output: str | None,
+        rows: int | None = None,
+        parts: int = 0,
+        schema: Sequence[Mapping[str, str]] | None = None,
+        error: str | None = None,
+    ) -> Any:
         from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
         from openlineage.client.generated import (
             error_message_run,
@@ -121,27 +147,34 @@ class LineageRun:
             namespace, name, run_id = self.parent
             root = None
             if self.root is not None:
-                root = parent_run.Root(run=parent_run.RootRun(runId=self.root[2]),
-                                       job=parent_run.RootJob(namespace=self.root[0], name=self.root[1]))
+                root = parent_run.Root(
+                    run=parent_run.RootRun(runId=self.root[2]),
+                    job=parent_run.RootJob(namespace=self.root[0], name=self.root[1]),
+                )
             run_facets["parent"] = parent_run.ParentRunFacet(
-                run=parent_run.Run(runId=run_id), job=parent_run.Job(namespace=namespace, name=name), root=root)
+                run=parent_run.Run(runId=run_id), job=parent_run.Job(namespace=namespace, name=name), root=root
+            )
         if error is not None:
-            run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(message=error,
-                                                                                programmingLanguage="python")
+            run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+                message=error, programmingLanguage="python"
+            )
         outputs = []
         if output:
             output_facets: dict[str, Any] = {}
             if rows is not None:
                 output_facets["outputStatistics"] = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                    rowCount=rows, fileCount=parts)
+                    rowCount=rows, fileCount=parts
+                )
             facets: dict[str, Any] = {}
             if schema:
                 facets["schema"] = schema_dataset.SchemaDatasetFacet(
-                    fields=[schema_dataset.SchemaDatasetFacetFields(name=c["name"], type=c["type"]) for c in schema])
+                    fields=[schema_dataset.SchemaDatasetFacetFields(name=c["name"], type=c["type"]) for c in schema]
+                )
             outputs.append(OutputDataset(*dataset_name(output), facets=facets, outputFacets=output_facets))
         names = list(dict.fromkeys(dataset_name(uri) for uri in inputs))
-        job_facets: dict[str, Any] = {"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="BATCHSCORE",
-                                                              jobType="JOB")}
+        job_facets: dict[str, Any] = {
+            "jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="BATCHSCORE", jobType="JOB")
+        }
         return RunEvent(
             eventType=getattr(RunState, state),
             eventTime=datetime.now(timezone.utc).isoformat(),
@@ -170,9 +203,15 @@ class LineageRun:
         sender.join(EMIT_TIMEOUT_SECONDS)
         if sender.is_alive() or problem:
             self.broken = True
-            reason = f"{type(problem[0]).__name__}: {problem[0]}" if problem else f"no answer in {EMIT_TIMEOUT_SECONDS:g} s"
-            log.warning("could not send the OpenLineage %s event of %s (%s); the job's result is unaffected",
-                        state, self.job, reason)
+            reason = (
+                f"{type(problem[0]).__name__}: {problem[0]}" if problem else f"no answer in {EMIT_TIMEOUT_SECONDS:g} s"
+            )
+            log.warning(
+                "could not send the OpenLineage %s event of %s (%s); the job's result is unaffected",
+                state,
+                self.job,
+                reason,
+            )
 
 
 def start(config: JobConfig, job_name: str, shard: int | None = None) -> LineageRun | None:
@@ -182,8 +221,10 @@ def start(config: JobConfig, job_name: str, shard: int | None = None) -> Lineage
     try:
         from openlineage.client import OpenLineageClient
     except ImportError:
-        log.warning("OpenLineage is configured but openlineage-python is not installed "
-                    "(pip install 'batchscore[lineage]'); no lineage events are sent")
+        log.warning(
+            "OpenLineage is configured but openlineage-python is not installed "
+            "(pip install 'batchscore[lineage]'); no lineage events are sent"
+        )
         return None
     parent = parse_parent(os.environ.get(PARENT_ENV), PARENT_ENV)
     root = parse_parent(os.environ.get(ROOT_PARENT_ENV), ROOT_PARENT_ENV)

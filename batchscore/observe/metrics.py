@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.error import HTTPError
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,20 @@ class JobMetrics:
             families = list(self.families(outcome, exit_code, time.monotonic()))
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Fixed(families))
-            pushadd_to_gateway(self.gateway, job=self.job, registry=registry, grouping_key=self.grouping_key,
-                               timeout=PUSH_TIMEOUT_SECONDS)
+            pushadd_to_gateway(
+                self.gateway,
+                job=self.job,
+                registry=registry,
+                grouping_key=self.grouping_key,
+                timeout=PUSH_TIMEOUT_SECONDS,
+            )
         except Exception as exc:  # never the job's failure: the output is what matters
             reason = exc if isinstance(exc, HTTPError) else getattr(exc, "reason", None) or exc
-            log.warning("could not push metrics to the Pushgateway %s (%s); the job's result is unaffected",
-                        self.gateway, reason)
+            log.warning(
+                "could not push metrics to the Pushgateway %s (%s); the job's result is unaffected",
+                self.gateway,
+                reason,
+            )
 
 
 class _Fixed:

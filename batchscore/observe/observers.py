@@ -8,7 +8,8 @@ of the library is observed exactly as the CLI is, and no module keeps a "current
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import JobConfig
@@ -26,15 +27,17 @@ class Observers:
         self.metrics, self.lineage = metrics, lineage
 
     @classmethod
-    def start(cls, config: JobConfig, shard: int | None = None, lineage: bool = True) -> "Observers":
+    def start(cls, config: JobConfig, shard: int | None = None, lineage: bool = True) -> Observers:
         """Start observing a step of ``config``'s job (shard ``shard`` of it); a scoring step's
         lineage run emits its START event now."""
         from . import lineage as lineage_runs
         from . import metrics
 
         name = config.job_name or DEFAULT_JOB_NAME
-        return cls(metrics.start(config.pushgateway, name, config.model_version, shard),
-                   lineage_runs.start(config, name, shard) if lineage else None)
+        return cls(
+            metrics.start(config.pushgateway, name, config.model_version, shard),
+            lineage_runs.start(config, name, shard) if lineage else None,
+        )
 
     def model_loaded(self, seconds: float) -> None:
         if self.metrics is not None:

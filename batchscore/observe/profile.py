@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,7 @@ import pyarrow as pa
 MANTISSA_BITS = 7
 MIN_EXPONENT = -32
 MAX_EXPONENT = 64
-SCHEME = f"log2/{2 ** MANTISSA_BITS} from 2^{MIN_EXPONENT} to 2^{MAX_EXPONENT}"
+SCHEME = f"log2/{2**MANTISSA_BITS} from 2^{MIN_EXPONENT} to 2^{MAX_EXPONENT}"
 _SHIFT = 52 - MANTISSA_BITS
 _BASE = (1023 + MIN_EXPONENT) << MANTISSA_BITS
 #: Buckets of each sign; the dense sketch is [negatives..., zero, positives...].
@@ -39,7 +40,7 @@ ZERO = _MAGNITUDES
 SKETCH_LENGTH = 2 * _MAGNITUDES + 1
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 #: Values from which on, and below which, a value's bits alone give its bucket.
-_INSIDE_GRID = (2.0 ** MIN_EXPONENT, 2.0 ** MAX_EXPONENT)
+_INSIDE_GRID = (2.0**MIN_EXPONENT, 2.0**MAX_EXPONENT)
 #: Bars of a histogram in the report (before its edges are moved onto the grid).
 HISTOGRAM_BINS = 20
 
@@ -75,7 +76,7 @@ def lower_bound(index: np.ndarray | Sequence[int]) -> np.ndarray:
     i = np.asarray(index, dtype=np.int64)
     above = _magnitude_bound(np.maximum(i - ZERO - 1, 0))
     below = -_magnitude_bound(np.maximum(ZERO - i, 0))
-    return np.where(i > ZERO, above, np.where(i < ZERO, below, -(2.0 ** MIN_EXPONENT)))
+    return np.where(i > ZERO, above, np.where(i < ZERO, below, -(2.0**MIN_EXPONENT)))
 
 
 class ColumnProfile:
@@ -116,9 +117,9 @@ class ColumnProfile:
             index -= first - ZERO - 1 + _BASE
         else:
             index = bucket_index(x, low >= 0, first)
-        self.sketch[first:last + 1] += np.bincount(index, minlength=last - first + 1)
+        self.sketch[first : last + 1] += np.bincount(index, minlength=last - first + 1)
 
-    def merge(self, other: "ColumnProfile") -> None:
+    def merge(self, other: ColumnProfile) -> None:
         self.count += other.count
         self.nulls += other.nulls
         self.nan += other.nan
@@ -132,12 +133,18 @@ class ColumnProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "count": self.count, "nulls": self.nulls, "nan": self.nan, "inf": self.inf, "sum": self.total,
-            "min": self.minimum, "max": self.maximum, "sketch": sparse_sketch(self.sketch),
+            "count": self.count,
+            "nulls": self.nulls,
+            "nan": self.nan,
+            "inf": self.inf,
+            "sum": self.total,
+            "min": self.minimum,
+            "max": self.maximum,
+            "sketch": sparse_sketch(self.sketch),
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ColumnProfile":
+    def from_dict(cls, data: Mapping[str, Any]) -> ColumnProfile:
         profile = cls()
         profile.count, profile.nulls = int(data["count"]), int(data["nulls"])
         profile.nan, profile.inf, profile.total = int(data["nan"]), int(data["inf"]), float(data["sum"])
@@ -291,8 +298,12 @@ def summarize(column: Mapping[str, Any]) -> dict[str, Any]:
     """A stored column profile as the report shows it: counts, extremes, mean, quantiles, histogram."""
     profile = ColumnProfile.from_dict(column)
     summary: dict[str, Any] = {
-        "count": profile.count, "nulls": profile.nulls, "nan": profile.nan, "inf": profile.inf,
-        "min": profile.minimum, "max": profile.maximum,
+        "count": profile.count,
+        "nulls": profile.nulls,
+        "nan": profile.nan,
+        "inf": profile.inf,
+        "min": profile.minimum,
+        "max": profile.maximum,
         "mean": profile.total / profile.count if profile.count else None,
     }
     if profile.count:

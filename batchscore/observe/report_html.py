@@ -8,7 +8,8 @@ scored or set aside and why, what the scores look like, which columns drifted, a
 from __future__ import annotations
 
 import html
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 #: Colours the page's charts are drawn in (a test finds them in a screenshot).
 BAR = "#2563eb"
@@ -33,8 +34,9 @@ def _e(text: Any) -> str:
     return html.escape(str(text))
 
 
-def histogram_svg(histogram: Mapping[str, Sequence[Any]], width: int = 520, height: int = 180,
-                  colour: str = BAR, axes: bool = True) -> str:
+def histogram_svg(
+    histogram: Mapping[str, Sequence[Any]], width: int = 520, height: int = 180, colour: str = BAR, axes: bool = True
+) -> str:
     """Bars on their real edges (widths follow the edges), with the range and tallest count labelled."""
     edges, counts = list(histogram.get("edges") or []), list(histogram.get("counts") or [])
     if not counts:
@@ -49,20 +51,26 @@ def histogram_svg(histogram: Mapping[str, Sequence[Any]], width: int = 520, heig
         x0 = pad_left + (edges[i] - low) / span * plot_w
         x1 = pad_left + (edges[i + 1] - low) / span * plot_w
         h = count / top * plot_h
-        bars.append(f'<rect x="{x0:.2f}" y="{pad_top + plot_h - h:.2f}" width="{max(x1 - x0 - 1, 1):.2f}" '
-                    f'height="{h:.2f}" fill="{colour}"><title>[{_number(edges[i])}, {_number(edges[i + 1])}): '
-                    f'{count:,}</title></rect>')
+        bars.append(
+            f'<rect x="{x0:.2f}" y="{pad_top + plot_h - h:.2f}" width="{max(x1 - x0 - 1, 1):.2f}" '
+            f'height="{h:.2f}" fill="{colour}"><title>[{_number(edges[i])}, {_number(edges[i + 1])}): '
+            f"{count:,}</title></rect>"
+        )
     labels = ""
     if axes:
         base = pad_top + plot_h
-        labels = (f'<line x1="{pad_left}" y1="{base}" x2="{pad_left + plot_w}" y2="{base}" stroke="#555"/>'
-                  f'<text x="{pad_left}" y="{height - 4}" class="axis">{_e(_number(low))}</text>'
-                  f'<text x="{pad_left + plot_w}" y="{height - 4}" class="axis" text-anchor="end">'
-                  f'{_e(_number(high))}</text>'
-                  f'<text x="{pad_left - 4}" y="{pad_top + 10}" class="axis" text-anchor="end">{top:,}</text>'
-                  f'<text x="{pad_left - 4}" y="{base}" class="axis" text-anchor="end">0</text>')
-    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'xmlns="http://www.w3.org/2000/svg">{"".join(bars)}{labels}</svg>')
+        labels = (
+            f'<line x1="{pad_left}" y1="{base}" x2="{pad_left + plot_w}" y2="{base}" stroke="#555"/>'
+            f'<text x="{pad_left}" y="{height - 4}" class="axis">{_e(_number(low))}</text>'
+            f'<text x="{pad_left + plot_w}" y="{height - 4}" class="axis" text-anchor="end">'
+            f"{_e(_number(high))}</text>"
+            f'<text x="{pad_left - 4}" y="{pad_top + 10}" class="axis" text-anchor="end">{top:,}</text>'
+            f'<text x="{pad_left - 4}" y="{base}" class="axis" text-anchor="end">0</text>'
+        )
+    return (
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'xmlns="http://www.w3.org/2000/svg">{"".join(bars)}{labels}</svg>'
+    )
 
 
 def classes_svg(classes: Mapping[str, int], width: int = 520) -> str:
@@ -73,9 +81,11 @@ def classes_svg(classes: Mapping[str, int], width: int = 520) -> str:
     for i, (label, count) in enumerate(sorted(classes.items(), key=lambda kv: -kv[1])):
         y = 4 + i * 24
         w = count / top * (width - 230)
-        rows.append(f'<text x="0" y="{y + 14}" class="axis">{_e(label)[:18]}</text>'
-                    f'<rect x="120" y="{y}" width="{max(w, 1):.2f}" height="18" fill="{BAR}"/>'
-                    f'<text x="{126 + w:.2f}" y="{y + 14}" class="axis">{count:,} ({count / total:.1%})</text>')
+        rows.append(
+            f'<text x="0" y="{y + 14}" class="axis">{_e(label)[:18]}</text>'
+            f'<rect x="120" y="{y}" width="{max(w, 1):.2f}" height="18" fill="{BAR}"/>'
+            f'<text x="{126 + w:.2f}" y="{y + 14}" class="axis">{count:,} ({count / total:.1%})</text>'
+        )
     height = 8 + 24 * len(classes)
     return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(rows)}</svg>'
 
@@ -95,25 +105,35 @@ def _drift_rows(drift: Mapping[str, Any]) -> str:
         fail = drift.get("fail")
         colour = FAIL if fail is not None and psi > fail else WARN if psi > drift["warn"] else OK
         word = "above fail" if colour == FAIL else "drifted" if colour == WARN else "stable"
-        rows.append(f'<tr><td>{_e(column["column"])}</td><td>{_e(column["kind"])}</td>'
-                    f'<td class="num">{psi:.4f}</td><td class="num">{_e(_number(column["wasserstein"]))}</td>'
-                    f'<td><span class="dot" style="background:{colour}"></span>{word}</td></tr>')
+        rows.append(
+            f"<tr><td>{_e(column['column'])}</td><td>{_e(column['kind'])}</td>"
+            f'<td class="num">{psi:.4f}</td><td class="num">{_e(_number(column["wasserstein"]))}</td>'
+            f'<td><span class="dot" style="background:{colour}"></span>{word}</td></tr>'
+        )
     return "".join(rows)
 
 
 def _drift_section(report: Mapping[str, Any]) -> str:
     drift = report.get("drift")
     if not drift:
-        return '<h2>Drift</h2><p class="muted">No reference was given (<code>--reference</code>), or it had no report.</p>'
-    thresholds = f'warn above PSI {drift["warn"]}' + (f', fail above {drift["fail"]}' if drift.get("fail") is not None
-                                                       else "")
-    accepted = f'; accepted {_e(drift["accepted_at"])}' if drift.get("accepted_at") else ""
-    missing = (f'<p class="muted">Not in the reference: {_e(", ".join(drift["not_in_reference"]))}</p>'
-               if drift.get("not_in_reference") else "")
-    return (f'<h2>Drift</h2><p>Against <code>{_e(drift["reference"])}</code> ({thresholds}{accepted}). '
-            f'Largest PSI {_e(_number(drift["max_psi"]))} in <b>{_e(drift["max_psi_column"])}</b>.</p>'
-            f'<table><tr><th>column</th><th>kind</th><th>PSI</th><th>Wasserstein</th><th></th></tr>'
-            f'{_drift_rows(drift)}</table>{missing}')
+        return (
+            '<h2>Drift</h2><p class="muted">No reference was given (<code>--reference</code>), or it had no report.</p>'
+        )
+    thresholds = f"warn above PSI {drift['warn']}" + (
+        f", fail above {drift['fail']}" if drift.get("fail") is not None else ""
+    )
+    accepted = f"; accepted {_e(drift['accepted_at'])}" if drift.get("accepted_at") else ""
+    missing = (
+        f'<p class="muted">Not in the reference: {_e(", ".join(drift["not_in_reference"]))}</p>'
+        if drift.get("not_in_reference")
+        else ""
+    )
+    return (
+        f"<h2>Drift</h2><p>Against <code>{_e(drift['reference'])}</code> ({thresholds}{accepted}). "
+        f"Largest PSI {_e(_number(drift['max_psi']))} in <b>{_e(drift['max_psi_column'])}</b>.</p>"
+        f"<table><tr><th>column</th><th>kind</th><th>PSI</th><th>Wasserstein</th><th></th></tr>"
+        f"{_drift_rows(drift)}</table>{missing}"
+    )
 
 
 def _feature_rows(report: Mapping[str, Any]) -> str:
@@ -125,10 +145,13 @@ def _feature_rows(report: Mapping[str, Any]) -> str:
         rows.append(
             f'<tr><td><b>{_e(name)}</b></td><td class="num">{column["count"]:,}</td>'
             f'<td class="num{" bad" if missing else ""}">{missing:,}</td>'
-            + "".join(f'<td class="num">{_e(_number(v))}</td>'
-                      for v in (column["min"], q.get("p05"), q.get("p50"), column["mean"], q.get("p95"), column["max"]))
+            + "".join(
+                f'<td class="num">{_e(_number(v))}</td>'
+                for v in (column["min"], q.get("p05"), q.get("p50"), column["mean"], q.get("p95"), column["max"])
+            )
             + f'<td class="num">{_e(_number(psi.get(name)))}</td>'
-            f'<td>{histogram_svg(column.get("histogram") or {}, 160, 36, SPARK, axes=False)}</td></tr>')
+            f"<td>{histogram_svg(column.get('histogram') or {}, 160, 36, SPARK, axes=False)}</td></tr>"
+        )
     return "".join(rows)
 
 
@@ -151,20 +174,28 @@ def render(report: Mapping[str, Any]) -> str:
     status, colour = _status(report)
     rows = report["rows"]
     reasons = rows.get("invalid_by_reason") or {}
-    reason_text = (", ".join(f"{_e(k)}: {v:,}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
-                   if reasons else "")
+    reason_text = (
+        ", ".join(f"{_e(k)}: {v:,}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) if reasons else ""
+    )
     scores = report["scores"]
-    charts = [f'<figure><figcaption>{_e(name)}</figcaption>{histogram_svg(column.get("histogram") or {})}'
-              f'<div class="muted">mean {_e(_number(column["mean"]))}, median '
-              f'{_e(_number((column.get("quantiles") or {}).get("p50")))}</div></figure>'
-              for name, column in scores["columns"].items()]
+    charts = [
+        f"<figure><figcaption>{_e(name)}</figcaption>{histogram_svg(column.get('histogram') or {})}"
+        f'<div class="muted">mean {_e(_number(column["mean"]))}, median '
+        f"{_e(_number((column.get('quantiles') or {}).get('p50')))}</div></figure>"
+        for name, column in scores["columns"].items()
+    ]
     if scores.get("classes"):
-        charts.append(f'<figure><figcaption>predicted classes ({_e(scores["class_column"])})</figcaption>'
-                      f'{classes_svg(scores["classes"])}</figure>')
+        charts.append(
+            f"<figure><figcaption>predicted classes ({_e(scores['class_column'])})</figcaption>"
+            f"{classes_svg(scores['classes'])}</figure>"
+        )
     profiled = report.get("profiled", True)
-    features = (f'<table><tr><th>feature</th><th>count</th><th>missing</th><th>min</th><th>p5</th><th>median</th>'
-                f'<th>mean</th><th>p95</th><th>max</th><th>PSI</th><th>histogram</th></tr>{_feature_rows(report)}</table>'
-                if profiled else '<p class="muted">This run was not profiled.</p>')
+    features = (
+        f"<table><tr><th>feature</th><th>count</th><th>missing</th><th>min</th><th>p5</th><th>median</th>"
+        f"<th>mean</th><th>p95</th><th>max</th><th>PSI</th><th>histogram</th></tr>{_feature_rows(report)}</table>"
+        if profiled
+        else '<p class="muted">This run was not profiled.</p>'
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>batchscore report: {_e(report["output"])}</title>
 <style>{STYLE}</style></head><body>

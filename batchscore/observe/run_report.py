@@ -10,14 +10,15 @@ is not, until ``commit --accept-drift`` accepts exactly the attempts that were r
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
-from . import drift as drifts
 from ..errors import ConfigError, DriftError, InputDataError, param
-from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 from ..io.sink import SUCCESS_FILE, read_json, report_path, write_json
 from ..io.storage import Location, join, resolve
+from . import drift as drifts
+from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def _invalid_reasons(features: Mapping[str, Mapping[str, Any]]) -> dict[str, int
     return {f"{name} {text}": column[key] for name, column in features.items() for key, text in words if column[key]}
 
 
-def build_report(plan_id: str, output: str, receipts: Mapping[int, Mapping[str, Any]],
-                 manifest: Mapping[str, Any]) -> dict[str, Any]:
+def build_report(
+    plan_id: str, output: str, receipts: Mapping[int, Mapping[str, Any]], manifest: Mapping[str, Any]
+) -> dict[str, Any]:
     """The report of the receipts about to be committed (their profiles merged exactly)."""
     profile = merge_profiles(r.get("profile") for _, r in sorted(receipts.items()))
     rows = manifest["rows"]
@@ -116,8 +118,9 @@ def read_report(where: Location) -> dict[str, Any]:
     try:
         report = read_json(fs, report_path(path))
     except FileNotFoundError:
-        raise ConfigError(f"no run report for {output} (not an output committed by batchscore, or being rewritten)") \
-            from None
+        raise ConfigError(
+            f"no run report for {output} (not an output committed by batchscore, or being rewritten)"
+        ) from None
     except ValueError as exc:
         raise InputDataError(f"run report of {output} is not valid JSON: {exc}") from None
     report["committed"] = fs.exists(join(path, SUCCESS_FILE))
@@ -133,8 +136,11 @@ def _reference(where: Location) -> dict[str, Any] | None:
         log.warning("drift not checked: %s", exc)
         return None
     if not report.get("committed") or not report.get("profiled"):
-        log.warning("drift not checked: reference %s is %s", uri,
-                    "not committed (no _SUCCESS)" if not report.get("committed") else "a report without profiles")
+        log.warning(
+            "drift not checked: reference %s is %s",
+            uri,
+            "not committed (no _SUCCESS)" if not report.get("committed") else "a report without profiles",
+        )
         return None
     return report
 
@@ -153,7 +159,9 @@ def _accepting(fs: Any, path: str, report: Mapping[str, Any]) -> dict[str, Any]:
     except (FileNotFoundError, ValueError):
         held = None
     if not held or not held.get("held"):
-        raise ConfigError(f"{param('accept_drift')}: {report['output']} has no report held for drift; nothing to accept")
+        raise ConfigError(
+            f"{param('accept_drift')}: {report['output']} has no report held for drift; nothing to accept"
+        )
     if held.get("plan_id") != report["plan_id"] or held.get("attempts") != report["attempts"]:
         raise ConfigError(
             f"{param('accept_drift')}: the held report of {report['output']} describes other shard attempts than the ones "
@@ -171,8 +179,10 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
     elif config.reference and report.get("profiled"):
         reference, found = reference_of(config)
         if found is not None:
-            report["drift"] = {"reference": reference, **drifts.compare(report, found, config.drift_warn,
-                                                                        config.drift_fail)}
+            report["drift"] = {
+                "reference": reference,
+                **drifts.compare(report, found, config.drift_warn, config.drift_fail),
+            }
             drifts.log_drift(report["drift"], reference)
     drift = report["drift"]
     report["held"] = bool(drift and drift["above_fail"] and not accept_drift)
@@ -188,6 +198,7 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
 
 def without_sketches(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report as people read it: the sketches (for machines comparing runs) left out."""
+
     def strip(columns: Mapping[str, Any]) -> dict[str, Any]:
         return {name: {k: v for k, v in column.items() if k != "sketch"} for name, column in columns.items()}
 

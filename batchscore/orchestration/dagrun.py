@@ -21,12 +21,12 @@ try:
 except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]  # 3.0's home
 
-from .dagspec import JobSettings
 from .. import schema
 from ..config import COMMAND_FIELDS, PLAN_FIELDS, shard_size_conflict
 from ..config import FIELDS as JOB_FIELDS
 from ..errors import PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
+from .dagspec import JobSettings
 
 log = logging.getLogger(__name__)
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
@@ -36,11 +36,15 @@ _CRON_PRESETS = {"@quarterly": "0 0 1 */3 *"}
 #: The shard task's OpenLineage run, handed to the scorer so its lineage runs hang under the task's
 #: (see batchscore.observe.lineage). Rendered where the worker has the OpenLineage provider (whose plugin
 #: holds the macros), else empty.
-_LINEAGE_MACRO = ("{{{{ macros.OpenLineageProviderPlugin.{0}(task_instance) if macros is defined and "
-                  "macros.OpenLineageProviderPlugin is defined and macros.OpenLineageProviderPlugin.{0} is defined "
-                  "else '' }}}}")
-LINEAGE_ENV = {"OPENLINEAGE_PARENT_ID": _LINEAGE_MACRO.format("lineage_parent_id"),
-               "OPENLINEAGE_ROOT_PARENT_ID": _LINEAGE_MACRO.format("lineage_root_parent_id")}
+_LINEAGE_MACRO = (
+    "{{{{ macros.OpenLineageProviderPlugin.{0}(task_instance) if macros is defined and "
+    "macros.OpenLineageProviderPlugin is defined and macros.OpenLineageProviderPlugin.{0} is defined "
+    "else '' }}}}"
+)
+LINEAGE_ENV = {
+    "OPENLINEAGE_PARENT_ID": _LINEAGE_MACRO.format("lineage_parent_id"),
+    "OPENLINEAGE_ROOT_PARENT_ID": _LINEAGE_MACRO.format("lineage_root_parent_id"),
+}
 
 
 class TemplateUndefinedError(jinja2.UndefinedError, AirflowFailException):
@@ -159,10 +163,15 @@ def render(settings: JobSettings, value: Any, context: Mapping[str, Any]) -> Any
     the same template.
     """
     dag_run = context["dag_run"]
-    dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None))
+    dates = run_dates(
+        settings, context["params"], getattr(dag_run, "logical_date", None), getattr(dag_run, "run_after", None)
+    )
     if dates:
-        why = "the 'date' param" if context["params"].get(DATE_PARAM) else "no logical date: the schedule's last complete interval"
+        why = (
+            "the 'date' param"
+            if context["params"].get(DATE_PARAM)
+            else "no logical date: the schedule's last complete interval"
+        )
         log.info("templates see ds=%s (%s)", dates["ds"], why)
     task_ = context["task"]
     try:
@@ -177,12 +186,17 @@ class RunDatesMixin:
 
     job_settings: JobSettings
 
-    def _do_render_template_fields(self, parent: Any, template_fields: Any, context: Any, jinja_env: Any,
-                                   seen_oids: set[int]) -> None:
+    def _do_render_template_fields(
+        self, parent: Any, template_fields: Any, context: Any, jinja_env: Any, seen_oids: set[int]
+    ) -> None:
         dag_run = context.get("dag_run")
         if dag_run is not None:
-            dates = run_dates(self.job_settings, context.get("params") or {}, getattr(dag_run, "logical_date", None),
-                              getattr(dag_run, "run_after", None))
+            dates = run_dates(
+                self.job_settings,
+                context.get("params") or {},
+                getattr(dag_run, "logical_date", None),
+                getattr(dag_run, "run_after", None),
+            )
             context = {**context, **dates}
         super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)  # type: ignore[misc]  # a mixin
 
@@ -205,22 +219,28 @@ def local_score_environment(settings: JobSettings) -> dict[str, str]:
 
     return render(settings, score_environment(settings), get_current_context())
 
+
 def previous_output(settings: JobSettings, context: Mapping[str, Any]) -> str | None:
     """The output of the interval before this run's (the default drift reference); None without a
     cron schedule."""
     import pendulum
 
     dag_run = context["dag_run"]
-    dates = run_dates(settings, context["params"], getattr(dag_run, "logical_date", None),
-                      getattr(dag_run, "run_after", None)) or context
+    dates = (
+        run_dates(
+            settings, context["params"], getattr(dag_run, "logical_date", None), getattr(dag_run, "run_after", None)
+        )
+        or context
+    )
     start = dates.get("logical_date")  # the date this run scores and names its output after
     previous = last_interval(settings.dag.schedule, settings.dag.timezone, start) if start is not None else None
     if previous is None:
         return None
     ds = pendulum.instance(previous[0]).in_timezone("UTC").strftime("%Y-%m-%d")
     task_ = context["task"]
-    rendered = task_.render_template(settings.output, {**context, **interval_dates(*previous, ds)},
-                                     task_.dag.get_template_env())
+    rendered = task_.render_template(
+        settings.output, {**context, **interval_dates(*previous, ds)}, task_.dag.get_template_env()
+    )
     return str(rendered)
 
 
@@ -248,9 +268,13 @@ def asset_extra(settings: JobSettings, context: Mapping[str, Any], output: str) 
         log.warning("no run report for the Asset event: %s", exc)
         return {"output": output}
     drift = report.get("drift") or {}
-    return {"output": output, "rows": report["rows"]["scored"], "invalid_rows": report["rows"]["invalid"],
-            "max_psi": drift.get("max_psi"), "max_psi_column": drift.get("max_psi_column")}
-
+    return {
+        "output": output,
+        "rows": report["rows"]["scored"],
+        "invalid_rows": report["rows"]["invalid"],
+        "max_psi": drift.get("max_psi"),
+        "max_psi_column": drift.get("max_psi_column"),
+    }
 
 
 def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
@@ -261,8 +285,10 @@ def size_args(settings: JobSettings, params: Mapping[str, Any]) -> list[str]:
         raise ValueError(conflict)
     if shards is None and rows is None:
         shards, rows = settings.dag.shards, settings.dag.rows_per_shard
-    return schema.to_argv(COMMAND_FIELDS, {"shards": None if shards is None else int(shards),
-                                           "rows_per_shard": None if rows is None else int(rows)})
+    return schema.to_argv(
+        COMMAND_FIELDS,
+        {"shards": None if shards is None else int(shards), "rows_per_shard": None if rows is None else int(rows)},
+    )
 
 
 #: The XCom key under which the plan task hands the commit the plan's pin (see ``plan_shards``).
@@ -272,8 +298,16 @@ PIN_XCOM_KEY = "pin"
 def shard_arguments(common: list[str], plan: str, num_shards: int, pin: Sequence[str] = ()) -> list[list[str]]:
     """One argument list per shard: ``run <job flags> <pin> --plan P --shard I``, where the pin
     (``--plan-sha256``, ``--model-sha256``...) holds the shard to the plan and model just made."""
-    return [["run", *common, *pin, *schema.to_argv(PLAN_FIELDS, {"plan": plan}),
-             *schema.to_argv(COMMAND_FIELDS, {"shard": i})] for i in range(num_shards)]
+    return [
+        [
+            "run",
+            *common,
+            *pin,
+            *schema.to_argv(PLAN_FIELDS, {"plan": plan}),
+            *schema.to_argv(COMMAND_FIELDS, {"shard": i}),
+        ]
+        for i in range(num_shards)
+    ]
 
 
 def input_present(paths: list[str], marker: str | None, storage_options: Mapping[str, str]) -> bool:
@@ -294,7 +328,6 @@ def input_present(paths: list[str], marker: str | None, storage_options: Mapping
     return True
 
 
-
 def permanent_failure(exit_code: int | None, where: str) -> AirflowFailException | None:
     """The no-retry failure for an exit code that no retry can fix, else None."""
     if exit_code not in PERMANENT_EXIT_CODES:
@@ -310,7 +343,6 @@ def pod_exit_code(pod: Any, container: str) -> int | None:
     status = next((s for s in statuses if s.name == container), None)
     terminated = status.state.terminated if status is not None and status.state else None
     return terminated.exit_code if terminated is not None else None
-
 
 
 def retry_kwargs(settings: JobSettings) -> dict[str, Any]:
@@ -363,8 +395,6 @@ def timetable(settings: JobSettings) -> Any:
     return CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
 
 
-
-
 # --------------------------------------------------------------------------- the tasks' bodies
 
 
@@ -378,8 +408,13 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
 
     common, output = render(settings, [list(settings.common_args), settings.output], context)
     out = plan_uri(output)
-    argv = [*cli_command(settings), "plan", *common, *size_args(settings, context["params"]),
-            *schema.to_argv(PLAN_FIELDS, {"out": out})]
+    argv = [
+        *cli_command(settings),
+        "plan",
+        *common,
+        *size_args(settings, context["params"]),
+        *schema.to_argv(PLAN_FIELDS, {"out": out}),
+    ]
     document = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
     num_shards = int(document["num_shards"])
     if num_shards < 1:
@@ -395,8 +430,14 @@ def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:
     pin = context["ti"].xcom_pull(task_ids="plan", key=PIN_XCOM_KEY)
     if not pin:
         raise AirflowFailException(f"no plan digest from this run's plan task for {output}; run the whole DAG again")
-    argv = [*cli_command(settings), "commit", *common, *drift_args(settings, context, output),
-            *schema.to_argv(PLAN_FIELDS, {"plan": plan_uri(output)}), *pin]
+    argv = [
+        *cli_command(settings),
+        "commit",
+        *common,
+        *drift_args(settings, context, output),
+        *schema.to_argv(PLAN_FIELDS, {"plan": plan_uri(output)}),
+        *pin,
+    ]
     run_cli(argv, env=rendered_env(settings, context))
     return output
 
@@ -406,5 +447,6 @@ def inputs_ready(settings: JobSettings, context: Mapping[str, Any]) -> bool:
     sensor = settings.dag.sensor
     assert sensor is not None
     paths, storage_options, marker = render(
-        settings, [list(settings.sensor_paths), dict(settings.storage_options), sensor.marker], context)
+        settings, [list(settings.sensor_paths), dict(settings.storage_options), sensor.marker], context
+    )
     return input_present(paths, marker, storage_options)

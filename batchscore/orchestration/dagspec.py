@@ -15,20 +15,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Dict, Literal, Optional, Tuple
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
 from .. import schema
-from ..config import DAY_SECONDS, MAX_PSI, MAX_ROWS, MAX_SHARDS, PSI_WHY, ROWS_WHY, SHARDS_WHY
+from ..config import (
+    DAY_SECONDS,
+    MAX_PSI,
+    MAX_ROWS,
+    MAX_SHARDS,
+    PSI_WHY,
+    ROWS_WHY,
+    SHARDS_WHY,
+    TEMPLATE,
+    shard_size_conflict,
+    templates_rendered,
+    validate_settings,
+)
 from ..config import FIELDS as JOB_FIELDS
-from ..strict_yaml import DuplicateKeyError, load_yaml
-from ..config import TEMPLATE, shard_size_conflict, templates_rendered, validate_settings
 from ..errors import EXIT_DRIFT, ConfigError
 from ..io.layout import check_output
-from .quantity import Quantity
 from ..schema import setting
+from ..strict_yaml import DuplicateKeyError, load_yaml
+from .quantity import Quantity
 
 #: Parse-time override of every job's runner (``local`` on a laptop or in CI).
 RUNNER_ENV = "BATCHSCORE_RUNNER"
@@ -66,8 +77,8 @@ def _as_datetime(value: Any) -> Any:
     return value
 
 
-Strings = Annotated[Tuple[str, ...], BeforeValidator(_strings)]
-StringMap = Annotated[Dict[str, str], BeforeValidator(_string_map)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_strings)]
+StringMap = Annotated[dict[str, str], BeforeValidator(_string_map)]
 When = Annotated[datetime, BeforeValidator(_as_datetime)]
 #: A week: the longest any wait or task of a scheduled job may take.
 WEEK_SECONDS = 7 * DAY_SECONDS
@@ -82,8 +93,8 @@ class SecretRef(BaseModel):
 
     model_config = STRICT
     secret: str = setting(..., "Kubernetes secret name.", min_length=1)
-    key: Optional[str] = setting(None, "One key of the secret.")
-    env: Optional[str] = setting(None, "The variable that key becomes.")
+    key: str | None = setting(None, "One key of the secret.")
+    env: str | None = setting(None, "The variable that key becomes.")
 
     @model_validator(mode="before")
     @classmethod
@@ -93,14 +104,16 @@ class SecretRef(BaseModel):
     @model_validator(mode="after")
     def _key_and_env(self) -> SecretRef:
         if bool(self.key) != bool(self.env):
-            raise ValueError(f"dag.secrets entry {self.model_dump(exclude_none=True)}: give both 'key' and 'env', or neither")
+            raise ValueError(
+                f"dag.secrets entry {self.model_dump(exclude_none=True)}: give both 'key' and 'env', or neither"
+            )
         return self
 
 
 class Resources(BaseModel):
     model_config = STRICT
-    requests: Dict[str, Quantity] = setting({}, "Amounts the scheduler reserves, e.g. {cpu: 2, memory: 4Gi}.")
-    limits: Dict[str, Quantity] = setting({}, "Amounts the container may not exceed.")
+    requests: dict[str, Quantity] = setting({}, "Amounts the scheduler reserves, e.g. {cpu: 2, memory: 4Gi}.")
+    limits: dict[str, Quantity] = setting({}, "Amounts the container may not exceed.")
 
 
 class SensorSpec(BaseModel):
@@ -108,11 +121,23 @@ class SensorSpec(BaseModel):
 
     model_config = STRICT
     path: Strings = setting((), "Paths to wait for.", shown="the inputs")
-    marker: Optional[str] = setting(None, "File inside each path to wait for instead, e.g. _SUCCESS.")
-    poke_interval: float = setting(300.0, "Seconds between checks.", gt=0, le=DAY_SECONDS, unit="seconds",
-                                   why="checking less than daily would miss a daily input by a day")
-    timeout: float = setting(6 * 3600.0, "Seconds to wait in all.", gt=0, le=WEEK_SECONDS, unit="seconds",
-                             why="a sensor waiting past a week holds a run that has long missed its date")
+    marker: str | None = setting(None, "File inside each path to wait for instead, e.g. _SUCCESS.")
+    poke_interval: float = setting(
+        300.0,
+        "Seconds between checks.",
+        gt=0,
+        le=DAY_SECONDS,
+        unit="seconds",
+        why="checking less than daily would miss a daily input by a day",
+    )
+    timeout: float = setting(
+        6 * 3600.0,
+        "Seconds to wait in all.",
+        gt=0,
+        le=WEEK_SECONDS,
+        unit="seconds",
+        why="a sensor waiting past a week holds a run that has long missed its date",
+    )
     mode: Literal["poke", "reschedule"] = setting("reschedule", "Hold a worker slot (poke) or not (reschedule).")
 
 
@@ -120,12 +145,25 @@ class DriftSpec(BaseModel):
     """Check each committed output against a reference output (off unless configured)."""
 
     model_config = STRICT
-    reference: Optional[str] = setting(None, "Output to compare with (a template).",
-                                       shown="the output of the interval before the run's date")
-    warn: Optional[float] = setting(None, "PSI above which a column is warned about (`--drift-warn`).", ge=0,
-                                    le=MAX_PSI, shown="the job's `drift_warn`", why=PSI_WHY)
-    fail: Optional[float] = setting(None, f"PSI above which commit exits {EXIT_DRIFT} without `_SUCCESS` (`--drift-fail`).", ge=0,
-                                    le=MAX_PSI, shown="the job's `drift_fail`", why=PSI_WHY)
+    reference: str | None = setting(
+        None, "Output to compare with (a template).", shown="the output of the interval before the run's date"
+    )
+    warn: float | None = setting(
+        None,
+        "PSI above which a column is warned about (`--drift-warn`).",
+        ge=0,
+        le=MAX_PSI,
+        shown="the job's `drift_warn`",
+        why=PSI_WHY,
+    )
+    fail: float | None = setting(
+        None,
+        f"PSI above which commit exits {EXIT_DRIFT} without `_SUCCESS` (`--drift-fail`).",
+        ge=0,
+        le=MAX_PSI,
+        shown="the job's `drift_fail`",
+        why=PSI_WHY,
+    )
 
 
 def _listed(value: Any) -> Any:
@@ -150,71 +188,129 @@ class DagSpec(BaseModel):
     """The ``dag:`` section of a job file; every field is a key of that section."""
 
     model_config = STRICT
-    schedule: Optional[str] = setting(
-        None, "Cron expression or preset (\"0 3 * * *\", \"@daily\"). Runs cover **data intervals**: the run for "
+    schedule: str | None = setting(
+        None,
+        'Cron expression or preset ("0 3 * * *", "@daily"). Runs cover **data intervals**: the run for '
         "2024-06-01 of a daily job starts once that interval has ended, and its `{{ ds }}` is `2024-06-01`.",
-        shown="required (may be `null`: manual runs only)")
+        shown="required (may be `null`: manual runs only)",
+    )
     start_date: When = setting(..., "First date to schedule, like 2024-06-01.", shown="required")
-    end_date: Optional[When] = setting(None, "Last date to schedule.")
+    end_date: When | None = setting(None, "Last date to schedule.")
     timezone: str = setting("UTC", "Time zone of the schedule and of dates without one.")
     catchup: bool = setting(False, "Create runs for missed intervals after `start_date`.")
     max_active_runs: int = setting(1, "Dates scored at the same time.", ge=1, le=MAX_PARALLEL, why=PARALLEL_WHY)
-    dag_id: Optional[str] = setting(None, "The DAG's id.", shown="`batchscore_<file name>`")
-    description: Optional[str] = setting(None, "The DAG's description.", shown="the job file's name")
+    dag_id: str | None = setting(None, "The DAG's id.", shown="`batchscore_<file name>`")
+    description: str | None = setting(None, "The DAG's description.", shown="the job file's name")
     tags: Strings = setting((), "Tags besides `batchscore`.")
     runner: Literal["kubernetes", "docker", "local"] = setting(
-        "kubernetes", "Where shards run. The environment variable `BATCHSCORE_RUNNER` overrides it for every job "
-        "when the DAGs are parsed (e.g. `local` on a laptop).")
-    image: Optional[str] = setting(None, "Scoring image; a run's `image` param overrides it.",
-                                   shown="required unless `local`")
-    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = setting(
-        None, "Kubernetes `imagePullPolicy`.", shown="cluster default")
-    shards: Optional[int] = setting(None, "Number of shards (or give `rows_per_shard`); a run's params override it.",
-                                    ge=1, le=MAX_SHARDS, shown="one shard", why=SHARDS_WHY)
-    rows_per_shard: Optional[int] = setting(None, "Target rows per shard instead of `shards`; a run's params "
-                                            "override it.", ge=1, le=MAX_ROWS, why=ROWS_WHY)
-    max_active_tis_per_dagrun: int = setting(8, "Shards running at once within one run.", ge=1, le=MAX_PARALLEL,
-                                             why=PARALLEL_WHY)
-    resources: Resources = setting(Resources(), shown="none", help="`{requests: {cpu, memory}, limits: {cpu, memory}}` as Kubernetes "
-                                   "quantities (`500m`, `4Gi`, `1G` = 10^9). Docker takes `limits` (`cpus`, `mem_limit`).")
+        "kubernetes",
+        "Where shards run. The environment variable `BATCHSCORE_RUNNER` overrides it for every job "
+        "when the DAGs are parsed (e.g. `local` on a laptop).",
+    )
+    image: str | None = setting(
+        None, "Scoring image; a run's `image` param overrides it.", shown="required unless `local`"
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = setting(
+        None, "Kubernetes `imagePullPolicy`.", shown="cluster default"
+    )
+    shards: int | None = setting(
+        None,
+        "Number of shards (or give `rows_per_shard`); a run's params override it.",
+        ge=1,
+        le=MAX_SHARDS,
+        shown="one shard",
+        why=SHARDS_WHY,
+    )
+    rows_per_shard: int | None = setting(
+        None, "Target rows per shard instead of `shards`; a run's params override it.", ge=1, le=MAX_ROWS, why=ROWS_WHY
+    )
+    max_active_tis_per_dagrun: int = setting(
+        8, "Shards running at once within one run.", ge=1, le=MAX_PARALLEL, why=PARALLEL_WHY
+    )
+    resources: Resources = setting(
+        Resources(),
+        shown="none",
+        help="`{requests: {cpu, memory}, limits: {cpu, memory}}` as Kubernetes "
+        "quantities (`500m`, `4Gi`, `1G` = 10^9). Docker takes `limits` (`cpus`, `mem_limit`).",
+    )
     env: StringMap = setting({}, "Environment variables for the scorer; no credentials (they would show in the UI).")
-    secrets: Annotated[Tuple[SecretRef, ...], BeforeValidator(_listed)] = setting((), "List of `{secret: NAME, key: KEY, env: VAR}` (one key as one "
-                                             "variable), or `{secret: NAME}` (the whole secret as environment).")
+    secrets: Annotated[tuple[SecretRef, ...], BeforeValidator(_listed)] = setting(
+        (),
+        "List of `{secret: NAME, key: KEY, env: VAR}` (one key as one "
+        "variable), or `{secret: NAME}` (the whole secret as environment).",
+    )
     namespace: str = setting("default", "Kubernetes namespace.")
-    service_account: Optional[str] = setting(None, "Pod service account (e.g. bound to an IAM role for S3).")
-    kubernetes_conn_id: Optional[str] = setting(None, "Airflow connection to the cluster.", shown="`kubernetes_default`")
+    service_account: str | None = setting(None, "Pod service account (e.g. bound to an IAM role for S3).")
+    kubernetes_conn_id: str | None = setting(None, "Airflow connection to the cluster.", shown="`kubernetes_default`")
     node_selector: StringMap = setting({}, "Pod node selector.")
-    docker_url: Optional[str] = setting(None, "Docker runner only: the engine to use.", shown="`DOCKER_HOST`")
-    docker_conn_id: Optional[str] = setting(None, "Docker runner only: Airflow connection to a registry.")
-    mounts: Annotated[Tuple[str, ...], BeforeValidator(_strings)] = setting(
-        (), "Docker runner only: host folders for the container, as `HOST:CONTAINER` or `HOST:CONTAINER:ro` "
-        "(list), like `docker run -v`; both paths absolute.")
-    network_mode: Optional[str] = setting(None, "Docker runner only: the container's network (`bridge`, `host`, "
-                                          "`none`, a network's name).", shown="the engine's default")
-    user: Optional[str] = setting(None, "Docker runner only: `UID[:GID]` (or a name) the scorer runs as, e.g. the "
-                                  "owner of mounted folders.", shown="the image's user (10001)")
-    local_command: Strings = setting((), "`local` runner only: the command that starts batchscore (list or string).",
-                                     shown="`python -m batchscore`")
-    retries: int = setting(2, "Retries of every task.", ge=0, le=100,
-                           why="a task that failed 100 times will not succeed on the 101st")
-    retry_delay: float = setting(60.0, "Seconds before the first retry.", ge=0, le=DAY_SECONDS, unit="seconds",
-                                 why="a retry a day later has missed its schedule")
+    docker_url: str | None = setting(None, "Docker runner only: the engine to use.", shown="`DOCKER_HOST`")
+    docker_conn_id: str | None = setting(None, "Docker runner only: Airflow connection to a registry.")
+    mounts: Annotated[tuple[str, ...], BeforeValidator(_strings)] = setting(
+        (),
+        "Docker runner only: host folders for the container, as `HOST:CONTAINER` or `HOST:CONTAINER:ro` "
+        "(list), like `docker run -v`; both paths absolute.",
+    )
+    network_mode: str | None = setting(
+        None,
+        "Docker runner only: the container's network (`bridge`, `host`, `none`, a network's name).",
+        shown="the engine's default",
+    )
+    user: str | None = setting(
+        None,
+        "Docker runner only: `UID[:GID]` (or a name) the scorer runs as, e.g. the owner of mounted folders.",
+        shown="the image's user (10001)",
+    )
+    local_command: Strings = setting(
+        (), "`local` runner only: the command that starts batchscore (list or string).", shown="`python -m batchscore`"
+    )
+    retries: int = setting(
+        2, "Retries of every task.", ge=0, le=100, why="a task that failed 100 times will not succeed on the 101st"
+    )
+    retry_delay: float = setting(
+        60.0,
+        "Seconds before the first retry.",
+        ge=0,
+        le=DAY_SECONDS,
+        unit="seconds",
+        why="a retry a day later has missed its schedule",
+    )
     retry_exponential_backoff: Annotated[float, BeforeValidator(_backoff)] = setting(
-        2.0, "`true` doubles the delay at each retry; a number is the multiplier; `false` keeps the delay fixed.",
-        ge=0, le=10, shown="true", why="each retry waits that many times longer: 10 is already steeper than "
-        "any backoff needs")
-    max_retry_delay: Optional[float] = setting(None, "Upper bound on the delay, in seconds.", ge=0, le=DAY_SECONDS,
-                                               unit="seconds", why="a retry a day later has missed its schedule")
-    execution_timeout: Optional[float] = setting(None, "Seconds one shard may run before it is failed (and retried).",
-                                                 ge=0, le=WEEK_SECONDS, unit="seconds",
-                                                 why="a shard running a week is stuck")
-    sensor: Annotated[Optional[SensorSpec], BeforeValidator(_switch)] = setting(
-        None, "`true`, or `{path, marker, poke_interval, timeout, mode}`. It waits for `path` (default: the inputs) or "
-        "for `<path>/<marker>` (e.g. `_SUCCESS`). `mode` is `reschedule` (default) or `poke`.", shown="off")
-    drift: Annotated[Optional[DriftSpec], BeforeValidator(_switch)] = setting(
-        None, "`true`, or `{reference, warn, fail}`: `commit` checks drift (see Monitoring) against `reference` (a "
+        2.0,
+        "`true` doubles the delay at each retry; a number is the multiplier; `false` keeps the delay fixed.",
+        ge=0,
+        le=10,
+        shown="true",
+        why="each retry waits that many times longer: 10 is already steeper than any backoff needs",
+    )
+    max_retry_delay: float | None = setting(
+        None,
+        "Upper bound on the delay, in seconds.",
+        ge=0,
+        le=DAY_SECONDS,
+        unit="seconds",
+        why="a retry a day later has missed its schedule",
+    )
+    execution_timeout: float | None = setting(
+        None,
+        "Seconds one shard may run before it is failed (and retried).",
+        ge=0,
+        le=WEEK_SECONDS,
+        unit="seconds",
+        why="a shard running a week is stuck",
+    )
+    sensor: Annotated[SensorSpec | None, BeforeValidator(_switch)] = setting(
+        None,
+        "`true`, or `{path, marker, poke_interval, timeout, mode}`. It waits for `path` (default: the inputs) or "
+        "for `<path>/<marker>` (e.g. `_SUCCESS`). `mode` is `reschedule` (default) or `poke`.",
+        shown="off",
+    )
+    drift: Annotated[DriftSpec | None, BeforeValidator(_switch)] = setting(
+        None,
+        "`true`, or `{reference, warn, fail}`: `commit` checks drift (see Monitoring) against `reference` (a "
         "template; default: the output of the interval before the run's date) with `--drift-warn warn` and "
-        "`--drift-fail fail`. With no such output yet, drift is not checked.", shown="off")
+        "`--drift-fail fail`. With no such output yet, drift is not checked.",
+        shown="off",
+    )
 
     @field_validator("local_command", mode="before")
     @classmethod
@@ -226,8 +322,9 @@ class DagSpec(BaseModel):
     def _bind_mounts(cls, mounts: tuple[str, ...]) -> tuple[str, ...]:
         for mount in mounts:
             parts = mount.split(":")
-            if not (len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2])
-                    and parts[2:] in ([], ["ro"], ["rw"])):
+            if not (
+                len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2]) and parts[2:] in ([], ["ro"], ["rw"])
+            ):
                 raise ValueError(f"dag.mounts entry {mount!r} is not HOST:CONTAINER[:ro] with absolute paths")
         return mounts
 
@@ -342,8 +439,10 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
     given = {key: value for key, value in job.items() if value is not None}
     leaked = sorted(k for k in given.get("storage_options") or {} if SECRET_NAME.search(str(k)))
     if leaked:
-        raise DagConfigError(f"{source}: storage_options {', '.join(leaked)} look like credentials: they would be "
-                             "passed as arguments; use dag.secrets or the worker's environment instead")
+        raise DagConfigError(
+            f"{source}: storage_options {', '.join(leaked)} look like credentials: they would be "
+            "passed as arguments; use dag.secrets or the worker's environment instead"
+        )
     try:
         with templates_rendered():  # Airflow renders them before the container runs
             config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
@@ -378,9 +477,11 @@ def refuse_unrendered(section: Mapping[str, Any], source: str) -> None:
                 continue
             for text in _template_texts(item):
                 if TEMPLATE.search(text):
-                    raise DagConfigError(f"{source}: dag.{dotted}: {text!r} is a template, but the DAG does not "
-                                         f"render dag.{dotted} (only the job's keys and dag."
-                                         f"{', dag.'.join(RENDERED_DAG_KEYS)}); give the value itself")
+                    raise DagConfigError(
+                        f"{source}: dag.{dotted}: {text!r} is a template, but the DAG does not "
+                        f"render dag.{dotted} (only the job's keys and dag."
+                        f"{', dag.'.join(RENDERED_DAG_KEYS)}); give the value itself"
+                    )
 
 
 def check_templates(values: Mapping[str, Any], source: str) -> None:

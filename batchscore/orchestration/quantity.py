@@ -44,8 +44,9 @@ def _quantity(value: Any) -> str:
     if not isinstance(value, str) or not QUANTITY.fullmatch(value.strip()) or quantity_value(value.strip()) < 0:
         raise PydanticCustomError("quantity", "a Kubernetes quantity such as 500m, 2, 4G or 1.5Gi")
     if quantity_value(value.strip()) > MAX_QUANTITY:
-        raise PydanticCustomError("quantity", f"a Kubernetes quantity of at most {MAX_QUANTITY} (Kubernetes keeps "
-                                  "a quantity in 64 bits)")
+        raise PydanticCustomError(
+            "quantity", f"a Kubernetes quantity of at most {MAX_QUANTITY} (Kubernetes keeps a quantity in 64 bits)"
+        )
     return value.strip()
 
 

@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     from ..config import JobConfig
 
 
-def run_job(config: "JobConfig", spark: Any = None, shards: int | None = None,
-            master: str | None = None) -> "CommitResult":
+def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None) -> CommitResult:
     """Score ``config``'s job on Spark and commit it; see ``batchscore.spark.driver``."""
     from .driver import run_job as run
 

@@ -23,13 +23,23 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from .. import api
 from ..config import JobConfig
-from ..errors import (EXIT_DRIFT, EXIT_INPUT, EXIT_MODEL, EXIT_USAGE, BatchscoreError, ConfigError, DriftError,
-                      InputDataError, ModelError)
+from ..errors import (
+    EXIT_DRIFT,
+    EXIT_INPUT,
+    EXIT_MODEL,
+    EXIT_USAGE,
+    BatchscoreError,
+    ConfigError,
+    DriftError,
+    InputDataError,
+    ModelError,
+)
 from ..io import layout
 
 log = logging.getLogger(__name__)
@@ -51,9 +61,14 @@ def anchored(config: JobConfig) -> JobConfig:
     def absolute(uri: str | None) -> str | None:
         return uri if uri is None or "://" in uri else os.path.abspath(uri)
 
-    return replace(config, input=tuple(absolute(u) for u in config.input), output=absolute(config.output),
-                   model=absolute(config.model), scaler=absolute(config.scaler),
-                   compiled_cache=absolute(config.compiled_cache))
+    return replace(
+        config,
+        input=tuple(u if "://" in u else os.path.abspath(u) for u in config.input),
+        output=absolute(config.output),
+        model=absolute(config.model),
+        scaler=absolute(config.scaler),
+        compiled_cache=absolute(config.compiled_cache),
+    )
 
 
 def session(app_name: str, master: str | None = None) -> Any:
@@ -65,7 +80,9 @@ def session(app_name: str, master: str | None = None) -> Any:
     return (builder.master(master) if master else builder).getOrCreate()
 
 
-def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None) -> api.CommitResult:
+def run_job(
+    config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None
+) -> api.CommitResult:
     """Plan, score every shard in a Spark task, then commit; returns the committed output.
 
     ``spark`` is a session to use (else one is started, on ``master`` if given); ``shards`` the
@@ -76,17 +93,23 @@ def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, mas
     spark = spark or session(f"batchscore {config.job_name or config.output}", master)
     context = spark.sparkContext
     if context.getConf().get("spark.speculation", "false").lower() == "true":
-        log.warning("spark: speculation is on in this session: two attempts of one shard may overwrite each "
-                    "other's parts, and the commit then refuses (exit 3) rather than publish a mixture; "
-                    "run batchscore's jobs with spark.speculation=false")
+        log.warning(
+            "spark: speculation is on in this session: two attempts of one shard may overwrite each "
+            "other's parts, and the commit then refuses (exit 3) rather than publish a mixture; "
+            "run batchscore's jobs with spark.speculation=false"
+        )
     config = anchored(config)
     plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
     the_plan = api.plan(config, shards=shards or context.defaultParallelism, out=plan_uri)
     pinned = _pinned(config, the_plan.artifacts)
     count = the_plan.num_shards
-    first_parts = [layout.part_path(the_plan.output, s.units[0].part_name) if s.units else None for s in the_plan.shards]
-    log.info(f"spark: {the_plan.total_rows:,} rows in {count} shard(s) of plan {the_plan.plan_id}, "
-             f"default parallelism {context.defaultParallelism}")
+    first_parts = [
+        layout.part_path(the_plan.output, s.units[0].part_name) if s.units else None for s in the_plan.shards
+    ]
+    log.info(
+        f"spark: {the_plan.total_rows:,} rows in {count} shard(s) of plan {the_plan.plan_id}, "
+        f"default parallelism {context.defaultParallelism}"
+    )
     group = f"batchscore-{the_plan.plan_id}-{time.time_ns()}"
     context.setJobGroup(group, f"batchscore {the_plan.output}", interruptOnCancel=True)
     task = functools.partial(score_shard_task, pinned, plan_uri, the_plan.sha256, first_parts)
@@ -98,8 +121,10 @@ def run_job(config: JobConfig, spark: Any = None, shards: int | None = None, mas
     if failures:
         first = min(failures, key=lambda r: r["shard"])
         raise PERMANENT.get(first["exit_code"], BatchscoreError)(first["error"])
-    log.info("spark: every shard scored: " + ", ".join(
-        f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results))
+    log.info(
+        "spark: every shard scored: "
+        + ", ".join(f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results)
+    )
     return api.commit(pinned, plan=plan_uri, plan_sha256=the_plan.sha256)
 
 
@@ -107,9 +132,12 @@ def _pinned(config: JobConfig, artifacts: Any) -> JobConfig:
     """The job held to the digests of the artifacts it was planned with: every executor checks
     the bytes it fetches against them before anything deserializes them."""
     digests = {a["role"]: a["sha256"] for a in artifacts}
-    return replace(config, model_sha256=config.model_sha256 or digests.get("model"),
-                   scaler_sha256=config.scaler_sha256 or digests.get("scaler"),
-                   workers=config.workers or 1)  # Spark runs tasks side by side: one core each
+    return replace(
+        config,
+        model_sha256=config.model_sha256 or digests.get("model"),
+        scaler_sha256=config.scaler_sha256 or digests.get("scaler"),
+        workers=config.workers or 1,
+    )  # Spark runs tasks side by side: one core each
 
 
 def _settle(context: Any, group: str) -> None:
@@ -117,14 +145,15 @@ def _settle(context: Any, group: str) -> None:
     killed): nothing may still write a part when the commit reads them."""
     tracker, deadline = context.statusTracker(), time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
-        stages = [s for job in tracker.getJobIdsForGroup(group) for s in (tracker.getJobInfo(job) or
-                  _NO_JOB).stageIds]
+        stages = [s for job in tracker.getJobIdsForGroup(group) for s in (tracker.getJobInfo(job) or _NO_JOB).stageIds]
         active = sum(info.numActiveTasks for info in (tracker.getStageInfo(s) for s in stages) if info is not None)
         if not active:
             return
         time.sleep(0.2)
-    log.warning(f"spark: task attempts still running {SETTLE_SECONDS:.0f} s after the job ended; "
-                f"the commit checks every part's attempt against its receipt")
+    log.warning(
+        f"spark: task attempts still running {SETTLE_SECONDS:.0f} s after the job ended; "
+        f"the commit checks every part's attempt against its receipt"
+    )
 
 
 class _NoJob:
@@ -134,8 +163,9 @@ class _NoJob:
 _NO_JOB = _NoJob()
 
 
-def score_shard_task(config: JobConfig, plan_uri: str, plan_sha256: str, first_parts: list[str | None],
-                     index: int) -> dict[str, Any]:
+def score_shard_task(
+    config: JobConfig, plan_uri: str, plan_sha256: str, first_parts: list[str | None], index: int
+) -> dict[str, Any]:
     """One Spark task: score shard ``index`` of the plan (runs on an executor)."""
     from pyspark import TaskContext
 
@@ -156,8 +186,15 @@ def score_shard_task(config: JobConfig, plan_uri: str, plan_sha256: str, first_p
             watching.set()
     if fault in ("part", "receipt"):  # a shard of one part may finish before the watch saw it
         os._exit(137)
-    return {"shard": index, "task_attempt": attempt, "attempt": done.receipt["attempt"], "rows_in": done.rows_in,
-            "rows_out": done.rows_out, "rows_invalid": done.rows_invalid, "seconds": done.seconds}
+    return {
+        "shard": index,
+        "task_attempt": attempt,
+        "attempt": done.receipt["attempt"],
+        "rows_in": done.rows_in,
+        "rows_out": done.rows_out,
+        "rows_invalid": done.rows_invalid,
+        "seconds": done.seconds,
+    }
 
 
 def _fault(index: int, attempt: int) -> str | None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import JobConfig, build_config
 from ..errors import ConfigError, InputDataError
@@ -47,17 +48,36 @@ def load(config: JobConfig) -> Any:
     """The job's model, loaded once per process and held to the job's pinned digests."""
     from ..models.artifacts import ArtifactPolicy, load_model
 
-    key = (config.model, config.scaler, config.model_sha256, config.scaler_sha256, config.features,
-           config.allow_pickle, config.trusted_types, json.dumps(dict(config.storage_options), sort_keys=True, default=str))
+    key = (
+        config.model,
+        config.scaler,
+        config.model_sha256,
+        config.scaler_sha256,
+        config.features,
+        config.allow_pickle,
+        config.trusted_types,
+        json.dumps(dict(config.storage_options), sort_keys=True, default=str),
+    )
     with _lock:
         if key not in _loaded:
-            _loaded[key] = load_model(config.model, config.scaler, config.features,  # type: ignore[arg-type]
-                                      config.storage, ArtifactPolicy.of(config))
+            _loaded[key] = load_model(
+                config.require("model"),
+                config.scaler,
+                config.features,
+                config.storage,
+                ArtifactPolicy.of(config),
+            )
         return _loaded[key]
 
 
-def score(df: Any, config_or_model: Any, *, session_conf: bool = True,
-          max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, **settings: Any) -> Any:
+def score(
+    df: Any,
+    config_or_model: Any,
+    *,
+    session_conf: bool = True,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    **settings: Any,
+) -> Any:
     """``df`` scored: its passthrough columns (``keep``, else all of them) and the prediction columns.
 
     Rows with a null, NaN or infinite feature fail the job (``on_invalid: fail``, naming the
@@ -74,8 +94,10 @@ def score(df: Any, config_or_model: Any, *, session_conf: bool = True,
     config = job_of(config_or_model, **settings)
     config.require("model")
     if config.on_invalid == "quarantine":
-        raise ConfigError("on_invalid quarantine writes rejected rows beside a job's output; a DataFrame has none: "
-                          "use fail or skip, or filter the rows first")
+        raise ConfigError(
+            "on_invalid quarantine writes rejected rows beside a job's output; a DataFrame has none: "
+            "use fail or skip, or filter the rows first"
+        )
     if max_batch_bytes < 1:
         raise ConfigError(f"max_batch_bytes must be at least 1, got {max_batch_bytes}")
     model = load(config)  # on the driver: features, classes and digests, checked before any task starts
@@ -92,15 +114,20 @@ def score(df: Any, config_or_model: Any, *, session_conf: bool = True,
         raise ConfigError(f"keep names column(s) the DataFrame does not have: {', '.join(unknown)}")
     clash = [c for c in keep if c in predictor.column_names]
     if clash:
-        raise ConfigError(f"DataFrame column(s) {', '.join(clash)} would be overwritten by the prediction columns; "
-                          f"drop or rename them, or leave them out of keep")
+        raise ConfigError(
+            f"DataFrame column(s) {', '.join(clash)} would be overwritten by the prediction columns; "
+            f"drop or rename them, or leave them out of keep"
+        )
     read = keep + [f for f in model.features if f not in keep]
     fields = {f.name: f for f in df.schema.fields}
-    spark_schema = StructType([StructField(c, fields[c].dataType, True) for c in keep] +
-                              [StructField(f.name, from_arrow_type(f.type), True) for f in predictor.fields])
+    spark_schema = StructType(
+        [StructField(c, fields[c].dataType, True) for c in keep]
+        + [StructField(f.name, from_arrow_type(f.type), True) for f in predictor.fields]
+    )
     timezone = df.sparkSession.conf.get("spark.sql.session.timeZone")
-    arrow_schema = pa.schema([pa.field(f.name, to_arrow_type(f.dataType, timezone=timezone), True)
-                              for f in spark_schema.fields])  # what Spark expects back, timestamps in its zone
+    arrow_schema = pa.schema(
+        [pa.field(f.name, to_arrow_type(f.dataType, timezone=timezone), True) for f in spark_schema.fields]
+    )  # what Spark expects back, timestamps in its zone
     if session_conf:
         df.sparkSession.conf.set(ARROW_RECORDS, str(config.batch_size))
         df.sparkSession.conf.set(ARROW_BYTES, str(max_batch_bytes))
@@ -112,8 +139,13 @@ class _Scorer:
     """What ``mapInArrow`` runs in each Python worker: settings only, the model loaded there."""
 
     def __init__(self, config: JobConfig, predicted_at: datetime, keep: list[str], schema: Any, max_bytes: int):
-        self.config, self.predicted_at, self.keep, self.schema, self.max_bytes = \
-            config, predicted_at, keep, schema, max_bytes
+        self.config, self.predicted_at, self.keep, self.schema, self.max_bytes = (
+            config,
+            predicted_at,
+            keep,
+            schema,
+            max_bytes,
+        )
 
     def __call__(self, batches: Iterator[Any]) -> Iterator[Any]:
         from ..models.engine import Predictor
@@ -139,15 +171,19 @@ class _Scorer:
         if bad is not None:
             if self.config.on_invalid == "fail":
                 row = int(bad.nonzero()[0][0])
-                raise InputDataError(f"a row has an invalid feature value ({invalid_reasons(batch, features, bad.nonzero()[0][:1])[0]}); "
-                                     f"on_invalid fail stops at the first null/NaN/inf feature (use skip to leave such rows out)")
+                raise InputDataError(
+                    f"a row has an invalid feature value ({invalid_reasons(batch, features, bad.nonzero()[0][:1])[0]}); "
+                    f"on_invalid fail stops at the first null/NaN/inf feature (use skip to leave such rows out)"
+                )
             matrix[:n][bad] = 0.0  # a placeholder: the predictor never scores it
         prediction = predictor.score(matrix, n, bad)
         if prediction.refused is not None:
             if self.config.on_invalid == "fail":
                 row = int(prediction.refused.nonzero()[0][0])
-                raise InputDataError(f"a row is refused by the model: {prediction.reasons.get(row, 'invalid')}; "
-                                     f"on_invalid fail stops there (use skip to leave such rows out)")
+                raise InputDataError(
+                    f"a row is refused by the model: {prediction.reasons.get(row, 'invalid')}; "
+                    f"on_invalid fail stops there (use skip to leave such rows out)"
+                )
             bad = prediction.refused if bad is None else bad | prediction.refused
         if prediction.columns is None:
             return None
