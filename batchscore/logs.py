@@ -86,11 +86,18 @@ def configure(
     reset()
     handler = _StderrHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(_ours_or_a_warning)
     logging.getLogger().addHandler(handler)  # the root's: other libraries' warnings take the same form
     logging.getLogger(LOGGER).setLevel(logging.INFO)
     if log_format == "json":
         warnings.showwarning = _warning_as_record
     _chosen.update(format=log_format, handler=handler, interval=progress_interval)
+
+
+def _ours_or_a_warning(record: logging.LogRecord) -> bool:
+    """Our records at every level, other libraries' from WARNING up: a library that sets its own
+    logger to INFO (py4j under Spark does) does not speak in batchscore's voice."""
+    return record.name == LOGGER or record.name.startswith(LOGGER + ".") or record.levelno >= logging.WARNING
 
 
 def reset() -> None:

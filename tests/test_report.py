@@ -89,3 +89,21 @@ def test_progress_moves_with_every_batch_not_every_part(tmp_path: Path, binary_m
     assert len(done) == 16  # 2 files x 4 row groups x 2 batches
     assert [b - a for a, b in zip([0] + done, done)] == [602] * 16
     assert done[-1] == 9_632
+
+
+def test_other_libraries_speak_through_the_handler_only_from_warning_up() -> None:
+    """A library that sets its own logger to INFO (py4j under Spark) is not printed as batchscore's
+    progress; its warnings still are, in the chosen format."""
+    stream = io.StringIO()
+    logs.configure("text", stream)
+    chatty = logging.getLogger("py4j.clientserver")
+    chatty.setLevel(logging.INFO)
+    try:
+        chatty.info("Closing down clientserver connection")
+        chatty.warning("the gateway is slow")
+        logging.getLogger("batchscore.job.shard").info("shard 0 done")
+        logging.getLogger("batchscorex").info("a name that only starts like ours")
+    finally:
+        chatty.setLevel(logging.NOTSET)
+        logs.reset()
+    assert stream.getvalue().splitlines() == ["batchscore: the gateway is slow", "batchscore: shard 0 done"]
