@@ -12,9 +12,9 @@ from .config import JobConfig
 from .engine import Predictor
 from .layout import check_output
 from .model import ArtifactPolicy, LoadedModel, load_model
-from .source import InputFile, list_inputs, read_footers
+from .source import InputFiles, iter_footers, list_inputs
 from .storage import filesystem, full_uri
-from .validation import SchemaContract, check_schemas
+from .validation import SchemaContract
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Prepared:
 
     config: JobConfig
     model: LoadedModel
-    files: list[InputFile]
+    files: InputFiles  # one compact record per file, not an object each
     output: str  # full URI
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
@@ -57,13 +57,19 @@ def prepare(
         config.model, config.scaler, config.features, config.storage_options, policy  # type: ignore[arg-type]
     )
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage_options)
-    files = read_footers(uris, config.storage_options)
     predictor_fields = Predictor(model, config.model_version, now()).fields
-    contract = check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
+    files, contract = InputFiles(), None
+    # Each footer is checked as it arrives and kept as a compact record: 100,000 files are never
+    # 100,000 footers (or objects) held at once.
+    for found in iter_footers(uris, config.storage_options):
+        if contract is None:  # the first file fixes the contract (see SchemaContract)
+            contract = SchemaContract.of(found, model.features, config.keep, [f.name for f in predictor_fields])
+        contract.check(found.uri, found.schema)
+        files.append(found)
     assert contract is not None  # list_inputs never returns no file
     passthrough = contract.passthrough
     # Nullable whatever the first file declares: a later file may hold nulls there, and its type is the same.
-    fields = [files[0].schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
+    fields = [contract.reference_schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
     return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract)
 
 

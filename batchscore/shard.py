@@ -8,7 +8,8 @@ import time
 import uuid
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Sequence
+from array import array
+from typing import Any, Mapping, Sequence
 
 from .config import JobConfig
 from .errors import InputDataError
@@ -21,8 +22,8 @@ from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .logs import event, progress
 from .run_report import ProfileSum
 from .scorer import ScoreTask
-from .sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
-from .source import InputFile
+from .sink import Streamed, receipt_path, rejected_folder, rejected_name, uncommit, write_json
+from .source import InputFiles
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
 from .verification import choose_engine
 from .workers import score_units
@@ -33,19 +34,35 @@ log = logging.getLogger(__name__)
 def run_shard_of(config: JobConfig, index: int, count: int) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config)
-    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
+    guard_overlap(config, prepared.output, prepared.files.uris)
     the_plan = plan_of(prepared, shards=count)
     with hold(config, the_plan, "shard", release="never") as lease:
         check_access(prepared, tidy=False)
         return score_shard(prepared, the_plan, index, lease)
 
 
-def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_files: Sequence[int]) -> None:
-    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
-    found = {f.uri: f for f in files}
+def _check_inputs_unchanged(files: InputFiles, the_plan: Plan, shard_files: Sequence[int]) -> None:
+    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag.
+    ``files`` are the footers read for ``shard_files``, in order (after the plan's first file)."""
+    found = {uri: i for i, uri in enumerate(files.uris)}
     for i in shard_files:
         entry = the_plan.files[i]
-        check_footer(found[entry["uri"]], entry)
+        check_footer(files[found[entry["uri"]]], entry)
+
+
+class _Picked(Sequence[Mapping[str, Any]]):
+    """Some of a plan's file entries, each made when read (a shard's 50,000 are not held as dicts)."""
+
+    def __init__(self, files: Sequence[Mapping[str, Any]], indices: Sequence[int]):
+        self._files, self._indices = files, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._files[i] for i in self._indices[index]]
+        return self._files[self._indices[index]]
 
 
 def run_shard(config: JobConfig, the_plan: Plan, index: int, source: str = "given") -> dict[str, Any]:
@@ -89,7 +106,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
-    shard_files = [the_plan.files[i] for i in sorted({u.file for u in shard.units})]
+    shard_files = _Picked(the_plan.files, sorted({u.file for u in shard.units}))
     engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
     task = ScoreTask(
         model=prepared.model, model_version=config.model_version, predicted_at=predicted_at,
@@ -109,42 +126,50 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names)
     profiles = ProfileSum()
+    # What each unit's result says, kept as numbers (its part's name is the unit's): a shard of
+    # 100,000 units holds no result object, nor profile, per unit.
+    counts = {key: array("q", bytes(8 * len(shard.units))) for key in ("rows_in", "rows_out", "rows_invalid")}
+    rejected: dict[int, str] = {}
 
-    def _without_profile(index: int, result: Any) -> Any:
+    def _keep(index: int, result: Any) -> None:
         profiles.add(index, result.profile)
-        return replace(result, profile=None)
+        for key, column in counts.items():
+            column[index] = getattr(result, key)
+        if result.rejected_part:
+            rejected[index] = result.rejected_part
 
     try:
         with progress(log, shard.rows) as rows:
-            results = score_units(task, shard.units, workers, rows.advance, on_result=_without_profile)
+            score_units(task, shard.units, workers, rows.advance, on_result=_keep)
     except BaseException as exc:
         for folder, names in uploads.items():
             abort_uploads_after_failure(fs, folder, names, exc)
         raise
-    invalid = sum(r.rows_invalid for r in results)
+    invalid = sum(counts["rows_invalid"])
     if invalid > task.max_invalid_rows:
         raise InputDataError(
             f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
             f"of {the_plan.total_rows} input rows"
         )
+    units, rows_out = shard.units, counts["rows_out"]
     receipt = {
         "plan_id": the_plan.plan_id,
         "attempt": attempt,
         "shard": index,
-        "rows_in": sum(r.rows_in for r in results),
-        "rows_out": sum(r.rows_out for r in results),
+        "rows_in": sum(counts["rows_in"]),
+        "rows_out": sum(rows_out),
         "rows_invalid": invalid,
-        "parts": [{"name": r.part, "rows": r.rows_out} for r in results],
-        "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
+        "parts": Streamed(lambda: ({"name": u.part_name, "rows": n} for u, n in zip(units, rows_out)), len(units)),
+        "rejected_parts": [rejected[i] for i in sorted(rejected)],
         "artifacts": planned,
         "model_version": config.model_version,
         "schema": schema_dicts(prepared.output_schema),
-        "inputs": [{"uri": f["uri"], "identity": f["identity"]} for f in shard_files],
+        "inputs": Streamed(lambda: ({"uri": f["uri"], "identity": f["identity"]} for f in shard_files), len(shard_files)),
         "workers": min(workers, max(1, len(shard.units))),
         "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
-        "profile": profiles.result(len(results)),
+        "profile": profiles.result(len(units)),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
     write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Sequence
@@ -26,7 +25,7 @@ from .engine import ROW_ALIGNMENT, Predictor
 from .errors import ConfigError, ModelError
 from .logs import event
 from .model import LoadedModel
-from .source import FOOTER_THREADS, columns_with_nulls, open_parquet
+from .source import columns_with_nulls, in_order, open_parquet
 from .validation import invalid_mask
 
 log = logging.getLogger(__name__)
@@ -157,8 +156,7 @@ def compare_on_files(
     def sample(entry: Mapping[str, Any]) -> tuple[str, list[np.ndarray]]:
         return entry["uri"], _samples(reference, entry, storage_options, handles_nan)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
-        samples = list(pool.map(sample, files))
+    samples = list(in_order(sample, files))
     from threadpoolctl import threadpool_limits
 
     agreement = Agreement()
