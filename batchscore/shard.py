@@ -26,7 +26,7 @@ from .sink import Streamed, receipt_path, rejected_folder, rejected_name, uncomm
 from .source import InputFiles
 from .storage import abort_uploads, abort_uploads_after_failure, filesystem, remove_if_exists
 from .verification import choose_engine
-from .workers import score_units
+from .workers import hand_out_order, score_units
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
                rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names)
-    profiles = ProfileSum()
+    profiles = ProfileSum(hand_out_order(shard.units))
     # What each unit's result says, kept as numbers (its part's name is the unit's): a shard of
     # 100,000 units holds no result object, nor profile, per unit.
     counts = {key: array("q", bytes(8 * len(shard.units))) for key in ("rows_in", "rows_out", "rows_invalid")}

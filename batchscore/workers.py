@@ -126,6 +126,12 @@ def _frozen_collector() -> Iterator[None]:
             gc.unfreeze()
 
 
+def hand_out_order(units: Sequence[Unit]) -> list[int]:
+    """The order units are handed to workers: largest first, so the units still running at the
+    end are the small ones and workers finish nearly together (results are put back in unit order)."""
+    return sorted(range(len(units)), key=lambda i: -units[i].rows)
+
+
 def _score_in_workers(
     task: ScoreTask, units: Sequence[Unit], workers: int, on_rows: Callable[[int], None] | None,
     on_result: Callable[[int, UnitResult], UnitResult] | None = None,
@@ -137,9 +143,7 @@ def _score_in_workers(
 
     results: dict[int, UnitResult] = {}
     fs, base = filesystem(task.output, task.storage_options)
-    # Largest first, so the units still running at the end are the small ones and workers
-    # finish nearly together; results are put back in unit order.
-    order = sorted(range(len(units)), key=lambda i: -units[i].rows)
+    order = hand_out_order(units)
     pool = WorkerPool(max(1, min(workers, len(units))), functools.partial(_init_worker, task), _worker_score)
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
