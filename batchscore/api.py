@@ -164,7 +164,7 @@ def validate(config: JobConfig) -> ValidateResult:
     guard_output(config, prepared.output, prepared.files)
     check_lease(prepared)
     check_access(prepared)
-    return ValidateResult(prepared.output, len(prepared.files), sum(f.num_rows for f in prepared.files),
+    return ValidateResult(prepared.output, len(prepared.files), prepared.files.total_rows,
                           tuple(prepared.model.features), tuple(prepared.output_schema.names))
 
 
