@@ -121,10 +121,12 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
              f"{min(workers, max(1, len(shard.units)))} worker(s)", extra=event("shard_start", shard=index, rows=shard.rows))
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
-    uploads = {out_path: [u.part_name for u in shard.units],
-               rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units]}
+    # The names are made when asked for: a shard of 100,000 parts does not hold them while it scores.
+    units = shard.units
+    uploads = {out_path: lambda: (u.part_name for u in units),
+               rejected_folder(out_path): lambda: (rejected_name(u.part_name) for u in units)}
     for folder, names in uploads.items():
-        abort_uploads(fs, folder, names)
+        abort_uploads(fs, folder, names())
     profiles = ProfileSum(hand_out_order(shard.units))
     # What each unit's result says, kept as numbers (its part's name is the unit's): a shard of
     # 100,000 units holds no result object, nor profile, per unit.
@@ -143,7 +145,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
             score_units(task, shard.units, workers, rows.advance, on_result=_keep)
     except BaseException as exc:
         for folder, names in uploads.items():
-            abort_uploads_after_failure(fs, folder, names, exc)
+            abort_uploads_after_failure(fs, folder, names(), exc)
         raise
     invalid = sum(counts["rows_invalid"])
     if invalid > task.max_invalid_rows:
@@ -151,7 +153,7 @@ def score_shard(prepared: Prepared, the_plan: Plan, index: int, lease: Lease) ->
             f"{invalid} invalid rows exceed --max-invalid-fraction {config.max_invalid_fraction} "
             f"of {the_plan.total_rows} input rows"
         )
-    units, rows_out = shard.units, counts["rows_out"]
+    rows_out = counts["rows_out"]
     receipt = {
         "plan_id": the_plan.plan_id,
         "attempt": attempt,

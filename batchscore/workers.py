@@ -96,7 +96,8 @@ def score_units(
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
 
     ``on_rows`` hears of every batch as its rows are scored, not only of whole units; ``on_result``
-    sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its profile).
+    sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its profile;
+    None keeps nothing).
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
     imported libraries and the loaded model cost nothing to share, a worker's memory is only what
@@ -150,7 +151,9 @@ def _score_in_workers(
     try:
         flushes: collections.deque[Future[None]] = collections.deque()
         for index, result in pool.map_unordered(units, order, on_batch):
-            results[index] = on_result(index, result) if on_result is not None else result
+            kept = on_result(index, result) if on_result is not None else result
+            if kept is not None:  # a caller that keeps what it needs itself keeps no result per unit here
+                results[index] = kept
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
             while flushes and flushes[0].done():  # done ones are let go: 100,000 units, not 100,000 futures
@@ -174,7 +177,7 @@ def _score_in_workers(
     finally:
         forget_cleanup()
     flusher.shutdown(wait=True)
-    return [results[i] for i in range(len(units))]
+    return [results.get(i) for i in range(len(units))]
 
 
 def _written_paths(base: str, result: UnitResult) -> list[str]:
