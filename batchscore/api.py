@@ -241,7 +241,7 @@ def validate(config: JobConfig) -> ValidateResult:
     return ValidateResult(
         prepared.output,
         len(prepared.files),
-        sum(f.num_rows for f in prepared.files),
+        prepared.files.total_rows,
         tuple(prepared.model.features),
         tuple(prepared.output_schema.names),
     )

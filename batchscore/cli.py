@@ -250,7 +250,9 @@ def plan(shards: int | None, rows_per_shard: int | None, out: str | None, **kw: 
     """
     config = _config(kw)
     the_plan = api.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
-    click.echo(the_plan.encode(plan_sha256=the_plan.sha256, pin=the_plan.pin()))
+    for chunk in the_plan.chunks(plan_sha256=the_plan.sha256, pin=the_plan.pin()):  # never all at once
+        click.echo(chunk, nl=False)
+    click.echo()
 
 
 @main.command(epilog=EXIT_CODES_HELP)

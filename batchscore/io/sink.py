@@ -9,6 +9,7 @@ alike).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import posixpath
 import re
@@ -36,7 +37,7 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     state_folder,
     success_path,
 )
-from .storage import atomic_writer, full_uri, remove_if_exists, translated, write_bytes_atomic
+from .storage import atomic_writer, full_uri, remove_if_exists, translated
 
 REJECT_REASON = "reject_reason"
 TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
@@ -102,14 +103,55 @@ def part_writer(
             writer.close()
 
 
+class Streamed(list):
+    """A JSON array made item by item by ``make()`` each time it is read, never held as a list:
+    ``write_json`` writes it as it goes, so a receipt or manifest of 100,000 parts is never
+    100,000 dicts (nor one 20 MB string). Reading it (iterating, indexing) makes the items again."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]], length: int):
+        super().__init__()
+        self._make, self._length = make, length
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: Any) -> Any:
+        return list(self._make())[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, list) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Streamed({self._length} items)"
+
+
+#: Bytes of JSON gathered before each write.
+WRITE_CHUNK = 1 << 16
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any, compact: bool = False) -> None:
-    """Indented for people, or ``compact`` (one line) for files that grow with the input."""
-    text = (
-        json.dumps(data, sort_keys=True, separators=(",", ":"))
+    """Indented for people, or ``compact`` (one line) for files that grow with the input; written
+    as it is encoded (``Streamed`` arrays item by item), never as one string."""
+    encoder = (
+        json.JSONEncoder(sort_keys=True, separators=(",", ":"))
         if compact
-        else json.dumps(data, indent=2, sort_keys=True)
+        else json.JSONEncoder(indent=2, sort_keys=True)
     )
-    write_bytes_atomic(fs, path, (text + "\n").encode())
+    with atomic_writer(fs, path) as fh:
+        pending: list[str] = []
+        size = 0
+        for chunk in itertools.chain(
+            encoder.iterencode(data), ["\n"]
+        ):  # not one-shot: the Python encoder, which iterates
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= WRITE_CHUNK:
+                fh.write("".join(pending).encode())
+                pending, size = [], 0
+        fh.write("".join(pending).encode())
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

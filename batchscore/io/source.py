@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +22,9 @@ from .listing import GLOB_CHARS, list_inputs  # noqa: F401  (where the input's f
 from .storage import is_local, resolve, storage_error
 
 FOOTER_THREADS = 16
+#: Files a footer thread may have read ahead of the one being taken: what is in flight stays this
+#: many per thread, however many files there are (not one pending read, and result, per file).
+READ_AHEAD = 4
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
 #: Bytes buffered per column while rows are streamed (``pre_buffer`` off): what a read holds is
 #: then about this much per column plus one batch, whatever the row groups' size (pre-buffering
@@ -206,12 +212,160 @@ def read_footer(uri: str, storage: StorageSettings | None = None) -> InputFile:
     return InputFile(uri=uri, size=identity["size"], row_groups=row_groups, schema=schema, identity=identity)
 
 
-def read_footers(uris: Sequence[str], storage: StorageSettings | None = None) -> list[InputFile]:
-    """Footers of many files fetched concurrently (object stores are latency-bound)."""
-    if len(uris) <= 1:
-        return [read_footer(u, storage) for u in uris]
-    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
-        return list(pool.map(lambda u: read_footer(u, storage), uris))
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def in_order(fn: Callable[[_T], _R], items: Iterable[_T], threads: int = FOOTER_THREADS) -> Iterator[_R]:
+    """``fn`` of each item, in the items' order, computed by ``threads`` threads at most
+    ``READ_AHEAD`` items ahead of the one taken: memory stays bounded by the threads, not the
+    items (``Executor.map`` makes every item's future at once, and keeps every result until taken).
+    The first error raises, in order; once the caller stops, no further item is started."""
+    items = iter(items)
+    first = list(itertools.islice(items, 2))
+    if len(first) < 2 or threads <= 1:
+        yield from (fn(item) for item in itertools.chain(first, items))
+        return
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        pending: collections.deque[Future[_R]] = collections.deque(pool.submit(fn, item) for item in first)
+        for item in itertools.islice(items, threads * READ_AHEAD - len(first)):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(items, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_footers(uris: Iterable[str], storage: StorageSettings | None = None) -> Iterator[InputFile]:
+    """Footers of many files, in order, fetched concurrently (object stores are latency-bound)."""
+    return in_order(lambda uri: read_footer(uri, storage), uris)
+
+
+#: Identity fields a file table keeps as integers (a local file's), then as strings (an object's).
+_IDENTITY_INTS = (("mtime_ns", "q"), ("inode", "Q"), ("device", "Q"))
+_IDENTITY_STRS = ("etag", "version_id")
+
+
+class InputFiles(Sequence[InputFile]):
+    """Many files' footers as columns, one compact record each: 100,000 files cost a few
+    megabytes (their URIs mostly), not an object and an identity dict each. Indexing makes the
+    ``InputFile`` of one file on demand; ``record`` gives the plan's fields without making it."""
+
+    IDENTITY_FIELDS = tuple(name for name, _ in _IDENTITY_INTS) + _IDENTITY_STRS
+
+    __slots__ = ("uris", "_sizes", "_ends", "_rows", "_ints", "_strs", "_has", "_schemas", "_schema_ids", "_schema_of")
+
+    def __init__(self, files: Iterable[InputFile] = ()):
+        self.uris: list[str] = []
+        self._sizes = array("q")
+        self._ends = array("q")  # where each file's row groups end in _rows
+        self._rows = array("q")  # rows in each row group, file after file
+        self._ints = {name: array(code) for name, code in _IDENTITY_INTS}
+        self._strs: dict[str, list[str | None]] = {name: [] for name in _IDENTITY_STRS}
+        self._has = array("B")  # which identity fields each file has, one bit each
+        self._schemas: list[pa.Schema | None] = []
+        self._schema_ids: dict[int, int] = {}
+        self._schema_of = array("I")
+        for f in files:
+            self.append(f)
+
+    def append(self, file: InputFile) -> None:
+        self.add(file.uri, file.size, file.row_groups, file.identity, file.schema)
+
+    def add(
+        self,
+        uri: str,
+        size: int,
+        row_groups: Iterable[int],
+        identity: Mapping[str, Any],
+        schema: pa.Schema | None = None,
+    ) -> None:
+        """One file's record (``identity``: its ``IDENTITY_FIELDS``, any of them missing or None)."""
+        has = 0
+        for bit, (name, _) in enumerate(_IDENTITY_INTS):
+            value = identity.get(name)
+            self._ints[name].append(0 if value is None else value)
+            has |= (value is not None) << bit
+        for bit, name in enumerate(_IDENTITY_STRS, len(_IDENTITY_INTS)):
+            value = identity.get(name)
+            self._strs[name].append(value)
+            has |= (value is not None) << bit
+        self._rows.extend(row_groups)
+        self.uris.append(uri)
+        self._sizes.append(size)
+        self._ends.append(len(self._rows))
+        self._has.append(has)
+        key = id(schema)
+        if key not in self._schema_ids:
+            self._schema_ids[key] = len(self._schemas)
+            self._schemas.append(schema)
+        self._schema_of.append(self._schema_ids[key])
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        uri, size, row_groups, identity = self.record(index)
+        return InputFile(
+            uri,
+            size,
+            row_groups,
+            self._schemas[self._schema_of[index]],
+            {"size": size, **{k: v for k, v in identity.items() if v is not None}},
+        )
+
+    def row_groups(self, index: int) -> tuple[int, ...]:
+        start = self._ends[index - 1] if index > 0 else 0
+        return tuple(self._rows[start : self._ends[index]])
+
+    def num_rows(self, index: int) -> int:
+        start = self._ends[index - 1] if index > 0 else 0
+        return sum(self._rows[start : self._ends[index]])
+
+    def size(self, index: int) -> int:
+        return self._sizes[index]
+
+    def identity(self, index: int) -> dict[str, Any]:
+        """Every ``IDENTITY_FIELDS`` of a file, None where it has none."""
+        if index < 0:
+            index += len(self)
+        has = self._has[index]
+        found: dict[str, Any] = {}
+        for bit, (name, _) in enumerate(_IDENTITY_INTS):
+            found[name] = self._ints[name][index] if has >> bit & 1 else None
+        for name in _IDENTITY_STRS:
+            found[name] = self._strs[name][index]
+        return found
+
+    def record(self, index: int) -> tuple[str, int, tuple[int, ...], dict[str, Any]]:
+        """A file's uri, size, row groups and identity (every field, None where missing)."""
+        if index < 0:
+            index += len(self)
+        return self.uris[index], self._sizes[index], self.row_groups(index), self.identity(index)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self._rows)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, InputFiles)
+            and len(self) == len(other)
+            and all(self.record(i) == other.record(i) for i in range(len(self)))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def read_footers(uris: Iterable[str], storage: StorageSettings | None = None) -> InputFiles:
+    """Footers of many files, read concurrently and kept as one compact table."""
+    return InputFiles(iter_footers(uris, storage))
 
 
 def iter_batches(

@@ -7,10 +7,12 @@ version, and every part must still be the one its receipt names; only then are t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import platform
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from ..io.sink import (
     ATTEMPT_KEY,
+    Streamed,
     held_path,
     iter_own_files,
     listing,
@@ -37,7 +40,7 @@ from ..io.sink import (
     success_path,
     write_json,
 )
-from ..io.source import FOOTER_THREADS, open_parquet
+from ..io.source import in_order, open_parquet
 from ..io.storage import join, make_durable, remove_if_exists, write_bytes_atomic
 from ..logs import event
 from ..models.verification import engine_manifest
@@ -49,20 +52,24 @@ from .preparation import now, schema_difference
 log = logging.getLogger(__name__)
 
 
-def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dict[str, Any]]) -> None:
+def _check_part_attempts(
+    config: JobConfig,
+    output: str,
+    receipts: dict[int, dict[str, Any]],
+    parts: Callable[[], Iterator[tuple[int, str, int]]],
+) -> None:
     """Every listed part must still be the one its receipt describes: written by that shard's
     attempt (named in the footer), with its row count. A part another writer replaced after the
-    receipt (a paused or zombie attempt) is refused by name rather than committed."""
-    expected = [
-        (i, part_path(output, p["name"]), p["rows"], r.get("attempt"))
-        for i, r in sorted(receipts.items())
-        for p in r["parts"]
-    ]
-    expected += [
-        (i, rejected_path(output, name), None, r.get("attempt"))
-        for i, r in sorted(receipts.items())
-        for name in r["rejected_parts"]
-    ]
+    receipt (a paused or zombie attempt) is refused by name rather than committed. ``parts`` gives
+    each (shard, part name, rows); the footers are read a few at a time, never all at once."""
+    expected = itertools.chain(
+        ((i, part_path(output, name), rows, receipts[i].get("attempt")) for i, name, rows in parts()),
+        (
+            (i, rejected_path(output, name), None, r.get("attempt"))
+            for i, r in sorted(receipts.items())
+            for name in r["rejected_parts"]
+        ),
+    )
 
     def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
         index, uri, rows, attempt = item
@@ -74,14 +81,33 @@ def _check_part_attempts(config: JobConfig, output: str, receipts: dict[int, dic
                 return f"{uri} holds {pf.metadata.num_rows} rows, not the {rows} in shard {index}'s receipt"
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(expected)))) as pool:
-        problems = [p for p in pool.map(problem, expected) if p]
-    if problems:
+    first, count = None, 0
+    for found in in_order(problem, expected):
+        if found:
+            first, count = first or found, count + 1
+    if first:
         raise InputDataError(
-            f"cannot commit {output}: {problems[0]}"
-            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            f"cannot commit {output}: {first}"
+            + (f" (and {count - 1} more)" if count > 1 else "")
             + "; run that shard again"
         )
+
+
+def _part_rows(receipt: dict[str, Any], names: Sequence[str]) -> array[int] | str:
+    """The rows of each of a receipt's parts, which must be ``names`` in order; or what is wrong."""
+    parts = receipt.get("parts", [])
+    listed = [p.get("name") if isinstance(p, dict) else p for p in parts]
+    if listed != list(names):
+        return f"parts {_few(listed)} != planned {_few(names)}"
+    try:
+        return array("q", (p["rows"] for p in parts))
+    except (KeyError, TypeError, OverflowError):
+        return "parts without their row counts"
+
+
+def _few(names: Sequence[Any]) -> str:
+    """A list of part names in a message: all of a few, or the first of many and how many."""
+    return str(list(names)) if len(names) <= 6 else f"[{', '.join(map(str, names[:3]))}, ... {len(names)} in all]"
 
 
 def _versions() -> dict[str, str]:
@@ -141,15 +167,15 @@ def commit(
             else:
                 foreign.append(shard.index)
             continue
-        expected_parts = [u.part_name for u in shard.units]
-        listed = [p["name"] for p in receipt.get("parts", [])]
+        rows = _part_rows(receipt, [u.part_name for u in shard.units])
+        receipt.pop("inputs", None)  # read only for a receipt of another plan
         if the_plan.schema is None and not receipts:
             reference, ref = receipt, f"shard {shard.index}'s"
         schema, version = reference.get("schema"), reference.get("model_version")
         if receipt.get("rows_in") != shard.rows:
             inconsistent.append(f"{shard.index} (rows in {receipt.get('rows_in')} != planned {shard.rows})")
-        elif listed != expected_parts:
-            inconsistent.append(f"{shard.index} (parts {listed} != planned {expected_parts})")
+        elif isinstance(rows, str):
+            inconsistent.append(f"{shard.index} ({rows})")
         elif receipt.get("artifacts") != planned_artifacts:
             inconsistent.append(
                 f"{shard.index} (scored with model artifacts sha256 {receipt.get('artifacts')}, planned {planned_artifacts})"
@@ -163,6 +189,7 @@ def commit(
             )
         elif receipt.get("rows_out", 0) + receipt.get("rows_invalid", 0) != shard.rows:
             inconsistent.append(f"{shard.index} (rows out + invalid != rows in)")
+        receipt["parts"] = rows  # each part's rows, in the plan's order: no dict per part is kept
         receipts[shard.index] = receipt
     problems = []
     if missing:
@@ -182,18 +209,25 @@ def commit(
             f"cannot commit {the_plan.output}: {invalid} invalid rows exceed {param('max_invalid_fraction')} "
             f"{config.max_invalid_fraction} of {the_plan.total_rows} rows"
         )
-    parts = [p for i in sorted(receipts) for p in receipts[i]["parts"]]
+
+    def parts() -> Iterator[tuple[int, str, int]]:  # (shard, name, rows) of every part, in output order
+        for i in sorted(receipts):
+            for unit, rows in zip(the_plan.shards[i].units, receipts[i]["parts"]):
+                yield i, unit.part_name, rows
+
+    part_count = sum(len(r["parts"]) for r in receipts.values())
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]
     refuse_foreign(fs, out_path, the_plan.output)  # never publish what another tool put there as this run's rows
     own = list(iter_own_files(fs, out_path))  # one listing serves the check and the clean-up
     present = {path for kind, path in own if kind == "part"}
-    absent = [p["name"] for p in parts if part_path(out_path, p["name"]) not in present]
+    absent = [name for _, name, _ in parts() if part_path(out_path, name) not in present]
+    del present
     if absent:
         raise InputDataError(
             f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}"
         )
-    _check_part_attempts(config, the_plan.output, receipts)
-    keep = {part_path(out_path, p["name"]) for p in parts} | {rejected_path(out_path, r) for r in rejected}
+    _check_part_attempts(config, the_plan.output, receipts, parts)
+    keep = {part_path(out_path, name) for _, name, _ in parts()} | {rejected_path(out_path, r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
     lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for path in stray:
@@ -211,13 +245,17 @@ def commit(
         "model_version": first["model_version"],
         "artifacts": list(the_plan.artifacts),
         "versions": _versions(),
-        "inputs": [
-            {"uri": uri, "bytes": size, "rows": sum(row_groups)} for uri, size, row_groups, *_ in the_plan.files.records
-        ],
+        "inputs": Streamed(
+            lambda: (
+                {"uri": uri, "bytes": size, "rows": sum(row_groups)}
+                for uri, size, row_groups, *_ in the_plan.files.records()
+            ),
+            len(the_plan.files),
+        ),
         "rows": {"in": the_plan.total_rows, "out": sum(r["rows_out"] for r in receipts.values()), "invalid": invalid},
         "on_invalid": config.on_invalid,
         "schema": first["schema"],
-        "parts": parts,
+        "parts": Streamed(lambda: ({"name": name, "rows": rows} for _, name, rows in parts()), part_count),
         "state": state_folder(the_plan.output),
         "rejected_parts": [rejected_name(r) for r in rejected],
         "shards": [
@@ -255,7 +293,7 @@ def commit(
         write_bytes_atomic(fs, success_path(out_path), b"")
     remove_if_exists(fs, held_path(out_path))  # nothing is held any more
     log.info(
-        f"committed {manifest['rows']['out']:,} rows in {len(parts)} part(s) to {the_plan.output}",
+        f"committed {manifest['rows']['out']:,} rows in {part_count} part(s) to {the_plan.output}",
         extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]),
     )
     return manifest

@@ -13,7 +13,8 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -24,8 +25,8 @@ from ..io.layout import PART_NUMBER_DIGITS, part_name
 from ..io.lease import held, plan_holder
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from ..io.sink import held_path, read_json, uncommit, write_json
-from ..io.source import InputFile, check_identity, list_inputs, read_footers
-from ..io.storage import Location, location, resolve, write_bytes_atomic
+from ..io.source import InputFile, InputFiles, check_identity, iter_footers, list_inputs, read_footers
+from ..io.storage import Location, atomic_writer, location, resolve
 from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
 from ..schema import to_argv
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
@@ -42,8 +43,6 @@ FILE_FIELDS = ("uri", "size", "row_groups", *IDENTITY_FIELDS)
 #: An environment variable holding a secret: when set, ``plan`` signs the plan with it and every
 #: step that reads a plan refuses one that is unsigned or signed otherwise.
 PLAN_KEY_ENV = "BATCHSCORE_PLAN_KEY"
-#: Footers a commit reads at a time when it checks the plan against the input.
-FOOTER_BATCH = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,23 +91,24 @@ class Shard:
 
 
 class PlanFiles(Sequence[Mapping[str, Any]]):
-    """A plan's input files, one compact record each (100,000 files cost megabytes, not hundreds).
+    """A plan's input files, one compact record each in one table (``source.InputFiles``, shared
+    with the footers it was made from): 100,000 files cost a few megabytes, not hundreds.
 
     Indexing gives the entry every step reads: ``uri``, ``size``, ``row_groups`` and ``identity``.
     """
 
-    __slots__ = ("_records",)
+    __slots__ = ("_table",)
 
-    def __init__(self, records: Sequence[tuple[Any, ...]]):
-        self._records = tuple(records)  # FILE_FIELDS, in order
+    def __init__(self, table: InputFiles):
+        self._table = table
 
     @classmethod
     def of(cls, files: Sequence[InputFile]) -> PlanFiles:
-        return cls([(f.uri, f.size, tuple(f.row_groups), *(f.identity.get(k) for k in IDENTITY_FIELDS)) for f in files])
+        return cls(files if isinstance(files, InputFiles) else InputFiles(files))
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Any], source: str) -> PlanFiles:
-        records = []
+    def from_rows(cls, rows: Iterable[Any], source: str) -> PlanFiles:
+        table = InputFiles()
         for i, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != len(FILE_FIELDS):
                 raise InputDataError(
@@ -122,60 +122,99 @@ class PlanFiles(Sequence[Mapping[str, Any]]):
                 or not all(isinstance(n, int) and n >= 0 for n in row_groups)
             ):
                 raise InputDataError(f"{source}: not a batchscore plan (file {i}'s uri, size or row groups malformed)")
-            records.append((uri, size, tuple(row_groups), *identity))
-        return cls(records)
+            try:
+                table.add(uri, size, row_groups, dict(zip(IDENTITY_FIELDS, identity)))
+            except (TypeError, OverflowError, ValueError):
+                raise InputDataError(f"{source}: not a batchscore plan (file {i}'s identity malformed)") from None
+        return cls(table)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._table)
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        uri, size, row_groups, *identity = self._records[index]
-        found = {k: v for k, v in zip(IDENTITY_FIELDS, identity) if v is not None}
+        uri, size, row_groups, identity = self._table.record(index)
+        found = {k: v for k, v in identity.items() if v is not None}
         return {"uri": uri, "size": size, "row_groups": list(row_groups), "identity": {"size": size, **found}}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PlanFiles) and self._records == other._records
+        return isinstance(other, PlanFiles) and self._table == other._table
 
     def __hash__(self) -> int:
-        return hash(self._records)
+        return hash(tuple(self._table.uris))
 
     def uri(self, index: int) -> str:
-        return self._records[index][0]
+        return self._table.uris[index]
 
-    @property
-    def records(self) -> tuple[tuple[Any, ...], ...]:
-        """The records themselves: uri, size, row groups, then ``IDENTITY_FIELDS``."""
-        return self._records
+    def row_groups_of(self, index: int) -> tuple[int, ...]:
+        return self._table.row_groups(index)
+
+    def records(self) -> Iterator[tuple[Any, ...]]:
+        """The records, one at a time: uri, size, row groups, then ``IDENTITY_FIELDS``."""
+        for i in range(len(self._table)):
+            uri, size, row_groups, identity = self._table.record(i)
+            yield (uri, size, row_groups, *(identity[k] for k in IDENTITY_FIELDS))
 
     @property
     def uris(self) -> list[str]:
-        return [r[0] for r in self._records]
+        """Every file's URI (the table's own list: read it, do not change it)."""
+        return self._table.uris
 
     @property
-    def row_groups(self) -> list[tuple[int, ...]]:
-        return [r[2] for r in self._records]
+    def row_groups(self) -> Sequence[tuple[int, ...]]:
+        return _RowGroups(self._table)
+
+    @property
+    def total_rows(self) -> int:
+        return self._table.total_rows
 
     def rows(self) -> list[list[Any]]:
         """The records as the plan document stores them."""
-        return [[r[0], r[1], list(r[2]), *r[3:]] for r in self._records]
+        return [[r[0], r[1], list(r[2]), *r[3:]] for r in self.records()]
 
     def encoded(self) -> Iterator[bytes]:
         """Each record as canonical JSON, one at a time (no list of 100,000 records is built)."""
-        for r in self._records:
+        for r in self.records():
             yield _canonical([r[0], r[1], list(r[2]), *r[3:]])
+
+
+class _RowGroups(Sequence[tuple[int, ...]]):
+    """Each file's rows per row group, read from the table as asked for."""
+
+    def __init__(self, table: InputFiles):
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._table.row_groups(index)
 
 
 def _split(row_groups: Sequence[Sequence[int]], count: int, rows_per_part: int) -> tuple[Shard, ...]:
     """Balanced contiguous shards of whole row groups: a function of the row groups alone."""
     # Every row group is an item; a file with none is one empty item so it still has a part.
-    items = [(i, rg) for i, f in enumerate(row_groups) for rg in (range(len(f)) or [-1])]
-    weights = [row_groups[i][rg] if rg >= 0 else 0 for i, rg in items]
+    files, groups, weights = array("q"), array("q"), array("q")
+    for i in range(len(row_groups)):
+        sizes = row_groups[i]
+        files.extend([i] * max(1, len(sizes)))
+        groups.extend(range(len(sizes)) if sizes else (-1,))
+        weights.extend(sizes if sizes else (0,))
     cuts = _split_points(weights, count)
     del weights
     return _named(
-        tuple(Shard(k, tuple(_units(row_groups, items[cuts[k] : cuts[k + 1]], rows_per_part))) for k in range(count))
+        tuple(
+            Shard(
+                k,
+                tuple(
+                    _units(row_groups, zip(files[cuts[k] : cuts[k + 1]], groups[cuts[k] : cuts[k + 1]]), rows_per_part)
+                ),
+            )
+            for k in range(count)
+        )
     )
 
 
@@ -200,7 +239,7 @@ class Plan:
 
     @cached_property
     def total_rows(self) -> int:
-        return sum(sum(rg) for rg in self.files.row_groups)
+        return self.files.total_rows
 
     @cached_property
     def plan_id(self) -> str:
@@ -222,7 +261,10 @@ class Plan:
     @cached_property
     def sha256(self) -> str:
         """Digest of the whole plan as written: what ``plan`` prints and ``--plan-sha256`` expects."""
-        return hashlib.sha256(self.encode()).hexdigest()
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
 
     def pin(self) -> list[str]:
         """The flags that hold a step of the job to exactly this plan and these artifacts."""
@@ -251,13 +293,29 @@ class Plan:
     def encode(self, **extra: Any) -> bytes:
         """The plan document (with ``extra`` keys), compact: ``python -m json.tool plan.json`` shows it
         indented. Written record by record, so a plan of 100,000 files is never a list of them."""
-        head = {**self.to_dict(files=False), **extra}
         out = io.BytesIO()
-        out.write(_canonical(head)[:-1] + b',"files":[')
-        for i, row in enumerate(self.files.encoded()):
-            out.write(b"," + row if i else row)
-        out.write(b"]}")
+        for chunk in self.chunks(**extra):
+            out.write(chunk)
         return out.getvalue()
+
+    def chunks(self, size: int = 1 << 16, **extra: Any) -> Iterator[bytes]:
+        """``encode()``'s bytes in pieces of about ``size``: a plan written or printed this way is
+        never one string of all its records."""
+        pending, length = [], 0
+        for piece in self._pieces(**extra):
+            pending.append(piece)
+            length += len(piece)
+            if length >= size:
+                yield b"".join(pending)
+                pending, length = [], 0
+        yield b"".join(pending)
+
+    def _pieces(self, **extra: Any) -> Iterator[bytes]:
+        head = {**self.to_dict(files=False), **extra}
+        yield _canonical(head)[:-1] + b',"files":['
+        for i, row in enumerate(self.files.encoded()):
+            yield b"," + row if i else row
+        yield b"]}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "plan") -> Plan:
@@ -333,9 +391,7 @@ def _split_points(weights: Sequence[int], parts: int) -> list[int]:
     when there are fewer items than parts.
     """
     total = sum(weights)
-    cumulative = [0]
-    for w in weights:
-        cumulative.append(cumulative[-1] + w)
+    cumulative = array("q", itertools.accumulate(weights, initial=0))
     cuts = [0]
     for k in range(1, parts):
         if total == 0:  # nothing to balance: spread items evenly by count
@@ -349,7 +405,7 @@ def _split_points(weights: Sequence[int], parts: int) -> list[int]:
     return cuts
 
 
-def _units(row_groups: Sequence[Sequence[int]], items: Sequence[tuple[int, int]], rows_per_part: int) -> list[Unit]:
+def _units(row_groups: Sequence[Sequence[int]], items: Iterable[tuple[int, int]], rows_per_part: int) -> list[Unit]:
     """Cut each file's consecutive (file, row group) items into the fewest parts of about
     ``rows_per_part`` rows, all of nearly equal size; a row group larger than that is cut into
     equal slices of its own, so no part (and no worker's part) grows with the row groups.
@@ -398,12 +454,12 @@ def make_plan(
     Parts hold at most ``rows_per_part`` rows (default ``DEFAULT_ROWS_PER_PART``)."""
     rows_per_part = rows_per_part or DEFAULT_ROWS_PER_PART
     check_numbers(shards=shards, rows_per_shard=rows_per_shard)
-    total = sum(f.num_rows for f in files)
+    table = PlanFiles.of(files)
     if rows_per_shard is not None:
-        shards = max(1, -(-total // rows_per_shard))
+        shards = max(1, -(-table.total_rows // rows_per_shard))
     return Plan(
-        PlanFiles.of(files),
-        _split([f.row_groups for f in files], shards or 1, rows_per_part),
+        table,
+        _split(table.row_groups, shards or 1, rows_per_part),
         output,
         tuple(artifacts),
         predicted_at,
@@ -442,7 +498,7 @@ def plan(
     prepared = prepare(config)
     guard_output(config, prepared.location, prepared.files)  # a refused job leaves the output untouched
     if out:
-        guard_overlap(config, out, [f.uri for f in prepared.files])
+        guard_overlap(config, out, prepared.files.uris)
         guard_plan_file(prepared.output, out)
     result = plan_of(prepared, shards=shards, rows_per_shard=rows_per_shard, predicted_at=now().isoformat())
     if not out:  # nothing is written: the job's first shard takes the lease
@@ -455,7 +511,9 @@ def plan(
     with hold(config, result, "plan", release="never", output=prepared.location):
         guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
         uncommit(prepared.location.fs, prepared.location.path)
-        write_bytes_atomic(plan_file.fs, plan_file.path, plan_document(result))
+        with atomic_writer(plan_file.fs, plan_file.path) as fh:
+            for chunk in plan_chunks(result):
+                fh.write(chunk)
     return result
 
 
@@ -500,10 +558,15 @@ def _signature(key: str, digest: str) -> str:
 
 def plan_document(the_plan: Plan) -> bytes:
     """The plan file's bytes: the plan, signed when ``BATCHSCORE_PLAN_KEY`` holds a key."""
+    return b"".join(plan_chunks(the_plan))
+
+
+def plan_chunks(the_plan: Plan) -> Iterator[bytes]:
+    """``plan_document`` in pieces, as it is written (never one string of 100,000 records)."""
     key = os.environ.get(PLAN_KEY_ENV)
-    if not key:
-        return the_plan.encode() + b"\n"
-    return the_plan.encode(signature=_signature(key, the_plan.sha256)) + b"\n"
+    extra: dict[str, Any] = {"signature": _signature(key, the_plan.sha256)} if key else {}
+    yield from the_plan.chunks(**extra)
+    yield b"\n"
 
 
 def load_plan(uri: str, config: JobConfig, expected_sha256: str | None = None) -> Plan:
@@ -639,10 +702,8 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     """
     check_within_input(config, the_plan, source)
     files = the_plan.files
-    for start in range(0, len(files), FOOTER_BATCH):  # in batches: 100,000 footers need not be held at once
-        uris = [files.uri(i) for i in range(start, min(start + FOOTER_BATCH, len(files)))]
-        for i, found in enumerate(read_footers(uris, config.storage), start):
-            check_footer(found, files[i])
+    for i, found in enumerate(iter_footers(files.uris, config.storage)):  # a few at a time, never all
+        check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config)
         actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage, policy)}

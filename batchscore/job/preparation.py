@@ -10,9 +10,9 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..io.layout import check_output
-from ..io.source import InputFile, list_inputs, read_footers
+from ..io.source import InputFiles, iter_footers, list_inputs
 from ..io.storage import Location, resolve
-from ..io.validation import SchemaContract, check_schemas
+from ..io.validation import SchemaContract
 from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
 from ..models.engine import Predictor
 from ..observe.observers import NONE, Observers
@@ -24,7 +24,7 @@ class Prepared:
 
     config: JobConfig
     model: LoadedModel
-    files: list[InputFile]
+    files: InputFiles  # one compact record per file, not an object each
     location: Location  # of the output, resolved once for the step
     passthrough: tuple[str, ...]
     output_schema: pa.Schema
@@ -69,13 +69,19 @@ def prepare(
     model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
     observers.model_loaded(model.load_seconds)
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
-    files = read_footers(uris, config.storage)
     predictor_fields = Predictor(model, config.model_version, now()).fields
-    contract = check_schemas(files, model.features, config.keep, [f.name for f in predictor_fields])
+    files, contract = InputFiles(), None
+    # Each footer is checked as it arrives and kept as a compact record: 100,000 files are never
+    # 100,000 footers (or objects) held at once.
+    for found in iter_footers(uris, config.storage):
+        if contract is None:  # the first file fixes the contract (see SchemaContract)
+            contract = SchemaContract.of(found, model.features, config.keep, [f.name for f in predictor_fields])
+        contract.check(found.uri, found.schema)
+        files.append(found)
     assert contract is not None  # list_inputs never returns no file
     passthrough = contract.passthrough
     # Nullable whatever the first file declares: a later file may hold nulls there, and its type is the same.
-    fields = [files[0].schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
+    fields = [contract.reference_schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
     return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract)
 
 

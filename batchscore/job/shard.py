@@ -6,7 +6,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -15,8 +16,8 @@ from ..config import JobConfig
 from ..errors import InputDataError, param
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
-from ..io.sink import receipt_path, rejected_folder, rejected_name, uncommit, write_json
-from ..io.source import InputFile
+from ..io.sink import Streamed, receipt_path, rejected_folder, rejected_name, uncommit, write_json
+from ..io.source import InputFiles
 from ..io.storage import abort_uploads, abort_uploads_after_failure, remove_if_exists
 from ..logs import event, progress
 from ..models.artifacts import ArtifactPolicy, artifact_roles
@@ -27,7 +28,7 @@ from .planning import Plan, check_footer, check_within_input, hold, plan_of
 from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .scorer import ScoreTask
-from .workers import score_units
+from .workers import hand_out_order, score_units
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,35 @@ log = logging.getLogger(__name__)
 def run_shard_of(config: JobConfig, index: int, count: int, observers: Observers = NONE) -> dict[str, Any]:
     """Score shard ``index`` of ``count`` without a plan file, planning on the fly."""
     prepared = prepare(config, observers=observers)
-    guard_overlap(config, prepared.output, [f.uri for f in prepared.files])
+    guard_overlap(config, prepared.output, prepared.files.uris)
     the_plan = plan_of(prepared, shards=count)
     with hold(config, the_plan, "shard", release="never", output=prepared.location) as lease:
         check_access(prepared, tidy=False)
         return score_shard(prepared, the_plan, index, lease, observers)
 
 
-def _check_inputs_unchanged(files: Sequence[InputFile], the_plan: Plan, shard_files: Sequence[int]) -> None:
-    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag."""
-    found = {f.uri: f for f in files}
+def _check_inputs_unchanged(files: InputFiles, the_plan: Plan, shard_files: Sequence[int]) -> None:
+    """Refuse input files that are not the ones planned: other row groups, size, mtime, inode, ETag.
+    ``files`` are the footers read for ``shard_files``, in order (after the plan's first file)."""
+    found = {uri: i for i, uri in enumerate(files.uris)}
     for i in shard_files:
         entry = the_plan.files[i]
-        check_footer(found[entry["uri"]], entry)
+        check_footer(files[found[entry["uri"]]], entry)
+
+
+class _Picked(Sequence[Mapping[str, Any]]):
+    """Some of a plan's file entries, each made when read (a shard's 50,000 are not held as dicts)."""
+
+    def __init__(self, files: Sequence[Mapping[str, Any]], indices: Sequence[int]):
+        self._files, self._indices = files, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._files[i] for i in self._indices[index]]
+        return self._files[self._indices[index]]
 
 
 def run_shard(
@@ -98,7 +115,7 @@ def score_shard(
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
-    shard_files = [the_plan.files[i] for i in sorted({u.file for u in shard.units})]
+    shard_files = _Picked(the_plan.files, sorted({u.file for u in shard.units}))
     engine = choose_engine(config, prepared.model, shard_files, config.model_version, predicted_at)
     task = ScoreTask(
         model=prepared.model,
@@ -125,17 +142,26 @@ def score_shard(
     )
     # Multipart uploads of this shard's parts that a killed attempt left behind, then any that
     # this attempt leaves if it fails: only this shard's own part names, never anything else.
+    # The names are made when asked for: a shard of 100,000 parts does not hold them while it scores.
+    units = shard.units
     uploads = {
-        out_path: [u.part_name for u in shard.units],
-        rejected_folder(out_path): [rejected_name(u.part_name) for u in shard.units],
+        out_path: lambda: (u.part_name for u in units),
+        rejected_folder(out_path): lambda: (rejected_name(u.part_name) for u in units),
     }
     for folder, names in uploads.items():
-        abort_uploads(fs, folder, names)
-    profiles = ProfileSum()
+        abort_uploads(fs, folder, names())
+    profiles = ProfileSum(hand_out_order(shard.units))
+    # What each unit's result says, kept as numbers (its part's name is the unit's): a shard of
+    # 100,000 units holds no result object, nor profile, per unit.
+    counts = {key: array("q", bytes(8 * len(shard.units))) for key in ("rows_in", "rows_out", "rows_invalid")}
+    rejected: dict[int, str] = {}
 
-    def _without_profile(index: int, result: Any) -> Any:
+    def _keep(index: int, result: Any) -> None:
         profiles.add(index, result.profile)
-        return replace(result, profile=None)
+        for key, column in counts.items():
+            column[index] = getattr(result, key)
+        if result.rejected_part:
+            rejected[index] = result.rejected_part
 
     try:
         with progress(log, shard.rows) as rows:
@@ -144,35 +170,38 @@ def score_shard(
                 observers.batch_scored(count, seconds)
                 rows.advance(count)
 
-            results = score_units(task, shard.units, workers, on_batch, on_result=_without_profile)
+            score_units(task, shard.units, workers, on_batch, on_result=_keep)
     except BaseException as exc:
         for folder, names in uploads.items():
-            abort_uploads_after_failure(fs, folder, names, exc)
+            abort_uploads_after_failure(fs, folder, names(), exc)
         raise
-    invalid = sum(r.rows_invalid for r in results)
+    invalid = sum(counts["rows_invalid"])
     if invalid > task.max_invalid_rows:
         raise InputDataError(
             f"{invalid} invalid rows exceed {param('max_invalid_fraction')} {config.max_invalid_fraction} "
             f"of {the_plan.total_rows} input rows"
         )
+    rows_out = counts["rows_out"]
     receipt = {
         "plan_id": the_plan.plan_id,
         "attempt": attempt,
         "shard": index,
-        "rows_in": sum(r.rows_in for r in results),
-        "rows_out": sum(r.rows_out for r in results),
+        "rows_in": sum(counts["rows_in"]),
+        "rows_out": sum(rows_out),
         "rows_invalid": invalid,
-        "parts": [{"name": r.part, "rows": r.rows_out} for r in results],
-        "rejected_parts": [r.rejected_part for r in results if r.rejected_part],
+        "parts": Streamed(lambda: ({"name": u.part_name, "rows": n} for u, n in zip(units, rows_out)), len(units)),
+        "rejected_parts": [rejected[i] for i in sorted(rejected)],
         "artifacts": planned,
         "model_version": config.model_version,
         "schema": schema_dicts(prepared.output_schema),
-        "inputs": [{"uri": f["uri"], "identity": f["identity"]} for f in shard_files],
+        "inputs": Streamed(
+            lambda: ({"uri": f["uri"], "identity": f["identity"]} for f in shard_files), len(shard_files)
+        ),
         "workers": min(workers, max(1, len(shard.units))),
         "engine": engine.to_dict(),
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
-        "profile": profiles.result(len(results)),
+        "profile": profiles.result(len(units)),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
     write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input

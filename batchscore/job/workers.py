@@ -94,13 +94,14 @@ def score_units(
     units: Sequence[Unit],
     workers: int,
     on_batch: Callable[[int, float], None] | None = None,
-    on_result: Callable[[int, UnitResult], UnitResult] | None = None,
-) -> list[UnitResult]:
+    on_result: Callable[[int, UnitResult], UnitResult | None] | None = None,
+) -> list[UnitResult | None]:
     """Score every unit in ``workers`` worker processes (one core each); results in unit order.
 
     ``on_batch`` hears of every batch as it is scored (its rows, and the seconds the worker took to
     score it), not only of whole units, so a run that fails still tells what it did; ``on_result``
-    sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its profile).
+    sees each unit's index and result as it arrives, and what it returns is kept (e.g. without its
+    profile; None keeps nothing).
 
     Scoring always happens in workers, one or many: each starts as a fork of this process, so the
     imported libraries and the loaded model cost nothing to share, a worker's memory is only what
@@ -130,29 +131,35 @@ def _frozen_collector() -> Iterator[None]:
             gc.unfreeze()
 
 
+def hand_out_order(units: Sequence[Unit]) -> list[int]:
+    """The order units are handed to workers: largest first, so the units still running at the
+    end are the small ones and workers finish nearly together (results are put back in unit order)."""
+    return sorted(range(len(units)), key=lambda i: -units[i].rows)
+
+
 def _score_in_workers(
     task: ScoreTask,
     units: Sequence[Unit],
     workers: int,
     on_batch: Callable[[int, float], None] | None,
-    on_result: Callable[[int, UnitResult], UnitResult] | None = None,
-) -> list[UnitResult]:
+    on_result: Callable[[int, UnitResult], UnitResult | None] | None = None,
+) -> list[UnitResult | None]:
     def on_progress(progress: tuple[int, float]) -> None:  # a worker's (rows, scoring seconds) of one batch
         if on_batch is not None:
             on_batch(*progress)
 
     results: dict[int, UnitResult] = {}
     fs, base = task.output.fs, task.output.path
-    # Largest first, so the units still running at the end are the small ones and workers
-    # finish nearly together; results are put back in unit order.
-    order = sorted(range(len(units)), key=lambda i: -units[i].rows)
+    order = hand_out_order(units)
     pool = WorkerPool(max(1, min(workers, len(units))), functools.partial(_init_worker, task), _worker_score)
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
     forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
     try:
         flushes: collections.deque[Future[None]] = collections.deque()
         for index, result in pool.map_unordered(units, order, on_progress):
-            results[index] = on_result(index, result) if on_result is not None else result
+            kept = on_result(index, result) if on_result is not None else result
+            if kept is not None:  # a caller that keeps what it needs itself keeps no result per unit here
+                results[index] = kept
             # Written back while the other units score, so commit's flush finds little left.
             flushes.append(flusher.submit(make_durable, fs, _written_paths(base, result)))
             while flushes and flushes[0].done():  # done ones are let go: 100,000 units, not 100,000 futures
@@ -176,7 +183,7 @@ def _score_in_workers(
     finally:
         forget_cleanup()
     flusher.shutdown(wait=True)
-    return [results[i] for i in range(len(units))]
+    return [results.get(i) for i in range(len(units))]  # None where ``on_result`` kept nothing
 
 
 def _written_paths(base: str, result: UnitResult) -> list[str]:

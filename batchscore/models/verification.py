@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,7 +23,7 @@ import pyarrow as pa
 
 from ..config import StorageSettings
 from ..errors import ConfigError, ModelError, param
-from ..io.source import FOOTER_THREADS, columns_with_nulls, open_parquet
+from ..io.source import columns_with_nulls, in_order, open_parquet
 from ..io.validation import invalid_mask
 from ..logs import event
 from . import compiled
@@ -182,8 +181,7 @@ def compare_on_files(
     def sample(entry: Mapping[str, Any]) -> tuple[str, list[np.ndarray]]:
         return entry["uri"], _samples(reference, entry, storage, handles_nan)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
-        samples = list(pool.map(sample, files))
+    samples = list(in_order(sample, files))
     from threadpoolctl import threadpool_limits
 
     agreement = Agreement()

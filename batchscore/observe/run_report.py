@@ -10,7 +10,8 @@ is not, until ``commit --accept-drift`` accepts exactly the attempts that were r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from array import array
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,13 +37,21 @@ def shard_profile(results: Any) -> dict[str, Any] | None:
 
 
 class ProfileSum:
-    """A shard's profile summed in unit order as its units finish (the same sum as
-    ``shard_profile``), so a shard of 100,000 units never holds 100,000 profiles at once."""
+    """A shard's profile summed as its units finish, in the order they were handed out (``order``,
+    as ``workers.hand_out_order`` gives it; default: unit order): a fixed order, so the sum is the
+    same on every attempt, and the one units finish in but for the few still running, so only
+    those that finish ahead of one still running wait. A shard of 100,000 units never holds
+    100,000 profiles at once (waiting in unit order would, as units are handed out largest first)."""
 
     FOLD = 256
 
-    def __init__(self) -> None:
-        self._waiting: dict[int, Mapping[str, Any]] = {}  # finished out of order
+    def __init__(self, order: Sequence[int] | None = None) -> None:
+        self._position: Any = None  # unit index -> its place in the order
+        if order is not None:
+            self._position = array("q", bytes(8 * len(order)))
+            for place, unit in enumerate(order):
+                self._position[unit] = place
+        self._waiting: dict[int, Mapping[str, Any]] = {}  # finished ahead of their turn
         self._next = 0
         self._pending: list[Mapping[str, Any]] = []
         self._total: dict[str, Any] | None = None
@@ -52,7 +61,7 @@ class ProfileSum:
         if profile is None:
             self._missing = True
             return
-        self._waiting[index] = profile
+        self._waiting[index if self._position is None else self._position[index]] = profile
         while self._next in self._waiting:
             self._pending.append(self._waiting.pop(self._next))
             self._next += 1
