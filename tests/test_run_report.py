@@ -244,9 +244,8 @@ def test_drift_holds_the_output_until_accepted(tmp_path: Path, binary_model_path
     assert again.returncode == EXIT_USAGE and "nothing to accept" in again.stderr
 
 
-def test_a_held_sharded_job_accepts_only_what_was_reviewed(tmp_path: Path, binary_model_paths) -> None:
-    """commit under the plan's lease exits 5; a shard run again afterwards drops the held report,
-    so --accept-drift refuses until commit has checked the new parts again."""
+def held_sharded_job(tmp_path: Path, binary_model_paths) -> tuple[Path, Path, list]:
+    """A job of 3 shards, scored, whose commit drift held (exit 5): its output, plan and flags."""
     reference = tmp_path / "reference"
     assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
     output, plan = tmp_path / "out", tmp_path / "plan.json"
@@ -261,6 +260,13 @@ def test_a_held_sharded_job_accepts_only_what_was_reviewed(tmp_path: Path, binar
     for index in range(3):
         assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
     assert cli("commit", *args, "--plan", plan).exit_code == EXIT_DRIFT
+    return output, plan, args
+
+
+def test_a_held_sharded_job_accepts_only_what_was_reviewed(tmp_path: Path, binary_model_paths) -> None:
+    """commit under the plan's lease exits 5; a shard run again afterwards drops the held report,
+    so --accept-drift refuses until commit has checked the new parts again."""
+    output, plan, args = held_sharded_job(tmp_path, binary_model_paths)
     assert no_success(output) and read_run_report(output)["held"]
     assert cli("run", *args, "--plan", plan, "--shard", 1).exit_code == 0  # the parts changed after review
     refused = cli("commit", *args, "--plan", plan, "--accept-drift")
@@ -496,20 +502,7 @@ def test_a_held_sharded_job_is_accepted_from_its_output_alone(tmp_path: Path, bi
     """A sharded job's commit held for drift: ``commit OUTPUT --accept-drift`` commits its plan as the
     flag-for-flag form does; a shard run again since the hold leaves nothing to accept until a
     plain commit has checked drift again."""
-    reference = tmp_path / "reference"
-    assert cli("run", *job(with_invalid_values(tmp_path / "day1"), reference, binary_model_paths)).exit_code == 0
-    output, plan = tmp_path / "out", tmp_path / "plan.json"
-    args = [
-        *job(with_invalid_values(tmp_path / "day2", shift_age=-9.0), output, binary_model_paths),
-        "--reference",
-        reference,
-        "--drift-fail",
-        0.5,
-    ]
-    assert cli("plan", *args, "--shards", 3, "--out", plan).exit_code == 0
-    for index in range(3):
-        assert cli("run", *args, "--plan", plan, "--shard", index).exit_code == 0
-    assert cli("commit", *args, "--plan", plan).exit_code == EXIT_DRIFT
+    output, plan, args = held_sharded_job(tmp_path, binary_model_paths)
     assert cli("run", *args, "--plan", plan, "--shard", 2).exit_code == 0  # the parts changed after review
     refused = cli("commit", output, "--accept-drift")
     assert refused.exit_code == EXIT_USAGE and "nothing to accept" in refused.stderr and no_success(output)
