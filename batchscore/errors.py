@@ -26,20 +26,38 @@ class ExitCode(NamedTuple):
 #: Every exit code, declared once: ``--help``, docs/commands.md and the DAG's retry policy come from here.
 EXITS: dict[int, ExitCode] = {
     EXIT_OK: ExitCode("success", "the output is committed (_SUCCESS written)", False),
-    EXIT_FAILURE: ExitCode("anything else", "storage failure (an input folder or file that cannot be listed or read), "
-                           "interrupted run, internal error", True),
-    EXIT_USAGE: ExitCode("usage or configuration error", "bad flag or YAML key, output exists, output holds files "
-                         "batchscore did not write, output overlaps the input, output held by another job", False),
-    EXIT_INPUT: ExitCode("input data invalid", "no file matched, an input entry that is not a regular file (FIFO, "
-                         "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
-                         "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of "
-                         "another type than in the first file, invalid feature values, input changed since the plan, "
-                         "plan or receipts inconsistent", False),
-    EXIT_MODEL: ExitCode("model error", "artifact missing, not loadable, not fitted, feature mismatch, "
-                         "sha256 not as pinned or planned, untrusted type, pickle refused", False),
-    EXIT_DRIFT: ExitCode("drift above threshold (--drift-fail)", "parts and report written, _SUCCESS not; "
-                         "review the report, then commit with --accept-drift", False),
-}  # fmt: skip
+    EXIT_FAILURE: ExitCode(
+        "anything else",
+        "storage failure (an input folder or file that cannot be listed or read), interrupted run, internal error",
+        True,
+    ),
+    EXIT_USAGE: ExitCode(
+        "usage or configuration error",
+        "bad flag or YAML key, output exists, output holds files "
+        "batchscore did not write, output overlaps the input, output held by another job",
+        False,
+    ),
+    EXIT_INPUT: ExitCode(
+        "input data invalid",
+        "no file matched, an input entry that is not a regular file (FIFO, "
+        "socket, device, folder named *.parquet or matched by a glob, broken symlink, symlink loop), "
+        "unreadable Parquet, missing or non-numeric feature column, a column missing, extra or of "
+        "another type than in the first file, invalid feature values, input changed since the plan, "
+        "plan or receipts inconsistent",
+        False,
+    ),
+    EXIT_MODEL: ExitCode(
+        "model error",
+        "artifact missing, not loadable, not fitted, feature mismatch, "
+        "sha256 not as pinned or planned, untrusted type, pickle refused",
+        False,
+    ),
+    EXIT_DRIFT: ExitCode(
+        "drift above threshold (--drift-fail)",
+        "parts and report written, _SUCCESS not; review the report, then commit with --accept-drift",
+        False,
+    ),
+}
 
 #: Exit code -> meaning, rendered into ``--help`` and docs/commands.md.
 EXIT_CODES: dict[int, str] = {code: f"{exit.summary}: {exit.causes}" for code, exit in EXITS.items()}

@@ -187,10 +187,15 @@ def spark_local() -> Iterator[object]:
     os.environ["PYSPARK_PYTHON"] = sys.executable  # Python workers run this interpreter, with batchscore
     from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[2,2]").appName("batchscore-tests")
-               .config("spark.ui.enabled", "false").config("spark.driver.bindAddress", "127.0.0.1")
-               .config("spark.driver.host", "127.0.0.1").config("spark.sql.shuffle.partitions", "2")
-               .getOrCreate())  # fmt: skip
+    session = (
+        SparkSession.builder.master("local[2,2]")
+        .appName("batchscore-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()

@@ -40,8 +40,16 @@ def anchors(path: Path) -> set[str]:
 
 def test_every_page_is_markdown_and_listed_in_the_index() -> None:
     names = {page.name for page in PAGES}
-    assert {"index.md", "commands.md", "configuration.md", "output.md", "safety.md", "monitoring.md",
-            "airflow.md", "library.md"} <= names  # fmt: skip
+    assert {
+        "index.md",
+        "commands.md",
+        "configuration.md",
+        "output.md",
+        "safety.md",
+        "monitoring.md",
+        "airflow.md",
+        "library.md",
+    } <= names
     index = (REPO / "docs" / "index.md").read_text()
     assert [name for name in sorted(names - {"index.md"}) if f"]({name})" not in index] == []
 
@@ -52,8 +60,14 @@ def test_generated_tables_are_not_stale() -> None:
     generated = {path.name for path in MARKDOWN if COG_MARKER in path.read_text()}
     assert {"commands.md", "configuration.md", "airflow.md", "monitoring.md"} <= generated
     files = [str(path) for path in MARKDOWN]
-    done = subprocess.run([sys.executable, "-m", "cogapp", "--check", "--diff", "--check-fail-msg", "run `make docs`",
-                           *files], cwd=REPO, capture_output=True, text=True, timeout=240, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cogapp", "--check", "--diff", "--check-fail-msg", "run `make docs`", *files],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
 
 
@@ -63,8 +77,14 @@ def test_cog_check_fails_on_a_stale_table(tmp_path: Path) -> None:
     assert "| `batch_size` | `--batch-size` |" in page
     stale = tmp_path / "configuration.md"
     stale.write_text(page.replace("| `batch_size` | `--batch-size` |", "| `batch_size` | `--batch-rows` |", 1))
-    done = subprocess.run([sys.executable, "-m", "cogapp", "--check", str(stale)], cwd=REPO, capture_output=True,
-                          text=True, timeout=240, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cogapp", "--check", str(stale)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode != 0 and "configuration.md" in done.stdout + done.stderr
 
 

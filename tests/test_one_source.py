@@ -21,7 +21,7 @@ from batchscore.config import (
     build_config,
     check_numbers,
     shard_size_conflict,
-)  # fmt: skip
+)
 from batchscore.errors import EXIT_CODES, EXIT_OK, EXITS, PERMANENT_EXIT_CODES, BatchscoreError
 from batchscore.orchestration.dagspec import DagConfigError, common_args, parse_job
 from helpers import REPO
@@ -95,8 +95,11 @@ def test_every_flag_of_a_declared_setting_comes_from_its_declaration() -> None:
     the declaration's. ``run --shard`` takes I or I/N (an index and a count), and ``compile --out``
     is where a compiled library goes, not a plan, and ``spark --shards`` defaults to the cluster's
     parallelism: each is its own."""
-    declared = {schema.flag_of(key, info): (fields, key) for fields in (FIELDS, COMMAND_FIELDS, PLAN_FIELDS)
-                for key, info in fields.items()}  # fmt: skip
+    declared = {
+        schema.flag_of(key, info): (fields, key)
+        for fields in (FIELDS, COMMAND_FIELDS, PLAN_FIELDS)
+        for key, info in fields.items()
+    }
     own = {("run", "--shard"), ("compile", "--out"), ("spark", "--shards")}
     checked = 0
     for name, command in main.commands.items():
@@ -243,8 +246,15 @@ def test_output_file_names_are_spelled_only_by_the_layout() -> None:
     is one of those names, or an f-string building a part or receipt name, anywhere else is a copy."""
     from batchscore.io import layout
 
-    names = {layout.STATE_ROOT, layout.SUCCESS_FILE, layout.MANIFEST_FILE, layout.REPORT_FILE, layout.PLAN_FILE,
-             layout.LEASE_FILE, layout.REJECTED_SUFFIX}  # fmt: skip
+    names = {
+        layout.STATE_ROOT,
+        layout.SUCCESS_FILE,
+        layout.MANIFEST_FILE,
+        layout.REPORT_FILE,
+        layout.PLAN_FILE,
+        layout.LEASE_FILE,
+        layout.REJECTED_SUFFIX,
+    }
     found = []
     for path in PACKAGE_SOURCES:
         if path.name == "layout.py":

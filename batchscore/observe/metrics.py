@@ -36,20 +36,42 @@ class Metric:
 
 
 #: Every metric a command may push, declared once: the pushes and the docs' table come from here.
-METRICS = {metric.name: metric for metric in (
-    Metric("batchscore_predictions", "counter", "Rows of the last successful run: ok scored, invalid skipped or "
-           "quarantined.", ("model_version", "status")),
-    Metric("batchscore_rows_read", "gauge", "Input rows the last run read (after a failure: the rows scored before it "
-           "stopped)."),
-    Metric("batchscore_batch_seconds", "histogram", "Seconds a worker took to score one batch (feature matrix, checks, "
-           "predict, hand-off to the writer)."),
-    Metric("batchscore_model_load_seconds", "gauge", "Seconds to fetch, check and load the model (and scaler)."),
-    Metric("batchscore_duration_seconds", "gauge", "Wall-clock seconds of the command (for commit, the commit itself)."),
-    Metric("batchscore_last_success_timestamp_seconds", "gauge", "Unix time the last successful run ended; pushed "
-           "only on success."),
-    Metric("batchscore_last_failure_timestamp_seconds", "gauge", "Unix time the last failed run ended, labelled with "
-           "its exit code.", ("exit_code",)),
-)}  # fmt: skip
+METRICS = {
+    metric.name: metric
+    for metric in (
+        Metric(
+            "batchscore_predictions",
+            "counter",
+            "Rows of the last successful run: ok scored, invalid skipped or quarantined.",
+            ("model_version", "status"),
+        ),
+        Metric(
+            "batchscore_rows_read",
+            "gauge",
+            "Input rows the last run read (after a failure: the rows scored before it stopped).",
+        ),
+        Metric(
+            "batchscore_batch_seconds",
+            "histogram",
+            "Seconds a worker took to score one batch (feature matrix, checks, predict, hand-off to the writer).",
+        ),
+        Metric("batchscore_model_load_seconds", "gauge", "Seconds to fetch, check and load the model (and scaler)."),
+        Metric(
+            "batchscore_duration_seconds", "gauge", "Wall-clock seconds of the command (for commit, the commit itself)."
+        ),
+        Metric(
+            "batchscore_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time the last successful run ended; pushed only on success.",
+        ),
+        Metric(
+            "batchscore_last_failure_timestamp_seconds",
+            "gauge",
+            "Unix time the last failed run ended, labelled with its exit code.",
+            ("exit_code",),
+        ),
+    )
+}
 
 
 @dataclass
