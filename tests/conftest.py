@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +28,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cli_logging_undone_after_the_run() -> Iterator[None]:
-    """Commands run in this process leave the CLI's log handler on the root logger, bound to a
-    stream pytest has closed by the time the interpreter exits; libraries that log from a finalizer
-    then (py4j's Spark connection) would print a traceback after the run's last line."""
+def logging_undone_after_the_run() -> Iterator[None]:
+    """Commands run in this process (the CLI's, Airflow's ``dag.test()``) leave log handlers on the
+    root logger, bound to streams pytest has closed by the time the interpreter exits; a library
+    that logs from a finalizer then (py4j's Spark connection) would print a traceback after the
+    run's last line. Every handler the run added goes, and the root's level is put back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     from batchscore import logs
 
     logs.reset()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -201,3 +201,13 @@ def read_run_report(output: Path | str) -> dict[str, Any]:
     from batchscore.io.sink import report_path
 
     return json.loads(Path(report_path(str(output))).read_text())
+
+
+def writing_a_part(out: Path, prefix: str = ".part-") -> bool:
+    """Whether a part is being written into ``out`` now. The folder may come and go before the
+    first part (a run checks it can write there with a probe it removes), so a folder gone between
+    looking and listing is "not yet", not an error."""
+    try:
+        return any(name.startswith(prefix) for name in os.listdir(out))
+    except FileNotFoundError:
+        return False

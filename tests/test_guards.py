@@ -36,6 +36,7 @@ from helpers import (
     receipt_file,
     state,
     write_inputs,
+    writing_a_part,
 )
 
 
@@ -397,7 +398,7 @@ def test_a_file_replaced_while_the_run_scores_is_never_mixed_in(tmp_path: Path, 
     def replace_once_scoring_starts() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not replaced.is_set():
-            if out.exists() and any(n.startswith(".part-00000") for n in os.listdir(out)):
+            if writing_a_part(out, ".part-00000"):
                 os.replace(replacement, folder / "day-01.parquet")
                 swapped.set()  # only here: the swap happened while day-00 was being written
                 replaced.set()

@@ -31,6 +31,7 @@ from helpers import (
     read_manifest,
     read_output,
     write_inputs,
+    writing_a_part,
 )
 
 #: Rows in the racing jobs' input: enough that scoring takes a second or more on a busy machine.
@@ -97,9 +98,7 @@ def _start_writing(argv: list[str], out: Path) -> subprocess.Popen[str]:
     """A run started and caught in the middle of writing a part into ``out``."""
     proc = _start(argv)
     try:
-        _wait_for(
-            lambda: out.exists() and any(n.startswith(".part-") for n in os.listdir(out)), 60, "a part being written"
-        )
+        _wait_for(lambda: writing_a_part(out), 60, "a part being written")
     except BaseException:
         _kill_group(proc)
         raise

@@ -12,7 +12,7 @@ import pytest
 
 from batchscore.errors import EXIT_INPUT
 from batchscore.job.pipeline import BackgroundWriter, prefetch
-from helpers import cli, write_inputs
+from helpers import cli, write_inputs, writing_a_part
 
 
 def test_prefetch_keeps_order_and_bounds_read_ahead() -> None:
@@ -131,7 +131,7 @@ def test_sigterm_mid_run_discards_unfinished_parts(tmp_path: Path, binary_model_
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not (out.exists() and any(n.startswith(".part-") for n in os.listdir(out))):
+    while not writing_a_part(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
