@@ -259,12 +259,13 @@ def plan(
     return planning.plan(config, shards=shards, rows_per_shard=rows_per_shard, out=out)
 
 
-def load_plan(uri: str, config: JobConfig) -> Plan:
-    """The plan written at ``uri``; refused unless it is for the job's output and artifacts."""
+def load_plan(uri: str, config: JobConfig, plan_sha256: str | None = None) -> Plan:
+    """The plan written at ``uri``; refused unless it is for the job's output and artifacts (and,
+    given ``plan_sha256``, it is the plan ``plan`` printed)."""
     from .job import planning
 
     refuse_template("plan", uri)
-    return planning.load_plan(uri, config)
+    return planning.load_plan(uri, config, expected_sha256=plan_sha256)
 
 
 def run_shard(

@@ -298,17 +298,28 @@ def commit(
 @click.option(
     "--master", help="Spark master URL (spark://host:7077, local[4]); under spark-submit, leave it to its --master."
 )
+@declared(PLAN_FIELDS, "plan", "plan_sha256", "commit")
 @_handle_errors
-def spark(shards: int | None, master: str | None, **kw: Any) -> None:
+def spark(shards: int | None, master: str | None, plan: str | None, plan_sha256: str | None, **kw: Any) -> None:
     """Score the job on a Spark cluster and commit it: plan here, one Spark task per shard, commit here.
 
-    `spark-submit [options] batchscore/spark/submit.py [these options]` runs the same command.
+    With --plan, score the shards of that plan (as `batchscore plan --out` wrote it); with
+    --no-commit too, stop once every shard's receipt is written: `batchscore commit --plan` (the
+    DAG's commit task) publishes the output. `spark-submit [options] batchscore/spark/submit.py
+    [these options]` runs the same command.
     """
     from . import spark as on_spark
 
+    commit = schema.from_click(PLAN_FIELDS, ["commit"], kw)["commit"]
     config = _config(kw)
-    result = on_spark.run_job(config, shards=shards, master=master)  # each shard and the commit observe themselves
-    _summary(config, result)
+    if commit is False:
+        if plan is None:
+            raise ConfigError("--no-commit needs --plan: the commit that follows reads that plan")
+        scored = on_spark.score_plan(config, shards=shards, master=master, plan=plan, plan_sha256=plan_sha256)
+        click.echo(json.dumps({"plan": scored.plan_uri, "plan_id": scored.plan_id, "rows": scored.rows}))
+        return
+    result = on_spark.run_job(config, shards=shards, master=master, plan=plan, plan_sha256=plan_sha256)
+    _summary(config, result)  # each shard and the commit observe themselves
 
 
 @main.command(epilog=EXIT_CODES_HELP)

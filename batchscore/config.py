@@ -440,8 +440,8 @@ class PlanFlags:
 
     plan: str | None = setting(
         None,
-        "Plan JSON written by `batchscore plan --out`: run scores its --shard, "
-        "commit checks every shard's receipt against it.",
+        "Plan JSON written by `batchscore plan --out`: run scores its --shard, spark every "
+        "shard, commit checks every shard's receipt against it.",
         metavar="URI",
     )
     plan_sha256: str | None = setting(
@@ -452,6 +452,13 @@ class PlanFlags:
         "Also write the plan JSON here, never inside the output: beside it, e.g. in "
         "the output's state folder, where the DAG puts it.",
         metavar="URI",
+    )
+    commit: bool = setting(
+        True,
+        "`spark --plan` only: score every shard of the plan and stop, leaving the output to "
+        "`batchscore commit --plan` (the DAG's commit task).",
+        flag="--no-commit",
+        switch=False,
     )
 
 

@@ -1,4 +1,4 @@
-"""Build one Airflow DAG per batchscore job config: plan -> score (one task per shard) -> commit.
+"""Build one Airflow DAG per batchscore job config: plan -> score (one task per shard, or one Spark job) -> commit.
 
 This module only wires tasks. What a job file says is checked by ``batchscore.orchestration.dagspec`` (the
 ``dag:`` section is declared there, beside the job's keys) and what the tasks do when they run is
@@ -28,6 +28,7 @@ from batchscore.orchestration.dagrun import (
     local_score_environment,
     permanent_failure,
     plan_shards,
+    plan_spark,
     plan_uri,
     pod_exit_code,
     retry_kwargs,
@@ -36,6 +37,8 @@ from batchscore.orchestration.dagrun import (
     score_environment,
     secret_environment,
     shard_arguments,
+    spark_application,
+    spark_conf,
     timetable,
 )
 from batchscore.orchestration.dagspec import (
@@ -183,8 +186,48 @@ def _local_score(settings: JobSettings, shard_args: Any) -> Any:
     return score.expand(arguments=shard_args)
 
 
+def _spark_score(settings: JobSettings, spark_args: Any) -> Any:
+    """Score every shard in Spark tasks: one ``spark-submit`` of ``batchscore spark --plan P --no-commit``
+    to the master of ``dag.spark_conn_id``; the commit task publishes the output."""
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    class BatchscoreSparkSubmitOperator(RunDatesMixin, SparkSubmitOperator):
+        """Fails for good when ``batchscore spark`` exits with a code no retry can fix
+        (``PERMANENT_EXIT_CODES``): in client mode ``spark-submit`` exits with the driver's code."""
+
+        job_settings = settings
+
+        def execute(self, context: Any) -> Any:
+            try:
+                return super().execute(context)
+            except AirflowFailException:
+                raise
+            except Exception as exc:
+                process = getattr(self._hook, "_submit_sp", None)  # the provider's spark-submit process
+                permanent = permanent_failure(getattr(process, "returncode", None), "spark-submit of batchscore spark")
+                if permanent is not None:
+                    raise permanent from exc
+                raise
+
+    spec = settings.dag
+    return BatchscoreSparkSubmitOperator(
+        task_id="score",
+        application=spark_application(settings),
+        application_args=spark_args,
+        conn_id=spec.spark_conn_id,
+        conf=spark_conf(settings),
+        env_vars=score_environment(settings),
+        name=settings.pod_name,
+        executor_cores=spec.spark_executor_cores,  # None: the cluster's default, as the provider leaves it
+        executor_memory=spec.spark_executor_memory,
+        num_executors=spec.spark_num_executors,
+        driver_memory=spec.spark_driver_memory,
+        execution_timeout=execution_timeout(settings),
+    )
+
+
 def build_dag(settings: JobSettings) -> DAG:
-    """plan -> score (mapped over the plan's shards) -> commit, with the output as an Asset."""
+    """plan -> score (mapped over the plan's shards, or one Spark job) -> commit, with the output as an Asset."""
     spec = settings.dag
     output_asset = Asset(name=f"batchscore/{settings.name}", uri=asset_uri(settings.output))
     params: dict[str, Param] = {
@@ -209,7 +252,7 @@ def build_dag(settings: JobSettings) -> DAG:
             description="Score this date (YYYY-MM-DD) instead of the run's own.",
         ),
     }
-    if spec.runner != "local":
+    if spec.runner in ("kubernetes", "docker"):
         params["image"] = Param(spec.image, type="string", description="Scoring image for this run.")
 
     with DAG(
@@ -229,11 +272,13 @@ def build_dag(settings: JobSettings) -> DAG:
     ) as dag:
 
         @task(task_id="plan")
-        def plan() -> list[list[str]]:
-            """Split the input into shards (Parquet footers only) and hand each shard its arguments."""
+        def plan() -> list[list[str]] | list[str]:
+            """Split the input into shards (Parquet footers only) and hand each shard its arguments
+            (the spark runner: the one Spark job's arguments)."""
             from airflow.sdk import get_current_context
 
-            return plan_shards(settings, get_current_context())
+            context = get_current_context()
+            return plan_spark(settings, context) if spec.runner == "spark" else plan_shards(settings, context)
 
         @task(task_id="commit", outlets=[output_asset])
         def commit() -> str:
@@ -261,7 +306,7 @@ def build_dag(settings: JobSettings) -> DAG:
 
             wait_for_input() >> shard_args
 
-        builders = {"kubernetes": _k8s_score, "docker": _docker_score, "local": _local_score}
+        builders = {"kubernetes": _k8s_score, "docker": _docker_score, "local": _local_score, "spark": _spark_score}
         scored = builders[spec.runner](settings, shard_args)
         scored >> commit()
     return dag

@@ -256,6 +256,56 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
     assert op.secret_env == ("AWS_ACCESS_KEY_ID",)
 
 
+def test_spark_runner(airflow_env: Path, configs_dir: Path) -> None:
+    """The spark alternative: one SparkSubmitOperator task between plan and commit, on the connection
+    named, with batchscore's submit script, the sizes as spark-submit's flags, dag.env on the executors
+    too, speculation off, and no image."""
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    import batchscore.spark.submit as submit
+    from batchscore.orchestration.dagrun import spark_arguments
+
+    write_job(
+        configs_dir,
+        "spark_job",
+        {"input": "s3://b/in/dt={{ ds }}/", "output": "s3://b/out/dt={{ ds }}/", "model": "s3://b/m.joblib"},
+        {
+            "schedule": "@daily",
+            "start_date": "2024-01-01",
+            "runner": "spark",
+            "spark_conn_id": "emr",
+            "spark_python": "/opt/venv/bin/python",
+            "spark_executor_memory": "4g",
+            "spark_num_executors": 8,
+            "spark_conf": {"spark.cores.max": 16},
+            "env": {"LOG": "1"},
+        },
+    )
+    dag = load_dags(configs_dir)["batchscore_spark_job"]
+    op = dag.get_task("score")
+    assert isinstance(op, SparkSubmitOperator) and "image" not in dag.params
+    assert sorted(op.upstream_task_ids) == ["plan"] and sorted(op.downstream_task_ids) == ["commit"]
+    assert (op._conn_id, op.application) == ("emr", submit.__file__)
+    assert (op._executor_memory, op._num_executors, op._executor_cores) == ("4g", 8, None)
+    assert {k: v for k, v in op.conf.items() if "OPENLINEAGE" not in k} == {
+        "spark.executorEnv.LOG": "1",
+        "spark.cores.max": "16",
+        "spark.pyspark.python": "/opt/venv/bin/python",
+        "spark.speculation": "false",
+    }
+    assert op.env_vars["LOG"] == "1"
+    argv = spark_arguments(["--input", "in/"], "s3://b/_batchscore/out/plan.json", ["--plan-sha256", "ab" * 32])
+    assert argv == [
+        "--input",
+        "in/",
+        "--plan-sha256",
+        "ab" * 32,
+        "--plan",
+        "s3://b/_batchscore/out/plan.json",
+        "--no-commit",
+    ]
+
+
 def test_bad_job_files_fail_parsing_with_the_file_name(airflow_env: Path, configs_dir: Path) -> None:
     from batchscore_dagfactory import DagConfigError, load_jobs
 
@@ -579,28 +629,36 @@ def test_template_syntax_errors_fail_parsing(airflow_env: Path, configs_dir: Pat
 
 @pytest.mark.slow
 def test_parsing_imports_nothing_heavy(tmp_path: Path, airflow_env: Path) -> None:
-    """A DagBag of a local-runner job loads no data stack, no model code and no Kubernetes client."""
-    write_job(
-        tmp_path,
-        "light",
-        {"input": "in/", "output": "out/"},
-        {"schedule": None, "start_date": "2024-01-01", "runner": "local"},
-    )
-    probe = textwrap.dedent(
-        f"""
-        import json, sys
-        from airflow.models import DagBag
-        bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
-        heavy = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.job.preparation", "batchscore.models.engine", "kubernetes", "docker",
-                 "airflow.providers.cncf.kubernetes.operators.pod"]
-        print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
-                          "loaded": [m for m in heavy if m in sys.modules]}}))
-        """
-    )
-    env = {**os.environ, "BATCHSCORE_CONFIGS_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"errors": [], "dags": ["batchscore_light"], "loaded": []}
+    """A DagBag of a local-runner job loads no data stack, no model code and no Kubernetes client; one
+    of a spark-runner job no data stack, no Spark and no batchscore command (the Spark provider's hook
+    loads the Kubernetes client where the Kubernetes provider is installed)."""
+    data_stack = ["pandas", "pyarrow", "sklearn", "joblib", "batchscore.job.preparation", "batchscore.models.engine"]
+    for runner, heavy in (
+        ("local", [*data_stack, "kubernetes", "docker", "airflow.providers.cncf.kubernetes.operators.pod"]),
+        ("spark", [*data_stack, "docker", "pyspark", "batchscore.spark.driver", "batchscore.cli"]),
+    ):
+        folder = tmp_path / runner
+        folder.mkdir()
+        write_job(
+            folder,
+            "light",
+            {"input": "in/", "output": "out/"},
+            {"schedule": None, "start_date": "2024-01-01", "runner": runner},
+        )
+        probe = textwrap.dedent(
+            f"""
+            import json, sys
+            from airflow.models import DagBag
+            bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})
+            heavy = {heavy!r}
+            print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
+                              "loaded": [m for m in heavy if m in sys.modules]}}))
+            """
+        )
+        env = {**os.environ, "BATCHSCORE_CONFIGS_DIR": str(folder)}
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report == {"errors": [], "dags": ["batchscore_light"], "loaded": []}, runner
 
 
 # --------------------------------------------------------------------------- whole runs

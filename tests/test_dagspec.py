@@ -81,7 +81,7 @@ def test_docker_gets_the_same_amounts() -> None:
         ({"start_date": None}, "dag.start_date is required"),
         ({"start_date": "June"}, "dag.start_date must be a date like 2024-06-01, got 'June'"),
         ({"timezone": "Mars/Olympus"}, "dag.timezone 'Mars/Olympus' is not a known time zone"),
-        ({"runner": "ssh"}, "dag.runner must be one of kubernetes, docker, local, got 'ssh'"),
+        ({"runner": "ssh"}, "dag.runner must be one of kubernetes, docker, local, spark, got 'ssh'"),
         ({"retry_delay": -1}, "dag.retry_delay must be a number of seconds from 0 to 86400, got -1"),
         ({"catchup": "no"}, "dag.catchup must be true or false, got 'no'"),
         ({"sensor": {"mode": "wait"}}, "dag.sensor.mode must be one of poke, reschedule, got 'wait'"),
@@ -94,6 +94,51 @@ def test_docker_gets_the_same_amounts() -> None:
 def test_bad_dag_keys_are_named_with_their_file(dag: dict[str, Any], message: str) -> None:
     with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
         parse_job("job.yaml", {**JOB, "dag": {**LOCAL, **dag}})
+
+
+SPARK = {**LOCAL, "runner": "spark"}
+
+
+@pytest.mark.parametrize(
+    ("dag", "message"),
+    [
+        ({"spark_conn_id": " "}, "dag.spark_conn_id must name an Airflow connection"),
+        ({"spark_executor_cores": 0}, "dag.spark_executor_cores must be an integer from 1 to 512"),
+        ({"spark_num_executors": 0}, "dag.spark_num_executors must be an integer from 1 to 10000"),
+        (
+            {"spark_executor_memory": "4 GB"},
+            "dag.spark_executor_memory must be a size as Spark writes it, like 512m or 4g, got '4 GB'",
+        ),
+        ({"spark_driver_memory": "1.5g"}, "dag.spark_driver_memory must be a size as Spark writes it"),
+        (
+            {"spark_conf": {"spark.executorEnv.AWS_SECRET_ACCESS_KEY": "x"}},
+            "dag.spark_conf spark.executorEnv.AWS_SECRET_ACCESS_KEY look like credentials",
+        ),
+        ({"spark_conf": {"spark.speculation": True}}, "dag.spark_conf spark.speculation must stay false"),
+        ({"spark_conf": {"spark.app.name": "{{ ds }}"}}, "dag.spark_conf: '{{ ds }}' is a template"),
+        ({"spark_python": ["python3"]}, "dag.spark_python must be text, got ['python3']"),
+    ],
+)
+def test_bad_spark_settings_are_named_with_their_file(dag: dict[str, Any], message: str) -> None:
+    with pytest.raises(DagConfigError, match=f"^job.yaml: .*{re.escape(message)}"):
+        parse_job("job.yaml", {**JOB, "dag": {**SPARK, **dag}})
+
+
+def test_spark_settings_are_read_as_declared() -> None:
+    """The spark runner needs no image; sizes and properties are kept as Spark writes them."""
+    dag = {
+        **SPARK,
+        "spark_conf": {"spark.executor.instances": 4, "spark.dynamicAllocation.enabled": False},
+        "spark_executor_memory": "4g",
+        "spark_driver_memory": "1024M",
+        "spark_executor_cores": 2,
+        "spark_python": "/opt/venv/bin/python",
+    }
+    spec = parse_job("job.yaml", {**JOB, "dag": dag}).dag
+    assert (spec.runner, spec.image, spec.spark_conn_id) == ("spark", None, "spark_default")
+    assert spec.spark_conf == {"spark.executor.instances": "4", "spark.dynamicAllocation.enabled": "false"}
+    assert (spec.spark_executor_memory, spec.spark_driver_memory, spec.spark_executor_cores) == ("4g", "1024M", 2)
+    assert parse_job("job.yaml", {**JOB, "dag": {**SPARK, "spark_conf": {"spark.speculation": "false"}}})
 
 
 def test_job_keys_in_a_dag_file_are_checked_as_the_cli_checks_them() -> None:

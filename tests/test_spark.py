@@ -6,6 +6,7 @@ and worker on 127.0.0.1; the DataFrame tests use one ``local[2]`` session.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -346,3 +347,200 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(
     batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=plan.sha256)
     assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
     assert len(outcomes) == 2
+
+
+# --- the Airflow DAG's spark runner: spark-submit through the provider's operator, to a master from a connection ---
+
+DAG_DAY = "2024-06-01"
+
+
+def _spark_dag_job(
+    configs: Path, root: Path, model_paths: dict[str, Path], name: str, **dag: Any
+) -> tuple[Path, list[Path]]:
+    """A dated job (3 files of several row groups) whose DAG runs on the spark runner; its output
+    folder and input files."""
+    import sys
+
+    paths = write_inputs(root / "events" / f"dt={DAG_DAY}", files=3, rows=656, row_group_size=200)
+    job = {
+        "input": str(root / "events" / "dt={{ ds }}") + "/",
+        "output": str(root / "scores" / "dt={{ ds }}") + "/",
+        "model": str(model_paths["model"]),
+        "scaler": str(model_paths["scaler"]),
+        "model_version": "2.1.0",
+        "dag": {
+            "schedule": "@daily",
+            "start_date": "2024-01-01",
+            "runner": "spark",
+            "shards": 2,
+            "retries": 2,
+            "retry_delay": 1,
+            "retry_exponential_backoff": False,
+            "spark_python": sys.executable,
+            "spark_executor_memory": "512m",
+            "spark_driver_memory": "512m",
+            "spark_conf": {
+                "spark.driver.host": "127.0.0.1",
+                "spark.ui.enabled": False,
+                "spark.task.maxFailures": 2,
+            },
+            **dag,
+        },
+    }
+    (configs / f"{name}.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    return root / "scores" / f"dt={DAG_DAY}", paths
+
+
+@pytest.fixture
+def spark_dags(
+    spark_cluster: Any, airflow_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Any]:
+    """A configs folder for the DAG factory, the cluster's master as the `spark_default` connection and
+    `local[2]` as `spark_local` (set the way a deployment sets them, in the environment), and
+    `spark-submit` on the worker's PATH; returns the folder and a loader of its DAGs."""
+    from spark_fixtures import spark_env, spark_home
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setenv("BATCHSCORE_CONFIGS_DIR", str(configs))
+    monkeypatch.delenv("BATCHSCORE_RUNNER", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", spark_cluster.master)  # spark://127.0.0.1:PORT
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_LOCAL", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    for key in ("SPARK_LOCAL_IP", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):
+        monkeypatch.setenv(key, spark_env()[key])
+    monkeypatch.setenv("PATH", f"{spark_home() / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    def load(dag_id: str) -> Any:
+        import sys
+
+        from airflow.models import DagBag
+
+        from airflow_fixtures import DAGS_FOLDER
+
+        if str(DAGS_FOLDER) not in sys.path:
+            sys.path.append(str(DAGS_FOLDER))
+        bag = DagBag(dag_folder=str(DAGS_FOLDER))
+        assert bag.import_errors == {}
+        return bag.dags[dag_id]
+
+    return configs, load
+
+
+def _states(run: Any) -> dict[str, tuple[str, int, int]]:
+    return {ti.task_id: (ti.state, ti.try_number, ti.map_index) for ti in run.get_task_instances()}
+
+
+@pytest.mark.slow
+def test_dag_spark_runner_submits_to_the_connections_master_and_commits_exactly(
+    spark_dags: tuple[Path, Any], tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
+    """sensor -> plan -> one SparkSubmitOperator task (the master from `spark_default`) -> commit
+    (drift on) -> Asset: two shards scored by Spark tasks, committed by the DAG's commit, every row
+    equal to the model's predict_proba on the pandas frame, in input order."""
+    from datetime import datetime, timezone
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    configs, load = spark_dags
+    output, paths = _spark_dag_job(
+        configs,
+        tmp_path,
+        binary_model_paths,
+        "spark_e2e",
+        sensor={"poke_interval": 1, "timeout": 60},
+        drift=True,
+    )
+    dag = load("batchscore_spark_e2e")
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    assert isinstance(dag.get_task("score"), SparkSubmitOperator)
+
+    run = dag.test(logical_date=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    assert run.state == DagRunState.SUCCESS, _states(run)
+    done = TaskInstanceState.SUCCESS
+    assert _states(run) == {
+        "wait_for_input": (done, 1, -1),
+        "plan": (done, 1, -1),
+        "score": (done, 1, -1),  # one Spark job, not a task per shard
+        "commit": (done, 1, -1),
+    }
+    assert (output / "_SUCCESS").exists()
+    assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
+    manifest = read_manifest(output)
+    assert manifest["rows"] == {"in": 1_968, "out": 1_968, "invalid": 0}
+    assert [s["index"] for s in manifest["shards"]] == [0, 1]
+    assert _output_files(output) == sorted([p["name"] for p in manifest["parts"]] + ["_SUCCESS"])
+    with create_session() as session:
+        [event] = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).all()
+        assert event.extra["output"] == str(output) + "/" and event.extra["rows"] == 1_968
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_dag_spark_runner_fails_at_once_on_bad_input_and_commits_nothing(
+    spark_dags: tuple[Path, Any], tmp_path: Path, binary_model_paths: dict[str, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A null feature the plan cannot see (footers only) fails a Spark task (on `local[2]`, from the
+    `spark_local` connection) with exit 3: spark-submit
+    exits 3, the task log names the file and row, the score task fails in one try (two retries
+    configured), the commit never runs and the output has no _SUCCESS."""
+    from datetime import datetime, timezone
+
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    configs, load = spark_dags
+    output, paths = _spark_dag_job(
+        configs, tmp_path, binary_model_paths, "spark_bad_input", spark_conn_id="spark_local"
+    )
+    table = pq.read_table(paths[2])
+    tenure = table.column("tenure").to_pylist()
+    tenure[437] = None
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("tenure"), "tenure", pa.array(tenure, pa.int64())),
+        paths[2],
+        row_group_size=200,
+    )
+    dag = load("batchscore_spark_bad_input")
+
+    run = dag.test(logical_date=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    assert run.state == DagRunState.FAILED
+    states = _states(run)
+    assert states["plan"][0] == TaskInstanceState.SUCCESS
+    assert states["score"][:2] == (TaskInstanceState.FAILED, 1), states
+    assert states["commit"][0] == TaskInstanceState.UPSTREAM_FAILED
+    task_log = capfd.readouterr().out
+    assert "spark-submit --master local[2] " in task_log
+    assert "day-02.parquet: row 437 has an invalid feature value (tenure is null)" in task_log
+    assert "spark-submit of batchscore spark exited with code 3 (input data invalid); not retrying" in task_log
+    assert not (output / "_SUCCESS").exists()
+
+
+def test_spark_command_refuses_a_commit_it_cannot_make(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+    """--no-commit without --plan, and --plan with --shards, are usage errors (exit 2) before Spark starts."""
+    import subprocess
+    import sys
+
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=str(binary_model_paths["model"]),
+    )
+    for extra, message in (
+        (["--no-commit"], "--no-commit needs --plan"),
+        (
+            ["--plan", str(tmp_path / "plan.json"), "--shards", "2"],
+            "--shards would plan the job again: --plan is scored as it was planned",
+        ),
+        (["--plan-sha256", "ab" * 32], "--plan-sha256 needs --plan"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "batchscore", "spark", "--config", str(job), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr[-2000:])
+    assert not (tmp_path / "out").exists()

@@ -404,6 +404,46 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
     The plan's digest and its model's travel from here to every shard and to the commit as flags
     (through XCom), so the orchestrator, not the bucket holding the plan, says which plan is the job's.
     """
+    common, out, num_shards, pin = _plan(settings, context)
+    return shard_arguments(common, out, num_shards, pin)
+
+
+def plan_spark(settings: JobSettings, context: Mapping[str, Any]) -> list[str]:
+    """``batchscore plan`` for this run; the arguments of the one ``batchscore spark`` that scores
+    every shard of it in Spark tasks and leaves the commit to the commit task."""
+    common, out, _, pin = _plan(settings, context)
+    return spark_arguments(common, out, pin)
+
+
+def spark_arguments(common: list[str], plan: str, pin: Sequence[str]) -> list[str]:
+    """``<job flags> <pin> --plan P --no-commit``, the options of ``batchscore spark`` that
+    ``spark/submit.py`` takes: every shard of the plan, held to the plan and model just made, and
+    no commit (the DAG's commit task follows)."""
+    return [*common, *pin, *schema.to_argv(PLAN_FIELDS, {"plan": plan, "commit": False})]
+
+
+def spark_application(settings: JobSettings) -> str:
+    """The script ``spark-submit`` runs: ``dag.spark_application``, else the installed batchscore's
+    ``spark/submit.py`` (found without importing it: parsing the DAG loads no Spark)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return settings.dag.spark_application or os.path.join(package, "spark", "submit.py")
+
+
+def spark_conf(settings: JobSettings) -> dict[str, str]:
+    """The Spark properties of the submission: ``dag.spark_conf``, the Python of ``dag.spark_python``,
+    ``dag.env`` on the executors too, and never speculation (see docs/spark.md)."""
+    spec = settings.dag
+    conf = {f"spark.executorEnv.{key}": value for key, value in score_environment(settings).items()}
+    conf.update(spec.spark_conf)
+    if spec.spark_python:
+        conf["spark.pyspark.python"] = spec.spark_python
+    conf["spark.speculation"] = "false"
+    return conf
+
+
+def _plan(settings: JobSettings, context: Mapping[str, Any]) -> tuple[list[str], str, int, list[str]]:
+    """Run ``batchscore plan`` for this run and hand its pin to the commit (XCom): the job's flags
+    rendered, the plan's URI, its shard count and its pin."""
     import json
 
     common, output = render(settings, [list(settings.common_args), settings.output], context)
@@ -421,7 +461,7 @@ def plan_shards(settings: JobSettings, context: Mapping[str, Any]) -> list[list[
         raise ValueError(f"the plan for {output} has no shard")
     pin = [str(flag) for flag in document["pin"]]
     context["ti"].xcom_push(key=PIN_XCOM_KEY, value=pin)
-    return shard_arguments(common, out, num_shards, pin)
+    return common, out, num_shards, pin
 
 
 def commit_shards(settings: JobSettings, context: Mapping[str, Any]) -> str:

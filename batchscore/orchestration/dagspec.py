@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .. import schema
 from ..config import (
@@ -85,6 +93,10 @@ WEEK_SECONDS = 7 * DAY_SECONDS
 #: Runs or shards at once: each is a pod with a worker per core, and the scheduler's pools are far smaller.
 MAX_PARALLEL = 1024
 PARALLEL_WHY = f"each is a pod or process at once; the scheduler runs far fewer than {MAX_PARALLEL} tasks at a time"
+#: Cores of one Spark executor: the largest machines have a few hundred.
+MAX_EXECUTOR_CORES = 512
+#: A size as Spark's ``--executor-memory`` takes it (a number, then k, m, g, t or p).
+SPARK_SIZE = re.compile(r"[0-9]+[kmgtp]?b?", re.IGNORECASE)
 STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -202,13 +214,14 @@ class DagSpec(BaseModel):
     dag_id: str | None = setting(None, "The DAG's id.", shown="`batchscore_<file name>`")
     description: str | None = setting(None, "The DAG's description.", shown="the job file's name")
     tags: Strings = setting((), "Tags besides `batchscore`.")
-    runner: Literal["kubernetes", "docker", "local"] = setting(
+    runner: Literal["kubernetes", "docker", "local", "spark"] = setting(
         "kubernetes",
-        "Where shards run. The environment variable `BATCHSCORE_RUNNER` overrides it for every job "
+        "Where shards run: pods, Docker containers, subprocesses of the worker, or one `spark-submit` "
+        "whose Spark tasks score them. The environment variable `BATCHSCORE_RUNNER` overrides it for every job "
         "when the DAGs are parsed (e.g. `local` on a laptop).",
     )
     image: str | None = setting(
-        None, "Scoring image; a run's `image` param overrides it.", shown="required unless `local`"
+        None, "Scoring image; a run's `image` param overrides it.", shown="required unless `local` or `spark`"
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = setting(
         None, "Kubernetes `imagePullPolicy`.", shown="cluster default"
@@ -262,6 +275,53 @@ class DagSpec(BaseModel):
     )
     local_command: Strings = setting(
         (), "`local` runner only: the command that starts batchscore (list or string).", shown="`python -m batchscore`"
+    )
+    spark_conn_id: str = setting(
+        "spark_default",
+        "`spark` runner only: the Airflow connection (Spark type) naming the master (`spark://host:7077`, "
+        "`yarn`, `k8s://https://host`, `local[4]`) and its `deploy-mode` extra.",
+    )
+    spark_application: str | None = setting(
+        None,
+        "`spark` runner only: `batchscore/spark/submit.py` as `spark-submit` on the worker sees it.",
+        shown="the worker's installed batchscore's",
+    )
+    spark_python: str | None = setting(
+        None,
+        "`spark` runner only: the Python with batchscore's `spark` extra on the driver and executors "
+        "(`spark.pyspark.python`).",
+        shown="the cluster's `PYSPARK_PYTHON`",
+    )
+    spark_conf: StringMap = setting(
+        {},
+        "`spark` runner only: Spark properties (`--conf`), e.g. `{spark.executor.instances: 4, spark.cores.max: 16}`; "
+        "no credentials (they would show in the UI and the command line), no speculation.",
+    )
+    spark_executor_cores: int | None = setting(
+        None,
+        "`spark` runner only: cores of each executor (`--executor-cores`).",
+        ge=1,
+        le=MAX_EXECUTOR_CORES,
+        shown="the cluster's default",
+        why=f"no machine Spark runs on offers one executor more than {MAX_EXECUTOR_CORES} cores",
+    )
+    spark_executor_memory: str | None = setting(
+        None,
+        "`spark` runner only: memory of each executor (`--executor-memory`), as Spark writes sizes (`4g`, `512m`).",
+        shown="the cluster's default",
+    )
+    spark_num_executors: int | None = setting(
+        None,
+        "`spark` runner only: executors to start (`--num-executors`; YARN and Kubernetes).",
+        ge=1,
+        le=MAX_SHARDS,
+        shown="the cluster's default",
+        why=f"a job has at most {MAX_SHARDS} shards, and an executor beyond one per shard sits idle",
+    )
+    spark_driver_memory: str | None = setting(
+        None,
+        "`spark` runner only: memory of the driver (`--driver-memory`), as Spark writes sizes.",
+        shown="the cluster's default",
     )
     retries: int = setting(
         2, "Retries of every task.", ge=0, le=100, why="a task that failed 100 times will not succeed on the 101st"
@@ -328,6 +388,37 @@ class DagSpec(BaseModel):
                 raise ValueError(f"dag.mounts entry {mount!r} is not HOST:CONTAINER[:ro] with absolute paths")
         return mounts
 
+    @field_validator("spark_executor_memory", "spark_driver_memory")
+    @classmethod
+    def _spark_size(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not SPARK_SIZE.fullmatch(value):
+            raise ValueError(f"dag.{info.field_name} must be a size as Spark writes it, like 512m or 4g, got {value!r}")
+        return value
+
+    @field_validator("spark_conn_id")
+    @classmethod
+    def _connection_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("dag.spark_conn_id must name an Airflow connection, got ''")
+        return value
+
+    @field_validator("spark_conf")
+    @classmethod
+    def _plain_spark_conf(cls, conf: dict[str, str]) -> dict[str, str]:
+        """Spark properties reach the command line and the UI; two attempts of one shard at once
+        would write the same part names (see docs/spark.md)."""
+        leaked = sorted(k for k in conf if SECRET_NAME.search(k))
+        if leaked:
+            raise ValueError(
+                f"dag.spark_conf {', '.join(leaked)} look like credentials; give them to the cluster "
+                "(an instance role, its own spark-defaults.conf) instead"
+            )
+        if conf.get("spark.speculation", "false").lower() != "false":
+            raise ValueError(
+                "dag.spark_conf spark.speculation must stay false: two attempts of one shard would write the same parts"
+            )
+        return conf
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -352,7 +443,7 @@ class DagSpec(BaseModel):
     def _consistent(self) -> DagSpec:
         from zoneinfo import ZoneInfo
 
-        if self.runner != "local" and not self.image:
+        if self.runner in ("kubernetes", "docker") and not self.image:
             raise ValueError(f"dag.image is required for the {self.runner} runner")
         conflict = shard_size_conflict(self.shards, self.rows_per_shard, lambda key: f"dag.{key}")
         if conflict:

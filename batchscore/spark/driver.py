@@ -14,6 +14,8 @@ The guarantees are the sharded job's (see docs/sharding.md), with Spark as the o
   their message instead of being retried.
 - The driver commits with ``batchscore.commit`` only after every task succeeded and no attempt
   of the stage is still running, never with Spark's own writer or its overwrite mode.
+- ``score_plan`` stops before the commit and scores a plan someone else made (the Airflow DAG's
+  plan task), held to the sha256 it was handed: the orchestrator's next step commits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import api
@@ -39,6 +41,7 @@ from ..errors import (
     DriftError,
     InputDataError,
     ModelError,
+    param,
 )
 from ..io import layout
 
@@ -81,15 +84,57 @@ def session(app_name: str, master: str | None = None) -> Any:
 
 
 def run_job(
-    config: JobConfig, spark: Any = None, shards: int | None = None, master: str | None = None
+    config: JobConfig,
+    spark: Any = None,
+    shards: int | None = None,
+    master: str | None = None,
+    plan: str | None = None,
+    plan_sha256: str | None = None,
 ) -> api.CommitResult:
-    """Plan, score every shard in a Spark task, then commit; returns the committed output.
+    """Plan (or take ``plan``), score every shard in a Spark task, then commit; returns the committed output.
 
     ``spark`` is a session to use (else one is started, on ``master`` if given); ``shards`` the
-    number of tasks (else the cluster's default parallelism)."""
+    number of tasks (else the cluster's default parallelism); ``plan`` a plan already written by
+    ``batchscore plan --out`` (held to ``plan_sha256`` when given), scored instead of a new one."""
+    scored = score_plan(config, spark=spark, shards=shards, master=master, plan=plan, plan_sha256=plan_sha256)
+    return api.commit(scored.config, plan=scored.plan_uri, plan_sha256=scored.plan_sha256)
+
+
+@dataclass(frozen=True)
+class ScoredPlan:
+    """Every shard of a plan scored on Spark, receipts written, nothing committed yet."""
+
+    #: The job as its tasks ran it: paths absolute, held to the plan's artifact digests.
+    config: JobConfig
+    plan_uri: str
+    plan_sha256: str
+    plan_id: str
+    #: One entry per shard: the task attempt that scored it and its rows.
+    shards: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {key: sum(s[f"rows_{key}"] for s in self.shards) for key in ("in", "out", "invalid")}
+
+
+def score_plan(
+    config: JobConfig,
+    spark: Any = None,
+    shards: int | None = None,
+    master: str | None = None,
+    plan: str | None = None,
+    plan_sha256: str | None = None,
+) -> ScoredPlan:
+    """Score every shard of ``plan`` (or of a plan made here, written beside the output) in a Spark
+    task and wait until no attempt is still running; commits nothing (``batchscore commit --plan``
+    or ``run_job`` does). Errors no retry could fix raise at once, with their exit code."""
     config.require("input")
     config.require("output")
     config.require("model")
+    if plan is not None and shards is not None:
+        raise ConfigError(f"{param('shards')} would plan the job again: {param('plan')} is scored as it was planned")
+    if plan is None and plan_sha256:
+        raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
     spark = spark or session(f"batchscore {config.job_name or config.output}", master)
     context = spark.sparkContext
     if context.getConf().get("spark.speculation", "false").lower() == "true":
@@ -99,8 +144,12 @@ def run_job(
             "run batchscore's jobs with spark.speculation=false"
         )
     config = anchored(config)
-    plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
-    the_plan = api.plan(config, shards=shards or context.defaultParallelism, out=plan_uri)
+    if plan is None:
+        plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
+        the_plan = api.plan(config, shards=shards or context.defaultParallelism, out=plan_uri)
+    else:  # the orchestrator's plan, held to the digest it was handed (as `run --shard` holds it)
+        plan_uri = plan if "://" in plan else os.path.abspath(plan)
+        the_plan = api.load_plan(plan_uri, config, plan_sha256=plan_sha256)
     pinned = _pinned(config, the_plan.artifacts)
     count = the_plan.num_shards
     first_parts = [
@@ -125,7 +174,7 @@ def run_job(
         "spark: every shard scored: "
         + ", ".join(f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results)
     )
-    return api.commit(pinned, plan=plan_uri, plan_sha256=the_plan.sha256)
+    return ScoredPlan(pinned, plan_uri, the_plan.sha256, the_plan.plan_id, sorted(results, key=lambda r: r["shard"]))
 
 
 def _pinned(config: JobConfig, artifacts: Any) -> JobConfig:
