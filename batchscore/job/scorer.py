@@ -114,6 +114,7 @@ class ChallengerScoring:
             if c.model is not None:
                 predictor = Predictor(c.model, c.version, task.predicted_at)
                 predictor.stage_cache = self.cache
+                predictor.isolates_failures = False  # a challenger that raises stops, recorded
                 self.predictors[c.name] = predictor
 
     def columns(

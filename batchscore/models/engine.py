@@ -129,6 +129,9 @@ class Predictor:
 
     #: Shared by the models of a job that score the same batches (see ``StageCache``); None: none shared.
     stage_cache: StageCache | None = None
+    #: Whether a batch that raises is searched for the rows scikit-learn refuses one by one (the
+    #: champion's), or the error is raised as it is (a challenger's: it then stops, alone).
+    isolates_failures: bool = True
 
     def __init__(self, model: LoadedModel, model_version: str, predicted_at: datetime):
         self.model = model
@@ -447,6 +450,8 @@ class TransformCheck:
 
     def _after_failure(self, error: Exception) -> Scored:
         """The batch raised: find the rows scikit-learn refuses one by one, by halving."""
+        if not self.predictor.isolates_failures:
+            raise error
         pending = [np.flatnonzero(~(self.invalid | self.refused))]
         while pending:
             rows = pending.pop()

@@ -167,7 +167,7 @@ def _challengers_section(report: Mapping[str, Any]) -> str:
             rows.append(
                 f'<tr><td></td><td colspan="{len(AGREEMENT_HEADS) + 3}" class="muted">{_e(c["error"])}</td></tr>'
             )
-    heads = "".join(f"<th>{_e(head)}</th>" for head in AGREEMENT_HEADS)
+    heads = "".join(f"<th>{_e(head)}</th>" for head in AGREEMENT_HEADS.values())
     return (
         "<h2>Challengers</h2><p>Each challenger against the champion, on the rows both scored.</p>"
         f"<table><tr><th>challenger</th><th>version</th><th>status</th><th>rows</th>{heads}</tr>{''.join(rows)}</table>"
