@@ -53,7 +53,12 @@ EVERY_KEY: dict[str, Any] = {
     "drift_warn": 0.2,
     "drift_fail": 0.5,
     "models": (
-        {"name": "gbm", "model": "s3://m/gbm/3/model.skops", "scaler": "s3://m/gbm/3/scaler.skops", "model_version": "3"},
+        {
+            "name": "gbm",
+            "model": "s3://m/gbm/3/model.skops",
+            "scaler": "s3://m/gbm/3/scaler.skops",
+            "model_version": "3",
+        },
         "ridge=ridge.joblib",
     ),
     "challengers_required": True,
