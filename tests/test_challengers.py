@@ -397,3 +397,41 @@ def test_agreement_adds_up_exactly_however_rows_are_split() -> None:
 
     assert abs(summary["spearman"] - spearmanr(a, b).statistic) < 0.02  # a sample's estimate
     assert summary["abs_delta_mean"] == pytest.approx(np.abs(a - b).mean(), rel=1e-12)
+
+
+def test_a_challenger_with_other_features_scores_the_champions_rows(tmp_path: Path, models) -> None:
+    """A challenger reading other columns (a subset) gets its own matrix and scores exactly the
+    rows the champion writes: rows set aside by the champion (on_invalid skip) are no one's."""
+    import pyarrow.parquet as pq
+
+    frame = training_frame(seed=13)
+    subset = save(
+        tmp_path / "subset", model=LogisticRegression().fit(frame[["tenure", "monthly_charges"]], frame["churned"])
+    )
+    paths = write_inputs(tmp_path / "in", files=1, rows=ROWS, row_group_size=700)
+    table = read_inputs(paths)
+    bad_ages, bad_charges = (
+        [5, 90, 700, 701, 900, 1_399, 1_400, 2_000, 2_222, 2_383],
+        [7, 8, 1_234, 1_500, 1_501, 2_380],
+    )
+    ages = table.column("age").to_numpy().copy()
+    ages[bad_ages] = np.nan  # only the champion reads age
+    charges = table.column("monthly_charges").to_numpy().copy()
+    charges[bad_charges] = np.nan  # both read monthly_charges
+    table = table.set_column(table.column_names.index("age"), "age", pa.array(ages))
+    table = table.set_column(table.column_names.index("monthly_charges"), "monthly_charges", pa.array(charges))
+    pq.write_table(table, paths[0], row_group_size=700)
+    out = tmp_path / "out"
+    job = _job(tmp_path, {**models, "subset": subset}, str(tmp_path / "in"), str(out), ["subset"], on_invalid="skip")
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+    output = read_output(out)
+    kept = np.ones(ROWS, dtype=bool)
+    kept[bad_ages + bad_charges] = False
+    assert output.num_rows == ROWS - 16  # a multiple of 16 rows still (see helpers.assert_exact)
+    written = table.filter(pa.array(kept))
+    model = joblib.load(subset["model"])
+    expected = model.predict_proba(written.to_pandas()[["tenure", "monthly_charges"]])[:, 1]
+    assert np.array_equal(output.column("probability__subset").to_numpy(), expected)
+    (entry,) = read_run_report(out)["challengers"]
+    assert entry["agreement"]["rows_compared"] == ROWS - 16
