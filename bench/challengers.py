@@ -38,7 +38,12 @@ def main() -> None:
     args = parser.parse_args()
 
     data, _ = ensure_data(BENCH / "data", args.rows, args.seed, 131_072)
-    models = ensure_models(BENCH / "data" / "models", [args.champion, args.challenger], args.seed, 50_000)
+    models = ensure_models(BENCH / "data" / "models", [args.champion], args.seed, 50_000)
+    # The challenger is trained on another sample (the next version of a model, or another kind):
+    # its scaler is its own file, so nothing is shared but the reading, the checks and the writing.
+    models["challenger"] = ensure_models(BENCH / "data" / "models", [args.challenger], args.seed + 1, 50_000)[
+        args.challenger
+    ]
     work = BENCH / "out" / "work" / "challengers"
     logs = BENCH / "out" / "logs" / "challengers"
     batchscore = str(Path(sys.executable).with_name("batchscore"))
@@ -60,10 +65,10 @@ def main() -> None:
             *extra,
         ]
 
-    challenger = json.dumps({"name": args.challenger, **models[args.challenger]})
+    challenger = json.dumps({"name": args.challenger, **models["challenger"]})
     jobs = {
         "champion alone": run("champion", args.champion),
-        "challenger alone": run("challenger", args.challenger),
+        "challenger alone": run("challenger", "challenger"),
         "one pass": run("one_pass", args.champion, "--challenger", challenger),
     }
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
