@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from batchscore.errors import EXIT_MODEL, EXIT_OK, EXIT_USAGE
 from batchscore.io import layout
@@ -52,6 +53,17 @@ class RaisingClassifier(LogisticRegression):
         if (np.asarray(X)[:, 0] > self.limit).any():
             raise RuntimeError("challenger blew up on an old customer")
         return super().predict_proba(X)
+
+
+class CountingScaler(StandardScaler):
+    """Writes the rows of every ``transform`` call to ``log``: which batches were scaled, how often."""
+
+    log = ""
+
+    def transform(self, X: Any, copy: Any = None) -> Any:
+        with open(self.log, "a") as fh:
+            fh.write(f"{np.shape(X)[0]}\n")
+        return super().transform(X, copy=copy)
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +447,38 @@ def test_a_challenger_with_other_features_scores_the_champions_rows(tmp_path: Pa
     assert np.array_equal(output.column("probability__subset").to_numpy(), expected)
     (entry,) = read_run_report(out)["challengers"]
     assert entry["agreement"]["rows_compared"] == ROWS - 16
+
+
+def test_a_scaler_shared_by_sha256_is_applied_once_per_batch(tmp_path: Path) -> None:
+    """Champion and a challenger with the same scaler file: one transform per batch, not two; a
+    challenger with another scaler file (same class, other bytes) has its own."""
+    frame = training_frame(seed=17)
+    log, other_log = tmp_path / "shared.log", tmp_path / "other.log"
+    scaler = CountingScaler().fit(frame[list(FEATURES)])
+    scaler.log = str(log)
+    other = CountingScaler().fit(frame[list(FEATURES)])
+    other.log = str(other_log)
+    x = scaler.transform(frame[list(FEATURES)])
+    champion = save(tmp_path / "champion", model=LogisticRegression().fit(x, frame["churned"]), scaler=scaler)
+    challenger = save(tmp_path / "challenger", model=LogisticRegression(C=0.1).fit(x, frame["churned"]))
+    third = save(tmp_path / "third", model=LogisticRegression(C=0.3).fit(x, frame["churned"]), scaler=other)
+    log.unlink()
+    paths = write_inputs(tmp_path / "in", files=1, rows=ROWS, row_group_size=700)
+    out = tmp_path / "out"
+    models = {"champion": champion, "shared": {**challenger, "scaler": champion["scaler"]}, "third": third}
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["shared", "third"])
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+    batches = [1_000, 1_000, 384]  # batch_size 1,000 over 2,384 rows
+    padded = sorted(n + (-n) % 16 for n in batches)  # feature matrices are padded to 16 rows
+    scaled = sorted(int(n) for n in log.read_text().split() if int(n) > 1)  # 1 row: the loader's probes
+    assert scaled == padded  # once per batch for the champion and "shared" together
+    assert sorted(int(n) for n in other_log.read_text().split() if int(n) > 1) == padded
+    output = read_output(out)
+    inputs = read_inputs(paths).to_pandas()[list(FEATURES)]
+    for name, paths_of in (("shared", models["shared"]), ("third", third)):
+        model, its_scaler = joblib.load(paths_of["model"]), joblib.load(paths_of["scaler"])
+        its_scaler.log = str(tmp_path / "reference.log")
+        assert np.array_equal(
+            output.column(f"probability__{name}").to_numpy(), model.predict_proba(its_scaler.transform(inputs))[:, 1]
+        )
