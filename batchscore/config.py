@@ -597,6 +597,8 @@ def check_text(key: str, value: Any) -> str | None:
 
 #: The keys of a ``models:`` entry of role champion, and the job setting each one gives.
 CHAMPION_KEYS = {"model": "model", "scaler": "scaler", "model_sha256": "model_sha256", "scaler_sha256": "scaler_sha256"}
+#: The settings a champion entry may give.
+CHAMPION_SETTINGS = (*CHAMPION_KEYS.values(), "model_version")
 
 
 def _champion_from_models(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -482,3 +482,31 @@ def test_a_scaler_shared_by_sha256_is_applied_once_per_batch(tmp_path: Path) -> 
         assert np.array_equal(
             output.column(f"probability__{name}").to_numpy(), model.predict_proba(its_scaler.transform(inputs))[:, 1]
         )
+
+
+def test_the_dag_passes_every_model_to_its_containers() -> None:
+    """A job file whose champion is a models: entry reaches the container's CLI as the same job:
+    champion as --model/--scaler/pins/version, each challenger as one --challenger."""
+    from batchscore import schema
+    from batchscore.config import FIELDS, build_config
+    from batchscore.orchestration.dagspec import common_args
+
+    digest = "ab" * 32
+    job = {
+        "input": "in/",
+        "output": "out/",
+        "models": [
+            {"name": "lr", "role": "champion", "model": "m/lr.joblib", "scaler": "m/s.joblib", "model_sha256": digest},
+            {"name": "gbm", "model": "m/gbm.skops", "model_version": "2.0.0"},
+            {"name": "lr2", "model": "m/lr2.joblib", "scaler": "m/s2.joblib"},
+        ],
+    }
+    argv = list(common_args(job, "jobs/nightly.yaml"))
+    assert argv[argv.index("--model") + 1] == "m/lr.joblib" and argv[argv.index("--model-sha256") + 1] == digest
+    assert argv.count("--challenger") == 2
+    from batchscore.cli import main
+
+    with main.commands["run"].make_context("run", argv) as ctx:
+        params = dict(ctx.params)
+    got = build_config(None, **schema.from_click(FIELDS, FIELDS, params))
+    assert got == build_config(None, **job, overwrite=True, job_name="nightly")
