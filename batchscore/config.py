@@ -9,6 +9,7 @@ add a field here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -116,6 +117,81 @@ class StorageSettings:
     timeout: float = DEFAULT_STORAGE_TIMEOUT
     retries: int = DEFAULT_STORAGE_RETRIES
     throttle_seconds: float = DEFAULT_STORAGE_THROTTLE_SECONDS
+
+
+#: How a challenger may be named: it becomes part of its output columns (``probability__NAME``).
+MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
+#: What a ``models:`` entry's ``role`` may be.
+ROLES = ("champion", "challenger")
+
+
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
+class ModelEntry:
+    """One model of a job's ``models:`` list: the champion (the job's own ``model``) or a challenger
+    scored on the same rows, in the same pass (see docs/challengers.md)."""
+
+    name: str
+    model: str
+    role: Literal["champion", "challenger"] = "challenger"
+    scaler: str | None = None
+    model_sha256: str | None = None
+    scaler_sha256: str | None = None
+    model_version: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not MODEL_NAME.fullmatch(value):
+            raise ValueError(
+                f"model name {value!r} must start with a letter and hold only letters, digits and _ "
+                f"(at most 63): it names the challenger's columns, e.g. probability__{value}"
+            )
+        return value
+
+    @field_validator("model_sha256", "scaler_sha256")
+    @classmethod
+    def _digest(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not SHA256_HEX.fullmatch(value):
+            raise ValueError(f"models: '{info.field_name}' must be a sha256 digest (64 hex characters), got {value!r}")
+        return value.lower() if value else value
+
+    @field_validator("model", "scaler", "model_version", mode="before")
+    @classmethod
+    def _text(cls, value: Any, info: Any) -> Any:
+        return check_text(info.field_name, value)
+
+    def __post_init__(self) -> None:
+        if self.scaler_sha256 and not self.scaler:
+            raise ValueError(f"models: entry {self.name!r} pins a scaler (scaler_sha256) but gives no scaler")
+
+    def flag_text(self) -> str:
+        """The entry as ``--challenger`` takes it: ``NAME=URI``, or JSON when it says more."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "role"}
+        if set(given) == {"name", "model"} and "=" not in self.name:
+            return f"{self.name}={self.model}"
+        return json.dumps(given, sort_keys=True)
+
+
+def model_entry(value: Any) -> Any:
+    """A ``--challenger`` value (``NAME=URI``, or a JSON/YAML mapping) or a ``models:`` item, as
+    the mapping ``ModelEntry`` is made of."""
+    if isinstance(value, ModelEntry):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = load_yaml(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"--challenger {value!r} is not a valid JSON/YAML mapping: {exc}") from None
+        else:
+            name, sep, uri = text.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"--challenger takes NAME=URI (or a JSON mapping), got {value!r}")
+            return ModelEntry(name=name.strip(), model=uri.strip())
+    if isinstance(value, Mapping):
+        return ModelEntry(**dict(value))
+    raise ValueError(f"setting 'models' holds mappings (name, role, model, scaler ...), got {value!r}")
 
 
 @dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
@@ -289,6 +365,21 @@ class JobConfig:
         why=PSI_WHY,
     )
 
+    models: tuple[ModelEntry, ...] = setting(
+        (),
+        "Challengers scored in the same pass as the champion, each adding its own columns; YAML: a list of "
+        "name, role, model, scaler, model_sha256, scaler_sha256, model_version (see Champion and challengers).",
+        flag="--challenger",
+        metavar="NAME=URI",
+        repeat=True,
+    )
+    challengers_required: bool = setting(
+        False,
+        "Fail the job (exit 4, nothing committed) when a challenger fails to load or raises; by default "
+        "the champion's output commits and the report and metrics record the failure.",
+        switch=True,
+    )
+
     @field_validator("input", "trusted_types", "features", "keep", mode="before")
     @classmethod
     def _names(cls, value: Any, info: Any) -> tuple[str, ...] | None:
@@ -323,6 +414,25 @@ class JobConfig:
                 f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}"
             )
         return names
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> tuple[ModelEntry, ...]:
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, (str, Mapping)) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"setting 'models' must be a list of models, got {value!r}")
+        entries = tuple(model_entry(item) for item in items)
+        names = [e.name for e in entries]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"setting 'models' names {', '.join(twice)} more than once; each model needs its own name")
+        if any(e.role == "champion" for e in entries):  # moved into model/scaler by validate_settings
+            raise ValueError(
+                "setting 'models': the champion is the job's model (key 'model', or one entry of role champion)"
+            )
+        return entries
 
     @field_validator("storage_options", mode="after")
     @classmethod
@@ -492,6 +602,41 @@ def check_text(key: str, value: Any) -> str | None:
     raise ValueError(f"setting '{key}' must be a string, got {value!r}")
 
 
+#: The keys of a ``models:`` entry of role champion, and the job setting each one gives.
+CHAMPION_KEYS = {"model": "model", "scaler": "scaler", "model_sha256": "model_sha256", "scaler_sha256": "scaler_sha256"}
+#: The settings a champion entry may give.
+CHAMPION_SETTINGS = (*CHAMPION_KEYS.values(), "model_version")
+
+
+def _champion_from_models(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings with a ``models:`` entry of role champion moved into ``model``, ``scaler``, their
+    pins and ``model_version``: the champion is scored and written exactly as a job's one model."""
+    settings = dict(settings)
+    models = settings.get("models")
+    if not isinstance(models, (list, tuple)):
+        return settings
+    champions = [m for m in models if isinstance(m, Mapping) and m.get("role") == "champion"]
+    if not champions:
+        return settings
+    if len(champions) > 1:
+        raise ConfigError("setting 'models' has more than one entry of role champion; a job has one champion")
+    champion = champions[0]
+    unknown = sorted(set(champion) - {*CHAMPION_KEYS, "name", "role", "model_version"})
+    if unknown:
+        raise ConfigError(f"setting 'models': the champion entry has unknown key(s) {', '.join(unknown)}")
+    for key, setting_key in (*CHAMPION_KEYS.items(), ("model_version", "model_version")):
+        if champion.get(key) is None:
+            continue
+        if settings.get(setting_key) is not None:
+            raise ConfigError(
+                f"the champion's {key} is given twice: as setting '{setting_key}' and in the models: entry of "
+                f"role champion; keep one"
+            )
+        settings[setting_key] = champion[key]
+    settings["models"] = [m for m in models if m is not champion]
+    return settings
+
+
 def validate_settings(
     settings: Mapping[str, Any],
     where: Callable[[str], str] = lambda key: "",
@@ -500,7 +645,7 @@ def validate_settings(
     """A JobConfig of these settings, or one ConfigError naming every bad one: ``where(key)`` says
     where the key was written (e.g. ``config file job.yaml: ``), ``name(key)`` how to call it."""
     try:
-        config = JobConfig(**settings)
+        config = JobConfig(**_champion_from_models(settings))
     except ValidationError as exc:
         raise ConfigError(schema.explain(exc, FIELDS, lambda loc: name(str(loc[0])), where)) from None
     except TemplateLeftError as exc:
@@ -547,6 +692,8 @@ def build_config(path: str | None = None, **overrides: Any) -> JobConfig:
             continue
         if key == "storage_options":  # ``storage_options:`` with no value in YAML is null: none given
             value = {**(raw.get("storage_options") or {}), **value}
+        if key == "models":  # each --challenger adds a challenger to those of the file
+            value = [*(raw.get("models") or ()), *value]
         raw[key] = value
         from_file.discard(key)
     settings = {key: value for key, value in raw.items() if value is not None}

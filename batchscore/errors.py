@@ -25,7 +25,12 @@ class ExitCode(NamedTuple):
 
 #: Every exit code, declared once: ``--help``, docs/commands.md and the DAG's retry policy come from here.
 EXITS: dict[int, ExitCode] = {
-    EXIT_OK: ExitCode("success", "the output is committed (_SUCCESS written)", False),
+    EXIT_OK: ExitCode(
+        "success",
+        "the output is committed (_SUCCESS written), also when a challenger failed (unless challengers_required: "
+        "the report and metrics say which and why)",
+        False,
+    ),
     EXIT_FAILURE: ExitCode(
         "anything else",
         "storage failure (an input folder or file that cannot be listed or read), interrupted run, internal error",
@@ -49,7 +54,8 @@ EXITS: dict[int, ExitCode] = {
     EXIT_MODEL: ExitCode(
         "model error",
         "artifact missing, not loadable, not fitted, feature mismatch, "
-        "sha256 not as pinned or planned, untrusted type, pickle refused",
+        "sha256 not as pinned or planned, untrusted type, pickle refused, a challenger failed under "
+        "challengers_required",
         False,
     ),
     EXIT_DRIFT: ExitCode(

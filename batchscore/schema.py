@@ -295,6 +295,8 @@ def flag_text(value: Any) -> str:
     """A value as the command line spells it (YAML's booleans as true/false)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if hasattr(value, "flag_text"):  # a structured item (a challenger) spells itself
+        return str(value.flag_text())
     return str(value)
 
 

@@ -52,6 +52,16 @@ EVERY_KEY: dict[str, Any] = {
     "reference": "s3://b/out/dt=2024-05-31/",
     "drift_warn": 0.2,
     "drift_fail": 0.5,
+    "models": (
+        {
+            "name": "gbm",
+            "model": "s3://m/gbm/3/model.skops",
+            "scaler": "s3://m/gbm/3/scaler.skops",
+            "model_version": "3",
+        },
+        "ridge=ridge.joblib",
+    ),
+    "challengers_required": True,
 }
 
 

@@ -58,6 +58,11 @@ EVERY_SETTING: dict[str, Any] = {
     "reference": "out/yesterday",
     "drift_warn": 0.2,
     "drift_fail": 0.7,
+    "models": (
+        {"name": "gbm", "model": "models/gbm.skops", "scaler": "models/gbm_scaler.skops", "scaler_sha256": "ef" * 32},
+        "ridge=models/ridge.joblib",
+    ),
+    "challengers_required": True,
 }
 
 PACKAGE_SOURCES = sorted([*(REPO / "batchscore").rglob("*.py"), *(REPO / "dags").glob("*.py")])

@@ -12,7 +12,7 @@ import logging
 import math
 import platform
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import version
 from typing import Any
 
@@ -274,8 +274,11 @@ def commit(
         **(extra or {}),
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
+    report = build_report(the_plan.plan_id, the_plan.output, receipts, manifest)
+    manifest["challengers"] = report["challengers"]  # what the metrics push, and who reads the manifest alone
+    _log_challengers(report["challengers"])
     try:
-        publish(config, fs, out_path, build_report(the_plan.plan_id, the_plan.output, receipts, manifest), accept_drift)
+        publish(config, fs, out_path, report, accept_drift)
     except DriftError:
         try:
             record_held(config, the_plan)  # what `commit OUTPUT --accept-drift` commits
@@ -297,3 +300,30 @@ def commit(
         extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]),
     )
     return manifest
+
+
+def _log_challengers(challengers: Sequence[Mapping[str, Any]]) -> None:
+    """One line per challenger: its agreement, or why it failed (the champion's output commits)."""
+    for c in challengers:
+        if c["status"] != "ok":
+            log.warning(
+                "challenger %s failed: %s; the champion's output is committed",
+                c["name"],
+                c["error"],
+                extra=event("challenger_failed", challenger=c["name"]),
+            )
+        elif c.get("agreement"):
+            a = c["agreement"]
+            log.info(
+                "challenger %s: class agreement %s, Spearman %s, PSI %s over %s rows",
+                c["name"],
+                _number(a["class_agreement"]),
+                _number(a["spearman"]),
+                _number(a["psi"]),
+                f"{a['rows_compared']:,}",
+                extra=event("challenger", challenger=c["name"], **{k: v for k, v in a.items() if k != "sampled"}),
+            )
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

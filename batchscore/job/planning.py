@@ -27,7 +27,7 @@ from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from ..io.sink import held_path, read_json, uncommit, write_json
 from ..io.source import InputFile, InputFiles, check_identity, iter_footers, list_inputs, read_footers
 from ..io.storage import Location, atomic_writer, location, resolve
-from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests
+from ..models.artifacts import Artifact, ArtifactPolicy, artifact_digests, challenger_of, challenger_roles
 from ..schema import to_argv
 from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 
@@ -481,7 +481,8 @@ def plan_of(prepared: Prepared, **split: Any) -> Plan:
     return make_plan(
         prepared.files,
         prepared.output,
-        artifact_dicts(prepared.model.artifacts),
+        artifact_dicts(prepared.model.artifacts)
+        + artifact_dicts([a for c in prepared.challengers if c.model is not None for a in c.model.artifacts]),
         schema=schema_dicts(prepared.output_schema),
         model_version=prepared.config.model_version,
         **split,
@@ -544,12 +545,23 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     Plans are deterministic, so shards started as ``--shard I/N`` and a ``commit --shards N``
     agree on it without sharing a file; the model is hashed (and checked against its pins), not loaded.
     """
-    model_uri = config.require("model")
     output = normalize_output(config)
-    policy = ArtifactPolicy.of(config)
-    artifacts = artifact_digests(model_uri, config.scaler, config.storage, policy)
+    artifacts = job_artifacts(config, ArtifactPolicy.of(config))
     files = read_footers(list_inputs(config.input, config.storage), config.storage)
     return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
+
+
+def job_artifacts(config: JobConfig, policy: ArtifactPolicy) -> tuple[Artifact, ...]:
+    """The champion's artifacts, then every challenger's that can be read and passes its pins
+    (hashed, not loaded); one that cannot is left out, as the plan left it out, unless required."""
+    found = list(artifact_digests(config.require("model"), config.scaler, config.storage, policy))
+    for entry in config.models:
+        try:
+            found += artifact_digests(entry.model, entry.scaler, config.storage, policy, challenger_roles(entry.name))
+        except ModelError:
+            if config.challengers_required:
+                raise
+    return tuple(found)
 
 
 def _signature(key: str, digest: str) -> str:
@@ -706,8 +718,10 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
         check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config)
-        actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage, policy)}
+        actual = {a.role: a for a in job_artifacts(config, policy)}
         for entry in the_plan.artifacts:
+            if challenger_of(entry["role"]) is not None and not config.challengers_required:
+                continue  # the shards scored the planned challenger or recorded why not: never the champion's failure
             found_artifact = actual.get(entry["role"])
             if found_artifact is None or found_artifact.sha256 != entry["sha256"]:
                 raise ModelError(

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from ..config import JobConfig
+from ..errors import ModelError
 from ..io.layout import check_output
 from ..io.source import InputFiles, iter_footers, list_inputs
 from ..io.storage import Location, resolve
-from ..io.validation import SchemaContract
+from ..io.validation import SchemaContract, is_numeric
 from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
+from ..models.challengers import Challenger, load_challengers
 from ..models.engine import Predictor
 from ..observe.observers import NONE, Observers
 
@@ -30,6 +32,8 @@ class Prepared:
     output_schema: pa.Schema
     #: What every file must look like; each worker checks it again on the footer it opens.
     contract: SchemaContract | None = None
+    #: The job's challengers, loaded or failed, in its order (see models/challengers.py).
+    challengers: tuple[Challenger, ...] = ()
 
     @property
     def output(self) -> str:
@@ -57,32 +61,63 @@ def prepare(
     input_uris: Sequence[str] | None = None,
     policy: ArtifactPolicy | None = None,
     observers: Observers = NONE,
+    planned: tuple[Collection[str], Sequence[Mapping[str, str]] | None] | None = None,
 ) -> Prepared:
     """Load the model first (a bad model costs no I/O), then read footers and check every schema.
 
     The artifacts must pass ``policy`` (by default the job's pins and formats) before loading;
-    ``observers`` hear how long the model took to load.
+    ``observers`` hear how long the model took to load. ``planned`` (a shard's): the artifact roles
+    and the output schema of its plan, which hold its challengers to the planned ones.
     """
     model_uri = config.require("model")
     output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
     model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
-    observers.model_loaded(model.load_seconds)
+    roles, schema = planned if planned is not None else (None, None)
+    columns = {c["name"]: c["type"] for c in schema} if schema is not None else None
+    challengers = load_challengers(config, policy, roles, columns)
+    observers.model_loaded(model.load_seconds + sum(c.model.load_seconds for c in challengers if c.model))
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
-    predictor_fields = Predictor(model, config.model_version, now()).fields
+    predictor_fields = list(Predictor(model, config.model_version, now()).fields)
     files, contract = InputFiles(), None
     # Each footer is checked as it arrives and kept as a compact record: 100,000 files are never
     # 100,000 footers (or objects) held at once.
     for found in iter_footers(uris, config.storage):
         if contract is None:  # the first file fixes the contract (see SchemaContract)
-            contract = SchemaContract.of(found, model.features, config.keep, [f.name for f in predictor_fields])
+            challengers = [_with_features(c, found.schema, config.challengers_required) for c in challengers]
+            features = _features(model, challengers)
+            output_columns = [f.name for f in predictor_fields] + [f.name for c in challengers for f in c.fields]
+            contract = SchemaContract.of(found, features, config.keep, output_columns)
         contract.check(found.uri, found.schema)
         files.append(found)
     assert contract is not None  # list_inputs never returns no file
     passthrough = contract.passthrough
     # Nullable whatever the first file declares: a later file may hold nulls there, and its type is the same.
-    fields = [contract.reference_schema.field(c).with_nullable(True) for c in passthrough] + list(predictor_fields)
-    return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract)
+    fields = [contract.reference_schema.field(c).with_nullable(True) for c in passthrough] + predictor_fields
+    fields += [f.with_nullable(True) for c in challengers for f in c.fields]
+    return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract, tuple(challengers))
+
+
+def _with_features(challenger: Challenger, schema: pa.Schema, required: bool) -> Challenger:
+    """A challenger whose features the first input file lacks (or holds as non-numbers) fails, alone."""
+    if challenger.model is None:
+        return challenger
+    names = set(schema.names)
+    missing = [f for f in challenger.model.features if f not in names or not is_numeric(schema.field(f).type)]
+    if not missing:
+        return challenger
+    error = f"challenger {challenger.name}: feature column(s) {', '.join(missing)} missing or not numeric in the input"
+    if required:
+        raise ModelError(f"{error} (challengers_required)")
+    return challenger.failed(error)
+
+
+def _features(model: LoadedModel, challengers: Sequence[Challenger]) -> tuple[str, ...]:
+    """Every feature a file must give: the champion's, then each loaded challenger's others."""
+    names = list(model.features)
+    for c in challengers:
+        names += [f for f in (c.model.features if c.model is not None else ()) if f not in names]
+    return tuple(names)
 
 
 def schema_dicts(schema: pa.Schema) -> list[dict[str, str]]:

@@ -15,15 +15,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import StorageSettings
-from ..errors import InputDataError, StorageError, param
+from ..errors import InputDataError, ModelError, StorageError, param
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
 from ..io.storage import Location, join
 from ..io.validation import invalid_mask, invalid_reasons
 from ..models.artifacts import LoadedModel
-from ..models.engine import Predictor
+from ..models.challengers import Challenger, comparable, score_index
+from ..models.engine import Predictor, StageCache
+from ..observe.agreement import Agreement, row_keys
 from ..observe.profile import UnitProfile, score_columns
 from .pipeline import BackgroundWriter, prefetch
 from .planning import Unit
@@ -50,11 +53,21 @@ class ScoreTask:
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
     profile: bool = True  # profile features and scores for the run report (off only to measure its cost)
     contract: Any = None  # validation.SchemaContract: each file's footer is checked against it as it is opened
+    challengers: tuple[Challenger, ...] = ()  # scored on the same rows, into their own columns
+    challengers_required: bool = False  # a challenger that raises fails the job (else it is recorded)
+
+    @property
+    def features(self) -> list[str]:
+        """The champion's features, then the loaded challengers' others."""
+        names = list(self.model.features)
+        for c in self.challengers:
+            names += [f for f in (c.model.features if c.model is not None else ()) if f not in names]
+        return names
 
     @property
     def read_columns(self) -> list[str]:
         """Passthrough columns, then features not among them; nothing else is read."""
-        return list(self.passthrough) + [f for f in self.model.features if f not in self.passthrough]
+        return list(self.passthrough) + [f for f in self.features if f not in self.passthrough]
 
     def open_part(self, fs: Any, path: str, schema: pa.Schema) -> Any:
         """A part writer that names this attempt and publishes only under the lease."""
@@ -84,11 +97,139 @@ def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
     return sum(file["row_groups"][: unit.row_groups[0]]) + unit.start if unit.row_groups else 0
 
 
+class ChallengerScoring:
+    """A process's challengers: each scores the champion's rows from the same batch, sharing its
+    feature matrix (same features) and its scaled matrix (same scaler sha256, see ``StageCache``).
+
+    A challenger that raises is recorded and writes nulls from that batch on in this process,
+    unless ``challengers_required``; the champion's columns are never touched."""
+
+    def __init__(self, task: ScoreTask, champion: Predictor):
+        self.task, self.champion = task, champion
+        self.cache = StageCache()
+        champion.stage_cache = self.cache
+        self.predictors: dict[str, Predictor] = {}
+        self.errors: dict[str, str] = {}
+        for c in task.challengers:
+            if c.model is not None:
+                predictor = Predictor(c.model, c.version, task.predicted_at)
+                predictor.stage_cache = self.cache
+                predictor.isolates_failures = False  # a challenger that raises stops, recorded
+                self.predictors[c.name] = predictor
+
+    def columns(
+        self,
+        batch: pa.RecordBatch,
+        matrix: np.ndarray,
+        n: int,
+        champion_bad: np.ndarray | None,
+        champion_columns: list[pa.Array],
+        file_nulls: frozenset[str],
+        place: tuple[int, int],
+        profile: UnitProfile | None,
+    ) -> list[pa.Array]:
+        """Every challenger's columns for the batch's ``n`` rows (null where it gave no value)."""
+        # The champion's matrix: its invalid rows are already placeholders, and in ``champion_bad``.
+        matrices: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray | None]] = {
+            tuple(self.champion.model.features): (matrix, None)
+        }
+        arrays: list[pa.Array] = []
+        for c in self.task.challengers:
+            predictor = self.predictors.get(c.name)
+            values = None
+            if predictor is not None and c.name not in self.errors:
+                try:
+                    values = self._score(c, predictor, batch, matrices, n, champion_bad, file_nulls)
+                except Exception as exc:  # the challenger's failure, never the champion's
+                    message = f"challenger {c.name} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    if self.task.challengers_required:
+                        raise ModelError(f"{message} (challengers_required)") from None
+                    self.errors[c.name] = message
+                    if profile is not None:
+                        profile.challenger_errors.setdefault(c.name, message)
+            if values is None:
+                arrays += [pa.nulls(n, f.type) for f in c.fields]
+                continue
+            columns, valid = values
+            if profile is not None and predictor is not None:
+                self._compare(c, predictor, champion_columns, columns, valid, champion_bad, place, profile)
+            if not valid.all():
+                mask = pa.array(valid)
+                columns = [pc.if_else(mask, column, pa.nulls(n, column.type)) for column in columns]
+            arrays += columns
+        self.cache.clear()
+        return arrays
+
+    def _score(
+        self,
+        challenger: Challenger,
+        predictor: Predictor,
+        batch: pa.RecordBatch,
+        matrices: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray | None]],
+        n: int,
+        champion_bad: np.ndarray | None,
+        file_nulls: frozenset[str],
+    ) -> tuple[list[pa.Array], np.ndarray] | None:
+        """The challenger's columns over the batch's rows, and which of them hold its values."""
+        features = tuple(predictor.model.features)
+        if features not in matrices:
+            built = predictor.feature_matrix(batch, file_nulls)
+            own = invalid_mask(built[:n])
+            if own is not None:
+                built[:n][own] = 0.0  # a placeholder, never scored (as the champion's)
+            matrices[features] = (built, own)
+        matrix, own = matrices[features]
+        invalid = np.zeros(n, dtype=bool) if champion_bad is None else champion_bad.copy()
+        if own is not None:
+            invalid |= own
+        scored = predictor.score(matrix, n, invalid)
+        if scored.columns is None:
+            return None
+        if scored.refused is not None:
+            invalid |= scored.refused
+        # The challenger's predicted_at is the job's: its columns are the champion's but that one.
+        return [a for a, f in zip(scored.columns, predictor.fields) if f.name != "predicted_at"], ~invalid
+
+    def _compare(
+        self,
+        challenger: Challenger,
+        predictor: Predictor,
+        champion_columns: list[pa.Array],
+        columns: list[pa.Array],
+        valid: np.ndarray,
+        champion_bad: np.ndarray | None,
+        place: tuple[int, int],
+        profile: UnitProfile,
+    ) -> None:
+        """Count the rows both models scored into the challenger's agreement (see observe/agreement.py)."""
+        rows = valid if champion_bad is None else valid & ~champion_bad
+        picked = np.flatnonzero(rows)
+        if not picked.size:
+            return
+        champion, model = self.champion.model, predictor.model
+        can = comparable(champion, model)
+        a, b = score_index(champion), score_index(model)
+
+        def values(column: pa.Array) -> np.ndarray:
+            return column.to_numpy(zero_copy_only=False)[picked]
+
+        agreement = profile.agreement.setdefault(challenger.name, Agreement())
+        agreement.add(
+            row_keys(place[0], place[1], picked),
+            (values(champion_columns[0]), values(columns[0])) if can["classes"] else None,
+            (values(champion_columns[a]), values(columns[b]))
+            if can["scores"] and a is not None and b is not None
+            else None,
+            can["delta"],
+        )
+
+
 class _UnitScorer:
     """One unit's pass over its batches, with the invalid-row policy applied."""
 
-    def __init__(self, task: ScoreTask, predictor: Predictor, unit: Unit):
+    def __init__(self, task: ScoreTask, predictor: Predictor, unit: Unit, challengers: ChallengerScoring | None = None):
         self.task, self.predictor, self.unit = task, predictor, unit
+        self.challengers = challengers
         self.file = task.files[unit.file]
         self.invalid = 0
         self.rejected_writer: Any = None
@@ -161,7 +302,7 @@ class _UnitScorer:
                 nonlocal file_nulls
                 if task.contract is not None:
                     task.contract.check(self.file["uri"], meta.schema.to_arrow_schema())
-                file_nulls = columns_with_nulls(meta, task.model.features)
+                file_nulls = columns_with_nulls(meta, task.features)
 
             # One batch read ahead keeps the reader busy while this one scores; a second one
             # only costs memory (a batch of every read column).
@@ -196,6 +337,10 @@ class _UnitScorer:
                         self._handle_invalid(batch, bad, offset, stack, prediction.reasons)
                     if prediction.columns is not None:
                         columns = [batch.column(c) for c in task.passthrough] + prediction.columns
+                        if self.challengers is not None:
+                            columns += self.challengers.columns(
+                                batch, matrix, n, bad, prediction.columns, file_nulls, (self.unit.file, offset), profile
+                            )
                         scored = pa.RecordBatch.from_arrays(columns, schema=task.output_schema)
                         if bad is not None:
                             scored = scored.filter(pa.array(~bad))
@@ -218,9 +363,11 @@ class _UnitScorer:
         )
 
 
-def score_unit(task: ScoreTask, predictor: Predictor, unit: Unit) -> UnitResult:
+def score_unit(
+    task: ScoreTask, predictor: Predictor, unit: Unit, challengers: ChallengerScoring | None = None
+) -> UnitResult:
     try:
-        return _UnitScorer(task, predictor, unit).run()
+        return _UnitScorer(task, predictor, unit, challengers).run()
     except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
         raise StorageError(
             f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}"

@@ -20,7 +20,7 @@ from ..io.sink import Streamed, receipt_path, rejected_folder, rejected_name, un
 from ..io.source import InputFiles
 from ..io.storage import abort_uploads, abort_uploads_after_failure, remove_if_exists
 from ..logs import event, progress
-from ..models.artifacts import ArtifactPolicy, artifact_roles
+from ..models.artifacts import ArtifactPolicy, artifact_roles, challenger_roles
 from ..models.verification import choose_engine
 from ..observe.observers import NONE, Observers
 from ..observe.run_report import ProfileSum
@@ -41,6 +41,17 @@ def run_shard_of(config: JobConfig, index: int, count: int, observers: Observers
     with hold(config, the_plan, "shard", release="never", output=prepared.location) as lease:
         check_access(prepared, tidy=False)
         return score_shard(prepared, the_plan, index, lease, observers)
+
+
+def planned_challenger_roles(config: JobConfig, planned: set[str]) -> list[str]:
+    """The artifact roles of the job's challengers that its plan pinned (one that failed when the
+    job was planned is not in it, and is not scored)."""
+    roles: list[str] = []
+    for entry in config.models:
+        model_role, scaler_role = challenger_roles(entry.name)
+        if model_role in planned:
+            roles += [model_role, scaler_role] if entry.scaler else [model_role]
+    return roles
 
 
 def _check_inputs_unchanged(files: InputFiles, the_plan: Plan, shard_files: Sequence[int]) -> None:
@@ -86,9 +97,15 @@ def run_shard(
         )
     shard_files = sorted({u.file for u in shard.units})
     shard_uris = [the_plan.files.uri(i) for i in shard_files]
-    policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, artifact_roles(config.scaler))
+    planned_roles = {a["role"] for a in the_plan.artifacts}
+    roles = artifact_roles(config.scaler) + planned_challenger_roles(config, planned_roles)
+    policy = ArtifactPolicy.of(config).with_plan(the_plan.artifacts, the_plan.plan_id, roles)
     prepared = prepare(
-        config, input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)), policy=policy, observers=observers
+        config,
+        input_uris=list(dict.fromkeys([the_plan.files.uri(0)] + shard_uris)),
+        policy=policy,
+        observers=observers,
+        planned=(planned_roles, the_plan.schema),
     )
     _check_inputs_unchanged(prepared.files, the_plan, shard_files)
     schema = schema_dicts(prepared.output_schema)
@@ -133,6 +150,8 @@ def score_shard(
         fence=lease.fence,
         compiled_library=engine.library_path,
         contract=prepared.contract,
+        challengers=prepared.challengers,
+        challengers_required=config.challengers_required,
     )
     workers = config.worker_count
     log.info(
@@ -199,6 +218,7 @@ def score_shard(
         ),
         "workers": min(workers, max(1, len(shard.units))),
         "engine": engine.to_dict(),
+        "challengers": [c.to_dict() for c in prepared.challengers],
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
         "profile": profiles.result(len(units)),

@@ -20,12 +20,13 @@ import pyarrow as pa
 from ..errors import StorageError, param
 from ..io.sink import TEMP_PATTERN, part_path, rejected_folder, rejected_name, rejected_path
 from ..io.storage import is_local, make_durable
+from ..models.challengers import single_threaded_parts
 from ..models.compiled import predictor
 from ..models.engine import Predictor
 from . import stopping
 from .planning import Unit
 from .pool import WorkerDied, WorkerPool
-from .scorer import ScoreTask, UnitResult, score_unit
+from .scorer import ChallengerScoring, ScoreTask, UnitResult, score_unit
 
 #: How long jemalloc keeps freed pages for reuse: long enough that each batch reuses the last
 #: one's pages (returning them at once costs page faults), short enough that memory stays flat.
@@ -46,7 +47,7 @@ def use_lean_memory_pool() -> None:
     pa.jemalloc_set_decay_ms(JEMALLOC_DECAY_MS)
 
 
-_WORKER: tuple[ScoreTask, Predictor] | None = None
+_WORKER: tuple[ScoreTask, Predictor, ChallengerScoring | None] | None = None
 
 
 def _init_worker(task: ScoreTask) -> None:
@@ -62,9 +63,10 @@ def _init_worker(task: ScoreTask) -> None:
     threadpool_limits(1)
     pa.set_cpu_count(1)
     use_lean_memory_pool()
-    for part in (task.model.estimator, task.model.scaler):
+    for part in (task.model.estimator, task.model.scaler, *single_threaded_parts(task.challengers)):
         single_threaded(part)
-    _WORKER = (task, predictor(task.model, task.model_version, task.predicted_at, task.compiled_library))
+    champion = predictor(task.model, task.model_version, task.predicted_at, task.compiled_library)
+    _WORKER = (task, champion, ChallengerScoring(task, champion) if task.challengers else None)
 
 
 def single_threaded(estimator: Any) -> None:
@@ -86,7 +88,8 @@ def single_threaded(estimator: Any) -> None:
 def _worker_score(unit: Unit) -> UnitResult:
     """Score one unit in a worker (``_init_worker`` has run there)."""
     assert _WORKER is not None
-    return score_unit(*_WORKER, unit)
+    task, champion, challengers = _WORKER
+    return score_unit(task, champion, unit, challengers)
 
 
 def score_units(

@@ -80,6 +80,12 @@ class ArtifactPolicy:
             for role, digest in (("model", config.model_sha256), ("scaler", config.scaler_sha256))
             if digest
         }
+        for entry in config.models:  # a challenger's pins, from its models: entry
+            for role, key, digest in zip(
+                challenger_roles(entry.name), ROLES, (entry.model_sha256, entry.scaler_sha256)
+            ):
+                if digest:
+                    pins[role] = (Pin(digest, f"does not match its pinned digest (models: {entry.name} {key}_sha256)"),)
         return cls(pins, tuple(config.trusted_types), config.allow_pickle)
 
     def with_plan(self, planned: Sequence[Mapping[str, Any]], plan_id: str, roles: Sequence[str]) -> ArtifactPolicy:
@@ -160,8 +166,22 @@ def fetch_artifact(
     return data, artifact
 
 
+#: The roles of a model's two artifacts: the champion's are the job's ``model`` and ``scaler``.
+ROLES = ("model", "scaler")
+
+
 def artifact_roles(scaler_uri: str | None) -> list[str]:
     return ["model", "scaler"] if scaler_uri else ["model"]
+
+
+def challenger_roles(name: str) -> tuple[str, str]:
+    """The roles of a challenger's model and scaler artifacts, as plans and manifests record them."""
+    return (f"challenger:{name}:model", f"challenger:{name}:scaler")
+
+
+def challenger_of(role: str) -> str | None:
+    """The challenger an artifact's role belongs to (None for the champion's)."""
+    return role.split(":")[1] if role.startswith("challenger:") else None
 
 
 def artifact_digests(
@@ -169,11 +189,12 @@ def artifact_digests(
     scaler_uri: str | None,
     storage: StorageSettings | None,
     policy: ArtifactPolicy | None = None,
+    roles: tuple[str, str] = ROLES,
 ) -> tuple[Artifact, ...]:
     """Each artifact's sha256 and format, checked against ``policy``, without deserializing it
     (cheap enough for a planning step, and safe on a file not yet trusted)."""
-    uris = {"model": model_uri, "scaler": scaler_uri or ""}  # a role only when given
-    return tuple(fetch_artifact(role, uris[role], storage, policy)[1] for role in artifact_roles(scaler_uri))
+    uris = {roles[0]: model_uri, roles[1]: scaler_uri or ""}  # a role only when given
+    return tuple(fetch_artifact(role, uris[role], storage, policy)[1] for role in roles[: 2 if scaler_uri else 1])
 
 
 def pin_flags(artifacts: Sequence[Artifact]) -> str:
@@ -352,23 +373,25 @@ def load_model(
     features: Sequence[str] | None = None,
     storage: StorageSettings | None = None,
     policy: ArtifactPolicy | None = None,
+    roles: tuple[str, str] = ROLES,
 ) -> LoadedModel:
     """Load and check the artifacts before any row is read, so a bad model costs no I/O.
 
     Both artifacts pass ``policy`` before either is deserialized: a swapped scaler must not
-    get to run code because the model was fine.
+    get to run code because the model was fine. ``roles`` name the two artifacts (and pick their
+    pins): the champion's are ``model`` and ``scaler``, a challenger's its own (``challenger_roles``).
     """
     started = time.perf_counter()
     policy = policy or ArtifactPolicy()
-    data, model_artifact = fetch_artifact("model", model_uri, storage, policy)
-    scaler_data, scaler_artifact = fetch_artifact("scaler", scaler_uri, storage, policy) if scaler_uri else (b"", None)
+    data, model_artifact = fetch_artifact(roles[0], model_uri, storage, policy)
+    scaler_data, scaler_artifact = fetch_artifact(roles[1], scaler_uri, storage, policy) if scaler_uri else (b"", None)
     estimator, saved_with = _deserialize(model_artifact, data, policy.trusted_types)
-    _check_fitted("model", model_artifact.uri, estimator, "predict")
+    _check_fitted(roles[0], model_artifact.uri, estimator, "predict")
     artifacts = [model_artifact]
     scaler = None
     if scaler_artifact is not None:
         scaler, _ = _deserialize(scaler_artifact, scaler_data, policy.trusted_types)
-        _check_fitted("scaler", scaler_artifact.uri, scaler, "transform")
+        _check_fitted(roles[1], scaler_artifact.uri, scaler, "transform")
         artifacts.append(scaler_artifact)
         n_scaler = _output_width(scaler)
         n_model = getattr(estimator, "n_features_in_", None)

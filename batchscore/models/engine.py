@@ -105,8 +105,33 @@ def _arrow_type(values: np.ndarray) -> pa.DataType:
     return pa.from_numpy_dtype(values.dtype)
 
 
+class StageCache:
+    """A batch's scaled matrices, by scaler: models that share a scaler (same sha256) on the same
+    feature matrix get one ``transform`` per batch, the very array each would have computed."""
+
+    def __init__(self) -> None:
+        self._matrix: Any = None
+        self._scaled: dict[str, Any] = {}
+
+    def transform(self, matrix: np.ndarray, key: str, scaler: Any) -> Any:
+        if matrix is not self._matrix:  # another batch, or a matrix rebuilt to score again
+            self._matrix, self._scaled = matrix, {}
+        if key not in self._scaled:
+            self._scaled[key] = scaler.transform(matrix)
+        return self._scaled[key]
+
+    def clear(self) -> None:
+        self._matrix, self._scaled = None, {}
+
+
 class Predictor:
     """Scores feature matrices with one loaded model and knows the output columns it produces."""
+
+    #: Shared by the models of a job that score the same batches (see ``StageCache``); None: none shared.
+    stage_cache: StageCache | None = None
+    #: Whether a batch that raises is searched for the rows scikit-learn refuses one by one (the
+    #: champion's), or the error is raised as it is (a challenger's: it then stops, alone).
+    isolates_failures: bool = True
 
     def __init__(self, model: LoadedModel, model_version: str, predicted_at: datetime):
         self.model = model
@@ -215,8 +240,12 @@ class Predictor:
         """The input, then the output of every transform in turn (the last one is the final
         estimator's input)."""
         stages: list[Any] = [matrix]
-        for _, transformer in self.transforms():
-            stages.append(transformer.transform(stages[-1]))
+        for i, (_, transformer) in enumerate(self.transforms()):
+            if i == 0 and self.stage_cache is not None and self.model.scaler is not None:
+                scaler = next(a for a in self.model.artifacts if a is not self.model.artifacts[0])
+                stages.append(self.stage_cache.transform(matrix, scaler.sha256, transformer))
+            else:
+                stages.append(transformer.transform(stages[-1]))
         return stages
 
     def _predict(self, scaled: Any, n: int) -> list[pa.Array]:
@@ -421,6 +450,8 @@ class TransformCheck:
 
     def _after_failure(self, error: Exception) -> Scored:
         """The batch raised: find the rows scikit-learn refuses one by one, by halving."""
+        if not self.predictor.isolates_failures:
+            raise error
         pending = [np.flatnonzero(~(self.invalid | self.refused))]
         while pending:
             rows = pending.pop()

@@ -20,6 +20,16 @@ log = logging.getLogger(__name__)
 
 #: How long one push may wait for the Pushgateway: an unreachable one must not hold the job.
 PUSH_TIMEOUT_SECONDS = 5.0
+#: The measures ``batchscore_challenger_agreement`` carries (observe/agreement.py's ``MEASURES``).
+AGREEMENT_MEASURES = (
+    "class_agreement",
+    "abs_delta_mean",
+    "abs_delta_p95",
+    "abs_delta_max",
+    "spearman",
+    "psi",
+    "top1_overlap",
+)
 #: Upper bounds of the per-batch scoring time histogram, in seconds (a 65,536-row batch takes
 #: tens of milliseconds with a linear model, seconds with a large ensemble).
 BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -65,6 +75,20 @@ METRICS = {
             "Unix time the last successful run ended; pushed only on success.",
         ),
         Metric(
+            "batchscore_challenger_ok",
+            "gauge",
+            "1 when a challenger scored every row the champion scored, 0 when it failed to load, verify or score "
+            "(the champion's output is committed all the same, unless challengers_required).",
+            ("challenger", "model_version"),
+        ),
+        Metric(
+            "batchscore_challenger_agreement",
+            "gauge",
+            "A challenger's agreement with the champion, by measure: class_agreement, abs_delta_mean, abs_delta_p95, "
+            "abs_delta_max, spearman, psi, top1_overlap (see docs/challengers.md for how exact each is).",
+            ("challenger", "measure"),
+        ),
+        Metric(
             "batchscore_last_failure_timestamp_seconds",
             "gauge",
             "Unix time the last failed run ended, labelled with its exit code.",
@@ -105,6 +129,7 @@ class JobMetrics:
     rows_scored: int = 0
     model_load_seconds: float | None = None
     finished: bool = False
+    challengers: list[Mapping[str, Any]] = field(default_factory=list)
 
     @property
     def grouping_key(self) -> dict[str, str]:
@@ -113,6 +138,8 @@ class JobMetrics:
     def succeeded(self, result: Mapping[str, Any] | None) -> None:
         if result is not None and result.get("model_version"):  # what was scored, e.g. by commit's shards
             self.model_version = result["model_version"]
+        if result is not None:
+            self.challengers = list(result.get("challengers") or ())
         self._push(outcome_of(result) if result is not None else None, exit_code=0)
 
     def failed(self, exit_code: int, message: str = "") -> None:
@@ -150,6 +177,15 @@ class JobMetrics:
             yield family("batchscore_model_load_seconds", value=self.model_load_seconds)
         if self.batch_seconds:
             yield family("batchscore_batch_seconds", buckets=self._buckets(), sum_value=sum(self.batch_seconds))
+        if self.challengers:
+            ok, agreement = family("batchscore_challenger_ok"), family("batchscore_challenger_agreement")
+            for c in self.challengers:
+                ok.add_metric([c["name"], c.get("model_version") or ""], 1.0 if c["status"] == "ok" else 0.0)
+                for measure, value in (c.get("agreement") or {}).items():
+                    if measure in AGREEMENT_MEASURES and value is not None:
+                        agreement.add_metric([c["name"], measure], float(value))
+            yield ok
+            yield agreement
         if exit_code == 0:
             yield family("batchscore_last_success_timestamp_seconds", value=time.time())
         else:

@@ -179,6 +179,8 @@ class UnitProfile:
         self.scores = {name: ColumnProfile() for name in scores}
         self.class_column = class_column
         self.classes: Counter[str] = Counter()
+        self.agreement: dict[str, Any] = {}  # challenger name -> agreement.Agreement
+        self.challenger_errors: dict[str, str] = {}  # challenger name -> why it stopped scoring
 
     def add_features(self, batch: pa.RecordBatch, matrix: np.ndarray, rows: int) -> None:
         """Every row read, valid or not (its nulls, NaNs and infinities are counted apart)."""
@@ -198,6 +200,8 @@ class UnitProfile:
             "scores": {n: c.to_dict() for n, c in self.scores.items()},
             "class_column": self.class_column,
             "classes": dict(sorted(self.classes.items())),
+            "agreement": {n: a.to_dict() for n, a in self.agreement.items()},
+            "challenger_errors": dict(self.challenger_errors),
         }
 
 
@@ -219,6 +223,8 @@ def count_labels(column: pa.Array) -> dict[str, int]:
 
 def merge_profiles(profiles: Iterable[Mapping[str, Any] | None]) -> dict[str, Any] | None:
     """The exact sum of stored unit/shard profiles; None if any is missing."""
+    from .agreement import Agreement
+
     merged: UnitProfile | None = None
     for data in profiles:
         if data is None:
@@ -231,15 +237,21 @@ def merge_profiles(profiles: Iterable[Mapping[str, Any] | None]) -> dict[str, An
             for name, column in data[section].items():
                 into.setdefault(name, ColumnProfile()).merge(ColumnProfile.from_dict(column))
         merged.classes.update(data.get("classes") or {})
+        for name, agreement in (data.get("agreement") or {}).items():
+            merged.agreement.setdefault(name, Agreement()).merge(Agreement.from_dict(agreement))
+        for name, error in (data.get("challenger_errors") or {}).items():
+            merged.challenger_errors.setdefault(name, error)  # the first in the fixed order of adding up
     return merged.to_dict() if merged is not None else None
 
 
 def score_columns(schema: pa.Schema, is_classifier: bool) -> tuple[list[str], str | None]:
     """The output columns profiled as numbers (probabilities, a regressor's prediction) and the
     column of predicted classes, if any."""
+    from ..models.challengers import SEPARATOR
     from ..models.engine import PREDICTION, PROBABILITY
 
-    numeric = [f.name for f in schema if f.name.startswith(PROBABILITY)]
+    # The champion's columns: a challenger's (``probability__NAME``) are compared in its agreement.
+    numeric = [f.name for f in schema if f.name.startswith(PROBABILITY) and SEPARATOR not in f.name]
     if not is_classifier:
         numeric.insert(0, PREDICTION)
     return numeric, PREDICTION if is_classifier else None

@@ -136,6 +136,45 @@ def _drift_section(report: Mapping[str, Any]) -> str:
     )
 
 
+#: The agreement measures as the page heads them, in the report's order.
+AGREEMENT_HEADS = {
+    "class_agreement": "class agreement",
+    "abs_delta_mean": "|Δ| mean",
+    "abs_delta_p95": "|Δ| p95",
+    "abs_delta_max": "|Δ| max",
+    "spearman": "Spearman",
+    "psi": "PSI",
+    "top1_overlap": "top 1% overlap",
+}
+
+
+def _challengers_section(report: Mapping[str, Any]) -> str:
+    """One row per challenger: its agreement with the champion, or why it failed."""
+    challengers = report.get("challengers") or []
+    if not challengers:
+        return ""
+    rows = []
+    for c in challengers:
+        agreement = c.get("agreement") or {}
+        colour, word = (OK, "ok") if c["status"] == "ok" else (FAIL, "failed")
+        cells = "".join(f'<td class="num">{_e(_number(agreement.get(key)))}</td>' for key in AGREEMENT_HEADS)
+        rows.append(
+            f"<tr><td>{_e(c['name'])}</td><td>{_e(c.get('model_version'))}</td>"
+            f'<td><span class="dot" style="background:{colour}"></span>{word}</td>'
+            f'<td class="num">{_e(_number(agreement.get("rows_compared")))}</td>{cells}</tr>'
+        )
+        if c.get("error"):
+            rows.append(
+                f'<tr><td></td><td colspan="{len(AGREEMENT_HEADS) + 3}" class="muted">{_e(c["error"])}</td></tr>'
+            )
+    heads = "".join(f"<th>{_e(head)}</th>" for head in AGREEMENT_HEADS.values())
+    return (
+        "<h2>Challengers</h2><p>Each challenger against the champion, on the rows both scored.</p>"
+        f"<table><tr><th>challenger</th><th>version</th><th>status</th><th>rows</th>{heads}</tr>{''.join(rows)}</table>"
+        f'<p class="muted">{_e(challengers[0].get("accuracy", ""))}</p>'
+    )
+
+
 def _feature_rows(report: Mapping[str, Any]) -> str:
     psi = {c["column"]: c["psi"] for c in (report.get("drift") or {}).get("columns", []) if c["kind"] == "feature"}
     rows = []
@@ -207,6 +246,7 @@ plan {_e(report.get("plan_id"))} · predicted at {_e(report.get("predicted_at"))
 <div class="card">invalid<b class="{"bad" if rows["invalid"] else ""}">{rows["invalid"]:,}</b>{reason_text}</div></div>
 <h2>Scores</h2><div class="charts">{"".join(charts) or '<p class="muted">not profiled</p>'}</div>
 {_drift_section(report)}
+{_challengers_section(report)}
 <h2>Features</h2>{features}
 <p class="muted">{_e(report.get("accuracy", ""))}</p>
 </body></html>

@@ -19,6 +19,7 @@ from ..errors import ConfigError, DriftError, InputDataError, param
 from ..io.sink import SUCCESS_FILE, read_json, report_path, write_json
 from ..io.storage import Location, join, resolve
 from . import drift as drifts
+from .agreement import challengers_section
 from .profile import SCHEME, UnitProfile, merge_profiles, summarize
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def build_report(
         "held": False,
         "accuracy": ACCURACY,
     }
+    report["challengers"] = challengers_section((r for _, r in sorted(receipts.items())), profile)
     if profile is None:  # a receipt written without a profile: counts only
         report["profiled"] = False
         return report

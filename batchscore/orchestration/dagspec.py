@@ -30,6 +30,7 @@ from pydantic import (
 
 from .. import schema
 from ..config import (
+    CHAMPION_SETTINGS,
     DAY_SECONDS,
     MAX_PSI,
     MAX_ROWS,
@@ -539,7 +540,9 @@ def common_args(job: Mapping[str, Any], source: str) -> tuple[str, ...]:
             config = validate_settings(given, name=lambda key: key)  # named like the dag: keys, without "setting"
     except ConfigError as exc:
         raise DagConfigError(f"{source}: {exc}") from None
-    values = {key: getattr(config, key) for key in given}
+    # A champion given as a ``models:`` entry of role champion is the job's model, scaler, pins and version.
+    champion = CHAMPION_SETTINGS if "models" in given else ()
+    values = {key: getattr(config, key) for key in JOB_FIELDS if key in given or key in champion}
     values["job_name"] = config.job_name or Path(source).stem  # names its metrics and lineage, as the CLI would
     return tuple(schema.to_argv(JOB_FIELDS, {**values, "overwrite": True}))
 
