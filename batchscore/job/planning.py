@@ -705,7 +705,7 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     for i, found in enumerate(iter_footers(files.uris, config.storage)):  # a few at a time, never all
         check_footer(found, files[i])
     if config.model:
-        policy = ArtifactPolicy.of(config)
+        policy = ArtifactPolicy.of(config).following(the_plan.artifacts)  # a registry alias: as planned
         actual = {a.role: a for a in artifact_digests(config.model, config.scaler, config.storage, policy)}
         for entry in the_plan.artifacts:
             found_artifact = actual.get(entry["role"])
