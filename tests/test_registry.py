@@ -1,0 +1,266 @@
+"""Models from an MLflow registry: resolved once, pinned for every step, loaded by batchscore's rules.
+
+A real ``mlflow server`` (SQLite backend, artifacts served through it) and a SQLite registry file
+with no server; models registered with ``mlflow.sklearn.log_model``; aliases moved as teams move them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import joblib
+import pyarrow.compute as pc
+import pytest
+
+from batchscore.errors import EXIT_FAILURE, EXIT_MODEL, EXIT_USAGE
+from batchscore.sample import FEATURES
+from helpers import assert_exact, cli, read_inputs, read_manifest, read_output, training_frame, write_inputs
+from mlflow_fixtures import free_port, log_sklearn, mlflow_server, stalled_server, tracking
+
+TREE = "sklearn.tree._tree.Tree"
+
+
+def pipeline(c: float = 1.0) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame = training_frame()
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c)).fit(frame[list(FEATURES)], frame["churned"])
+
+
+class Registry:
+    """A registry the tests use: its URI, client, and a joblib copy of each registered model (the reference)."""
+
+    def __init__(self, uri: str, client: Any, folder: Path):
+        self.uri, self.client, self.folder = uri, client, folder
+        self.references: dict[str, Path] = {}
+        self.runs: dict[str, str] = {}
+
+    def register(self, name: str, model: Any, **options: Any) -> str:
+        version, run_id = log_sklearn(model, name, **options)
+        self.references[f"{name}/{version}"] = path = self.folder / f"{name}-{version}.joblib"
+        self.runs[f"{name}/{version}"] = run_id
+        joblib.dump(model, path)
+        return version
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """churn v1 (skops, MLflow's default) and v2 (cloudpickle), alias champion on v1; forest v1, a tree
+    ensemble whose MLmodel trusts the tree type; pyfn v1, a pyfunc model that is not scikit-learn."""
+    import mlflow.pyfunc
+    from sklearn.ensemble import RandomForestClassifier
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    with mlflow_server(folder / "server") as url, tracking(url) as client:
+        registry = Registry(url, client, folder)
+        registry.register("churn", pipeline())
+        registry.register("churn", pipeline(c=0.02), serialization_format="cloudpickle")
+        client.set_registered_model_alias("churn", "champion", "1")
+        frame = training_frame()
+        forest = RandomForestClassifier(n_estimators=4, max_depth=4, random_state=0)
+        registry.register("forest", forest.fit(frame[list(FEATURES)], frame["churned"]), skops_trusted_types=[TREE])
+
+        class Constant(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
+            def predict(self, context: Any, model_input: Any, params: Any = None) -> Any:
+                return [0.5] * len(model_input)
+
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(
+                name="model", python_model=Constant(), registered_model_name="pyfn", pip_requirements=["mlflow"]
+            )
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def churn_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_inputs(tmp_path_factory.mktemp("in"), files=2, rows=1_616, row_group_size=404)
+
+
+def job(registry: Registry, inputs: list[Path], output: Path, model: str, *extra: str) -> list[str]:
+    return [
+        "--input",
+        str(inputs[0].parent),
+        "--output",
+        str(output),
+        "--model",
+        model,
+        "--registry-uri",
+        registry.uri,
+        *extra,
+    ]
+
+
+def one_error(stderr: str, *needles: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = cli("run", *job(server, churn_inputs, out, "models:/churn@champion"))
+    assert result.exit_code == 0, result.stderr
+    output = read_output(out)
+    assert_exact(output, read_inputs(churn_inputs), {"model": server.references["churn/1"]})
+    manifest = read_manifest(out)
+    assert manifest["model_version"] == "1"
+    assert pc.all(pc.equal(output.column("model_version"), "1")).as_py()
+    (model,) = manifest["artifacts"]
+    record = model["registry"]
+    assert model["uri"] == "models:/churn@champion" and model["format"] == "skops"
+    assert (record["name"], record["alias"], record["version"]) == ("churn", "champion", "1")
+    assert record["run_id"] == server.runs["churn/1"] and record["source"].startswith("models:/")
+    assert {"MLmodel", "model.skops"} <= set(record["files"]) and record["file"] == "model.skops"
+    assert record["files"]["model.skops"] == model["sha256"]
+
+
+@pytest.mark.fault
+def test_an_alias_moved_mid_job_does_not_split_the_output(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    """plan resolves champion to v1; the alias moves to v2 before shard 1 runs and before shard 0
+    is retried: every shard (given the flags the DAG gives them) and the commit score v1."""
+    from batchscore.orchestration.dagrun import shard_arguments
+
+    out, plan_path = tmp_path / "out", tmp_path / "plan.json"
+    common = job(server, churn_inputs, out, "models:/churn@champion")
+    planned = cli("plan", *common, "--shards", "2", "--out", str(plan_path))
+    assert planned.exit_code == 0, planned.stderr
+    document = json.loads(planned.stdout)
+    assert document["artifacts"][0]["registry"]["version"] == "1" and document["model_version"] == "1"
+    shards = shard_arguments(common, str(plan_path), 2, document["pin"])
+    try:
+        assert cli(*shards[0]).exit_code == 0
+        server.client.set_registered_model_alias("churn", "champion", "2")
+        for argv in (shards[1], shards[0]):  # shard 1 after the move, then a retry of shard 0
+            result = cli(*argv)
+            assert result.exit_code == 0, result.stderr
+        committed = cli("commit", *common, "--plan", str(plan_path), *document["pin"])
+        assert committed.exit_code == 0, committed.stderr
+    finally:
+        server.client.set_registered_model_alias("churn", "champion", "1")
+    assert_exact(read_output(out), read_inputs(churn_inputs), {"model": server.references["churn/1"]})
+    assert read_manifest(out)["model_version"] == "1"
+
+
+def test_a_version_and_a_run_are_models_too(server: Registry, churn_inputs: list[Path], tmp_path: Path) -> None:
+    """models:/NAME/VERSION (cloudpickle, read as a pickle) and runs:/RUN_ID/model score their model exactly."""
+    for reference, key in (("models:/churn/2", "churn/2"), (f"runs:/{server.runs['churn/1']}/model", "churn/1")):
+        out = tmp_path / key.replace("/", "-")
+        result = cli("run", *job(server, churn_inputs, out, reference))
+        assert result.exit_code == 0, result.stderr
+        assert_exact(read_output(out), read_inputs(churn_inputs), {"model": server.references[key]})
+    assert read_manifest(tmp_path / "churn-2")["artifacts"][0]["format"] == "joblib"
+    refused = cli("run", *job(server, churn_inputs, tmp_path / "np", "models:/churn/2", "--no-pickle"))
+    assert refused.exit_code == EXIT_MODEL and "pickle" in one_error(refused.stderr)
+
+
+def test_a_missing_alias_model_or_version_is_a_model_error_naming_it(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    for reference, needle in (
+        ("models:/churn@retired", "retired"),
+        ("models:/ghost@champion", "ghost"),
+        ("models:/churn/99", "99"),
+        ("runs:/0123456789abcdef0123456789abcdef/model", "0123456789abcdef0123456789abcdef"),
+    ):
+        result = cli("run", *job(server, churn_inputs, tmp_path / "out", reference))
+        assert result.exit_code == EXIT_MODEL, (reference, result.stderr)
+        one_error(result.stderr, reference, needle)
+        assert not (tmp_path / "out").exists()
+
+
+def test_mlflows_own_trusted_types_are_never_trusted(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    """forest's MLmodel lists the tree type as trusted; only --trust makes batchscore load it."""
+    refused = cli("run", *job(server, churn_inputs, tmp_path / "refused", "models:/forest/1"))
+    assert refused.exit_code == EXIT_MODEL
+    one_error(refused.stderr, "not trusted", TREE)
+    out = tmp_path / "out"
+    trusted = cli("run", *job(server, churn_inputs, out, "models:/forest/1", "--trust", TREE))
+    assert trusted.exit_code == 0, trusted.stderr
+    assert_exact(read_output(out), read_inputs(churn_inputs), {"model": server.references["forest/1"]})
+
+
+def test_a_pyfunc_model_is_refused(server: Registry, churn_inputs: list[Path], tmp_path: Path) -> None:
+    result = cli("run", *job(server, churn_inputs, tmp_path / "out", "models:/pyfn/1"))
+    assert result.exit_code == EXIT_MODEL
+    one_error(result.stderr, "models:/pyfn/1", "python_function", "not scikit-learn")
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(120)
+def test_a_registry_down_or_stalled_fails_in_bounded_time(churn_inputs: list[Path], tmp_path: Path) -> None:
+    """Nothing listening (refused at once), then a server that accepts and never answers: exit 1,
+    one Error: line, within the bound the storage settings give each request."""
+    down = Registry(f"http://127.0.0.1:{free_port()}", None, tmp_path)
+    with stalled_server() as url:
+        stalled = Registry(url, None, tmp_path)
+        for registry, bounds in ((down, ()), (stalled, ("--storage-timeout", "1", "--storage-retries", "1"))):
+            started = time.monotonic()
+            result = cli("run", *job(registry, churn_inputs, tmp_path / "out", "models:/churn@champion", *bounds))
+            took = time.monotonic() - started
+            assert result.exit_code == EXIT_FAILURE, result.stderr
+            one_error(result.stderr, registry.uri, "models:/churn@champion")
+            assert took < 30, f"{registry.uri}: {took:.1f} s"
+            assert not (tmp_path / "out").exists()
+
+
+def test_a_sqlite_registry_with_no_server(
+    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry file named by MLFLOW_TRACKING_URI: a model by alias, its scaler a run's plain file."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    frame = training_frame()
+    scaler = StandardScaler().fit(frame[list(FEATURES)])
+    model = LogisticRegression().fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])
+    paths = {"model": tmp_path / "model.joblib", "scaler": tmp_path / "scaler.joblib"}
+    joblib.dump(model, paths["model"])
+    joblib.dump(scaler, paths["scaler"])
+    with tracking(uri) as client:
+        version, run_id = log_sklearn(model, "churn_lr")
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(paths["scaler"]), artifact_path="prep")
+        client.set_registered_model_alias("churn_lr", "champion", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "out"
+    argv = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", "models:/churn_lr@champion"]
+    result = cli("run", *argv, "--scaler", f"runs:/{run_id}/prep/scaler.joblib")
+    assert result.exit_code == 0, result.stderr
+    assert_exact(read_output(out), read_inputs(churn_inputs), paths)
+    artifacts = {a["role"]: a for a in read_manifest(out)["artifacts"]}
+    assert artifacts["scaler"]["registry"]["run_id"] == run_id and artifacts["scaler"]["format"] == "joblib"
+    missing = cli("run", *argv, "--output", str(tmp_path / "o2"), "--registry-uri", f"sqlite:///{tmp_path / 'no.db'}")
+    assert missing.exit_code == EXIT_USAGE and "no.db" in one_error(missing.stderr)
+
+
+def test_a_malformed_or_unregistered_uri_is_a_usage_error(
+    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["--input", str(churn_inputs[0].parent), "--output", str(tmp_path / "out")]
+    for model, needle in (
+        ("models:/churn", "models:/NAME@ALIAS"),
+        ("models:/churn@", "models:/NAME@ALIAS"),
+        ("runs:/abc/../model", "runs:/RUN_ID/PATH"),
+        ("models:/churn@champion", "MLFLOW_TRACKING_URI"),
+    ):
+        result = cli("run", *argv, "--model", model)
+        assert result.exit_code == EXIT_USAGE, (model, result.stderr)
+        one_error(result.stderr, needle)
