@@ -121,10 +121,11 @@ def _client(role: str, uri: str, registry: str | None) -> Any:
 def _failure(role: str, what: str, registry: str, exc: Exception) -> Exception:
     """A reference that names nothing is the model's fault (exit 4); anything else, the registry's (exit 1)."""
     code = getattr(exc, "error_code", None)
-    message = str(getattr(exc, "message", exc)).splitlines()[0][:300]
+    message = _shown(str(getattr(exc, "message", exc)).splitlines()[0])
+    message = message if len(message) <= 300 else message[:299] + "…"
     if code in NOT_FOUND:
-        return ModelError(f"{role} {what}: not found in registry {registry} ({message})")
-    return StorageError(f"{role} {what}: registry {registry} did not answer: {type(exc).__name__}: {message}")
+        return ModelError(f"{role} {what}: not found in registry {_shown(registry)} ({message})")
+    return StorageError(f"{role} {what}: registry {_shown(registry)} did not answer: {type(exc).__name__}: {message}")
 
 
 def _digests(root: str) -> dict[str, str]:
