@@ -65,9 +65,32 @@ def log_sklearn(model: Any, name: str, **options: Any) -> tuple[str, str]:
     return str(info.registered_model_version), run.info.run_id
 
 
+class Server:
+    """A started ``mlflow server``: its URL, and ``ready()`` to wait until it answers."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, folder: Path):
+        self.process, self.url, self.folder = process, url, folder
+        self.artifacts = folder / "artifacts"
+
+    def ready(self) -> str:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            if self.process.poll() is not None:
+                log = (self.folder / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}: {log}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).read()
+                return self.url
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not answer within {START_SECONDS} s") from None
+                time.sleep(0.3)
+
+
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """``mlflow server`` on a free loopback port; its URL. Stopped, with every process it started, at the end."""
+def mlflow_server(folder: Path) -> Iterator[Server]:
+    """``mlflow server`` started on a free loopback port (``ready()`` waits for it), stopped with
+    every process it started at the end. Starting it early lets other work overlap its start."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "server.log", "wb") as log:  # the server writes into its own copy of the descriptor
@@ -93,22 +116,8 @@ def mlflow_server(folder: Path) -> Iterator[str]:
             start_new_session=True,  # its own process group: uvicorn's workers stop with it
             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {process.returncode}: {(folder / 'server.log').read_text()}"
-                )
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not answer within {START_SECONDS} s") from None
-                time.sleep(0.3)
-        yield url
+        yield Server(process, f"http://127.0.0.1:{port}", folder)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

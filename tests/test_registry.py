@@ -19,7 +19,7 @@ import pytest
 from batchscore.errors import EXIT_FAILURE, EXIT_MODEL, EXIT_USAGE
 from batchscore.sample import FEATURES
 from helpers import assert_exact, cli, read_inputs, read_manifest, read_output, training_frame, write_inputs
-from mlflow_fixtures import free_port, log_sklearn, mlflow_server, stalled_server, tracking
+from mlflow_fixtures import Server, free_port, log_sklearn, mlflow_server, stalled_server, tracking
 
 TREE = "sklearn.tree._tree.Tree"
 
@@ -36,8 +36,8 @@ def pipeline(c: float = 1.0) -> Any:
 class Registry:
     """A registry the tests use: its URI, client, and a joblib copy of each registered model (the reference)."""
 
-    def __init__(self, uri: str, client: Any, folder: Path):
-        self.uri, self.client, self.folder = uri, client, folder
+    def __init__(self, uri: str, client: Any, folder: Path, store: Path | None = None):
+        self.uri, self.client, self.folder, self.store = uri, client, folder, store
         self.references: dict[str, Path] = {}
         self.runs: dict[str, str] = {}
 
@@ -49,16 +49,22 @@ class Registry:
         return version
 
 
+@pytest.fixture(scope="module", autouse=True)
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server, started before this module's first test: the tests that need none run while it starts."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def server(started: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """churn v1 (skops, MLflow's default) and v2 (cloudpickle), alias champion on v1; forest v1, a tree
     ensemble whose MLmodel trusts the tree type; pyfn v1, a pyfunc model that is not scikit-learn."""
     import mlflow.pyfunc
     from sklearn.ensemble import RandomForestClassifier
 
-    folder = tmp_path_factory.mktemp("mlflow")
-    with mlflow_server(folder / "server") as url, tracking(url) as client:
-        registry = Registry(url, client, folder)
+    with tracking(started.ready()) as client:
+        registry = Registry(started.url, client, tmp_path_factory.mktemp("references"), started.artifacts)
         registry.register("churn", pipeline())
         registry.register("churn", pipeline(c=0.02), serialization_format="cloudpickle")
         client.set_registered_model_alias("churn", "champion", "1")
@@ -72,7 +78,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
         with mlflow.start_run():
             mlflow.pyfunc.log_model(
-                name="model", python_model=Constant(), registered_model_name="pyfn", pip_requirements=["mlflow"]
+                name="model",
+                python_model=Constant(),
+                registered_model_name="pyfn",
+                pip_requirements=["mlflow"],
+                await_registration_for=0,
             )
         yield registry
 
@@ -103,6 +113,73 @@ def one_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def test_a_sqlite_registry_with_no_server(
+    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry file named by MLFLOW_TRACKING_URI: a model by alias, its scaler a run's plain file."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    frame = training_frame()
+    scaler = StandardScaler().fit(frame[list(FEATURES)])
+    model = LogisticRegression().fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])
+    paths = {"model": tmp_path / "model.joblib", "scaler": tmp_path / "scaler.joblib"}
+    joblib.dump(model, paths["model"])
+    joblib.dump(scaler, paths["scaler"])
+    with tracking(uri) as client:
+        version, run_id = log_sklearn(model, "churn_lr")
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(paths["scaler"]), artifact_path="prep")
+        client.set_registered_model_alias("churn_lr", "champion", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "out"
+    argv = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", "models:/churn_lr@champion"]
+    result = cli("run", *argv, "--scaler", f"runs:/{run_id}/prep/scaler.joblib")
+    assert result.exit_code == 0, result.stderr
+    assert_exact(read_output(out), read_inputs(churn_inputs), paths)
+    artifacts = {a["role"]: a for a in read_manifest(out)["artifacts"]}
+    assert artifacts["scaler"]["registry"]["run_id"] == run_id and artifacts["scaler"]["format"] == "joblib"
+    missing = cli("run", *argv, "--output", str(tmp_path / "o2"), "--registry-uri", f"sqlite:///{tmp_path / 'no.db'}")
+    assert missing.exit_code == EXIT_USAGE and "no.db" in one_error(missing.stderr)
+
+
+def test_a_malformed_or_unregistered_uri_is_a_usage_error(
+    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["--input", str(churn_inputs[0].parent), "--output", str(tmp_path / "out")]
+    for model, needle in (
+        ("models:/churn", "models:/NAME@ALIAS"),
+        ("models:/churn@", "models:/NAME@ALIAS"),
+        ("runs:/abc/../model", "runs:/RUN_ID/PATH"),
+        ("models:/churn@champion", "MLFLOW_TRACKING_URI"),
+    ):
+        result = cli("run", *argv, "--model", model)
+        assert result.exit_code == EXIT_USAGE, (model, result.stderr)
+        one_error(result.stderr, needle)
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(120)
+def test_a_registry_down_or_stalled_fails_in_bounded_time(churn_inputs: list[Path], tmp_path: Path) -> None:
+    """Nothing listening (refused at once), then a server that accepts and never answers: exit 1,
+    one Error: line, within the bound the storage settings give each request."""
+    down = Registry(f"http://team:s3cret@127.0.0.1:{free_port()}", None, tmp_path)
+    with stalled_server() as url:
+        stalled = Registry(url, None, tmp_path)
+        for registry, bounds in ((down, ()), (stalled, ("--storage-timeout", "1", "--storage-retries", "1"))):
+            started = time.monotonic()
+            result = cli("run", *job(registry, churn_inputs, tmp_path / "out", "models:/churn@champion", *bounds))
+            took = time.monotonic() - started
+            assert result.exit_code == EXIT_FAILURE, result.stderr
+            one_error(result.stderr, registry.uri.replace("team:s3cret@", ""), "models:/churn@champion")
+            assert "s3cret" not in result.stderr
+            assert took < 30, f"{registry.uri}: {took:.1f} s"
+            assert not (tmp_path / "out").exists()
 
 
 def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
@@ -201,66 +278,28 @@ def test_a_pyfunc_model_is_refused(server: Registry, churn_inputs: list[Path], t
 
 
 @pytest.mark.fault
-@pytest.mark.timeout(120)
-def test_a_registry_down_or_stalled_fails_in_bounded_time(churn_inputs: list[Path], tmp_path: Path) -> None:
-    """Nothing listening (refused at once), then a server that accepts and never answers: exit 1,
-    one Error: line, within the bound the storage settings give each request."""
-    down = Registry(f"http://127.0.0.1:{free_port()}", None, tmp_path)
-    with stalled_server() as url:
-        stalled = Registry(url, None, tmp_path)
-        for registry, bounds in ((down, ()), (stalled, ("--storage-timeout", "1", "--storage-retries", "1"))):
-            started = time.monotonic()
-            result = cli("run", *job(registry, churn_inputs, tmp_path / "out", "models:/churn@champion", *bounds))
-            took = time.monotonic() - started
-            assert result.exit_code == EXIT_FAILURE, result.stderr
-            one_error(result.stderr, registry.uri, "models:/churn@champion")
-            assert took < 30, f"{registry.uri}: {took:.1f} s"
-            assert not (tmp_path / "out").exists()
-
-
-def test_a_sqlite_registry_with_no_server(
-    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_version_whose_files_changed_since_the_plan_is_refused(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
-    """A registry file named by MLFLOW_TRACKING_URI: a model by alias, its scaler a run's plain file."""
-    import mlflow
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """Every file of the planned version is pinned, not only the estimator: a requirements.txt
+    edited in the artifact store after the plan stops the shard (exit 4, naming it) before loading."""
+    from batchscore.orchestration.dagrun import shard_arguments
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    frame = training_frame()
-    scaler = StandardScaler().fit(frame[list(FEATURES)])
-    model = LogisticRegression().fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])
-    paths = {"model": tmp_path / "model.joblib", "scaler": tmp_path / "scaler.joblib"}
-    joblib.dump(model, paths["model"])
-    joblib.dump(scaler, paths["scaler"])
-    with tracking(uri) as client:
-        version, run_id = log_sklearn(model, "churn_lr")
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_artifact(str(paths["scaler"]), artifact_path="prep")
-        client.set_registered_model_alias("churn_lr", "champion", version)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    out = tmp_path / "out"
-    argv = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", "models:/churn_lr@champion"]
-    result = cli("run", *argv, "--scaler", f"runs:/{run_id}/prep/scaler.joblib")
-    assert result.exit_code == 0, result.stderr
-    assert_exact(read_output(out), read_inputs(churn_inputs), paths)
-    artifacts = {a["role"]: a for a in read_manifest(out)["artifacts"]}
-    assert artifacts["scaler"]["registry"]["run_id"] == run_id and artifacts["scaler"]["format"] == "joblib"
-    missing = cli("run", *argv, "--output", str(tmp_path / "o2"), "--registry-uri", f"sqlite:///{tmp_path / 'no.db'}")
-    assert missing.exit_code == EXIT_USAGE and "no.db" in one_error(missing.stderr)
-
-
-def test_a_malformed_or_unregistered_uri_is_a_usage_error(
-    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv = ["--input", str(churn_inputs[0].parent), "--output", str(tmp_path / "out")]
-    for model, needle in (
-        ("models:/churn", "models:/NAME@ALIAS"),
-        ("models:/churn@", "models:/NAME@ALIAS"),
-        ("runs:/abc/../model", "runs:/RUN_ID/PATH"),
-        ("models:/churn@champion", "MLFLOW_TRACKING_URI"),
-    ):
-        result = cli("run", *argv, "--model", model)
-        assert result.exit_code == EXIT_USAGE, (model, result.stderr)
-        one_error(result.stderr, needle)
+    out, plan_path = tmp_path / "out", tmp_path / "plan.json"
+    common = job(server, churn_inputs, out, "models:/churn@champion")
+    planned = cli("plan", *common, "--out", str(plan_path))
+    assert planned.exit_code == 0, planned.stderr
+    document = json.loads(planned.stdout)
+    model_id = document["artifacts"][0]["registry"]["source"].rsplit("/", 1)[-1]
+    assert server.store is not None
+    (folder,) = server.store.rglob(model_id)
+    edited = folder / "artifacts" / "requirements.txt"
+    original = edited.read_bytes()
+    try:
+        edited.write_bytes(original + b"numpy\n")
+        result = cli(*shard_arguments(common, str(plan_path), 1, document["pin"])[0])
+    finally:
+        edited.write_bytes(original)
+    assert result.exit_code == EXIT_MODEL
+    one_error(result.stderr, "requirements.txt", "changed since the plan was made")
+    assert not list(out.glob("part-*"))

@@ -248,6 +248,14 @@ def resolve_model(
     return Resolved(data, fmt, provenance)
 
 
+def pinned_uri(uri: str, provenance: Mapping[str, Any] | None) -> str:
+    """The URI that names what ``uri`` resolved to: ``models:/NAME/VERSION`` for a registered model
+    (an alias may move; a version does not), else ``uri`` itself. For a process that resolves again."""
+    if provenance and provenance.get("name") and provenance.get("version"):
+        return f"models:/{provenance['name']}/{provenance['version']}"
+    return uri
+
+
 def _shown(registry: str) -> str:
     """The registry as a manifest may show it: without any user:password in an http URL."""
     return re.sub(r"//[^/@]*@", "//", registry)
