@@ -68,9 +68,8 @@ def log_sklearn(model: Any, name: str, **options: Any) -> tuple[str, str]:
 class Server:
     """A started ``mlflow server``: its URL, and ``ready()`` to wait until it answers."""
 
-    def __init__(self, process: subprocess.Popen[bytes], url: str, folder: Path):
-        self.process, self.url, self.folder = process, url, folder
-        self.artifacts = folder / "artifacts"
+    def __init__(self, process: subprocess.Popen[bytes], url: str, folder: Path, artifacts: str):
+        self.process, self.url, self.folder, self.artifacts = process, url, folder, artifacts
 
     def ready(self) -> str:
         deadline = time.monotonic() + START_SECONDS
@@ -88,10 +87,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[Server]:
+def mlflow_server(folder: Path, artifacts: str | None = None, s3_endpoint: str | None = None) -> Iterator[Server]:
     """``mlflow server`` started on a free loopback port (``ready()`` waits for it), stopped with
-    every process it started at the end. Starting it early lets other work overlap its start."""
+    every process it started at the end. Starting it early lets other work overlap its start.
+
+    It keeps artifacts in ``artifacts`` (a folder, or s3://bucket/path on the S3 API at
+    ``s3_endpoint``; by default a folder beside its database) and serves them to clients itself."""
     port = free_port()
+    artifacts = artifacts or str(folder / "artifacts")
+    s3 = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "server.log", "wb") as log:  # the server writes into its own copy of the descriptor
         process = subprocess.Popen(
@@ -109,15 +113,15 @@ def mlflow_server(folder: Path) -> Iterator[Server]:
                 "--backend-store-uri",
                 f"sqlite:///{folder / 'mlflow.db'}",
                 "--artifacts-destination",
-                str(folder / "artifacts"),
+                artifacts,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: uvicorn's workers stop with it
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+            env={**os.environ, **s3, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
         )
     try:
-        yield Server(process, f"http://127.0.0.1:{port}", folder)
+        yield Server(process, f"http://127.0.0.1:{port}", folder, artifacts)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

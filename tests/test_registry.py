@@ -1,6 +1,7 @@
 """Models from an MLflow registry: resolved once, pinned for every step, loaded by batchscore's rules.
 
-A real ``mlflow server`` (SQLite backend, artifacts served through it) and a SQLite registry file
+A real ``mlflow server`` (SQLite backend store, artifacts in a bucket on the loopback S3 API,
+served to clients through the server) and a SQLite registry file
 with no server; models registered with ``mlflow.sklearn.log_model``; aliases moved as teams move them.
 """
 
@@ -36,8 +37,9 @@ def pipeline(c: float = 1.0) -> Any:
 class Registry:
     """A registry the tests use: its URI, client, and a joblib copy of each registered model (the reference)."""
 
-    def __init__(self, uri: str, client: Any, folder: Path, store: Path | None = None):
-        self.uri, self.client, self.folder, self.store = uri, client, folder, store
+    def __init__(self, uri: str, client: Any, folder: Path, store: Any = None, artifacts: str = ""):
+        self.uri, self.client, self.folder = uri, client, folder
+        self.store, self.artifacts = store, artifacts  # the server's artifact store: s3fs, bucket/path
         self.references: dict[str, Path] = {}
         self.runs: dict[str, str] = {}
 
@@ -50,21 +52,28 @@ class Registry:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The server, started before this module's first test: the tests that need none run while it starts."""
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+def started(tmp_path_factory: pytest.TempPathFactory, moto_s3: str) -> Iterator[Server]:
+    """The server, its artifacts in a bucket on the loopback S3 API, started before this module's
+    first test: the tests that need no server run while it starts."""
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=moto_s3).mkdir("mlflow-artifacts")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with mlflow_server(folder, "s3://mlflow-artifacts/store", s3_endpoint=moto_s3) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def server(started: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def server(started: Server, moto_s3: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """churn v1 (skops, MLflow's default) and v2 (cloudpickle), alias champion on v1; forest v1, a tree
     ensemble whose MLmodel trusts the tree type; pyfn v1, a pyfunc model that is not scikit-learn."""
     import mlflow.pyfunc
+    import s3fs
     from sklearn.ensemble import RandomForestClassifier
 
     with tracking(started.ready()) as client:
-        registry = Registry(started.url, client, tmp_path_factory.mktemp("references"), started.artifacts)
+        store = s3fs.S3FileSystem(endpoint_url=moto_s3)
+        registry = Registry(started.url, client, tmp_path_factory.mktemp("references"), store, started.artifacts)
         registry.register("churn", pipeline())
         registry.register("churn", pipeline(c=0.02), serialization_format="cloudpickle")
         client.set_registered_model_alias("churn", "champion", "1")
@@ -291,15 +300,15 @@ def test_a_version_whose_files_changed_since_the_plan_is_refused(
     assert planned.exit_code == 0, planned.stderr
     document = json.loads(planned.stdout)
     model_id = document["artifacts"][0]["registry"]["source"].rsplit("/", 1)[-1]
-    assert server.store is not None
-    (folder,) = server.store.rglob(model_id)
-    edited = folder / "artifacts" / "requirements.txt"
-    original = edited.read_bytes()
+    store = server.store
+    found = store.find(server.artifacts.removeprefix("s3://"))
+    (edited,) = [key for key in found if f"/{model_id}/" in key and key.endswith("/requirements.txt")]
+    original = store.cat_file(edited)
     try:
-        edited.write_bytes(original + b"numpy\n")
+        store.pipe_file(edited, original + b"numpy\n")
         result = cli(*shard_arguments(common, str(plan_path), 1, document["pin"])[0])
     finally:
-        edited.write_bytes(original)
+        store.pipe_file(edited, original)
     assert result.exit_code == EXIT_MODEL
     one_error(result.stderr, "requirements.txt", "changed since the plan was made")
     assert not list(out.glob("part-*"))
