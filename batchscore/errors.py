@@ -28,7 +28,8 @@ EXITS: dict[int, ExitCode] = {
     EXIT_OK: ExitCode("success", "the output is committed (_SUCCESS written)", False),
     EXIT_FAILURE: ExitCode(
         "anything else",
-        "storage failure (an input folder or file that cannot be listed or read), interrupted run, internal error",
+        "storage failure (an input folder or file that cannot be listed or read), a model registry that is down "
+        "or does not answer, interrupted run, internal error",
         True,
     ),
     EXIT_USAGE: ExitCode(
@@ -49,7 +50,8 @@ EXITS: dict[int, ExitCode] = {
     EXIT_MODEL: ExitCode(
         "model error",
         "artifact missing, not loadable, not fitted, feature mismatch, "
-        "sha256 not as pinned or planned, untrusted type, pickle refused",
+        "sha256 not as pinned or planned, untrusted type, pickle refused, a registry model, version, alias "
+        "or run that does not exist, an MLflow flavour other than scikit-learn",
         False,
     ),
     EXIT_DRIFT: ExitCode(
