@@ -139,10 +139,19 @@ def test_a_sqlite_registry_with_no_server(
     paths = {"model": tmp_path / "model.joblib", "scaler": tmp_path / "scaler.joblib"}
     joblib.dump(model, paths["model"])
     joblib.dump(scaler, paths["scaler"])
+    crafted = {"outside": "flavors:\n  sklearn:\n    pickled_model: ../../model.joblib\n", "no_mlmodel": None}
+    for name, mlmodel in crafted.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.joblib").write_bytes(paths["model"].read_bytes())
+        if mlmodel:
+            (tmp_path / name / "MLmodel").write_text(mlmodel)
+    monkeypatch.chdir(tmp_path)  # a SQLite registry keeps artifacts in ./mlruns
     with tracking(uri) as client:
         version, run_id = log_sklearn(model, "churn_lr")
         with mlflow.start_run(run_id=run_id):
             mlflow.log_artifact(str(paths["scaler"]), artifact_path="prep")
+            for name in crafted:
+                mlflow.log_artifacts(str(tmp_path / name), artifact_path=name)
         client.set_registered_model_alias("churn_lr", "champion", version)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "out"
@@ -154,6 +163,10 @@ def test_a_sqlite_registry_with_no_server(
     assert artifacts["scaler"]["registry"]["run_id"] == run_id and artifacts["scaler"]["format"] == "joblib"
     missing = cli("run", *argv, "--output", str(tmp_path / "o2"), "--registry-uri", f"sqlite:///{tmp_path / 'no.db'}")
     assert missing.exit_code == EXIT_USAGE and "no.db" in one_error(missing.stderr)
+    for name, needle in (("outside", "../../model.joblib"), ("no_mlmodel", "without an MLmodel")):
+        refused = cli("run", *argv, "--output", str(tmp_path / name / "out"), "--model", f"runs:/{run_id}/{name}")
+        assert refused.exit_code == EXIT_MODEL, refused.stderr
+        one_error(refused.stderr, needle)
 
 
 def test_a_malformed_or_unregistered_uri_is_a_usage_error(
