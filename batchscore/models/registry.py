@@ -33,6 +33,8 @@ _RUNS = re.compile(r"runs:/(?P<run>[0-9A-Za-z_-]+)/(?P<path>.+)")
 SERIALIZATIONS = {"skops": "skops", "pickle": "joblib", "cloudpickle": "joblib"}
 #: MLflow's answers that mean "no such model, version, alias or run": the job's reference is wrong.
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+#: The most retries MLflow's HTTP client accepts (its _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT).
+MAX_RETRIES = 10
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -81,9 +83,9 @@ def _bounded(storage: StorageSettings | None) -> Iterator[None]:
     """Every HTTP request MLflow makes here is held to the job's storage bounds: a registry that is
     down or stalled fails a call within (retries + 1) x timeout + 2^retries - 1 seconds, as storage does."""
     settings = storage or StorageSettings()
-    bounds = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(settings.timeout))),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.retries),
+    bounds = {  # MLflow takes whole seconds, and refuses more than MAX_RETRIES retries
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(settings.timeout))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(min(settings.retries, MAX_RETRIES)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     }
