@@ -51,10 +51,10 @@ class Registry:
         return version
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def started(tmp_path_factory: pytest.TempPathFactory, moto_s3: str) -> Iterator[Server]:
-    """The server, its artifacts in a bucket on the loopback S3 API, started before this module's
-    first test: the tests that need no server run while it starts."""
+    """The server, its artifacts in a bucket on the loopback S3 API; started by this module's first
+    test (which needs a registry but not this one), so the tests before the server's run while it starts."""
     import s3fs
 
     s3fs.S3FileSystem(endpoint_url=moto_s3).mkdir("mlflow-artifacts")
@@ -124,8 +124,9 @@ def one_error(stderr: str, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_sqlite_registry_with_no_server(
-    churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    started: Server, churn_inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A registry file named by MLFLOW_TRACKING_URI: a model by alias, its scaler a run's plain file."""
     import mlflow
@@ -204,6 +205,7 @@ def test_a_registry_down_or_stalled_fails_in_bounded_time(churn_inputs: list[Pat
             assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
@@ -225,6 +227,7 @@ def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 def test_an_alias_moved_mid_job_does_not_split_the_output(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
@@ -253,6 +256,7 @@ def test_an_alias_moved_mid_job_does_not_split_the_output(
     assert read_manifest(out)["model_version"] == "1"
 
 
+@pytest.mark.slow
 def test_a_version_and_a_run_are_models_too(server: Registry, churn_inputs: list[Path], tmp_path: Path) -> None:
     """models:/NAME/VERSION (cloudpickle, read as a pickle) and runs:/RUN_ID/model score their model exactly."""
     for reference, key in (("models:/churn/2", "churn/2"), (f"runs:/{server.runs['churn/1']}/model", "churn/1")):
@@ -265,6 +269,7 @@ def test_a_version_and_a_run_are_models_too(server: Registry, churn_inputs: list
     assert refused.exit_code == EXIT_MODEL and "pickle" in one_error(refused.stderr)
 
 
+@pytest.mark.slow
 def test_a_missing_alias_model_or_version_is_a_model_error_naming_it(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
@@ -280,6 +285,7 @@ def test_a_missing_alias_model_or_version_is_a_model_error_naming_it(
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_mlflows_own_trusted_types_are_never_trusted(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
@@ -293,6 +299,7 @@ def test_mlflows_own_trusted_types_are_never_trusted(
     assert_exact(read_output(out), read_inputs(churn_inputs), {"model": server.references["forest/1"]})
 
 
+@pytest.mark.slow
 def test_a_pyfunc_model_is_refused(server: Registry, churn_inputs: list[Path], tmp_path: Path) -> None:
     result = cli("run", *job(server, churn_inputs, tmp_path / "out", "models:/pyfn/1"))
     assert result.exit_code == EXIT_MODEL
@@ -300,6 +307,7 @@ def test_a_pyfunc_model_is_refused(server: Registry, churn_inputs: list[Path], t
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 def test_a_version_whose_files_changed_since_the_plan_is_refused(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
