@@ -224,6 +224,9 @@ def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
     assert record["run_id"] == server.runs["churn/1"] and record["source"].startswith("models:/")
     assert {"MLmodel", "model.skops"} <= set(record["files"]) and record["file"] == "model.skops"
     assert record["files"]["model.skops"] == model["sha256"]
+    inspected = cli("inspect", "models:/churn@champion", "--registry-uri", server.uri, "--sha256-only")
+    assert inspected.exit_code == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["pin"] == f"--model-sha256 {model['sha256']}"
 
 
 @pytest.mark.fault
