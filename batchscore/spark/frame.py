@@ -105,12 +105,12 @@ def score(
     digests = {a.role: a.sha256 for a in model.artifacts}
     # Each executor loads the model itself: a registry alias is handed on as the version the driver
     # resolved, with the registry, so every task scores that version (or fails on its digests).
-    uris = {a.role: pinned_uri(a.uri, a.registry) for a in model.artifacts}
+    uris = {a.role: pinned_uri(a.uri, a.registry) for a in model.artifacts if a.registry}
     config = versioned(config, [a.to_dict() for a in model.artifacts])
     config = replace(
         config,
-        model=uris["model"],
-        scaler=uris.get("scaler"),
+        model=uris.get("model", config.model),
+        scaler=uris.get("scaler", config.scaler),
         registry_uri=config.storage.registry_uri,
         model_sha256=digests["model"],
         scaler_sha256=digests.get("scaler"),
