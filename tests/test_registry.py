@@ -231,6 +231,7 @@ def test_an_alias_scores_its_version_exactly_and_the_manifest_names_it(
 
 @pytest.mark.fault
 @pytest.mark.slow
+@pytest.mark.usefixtures("airflow_env")  # the DAG's own shard arguments: Airflow is imported
 def test_an_alias_moved_mid_job_does_not_split_the_output(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
@@ -311,6 +312,7 @@ def test_a_pyfunc_model_is_refused(server: Registry, churn_inputs: list[Path], t
 
 @pytest.mark.fault
 @pytest.mark.slow
+@pytest.mark.usefixtures("airflow_env")  # the DAG's own shard arguments: Airflow is imported
 def test_a_version_whose_files_changed_since_the_plan_is_refused(
     server: Registry, churn_inputs: list[Path], tmp_path: Path
 ) -> None:
