@@ -147,7 +147,7 @@ class JobConfig:
     model: str | None = setting(
         None,
         "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline; or a "
-        "registry model, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH (see Model registry).",
+        "registry model, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH (see Models from a registry).",
         shown="required",
     )
     scaler: str | None = setting(
