@@ -352,7 +352,7 @@ def report(output: str, html: str | None, **kw: Any) -> None:
 
 
 #: The settings ``inspect`` takes besides the artifact checks: what it needs to find and read the model.
-INSPECT_KEYS = ("scaler", "features", "storage_options")
+INSPECT_KEYS = ("scaler", "features", "storage_options", "registry_uri")
 
 
 def _artifact_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -380,6 +380,10 @@ def inspect(model: str, sha256_only: bool, **kw: Any) -> None:
     click.echo(json.dumps(api.inspect(config, sha256_only=sha256_only).to_dict(), indent=2, default=str))
 
 
+#: The settings ``compile`` takes besides the artifact checks: where the model is.
+COMPILE_KEYS = ("storage_options", "registry_uri")
+
+
 @main.command(name="compile", epilog=EXIT_CODES_HELP)
 @click.argument("model")
 @click.option(
@@ -387,7 +391,7 @@ def inspect(model: str, sha256_only: bool, **kw: Any) -> None:
     help="Folder or URL (s3://...) to put the library in [default: the compiled cache, see "
     "run --compiled-cache]; a URL also keeps a copy in the local cache.",
 )
-@declared(FIELDS, "storage_options")
+@declared(FIELDS, *COMPILE_KEYS)
 @_artifact_options
 @_handle_errors
 def compile_(model: str, out: str | None, **kw: Any) -> None:
@@ -396,9 +400,7 @@ def compile_(model: str, out: str | None, **kw: Any) -> None:
     Runs that find the library in their --compiled-cache load it without compiling, so an image
     without a compiler can use it. Prints the library's path and sha256 as JSON.
     """
-    config = build_config(
-        None, model=model, **schema.from_click(FIELDS, ("storage_options",), kw), **_artifact_settings(kw)
-    )
+    config = build_config(None, model=model, **schema.from_click(FIELDS, COMPILE_KEYS, kw), **_artifact_settings(kw))
     click.echo(json.dumps(api.compile_model(config, out).to_dict()))
 
 

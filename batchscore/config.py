@@ -44,6 +44,10 @@ DEFAULT_STORAGE_RETRIES = 2
 DEFAULT_STORAGE_THROTTLE_SECONDS = 120.0
 #: The longest a call to a stalled endpoint takes with the defaults: every try times out, between them the backoff.
 DEFAULT_STALLED_CALL_SECONDS = (DEFAULT_STORAGE_RETRIES + 1) * DEFAULT_STORAGE_TIMEOUT + 2**DEFAULT_STORAGE_RETRIES - 1
+#: What ``model_version`` is unless a job gives one (a registry model's version takes its place).
+DEFAULT_MODEL_VERSION = "unversioned"
+#: The variable MLflow reads the tracking server from: the registry a job's ``models:/`` URIs name when ``registry_uri`` does not.
+REGISTRY_ENV = "MLFLOW_TRACKING_URI"
 #: The variable that names the compiled engine's cache folder when ``compiled_cache`` does not.
 COMPILED_CACHE_ENV = "BATCHSCORE_COMPILED_CACHE"
 #: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
@@ -56,7 +60,17 @@ DAY_SECONDS = 86_400.0
 MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
-TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
+TEXT_KEYS = (
+    "output",
+    "model",
+    "scaler",
+    "registry_uri",
+    "model_version",
+    "compiled_cache",
+    "pushgateway",
+    "job_name",
+    "reference",
+)
 
 
 #: Jinja's markers (``{{ ds }}``, ``{% if %}``, ``{# #}``): a value holding one is a template.
@@ -117,6 +131,7 @@ class StorageSettings:
     timeout: float = DEFAULT_STORAGE_TIMEOUT
     retries: int = DEFAULT_STORAGE_RETRIES
     throttle_seconds: float = DEFAULT_STORAGE_THROTTLE_SECONDS
+    registry_uri: str | None = None  # where models:/ and runs:/ URIs resolve (see models.registry)
 
 
 #: How a challenger may be named: it becomes part of its output columns (``probability__NAME``).
@@ -207,11 +222,19 @@ class JobConfig:
     output: str | None = setting(None, "Output dataset directory (local or s3://).", shown="required")
     model: str | None = setting(
         None,
-        "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline.",
+        "Model artifact, .joblib (pickle) or .skops: a classifier, regressor or a whole Pipeline; or a "
+        "registry model, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH (see Models from a registry).",
         shown="required",
     )
     scaler: str | None = setting(
-        None, "Scaler artifact, .joblib or .skops, applied before the model (omit for a Pipeline)."
+        None, "Scaler artifact, .joblib or .skops, or a registry URI, applied before the model (omit for a Pipeline)."
+    )
+    registry_uri: str | None = setting(
+        None,
+        "MLflow tracking server (http://host:5000) or registry file (sqlite:///mlruns.db) that models:/ and "
+        "runs:/ URIs resolve against; the flag wins over the key, the key over the variable.",
+        metavar="URI",
+        shown=f"${REGISTRY_ENV}",
     )
     model_sha256: str | None = setting(
         None,
@@ -235,7 +258,10 @@ class JobConfig:
         flag="--no-pickle",
         switch=False,
     )
-    model_version: str = setting("unversioned", 'Written to every row and the manifest; quote it in YAML ("1.10").')
+    model_version: str = setting(
+        DEFAULT_MODEL_VERSION,
+        'Written to every row and the manifest; quote it in YAML ("1.10"). A registry model\'s version unless given.',
+    )
     features: tuple[str, ...] | None = setting(
         None,
         "Feature columns, comma-separated on the command line.",
@@ -448,7 +474,11 @@ class JobConfig:
     def storage(self) -> StorageSettings:
         """How this job reaches storage: every filesystem it opens is opened with these."""
         return StorageSettings(
-            dict(self.storage_options), self.storage_timeout, self.storage_retries, self.storage_throttle_seconds
+            dict(self.storage_options),
+            self.storage_timeout,
+            self.storage_retries,
+            self.storage_throttle_seconds,
+            self.registry_uri or os.environ.get(REGISTRY_ENV) or None,
         )
 
     def require(self, name: str) -> str:

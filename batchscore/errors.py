@@ -33,7 +33,8 @@ EXITS: dict[int, ExitCode] = {
     ),
     EXIT_FAILURE: ExitCode(
         "anything else",
-        "storage failure (an input folder or file that cannot be listed or read), interrupted run, internal error",
+        "storage failure (an input folder or file that cannot be listed or read), a model registry that is down "
+        "or does not answer, interrupted run, internal error",
         True,
     ),
     EXIT_USAGE: ExitCode(
@@ -54,7 +55,8 @@ EXITS: dict[int, ExitCode] = {
     EXIT_MODEL: ExitCode(
         "model error",
         "artifact missing, not loadable, not fitted, feature mismatch, "
-        "sha256 not as pinned or planned, untrusted type, pickle refused, a challenger failed under "
+        "sha256 not as pinned or planned, untrusted type, pickle refused, a registry model, version, alias "
+        "or run that does not exist, an MLflow flavour other than scikit-learn, a challenger failed under "
         "challengers_required",
         False,
     ),

@@ -26,6 +26,7 @@ EVERY_KEY: dict[str, Any] = {
     "output": "s3://b/out/",
     "model": "model.skops",
     "scaler": "scaler.skops",
+    "registry_uri": "http://127.0.0.1:5000",
     "model_sha256": "a" * 64,
     "scaler_sha256": "b" * 64,
     "trusted_types": ("sklearn.tree._tree.Tree", "numpy.float64"),

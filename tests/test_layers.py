@@ -113,6 +113,7 @@ def test_importing_loads_no_data_stack(module: str) -> None:
         "fsspec",
         "s3fs",
         "airflow",
+        "mlflow",
         "batchscore.io.storage",
         "batchscore.job.pool",
     )

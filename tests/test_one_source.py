@@ -32,6 +32,7 @@ EVERY_SETTING: dict[str, Any] = {
     "output": "out/scores",
     "model": "models/model.skops",
     "scaler": "models/scaler.skops",
+    "registry_uri": "http://mlflow:5000",
     "model_sha256": "ab" * 32,
     "scaler_sha256": "cd" * 32,
     "trusted_types": ("sklearn.tree._tree.Tree", "numpy.float64"),

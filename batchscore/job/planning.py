@@ -717,7 +717,7 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     for i, found in enumerate(iter_footers(files.uris, config.storage)):  # a few at a time, never all
         check_footer(found, files[i])
     if config.model:
-        policy = ArtifactPolicy.of(config)
+        policy = ArtifactPolicy.of(config).following(the_plan.artifacts)  # a registry alias: as planned
         actual = {a.role: a for a in job_artifacts(config, policy)}
         for entry in the_plan.artifacts:
             if challenger_of(entry["role"]) is not None and not config.challengers_required:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 
-from ..config import JobConfig
+from ..config import DEFAULT_MODEL_VERSION, JobConfig
 from ..errors import ModelError
 from ..io.layout import check_output
 from ..io.source import InputFiles, iter_footers, list_inputs
@@ -52,6 +53,16 @@ def output_location(config: JobConfig) -> Location:
     return output
 
 
+def versioned(config: JobConfig, artifacts: Sequence[Mapping[str, Any]]) -> JobConfig:
+    """The job with its registry model's version as ``model_version`` when it gives none: rows and
+    manifest then name the version scored, not the alias (``artifacts`` as a plan records them)."""
+    model = next((a for a in artifacts if a["role"] == "model"), None)
+    version = ((model or {}).get("registry") or {}).get("version")
+    if version and config.model_version == DEFAULT_MODEL_VERSION:
+        return replace(config, model_version=str(version))
+    return config
+
+
 def normalize_output(config: JobConfig) -> str:
     return output_location(config).uri
 
@@ -73,6 +84,7 @@ def prepare(
     output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
     model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
+    config = versioned(config, [a.to_dict() for a in model.artifacts])
     roles, schema = planned if planned is not None else (None, None)
     columns = {c["name"]: c["type"] for c in schema} if schema is not None else None
     challengers = load_challengers(config, policy, roles, columns)

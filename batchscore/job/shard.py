@@ -26,7 +26,7 @@ from ..observe.observers import NONE, Observers
 from ..observe.run_report import ProfileSum
 from .planning import Plan, check_footer, check_within_input, hold, plan_of
 from .preflight import check_access
-from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
+from .preparation import Prepared, now, prepare, schema_dicts, schema_difference, versioned
 from .scorer import ScoreTask
 from .workers import hand_out_order, score_units
 
@@ -90,6 +90,7 @@ def run_shard(
     config = replace(config, output=the_plan.output)
     guard_overlap(config, the_plan.output, the_plan.files.uris)
     check_within_input(config, the_plan, source)  # a plan can only narrow the job: its files are the input's
+    config = versioned(config, the_plan.artifacts)
     if the_plan.model_version is not None and config.model_version != the_plan.model_version:
         raise InputDataError(
             f"shard {index}: {param('model_version')} {config.model_version!r} differs from the plan's "

@@ -22,6 +22,7 @@ from ..config import FIELDS, StorageSettings
 from ..errors import ModelError, param
 from ..io.storage import read_bytes, resolve
 from ..schema import to_argv
+from .registry import is_registry_uri, resolve_model
 
 if TYPE_CHECKING:
     from ..config import JobConfig
@@ -44,15 +45,20 @@ class Artifact:
     sha256: str
     bytes: int
     format: str = JOBLIB
+    #: For a registry URI, what it resolved to (see ``registry.resolve_model``): name, alias,
+    #: version, run id, source and the sha256 of every file of that version.
+    registry: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
+        entry = {"role": self.role, "uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
+        return {**entry, "registry": dict(self.registry)} if self.registry else entry
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> Artifact:
         """An artifact as a plan recorded it (plans made before formats were recorded name none)."""
         uri = entry["uri"]
-        return cls(entry["role"], uri, entry["sha256"], entry["bytes"], entry.get("format") or artifact_format(uri))
+        fmt = entry.get("format") or artifact_format(uri)
+        return cls(entry["role"], uri, entry["sha256"], entry["bytes"], fmt, entry.get("registry"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ class ArtifactPolicy:
     pins: Mapping[str, tuple[Pin, ...]] = field(default_factory=dict)  # by role
     trusted_types: tuple[str, ...] = ()
     allow_pickle: bool = True
+    #: By role, what a plan's registry URI resolved to: a later step fetches that version again
+    #: instead of resolving the alias anew (see ``registry.resolve_model``).
+    planned: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: JobConfig) -> ArtifactPolicy:
@@ -101,7 +110,11 @@ class ArtifactPolicy:
             hint = f" (plan {plan_id}); plan again to score with it"
             pin = Pin(entry["sha256"], "changed since the plan was made", hint)
             pins[entry["role"]] = pins.get(entry["role"], ()) + (pin,)
-        return replace(self, pins=pins)
+        return replace(self.following(planned), pins=pins)
+
+    def following(self, planned: Sequence[Mapping[str, Any]]) -> ArtifactPolicy:
+        """Fetch a registry URI as the plan resolved it (its version, not the alias's current one)."""
+        return replace(self, planned={e["role"]: e["registry"] for e in planned if e.get("registry")})
 
     def check(self, artifact: Artifact) -> None:
         """Refuse an artifact from its digest and format alone, before anything deserializes it."""
@@ -150,7 +163,15 @@ def fetch_artifact(
     role: str, uri: str, storage: StorageSettings | None, policy: ArtifactPolicy | None = None
 ) -> tuple[bytes, Artifact]:
     """Read an artifact's bytes once and check them against ``policy``: the same bytes then give
-    the object, so what was checked is exactly what is loaded."""
+    the object, so what was checked is exactly what is loaded. A registry URI (``models:/``,
+    ``runs:/``) is resolved and pinned by ``registry.resolve_model``, then checked the same way."""
+    policy = policy or ArtifactPolicy()
+    if is_registry_uri(uri):
+        resolved = resolve_model(role, uri, storage, policy.planned.get(role))
+        digest = hashlib.sha256(resolved.data).hexdigest()
+        artifact = Artifact(role, uri, digest, len(resolved.data), resolved.format, resolved.provenance)
+        policy.check(artifact)
+        return resolved.data, artifact
     where = resolve(uri, storage)
     try:
         data = read_bytes(where.fs, where.path)
@@ -162,7 +183,7 @@ def fetch_artifact(
         raise ModelError(f"cannot read {role} artifact {uri}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     artifact = Artifact(role, where.uri, digest, len(data), artifact_format(where.path))
-    (policy or ArtifactPolicy()).check(artifact)
+    policy.check(artifact)
     return data, artifact
 
 

@@ -88,8 +88,9 @@ def score(
     from pyspark.sql.pandas.types import from_arrow_type, to_arrow_type
     from pyspark.sql.types import StructField, StructType
 
-    from ..job.preparation import now
+    from ..job.preparation import now, versioned
     from ..models.engine import Predictor
+    from ..models.registry import pinned_uri
 
     config = job_of(config_or_model, **settings)
     config.require("model")
@@ -102,7 +103,18 @@ def score(
         raise ConfigError(f"max_batch_bytes must be at least 1, got {max_batch_bytes}")
     model = load(config)  # on the driver: features, classes and digests, checked before any task starts
     digests = {a.role: a.sha256 for a in model.artifacts}
-    config = replace(config, model_sha256=digests["model"], scaler_sha256=digests.get("scaler"))
+    # Each executor loads the model itself: a registry alias is handed on as the version the driver
+    # resolved, with the registry, so every task scores that version (or fails on its digests).
+    uris = {a.role: pinned_uri(a.uri, a.registry) for a in model.artifacts if a.registry}
+    config = versioned(config, [a.to_dict() for a in model.artifacts])
+    config = replace(
+        config,
+        model=uris.get("model", config.model),
+        scaler=uris.get("scaler", config.scaler),
+        registry_uri=config.storage.registry_uri,
+        model_sha256=digests["model"],
+        scaler_sha256=digests.get("scaler"),
+    )
     predictor = Predictor(model, config.model_version, now())
     columns = list(df.columns)
     missing = [f for f in model.features if f not in columns]
