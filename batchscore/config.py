@@ -55,6 +55,8 @@ DAY_SECONDS = 86_400.0
 MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
+#: A table partition as a job names it, ``COLUMN=VALUE``: a plain column name, a value safe in a path.
+PARTITION_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127})=([A-Za-z0-9][A-Za-z0-9._:+-]{0,127})$")
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
 
 
@@ -187,6 +189,22 @@ class JobConfig:
         why="a fraction",
     )
     overwrite: bool = setting(False, "Replace an existing output.", switch=True)
+    output_format: Literal["parquet", "delta"] = setting(
+        "parquet",
+        "parquet: the output is a folder of Parquet parts; delta: a Delta Lake table (local or s3://) that "
+        "commit adds the parts to in one transaction (needs batchscore[delta]).",
+    )
+    table_mode: Literal["append", "replace"] = setting(
+        "append",
+        "For a table output: append the run's rows, or replace the rows of `partition` (of the whole table "
+        "without one) with them, in one transaction.",
+    )
+    partition: str | None = setting(
+        None,
+        "For a table output: the partition COLUMN=VALUE every row of the run goes to (e.g. dt=2026-11-24); "
+        "the table is partitioned by COLUMN, a string.",
+        metavar="COLUMN=VALUE",
+    )
     workers: int | None = setting(
         None,
         "Worker processes, each with one compute thread.",
@@ -323,6 +341,16 @@ class JobConfig:
                 f"sklearn.tree._tree.Tree; got {', '.join(map(repr, bad))}"
             )
         return names
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: str | None) -> str | None:
+        if value is not None and not PARTITION_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"setting 'partition' must be COLUMN=VALUE (a column name, then a value of letters, digits "
+                f"and ._:+-), got {value!r}"
+            )
+        return value
 
     @field_validator("storage_options", mode="after")
     @classmethod
@@ -501,6 +529,11 @@ def validate_settings(
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
             f"setting 'scaler_sha256' pins a scaler but no scaler is given: give {param('scaler')} (YAML key 'scaler')"
+        )
+    if config.output_format == "parquet" and (config.partition or config.table_mode != "append"):
+        key = "partition" if config.partition else "table_mode"
+        raise ConfigError(
+            f"setting '{key}' applies to a table output; give {param('output_format')} delta (YAML key 'output_format')"
         )
     return config
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import JobConfig
-from ..errors import InputDataError, param
+from ..errors import ConfigError, InputDataError, param
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
 from ..io.sink import Streamed, receipt_path, rejected_folder, rejected_name, uncommit, write_json
@@ -24,7 +24,7 @@ from ..models.artifacts import ArtifactPolicy, artifact_roles
 from ..models.verification import choose_engine
 from ..observe.observers import NONE, Observers
 from ..observe.run_report import ProfileSum
-from .planning import Plan, check_footer, check_within_input, hold, plan_of
+from .planning import Plan, check_footer, check_within_input, committed_already, hold, plan_of
 from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference
 from .scorer import ScoreTask
@@ -111,6 +111,11 @@ def score_shard(
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
     fs, out_path = lease.location.fs, lease.location.path
+    if committed_already(config, the_plan, lease.location):
+        raise ConfigError(
+            f"shard {index}: plan {the_plan.plan_id} is committed to {the_plan.output} already; its parts "
+            f"are the table's and are not written again"
+        )
     remove_if_exists(fs, receipt_path(out_path, index))
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
