@@ -231,11 +231,12 @@ def validate(config: JobConfig) -> ValidateResult:
     """Check model, inputs and schemas, the output and its lease, and everything ``run`` would
     write or read (probe files are written and removed; see preflight.py); score nothing."""
     from .io.output_guard import guard_output
-    from .job.preflight import check_access, check_lease
+    from .job.preflight import check_access, check_lease, check_table_output
     from .job.preparation import prepare
 
     prepared = prepare(config)
     guard_output(config, prepared.location, prepared.files)
+    check_table_output(prepared)
     check_lease(prepared)
     check_access(prepared)
     return ValidateResult(

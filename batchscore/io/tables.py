@@ -128,8 +128,25 @@ def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
     return schema
 
 
+def check_table(where: Location, schema: pa.Schema, partition: str | None) -> None:
+    """Before anything is scored: the partition column is not an output column, and a table
+    already at ``where`` has this job's columns, types and partitioning."""
+    full = _table_schema(schema, partition)
+    table = _open(where)
+    if table is not None:
+        _check_fits(table, where, full, partition)
+
+
 def _check_fits(table: Any, where: Location, schema: pa.Schema, partition: str | None) -> None:
     """The existing table must have this job's columns, types and partitioning."""
+    columns = list(table.metadata().partition_columns)
+    wanted = [split_partition(partition)[0]] if partition else []
+    if columns != wanted:
+        raise ConfigError(
+            f"Delta table {where.uri} is partitioned by {columns or 'nothing'}, not "
+            f"{wanted or 'nothing'}: give {param('partition')} "
+            + ("COLUMN=VALUE with its column" if columns else "only for a partitioned table")
+        )
     found = pa.schema(table.schema().to_arrow())
     ours = {f.name: f.type for f in schema}
     theirs = {f.name: f.type for f in found}
@@ -142,14 +159,6 @@ def _check_fits(table: Any, where: Location, schema: pa.Schema, partition: str |
         raise InputDataError(
             f"Delta table {where.uri} has other columns than this job writes ({', '.join(differ[:5])}); "
             f"write to another table"
-        )
-    columns = list(table.metadata().partition_columns)
-    wanted = [split_partition(partition)[0]] if partition else []
-    if columns != wanted:
-        raise ConfigError(
-            f"Delta table {where.uri} is partitioned by {columns or 'nothing'}, not "
-            f"{wanted or 'nothing'}: give {param('partition')} "
-            + ("COLUMN=VALUE with its column" if columns else "only for a partitioned table")
         )
 
 

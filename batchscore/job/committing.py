@@ -189,9 +189,10 @@ def commit(
             done = read_json(fs, manifest_path(out_path))
         except (FileNotFoundError, ValueError):
             done = {}
-        if done.get("plan_id") == the_plan.plan_id and done.get("table"):
-            log.info(f"plan {the_plan.plan_id} is committed to {the_plan.output} already; nothing to do")
-            return done  # else: the manifest is written again below, the table not committed again
+        # The same input and model, however it was sharded, went to the same data folder.
+        if (done.get("table") or {}).get("data_folder") == table_relative(table.path, out_path):
+            log.info(f"{the_plan.output} holds this input scored by this model already; nothing to do")
+            return {**done, **(extra or {})}  # else: the manifest is written again below, the table not committed again
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it

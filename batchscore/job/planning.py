@@ -490,7 +490,11 @@ def artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
 
 
 def plan_of(prepared: Prepared, **split: Any) -> Plan:
-    """The plan of a checked job, recording what every shard must write (schema, model version)."""
+    """The plan of a checked job, recording what every shard must write (schema, model version);
+    a table output must be able to take those columns."""
+    from .preflight import check_table_output
+
+    check_table_output(prepared)
     return make_plan(
         prepared.files,
         prepared.output,

@@ -1,0 +1,254 @@
+"""Table outputs (output_format: delta): one table version per job, exact rows for every reader,
+append and replace of a partition, a rerun that commits nothing twice, local and S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+
+from batchscore.errors import EXIT_INPUT, EXIT_USAGE, ConfigError
+from batchscore.io.storage import resolve
+from batchscore.io.tables import TablePart, commit_delta, delta_storage_options
+from helpers import assert_exact, cli, read_inputs, read_manifest, write_inputs
+
+deltalake = pytest.importorskip("deltalake")
+
+#: Rows per input file: a multiple of 16 (see assert_exact), not a round number.
+ROWS = 1_328
+
+
+def _job(inputs: Path, table: str, model: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        table,
+        "--model",
+        str(model["model"]),
+        "--scaler",
+        str(model["scaler"]),
+        "--output-format",
+        "delta",
+        "--workers",
+        "2",
+        *extra,
+    ]
+
+
+def _run(inputs: Path, table: str, model: dict[str, Path], *extra: str) -> Any:
+    result = cli("run", *_job(inputs, table, model, *extra))
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def _rows(table: pa.Table, dt: str | None = None) -> pa.Table:
+    """The rows of partition ``dt`` (all without), in id order, without the partition column."""
+    if dt is not None:
+        table = table.filter(pc.equal(table["dt"], dt))
+    if "dt" in table.column_names:
+        table = table.drop_columns(["dt"])
+    return table.sort_by("customer_id")
+
+
+def _history(table: str, **options: Any) -> list[dict[str, Any]]:
+    return deltalake.DeltaTable(table, **options).history()
+
+
+def test_sharded_job_is_one_version_and_every_reader_reads_exactly_its_rows(tmp_path: Path, binary_model_paths) -> None:
+    import polars as pl
+
+    first = write_inputs(tmp_path / "a", files=2, rows=ROWS, row_group_size=500)
+    second = write_inputs(tmp_path / "b", files=3, rows=ROWS, row_group_size=400, seed=31)
+    table = str(tmp_path / "out" / "scores")
+    _run(tmp_path / "a", table, binary_model_paths, "--partition", "dt=2026-11-23")
+    # The second date as a sharded job: plan, three shards, commit.
+    job = _job(tmp_path / "b", table, binary_model_paths, "--partition", "dt=2026-11-24")
+    plan = tmp_path / "plan.json"
+    assert cli("plan", *job, "--shards", "3", "--out", str(plan)).exit_code == 0
+    for shard in range(3):
+        result = cli("run", *job, "--plan", str(plan), "--shard", str(shard))
+        assert result.exit_code == 0, result.stderr
+        assert deltalake.DeltaTable(table).version() == 0, "a shard commits nothing"
+    result = cli("commit", *job, "--plan", str(plan))
+    assert result.exit_code == 0, result.stderr
+    assert "delta version 1" in result.stdout
+
+    dt = deltalake.DeltaTable(table)
+    assert dt.version() == 1 and dt.metadata().partition_columns == ["dt"]
+    assert [h["operation"] for h in dt.history()] == ["WRITE", "CREATE TABLE"]
+    facts = json.loads(dt.history(1)[0]["batchscore"])
+    manifest = read_manifest(table)
+    assert facts["plan_id"] == manifest["plan_id"] and facts["rows"] == manifest["rows"]
+    assert facts["rows"]["out"] == 3 * ROWS and facts["parts"] == len(manifest["parts"])
+    assert [a["sha256"] for a in facts["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
+    assert manifest["table"] == {
+        "format": "delta",
+        "uri": table,
+        "version": 1,
+        "mode": "append",
+        "partition": "dt=2026-11-24",
+        "data_folder": f"dt=2026-11-24/batchscore-run-{facts['content_id']}",
+    }
+    # The state folder is beside the table, as for a folder output; nothing of it inside.
+    assert (tmp_path / "out" / "_batchscore" / "scores" / "manifest.json").exists()
+    assert not list(Path(table).rglob("*.json*")) or all("_delta_log" in str(p) for p in Path(table).rglob("*.json"))
+
+    readers = {
+        "deltalake": dt.to_pyarrow_table(),
+        "polars": pl.read_delta(table).to_arrow(),
+        # A reader that knows only the table's file list (as a warehouse's external table does).
+        "file list": ds.dataset(
+            dt.file_uris(), format="parquet", partitioning="hive", partition_base_dir=table
+        ).to_table(),
+    }
+    schema = readers["deltalake"].schema
+    for name, read in readers.items():
+        # Polars reads strings as views, the file list reader the partition as a dictionary.
+        read = read.select(schema.names).cast(schema)
+        assert read.num_rows == 5 * ROWS, name
+        assert_exact(_rows(read, "2026-11-23"), read_inputs(first), binary_model_paths)
+        assert_exact(_rows(read, "2026-11-24"), read_inputs(second), binary_model_paths)
+    before = deltalake.DeltaTable(table, version=0).to_pyarrow_table()
+    assert_exact(_rows(before), read_inputs(first), binary_model_paths)
+    # A rerun of the committed job scores and commits nothing: no version, no row twice.
+    result = cli("run", *job)
+    assert result.exit_code == 0, result.stderr
+    assert deltalake.DeltaTable(table).version() == 1
+
+
+def test_replace_a_partition_swaps_exactly_its_rows_in_one_version(tmp_path: Path, binary_model_paths) -> None:
+    old = write_inputs(tmp_path / "old", files=2, rows=ROWS, row_group_size=600)
+    other = write_inputs(tmp_path / "other", files=1, rows=ROWS, seed=17)
+    new = write_inputs(tmp_path / "new", files=1, rows=1_616, row_group_size=700, seed=99)
+    table = str(tmp_path / "scores")
+    _run(tmp_path / "old", table, binary_model_paths, "--partition", "dt=1")
+    _run(tmp_path / "other", table, binary_model_paths, "--partition", "dt=2")
+    _run(tmp_path / "new", table, binary_model_paths, "--partition", "dt=1", "--table-mode", "replace")
+    dt = deltalake.DeltaTable(table)
+    assert dt.version() == 2
+    rows = dt.to_pyarrow_table()
+    assert rows.num_rows == 1_616 + ROWS
+    assert_exact(_rows(rows, "1"), read_inputs(new), binary_model_paths)
+    assert_exact(_rows(rows, "2"), read_inputs(other), binary_model_paths)
+    assert_exact(
+        _rows(deltalake.DeltaTable(table, version=1).to_pyarrow_table(), "1"), read_inputs(old), binary_model_paths
+    )
+    # A rerun of the same replace commits nothing; going back to the old input replaces again.
+    _run(tmp_path / "new", table, binary_model_paths, "--partition", "dt=1", "--table-mode", "replace")
+    assert deltalake.DeltaTable(table).version() == 2
+    _run(tmp_path / "old", table, binary_model_paths, "--partition", "dt=1", "--table-mode", "replace")
+    dt = deltalake.DeltaTable(table)
+    assert dt.version() == 3
+    assert_exact(_rows(dt.to_pyarrow_table(), "1"), read_inputs(old), binary_model_paths)
+    assert _rows(dt.to_pyarrow_table(), "2").num_rows == ROWS
+    # Replace without a partition replaces the whole table.
+    _run(tmp_path / "new", str(tmp_path / "whole"), binary_model_paths)
+    _run(tmp_path / "other", str(tmp_path / "whole"), binary_model_paths, "--table-mode", "replace")
+    assert_exact(
+        _rows(deltalake.DeltaTable(str(tmp_path / "whole")).to_pyarrow_table()), read_inputs(other), binary_model_paths
+    )
+
+
+def test_table_settings_are_refused_before_anything_is_written(tmp_path: Path, binary_model_paths) -> None:
+    write_inputs(tmp_path / "in", files=1, rows=ROWS)
+    table = str(tmp_path / "scores")
+    # A partition or a mode on a folder output; a malformed partition; a table named like a partition.
+    for args, words in (
+        (["--output-format", "parquet", "--partition", "dt=1"], "applies to a table output"),
+        (["--output-format", "parquet", "--table-mode", "replace"], "applies to a table output"),
+        (["--partition", "dt"], "COLUMN=VALUE"),
+        (["--partition", "dt=../x"], "COLUMN=VALUE"),
+    ):
+        result = cli("run", *_job(tmp_path / "in", table, binary_model_paths), *args)
+        assert result.exit_code == EXIT_USAGE and words in result.stderr, (args, result.stderr)
+    result = cli("run", *_job(tmp_path / "in", str(tmp_path / "dt=1"), binary_model_paths))
+    assert result.exit_code == EXIT_USAGE and "may not hold '='" in result.stderr, result.stderr
+    assert not (tmp_path / "scores").exists() and not (tmp_path / "dt=1").exists()
+    # A partition column that is an output column; a table partitioned otherwise; other columns.
+    result = cli("run", *_job(tmp_path / "in", table, binary_model_paths, "--partition", "region=eu"))
+    assert result.exit_code == EXIT_INPUT and "already has a column 'region'" in result.stderr, result.stderr
+    assert not (tmp_path / "scores").exists()
+    _run(tmp_path / "in", table, binary_model_paths, "--partition", "dt=1")
+    for extra, code, words in (
+        ([], EXIT_USAGE, "partitioned by ['dt'], not nothing"),
+        (["--partition", "day=1"], EXIT_USAGE, "partitioned by ['dt'], not ['day']"),
+        (["--partition", "dt=2", "--keep", "customer_id"], EXIT_INPUT, "other columns than this job writes"),
+    ):
+        for command in ("validate", "run"):
+            result = cli(command, *_job(tmp_path / "in", table, binary_model_paths, *extra))
+            assert result.exit_code == code and words in result.stderr, (extra, result.stderr)
+    assert deltalake.DeltaTable(table).version() == 0
+    assert sorted(p.name for p in Path(table).iterdir()) == ["_delta_log", "dt=1"]
+
+
+def _racer(args: tuple[str, str, str, int, Any]) -> str:
+    """Commit one data folder's file to the table, after the others are ready too."""
+    table, folder, name, rows, barrier = args
+    where = resolve(table)
+    barrier.wait(10)
+    try:
+        version, new = commit_delta(
+            where,
+            f"{where.path}/{folder}",
+            [TablePart(name, Path(where.path, folder, name).stat().st_size, rows)],
+            None,
+            "dt=1",
+            "replace",
+            {"plan_id": folder},
+        )
+        return f"committed {version} {new}"
+    except ConfigError as exc:
+        return f"refused: {exc}"
+
+
+@pytest.mark.timeout(120)
+def test_racing_commits_one_wins_the_other_is_refused_never_both(tmp_path: Path, binary_model_paths) -> None:
+    """Two writers that bypass the lease (another host whose lease expired) commit at once: delta-rs's
+    optimistic concurrency lets one commit and refuses the other, for the same plan (its
+    application transaction) and for two replaces of one partition."""
+    write_inputs(tmp_path / "in", files=1, rows=ROWS)
+    table = str(tmp_path / "scores")
+    _run(tmp_path / "in", table, binary_model_paths, "--partition", "dt=1")
+    base = deltalake.DeltaTable(table)
+    [committed] = base.file_uris()
+    context = multiprocessing.get_context("spawn")
+    for trial in range(3):
+        version = deltalake.DeltaTable(table).version()
+        folders = [f"dt=1/batchscore-run-{trial:08d}{k:08d}" for k in range(2)]
+        for folder in folders:
+            Path(table, folder).mkdir(parents=True)
+            Path(table, folder, "part-00000-00000.parquet").write_bytes(Path(committed).read_bytes())
+        same = trial == 0  # first the same plan twice, then two plans replacing one partition
+        barrier = context.Manager().Barrier(2)
+        work = [(table, folders[0 if same else k], "part-00000-00000.parquet", ROWS, barrier) for k in range(2)]
+        with context.Pool(2) as pool:
+            outcomes = pool.map(_racer, work, chunksize=1)
+        landed = [o for o in outcomes if o.endswith("True")]
+        assert len(landed) == 1, outcomes
+        loser = next(o for o in outcomes if o not in landed)
+        assert loser.startswith("refused: Delta table") or loser == f"committed {version + 1} False", outcomes
+        after = deltalake.DeltaTable(table)
+        assert after.version() == version + 1 and after.to_pyarrow_table().num_rows == ROWS
+
+
+def test_s3_table_with_the_jobs_storage_options(tmp_path: Path, s3, binary_model_paths) -> None:
+    fs, bucket, options = s3
+    inputs = write_inputs(tmp_path / "in", files=2, rows=ROWS, row_group_size=500)
+    table = f"s3://{bucket}/tables/scores"
+    storage = ["--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    _run(tmp_path / "in", table, binary_model_paths, "--partition", "dt=2026-11-24", *storage)
+    result = cli("run", *_job(tmp_path / "in", table, binary_model_paths, "--partition", "dt=2026-11-24", *storage))
+    assert result.exit_code == 0 and "version 0" in result.stdout, result.stderr
+    where = resolve(table, resolve(table).storage.__class__(options))
+    dt = deltalake.DeltaTable(table, storage_options=delta_storage_options(where))
+    assert dt.version() == 0
+    assert_exact(_rows(dt.to_pyarrow_table()), read_inputs(inputs), binary_model_paths)
+    assert fs.exists(f"{bucket}/tables/_batchscore/scores/manifest.json")
+    assert not [p for p in fs.find(f"{bucket}/tables/scores") if p.rsplit("/", 1)[-1].startswith(".")]
