@@ -147,3 +147,31 @@ def test_kill_run_at_random_then_retry_appends_exactly_once(tmp_path: Path, bina
         dt = deltalake.DeltaTable(str(table))
         assert dt.version() == 0, trial
         assert_exact(_partition(table, "7"), read_inputs(inputs), binary_model_paths, passthrough=["customer_id"])
+
+
+def test_a_stalled_store_fails_a_table_commit_within_the_storage_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 endpoint that accepts connections and never answers: delta-rs gets the job's timeout
+    and retries, so opening the table fails within (retries + 1) x timeout plus backoff, in one line."""
+    import socket
+    import threading
+
+    from batchscore.config import StorageSettings
+    from batchscore.errors import StorageError
+    from batchscore.io.storage import resolve
+    from batchscore.io.tables import committed_version
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[object] = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    where = resolve("s3://bucket/scores", StorageSettings({"endpoint_url": endpoint}, timeout=1.5, retries=1))
+    started = time.monotonic()
+    with pytest.raises(StorageError) as failed:
+        committed_version(where, "s3://bucket/scores/batchscore-run-0123456789abcdef", None, "append")
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(failed.value) and "cannot read Delta table s3://bucket/scores" in str(failed.value)
+    server.close()

@@ -15,6 +15,7 @@ twice, and of two writers racing to commit the same plan only one wins (delta-rs
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,7 +51,8 @@ def _deltalake() -> Any:
 def delta_storage_options(where: Location) -> dict[str, str]:
     """delta-rs's storage options for a table at ``where``, from the job's fsspec options: the
     endpoint, keys and region it names (credentials not named there come from the environment, as
-    for s3fs), plain HTTP where the endpoint is, and S3's conditional put for the commit itself."""
+    for s3fs), plain HTTP where the endpoint is, S3's conditional put for the commit itself, and
+    the job's storage timeout and retries."""
     if not where.uri.startswith(("s3://", "s3a://")):
         return {}
     options = dict(where.storage.options)
@@ -70,8 +72,17 @@ def delta_storage_options(where: Location) -> dict[str, str]:
             found[theirs] = str(options[ours])
     region = client.get("region_name") or options.get("region_name")
     found["AWS_REGION"] = str(region or "us-east-1")
-    found["timeout"] = f"{int(where.storage.timeout)}s"
+    # batchscore's bounds on every request: a stalled store fails the commit, it does not hang it.
+    seconds = max(1, int(where.storage.timeout))
+    found["timeout"] = found["connect_timeout"] = f"{seconds}s"
+    found["max_retries"] = str(where.storage.retries)
+    found["retry_timeout"] = f"{seconds * (where.storage.retries + 1)}s"
     return found
+
+
+def _one_line(exc: BaseException) -> str:
+    """delta-rs's message on one line, without its terminal colours."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m|↳", " ", str(exc)).split())
 
 
 def _table_uri(where: Location) -> str:
@@ -88,7 +99,7 @@ def _open(where: Location) -> Any | None:
     except TableNotFoundError:
         return None
     except OSError as exc:
-        raise StorageError(f"cannot read Delta table {where.uri}: {exc}") from exc
+        raise StorageError(f"cannot read Delta table {where.uri}: {_one_line(exc)}") from None
 
 
 def _holds(table: Any, relative: str, partition: str | None, mode: str) -> bool:
@@ -241,7 +252,7 @@ def commit_delta(
             except DeltaError as exc:  # another writer created it first: commit to it like any table
                 table = _open(where)
                 if table is None:
-                    raise StorageError(f"cannot create Delta table {where.uri}: {exc}") from exc
+                    raise StorageError(f"cannot create Delta table {where.uri}: {_one_line(exc)}") from None
         _check_fits(table, where, schema, partition)
         if _holds(table, relative, partition, mode):
             return int(table.version()), False
@@ -264,7 +275,7 @@ def commit_delta(
     except CommitFailedError as exc:
         raise ConfigError(
             f"Delta table {where.uri}: another writer committed first and this commit conflicts with it "
-            f"({str(exc).splitlines()[0]}); nothing of this run was committed: run it again"
+            f"({_one_line(exc)}); nothing of this run was committed: run it again"
         ) from None
     except OSError as exc:
-        raise StorageError(f"cannot commit to Delta table {where.uri}: {exc}") from exc
+        raise StorageError(f"cannot commit to Delta table {where.uri}: {_one_line(exc)}") from None

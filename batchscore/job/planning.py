@@ -651,7 +651,16 @@ def checked_plan(data: Any, uri: str, config: JobConfig, expected_sha256: str | 
 
 
 #: The settings a commit held for drift records with its plan (see ``held_job``).
-HELD_SETTINGS = ("on_invalid", "max_invalid_fraction", "model_version", "job_name", "pushgateway")
+HELD_SETTINGS = (
+    "on_invalid",
+    "max_invalid_fraction",
+    "model_version",
+    "job_name",
+    "pushgateway",
+    "output_format",
+    "table_mode",
+    "partition",
+)
 HELD_FORMAT = 1
 
 
