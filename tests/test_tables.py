@@ -252,3 +252,30 @@ def test_s3_table_with_the_jobs_storage_options(tmp_path: Path, s3, binary_model
     assert_exact(_rows(dt.to_pyarrow_table()), read_inputs(inputs), binary_model_paths)
     assert fs.exists(f"{bucket}/tables/_batchscore/scores/manifest.json")
     assert not [p for p in fs.find(f"{bucket}/tables/scores") if p.rsplit("/", 1)[-1].startswith(".")]
+
+
+def test_drift_holds_a_table_commit_and_accepting_it_commits_to_the_table(tmp_path: Path, binary_model_paths) -> None:
+    """A job held for drift adds no table version; `commit OUTPUT --accept-drift` then commits it
+    to the table, with the partition and mode it was run with, from the output alone."""
+    import pyarrow.parquet as pq
+
+    reference = write_inputs(tmp_path / "ref", files=1, rows=ROWS)
+    shifted = write_inputs(tmp_path / "new", files=1, rows=ROWS, seed=5)
+    table = pq.read_table(shifted[0])
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("age"), "age", pc.multiply(table["age"], 3.0)), shifted[0]
+    )
+    folder = str(tmp_path / "reference-output")
+    result = cli("run", *_job(tmp_path / "ref", folder, binary_model_paths)[:8], "--workers", "1")
+    assert result.exit_code == 0, result.stderr
+    scores = str(tmp_path / "scores")
+    _run(tmp_path / "ref", scores, binary_model_paths, "--partition", "dt=1")
+    drift = ["--reference", folder, "--drift-fail", "0.2", "--partition", "dt=2", "--table-mode", "replace"]
+    result = cli("run", *_job(tmp_path / "new", scores, binary_model_paths, *drift))
+    assert result.exit_code == 5 and "not committed (no new table version)" in result.stderr, result.stderr
+    assert deltalake.DeltaTable(scores).version() == 0
+    result = cli("commit", scores, "--accept-drift")
+    assert result.exit_code == 0 and "delta version 1" in result.stdout, result.stderr
+    rows = deltalake.DeltaTable(scores).to_pyarrow_table()
+    assert_exact(_rows(rows, "1"), read_inputs(reference), binary_model_paths)
+    assert_exact(_rows(rows, "2"), read_inputs(shifted), binary_model_paths)
