@@ -124,6 +124,20 @@ def committed_version(where: Location, data_folder: str, partition: str | None, 
     return int(table.version())
 
 
+def committed_parts(where: Location, data_folder: str) -> dict[str, int]:
+    """Rows of each part of ``data_folder`` that the table's current version lists, by name."""
+    table = _open(where)
+    if table is None:
+        return {}
+    root = table_relative(where.path, data_folder) + "/"
+    actions = pa.table(table.get_add_actions(flatten=True))
+    return {
+        path[len(root) :]: int(rows)
+        for path, rows in zip(actions["path"].to_pylist(), actions["num_records"].to_pylist())
+        if path.startswith(root)
+    }
+
+
 def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
     """The table's schema: the parts' columns, then the partition column (a string, stored in the
     table's log, not in the parts)."""
@@ -191,12 +205,14 @@ def commit_delta(
     partition: str | None,
     mode: str,
     facts: Mapping[str, Any],
+    opened: Any | None = None,
 ) -> tuple[int, bool]:
     """Add ``parts`` (files of ``data_folder``, inside the table) to the Delta table at ``where`` in
     one commit, creating the table if there is none; ``mode`` "replace" removes the partition's (or
     the whole table's) files in the same commit. Returns (version, whether this call committed):
     a plan committed already is not committed again. ``schema`` is the parts' (None when the run
-    wrote none: the table's own then)."""
+    wrote none: the table's own then). ``opened``: the table as read already (its version is the
+    one this commit is checked against by delta-rs's conflict detection), else it is read now."""
     deltalake = _deltalake()
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
@@ -228,7 +244,7 @@ def commit_delta(
     uri, options = _table_uri(where), delta_storage_options(where)
     partition_by = list(values) or None
     try:
-        table = _open(where)
+        table = opened if opened is not None else _open(where)
         if schema is not None:
             schema = _table_schema(schema, partition)
         elif table is not None:

@@ -43,7 +43,7 @@ from ..io.sink import (
 )
 from ..io.source import in_order, open_parquet
 from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
-from ..io.tables import TablePart, commit_delta, committed_version
+from ..io.tables import TablePart, commit_delta, committed_parts, committed_version
 from ..logs import event
 from ..models.verification import engine_manifest
 from ..observe.run_report import build_report, publish
@@ -122,6 +122,33 @@ def _versions() -> dict[str, str]:
     }
 
 
+def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[str, Any]:
+    """What a table holding the plan's rows already says of them (a rerun or backfill of a job
+    committed before later ones): its parts and their rows, from the table's current version."""
+    table = resolve(the_plan.output, config.storage)
+    out_path = lease.location.path
+    parts = committed_parts(table, out_path)
+    rows_out = sum(parts.values())
+    return {
+        "output": the_plan.output,
+        "plan_id": the_plan.plan_id,
+        "model_version": the_plan.model_version or config.model_version,
+        "artifacts": list(the_plan.artifacts),
+        "rows": {"in": the_plan.total_rows, "out": rows_out, "invalid": the_plan.total_rows - rows_out},
+        "parts": [{"name": name, "rows": rows} for name, rows in sorted(parts.items())],
+        "state": state_folder(the_plan.output),
+        "table": {
+            "format": config.output_format,
+            "uri": the_plan.output,
+            "version": committed_version(table, out_path, config.partition, config.table_mode),
+            "mode": config.table_mode,
+            "partition": config.partition,
+            "data_folder": table_relative(table.path, out_path),
+        },
+        "committed_already": True,
+    }
+
+
 def _commit_table(
     config: JobConfig,
     the_plan: Plan,
@@ -190,9 +217,10 @@ def commit(
         except (FileNotFoundError, ValueError):
             done = {}
         # The same input and model, however it was sharded, went to the same data folder.
-        if (done.get("table") or {}).get("data_folder") == table_relative(table.path, out_path):
-            log.info(f"{the_plan.output} holds this input scored by this model already; nothing to do")
-            return {**done, **(extra or {})}  # else: the manifest is written again below, the table not committed again
+        if (done.get("table") or {}).get("data_folder") != table_relative(table.path, out_path):
+            done = committed_manifest(config, the_plan, lease)  # the state's manifest is a later job's
+        log.info(f"{the_plan.output} holds this input scored by this model already; nothing to do")
+        return {**done, **(extra or {})}
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it

@@ -527,8 +527,9 @@ def plan(
     check_access(prepared, plan_out=plan_file)
     with hold(config, result, "plan", release="never", output=prepared.location) as lease:
         guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
-        guard_output(config, lease.location, prepared.files)  # a table's data folder: only its own files
-        uncommit(lease.location.fs, lease.location.path)
+        if not committed_already(config, result, lease.location):  # a table's record of it stays
+            guard_output(config, lease.location, prepared.files)  # a table's data folder: only its own files
+            uncommit(lease.location.fs, lease.location.path)
         with atomic_writer(plan_file.fs, plan_file.path) as fh:
             for chunk in plan_chunks(result):
                 fh.write(chunk)
