@@ -232,23 +232,27 @@ def test_racing_commits_one_wins_the_other_is_refused_never_both(tmp_path: Path,
     base = deltalake.DeltaTable(table)
     [committed] = base.file_uris()
     context = multiprocessing.get_context("spawn")
-    for trial in range(3):
-        version = deltalake.DeltaTable(table).version()
-        folders = [f"dt=1/batchscore-run-{trial:08d}{k:08d}" for k in range(2)]
-        for folder in folders:
-            Path(table, folder).mkdir(parents=True)
-            Path(table, folder, "part-00000-00000.parquet").write_bytes(Path(committed).read_bytes())
-        same = trial == 0  # first the same plan twice, then two plans replacing one partition
-        barrier = context.Manager().Barrier(2)
-        work = [(table, folders[0 if same else k], "part-00000-00000.parquet", ROWS, barrier) for k in range(2)]
-        with context.Pool(2) as pool:
-            outcomes = pool.map(_racer, work, chunksize=1)
-        landed = [o for o in outcomes if o.endswith("True")]
-        assert len(landed) == 1, outcomes
-        loser = next(o for o in outcomes if o not in landed)
-        assert loser.startswith("refused: Delta table") and "another writer committed first" in loser, outcomes
-        after = deltalake.DeltaTable(table)
-        assert after.version() == version + 1 and after.to_pyarrow_table().num_rows == ROWS
+    with context.Manager() as manager, context.Pool(2) as pool:
+        for trial in range(3):
+            outcomes = _race(table, committed, trial, manager, pool)
+            version = deltalake.DeltaTable(table).version() - 1
+            landed = [o for o in outcomes if o.endswith("True")]
+            assert landed == [f"committed {version + 1} True"], outcomes
+            loser = next(o for o in outcomes if o not in landed)
+            assert loser.startswith("refused: Delta table") and "another writer committed first" in loser, outcomes
+            assert deltalake.DeltaTable(table).to_pyarrow_table().num_rows == ROWS
+
+
+def _race(table: str, committed: str, trial: int, manager: Any, pool: Any) -> list[str]:
+    """Two commits at once: of one data folder (trial 0: the same plan twice), else of two
+    data folders replacing partition dt=1."""
+    folders = [f"dt=1/batchscore-run-{trial:08d}{k:08d}" for k in range(2)]
+    for folder in folders:
+        Path(table, folder).mkdir(parents=True)
+        Path(table, folder, "part-00000-00000.parquet").write_bytes(Path(committed).read_bytes())
+    barrier = manager.Barrier(2)
+    work = [(table, folders[0 if trial == 0 else k], "part-00000-00000.parquet", ROWS, barrier) for k in range(2)]
+    return pool.map(_racer, work, chunksize=1)
 
 
 def test_s3_table_with_the_jobs_storage_options(tmp_path: Path, s3, binary_model_paths) -> None:
