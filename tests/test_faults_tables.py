@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import deltalake
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from helpers import assert_exact, cli, read_inputs, write_inputs
 from test_faults_process import RUN_TIMEOUT, _cli, _finish, _start
-
-deltalake = pytest.importorskip("deltalake")
 
 pytestmark = [
     pytest.mark.fault,

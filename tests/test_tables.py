@@ -8,6 +8,7 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
+import deltalake
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -17,8 +18,6 @@ from batchscore.errors import EXIT_INPUT, EXIT_USAGE, ConfigError
 from batchscore.io.storage import resolve
 from batchscore.io.tables import TablePart, commit_delta, delta_storage_options
 from helpers import assert_exact, cli, read_inputs, read_manifest, write_inputs
-
-deltalake = pytest.importorskip("deltalake")
 
 #: Rows per input file: a multiple of 16 (see assert_exact), not a round number.
 ROWS = 1_328
