@@ -179,8 +179,9 @@ def _summary(config: JobConfig, result: Any) -> None:
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
     table = result.manifest.get("table")
     if table:
+        label = "snapshot" if table["format"] == "iceberg" else "version"
         click.echo(
-            f"output: {result.output} ({len(result.parts)} part(s), {table['format']} version {table['version']})"
+            f"output: {result.output} ({len(result.parts)} part(s), {table['format']} {label} {table['version']})"
         )
     else:
         click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")

@@ -40,6 +40,8 @@ EVERY_KEY: dict[str, Any] = {
     "output_format": "delta",
     "table_mode": "replace",
     "partition": "dt=2024-06-01",
+    "iceberg_catalog": "warehouse",
+    "iceberg_table": "scores.churn",
     "workers": 3,
     "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "use_ssl": False, "max_pool": 4},
     "storage_timeout": 2.5,

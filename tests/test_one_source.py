@@ -46,6 +46,8 @@ EVERY_SETTING: dict[str, Any] = {
     "output_format": "delta",
     "table_mode": "replace",
     "partition": "dt=2024-06-01",
+    "iceberg_catalog": "warehouse",
+    "iceberg_table": "scores.churn",
     "workers": 3,
     "storage_options": {"anon": True, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": 0}},
     "storage_timeout": 7.5,

@@ -295,3 +295,55 @@ def test_drift_holds_a_table_commit_and_accepting_it_commits_to_the_table(tmp_pa
     rows = deltalake.DeltaTable(scores).to_pyarrow_table()
     assert_exact(_rows(rows, "1"), read_inputs(reference), binary_model_paths)
     assert_exact(_rows(rows, "2"), read_inputs(shifted), binary_model_paths)
+
+
+def test_iceberg_table_append_replace_readers_and_reruns(tmp_path: Path, binary_model_paths) -> None:
+    """An Iceberg output in the embedded SQLite catalog: each job one snapshot, a rerun none;
+    pyiceberg scans, a file-list dataset and the previous snapshot read exactly the committed rows;
+    replace swaps the whole table in one commit."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    first = write_inputs(tmp_path / "a", files=2, rows=ROWS, row_group_size=500)
+    second = write_inputs(tmp_path / "b", files=1, rows=1_616, seed=23)
+    table = str(tmp_path / "out" / "scores")
+    iceberg = ["--output-format", "iceberg"]
+
+    def job(inputs: str, version: str, *extra: str) -> list[str]:
+        return [*_job(tmp_path / inputs, table, binary_model_paths)[:8], *iceberg, "--model-version", version, *extra]
+
+    for args in (job("a", "a"), job("a", "a"), job("b", "b")):
+        result = cli("run", *args)
+        assert result.exit_code == 0, result.stderr
+        assert "iceberg snapshot" in result.stdout and "statistics" not in result.stderr
+    catalog = SqlCatalog(
+        "batchscore",
+        uri=f"sqlite:///{tmp_path}/out/_batchscore/scores/iceberg-catalog.db",
+        warehouse=f"file://{tmp_path}",
+    )
+    scores = catalog.load_table("batchscore.scores")
+    snapshots = [s for s in scores.snapshots()]
+    assert len(snapshots) == 2, "a rerun adds no snapshot"
+    facts = json.loads(snapshots[-1].summary["batchscore"])
+    assert facts["rows"]["out"] == 1_616 and facts["model_version"] == "b"
+    assert read_manifest(table)["table"]["version"] == snapshots[-1].snapshot_id
+
+    def by_version(rows: pa.Table, version: str) -> pa.Table:
+        return rows.filter(pc.equal(rows["model_version"], version)).sort_by("customer_id")
+
+    files = scores.inspect.files().column("file_path").to_pylist()
+    readers = {"pyiceberg": scores.scan().to_arrow(), "file list": ds.dataset(files, format="parquet").to_table()}
+    for name, rows in readers.items():
+        rows = rows.cast(readers["file list"].schema)
+        assert rows.num_rows == 2 * ROWS + 1_616, name
+        assert_exact(by_version(rows, "a"), read_inputs(first), binary_model_paths)
+        assert_exact(by_version(rows, "b"), read_inputs(second), binary_model_paths)
+    before = scores.scan(snapshot_id=snapshots[0].snapshot_id).to_arrow()
+    assert_exact(by_version(before, "a"), read_inputs(first), binary_model_paths)
+    assert before.num_rows == 2 * ROWS
+    result = cli("run", *job("b", "c", "--table-mode", "replace"))
+    assert result.exit_code == 0, result.stderr
+    rows = catalog.load_table("batchscore.scores").scan().to_arrow()
+    assert rows.num_rows == 1_616 and set(rows["model_version"].to_pylist()) == {"c"}
+    assert_exact(rows.sort_by("customer_id"), read_inputs(second), binary_model_paths)
+    result = cli("run", *job("b", "c", "--partition", "dt=1"))
+    assert result.exit_code == EXIT_USAGE and "applies to a Delta output" in result.stderr, result.stderr

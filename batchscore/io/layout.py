@@ -15,6 +15,7 @@ Hive-style partition discovery skip)::
         held.json                             the plan and settings of a commit held for drift
         plan.json                             where the DAG (and the docs) put a shared plan
         lease.json                            which job may write the output now (see lease.py)
+        iceberg-catalog.db                    an Iceberg output's embedded catalog (SQLite), when none is named
         receipts/shard-IIIII.json             what each shard wrote
         rejected/part-FFFFF-RRRRR.parquet.rejected   invalid rows (``--on-invalid quarantine``):
                                               Parquet that no ``*.parquet`` glob picks up
@@ -57,6 +58,8 @@ PLAN_FILE = "plan.json"
 #: What a commit held for drift was committing (its plan and settings), for ``commit --accept-drift``.
 HELD_FILE = "held.json"
 LEASE_FILE = "lease.json"
+#: The embedded Iceberg catalog of a local Iceberg output with no catalog named (SQLite).
+ICEBERG_CATALOG_FILE = "iceberg-catalog.db"
 RECEIPTS_DIR = "receipts"
 REJECTED_DIR = "rejected"
 #: Appended to a rejected part's name so that ``*.parquet`` globs (DuckDB, Polars) never match it.
@@ -183,6 +186,10 @@ def plan_path(output: str) -> str:
 
 def lease_path(output: str) -> str:
     return posixpath.join(state_folder(output), LEASE_FILE)
+
+
+def iceberg_catalog_path(output: str) -> str:
+    return posixpath.join(state_folder(output), ICEBERG_CATALOG_FILE)
 
 
 def receipts_folder(output: str) -> str:

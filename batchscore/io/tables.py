@@ -24,9 +24,76 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..config import JobConfig
 from ..errors import ConfigError, InputDataError, StorageError, param
 from .layout import split_partition, table_app_id, table_relative
 from .storage import Location
+
+
+@dataclass(frozen=True)
+class Target:
+    """A table output as a job writes it: where, which format, how (mode, partition), and for
+    Iceberg through which catalog under which identifier."""
+
+    where: Location
+    format: str
+    mode: str = "append"
+    partition: str | None = None
+    catalog: str | None = None
+    identifier: str | None = None
+
+    @classmethod
+    def of(cls, config: JobConfig, where: Location) -> Target:
+        return cls(
+            where,
+            config.output_format,
+            config.table_mode,
+            config.partition,
+            config.iceberg_catalog,
+            config.iceberg_table,
+        )
+
+
+def table_committed(target: Target, data_folder: str) -> int | None:
+    """The version (Delta) or snapshot id (Iceberg) of the table holding the rows of the plan
+    writing ``data_folder`` already, or None."""
+    if target.format == "iceberg":
+        from .iceberg import committed_snapshot
+
+        return committed_snapshot(target.where, data_folder, target.mode, target.catalog, target.identifier)
+    return committed_version(target.where, data_folder, target.partition, target.mode)
+
+
+def table_parts(target: Target, data_folder: str) -> dict[str, int]:
+    """Rows of each part of ``data_folder`` that the table lists now, by name."""
+    if target.format == "iceberg":
+        from . import iceberg
+
+        return iceberg.committed_parts(target.where, data_folder, target.catalog, target.identifier)
+    return committed_parts(target.where, data_folder)
+
+
+def table_check(target: Target, schema: pa.Schema) -> None:
+    """Before anything is scored: the table can take the job's columns (see check_table)."""
+    if target.format == "iceberg":
+        from . import iceberg
+
+        iceberg.check_table(target.where, schema, target.catalog, target.identifier)
+    else:
+        check_table(target.where, schema, target.partition)
+
+
+def table_commit(
+    target: Target, data_folder: str, parts: Sequence[TablePart], schema: pa.Schema | None, facts: Mapping[str, Any]
+) -> tuple[int, bool]:
+    """Add the parts to the table in one commit (see commit_delta, iceberg.commit_iceberg)."""
+    if target.format == "iceberg":
+        from .iceberg import commit_iceberg
+
+        return commit_iceberg(
+            target.where, data_folder, parts, schema, target.mode, facts, target.catalog, target.identifier
+        )
+    return commit_delta(target.where, data_folder, parts, schema, target.partition, target.mode, facts)
 
 
 @dataclass(frozen=True)

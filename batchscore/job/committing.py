@@ -43,7 +43,7 @@ from ..io.sink import (
 )
 from ..io.source import in_order, open_parquet
 from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
-from ..io.tables import TablePart, commit_delta, committed_parts, committed_version
+from ..io.tables import TablePart, Target, table_commit, table_committed, table_parts
 from ..logs import event
 from ..models.verification import engine_manifest
 from ..observe.run_report import build_report, publish
@@ -127,7 +127,7 @@ def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[
     committed before later ones): its parts and their rows, from the table's current version."""
     table = resolve(the_plan.output, config.storage)
     out_path = lease.location.path
-    parts = committed_parts(table, out_path)
+    parts = table_parts(Target.of(config, table), out_path)
     rows_out = sum(parts.values())
     return {
         "output": the_plan.output,
@@ -140,7 +140,7 @@ def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[
         "table": {
             "format": config.output_format,
             "uri": the_plan.output,
-            "version": committed_version(table, out_path, config.partition, config.table_mode),
+            "version": table_committed(Target.of(config, table), out_path),
             "mode": config.table_mode,
             "partition": config.partition,
             "data_folder": table_relative(table.path, out_path),
@@ -180,7 +180,7 @@ def _commit_table(
     stopping.check()  # a stop the main thread has not seen yet still commits nothing
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     with stopping.publishing():
-        version, new = commit_delta(table, out_path, files, schema, config.partition, config.table_mode, facts)
+        version, new = table_commit(Target.of(config, table), out_path, files, schema, facts)
     if not new:
         log.info(f"plan {the_plan.plan_id} was committed to {the_plan.output} already, in version {version}")
     return {
@@ -211,7 +211,7 @@ def commit(
             return commit(config, the_plan, extra, own, accept_drift)
     fs, out_path = lease.location.fs, lease.location.path
     table = resolve(the_plan.output, config.storage) if config.output_format != "parquet" else None
-    if table is not None and committed_version(table, out_path, config.partition, config.table_mode) is not None:
+    if table is not None and table_committed(Target.of(config, table), out_path) is not None:
         try:
             done = read_json(fs, manifest_path(out_path))
         except (FileNotFoundError, ValueError):

@@ -550,11 +550,9 @@ def committed_already(config: JobConfig, the_plan: Plan, parts: Location) -> boo
     are not written again)."""
     if config.output_format == "parquet":
         return False
-    from ..io.tables import committed_version
+    from ..io.tables import Target, table_committed
 
-    version = committed_version(
-        resolve(the_plan.output, config.storage), parts.path, config.partition, config.table_mode
-    )
+    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage)), parts.path)
     if version is not None:
         log.info(f"plan {the_plan.plan_id} is committed to {the_plan.output} already (version {version})")
     return version is not None

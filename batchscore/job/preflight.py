@@ -37,9 +37,9 @@ def check_table_output(prepared: Prepared) -> None:
     table already there has the same columns, types and partitioning (folder outputs: nothing)."""
     if prepared.config.output_format == "parquet":
         return
-    from ..io.tables import check_table
+    from ..io.tables import Target, table_check
 
-    check_table(prepared.location, prepared.output_schema, prepared.config.partition)
+    table_check(Target.of(prepared.config, prepared.location), prepared.output_schema)
 
 
 def check_access(prepared: Prepared, plan_out: Location | None = None, tidy: bool = True) -> None:
