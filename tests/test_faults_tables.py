@@ -174,3 +174,60 @@ def test_a_stalled_store_fails_a_table_commit_within_the_storage_bounds(monkeypa
     assert time.monotonic() - started < 10
     assert "\n" not in str(failed.value) and "cannot read Delta table s3://bucket/scores" in str(failed.value)
     server.close()
+
+
+def test_kill_during_an_iceberg_commit_leaves_the_previous_snapshot(tmp_path: Path, binary_model_paths) -> None:
+    """The same for an Iceberg output replacing its rows: `commit` killed as the report is written,
+    20 ms later, and as the new table metadata file appears (before the catalog points at it);
+    readers see the old rows or the new, exactly, and the retry commits once."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    root = tmp_path
+    shutil.copytree(binary_model_paths["model"].parent, root / "model")
+    old = write_inputs(root / "old", files=1, rows=ROWS, row_group_size=1_500)
+    new = write_inputs(root / "new", files=2, rows=ROWS, row_group_size=1_300, seed=43)
+    table, state = root / "out" / "scores", root / "out" / "_batchscore" / "scores"
+    iceberg = ["--output-format", "iceberg", "--model-version"]
+    job = [*_job(root, "new")[:-4], *iceberg, "new", "--table-mode", "replace"]
+    plan = root / "plan.json"
+    for args in (
+        ["run", *_job(root, "old")[:-4], *iceberg, "old"],
+        ["plan", *job, "--shards", "2", "--out", str(plan)],
+        *[["run", *job, "--plan", str(plan), "--shard", str(i)] for i in range(2)],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 0, result.stderr
+    snapshot = root / "snapshot"
+    shutil.copytree(root / "out", snapshot)
+
+    def rows() -> tuple[int, pa.Table]:
+        catalog = SqlCatalog("batchscore", uri=f"sqlite:///{state}/iceberg-catalog.db", warehouse=f"file://{root}/out")
+        scores = catalog.load_table("batchscore.scores")
+        read = scores.scan().to_arrow().drop_columns(["predicted_at"]).sort_by("customer_id")
+        return len(scores.snapshots()), read
+
+    commit = _cli("commit", *job, "--plan", str(plan))
+    _, before = rows()
+    assert set(before["model_version"].to_pylist()) == {"old"} and before.num_rows == ROWS
+    metadata = table / "metadata"
+    triggers: list[tuple[str, Callable[[], bool], float]] = [
+        ("report written", lambda: (state / "report.json").exists(), 0.0),
+        ("just after the report", lambda: (state / "report.json").exists(), 0.02),
+        ("new metadata written", lambda: any(p.name.startswith("00001-") for p in metadata.iterdir()), 0.0),
+    ]
+    assert_exact(before, read_inputs(old), binary_model_paths, passthrough=["customer_id"])
+    struck = []
+    for name, ready, delay in triggers:
+        shutil.rmtree(root / "out")
+        shutil.copytree(snapshot, root / "out")
+        if _kill_when(commit, ready, delay):
+            struck.append(name)
+        count, seen = rows()
+        if not seen.equals(before):  # then the new rows, exactly: never some of each
+            assert_exact(seen, read_inputs(new), binary_model_paths, passthrough=["customer_id"])
+        code, stderr = _finish(_start(commit))
+        assert code == 0, f"{name}: {stderr}"
+        count, seen = rows()
+        assert count == 3, f"{name}: the first job's snapshot, then the replace's delete and append, once"
+        assert_exact(seen, read_inputs(new), binary_model_paths, passthrough=["customer_id"])
+    assert len(struck) >= 2, f"most kills must land on a running commit: {struck}"
