@@ -2,9 +2,10 @@
 
 Writes several files of 12 float64 features (under --dir, never in the repository), scores them
 with a scaler and a logistic regression as `batchscore run` (one process each, sequentially), into
-a Parquet folder, a new Delta table, and as a replace of that table's partition, then times the
+a Parquet folder, a new Delta table, as a replace of that table's partition, and a new Iceberg
+table (embedded catalog), then times the
 `commit` step alone of a sharded job into each (plan and shards done first). Each job is run
---repeats times; the best wall time counts. Needs batchscore[delta].
+--repeats times; the best wall time counts. Needs batchscore[delta] and batchscore[iceberg].
 
     python bench/table_output.py                       # 2,000,003 rows in 8 files
     python bench/table_output.py --rows 500003 --files 4 --repeats 1
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/batchscore-table-output"))
+    parser.add_argument("--only", default="", help="run only the outputs whose name holds this, e.g. iceberg")
     a = parser.parse_args()
     inputs = a.dir / "in"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -62,9 +64,12 @@ def main() -> None:
             "--table-mode",
             "replace",
         ],
+        "iceberg append (new table)": ["--output", str(outputs / "iceberg"), "--output-format", "iceberg"],
     }
     results = []
     for name, extra in jobs.items():
+        if a.only and a.only not in name:
+            continue
         runs, commits = [], []
         for _ in range(a.repeats):
             shutil.rmtree(outputs, ignore_errors=True)
