@@ -56,7 +56,8 @@ MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
 #: A table partition as a job names it, ``COLUMN=VALUE``: a plain column name, a value safe in a path.
-PARTITION_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127})=([A-Za-z0-9][A-Za-z0-9._:+-]{0,127})$")
+#: (No ``:`` or ``+``: a table's log names files by URI, where those would need escaping.)
+PARTITION_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127})=([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
 #: An Iceberg table identifier: namespace(s) and name, dotted.
 ICEBERG_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 TEXT_KEYS = ("output", "model", "scaler", "model_version", "compiled_cache", "pushgateway", "job_name", "reference")
@@ -364,7 +365,7 @@ class JobConfig:
         if value is not None and not PARTITION_PATTERN.fullmatch(value):
             raise ValueError(
                 f"setting 'partition' must be COLUMN=VALUE (a column name, then a value of letters, digits "
-                f"and ._:+-), got {value!r}"
+                f"and ._-), got {value!r}"
             )
         return value
 

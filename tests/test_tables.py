@@ -175,6 +175,7 @@ def test_table_settings_are_refused_before_anything_is_written(tmp_path: Path, b
         (["--output-format", "parquet", "--table-mode", "replace"], "applies to a table output"),
         (["--partition", "dt"], "COLUMN=VALUE"),
         (["--partition", "dt=../x"], "COLUMN=VALUE"),
+        (["--partition", "dt=2026-11-24T00:00+00:00"], "COLUMN=VALUE"),
     ):
         result = cli("run", *_job(tmp_path / "in", table, binary_model_paths), *args)
         assert result.exit_code == EXIT_USAGE and words in result.stderr, (args, result.stderr)

@@ -293,7 +293,7 @@ def commit_delta(
     stamp = int(time.time() * 1000)
     adds = [
         AddAction(
-            f"{relative}/{p.path}" if "/" not in p.path else p.path,
+            f"{relative}/{p.path}",
             p.size,
             values,
             stamp,
