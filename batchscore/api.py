@@ -231,11 +231,12 @@ def validate(config: JobConfig) -> ValidateResult:
     """Check model, inputs and schemas, the output and its lease, and everything ``run`` would
     write or read (probe files are written and removed; see preflight.py); score nothing."""
     from .io.output_guard import guard_output
-    from .job.preflight import check_access, check_lease
+    from .job.preflight import check_access, check_lease, check_table_output
     from .job.preparation import prepare
 
     prepared = prepare(config)
     guard_output(config, prepared.location, prepared.files)
+    check_table_output(prepared)
     check_lease(prepared)
     check_access(prepared)
     return ValidateResult(
@@ -379,7 +380,7 @@ def run(config: JobConfig) -> RunResult:
     from .io.lease import run_holder
     from .io.output_guard import guard_output
     from .job.committing import commit as commit_plan
-    from .job.planning import hold, plan_of
+    from .job.planning import committed_already, hold, plan_of
     from .job.preflight import check_access
     from .job.preparation import now, prepare
     from .job.shard import score_shard
@@ -392,7 +393,9 @@ def run(config: JobConfig) -> RunResult:
         with hold(config, the_plan, "run", release="always", holder=run_holder(), output=prepared.location) as lease:
             guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
             check_access(prepared)  # what validate checks: nothing is scored that cannot be written
-            score_shard(prepared, the_plan, 0, lease, observers)
+            if not committed_already(config, the_plan, lease.location):  # a table holding this plan's rows
+                guard_output(config, lease.location, prepared.files)  # a table's data folder: only own files
+                score_shard(prepared, the_plan, 0, lease, observers)
             manifest = commit_plan(
                 config, the_plan, extra={"seconds": round(time.perf_counter() - clock, 3)}, lease=lease
             )

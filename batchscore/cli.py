@@ -170,13 +170,21 @@ def _summary(config: JobConfig, result: Any) -> None:
                     "parts": len(result.parts),
                     "seconds": seconds,
                     "plan_id": result.plan_id,
+                    **({"table_version": result.manifest["table"]["version"]} if result.manifest.get("table") else {}),
                 }
             )
         )
         return
     speed = f" in {seconds:.2f} s ({rows['in'] / seconds:,.0f} rows/s)" if seconds else ""
     click.echo(f"scored {rows['out']:,} of {rows['in']:,} rows, {rows['invalid']:,} invalid{speed}")
-    click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")
+    table = result.manifest.get("table")
+    if table:
+        label = "snapshot" if table["format"] == "iceberg" else "version"
+        click.echo(
+            f"output: {result.output} ({len(result.parts)} part(s), {table['format']} {label} {table['version']})"
+        )
+    else:
+        click.echo(f"output: {result.output} ({len(result.parts)} part(s), _SUCCESS written)")
 
 
 def _parse_shard(value: str | None) -> tuple[int | None, int | None]:

@@ -60,6 +60,11 @@ DAY_SECONDS = 86_400.0
 MAX_PSI = 20.0
 PSI_WHY = "PSI never exceeds 18.4 with its bars floored at 1e-4"
 #: Settings that are text: a path or a version, never a number YAML guessed.
+#: A table partition as a job names it, ``COLUMN=VALUE``: a plain column name, a value safe in a path.
+#: (No ``:`` or ``+``: a table's log names files by URI, where those would need escaping.)
+PARTITION_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127})=([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+#: An Iceberg table identifier: namespace(s) and name, dotted.
+ICEBERG_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 TEXT_KEYS = (
     "output",
     "model",
@@ -289,6 +294,36 @@ class JobConfig:
         why="a fraction",
     )
     overwrite: bool = setting(False, "Replace an existing output.", switch=True)
+    output_format: Literal["parquet", "delta", "iceberg"] = setting(
+        "parquet",
+        "parquet: the output is a folder of Parquet parts; delta: a Delta Lake table (local or s3://), "
+        "iceberg: an Apache Iceberg table at that location, that commit adds the parts to in one "
+        "transaction (needs batchscore[delta] or batchscore[iceberg]).",
+    )
+    table_mode: Literal["append", "replace"] = setting(
+        "append",
+        "For a table output: append the run's rows, or replace the rows of `partition` (of the whole table "
+        "without one) with them, in one transaction.",
+    )
+    partition: str | None = setting(
+        None,
+        "For a table output: the partition COLUMN=VALUE every row of the run goes to (e.g. dt=2026-11-24); "
+        "the table is partitioned by COLUMN, a string.",
+        metavar="COLUMN=VALUE",
+    )
+    iceberg_catalog: str | None = setting(
+        None,
+        "For an Iceberg output: the pyiceberg catalog to commit through, by name, configured as pyiceberg "
+        "reads it (.pyiceberg.yaml, PYICEBERG_CATALOG__NAME__* variables).",
+        metavar="NAME",
+        shown="a SQLite catalog in the table's state folder (local outputs)",
+    )
+    iceberg_table: str | None = setting(
+        None,
+        "For an Iceberg output: the table's identifier in the catalog, NAMESPACE.NAME.",
+        metavar="NAMESPACE.NAME",
+        shown="batchscore.<output name>",
+    )
     workers: int | None = setting(
         None,
         "Worker processes, each with one compute thread.",
@@ -459,6 +494,23 @@ class JobConfig:
                 "setting 'models': the champion is the job's model (key 'model', or one entry of role champion)"
             )
         return entries
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: str | None) -> str | None:
+        if value is not None and not PARTITION_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"setting 'partition' must be COLUMN=VALUE (a column name, then a value of letters, digits "
+                f"and ._-), got {value!r}"
+            )
+        return value
+
+    @field_validator("iceberg_table")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not ICEBERG_IDENTIFIER.fullmatch(value):
+            raise ValueError(f"setting 'iceberg_table' must be NAMESPACE.NAME (letters, digits, _), got {value!r}")
+        return value
 
     @field_validator("storage_options", mode="after")
     @classmethod
@@ -683,6 +735,16 @@ def validate_settings(
     if config.scaler_sha256 and not config.scaler:
         raise ConfigError(
             f"setting 'scaler_sha256' pins a scaler but no scaler is given: give {param('scaler')} (YAML key 'scaler')"
+        )
+    if config.output_format == "parquet" and (config.partition or config.table_mode != "append"):
+        key = "partition" if config.partition else "table_mode"
+        raise ConfigError(
+            f"setting '{key}' applies to a table output; give {param('output_format')} delta (YAML key 'output_format')"
+        )
+    if config.output_format == "iceberg" and config.partition:
+        raise ConfigError(
+            f"setting 'partition' applies to a Delta output: an Iceberg table takes the parts as they are "
+            f"written, which hold no partition column; append, or replace the whole table ({param('table_mode')})"
         )
     return config
 

@@ -15,9 +15,27 @@ Hive-style partition discovery skip)::
         held.json                             the plan and settings of a commit held for drift
         plan.json                             where the DAG (and the docs) put a shared plan
         lease.json                            which job may write the output now (see lease.py)
+        iceberg-catalog.db                    an Iceberg output's embedded catalog (SQLite), when none is named
         receipts/shard-IIIII.json             what each shard wrote
         rejected/part-FFFFF-RRRRR.parquet.rejected   invalid rows (``--on-invalid quarantine``):
                                               Parquet that no ``*.parquet`` glob picks up
+
+A table output (``output_format: delta``) is a table path ``<parent>/<table>``. Its state folder is
+the same ``<parent>/_batchscore/<table>/``: one lease, plan, receipts and report per table, outside
+it (table readers read only the table's log). Each plan's shards write their parts, named as in a
+folder output, into a data folder of their own inside the table, in the partition's Hive-style
+folder when the job writes one, where Delta's own writers put them (and VACUUM, which skips ``_``
+and ``.`` names, still removes them once replaced)::
+
+    <parent>/<table>/
+        _delta_log/                           the table's commits (written by delta-rs)
+        [<column>=<value>/]batchscore-run-<plan id>/part-FFFFF-RRRRR.parquet
+
+The data folder is named by the plan id (a content hash), so every step of a sharded job finds it
+without sharing a file, and a new plan never writes over files that a committed version lists.
+``state_folder`` of a data folder is its table's. A folder output may not be named like a data
+folder, and a table's own name may not hold ``=`` (Hive-style readers would take it for a
+partition).
 
 An output needs a parent for its state: a bucket root (``s3://bucket``) or the filesystem root is
 refused. Only the standard library is imported here: the DAG factory uses these names too.
@@ -28,6 +46,7 @@ from __future__ import annotations
 import posixpath
 import re
 
+from ..config import PARTITION_PATTERN
 from ..errors import ConfigError
 
 STATE_ROOT = "_batchscore"
@@ -39,6 +58,8 @@ PLAN_FILE = "plan.json"
 #: What a commit held for drift was committing (its plan and settings), for ``commit --accept-drift``.
 HELD_FILE = "held.json"
 LEASE_FILE = "lease.json"
+#: The embedded Iceberg catalog of a local Iceberg output with no catalog named (SQLite).
+ICEBERG_CATALOG_FILE = "iceberg-catalog.db"
 RECEIPTS_DIR = "receipts"
 REJECTED_DIR = "rejected"
 #: Appended to a rejected part's name so that ``*.parquet`` globs (DuckDB, Polars) never match it.
@@ -48,6 +69,9 @@ PART_NUMBER_DIGITS = 5
 _PART = rf"part-\d{{{PART_NUMBER_DIGITS},}}-\d{{{PART_NUMBER_DIGITS},}}(-\d{{{PART_NUMBER_DIGITS},}})?\.parquet"  # the last number: a slice
 PART_PATTERN = re.compile(f"^{_PART}$")
 REJECTED_PATTERN = re.compile(f"^{_PART}{re.escape(REJECTED_SUFFIX)}$")
+#: The name of a plan's data folder inside a table output (followed by the plan id).
+TABLE_DATA_PREFIX = "batchscore-run-"
+TABLE_DATA_PATTERN = re.compile(rf"^{re.escape(TABLE_DATA_PREFIX)}[0-9a-f]{{16}}$")
 
 
 def _split(output: str) -> tuple[str, str, str]:
@@ -61,21 +85,71 @@ def _split(output: str) -> tuple[str, str, str]:
     return (scheme + sep), posixpath.dirname(path), posixpath.basename(path)
 
 
-def check_output(output: str) -> None:
-    """Refuse an output that has no parent folder to keep its state in."""
+def check_output(output: str, table: bool = False) -> None:
+    """Refuse an output that has no parent folder to keep its state in, and names that read as
+    something else: a folder named like a table's data folder, a table named like a partition."""
     prefix, parent, name = _split(output)
     if name in ("", ".", "..") or (prefix and not parent):
         raise ConfigError(
             f"output {output} is a bucket or filesystem root; write to a folder inside it "
             f"(the job keeps its state beside the output, in <parent>/{STATE_ROOT}/<output name>/)"
         )
+    if not table and TABLE_DATA_PATTERN.match(name):
+        raise ConfigError(f"output {output}: a folder output may not be named like a table's data folder")
+    if table and "=" in name:
+        raise ConfigError(f"output {output}: a table's name may not hold '=' (readers take it for a partition)")
+
+
+def _table_of(output: str) -> str:
+    """The table of a table's data folder (see above), or ``output`` itself."""
+    prefix, parent, name = _split(output)
+    if not TABLE_DATA_PATTERN.match(name):
+        return output
+    if "=" in posixpath.basename(parent):
+        parent = posixpath.dirname(parent)
+    return prefix + parent
 
 
 def state_folder(output: str) -> str:
-    """``<parent>/_batchscore/<name>`` for output ``<parent>/<name>``, in the output's own spelling."""
+    """``<parent>/_batchscore/<name>`` for output ``<parent>/<name>``, in the output's own spelling;
+    for a table's data folder, its table's."""
+    output = _table_of(output)
     check_output(output)
     prefix, parent, name = _split(output)
     return prefix + posixpath.join(parent, STATE_ROOT, name)
+
+
+def split_partition(partition: str) -> tuple[str, str]:
+    """(column, value) of ``COLUMN=VALUE``."""
+    found = PARTITION_PATTERN.match(partition)
+    if not found:
+        raise ConfigError(f"partition {partition!r} is not COLUMN=VALUE")
+    return found.group(1), found.group(2)
+
+
+def table_data_folder(table: str, partition: str | None, plan_id: str) -> str:
+    """Where a plan's shards write their parts inside table ``table``: a folder of their own, in
+    the partition's Hive-style folder when the job writes one."""
+    check_output(table, table=True)
+    parts = [table.rstrip("/")]
+    if partition:
+        column, value = split_partition(partition)
+        parts.append(f"{column}={value}")
+    return posixpath.join(*parts, TABLE_DATA_PREFIX + plan_id)
+
+
+def table_relative(table: str, path: str) -> str:
+    """``path`` (inside ``table``, in the same spelling) relative to the table's root."""
+    root = table.rstrip("/") + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not inside table {table}")
+    return path[len(root) :]
+
+
+def table_app_id(data_folder_relative: str) -> str:
+    """The application id a table commit records for one plan's data folder: a rerun of a committed
+    plan finds it in the table and commits nothing twice."""
+    return f"batchscore:{data_folder_relative}"
 
 
 def part_name(file: int, row_group: int, slice: int | None = None, digits: int = PART_NUMBER_DIGITS) -> str:
@@ -112,6 +186,10 @@ def plan_path(output: str) -> str:
 
 def lease_path(output: str) -> str:
     return posixpath.join(state_folder(output), LEASE_FILE)
+
+
+def iceberg_catalog_path(output: str) -> str:
+    return posixpath.join(state_folder(output), ICEBERG_CATALOG_FILE)
 
 
 def receipts_folder(output: str) -> str:

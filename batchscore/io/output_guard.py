@@ -5,6 +5,7 @@ and never publish an output that holds files another tool (or a person) put ther
 from __future__ import annotations
 
 import itertools
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from fsspec.core import split_protocol
 
 from ..config import JobConfig
 from ..errors import ConfigError, param
-from .layout import plan_path, state_folder
+from .layout import TABLE_DATA_PATTERN, plan_path, state_folder
 from .sink import listing, owned_name
 from .source import GLOB_CHARS, InputFile, InputFiles
 from .storage import Location, full_uri, location, overlapping, translated
@@ -35,11 +36,17 @@ def guard_output(config: JobConfig, where: Location, files: Sequence[InputFile])
     """Never write where the input lives; never replace a finished output unless asked to."""
     output, fs, path = where.uri, where.fs, where.path  # the output
     guard_overlap(config, output, files.uris if isinstance(files, InputFiles) else [f.uri for f in files])
+    data_folder = TABLE_DATA_PATTERN.match(posixpath.basename(path.rstrip("/"))) is not None
+    if config.output_format != "parquet" and not data_folder:
+        if fs.exists(path) and not fs.isdir(path):  # a table: its own data folders are guarded one by one
+            raise ConfigError(f"output {output} exists and is a file")
+        return
     if fs.exists(path):
         if not fs.isdir(path):
             raise ConfigError(f"output {output} exists and is a file")
         leftovers = listing(fs, path)
-        if leftovers and not config.overwrite:
+        # A table's data folder is its plan's alone: what is there is an uncommitted attempt's.
+        if leftovers and not config.overwrite and not data_folder:
             raise ConfigError(
                 f"output {output} already exists ({len(leftovers)} entries, e.g. {leftovers[0]}); "
                 f"pass {param('overwrite')} to replace it"

@@ -173,6 +173,14 @@ def listing(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
         return []
 
 
+def sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """Bytes of each file directly inside ``folder``, by name, from one listing."""
+    fs.invalidate_cache(folder)
+    with translated("list", full_uri(fs, folder)):
+        found = fs.ls(folder, detail=True)
+    return {posixpath.basename(f["name"].rstrip("/")): int(f.get("size") or 0) for f in found}
+
+
 def owned_name(relative: str) -> bool:
     """Whether batchscore writes files under this name (relative to an output folder): its parts,
     their temporary files, ``_SUCCESS`` and the probe; all at the top level, none in subfolders."""

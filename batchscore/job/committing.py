@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..errors import DriftError, InputDataError, param
-from ..io.layout import receipt_name
+from ..io.layout import receipt_name, table_relative
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from ..io.sink import (
@@ -36,12 +36,14 @@ from ..io.sink import (
     receipts_folder,
     rejected_name,
     rejected_path,
+    sizes,
     state_folder,
     success_path,
     write_json,
 )
 from ..io.source import in_order, open_parquet
-from ..io.storage import join, make_durable, remove_if_exists, write_bytes_atomic
+from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
+from ..io.tables import TablePart, Target, table_commit, table_committed, table_parts
 from ..logs import event
 from ..models.verification import engine_manifest
 from ..observe.run_report import build_report, publish
@@ -120,6 +122,77 @@ def _versions() -> dict[str, str]:
     }
 
 
+def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[str, Any]:
+    """What a table holding the plan's rows already says of them (a rerun or backfill of a job
+    committed before later ones): its parts and their rows, from the table's current version."""
+    table = resolve(the_plan.output, config.storage)
+    out_path = lease.location.path
+    parts = table_parts(Target.of(config, table), out_path)
+    rows_out = sum(parts.values())
+    return {
+        "output": the_plan.output,
+        "plan_id": the_plan.plan_id,
+        "model_version": the_plan.model_version or config.model_version,
+        "artifacts": list(the_plan.artifacts),
+        "rows": {"in": the_plan.total_rows, "out": rows_out, "invalid": the_plan.total_rows - rows_out},
+        "parts": [{"name": name, "rows": rows} for name, rows in sorted(parts.items())],
+        "state": state_folder(the_plan.output),
+        "table": {
+            "format": config.output_format,
+            "uri": the_plan.output,
+            "version": table_committed(Target.of(config, table), out_path),
+            "mode": config.table_mode,
+            "partition": config.partition,
+            "data_folder": table_relative(table.path, out_path),
+        },
+        "committed_already": True,
+    }
+
+
+def _commit_table(
+    config: JobConfig,
+    the_plan: Plan,
+    table: Location,
+    lease: Lease,
+    manifest: dict[str, Any],
+    parts: Sequence[tuple[int, str, int]],
+) -> dict[str, Any]:
+    """Add the plan's parts to the table in one transaction carrying the manifest's facts; the
+    table's new version (or the one that holds this plan already) is what the manifest records."""
+    fs, out_path = lease.location.fs, lease.location.path
+    size = sizes(fs, out_path)  # one listing: no request per part
+    files = [TablePart(name, size[name], rows) for _, name, rows in parts]
+    facts = {
+        "plan_id": the_plan.plan_id,
+        "content_id": the_plan.content_id,
+        "model_version": manifest["model_version"],
+        "artifacts": [{"role": a["role"], "uri": a["uri"], "sha256": a["sha256"]} for a in the_plan.artifacts],
+        "rows": manifest["rows"],
+        "predicted_at": the_plan.predicted_at,
+        "inputs": len(the_plan.files),
+        "parts": len(files),
+        "batchscore": manifest["versions"]["batchscore"],
+    }
+    schema = None
+    if files:  # the parts' own schema, from the first footer (the plan records types only as names)
+        with open_parquet(part_path(lease.location.uri, files[0].path), config.storage) as (pf, _):
+            schema = pf.schema_arrow.remove_metadata()
+    stopping.check()  # a stop the main thread has not seen yet still commits nothing
+    lease.renew()  # proof, just before publishing, that no other job has taken the output
+    with stopping.publishing():
+        version, new = table_commit(Target.of(config, table), out_path, files, schema, facts)
+    if not new:
+        log.info(f"plan {the_plan.plan_id} was committed to {the_plan.output} already, in version {version}")
+    return {
+        "format": config.output_format,
+        "uri": the_plan.output,
+        "version": version,
+        "mode": config.table_mode,
+        "partition": config.partition,
+        "data_folder": table_relative(table.path, out_path),
+    }
+
+
 def commit(
     config: JobConfig,
     the_plan: Plan,
@@ -137,6 +210,17 @@ def commit(
         with hold(config, the_plan, "commit", release="on_success") as own:
             return commit(config, the_plan, extra, own, accept_drift)
     fs, out_path = lease.location.fs, lease.location.path
+    table = resolve(the_plan.output, config.storage) if config.output_format != "parquet" else None
+    if table is not None and table_committed(Target.of(config, table), out_path) is not None:
+        try:
+            done = read_json(fs, manifest_path(out_path))
+        except (FileNotFoundError, ValueError):
+            done = {}
+        # The same input and model, however it was sharded, went to the same data folder.
+        if (done.get("table") or {}).get("data_folder") != table_relative(table.path, out_path):
+            done = committed_manifest(config, the_plan, lease)  # the state's manifest is a later job's
+        log.info(f"{the_plan.output} holds this input scored by this model already; nothing to do")
+        return {**done, **(extra or {})}
     receipts: dict[int, dict[str, Any]] = {}
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it
@@ -226,7 +310,7 @@ def commit(
         raise InputDataError(
             f"cannot commit {the_plan.output}: parts listed in receipts are missing: {', '.join(absent[:5])}"
         )
-    _check_part_attempts(config, the_plan.output, receipts, parts)
+    _check_part_attempts(config, lease.location.uri, receipts, parts)
     keep = {part_path(out_path, name) for _, name, _ in parts()} | {rejected_path(out_path, r) for r in rejected}
     stray = [path for _, path in own if path not in keep]
     lease.renew()  # the clean-up deletes files: only while no other job may be writing them
@@ -290,10 +374,14 @@ def commit(
                 exc,
             )
         raise
-    write_json(fs, manifest_path(out_path), manifest)
-    stopping.check()  # a stop the main thread has not seen yet still commits nothing
-    with stopping.publishing():
-        write_bytes_atomic(fs, success_path(out_path), b"")
+    if table is not None:
+        manifest["table"] = _commit_table(config, the_plan, table, lease, manifest, list(parts()))
+        write_json(fs, manifest_path(out_path), manifest)
+    else:
+        write_json(fs, manifest_path(out_path), manifest)
+        stopping.check()  # a stop the main thread has not seen yet still commits nothing
+        with stopping.publishing():
+            write_bytes_atomic(fs, success_path(out_path), b"")
     remove_if_exists(fs, held_path(out_path))  # nothing is held any more
     log.info(
         f"committed {manifest['rows']['out']:,} rows in {part_count} part(s) to {the_plan.output}",

@@ -12,6 +12,7 @@ import hmac
 import io
 import itertools
 import json
+import logging
 import os
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
 from ..errors import ConfigError, InputDataError, ModelError, param
-from ..io.layout import PART_NUMBER_DIGITS, part_name
+from ..io.layout import PART_NUMBER_DIGITS, part_name, table_data_folder
 from ..io.lease import held, plan_holder
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
 from ..io.sink import held_path, read_json, uncommit, write_json
@@ -34,6 +35,8 @@ from .preparation import Prepared, normalize_output, now, prepare, schema_dicts
 #: 3: files stored once, one compact record each; shards stored as their row counts only, their units
 #: derived from the files, the shard count and ``rows_per_part`` (an edited split cannot be read back).
 PLAN_FORMAT = 3
+log = logging.getLogger(__name__)
+
 #: A part (one output file) holds about this many rows (whole row groups, or equal slices of a
 #: larger row group); parts are the unit of parallel work, and what one worker holds open.
 DEFAULT_ROWS_PER_PART = 524_288
@@ -259,6 +262,16 @@ class Plan:
         return digest.hexdigest()[:16]
 
     @cached_property
+    def content_id(self) -> str:
+        """Content hash of what is read and with which model into which output, however it is split
+        into shards and parts: names a table output's data folder (see layout.py), so the same
+        input scored by the same model is recognised as committed whatever the sharding."""
+        digest = hashlib.sha256(_canonical({"output": self.output, "artifacts": [a["sha256"] for a in self.artifacts]}))
+        for row in self.files.encoded():
+            digest.update(row)
+        return digest.hexdigest()[:16]
+
+    @cached_property
     def sha256(self) -> str:
         """Digest of the whole plan as written: what ``plan`` prints and ``--plan-sha256`` expects."""
         digest = hashlib.sha256()
@@ -477,7 +490,11 @@ def artifact_dicts(artifacts: Sequence[Artifact]) -> list[dict[str, Any]]:
 
 
 def plan_of(prepared: Prepared, **split: Any) -> Plan:
-    """The plan of a checked job, recording what every shard must write (schema, model version)."""
+    """The plan of a checked job, recording what every shard must write (schema, model version);
+    a table output must be able to take those columns."""
+    from .preflight import check_table_output
+
+    check_table_output(prepared)
     return make_plan(
         prepared.files,
         prepared.output,
@@ -509,13 +526,37 @@ def plan(
     check_lease(prepared, plan_holder(result.plan_id))  # a plan that cannot write is refused before it takes the lease
     plan_file = resolve(out, config.storage)
     check_access(prepared, plan_out=plan_file)
-    with hold(config, result, "plan", release="never", output=prepared.location):
+    with hold(config, result, "plan", release="never", output=prepared.location) as lease:
         guard_output(config, prepared.location, prepared.files)  # again: another job may have just finished
-        uncommit(prepared.location.fs, prepared.location.path)
+        if not committed_already(config, result, lease.location):  # a table's record of it stays
+            guard_output(config, lease.location, prepared.files)  # a table's data folder: only its own files
+            uncommit(lease.location.fs, lease.location.path)
         with atomic_writer(plan_file.fs, plan_file.path) as fh:
             for chunk in plan_chunks(result):
                 fh.write(chunk)
     return result
+
+
+def parts_location(config: JobConfig, the_plan: Plan, output: Location | None = None) -> Location:
+    """Where the plan's shards write their parts: the output folder (``output``, when the step has
+    resolved it already), or for a table output the plan's data folder inside the table."""
+    if config.output_format == "parquet":
+        return output or resolve(the_plan.output, config.storage)
+    table = output or resolve(the_plan.output, config.storage)
+    return resolve(table_data_folder(table.uri, config.partition, the_plan.content_id), config.storage)
+
+
+def committed_already(config: JobConfig, the_plan: Plan, parts: Location) -> bool:
+    """Whether a table output holds this plan's rows already (its parts are then the table's: they
+    are not written again)."""
+    if config.output_format == "parquet":
+        return False
+    from ..io.tables import Target, table_committed
+
+    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage)), parts.path)
+    if version is not None:
+        log.info(f"plan {the_plan.plan_id} is committed to {the_plan.output} already (version {version})")
+    return version is not None
 
 
 def hold(
@@ -529,7 +570,7 @@ def hold(
     """The lease on the plan's output (``output``, when the step has resolved it already), for a
     sharded job's step (or under ``holder``, a run)."""
     return held(
-        output or resolve(the_plan.output, config.storage),
+        parts_location(config, the_plan, output),
         holder or plan_holder(the_plan.plan_id),
         the_plan.plan_id,
         command,
@@ -621,7 +662,16 @@ def checked_plan(data: Any, uri: str, config: JobConfig, expected_sha256: str | 
 
 
 #: The settings a commit held for drift records with its plan (see ``held_job``).
-HELD_SETTINGS = ("on_invalid", "max_invalid_fraction", "model_version", "job_name", "pushgateway")
+HELD_SETTINGS = (
+    "on_invalid",
+    "max_invalid_fraction",
+    "model_version",
+    "job_name",
+    "pushgateway",
+    "output_format",
+    "table_mode",
+    "partition",
+)
 HELD_FORMAT = 1
 
 

@@ -32,6 +32,16 @@ def check_lease(prepared: Prepared, holder: str | None = None) -> None:
     Lease(prepared.location, holder or run_holder(), "", "check", config.lease_seconds).check_free()
 
 
+def check_table_output(prepared: Prepared) -> None:
+    """A table output can take the job's columns: the partition column is not one of them, and a
+    table already there has the same columns, types and partitioning (folder outputs: nothing)."""
+    if prepared.config.output_format == "parquet":
+        return
+    from ..io.tables import Target, table_check
+
+    table_check(Target.of(prepared.config, prepared.location), prepared.output_schema)
+
+
 def check_access(prepared: Prepared, plan_out: Location | None = None, tidy: bool = True) -> None:
     """Probe every place the job writes and read what it reads beyond the model and inputs.
 

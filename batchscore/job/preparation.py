@@ -49,7 +49,7 @@ def now() -> datetime:
 def output_location(config: JobConfig) -> Location:
     """Where the job writes, resolved once for the step that asks."""
     output = resolve(config.require("output"), config.storage)
-    check_output(output.uri)  # its state goes beside it: a root has no beside
+    check_output(output.uri, table=config.output_format != "parquet")  # its state goes beside it: a root has no beside
     return output
 
 

@@ -24,7 +24,7 @@ from ..models.artifacts import ArtifactPolicy, artifact_roles, challenger_roles
 from ..models.verification import choose_engine
 from ..observe.observers import NONE, Observers
 from ..observe.run_report import ProfileSum
-from .planning import Plan, check_footer, check_within_input, hold, plan_of
+from .planning import Plan, check_footer, check_within_input, committed_already, hold, plan_of
 from .preflight import check_access
 from .preparation import Prepared, now, prepare, schema_dicts, schema_difference, versioned
 from .scorer import ScoreTask
@@ -129,6 +129,26 @@ def score_shard(
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
     fs, out_path = lease.location.fs, lease.location.path
+    if committed_already(config, the_plan, lease.location):  # its parts are the table's: not written again
+        from .committing import committed_manifest
+
+        done = committed_manifest(config, the_plan, lease)
+        parts = {p["name"]: p["rows"] for p in done["parts"]}
+        listed = [{"name": u.part_name, "rows": parts.get(u.part_name, 0)} for u in shard.units]
+        rows_out = sum(p["rows"] for p in listed)
+        log.info(f"shard {index}: {the_plan.output} holds its rows already; nothing to score")
+        return {
+            "plan_id": the_plan.plan_id,
+            "shard": index,
+            "rows_in": shard.rows,
+            "rows_out": rows_out,
+            "rows_invalid": shard.rows - rows_out,
+            "parts": listed,
+            "model_version": config.model_version,
+            "seconds": 0.0,
+            "engine": {},
+            "committed_already": done["table"]["version"],
+        }
     remove_if_exists(fs, receipt_path(out_path, index))
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex

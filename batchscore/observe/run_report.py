@@ -201,7 +201,8 @@ def publish(config: Any, fs: Any, path: str, report: dict[str, Any], accept_drif
     if report["held"]:
         raise DriftError(
             f"drift above {param('drift_fail')} {config.drift_fail} against {drift['reference']}: "
-            f"{drifts.describe(drift, config.drift_fail)}; {report['output']} is not committed (no _SUCCESS); "
+            f"{drifts.describe(drift, config.drift_fail)}; {report['output']} is not committed "
+            f"({'no new table version' if config.output_format != 'parquet' else 'no _SUCCESS'}); "
             f"review `batchscore report {report['output']}`, then run commit again with {param('accept_drift')}"
         )
     return report

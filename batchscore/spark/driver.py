@@ -152,9 +152,10 @@ def score_plan(
         the_plan = api.load_plan(plan_uri, config, plan_sha256=plan_sha256)
     pinned = _pinned(config, the_plan.artifacts)
     count = the_plan.num_shards
-    first_parts = [
-        layout.part_path(the_plan.output, s.units[0].part_name) if s.units else None for s in the_plan.shards
-    ]
+    from ..job.planning import parts_location
+
+    folder = parts_location(config, the_plan).uri  # a table output's parts go to the plan's data folder
+    first_parts = [layout.part_path(folder, s.units[0].part_name) if s.units else None for s in the_plan.shards]
     log.info(
         f"spark: {the_plan.total_rows:,} rows in {count} shard(s) of plan {the_plan.plan_id}, "
         f"default parallelism {context.defaultParallelism}"

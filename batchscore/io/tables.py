@@ -1,0 +1,364 @@
+"""Table outputs: commit a plan's Parquet parts, already written, to a Delta Lake table in one transaction.
+
+The shards write parts exactly as for a folder output, into the plan's data folder inside the table
+(layout.py); ``commit`` then adds them with delta-rs in one commit, which is the only moment readers'
+view of the table changes: before it they read the previous version, after it the new one. The
+commit carries the manifest's facts (plan id, model, digests, rows) in its commit info, and an
+application transaction (``txn``) naming the plan's data folder: a rerun of a committed plan (after
+a kill between the commit and the manifest, or a retried commit task) finds it and commits nothing
+twice, and of two writers racing to commit the same plan only one wins (delta-rs refuses the other).
+``replace`` overwrites the partition's (or the table's) files in that same commit.
+
+``deltalake`` is imported here only, when a table output is committed (``batchscore[delta]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import JobConfig
+from ..errors import ConfigError, InputDataError, StorageError, param
+from .layout import split_partition, table_app_id, table_relative
+from .storage import Location
+
+
+@dataclass(frozen=True)
+class Target:
+    """A table output as a job writes it: where, which format, how (mode, partition), and for
+    Iceberg through which catalog under which identifier."""
+
+    where: Location
+    format: str
+    mode: str = "append"
+    partition: str | None = None
+    catalog: str | None = None
+    identifier: str | None = None
+
+    @classmethod
+    def of(cls, config: JobConfig, where: Location) -> Target:
+        return cls(
+            where,
+            config.output_format,
+            config.table_mode,
+            config.partition,
+            config.iceberg_catalog,
+            config.iceberg_table,
+        )
+
+
+def table_committed(target: Target, data_folder: str) -> int | None:
+    """The version (Delta) or snapshot id (Iceberg) of the table holding the rows of the plan
+    writing ``data_folder`` already, or None."""
+    if target.format == "iceberg":
+        from .iceberg import committed_snapshot
+
+        return committed_snapshot(target.where, data_folder, target.mode, target.catalog, target.identifier)
+    return committed_version(target.where, data_folder, target.partition, target.mode)
+
+
+def table_parts(target: Target, data_folder: str) -> dict[str, int]:
+    """Rows of each part of ``data_folder`` that the table lists now, by name."""
+    if target.format == "iceberg":
+        from . import iceberg
+
+        return iceberg.committed_parts(target.where, data_folder, target.catalog, target.identifier)
+    return committed_parts(target.where, data_folder)
+
+
+def table_check(target: Target, schema: pa.Schema) -> None:
+    """Before anything is scored: the table can take the job's columns (see check_table)."""
+    if target.format == "iceberg":
+        from . import iceberg
+
+        iceberg.check_table(target.where, schema, target.catalog, target.identifier)
+    else:
+        check_table(target.where, schema, target.partition)
+
+
+def table_commit(
+    target: Target, data_folder: str, parts: Sequence[TablePart], schema: pa.Schema | None, facts: Mapping[str, Any]
+) -> tuple[int, bool]:
+    """Add the parts to the table in one commit (see commit_delta, iceberg.commit_iceberg)."""
+    if target.format == "iceberg":
+        from .iceberg import commit_iceberg
+
+        return commit_iceberg(
+            target.where, data_folder, parts, schema, target.mode, facts, target.catalog, target.identifier
+        )
+    return commit_delta(target.where, data_folder, parts, schema, target.partition, target.mode, facts)
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """One data file to add: its path relative to the table, bytes and rows."""
+
+    path: str
+    size: int
+    rows: int
+
+
+def _deltalake() -> Any:
+    try:
+        import deltalake
+    except ImportError:
+        raise ConfigError(
+            f"{param('output_format')} delta needs the deltalake package: pip install 'batchscore[delta]'"
+        ) from None
+    return deltalake
+
+
+def delta_storage_options(where: Location) -> dict[str, str]:
+    """delta-rs's storage options for a table at ``where``, from the job's fsspec options: the
+    endpoint, keys and region it names (credentials not named there come from the environment, as
+    for s3fs), plain HTTP where the endpoint is, S3's conditional put for the commit itself, and
+    the job's storage timeout and retries."""
+    if not where.uri.startswith(("s3://", "s3a://")):
+        return {}
+    options = dict(where.storage.options)
+    client = dict(options.get("client_kwargs") or {})
+    found: dict[str, str] = {"conditional_put": "etag"}
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    if endpoint:
+        found["AWS_ENDPOINT_URL"] = str(endpoint)
+        if str(endpoint).startswith("http://"):
+            found["AWS_ALLOW_HTTP"] = "true"
+    for ours, theirs in (
+        ("key", "AWS_ACCESS_KEY_ID"),
+        ("secret", "AWS_SECRET_ACCESS_KEY"),
+        ("token", "AWS_SESSION_TOKEN"),
+    ):
+        if options.get(ours):
+            found[theirs] = str(options[ours])
+    region = client.get("region_name") or options.get("region_name")
+    found["AWS_REGION"] = str(region or "us-east-1")
+    # batchscore's bounds on every request: a stalled store fails the commit, it does not hang it.
+    seconds = max(1, int(where.storage.timeout))
+    found["timeout"] = found["connect_timeout"] = f"{seconds}s"
+    found["max_retries"] = str(where.storage.retries)
+    found["retry_timeout"] = f"{seconds * (where.storage.retries + 1)}s"
+    return found
+
+
+def _one_line(exc: BaseException) -> str:
+    """delta-rs's message on one line, without its terminal colours."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m|↳", " ", str(exc)).split())
+
+
+def _table_uri(where: Location) -> str:
+    return where.uri.rstrip("/")
+
+
+def _open(where: Location) -> Any | None:
+    """The Delta table at ``where``, or None when there is none yet."""
+    deltalake = _deltalake()
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return deltalake.DeltaTable(_table_uri(where), storage_options=delta_storage_options(where))
+    except TableNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read Delta table {where.uri}: {_one_line(exc)}") from None
+
+
+def _holds(table: Any, relative: str, partition: str | None, mode: str) -> bool:
+    """Whether the table's current version holds the rows of the plan writing data folder
+    ``relative``: its application transaction is recorded and, for ``replace``, the partition's
+    (or the table's) files are still that folder's, not those of a later replace."""
+    if table.transaction_version(table_app_id(relative)) is None:
+        return False
+    if mode != "replace":
+        return True
+    filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None
+    files = table.file_uris(file_pruning_predicate=filters)
+    return bool(files) and all(f"/{relative}/" in uri for uri in files)
+
+
+def committed_version(where: Location, data_folder: str, partition: str | None, mode: str) -> int | None:
+    """The table version's number if the plan writing ``data_folder`` is committed to the table at
+    ``where`` already and its rows are still there (see ``_holds``), else None."""
+    table = _open(where)
+    if table is None or not _holds(table, table_relative(where.path, data_folder), partition, mode):
+        return None
+    return int(table.version())
+
+
+def committed_parts(where: Location, data_folder: str) -> dict[str, int]:
+    """Rows of each part of ``data_folder`` that the table's current version lists, by name."""
+    table = _open(where)
+    if table is None:
+        return {}
+    root = table_relative(where.path, data_folder) + "/"
+    actions = pa.table(table.get_add_actions(flatten=True))
+    return {
+        path[len(root) :]: int(rows)
+        for path, rows in zip(actions["path"].to_pylist(), actions["num_records"].to_pylist())
+        if path.startswith(root)
+    }
+
+
+def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
+    """The table's schema: the parts' columns, then the partition column (a string, stored in the
+    table's log, not in the parts)."""
+    schema = pa.schema(list(schema), metadata=None)
+    if partition:
+        column, _ = split_partition(partition)
+        if column in schema.names:
+            raise InputDataError(
+                f"{param('partition')} {partition}: the output already has a column {column!r}; leave it out "
+                f"with {param('keep')} or partition by another name"
+            )
+        schema = schema.append(pa.field(column, pa.string()))
+    return schema
+
+
+def check_table(where: Location, schema: pa.Schema, partition: str | None) -> None:
+    """Before anything is scored: the partition column is not an output column, and a table
+    already at ``where`` has this job's columns, types and partitioning."""
+    full = _table_schema(schema, partition)
+    table = _open(where)
+    if table is not None:
+        _check_fits(table, where, full, partition)
+
+
+def _check_fits(table: Any, where: Location, schema: pa.Schema, partition: str | None) -> None:
+    """The existing table must have this job's columns, types and partitioning."""
+    columns = list(table.metadata().partition_columns)
+    wanted = [split_partition(partition)[0]] if partition else []
+    if columns != wanted:
+        raise ConfigError(
+            f"Delta table {where.uri} is partitioned by {columns or 'nothing'}, not "
+            f"{wanted or 'nothing'}: give {param('partition')} "
+            + ("COLUMN=VALUE with its column" if columns else "only for a partitioned table")
+        )
+    found = pa.schema(table.schema().to_arrow())
+    ours = {f.name: f.type for f in schema}
+    theirs = {f.name: f.type for f in found}
+    if set(ours) != set(theirs) or any(not ours[n].equals(theirs[n]) for n in ours):
+        differ = sorted(
+            [f"missing {n}" for n in theirs if n not in ours]
+            + [f"extra {n}" for n in ours if n not in theirs]
+            + [f"{n} {ours[n]} != {theirs[n]}" for n in ours if n in theirs and not ours[n].equals(theirs[n])]
+        )
+        raise InputDataError(
+            f"Delta table {where.uri} has other columns than this job writes ({', '.join(differ[:5])}); "
+            f"write to another table"
+        )
+
+
+def _version_of(table: Any, base: int, commit_id: str) -> int:
+    """The version this process's commit became: the first after ``base`` whose commit info names
+    ``commit_id`` (other writers may have committed before or after it)."""
+    table.update_incremental()
+    for info in table.history(max(1, int(table.version()) - base)):
+        if commit_id in str(info.get("batchscore", "")):
+            return int(info["version"])
+    return int(table.version())
+
+
+def commit_delta(
+    where: Location,
+    data_folder: str,
+    parts: Sequence[TablePart],
+    schema: pa.Schema | None,
+    partition: str | None,
+    mode: str,
+    facts: Mapping[str, Any],
+    opened: Any | None = None,
+) -> tuple[int, bool]:
+    """Add ``parts`` (files of ``data_folder``, inside the table) to the Delta table at ``where`` in
+    one commit, creating the table if there is none; ``mode`` "replace" removes the partition's (or
+    the whole table's) files in the same commit. Returns (version, whether this call committed):
+    a plan committed already is not committed again. ``schema`` is the parts' (None when the run
+    wrote none: the table's own then). ``opened``: the table as read already (its version is the
+    one this commit is checked against by delta-rs's conflict detection), else it is read now."""
+    deltalake = _deltalake()
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
+
+    relative = table_relative(where.path, data_folder)
+    app_id = table_app_id(relative)
+    values: dict[str, str | None] = {}
+    if partition:
+        column, value = split_partition(partition)
+        values = {column: value}
+    stamp = int(time.time() * 1000)
+    adds = [
+        AddAction(
+            f"{relative}/{p.path}",
+            p.size,
+            values,
+            stamp,
+            True,
+            json.dumps({"numRecords": p.rows}),
+        )
+        for p in parts
+    ]
+    commit_id = uuid.uuid4().hex
+    metadata = {"batchscore": json.dumps({**facts, "commit_id": commit_id}, sort_keys=True, default=str)}
+    properties = CommitProperties(
+        custom_metadata=metadata,
+        app_transactions=[Transaction(app_id, 1, stamp)],
+    )
+    uri, options = _table_uri(where), delta_storage_options(where)
+    partition_by = list(values) or None
+    try:
+        table = opened if opened is not None else _open(where)
+        if schema is not None:
+            schema = _table_schema(schema, partition)
+        elif table is not None:
+            schema = pa.schema(table.schema().to_arrow())
+        else:
+            raise InputDataError(
+                f"nothing to commit to Delta table {where.uri}: the run wrote no rows and there is no table"
+            )
+        if table is None:
+            try:
+                create_table_with_add_actions(
+                    uri,
+                    deltalake.Schema.from_arrow(schema),
+                    adds,
+                    mode="error",
+                    partition_by=partition_by,
+                    storage_options=options,
+                    commit_properties=properties,
+                )
+                return 0, True
+            except DeltaError as exc:  # another writer created it first: commit to it like any table
+                table = _open(where)
+                if table is None:
+                    raise StorageError(f"cannot create Delta table {where.uri}: {_one_line(exc)}") from None
+        _check_fits(table, where, schema, partition)
+        if _holds(table, relative, partition, mode):
+            return int(table.version()), False
+        if table.transaction_version(app_id) is not None:  # a replace committed before, replaced since
+            properties = CommitProperties(
+                custom_metadata=metadata,
+                app_transactions=[Transaction(app_id, table.transaction_version(app_id) + 1, stamp)],
+            )
+        filters = [(column, "=", value)] if partition else None
+        base = int(table.version())
+        table.create_write_transaction(
+            adds,
+            mode="overwrite" if mode == "replace" else "append",
+            schema=schema,
+            partition_by=partition_by,
+            partition_filters=filters,
+            commit_properties=properties,
+        )
+        return _version_of(table, base, commit_id), True
+    except CommitFailedError as exc:
+        raise ConfigError(
+            f"Delta table {where.uri}: another writer committed first and this commit conflicts with it "
+            f"({_one_line(exc)}); nothing of this run was committed: run it again"
+        ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot commit to Delta table {where.uri}: {_one_line(exc)}") from None
