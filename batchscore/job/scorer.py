@@ -50,6 +50,7 @@ class ScoreTask:
     compiled_library: str | None = None  # verified for these files (see verification.py), else scikit-learn
     profile: bool = True  # profile features and scores for the run report (off only to measure its cost)
     contract: Any = None  # validation.SchemaContract: each file's footer is checked against it as it is opened
+    max_batch_bytes: int | None = None  # bytes of read columns per batch, besides batch_size's rows
 
     @property
     def read_columns(self) -> list[str]:
@@ -176,6 +177,7 @@ class _UnitScorer:
                     on_footer=footer,
                     start=self.unit.start,
                     rows=self.unit.rows if self.unit.slice is not None else None,
+                    max_bytes=task.max_batch_bytes,
                 ),
                 depth=1,
             )

@@ -133,6 +133,7 @@ def score_shard(
         fence=lease.fence,
         compiled_library=engine.library_path,
         contract=prepared.contract,
+        max_batch_bytes=config.max_batch_bytes,
     )
     workers = config.worker_count
     log.info(
