@@ -13,7 +13,7 @@ from ..io.layout import check_output
 from ..io.source import InputFiles, iter_footers, list_inputs
 from ..io.storage import Location, resolve
 from ..io.validation import SchemaContract
-from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
+from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model, load_model_kept
 from ..models.engine import Predictor
 from ..observe.observers import NONE, Observers
 
@@ -57,16 +57,19 @@ def prepare(
     input_uris: Sequence[str] | None = None,
     policy: ArtifactPolicy | None = None,
     observers: Observers = NONE,
+    keep_model: bool = False,
 ) -> Prepared:
     """Load the model first (a bad model costs no I/O), then read footers and check every schema.
 
     The artifacts must pass ``policy`` (by default the job's pins and formats) before loading;
-    ``observers`` hear how long the model took to load.
+    ``observers`` hear how long the model took to load. ``keep_model`` keeps pinned artifacts
+    loaded in this process for the next step that asks for them (see ``load_model_kept``).
     """
     model_uri = config.require("model")
     output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
-    model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
+    load = load_model_kept if keep_model else load_model
+    model = load(model_uri, config.scaler, config.features, config.storage, policy)
     observers.model_loaded(model.load_seconds)
     uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
     predictor_fields = Predictor(model, config.model_version, now()).fields
