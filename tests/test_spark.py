@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -357,8 +358,9 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly(tmp_path: Path, binary
     """Two processes score the same shard of a plan at the same time, as Spark's speculative copy
     and its original do: each writes parts named for itself, one receipt stands, and the commit
     publishes exactly that attempt's parts and removes the other's. Two trials (the second finds
-    the first trial's receipt standing: a copy started after the shard was done); then a
-    plain rerun of the shard replaces it, and the commit removes every part named for an attempt."""
+    the first trial's receipt standing: a copy started after the shard was done); then the job
+    planned again, whose attempt does not take the earlier run's receipt for its own; then a plain
+    rerun of the shard replaces it, and the commit removes every part named for an attempt."""
     paths = write_inputs(tmp_path / "in", files=4, rows=1_600, row_group_size=400)
     output = tmp_path / "out"
     job = _job_file(
@@ -392,8 +394,19 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly(tmp_path: Path, binary
         assert {pq.read_metadata(output / p).metadata[b"batchscore.attempt"].decode() for p in result.parts} == {winner}
         assert result.manifest["removed_stray_files"] == written - units
     assert len(standing) == 1, "a later attempt replaced the receipt that stood"
-    batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=plan.sha256)
-    result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=plan.sha256)
+    # The job planned again (the same plan id: plans are deterministic; another sha256): the
+    # receipt of the earlier run is stale, and an attempt of this run scores the shard itself.
+    config = replace(config, overwrite=True)
+    again = batchscore.plan(config, shards=1, out=plan_path(str(output)))
+    assert again.plan_id == plan.plan_id and again.sha256 != plan.sha256
+    rerun = batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=again.sha256, concurrent=True)
+    assert rerun.receipt["attempt"] not in standing
+    result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=again.sha256)
+    assert all(name.endswith(f"_{rerun.receipt['attempt']}.parquet") for name in result.parts)
+    assert _output_files(output) == ["_SUCCESS", *result.parts]
+    assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
+    batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=again.sha256)
+    result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=again.sha256)
     assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
     assert _output_files(output) == ["_SUCCESS", *result.parts] and result.parts[0] == "part-00000-00000.parquet"
     assert result.manifest["removed_stray_files"] == units

@@ -141,7 +141,7 @@ def score_shard(
     planned = [a["sha256"] for a in the_plan.artifacts]
     fs, out_path = lease.location.fs, lease.location.path
     if concurrent:
-        standing = _standing_receipt(fs, receipt_path(out_path, index), the_plan.plan_id)
+        standing = _standing_receipt(fs, receipt_path(out_path, index), the_plan)
         if standing is not None:
             log.info(f"shard {index}: attempt {standing[0]['attempt']} of this plan scored it already")
             return standing[0]
@@ -244,35 +244,41 @@ def score_shard(
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
     if concurrent:
-        return _claim_receipt(fs, receipt_path(out_path, index), receipt, the_plan.plan_id)
+        receipt["plan_sha256"] = the_plan.sha256  # this planning's: a rerun of the same plan is another
+        return _claim_receipt(fs, receipt_path(out_path, index), receipt, the_plan)
     write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
     return receipt
 
 
-def _standing_receipt(fs: Any, path: str, plan_id: str) -> tuple[dict[str, Any], str] | None:
-    """The receipt at ``path`` and its tag, if an attempt of plan ``plan_id`` wrote it."""
-    return _of_plan(read_tagged(fs, path), plan_id)
+def _standing_receipt(fs: Any, path: str, the_plan: Plan) -> tuple[dict[str, Any], str] | None:
+    """The receipt at ``path`` and its tag, if an attempt of this very plan wrote it."""
+    return _of_plan(read_tagged(fs, path), the_plan)
 
 
-def _of_plan(found: tuple[bytes, str] | None, plan_id: str) -> tuple[dict[str, Any], str] | None:
+def _of_plan(found: tuple[bytes, str] | None, the_plan: Plan) -> tuple[dict[str, Any], str] | None:
+    """The receipt read, if an attempt of ``the_plan`` wrote it: its id (plans of one job are
+    alike) and its sha256 (which each planning has of its own: an earlier run's receipt is stale)."""
     if found is None:
         return None
     try:
         receipt = json.loads(found[0])
     except ValueError:
         return None  # unreadable: replaced like any other plan's
-    return (receipt, found[1]) if isinstance(receipt, dict) and receipt.get("plan_id") == plan_id else None
+    if not isinstance(receipt, dict):
+        return None
+    ours = (receipt.get("plan_id"), receipt.get("plan_sha256")) == (the_plan.plan_id, the_plan.sha256)
+    return (receipt, found[1]) if ours else None
 
 
-def _claim_receipt(fs: Any, path: str, receipt: dict[str, Any], plan_id: str) -> dict[str, Any]:
+def _claim_receipt(fs: Any, path: str, receipt: dict[str, Any], the_plan: Plan) -> dict[str, Any]:
     """Write ``receipt`` unless an attempt of this plan wrote one first; the receipt that stands.
 
-    Created only where none is (or replaced only while it is still another plan's, unchanged): of
-    two attempts, exactly one receipt is written, and the other attempt returns it."""
+    Created only where none is (or replaced only while it is still another plan's or an earlier
+    run's, unchanged): of two attempts, exactly one receipt is written, and the other returns it."""
     data = json_bytes(receipt, compact=True)
     for _ in range(CLAIM_TRIES):
         found = read_tagged(fs, path)
-        standing = _of_plan(found, plan_id)
+        standing = _of_plan(found, the_plan)
         if standing is not None:
             log.info(f"shard {receipt['shard']}: attempt {standing[0]['attempt']} wrote its receipt first")
             return standing[0]
