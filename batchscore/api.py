@@ -275,12 +275,18 @@ def run_shard(
     plan: Plan | str | None = None,
     count: int | None = None,
     plan_sha256: str | None = None,
+    *,
+    keep_model: bool = False,
+    concurrent: bool = False,
 ) -> ShardResult:
     """Score shard ``index`` of ``plan`` (a ``Plan`` or the URI of one), or of ``count`` shards
     planned on the fly, and write its receipt; ``commit`` publishes the shards together.
 
     A plan is refused unless every file it names is one the job's input matches, its artifacts have
-    the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan."""
+    the job's pinned digests, and (given ``plan_sha256``, as ``plan`` printed it) it is that plan.
+    With a plan, ``keep_model`` keeps the pinned model loaded in this process for the next shard
+    (a Spark executor's worker), and ``concurrent`` makes the shard safe to score twice at once
+    (Spark's speculative copies: parts named for their attempt, the first receipt stands)."""
     from .job import shard
 
     check_numbers(names={"shard": "index", "shards": "count"}, shard=index, shards=count)
@@ -301,7 +307,15 @@ def run_shard(
                     f"shard {index}/{count}: plan {plan if isinstance(plan, str) else the_plan.plan_id} "
                     f"has {the_plan.num_shards} shards, not {count} ({param('count')})"
                 )
-            receipt = shard.run_shard(config, the_plan, index, source=_source(plan), observers=observers)
+            receipt = shard.run_shard(
+                config,
+                the_plan,
+                index,
+                source=_source(plan),
+                observers=observers,
+                keep_model=keep_model,
+                concurrent=concurrent,
+            )
         observers.succeeded(receipt)
     return ShardResult.of(receipt)
 

@@ -27,6 +27,8 @@ from .schema import setting
 from .strict_yaml import DuplicateKeyError, load_yaml
 
 DEFAULT_BATCH_SIZE = 65_536
+#: The most bytes of read columns one batch holds: 64 MiB, a few hundred bytes a row at the default batch_size.
+DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_INVALID_FRACTION = 0.05
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 #: How skops names a type: its module, a dot, its name (e.g. sklearn.tree._tree.Tree).
@@ -53,6 +55,7 @@ COMPILED_CACHE_ENV = "BATCHSCORE_COMPILED_CACHE"
 #: Upper bounds: each number a job takes has one, so a typo is a usage error and not a crash deep
 #: inside the job; the reasons are the settings' ``why``.
 MAX_BATCH_SIZE = 2**24
+MAX_BATCH_BYTES = 2**34
 MAX_WORKERS = 1024
 DAY_SECONDS = 86_400.0
 #: PSI is computed with each bar's share floored at 1e-4 (see drift.py), so it never exceeds
@@ -282,6 +285,14 @@ class JobConfig:
         ge=1,
         le=MAX_BATCH_SIZE,
         why="a few batches per worker are held in memory at once, and 2^24 rows of features already take gigabytes",
+    )
+    max_batch_bytes: int = setting(
+        DEFAULT_MAX_BATCH_BYTES,
+        "Most bytes of read columns per batch, whatever batch_size says: wide rows make smaller batches.",
+        ge=1,
+        le=MAX_BATCH_BYTES,
+        unit="bytes",
+        why="16 GiB of input columns in one batch is no bound on a worker's memory",
     )
     on_invalid: Literal["fail", "skip", "quarantine"] = setting(
         "fail", "Rows with null/NaN/inf features: fail, skip, or quarantine them beside the output with a reason."

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import re
+
 from jobs import JOB_LABELS, MB, PARTIAL_JOBS, STARTUP_ROWS
 from measuring import PSS_S
 
 
 def fmt(v, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
+
+
+#: Marks a section another script writes into RESULTS.md (``bench/spark.py``): run.py keeps it.
+KEPT_BEGIN, KEPT_END = "<!-- kept section: {} -->", "<!-- end of kept section: {} -->"
+
+
+def kept_sections(previous: str) -> str:
+    """The kept sections of a previous RESULTS.md, each with its markers, in order."""
+    found = re.findall(r"(?s)\n<!-- kept section: (\S+) -->\n.*?<!-- end of kept section: \1 -->\n", previous)
+    return "".join(
+        previous[previous.index(KEPT_BEGIN.format(name)) - 1 : previous.index(KEPT_END.format(name))]
+        + KEPT_END.format(name)
+        + "\n"
+        for name in found
+    )
+
+
+def with_section(previous: str, name: str, body: str) -> str:
+    """``previous`` with kept section ``name`` set to ``body`` (replaced, or added at the end)."""
+    section = f"\n{KEPT_BEGIN.format(name)}\n{body.rstrip()}\n{KEPT_END.format(name)}\n"
+    begin, end = KEPT_BEGIN.format(name), KEPT_END.format(name)
+    if begin in previous and end in previous:
+        return previous[: previous.index(begin) - 1] + section + previous[previous.index(end) + len(end) + 1 :]
+    return previous.rstrip("\n") + "\n" + section
 
 
 def markdown(results: dict) -> str:

@@ -41,7 +41,7 @@ from jobs import (  # noqa: E402
     shared_jobs,
 )
 from measuring import add_ratios, run_group, summarize  # noqa: E402
-from reporting import markdown, print_summary  # noqa: E402
+from reporting import kept_sections, markdown, print_summary  # noqa: E402
 
 LIBRARIES = [
     "batchscore",
@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         results["goals"] = evaluate_goals(results)
         print_summary(results)
         a.json = a.json or BENCH / "out" / "results.json"
-    for path, text in ((a.json, lambda: json.dumps(results, indent=2)), (a.markdown, lambda: markdown(results))):
+
+    def report() -> str:  # the sections other scripts keep there (bench/spark.py) stay
+        return markdown(results) + kept_sections(a.markdown.read_text() if a.markdown.exists() else "")
+
+    for path, text in ((a.json, lambda: json.dumps(results, indent=2)), (a.markdown, report)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text())

@@ -1,4 +1,4 @@
-"""Spark for the tests: a standalone master and one worker on 127.0.0.1, and spark-submit against them.
+"""Spark for the tests: a standalone master and two workers on the loopback, and spark-submit against them.
 
 Both are started from pyspark's own installation (``spark-class``), bound in start-up time, and
 stopped (then killed) when the tests that use them end. A test skips, saying why, where no Java
@@ -99,7 +99,7 @@ class Cluster:
         )
 
 
-def _wait_for_worker(ui_port: int, processes: Sequence[subprocess.Popen[bytes]], logs: Path) -> None:
+def _wait_for_workers(ui_port: int, processes: Sequence[subprocess.Popen[bytes]], logs: Path, count: int) -> None:
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         for process in processes:
@@ -107,12 +107,12 @@ def _wait_for_worker(ui_port: int, processes: Sequence[subprocess.Popen[bytes]],
                 raise RuntimeError(f"a Spark daemon exited with {process.returncode}; see {logs}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=5) as response:
-                if json.load(response).get("aliveworkers", 0) >= 1:
+                if json.load(response).get("aliveworkers", 0) >= count:
                     return
         except OSError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"the Spark master and worker did not come up within {START_SECONDS} s; see {logs}")
+    raise RuntimeError(f"the Spark master and workers did not come up within {START_SECONDS} s; see {logs}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -127,10 +127,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A standalone master and one worker (2 cores) on 127.0.0.1, for this module's tests."""
+    """A standalone master and two workers of one core each, for this module's tests: one on
+    127.0.0.1 and one named localhost, two hosts to Spark, which never runs a speculative copy of
+    a task on the host of its original attempt."""
     require_java()
     logs = tmp_path_factory.mktemp("spark-cluster")
-    port, ui_port, worker_ui = _free_port(), _free_port(), _free_port()
+    port, ui_port = _free_port(), _free_port()
     spark_class = str(spark_home() / "bin" / "spark-class")
     env = spark_env(SPARK_WORKER_DIR=str(logs / "work"))
     started: list[subprocess.Popen[bytes]] = []
@@ -148,22 +150,25 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
                     str(ui_port),
                 ],
             ),
-            (
-                "worker",
-                [
-                    "org.apache.spark.deploy.worker.Worker",
-                    f"spark://127.0.0.1:{port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--cores",
-                    "2",
-                    "--memory",
-                    "2g",
-                    "--webui-port",
-                    str(worker_ui),
-                    "--work-dir",
-                    str(logs / "work"),
-                ],
+            *(
+                (
+                    f"worker-{host}",
+                    [
+                        "org.apache.spark.deploy.worker.Worker",
+                        f"spark://127.0.0.1:{port}",
+                        "--host",
+                        host,
+                        "--cores",
+                        "1",
+                        "--memory",
+                        "1g",
+                        "--webui-port",
+                        str(worker_ui),
+                        "--work-dir",
+                        str(logs / f"work-{host}"),
+                    ],
+                )
+                for host, worker_ui in (("127.0.0.1", _free_port()), ("localhost", _free_port()))
             ),
         ):
             with open(logs / f"{name}.log", "wb") as log:
@@ -172,7 +177,7 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
                         [spark_class, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                     )
                 )
-        _wait_for_worker(ui_port, started, logs)
+        _wait_for_workers(ui_port, started, logs, count=2)
         yield Cluster(f"spark://127.0.0.1:{port}", logs)
     finally:
         for process in reversed(started):

@@ -35,6 +35,7 @@ EVERY_KEY: dict[str, Any] = {
     "features": ("age", "tenure"),
     "keep": ("customer_id",),
     "batch_size": 4_816,
+    "max_batch_bytes": 12_582_917,
     "on_invalid": "quarantine",
     "max_invalid_fraction": 0.25,
     "overwrite": True,

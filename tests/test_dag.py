@@ -259,7 +259,7 @@ def test_docker_runner(airflow_env: Path, configs_dir: Path) -> None:
 def test_spark_runner(airflow_env: Path, configs_dir: Path) -> None:
     """The spark alternative: one SparkSubmitOperator task between plan and commit, on the connection
     named, with batchscore's submit script, the sizes as spark-submit's flags, dag.env on the executors
-    too, speculation off, and no image."""
+    too, speculation as the job file says, and no image."""
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
     import batchscore.spark.submit as submit
@@ -277,7 +277,7 @@ def test_spark_runner(airflow_env: Path, configs_dir: Path) -> None:
             "spark_python": "/opt/venv/bin/python",
             "spark_executor_memory": "4g",
             "spark_num_executors": 8,
-            "spark_conf": {"spark.cores.max": 16},
+            "spark_conf": {"spark.cores.max": 16, "spark.speculation": True},
             "env": {"LOG": "1"},
         },
     )
@@ -291,7 +291,7 @@ def test_spark_runner(airflow_env: Path, configs_dir: Path) -> None:
         "spark.executorEnv.LOG": "1",
         "spark.cores.max": "16",
         "spark.pyspark.python": "/opt/venv/bin/python",
-        "spark.speculation": "false",
+        "spark.speculation": "true",
     }
     assert op.env_vars["LOG"] == "1"
     argv = spark_arguments(["--input", "in/"], "s3://b/_batchscore/out/plan.json", ["--plan-sha256", "ab" * 32])

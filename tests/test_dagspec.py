@@ -114,7 +114,6 @@ SPARK = {**LOCAL, "runner": "spark"}
             {"spark_conf": {"spark.executorEnv.AWS_SECRET_ACCESS_KEY": "x"}},
             "dag.spark_conf spark.executorEnv.AWS_SECRET_ACCESS_KEY look like credentials",
         ),
-        ({"spark_conf": {"spark.speculation": True}}, "dag.spark_conf spark.speculation must stay false"),
         ({"spark_conf": {"spark.app.name": "{{ ds }}"}}, "dag.spark_conf: '{{ ds }}' is a template"),
         ({"spark_python": ["python3"]}, "dag.spark_python must be text, got ['python3']"),
     ],

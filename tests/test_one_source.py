@@ -41,6 +41,7 @@ EVERY_SETTING: dict[str, Any] = {
     "features": ("tenure_months", "monthly_spend"),
     "keep": ("customer_id",),
     "batch_size": 1_234,
+    "max_batch_bytes": 3_145_739,
     "on_invalid": "quarantine",
     "max_invalid_fraction": 0.25,
     "overwrite": True,

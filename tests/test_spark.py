@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import yaml
 
 import batchscore
 from batchscore.errors import ConfigError, InputDataError, ModelError
+from batchscore.io.layout import attempt_part_name, plan_path
 from helpers import (
     assert_exact,
     binary_model,
@@ -82,6 +87,62 @@ def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(
         assert footer[b"batchscore.attempt"].decode() in {s["attempt"] for s in manifest["shards"]}
 
 
+#: Spark's speculation, as eager as it goes: a task running 1.2 times the median of those done
+#: (after a third of them) gets a copy on another host, checked every 100 ms.
+SPECULATION = {
+    "spark.speculation": "true",
+    "spark.speculation.interval": "100ms",
+    "spark.speculation.multiplier": "1.2",
+    "spark.speculation.quantile": "0.3",
+    "spark.speculation.minTaskRuntime": "200ms",
+    "spark.speculation.efficiency.enabled": "false",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_a_real_speculative_copy_commits_exactly_without_stray_parts(
+    spark_cluster: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
+    """Speculation on, and the first attempt of shard 1 a straggler (one row per batch): Spark
+    starts a copy of it on the other host while it still writes parts, the first receipt stands,
+    and Spark kills the other attempt. The committed output is exact, holds the parts of the
+    attempt whose receipt stands and nothing else, and every part of the other attempt is gone."""
+    paths = write_inputs(tmp_path / "in", files=12, rows=752, row_group_size=376)  # a part a file, 4 a shard
+    output = tmp_path / "out"
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+    )
+    done = spark_cluster.submit(
+        ["--config", str(job), "--shards", "3"],
+        conf={**SPECULATION, "spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:slow"},
+    )
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(r"Marking task 1 in stage \S+ .* as speculatable", text), spark_cluster.batchscore_lines(done)
+    assert re.search(r"Starting task 1\.1 in stage", text), "no speculative copy of task 1 ran"
+    assert "shard 1 by task attempt 1" in text, "the straggler won: nothing it wrote was left to remove"
+    assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
+    manifest = read_manifest(output)
+    assert manifest["rows"] == {"in": 9_024, "out": 9_024, "invalid": 0}
+    parts = [p["name"] for p in manifest["parts"]]
+    assert _output_files(output) == sorted([*parts, "_SUCCESS"]), "a stray part is in the committed output"
+    for shard in manifest["shards"]:
+        receipt = json.loads(receipt_file(output, shard["index"]).read_text())
+        assert receipt["attempt"] == shard["attempt"]
+        for part in receipt["parts"]:
+            assert part["name"].endswith(f"_{shard['attempt']}.parquet")
+            footer = pq.read_metadata(output / part["name"]).metadata
+            assert footer[b"batchscore.attempt"].decode() == shard["attempt"]
+    assert len(parts) == len(set(parts)) == 12
+    assert not [n for n in os.listdir(output) if n.startswith(".")], "a temporary part was left behind"
+    assert manifest["removed_stray_files"] >= 1, "the straggler's parts were not there to remove"
+
+
 @pytest.mark.slow
 def test_submitted_job_reads_and_writes_s3(
     spark_cluster: Any, tmp_path: Path, s3: Any, binary_model_paths: dict[str, Path]
@@ -142,7 +203,8 @@ def test_run_job_retries_a_task_killed_after_its_receipt(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An attempt that wrote its parts and its receipt, then died before Spark heard of it: the
-    retry scores the shard again under a new attempt, and only that one is committed."""
+    retry finds that receipt standing and returns it (the shard is not scored twice), and the
+    commit publishes exactly the parts it names, each named for that attempt."""
     from batchscore.spark import run_job
 
     environment = spark_local.sparkContext.environment  # what Python workers started from now on see
@@ -160,11 +222,14 @@ def test_run_job_retries_a_task_killed_after_its_receipt(
     with caplog.at_level(logging.INFO, logger="batchscore.spark.driver"):
         result = run_job(config, spark=spark_local, shards=2)
     assert "shard 0 by task attempt 1" in caplog.text
-    assert result.rows_out == 1_280 and result.parts == ("part-00000-00000.parquet", "part-00001-00000.parquet")
+    attempts = [s["attempt"] for s in result.manifest["shards"]]
+    planned = ("part-00000-00000.parquet", "part-00001-00000.parquet")
+    assert result.rows_out == 1_280 and result.parts == tuple(map(attempt_part_name, planned, attempts))
     assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
     assert _output_files(output) == ["_SUCCESS", *result.parts]
-    receipt = __import__("json").loads(receipt_file(output, 0).read_text())
-    assert receipt["attempt"] == result.manifest["shards"][0]["attempt"]
+    receipt = json.loads(receipt_file(output, 0).read_text())
+    assert receipt["attempt"] == attempts[0]
+    assert result.manifest["removed_stray_files"] == 0, "the retry wrote nothing of its own"
 
 
 def test_run_job_refuses_bad_input_without_retrying(
@@ -281,19 +346,21 @@ def test_slices_bound_rows_and_bytes() -> None:
 # --- two attempts of one shard at once (what speculative execution would do) ----------------------------------
 
 
+#: One attempt of shard 0 of the plan, as a Spark task runs it: ``concurrent``, the model kept.
+_ATTEMPT = (
+    "import sys, batchscore; config = batchscore.build_config(sys.argv[1]); "
+    "batchscore.run_shard(config, 0, plan=sys.argv[2], plan_sha256=sys.argv[3], keep_model=True, concurrent=True)"
+)
+
+
 @pytest.mark.fault
-def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(
-    tmp_path: Path, binary_model_paths: dict[str, Path]
-) -> None:
-    """Two processes score the same shard of a plan at the same time: the commit
-    then publishes one attempt's parts, exact, or refuses (exit 3) naming a part of the other
-    attempt; never a mixture. A rerun of the shard alone then commits exactly. (Twice: each
-    trial starts two interpreters.)"""
-    import subprocess
-    import sys
-
-    from batchscore.io.layout import plan_path
-
+def test_two_attempts_of_one_shard_at_once_commit_exactly(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+    """Two processes score the same shard of a plan at the same time, as Spark's speculative copy
+    and its original do: each writes parts named for itself, one receipt stands, and the commit
+    publishes exactly that attempt's parts and removes the other's. Two trials (the second finds
+    the first trial's receipt standing: a copy started after the shard was done); then the job
+    planned again, whose attempt does not take the earlier run's receipt for its own; then a plain
+    rerun of the shard replaces it, and the commit removes every part named for an attempt."""
     paths = write_inputs(tmp_path / "in", files=4, rows=1_600, row_group_size=400)
     output = tmp_path / "out"
     job = _job_file(
@@ -302,51 +369,47 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly_or_not_at_all(
         output=str(output),
         model=str(binary_model_paths["model"]),
         scaler=str(binary_model_paths["scaler"]),
+        workers=2,
     )
     config = batchscore.build_config(str(job))
     plan = batchscore.plan(config, shards=1, out=plan_path(str(output)))
-    shard = [
-        sys.executable,
-        "-m",
-        "batchscore",
-        "run",
-        "--config",
-        str(job),
-        "--plan",
-        plan_path(str(output)),
-        "--shard",
-        "0",
-        "--plan-sha256",
-        plan.sha256,
-        "--workers",
-        "2",
-    ]
-    outcomes = []
-    for _ in range(2):
+    attempt = [sys.executable, "-c", _ATTEMPT, str(job), plan_path(str(output)), plan.sha256]
+    units = sum(len(s.units) for s in plan.shards)
+    standing = set()
+    for trial in range(2):
         attempts = [
-            subprocess.Popen(shard, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
+            subprocess.Popen(attempt, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
         ]
-        for attempt in attempts:
-            attempt.communicate(timeout=180)
-        try:
-            batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=plan.sha256)
-        except InputDataError as exc:
-            assert "was written by attempt" in str(exc) or "missing" in str(exc) or "inconsistent" in str(exc), exc
-            assert not (output / "_SUCCESS").exists()
-            outcomes.append("refused")
-            continue
+        for process in attempts:
+            _, err = process.communicate(timeout=180)
+            assert process.returncode == 0, err[-3000:]
+        written = len([n for n in _output_files(output) if n.startswith("part-")])
+        assert written in ((units, 2 * units) if trial == 0 else (units,)), written  # two sets, or a copy found it done
+        result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=plan.sha256)
         assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
-        attempts_named = {
-            pq.read_metadata(output / p).metadata[b"batchscore.attempt"]
-            for p in os.listdir(output)
-            if p.startswith("part-")
-        }
-        assert len(attempts_named) == 1, "a committed output mixes two attempts' parts"
-        outcomes.append("committed")
-    batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=plan.sha256)
-    batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=plan.sha256)
+        winner = result.manifest["shards"][0]["attempt"]
+        standing.add(winner)
+        assert _output_files(output) == ["_SUCCESS", *result.parts]
+        assert all(name.endswith(f"_{winner}.parquet") for name in result.parts) and len(result.parts) == units
+        assert {pq.read_metadata(output / p).metadata[b"batchscore.attempt"].decode() for p in result.parts} == {winner}
+        assert result.manifest["removed_stray_files"] == written - units
+    assert len(standing) == 1, "a later attempt replaced the receipt that stood"
+    # The job planned again (the same plan id: plans are deterministic; another sha256): the
+    # receipt of the earlier run is stale, and an attempt of this run scores the shard itself.
+    config = replace(config, overwrite=True)
+    again = batchscore.plan(config, shards=1, out=plan_path(str(output)))
+    assert again.plan_id == plan.plan_id and again.sha256 != plan.sha256
+    rerun = batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=again.sha256, concurrent=True)
+    assert rerun.receipt["attempt"] not in standing
+    result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=again.sha256)
+    assert all(name.endswith(f"_{rerun.receipt['attempt']}.parquet") for name in result.parts)
+    assert _output_files(output) == ["_SUCCESS", *result.parts]
     assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
-    assert len(outcomes) == 2
+    batchscore.run_shard(config, 0, plan=plan_path(str(output)), plan_sha256=again.sha256)
+    result = batchscore.commit(config, plan=plan_path(str(output)), plan_sha256=again.sha256)
+    assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
+    assert _output_files(output) == ["_SUCCESS", *result.parts] and result.parts[0] == "part-00000-00000.parquet"
+    assert result.manifest["removed_stray_files"] == units
 
 
 # --- the Airflow DAG's spark runner: spark-submit through the provider's operator, to a master from a connection ---
@@ -544,3 +607,59 @@ def test_spark_command_refuses_a_commit_it_cannot_make(tmp_path: Path, binary_mo
         )
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+def test_run_job_loads_the_model_once_per_python_worker(
+    spark_local: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seven shards on local[2]: Spark reuses its Python workers, and each loads the model (from
+    its bytes, checked against the plan's pins) for its first task only; the later tasks of the
+    worker score with the model kept there."""
+    from batchscore.spark import run_job
+
+    model = binary_model(tmp_path / "model")  # URIs of its own: no worker kept it for another test
+    paths = write_inputs(tmp_path / "in", files=7, rows=336, row_group_size=112)
+    config = batchscore.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(tmp_path / "out"),
+        model=str(model["model"]),
+        scaler=str(model["scaler"]),
+    )
+    with caplog.at_level(logging.INFO, logger="batchscore.spark.driver"):
+        run_job(config, spark=spark_local, shards=7)
+    assert_exact(read_output(tmp_path / "out"), read_inputs(paths), model)
+    tasks = re.findall(
+        r"shard (\d+) by task attempt \d+ \([\d,]+ rows; Python worker (\d+), (loaded the model|model already loaded)\)",
+        caplog.text,
+    )
+    assert sorted(int(t[0]) for t in tasks) == list(range(7)), caplog.text
+    workers: dict[str, list[bool]] = {}
+    for _, worker, loaded in tasks:
+        workers.setdefault(worker, []).append(loaded == "loaded the model")
+    assert all(sum(loads) == 1 for loads in workers.values()), workers
+    assert len(workers) < 7, f"no Python worker ran two tasks: {workers}"
+
+
+def test_run_job_bounds_batches_by_bytes(spark_local: Any, tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:
+    """A wide-row file of one row group, through the Spark job path: each task reads its rows in
+    batches of at most ``max_batch_bytes`` (one row group of the part it writes per batch), exact."""
+    from batchscore.spark import run_job
+    from test_batch_bytes import MAX_BYTES, wide_table, written_batches
+
+    (tmp_path / "in").mkdir()
+    for i, kind in enumerate(("distinct", "repeated")):
+        pq.write_table(wide_table(1_008, kind, seed=i), tmp_path / "in" / f"wide-{i}.parquet", row_group_size=1_008)
+    config = batchscore.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(tmp_path / "out"),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        max_batch_bytes=MAX_BYTES,
+    )
+    run_job(config, spark=spark_local, shards=2)
+    inputs = read_inputs(sorted((tmp_path / "in").iterdir()))
+    assert_exact(read_output(tmp_path / "out"), inputs, binary_model_paths)
+    batches = written_batches(tmp_path / "out")
+    assert sum(batches) == 2_016 and max(batches) <= MAX_BYTES // 3_900 and len(batches) >= 20, batches

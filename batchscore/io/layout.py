@@ -8,6 +8,8 @@ Hive-style partition discovery skip)::
 
     <parent>/<name>/                          the output
         part-FFFFF-RRRRR.parquet              predictions, in input order by name
+                                              (part-FFFFF-RRRRR_ATTEMPT.parquet where two attempts
+                                              of a shard may run at once: Spark)
         _SUCCESS                              empty, written last by commit
     <parent>/_batchscore/<name>/              the job's state
         manifest.json                         written by commit, just before _SUCCESS
@@ -66,7 +68,13 @@ REJECTED_DIR = "rejected"
 REJECTED_SUFFIX = ".rejected"
 #: Fewest digits of the file and row group numbers in a part's name.
 PART_NUMBER_DIGITS = 5
-_PART = rf"part-\d{{{PART_NUMBER_DIGITS},}}-\d{{{PART_NUMBER_DIGITS},}}(-\d{{{PART_NUMBER_DIGITS},}})?\.parquet"  # the last number: a slice
+#: Hex digits of the attempt a part's name may carry (``part-FFFFF-RRRRR_ATTEMPT.parquet``: see
+#: ``attempt_part_name``).
+ATTEMPT_DIGITS = 32
+_PART = (
+    rf"part-\d{{{PART_NUMBER_DIGITS},}}-\d{{{PART_NUMBER_DIGITS},}}(-\d{{{PART_NUMBER_DIGITS},}})?"  # the last number: a slice
+    rf"(_[0-9a-f]{{{ATTEMPT_DIGITS}}})?\.parquet"  # the attempt that wrote it, when two may run at once
+)
 PART_PATTERN = re.compile(f"^{_PART}$")
 REJECTED_PATTERN = re.compile(f"^{_PART}{re.escape(REJECTED_SUFFIX)}$")
 #: The name of a plan's data folder inside a table output (followed by the plan id).
@@ -157,6 +165,15 @@ def part_name(file: int, row_group: int, slice: int | None = None, digits: int =
     group; every number with ``digits`` digits, so that names sort in input order."""
     tail = f"-{slice:0{digits}d}" if slice is not None else ""
     return f"part-{file:0{digits}d}-{row_group:0{digits}d}{tail}.parquet"
+
+
+def attempt_part_name(name: str, attempt: str) -> str:
+    """``part-FFFFF-RRRRR[-SSSSS]_ATTEMPT.parquet``: a part named for the attempt that writes it, for
+    shards two attempts may score at once (Spark's speculative copies). The attempt follows every
+    number, so names still sort in input order, and no attempt ever replaces another's part."""
+    if len(attempt) != ATTEMPT_DIGITS or not name.endswith(".parquet"):
+        raise ValueError(f"not a part name and an attempt: {name!r}, {attempt!r}")
+    return f"{name[: -len('.parquet')]}_{attempt}.parquet"
 
 
 def part_path(output: str, name: str) -> str:

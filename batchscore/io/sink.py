@@ -132,14 +132,23 @@ class Streamed(list):
 WRITE_CHUNK = 1 << 16
 
 
-def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any, compact: bool = False) -> None:
-    """Indented for people, or ``compact`` (one line) for files that grow with the input; written
-    as it is encoded (``Streamed`` arrays item by item), never as one string."""
-    encoder = (
+def _encoder(compact: bool) -> json.JSONEncoder:
+    return (
         json.JSONEncoder(sort_keys=True, separators=(",", ":"))
         if compact
         else json.JSONEncoder(indent=2, sort_keys=True)
     )
+
+
+def json_bytes(data: Any, compact: bool = False) -> bytes:
+    """What ``write_json`` writes, as bytes (for a conditional write, which sends them at once)."""
+    return ("".join(_encoder(compact).iterencode(data)) + "\n").encode()
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any, compact: bool = False) -> None:
+    """Indented for people, or ``compact`` (one line) for files that grow with the input; written
+    as it is encoded (``Streamed`` arrays item by item), never as one string."""
+    encoder = _encoder(compact)
     with atomic_writer(fs, path) as fh:
         pending: list[str] = []
         size = 0

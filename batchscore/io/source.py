@@ -368,6 +368,30 @@ def read_footers(uris: Iterable[str], storage: StorageSettings | None = None) ->
     return InputFiles(iter_footers(uris, storage))
 
 
+#: Rows of the first batch of a file whose footer cannot tell its rows' width (dictionary-encoded
+#: text: a short dictionary may stand for long strings): the width is measured on them first.
+PROBE_ROWS = 256
+
+
+def footer_width(meta: pq.FileMetaData, row_groups: Sequence[int], columns: Sequence[str]) -> tuple[float, bool]:
+    """Bytes a row of ``columns`` takes once decoded, as the footer tells it (the widest of the
+    row groups), and whether that can be far too low (dictionary-encoded byte arrays)."""
+    wanted, width, unsure = set(columns), 0.0, False
+    for g in row_groups:
+        group = meta.row_group(g)
+        if not group.num_rows:
+            continue
+        total = 0
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] not in wanted:
+                continue
+            total += chunk.total_uncompressed_size
+            unsure = unsure or (chunk.physical_type == "BYTE_ARRAY" and chunk.has_dictionary_page)
+        width = max(width, total / group.num_rows)
+    return width, unsure
+
+
 def iter_batches(
     uri: str,
     row_groups: Sequence[int],
@@ -379,13 +403,18 @@ def iter_batches(
     on_footer: Callable[[pq.FileMetaData], None] | None = None,
     start: int = 0,
     rows: int | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream only ``columns`` of the given row groups, ``batch_size`` rows at a time, in memory
     bounded by ``batch_size`` and ``STREAM_BUFFER``, not by the row groups' size.
 
-    ``start`` and ``rows`` keep only that range of rows (a slice of a row group larger than a
-    part; the rows before it are decoded and dropped). With ``expected`` (the identity the plan
-    recorded) a file rewritten since is refused; ``on_footer`` is shown the file's footer before
+    With ``max_bytes``, a batch also holds no more than that many bytes of decoded columns: its
+    rows are cut to the width the footer gives (or, for dictionary-encoded text, that the first
+    ``PROBE_ROWS`` rows measure); a batch found wider than that is handed on in slices within the
+    bound and the reader goes on in smaller batches from the next row (each time at most half as
+    many rows). ``start`` and ``rows`` keep only that range of rows (a slice of a row group larger
+    than a part; the rows before it are decoded and dropped). With ``expected`` (the identity the
+    plan recorded) a file rewritten since is refused; ``on_footer`` is shown the file's footer before
     the first batch.
     """
     if not row_groups:
@@ -394,23 +423,63 @@ def iter_batches(
     with open_parquet(uri, storage, expected, streaming=True) as (pf, _):
         if on_footer is not None:
             on_footer(pf.metadata)
+        step = batch_size
+        if max_bytes is not None:
+            width, unsure = footer_width(pf.metadata, row_groups, columns)
+            step = max(1, min(step, int(max_bytes // width) if width else step, PROBE_ROWS if unsure else step))
+        sizes = [pf.metadata.row_group(g).num_rows for g in row_groups]
+        done = start  # the first row (of the row groups' rows) not handed on yet
         try:
-            position = 0
-            for batch in pf.iter_batches(
-                batch_size=batch_size, row_groups=list(row_groups), columns=list(columns), use_threads=use_threads
-            ):
-                first, position = position, position + batch.num_rows
-                if position <= start:
-                    continue
-                if first >= start and (stop is None or position <= stop):
-                    yield batch
-                else:
-                    low, high = (
-                        max(start - first, 0),
-                        batch.num_rows if stop is None else min(stop - first, batch.num_rows),
-                    )
-                    yield batch.slice(low, high - low)
-                if stop is not None and position >= stop:
+            while True:
+                # Start at the row group holding row ``done``: a smaller batch size reads on from there.
+                skip, position = 0, 0
+                while skip < len(sizes) - 1 and position + sizes[skip] <= done:
+                    position, skip = position + sizes[skip], skip + 1
+                narrower = None
+                for batch in pf.iter_batches(
+                    batch_size=step, row_groups=list(row_groups[skip:]), columns=list(columns), use_threads=use_threads
+                ):
+                    first, position = position, position + batch.num_rows
+                    if position <= done:
+                        continue
+                    low = max(done - first, 0)
+                    high = batch.num_rows if stop is None else min(stop - first, batch.num_rows)
+                    piece = batch if (low, high) == (0, batch.num_rows) else batch.slice(low, high - low)
+                    done = first + high
+                    if max_bytes is None:
+                        yield piece
+                    else:
+                        pieces = list(_within(piece, max_bytes))
+                        yield from pieces
+                        fits = min(_rows_within(p, max_bytes) for p in pieces)
+                        if step > 1 and fits < step:
+                            narrower = max(1, min(fits, step // 2))  # wider rows than the batch size allows
+                        elif step < batch_size and fits >= 2 * step and step <= PROBE_ROWS:
+                            narrower = min(batch_size, fits)  # the probe measured the rows: read on at full size
+                    if stop is not None and done >= stop:
+                        return
+                    if narrower is not None:
+                        break
+                if narrower is None:
                     return
+                step = narrower
         except Exception as exc:
             raise _read_error(uri, exc, f" (row groups {row_groups[0]}-{row_groups[-1]})") from None
+
+
+def _within(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
+    """``batch`` in consecutive slices of at most ``max_bytes`` each (or of one row), in order:
+    cut at its average width, and any slice still over the bound (wider rows) cut again."""
+    if batch.num_rows <= 1 or batch.nbytes <= max_bytes:
+        yield batch
+        return
+    step = min(_rows_within(batch, max_bytes), (batch.num_rows + 1) // 2)
+    for start in range(0, batch.num_rows, step):
+        yield from _within(batch.slice(start, step), max_bytes)
+
+
+def _rows_within(batch: pa.RecordBatch, max_bytes: int) -> int:
+    """How many of ``batch``'s rows fit in ``max_bytes`` at its average width (at least one)."""
+    if not batch.num_rows:
+        return 1
+    return max(1, int(max_bytes // max(1.0, batch.nbytes / batch.num_rows)))

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..errors import DriftError, InputDataError, param
-from ..io.layout import receipt_name, table_relative
+from ..io.layout import attempt_part_name, receipt_name, table_relative
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from ..io.sink import (
@@ -95,16 +95,29 @@ def _check_part_attempts(
         )
 
 
-def _part_rows(receipt: dict[str, Any], names: Sequence[str]) -> array[int] | str:
-    """The rows of each of a receipt's parts, which must be ``names`` in order; or what is wrong."""
+def _part_rows(receipt: dict[str, Any], names: Sequence[str]) -> tuple[array[int], bool] | str:
+    """The rows of each of a receipt's parts, which must be ``names`` in order, each either as
+    planned or (every one) named for the receipt's attempt; and whether they are so named. Else
+    what is wrong."""
     parts = receipt.get("parts", [])
     listed = [p.get("name") if isinstance(p, dict) else p for p in parts]
-    if listed != list(names):
+    tagged = listed != list(names)
+    if tagged and not _named_for(listed, names, receipt.get("attempt")):
         return f"parts {_few(listed)} != planned {_few(names)}"
     try:
-        return array("q", (p["rows"] for p in parts))
+        return array("q", (p["rows"] for p in parts)), tagged
     except (KeyError, TypeError, OverflowError):
         return "parts without their row counts"
+
+
+def _named_for(listed: Sequence[Any], names: Sequence[str], attempt: Any) -> bool:
+    """Whether ``listed`` are the planned ``names`` with ``attempt`` in each (see attempt_part_name)."""
+    try:
+        return len(listed) == len(names) and all(
+            found == attempt_part_name(name, attempt) for found, name in zip(listed, names)
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def _few(names: Sequence[Any]) -> str:
@@ -222,6 +235,7 @@ def commit(
         log.info(f"{the_plan.output} holds this input scored by this model already; nothing to do")
         return {**done, **(extra or {})}
     receipts: dict[int, dict[str, Any]] = {}
+    tagged: dict[int, bool] = {}  # whether a shard's parts are named for its attempt
     missing, foreign, changed, inconsistent = [], [], [], []
     planned_inputs: dict[str, Any] = {}  # filled only if a receipt from another plan needs it
     planned_artifacts = [a["sha256"] for a in the_plan.artifacts]
@@ -273,7 +287,10 @@ def commit(
             )
         elif receipt.get("rows_out", 0) + receipt.get("rows_invalid", 0) != shard.rows:
             inconsistent.append(f"{shard.index} (rows out + invalid != rows in)")
-        receipt["parts"] = rows  # each part's rows, in the plan's order: no dict per part is kept
+        if isinstance(rows, str):
+            receipt["parts"] = rows
+        else:  # each part's rows, in the plan's order: no dict per part is kept
+            receipt["parts"], tagged[shard.index] = rows
         receipts[shard.index] = receipt
     problems = []
     if missing:
@@ -296,8 +313,9 @@ def commit(
 
     def parts() -> Iterator[tuple[int, str, int]]:  # (shard, name, rows) of every part, in output order
         for i in sorted(receipts):
+            attempt = receipts[i]["attempt"] if tagged[i] else None
             for unit, rows in zip(the_plan.shards[i].units, receipts[i]["parts"]):
-                yield i, unit.part_name, rows
+                yield i, attempt_part_name(unit.part_name, attempt) if attempt else unit.part_name, rows
 
     part_count = sum(len(r["parts"]) for r in receipts.values())
     rejected = [p for i in sorted(receipts) for p in receipts[i]["rejected_parts"]]

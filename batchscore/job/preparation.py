@@ -15,7 +15,7 @@ from ..io.layout import check_output
 from ..io.source import InputFiles, iter_footers, list_inputs
 from ..io.storage import Location, resolve
 from ..io.validation import SchemaContract, is_numeric
-from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model
+from ..models.artifacts import ArtifactPolicy, LoadedModel, load_model, load_model_kept
 from ..models.challengers import Challenger, load_challengers
 from ..models.engine import Predictor
 from ..observe.observers import NONE, Observers
@@ -73,17 +73,21 @@ def prepare(
     policy: ArtifactPolicy | None = None,
     observers: Observers = NONE,
     planned: tuple[Collection[str], Sequence[Mapping[str, str]] | None] | None = None,
+    keep_model: bool = False,
 ) -> Prepared:
     """Load the model first (a bad model costs no I/O), then read footers and check every schema.
 
     The artifacts must pass ``policy`` (by default the job's pins and formats) before loading;
     ``observers`` hear how long the model took to load. ``planned`` (a shard's): the artifact roles
     and the output schema of its plan, which hold its challengers to the planned ones.
+    ``keep_model`` keeps the champion's pinned artifacts loaded in this process for the next step
+    that asks for them (see ``load_model_kept``).
     """
     model_uri = config.require("model")
     output = output_location(config)
     policy = policy or ArtifactPolicy.of(config)
-    model = load_model(model_uri, config.scaler, config.features, config.storage, policy)
+    load = load_model_kept if keep_model else load_model
+    model = load(model_uri, config.scaler, config.features, config.storage, policy)
     config = versioned(config, [a.to_dict() for a in model.artifacts])
     roles, schema = planned if planned is not None else (None, None)
     columns = {c["name"]: c["type"] for c in schema} if schema is not None else None

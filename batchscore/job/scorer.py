@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from ..config import StorageSettings
 from ..errors import InputDataError, ModelError, StorageError, param
+from ..io.layout import attempt_part_name
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
 from ..io.storage import Location, join
@@ -55,6 +56,8 @@ class ScoreTask:
     contract: Any = None  # validation.SchemaContract: each file's footer is checked against it as it is opened
     challengers: tuple[Challenger, ...] = ()  # scored on the same rows, into their own columns
     challengers_required: bool = False  # a challenger that raises fails the job (else it is recorded)
+    max_batch_bytes: int | None = None  # bytes of read columns per batch, besides batch_size's rows
+    attempt_names: bool = False  # parts named for their attempt: another attempt may write the same units at once
 
     @property
     def features(self) -> list[str]:
@@ -63,6 +66,10 @@ class ScoreTask:
         for c in self.challengers:
             names += [f for f in (c.model.features if c.model is not None else ()) if f not in names]
         return names
+
+    def part_name(self, unit: Unit) -> str:
+        """The name of ``unit``'s part: the plan's, or with this attempt in it (``attempt_names``)."""
+        return attempt_part_name(unit.part_name, self.attempt) if self.attempt_names else unit.part_name
 
     @property
     def read_columns(self) -> list[str]:
@@ -272,7 +279,7 @@ class _UnitScorer:
         if self.task.on_invalid == "quarantine":
             if self.rejected_writer is None:
                 output = self.task.output
-                path = rejected_path(output.path, self.unit.part_name)
+                path = rejected_path(output.path, self.task.part_name(self.unit))
                 part = self.task.open_part(output.fs, path, self.task.rejected_schema)
                 self.rejected_writer = stack.enter_context(part)
             picked = batch.select(list(self.task.passthrough)).filter(pa.array(bad))
@@ -294,7 +301,9 @@ class _UnitScorer:
             else None
         )
         with contextlib.ExitStack() as stack:
-            parquet = stack.enter_context(task.open_part(fs, part_path(base, self.unit.part_name), task.output_schema))
+            parquet = stack.enter_context(
+                task.open_part(fs, part_path(base, task.part_name(self.unit)), task.output_schema)
+            )
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
             file_nulls: frozenset[str] = frozenset()
 
@@ -317,6 +326,7 @@ class _UnitScorer:
                     on_footer=footer,
                     start=self.unit.start,
                     rows=self.unit.rows if self.unit.slice is not None else None,
+                    max_bytes=task.max_batch_bytes,
                 ),
                 depth=1,
             )
@@ -353,11 +363,11 @@ class _UnitScorer:
                 offset += n
                 report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds
         return UnitResult(
-            part=self.unit.part_name,
+            part=task.part_name(self.unit),
             rows_in=rows_in,
             rows_out=rows_out,
             rows_invalid=self.invalid,
-            rejected_part=self.unit.part_name if self.rejected_writer is not None else None,
+            rejected_part=task.part_name(self.unit) if self.rejected_writer is not None else None,
             seconds=time.perf_counter() - started,
             profile=profile.to_dict() if profile is not None else None,
         )
@@ -370,5 +380,5 @@ def score_unit(
         return _UnitScorer(task, predictor, unit, challengers).run()
     except OSError as exc:  # reads raise InputDataError, so this is the part's write (disk full...)
         raise StorageError(
-            f"cannot write part {join(task.output.uri, unit.part_name)}: {exc.strerror or exc}"
+            f"cannot write part {join(task.output.uri, task.part_name(unit))}: {exc.strerror or exc}"
         ) from None

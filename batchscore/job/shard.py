@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -13,12 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from ..config import JobConfig
-from ..errors import InputDataError, param
+from ..errors import InputDataError, StorageError, param
+from ..io.conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
-from ..io.sink import Streamed, receipt_path, rejected_folder, rejected_name, uncommit, write_json
+from ..io.sink import Streamed, json_bytes, receipt_path, rejected_folder, rejected_name, uncommit, write_json
 from ..io.source import InputFiles
-from ..io.storage import abort_uploads, abort_uploads_after_failure, remove_if_exists
+from ..io.storage import abort_uploads, abort_uploads_after_failure, full_uri, remove_if_exists
 from ..logs import event, progress
 from ..models.artifacts import ArtifactPolicy, artifact_roles, challenger_roles
 from ..models.verification import choose_engine
@@ -31,6 +33,8 @@ from .scorer import ScoreTask
 from .workers import hand_out_order, score_units
 
 log = logging.getLogger(__name__)
+#: Conditional writes a receipt may lose to other plans' writers before the attempt gives up.
+CLAIM_TRIES = 5
 
 
 def run_shard_of(config: JobConfig, index: int, count: int, observers: Observers = NONE) -> dict[str, Any]:
@@ -79,12 +83,20 @@ class _Picked(Sequence[Mapping[str, Any]]):
 
 
 def run_shard(
-    config: JobConfig, the_plan: Plan, index: int, source: str = "given", observers: Observers = NONE
+    config: JobConfig,
+    the_plan: Plan,
+    index: int,
+    source: str = "given",
+    observers: Observers = NONE,
+    keep_model: bool = False,
+    concurrent: bool = False,
 ) -> dict[str, Any]:
     """Score one shard of a plan and write its receipt; a retry rewrites the same parts.
 
     The plan's first file's footer is read too, so the shard picks the same passthrough columns as
-    the plan did; the output schema must then be the planned one.
+    the plan did; the output schema must then be the planned one. ``keep_model`` keeps the pinned
+    model loaded in this process for the next shard; ``concurrent`` is for shards another attempt
+    may score at the same time (see ``score_shard``).
     """
     shard = the_plan.shard(index)
     config = replace(config, output=the_plan.output)
@@ -107,6 +119,7 @@ def run_shard(
         policy=policy,
         observers=observers,
         planned=(planned_roles, the_plan.schema),
+        keep_model=keep_model,
     )
     _check_inputs_unchanged(prepared.files, the_plan, shard_files)
     schema = schema_dicts(prepared.output_schema)
@@ -117,14 +130,27 @@ def run_shard(
         )
     with hold(config, the_plan, "shard", release="never", output=prepared.location) as lease:
         check_access(prepared, tidy=False)  # other shards may be writing: the folders stay
-        return score_shard(prepared, the_plan, index, lease, observers)
+        return score_shard(prepared, the_plan, index, lease, observers, concurrent)
 
 
 def score_shard(
-    prepared: Prepared, the_plan: Plan, index: int, lease: Lease, observers: Observers = NONE
+    prepared: Prepared,
+    the_plan: Plan,
+    index: int,
+    lease: Lease,
+    observers: Observers = NONE,
+    concurrent: bool = False,
 ) -> dict[str, Any]:
     """Score a shard under the output's lease; its parts and receipt name this attempt, and
-    ``observers`` hear of each batch as a worker scores it."""
+    ``observers`` hear of each batch as a worker scores it.
+
+    ``concurrent``: another attempt of this shard may be scoring it at the same time (Spark's
+    speculative copies, a retry beside a lost attempt that still runs). Each attempt then writes
+    parts named for itself (``part-..._ATTEMPT.parquet``), so none replaces another's, and the
+    first receipt of this plan written stands: an attempt that finds one (at its start, or when it
+    comes to write its own) scores nothing more and returns it. The commit keeps only the parts
+    that receipt names and removes the other attempts'.
+    """
     config, shard = prepared.config, the_plan.shard(index)
     started, clock = now(), time.perf_counter()
     planned = [a["sha256"] for a in the_plan.artifacts]
@@ -149,7 +175,13 @@ def score_shard(
             "engine": {},
             "committed_already": done["table"]["version"],
         }
-    remove_if_exists(fs, receipt_path(out_path, index))
+    if concurrent:
+        standing = _standing_receipt(fs, receipt_path(out_path, index), the_plan)
+        if standing is not None:
+            log.info(f"shard {index}: attempt {standing[0]['attempt']} of this plan scored it already")
+            return standing[0]
+    else:
+        remove_if_exists(fs, receipt_path(out_path, index))
     uncommit(fs, out_path)  # parts are about to change: the output no longer is what was committed
     attempt = uuid.uuid4().hex
     predicted_at = datetime.fromisoformat(the_plan.predicted_at) if the_plan.predicted_at else started
@@ -173,6 +205,8 @@ def score_shard(
         contract=prepared.contract,
         challengers=prepared.challengers,
         challengers_required=config.challengers_required,
+        max_batch_bytes=config.max_batch_bytes,
+        attempt_names=concurrent,
     )
     workers = config.worker_count
     log.info(
@@ -185,8 +219,8 @@ def score_shard(
     # The names are made when asked for: a shard of 100,000 parts does not hold them while it scores.
     units = shard.units
     uploads = {
-        out_path: lambda: (u.part_name for u in units),
-        rejected_folder(out_path): lambda: (rejected_name(u.part_name) for u in units),
+        out_path: lambda: (task.part_name(u) for u in units),
+        rejected_folder(out_path): lambda: (rejected_name(task.part_name(u)) for u in units),
     }
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names())
@@ -229,7 +263,9 @@ def score_shard(
         "rows_in": sum(counts["rows_in"]),
         "rows_out": sum(rows_out),
         "rows_invalid": invalid,
-        "parts": Streamed(lambda: ({"name": u.part_name, "rows": n} for u, n in zip(units, rows_out)), len(units)),
+        "parts": Streamed(
+            lambda: ({"name": task.part_name(u), "rows": n} for u, n in zip(units, rows_out)), len(units)
+        ),
         "rejected_parts": [rejected[i] for i in sorted(rejected)],
         "artifacts": planned,
         "model_version": config.model_version,
@@ -245,5 +281,53 @@ def score_shard(
         "profile": profiles.result(len(units)),
     }
     lease.renew()  # still ours: no other job replaced these parts while we scored
+    if concurrent:
+        receipt["plan_sha256"] = the_plan.sha256  # this planning's: a rerun of the same plan is another
+        return _claim_receipt(fs, receipt_path(out_path, index), receipt, the_plan)
     write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
     return receipt
+
+
+def _standing_receipt(fs: Any, path: str, the_plan: Plan) -> tuple[dict[str, Any], str] | None:
+    """The receipt at ``path`` and its tag, if an attempt of this very plan wrote it."""
+    return _of_plan(read_tagged(fs, path), the_plan)
+
+
+def _of_plan(found: tuple[bytes, str] | None, the_plan: Plan) -> tuple[dict[str, Any], str] | None:
+    """The receipt read, if an attempt of ``the_plan`` wrote it: its id (plans of one job are
+    alike) and its sha256 (which each planning has of its own: an earlier run's receipt is stale)."""
+    if found is None:
+        return None
+    try:
+        receipt = json.loads(found[0])
+    except ValueError:
+        return None  # unreadable: replaced like any other plan's
+    if not isinstance(receipt, dict):
+        return None
+    ours = (receipt.get("plan_id"), receipt.get("plan_sha256")) == (the_plan.plan_id, the_plan.sha256)
+    return (receipt, found[1]) if ours else None
+
+
+def _claim_receipt(fs: Any, path: str, receipt: dict[str, Any], the_plan: Plan) -> dict[str, Any]:
+    """Write ``receipt`` unless an attempt of this plan wrote one first; the receipt that stands.
+
+    Created only where none is (or replaced only while it is still another plan's or an earlier
+    run's, unchanged): of two attempts, exactly one receipt is written, and the other returns it."""
+    data = json_bytes(receipt, compact=True)
+    for _ in range(CLAIM_TRIES):
+        found = read_tagged(fs, path)
+        standing = _of_plan(found, the_plan)
+        if standing is not None:
+            log.info(f"shard {receipt['shard']}: attempt {standing[0]['attempt']} wrote its receipt first")
+            return standing[0]
+        try:
+            if found is None:
+                create_exclusive(fs, path, data)
+            else:
+                replace_if(fs, path, data, found[1])
+            return receipt
+        except PreconditionFailed:
+            continue  # another attempt wrote first: read what it wrote
+    raise StorageError(
+        f"could not write the receipt {full_uri(fs, path)}: it kept changing while this attempt wrote it"
+    )

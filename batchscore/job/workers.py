@@ -156,7 +156,7 @@ def _score_in_workers(
     order = hand_out_order(units)
     pool = WorkerPool(max(1, min(workers, len(units))), functools.partial(_init_worker, task), _worker_score)
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchscore-flush")
-    forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units))
+    forget_cleanup = stopping.on_hard_stop(functools.partial(remove_temporary_parts, fs, base, units, task))
     try:
         flushes: collections.deque[Future[None]] = collections.deque()
         for index, result in pool.map_unordered(units, order, on_progress):
@@ -176,7 +176,7 @@ def _score_in_workers(
         except KeyboardInterrupt:  # asked again while stopping: no more grace
             pool.stop(grace=0)
         flusher.shutdown(wait=False, cancel_futures=True)
-        remove_temporary_parts(fs, base, units)
+        remove_temporary_parts(fs, base, units, task)
         if isinstance(exc, WorkerDied):
             raise StorageError(
                 f"{exc} while scoring, perhaps for lack of memory; nothing was committed; "
@@ -196,7 +196,7 @@ def _written_paths(base: str, result: UnitResult) -> list[str]:
     return paths
 
 
-def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit]) -> None:
+def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit], task: ScoreTask) -> None:
     """Remove the temporary files that stopped workers left for these units' parts.
 
     Only these units' names: other shards may be writing their own parts in the same folder.
@@ -204,7 +204,7 @@ def remove_temporary_parts(fs: Any, base: str, units: Sequence[Unit]) -> None:
     """
     if not is_local(fs):
         return  # object stores publish nothing until an upload completes
-    prefixes = tuple(f".{name}.tmp-" for u in units for name in (u.part_name, rejected_name(u.part_name)))
+    prefixes = tuple(f".{name}.tmp-" for u in units for name in (task.part_name(u), rejected_name(task.part_name(u))))
     for folder in (base, rejected_folder(base)):
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):

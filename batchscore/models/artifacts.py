@@ -12,6 +12,8 @@ import contextlib
 import gc
 import hashlib
 import io
+import json
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -443,6 +445,63 @@ def load_model(
         sklearn_version=saved_with or sklearn.__version__,
         load_seconds=time.perf_counter() - started,
     )
+
+
+#: How many loaded models one process keeps (``load_model_kept``): the jobs one Spark executor runs.
+KEPT_MODELS = 4
+_kept: dict[tuple[Any, ...], LoadedModel] = {}
+_kept_lock = threading.Lock()
+_kept_loads = 0
+
+
+def load_model_kept(
+    model_uri: str,
+    scaler_uri: str | None = None,
+    features: Sequence[str] | None = None,
+    storage: StorageSettings | None = None,
+    policy: ArtifactPolicy | None = None,
+) -> LoadedModel:
+    """``load_model``, kept in this process for the next call that asks for the same artifacts: a
+    Spark executor's Python worker scores many tasks, and loads the model once for all of them.
+
+    Kept only when ``policy`` pins every artifact: the key is the pinned digests with the URIs,
+    the features, the formats allowed and every storage setting (options and bounds), so a kept
+    model is always one whose bytes were checked against these pins, in this process, before
+    anything deserialized them. Unpinned artifacts are loaded on every call (their bytes may change).
+    """
+    global _kept_loads
+    policy = policy or ArtifactPolicy()
+    roles = ["model", "scaler"] if scaler_uri else ["model"]
+    if not all(policy.pins.get(role) for role in roles):
+        return load_model(model_uri, scaler_uri, features, storage, policy)
+    settings = storage or StorageSettings()
+    key = (
+        model_uri,
+        scaler_uri,
+        tuple(features) if features is not None else None,
+        tuple(sorted((role, tuple(sorted({p.sha256.lower() for p in pins}))) for role, pins in policy.pins.items())),
+        tuple(policy.trusted_types),
+        policy.allow_pickle,
+        json.dumps(dict(settings.options), sort_keys=True, default=str),
+        settings.timeout,
+        settings.retries,
+        settings.throttle_seconds,
+    )
+    with _kept_lock:  # one load at a time: two tasks of one worker never load the same model twice
+        found = _kept.get(key)
+        if found is not None:
+            return replace(found, load_seconds=0.0)
+        model = load_model(model_uri, scaler_uri, features, storage, policy)
+        _kept_loads += 1
+        while len(_kept) >= KEPT_MODELS:
+            del _kept[next(iter(_kept))]  # the oldest
+        _kept[key] = model
+        return model
+
+
+def kept_loads() -> int:
+    """How many times this process has loaded artifacts from their bytes for ``load_model_kept``."""
+    return _kept_loads
 
 
 def describe(model: LoadedModel) -> dict[str, Any]:

@@ -431,13 +431,12 @@ def spark_application(settings: JobSettings) -> str:
 
 def spark_conf(settings: JobSettings) -> dict[str, str]:
     """The Spark properties of the submission: ``dag.spark_conf``, the Python of ``dag.spark_python``,
-    ``dag.env`` on the executors too, and never speculation (see docs/spark.md)."""
+    ``dag.env`` on the executors too (speculation is the cluster's choice: see docs/spark.md)."""
     spec = settings.dag
     conf = {f"spark.executorEnv.{key}": value for key, value in score_environment(settings).items()}
     conf.update(spec.spark_conf)
     if spec.spark_python:
         conf["spark.pyspark.python"] = spec.spark_python
-    conf["spark.speculation"] = "false"
     return conf
 
 

@@ -296,7 +296,7 @@ class DagSpec(BaseModel):
     spark_conf: StringMap = setting(
         {},
         "`spark` runner only: Spark properties (`--conf`), e.g. `{spark.executor.instances: 4, spark.cores.max: 16}`; "
-        "no credentials (they would show in the UI and the command line), no speculation.",
+        "no credentials (they would show in the UI and the command line).",
     )
     spark_executor_cores: int | None = setting(
         None,
@@ -406,17 +406,12 @@ class DagSpec(BaseModel):
     @field_validator("spark_conf")
     @classmethod
     def _plain_spark_conf(cls, conf: dict[str, str]) -> dict[str, str]:
-        """Spark properties reach the command line and the UI; two attempts of one shard at once
-        would write the same part names (see docs/spark.md)."""
+        """Spark properties reach the command line and the UI: no credentials among them."""
         leaked = sorted(k for k in conf if SECRET_NAME.search(k))
         if leaked:
             raise ValueError(
                 f"dag.spark_conf {', '.join(leaked)} look like credentials; give them to the cluster "
                 "(an instance role, its own spark-defaults.conf) instead"
-            )
-        if conf.get("spark.speculation", "false").lower() != "false":
-            raise ValueError(
-                "dag.spark_conf spark.speculation must stay false: two attempts of one shard would write the same parts"
             )
         return conf
 

@@ -6,12 +6,13 @@ The guarantees are the sharded job's (see docs/sharding.md), with Spark as the o
   (or ``shards``) and writes the plan beside the output, taking the output's lease for the plan.
 - Each task runs ``batchscore.run_shard`` for its shard, held to the plan's sha256 and the
   model's pinned digests: it reads its own row groups in input order through batchscore's
-  storage layer (local, S3 through fsspec), loads the model from its bytes (never pickled into
-  the task), writes parts with the plan's names, each footer naming the attempt, then its receipt.
-- A retried task attempt rewrites the same part names; an attempt that died leaves no part the
-  commit keeps (parts no receipt lists are removed, a part whose footer names another attempt
-  than its receipt's is refused). Errors a retry cannot fix (exit 2, 3, 4) end the task with
-  their message instead of being retried.
+  storage layer (local, S3 through fsspec), in batches bounded by rows and bytes; it loads the
+  model from its bytes (never pickled into the task) once per Python worker, kept there for the
+  worker's later tasks; it writes parts named for its attempt, then claims the shard's receipt.
+- Attempts of one shard never write the same file: a retry, or a speculative copy running beside
+  the original, writes parts of its own, and the first receipt written stands (a later attempt
+  returns it). The commit keeps the parts that receipt names and removes every other attempt's.
+  Errors a retry cannot fix (exit 2, 3, 4) end the task with their message instead of being retried.
 - The driver commits with ``batchscore.commit`` only after every task succeeded and no attempt
   of the stage is still running, never with Spark's own writer or its overwrite mode.
 - ``score_plan`` stops before the commit and scores a plan someone else made (the Airflow DAG's
@@ -25,7 +26,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 PERMANENT = {EXIT_USAGE: ConfigError, EXIT_INPUT: InputDataError, EXIT_MODEL: ModelError, EXIT_DRIFT: DriftError}
 #: A fault for the tests to inject into an executor: ``SHARD:WHEN`` makes the first attempt of task
 #: SHARD die (``os._exit``) at ``start``, once its first ``part`` is written (at the latest after its
-#: receipt), or after its ``receipt``; Spark sees a lost task either way.
+#: receipt), or after its ``receipt`` (Spark sees a lost task either way); or, with ``slow``, score
+#: one row per batch, so that Spark sees a straggler (and, with speculation on, starts a copy).
 FAULT_ENV = "BATCHSCORE_SPARK_FAULT"
 #: How long the driver waits, after the last task succeeded, for attempts Spark is killing
 #: (speculative copies, attempts of a lost executor) to end before it commits.
@@ -75,11 +76,11 @@ def anchored(config: JobConfig) -> JobConfig:
 
 
 def session(app_name: str, master: str | None = None) -> Any:
-    """The Spark session ``spark-submit`` (or ``master``) describes, without speculation: two
-    attempts of one shard would write the same part names at once (see docs/spark.md)."""
+    """The Spark session ``spark-submit`` (or ``master``) describes, its settings as given:
+    speculation and task retries included (see docs/spark.md)."""
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName(app_name).config("spark.speculation", "false")
+    builder = SparkSession.builder.appName(app_name)
     return (builder.master(master) if master else builder).getOrCreate()
 
 
@@ -137,12 +138,6 @@ def score_plan(
         raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
     spark = spark or session(f"batchscore {config.job_name or config.output}", master)
     context = spark.sparkContext
-    if context.getConf().get("spark.speculation", "false").lower() == "true":
-        log.warning(
-            "spark: speculation is on in this session: two attempts of one shard may overwrite each "
-            "other's parts, and the commit then refuses (exit 3) rather than publish a mixture; "
-            "run batchscore's jobs with spark.speculation=false"
-        )
     config = anchored(config)
     if plan is None:
         plan_uri = layout.plan_path(config.output)  # type: ignore[arg-type]
@@ -155,14 +150,14 @@ def score_plan(
     from ..job.planning import parts_location
 
     folder = parts_location(config, the_plan).uri  # a table output's parts go to the plan's data folder
-    first_parts = [layout.part_path(folder, s.units[0].part_name) if s.units else None for s in the_plan.shards]
+    first_parts = [s.units[0].part_name if s.units else None for s in the_plan.shards]
     log.info(
         f"spark: {the_plan.total_rows:,} rows in {count} shard(s) of plan {the_plan.plan_id}, "
         f"default parallelism {context.defaultParallelism}"
     )
     group = f"batchscore-{the_plan.plan_id}-{time.time_ns()}"
     context.setJobGroup(group, f"batchscore {the_plan.output}", interruptOnCancel=True)
-    task = functools.partial(score_shard_task, pinned, plan_uri, the_plan.sha256, first_parts)
+    task = functools.partial(score_shard_task, pinned, plan_uri, the_plan.sha256, first_parts, folder)
     try:
         results = context.parallelize(range(count), count).map(task).collect()
     finally:
@@ -173,7 +168,11 @@ def score_plan(
         raise PERMANENT.get(first["exit_code"], BatchscoreError)(first["error"])
     log.info(
         "spark: every shard scored: "
-        + ", ".join(f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows)" for r in results)
+        + ", ".join(
+            f"shard {r['shard']} by task attempt {r['task_attempt']} ({r['rows_out']:,} rows; Python worker "
+            f"{r['worker']}, {'loaded the model' if r['model_loaded'] else 'model already loaded'})"
+            for r in results
+        )
     )
     return ScoredPlan(pinned, plan_uri, the_plan.sha256, the_plan.plan_id, sorted(results, key=lambda r: r["shard"]))
 
@@ -214,19 +213,27 @@ _NO_JOB = _NoJob()
 
 
 def score_shard_task(
-    config: JobConfig, plan_uri: str, plan_sha256: str, first_parts: list[str | None], index: int
+    config: JobConfig, plan_uri: str, plan_sha256: str, first_parts: list[str | None], output: str, index: int
 ) -> dict[str, Any]:
-    """One Spark task: score shard ``index`` of the plan (runs on an executor)."""
+    """One Spark task: score shard ``index`` of the plan (runs on an executor).
+
+    The model stays loaded in this Python worker for its later tasks (Spark reuses workers);
+    parts are named for this attempt, since a speculative copy may score the shard beside it."""
     from pyspark import TaskContext
+
+    from ..models.artifacts import kept_loads
 
     context = TaskContext.get()
     attempt = context.attemptNumber() if context is not None else 0
     fault = _fault(index, attempt)
     if fault == "start":
         os._exit(137)
-    watching = _die_once_written(first_parts[index], config.storage_options) if fault == "part" else None
+    if fault == "slow":
+        config = replace(config, batch_size=1)  # the same rows, one batch each: a straggler
+    watching = _die_once_written(output, first_parts[index], config) if fault == "part" else None
+    loads = kept_loads()
     try:
-        done = api.run_shard(config, index, plan=plan_uri, plan_sha256=plan_sha256)
+        done = api.run_shard(config, index, plan=plan_uri, plan_sha256=plan_sha256, keep_model=True, concurrent=True)
     except BatchscoreError as exc:
         if exc.exit_code not in PERMANENT:
             raise  # storage failures and the like: Spark retries the task
@@ -244,6 +251,8 @@ def score_shard_task(
         "rows_out": done.rows_out,
         "rows_invalid": done.rows_invalid,
         "seconds": done.seconds,
+        "worker": os.getpid(),
+        "model_loaded": kept_loads() > loads,  # else kept from an earlier task of this worker
     }
 
 
@@ -253,20 +262,27 @@ def _fault(index: int, attempt: int) -> str | None:
     return when if shard and attempt == 0 and int(shard) == index else None
 
 
-def _die_once_written(uri: str | None, storage_options: Mapping[str, Any]) -> threading.Event:
-    """End this process as soon as ``uri`` exists (an attempt killed between parts), until the
-    returned event is set."""
-    import fsspec
+def _die_once_written(output: str, part_name: str | None, config: JobConfig) -> threading.Event:
+    """End this process as soon as a part of the planned ``part_name`` is in ``output`` (whatever
+    attempt it is named for: an attempt killed between parts), until the returned event is set."""
+    from ..io.sink import listing
+    from ..io.storage import resolve
 
     done = threading.Event()
-    if uri is None:
+    if part_name is None:
         return done
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    where = resolve(output, config.storage)  # batchscore's storage layer: its options and bounds
+    stem = part_name[: -len(".parquet")]
+
+    def written() -> bool:
+        return any(
+            layout.PART_PATTERN.match(name) and name.startswith(stem) and name[len(stem)] in "._"
+            for name in listing(where.fs, where.path)
+        )
 
     def watch() -> None:
         while not done.is_set():
-            fs.invalidate_cache()
-            if fs.exists(path) and not done.is_set():
+            if written() and not done.is_set():
                 os._exit(137)
             time.sleep(0.01)
 

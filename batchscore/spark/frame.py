@@ -12,8 +12,6 @@ invalid-row checks, the same columns (passthrough, then prediction, probability 
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
@@ -22,15 +20,10 @@ from typing import Any
 from ..config import JobConfig, build_config
 from ..errors import ConfigError, InputDataError
 
-#: The most bytes of input columns one scored slice holds (Arrow buffers), whatever Spark hands over.
-DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
 #: Set on the session by ``score`` unless ``session_conf=False``: Spark's own Arrow batches, by
-#: rows (``batch_size``) and by bytes, so wide rows never make a batch of gigabytes.
+#: rows (``batch_size``) and by bytes (``max_batch_bytes``), so wide rows never make a batch of gigabytes.
 ARROW_RECORDS = "spark.sql.execution.arrow.maxRecordsPerBatch"
 ARROW_BYTES = "spark.sql.execution.arrow.maxBytesPerBatch"
-
-_loaded: dict[tuple[Any, ...], Any] = {}  # per Python worker: (uris, digests) -> LoadedModel
-_lock = threading.Lock()
 
 
 def job_of(config_or_model: Any, **settings: Any) -> JobConfig:
@@ -45,29 +38,13 @@ def job_of(config_or_model: Any, **settings: Any) -> JobConfig:
 
 
 def load(config: JobConfig) -> Any:
-    """The job's model, loaded once per process and held to the job's pinned digests."""
-    from ..models.artifacts import ArtifactPolicy, load_model
+    """The job's model held to its pinned digests, loaded once per process for every task that
+    asks for the same artifacts with the same storage settings (see ``load_model_kept``)."""
+    from ..models.artifacts import ArtifactPolicy, load_model_kept
 
-    key = (
-        config.model,
-        config.scaler,
-        config.model_sha256,
-        config.scaler_sha256,
-        config.features,
-        config.allow_pickle,
-        config.trusted_types,
-        json.dumps(dict(config.storage_options), sort_keys=True, default=str),
+    return load_model_kept(
+        config.require("model"), config.scaler, config.features, config.storage, ArtifactPolicy.of(config)
     )
-    with _lock:
-        if key not in _loaded:
-            _loaded[key] = load_model(
-                config.require("model"),
-                config.scaler,
-                config.features,
-                config.storage,
-                ArtifactPolicy.of(config),
-            )
-        return _loaded[key]
 
 
 def score(
@@ -75,7 +52,6 @@ def score(
     config_or_model: Any,
     *,
     session_conf: bool = True,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     **settings: Any,
 ) -> Any:
     """``df`` scored: its passthrough columns (``keep``, else all of them) and the prediction columns.
@@ -99,8 +75,6 @@ def score(
             "on_invalid quarantine writes rejected rows beside a job's output; a DataFrame has none: "
             "use fail or skip, or filter the rows first"
         )
-    if max_batch_bytes < 1:
-        raise ConfigError(f"max_batch_bytes must be at least 1, got {max_batch_bytes}")
     model = load(config)  # on the driver: features, classes and digests, checked before any task starts
     digests = {a.role: a.sha256 for a in model.artifacts}
     # Each executor loads the model itself: a registry alias is handed on as the version the driver
@@ -142,8 +116,8 @@ def score(
     )  # what Spark expects back, timestamps in its zone
     if session_conf:
         df.sparkSession.conf.set(ARROW_RECORDS, str(config.batch_size))
-        df.sparkSession.conf.set(ARROW_BYTES, str(max_batch_bytes))
-    scorer = _Scorer(config, predictor.predicted_at.as_py(), keep, arrow_schema, max_batch_bytes)
+        df.sparkSession.conf.set(ARROW_BYTES, str(config.max_batch_bytes))
+    scorer = _Scorer(config, predictor.predicted_at.as_py(), keep, arrow_schema, config.max_batch_bytes)
     return df.select(*read).mapInArrow(scorer, spark_schema)
 
 
