@@ -469,11 +469,11 @@ def test_a_scaler_shared_by_sha256_is_applied_once_per_batch(tmp_path: Path) -> 
     job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["shared", "third"])
     result = cli("run", "--config", job)
     assert result.exit_code == EXIT_OK, result.stderr
-    batches = [1_000, 1_000, 384]  # batch_size 1,000 over 2,384 rows
-    padded = sorted(n + (-n) % 16 for n in batches)  # feature matrices are padded to 16 rows
-    scaled = sorted(int(n) for n in log.read_text().split() if int(n) > 1)  # 1 row: the loader's probes
-    assert scaled == padded  # once per batch for the champion and "shared" together
-    assert sorted(int(n) for n in other_log.read_text().split() if int(n) > 1) == padded
+    # Feature matrices are padded to 16 rows; 1 row: the loader's probes. How the reader cuts batches
+    # (rows, bytes) is its own business: each batch is transformed once by each scaler file.
+    scaled = sorted(int(n) for n in log.read_text().split() if int(n) > 1)
+    assert 0 <= sum(scaled) - ROWS < 16 * len(scaled) and all(n % 16 == 0 for n in scaled), scaled
+    assert sorted(int(n) for n in other_log.read_text().split() if int(n) > 1) == scaled  # not twice
     output = read_output(out)
     inputs = read_inputs(paths).to_pandas()[list(FEATURES)]
     for name, paths_of in (("shared", models["shared"]), ("third", third)):
