@@ -426,3 +426,66 @@ def test_a_sharded_champion_and_two_registry_challengers_stay_pinned_when_their_
         assert (record["name"], record["alias"], record["version"]) == (registered, alias, version)
         assert record["run_id"] == server.runs[f"{registered}/{version}"]
         assert record["files"][record["file"]] == artifact["sha256"] and "MLmodel" in record["files"]
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_registry_challenger_that_fails_never_fails_a_file_champion_unless_required(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    """An alias that does not exist, and a registry that is down while the champion is a file: the
+    challenger's failure, recorded (exit 0, the champion exact); required, exit 4 for the alias
+    and exit 1 (a retry may pass) for the registry, one Error: line naming the challenger, nothing
+    committed. A registry down only at commit time does not stop a planned job's commit."""
+    from helpers import binary_model, no_success
+    from test_challengers import assert_challenger_exact
+
+    champion = binary_model(tmp_path / "champion")
+    rival(server)
+    down = f"http://127.0.0.1:{free_port()}"
+    bounds = ("--storage-timeout", "1", "--storage-retries", "1")
+    cases = (
+        ("ghost", "models:/churn@retired", server.uri, EXIT_MODEL, "retired"),
+        ("rival", "models:/rival@challenger", down, EXIT_FAILURE, "did not answer"),
+    )
+    inputs = read_inputs(churn_inputs)
+    for name, reference, registry, required_exit, needle in cases:
+        base = [
+            "--input",
+            str(churn_inputs[0].parent),
+            "--model",
+            str(champion["model"]),
+            "--scaler",
+            str(champion["scaler"]),
+            "--registry-uri",
+            registry,
+            "--challenger",
+            f"{name}={reference}",
+            *bounds,
+        ]
+        out = tmp_path / f"{name}-out"
+        started = time.monotonic()
+        result = cli("run", *base, "--output", str(out))
+        assert result.exit_code == 0, result.stderr
+        assert time.monotonic() - started < 60
+        table = read_output(out)
+        assert_exact(table.select([c for c in table.column_names if "__" not in c]), inputs, champion)
+        entry = challenger_record(read_manifest(out), name)
+        assert entry["status"] == "failed" and reference in entry["error"] and needle in entry["error"]
+        assert entry["artifacts"] == []
+        refused = tmp_path / f"{name}-required"
+        required = cli("run", *base, "--output", str(refused), "--challengers-required")
+        assert required.exit_code == required_exit, required.stderr
+        one_error(required.stderr, f"challenger {name}", reference, "challengers_required")
+        assert no_success(refused)
+    out, plan_path = tmp_path / "planned", tmp_path / "plan.json"
+    common = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", str(champion["model"])]
+    common += ["--scaler", str(champion["scaler"]), "--challenger", "rival=models:/rival@challenger"]
+    up = ["--registry-uri", server.uri]
+    assert cli("plan", *common, *up, "--out", str(plan_path)).exit_code == 0
+    assert cli("run", *common, *up, "--plan", str(plan_path), "--shard", "0").exit_code == 0
+    committed = cli("commit", *common, "--registry-uri", down, *bounds, "--plan", str(plan_path))
+    assert committed.exit_code == 0, committed.stderr
+    assert_challenger_exact(read_output(out), inputs, {"model": server.references["rival/1"]}, "rival")
+    assert challenger_record(read_manifest(out), "rival")["artifacts"][0]["registry"]["version"] == "1"
