@@ -544,3 +544,33 @@ def test_spark_command_refuses_a_commit_it_cannot_make(tmp_path: Path, binary_mo
         )
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+def test_spark_command_scores_a_champion_and_a_challenger_exactly(spark_local: Any, tmp_path: Path) -> None:
+    """`batchscore spark` on local[2]: the driver plans, each task runs its shard (run_shard) with
+    the champion and a challenger loaded as the plan pinned them; both exact, one manifest."""
+    from helpers import cli, pipeline_model
+    from test_challengers import assert_challenger_exact
+
+    paths = write_inputs(tmp_path / "in", files=2, rows=1_104, row_group_size=300)
+    champion, forest = binary_model(tmp_path / "champion"), pipeline_model(tmp_path / "forest")
+    out = tmp_path / "out"
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(out),
+        models=[
+            {"name": "lr", "role": "champion", "model": str(champion["model"]), "scaler": str(champion["scaler"])},
+            {"name": "forest", "model": str(forest["model"]), "model_version": "f-3"},
+        ],
+    )
+    result = cli("spark", "--config", str(job), "--master", "local[2]", "--shards", "3")
+    assert result.exit_code == 0, result.stderr
+    output, inputs = read_output(out), read_inputs(paths)
+    assert_exact(output.select([c for c in output.column_names if "__" not in c]), inputs, champion)
+    assert_challenger_exact(output, inputs, forest, "forest")
+    assert set(output.column("model_version__forest").to_pylist()) == {"f-3"}
+    manifest = read_manifest(out)
+    (entry,) = manifest["challengers"]
+    assert entry["status"] == "ok" and entry["agreement"]["rows_compared"] == output.num_rows
+    assert [a["role"] for a in entry["artifacts"]] == ["challenger:forest:model"]
