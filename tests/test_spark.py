@@ -574,3 +574,32 @@ def test_spark_command_scores_a_champion_and_a_challenger_exactly(spark_local: A
     (entry,) = manifest["challengers"]
     assert entry["status"] == "ok" and entry["agreement"]["rows_compared"] == output.num_rows
     assert [a["role"] for a in entry["artifacts"]] == ["challenger:forest:model"]
+
+
+@pytest.mark.slow
+def test_score_a_registry_alias_scores_the_version_resolved_when_called(
+    spark_local: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """score(df, "models:/NAME@ALIAS") against a SQLite registry file resolves the alias on the
+    driver; the alias moved before the (lazy) DataFrame is computed, every task still scores that version."""
+    import joblib
+
+    from batchscore.spark import score
+    from mlflow_fixtures import log_sklearn, tracking
+    from test_registry import pipeline
+
+    paths = write_inputs(tmp_path / "in", files=2, rows=1_008, row_group_size=300)
+    registry = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite registry keeps artifacts in ./mlruns
+    first, second = pipeline(), pipeline(c=0.02)
+    joblib.dump(first, tmp_path / "v1.joblib")
+    with tracking(registry) as client:
+        log_sklearn(first, "churn")
+        log_sklearn(second, "churn")
+        client.set_registered_model_alias("churn", "champion", "1")
+        scored = score(spark_local.read.parquet(str(tmp_path / "in")), "models:/churn@champion", registry_uri=registry)
+        client.set_registered_model_alias("churn", "champion", "2")
+        table = _scored(scored)
+    inputs = read_inputs(paths).sort_by("customer_id")
+    assert_exact(table, inputs, {"model": tmp_path / "v1.joblib"}, passthrough=["customer_id", "tenure"])
+    assert set(table.column("model_version").to_pylist()) == {"1"}
