@@ -482,10 +482,14 @@ def test_a_registry_challenger_that_fails_never_fails_a_file_champion_unless_req
     out, plan_path = tmp_path / "planned", tmp_path / "plan.json"
     common = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", str(champion["model"])]
     common += ["--scaler", str(champion["scaler"]), "--challenger", "rival=models:/rival@challenger"]
+    common += ["--challenger", "ghost=models:/churn@retired"]  # fails in plan: recorded, never scored
     up = ["--registry-uri", server.uri]
     assert cli("plan", *common, *up, "--out", str(plan_path)).exit_code == 0
     assert cli("run", *common, *up, "--plan", str(plan_path), "--shard", "0").exit_code == 0
     committed = cli("commit", *common, "--registry-uri", down, *bounds, "--plan", str(plan_path))
     assert committed.exit_code == 0, committed.stderr
     assert_challenger_exact(read_output(out), inputs, {"model": server.references["rival/1"]}, "rival")
-    assert challenger_record(read_manifest(out), "rival")["artifacts"][0]["registry"]["version"] == "1"
+    manifest = read_manifest(out)
+    assert challenger_record(manifest, "rival")["artifacts"][0]["registry"]["version"] == "1"
+    ghost = challenger_record(manifest, "ghost")
+    assert ghost["status"] == "failed" and "models:/churn@retired" in ghost["error"]

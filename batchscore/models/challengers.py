@@ -119,7 +119,13 @@ def load_challengers(
         )
         if planned_roles is not None and challenger_roles(entry.name)[0] not in planned_roles:
             found.append(
-                Challenger(entry.name, version, None, "not in the plan: it failed when the job was planned", ())
+                Challenger(
+                    entry.name,
+                    version,
+                    None,
+                    f"not in the plan: {entry.model} failed to load when the job was planned (its log says why)",
+                    (),
+                )
             )
             continue
         try:
