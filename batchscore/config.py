@@ -447,7 +447,8 @@ class JobConfig:
     )
     challengers_required: bool = setting(
         False,
-        "Fail the job (exit 4, nothing committed) when a challenger fails to load or raises; by default "
+        "Fail the job (exit 4; exit 1 when its registry or store did not answer; nothing committed) when a "
+        "challenger fails to load or raises; by default "
         "the champion's output commits and the report and metrics record the failure.",
         switch=True,
     )

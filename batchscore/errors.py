@@ -34,7 +34,7 @@ EXITS: dict[int, ExitCode] = {
     EXIT_FAILURE: ExitCode(
         "anything else",
         "storage failure (an input folder or file that cannot be listed or read), a model registry that is down "
-        "or does not answer, interrupted run, internal error",
+        "or does not answer (a challenger's too, under challengers_required), interrupted run, internal error",
         True,
     ),
     EXIT_USAGE: ExitCode(

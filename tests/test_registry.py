@@ -338,3 +338,158 @@ def test_a_version_whose_files_changed_since_the_plan_is_refused(
     assert result.exit_code == EXIT_MODEL
     one_error(result.stderr, "requirements.txt", "changed since the plan was made")
     assert not list(out.glob("part-*"))
+
+
+def rival(server: Registry) -> tuple[str, str]:
+    """rival v1 and v2 (two more logistic regressions), registered once per module; alias challenger on v1."""
+    if "rival/1" not in server.references:
+        server.register("rival", pipeline(c=0.3))
+        server.register("rival", pipeline(c=9.0), serialization_format="cloudpickle")
+    server.client.set_registered_model_alias("rival", "challenger", "1")
+    return "1", "2"
+
+
+def challenger_record(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    (entry,) = [c for c in manifest["challengers"] if c["name"] == name]
+    return entry
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+@pytest.mark.usefixtures("airflow_env")  # the DAG's own job flags and shard arguments: Airflow is imported
+def test_a_sharded_champion_and_two_registry_challengers_stay_pinned_when_their_aliases_move(
+    server: Registry, churn_inputs: list[Path], s3: Any, tmp_path: Path
+) -> None:
+    """Champion churn@champion (v1), challengers rival@challenger (v1) and churn@next (v2), input and
+    output on S3. plan (from the YAML models: list) pins all three; every alias then moves before
+    shard 1 and a retry of shard 0 (given the DAG's flags: each challenger a --challenger
+    NAME=models:/...): all three models are exact for their planned version, and the manifest says so."""
+    from batchscore.orchestration.dagrun import shard_arguments
+    from batchscore.orchestration.dagspec import common_args
+    from test_challengers import assert_challenger_exact
+
+    fs, bucket, options = s3
+    for path in churn_inputs:
+        fs.put_file(str(path), f"{bucket}/in/{path.name}")
+    rival(server)
+    server.client.set_registered_model_alias("churn", "next", "2")
+    output = f"s3://{bucket}/scores"
+    job = {
+        "input": f"s3://{bucket}/in/",
+        "output": output,
+        "storage_options": options,
+        "registry_uri": server.uri,
+        "models": [
+            {"name": "churn", "role": "champion", "model": "models:/churn@champion"},
+            {"name": "rival", "model": "models:/rival@challenger"},
+            {"name": "next", "model": "models:/churn@next"},
+        ],
+    }
+    config = tmp_path / "nightly.yaml"
+    config.write_text(json.dumps(job))  # JSON is YAML
+    common = list(common_args(job, str(config)))
+    assert common.count("--challenger") == 2 and "rival=models:/rival@challenger" in common
+    plan = f"s3://{bucket}/plans/plan.json"
+    planned = cli("plan", *common, "--shards", "2", "--out", plan)
+    assert planned.exit_code == 0, planned.stderr
+    document = json.loads(planned.stdout)
+    versions = {a["role"]: a["registry"]["version"] for a in document["artifacts"]}
+    assert versions == {"model": "1", "challenger:rival:model": "1", "challenger:next:model": "2"}
+    shards = shard_arguments(common, plan, 2, document["pin"])
+    try:
+        assert cli(*shards[0]).exit_code == 0
+        for name, alias, version in (("churn", "champion", "2"), ("rival", "challenger", "2"), ("churn", "next", "1")):
+            server.client.set_registered_model_alias(name, alias, version)
+        for argv in (shards[1], shards[0]):  # shard 1 after the moves, then a retry of shard 0
+            result = cli(*argv)
+            assert result.exit_code == 0, result.stderr
+        committed = cli("commit", "--config", str(config), "--plan", plan, *document["pin"])
+        assert committed.exit_code == 0, committed.stderr
+    finally:
+        server.client.set_registered_model_alias("churn", "champion", "1")
+        server.client.set_registered_model_alias("rival", "challenger", "1")
+    table, inputs = read_output(f"{bucket}/scores", fs), read_inputs(churn_inputs)
+    assert_exact(
+        table.select([c for c in table.column_names if "__" not in c]), inputs, {"model": server.references["churn/1"]}
+    )
+    assert_challenger_exact(table, inputs, {"model": server.references["rival/1"]}, "rival")
+    assert_challenger_exact(table, inputs, {"model": server.references["churn/2"]}, "next")
+    assert set(table.column("model_version__rival").to_pylist()) == {"1"}  # the registry version, by default
+    assert set(table.column("model_version__next").to_pylist()) == {"2"}
+    manifest = read_manifest(f"{bucket}/scores", fs)
+    assert manifest["model_version"] == "1"
+    for name, registered, alias, version in (("rival", "rival", "challenger", "1"), ("next", "churn", "next", "2")):
+        entry = challenger_record(manifest, name)
+        assert entry["status"] == "ok" and entry["model_version"] == version and not entry["failed_shards"]
+        (artifact,) = entry["artifacts"]
+        record = artifact["registry"]
+        assert (record["name"], record["alias"], record["version"]) == (registered, alias, version)
+        assert record["run_id"] == server.runs[f"{registered}/{version}"]
+        assert record["files"][record["file"]] == artifact["sha256"] and "MLmodel" in record["files"]
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_registry_challenger_that_fails_never_fails_a_file_champion_unless_required(
+    server: Registry, churn_inputs: list[Path], tmp_path: Path
+) -> None:
+    """An alias that does not exist, and a registry that is down while the champion is a file: the
+    challenger's failure, recorded (exit 0, the champion exact); required, exit 4 for the alias
+    and exit 1 (a retry may pass) for the registry, one Error: line naming the challenger, nothing
+    committed. A registry down only at commit time does not stop a planned job's commit."""
+    from helpers import binary_model, no_success
+    from test_challengers import assert_challenger_exact
+
+    champion = binary_model(tmp_path / "champion")
+    rival(server)
+    down = f"http://127.0.0.1:{free_port()}"
+    bounds = ("--storage-timeout", "1", "--storage-retries", "1")
+    cases = (
+        ("ghost", "models:/churn@retired", server.uri, EXIT_MODEL, "retired"),
+        ("rival", "models:/rival@challenger", down, EXIT_FAILURE, "did not answer"),
+    )
+    inputs = read_inputs(churn_inputs)
+    for name, reference, registry, required_exit, needle in cases:
+        base = [
+            "--input",
+            str(churn_inputs[0].parent),
+            "--model",
+            str(champion["model"]),
+            "--scaler",
+            str(champion["scaler"]),
+            "--registry-uri",
+            registry,
+            "--challenger",
+            f"{name}={reference}",
+            *bounds,
+        ]
+        out = tmp_path / f"{name}-out"
+        started = time.monotonic()
+        result = cli("run", *base, "--output", str(out))
+        assert result.exit_code == 0, result.stderr
+        assert time.monotonic() - started < 60
+        table = read_output(out)
+        assert_exact(table.select([c for c in table.column_names if "__" not in c]), inputs, champion)
+        entry = challenger_record(read_manifest(out), name)
+        assert entry["status"] == "failed" and reference in entry["error"] and needle in entry["error"]
+        assert entry["artifacts"] == []
+        refused = tmp_path / f"{name}-required"
+        required = cli("run", *base, "--output", str(refused), "--challengers-required")
+        assert required.exit_code == required_exit, required.stderr
+        one_error(required.stderr, f"challenger {name}", reference, "challengers_required")
+        assert no_success(refused)
+    out, plan_path = tmp_path / "planned", tmp_path / "plan.json"
+    common = ["--input", str(churn_inputs[0].parent), "--output", str(out), "--model", str(champion["model"])]
+    common += ["--scaler", str(champion["scaler"]), "--challenger", "rival=models:/rival@challenger"]
+    common += ["--challenger", "ghost=models:/churn@retired"]  # fails in plan: recorded, never scored
+    up = ["--registry-uri", server.uri]
+    assert cli("plan", *common, *up, "--out", str(plan_path)).exit_code == 0
+    assert cli("run", *common, *up, "--plan", str(plan_path), "--shard", "0").exit_code == 0
+    committed = cli("commit", *common, "--registry-uri", down, *bounds, "--plan", str(plan_path))
+    assert committed.exit_code == 0, committed.stderr
+    assert_challenger_exact(read_output(out), inputs, {"model": server.references["rival/1"]}, "rival")
+    manifest = read_manifest(out)
+    assert challenger_record(manifest, "rival")["artifacts"][0]["registry"]["version"] == "1"
+    ghost = challenger_record(manifest, "ghost")
+    assert ghost["status"] == "failed" and "models:/churn@retired" in ghost["error"]

@@ -663,3 +663,62 @@ def test_run_job_bounds_batches_by_bytes(spark_local: Any, tmp_path: Path, binar
     assert_exact(read_output(tmp_path / "out"), inputs, binary_model_paths)
     batches = written_batches(tmp_path / "out")
     assert sum(batches) == 2_016 and max(batches) <= MAX_BYTES // 3_900 and len(batches) >= 20, batches
+
+
+def test_spark_command_scores_a_champion_and_a_challenger_exactly(spark_local: Any, tmp_path: Path) -> None:
+    """`batchscore spark` on local[2]: the driver plans, each task runs its shard (run_shard) with
+    the champion and a challenger loaded as the plan pinned them; both exact, one manifest."""
+    from helpers import cli, pipeline_model
+    from test_challengers import assert_challenger_exact
+
+    paths = write_inputs(tmp_path / "in", files=2, rows=1_104, row_group_size=300)
+    champion, forest = binary_model(tmp_path / "champion"), pipeline_model(tmp_path / "forest")
+    out = tmp_path / "out"
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(out),
+        models=[
+            {"name": "lr", "role": "champion", "model": str(champion["model"]), "scaler": str(champion["scaler"])},
+            {"name": "forest", "model": str(forest["model"]), "model_version": "f-3"},
+        ],
+    )
+    result = cli("spark", "--config", str(job), "--master", "local[2]", "--shards", "3")
+    assert result.exit_code == 0, result.stderr
+    output, inputs = read_output(out), read_inputs(paths)
+    assert_exact(output.select([c for c in output.column_names if "__" not in c]), inputs, champion)
+    assert_challenger_exact(output, inputs, forest, "forest")
+    assert set(output.column("model_version__forest").to_pylist()) == {"f-3"}
+    manifest = read_manifest(out)
+    (entry,) = manifest["challengers"]
+    assert entry["status"] == "ok" and entry["agreement"]["rows_compared"] == output.num_rows
+    assert [a["role"] for a in entry["artifacts"]] == ["challenger:forest:model"]
+
+
+@pytest.mark.slow
+def test_score_a_registry_alias_scores_the_version_resolved_when_called(
+    spark_local: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """score(df, "models:/NAME@ALIAS") against a SQLite registry file resolves the alias on the
+    driver; the alias moved before the (lazy) DataFrame is computed, every task still scores that version."""
+    import joblib
+
+    from batchscore.spark import score
+    from mlflow_fixtures import log_sklearn, tracking
+    from test_registry import pipeline
+
+    paths = write_inputs(tmp_path / "in", files=2, rows=1_008, row_group_size=300)
+    registry = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite registry keeps artifacts in ./mlruns
+    first, second = pipeline(), pipeline(c=0.02)
+    joblib.dump(first, tmp_path / "v1.joblib")
+    with tracking(registry) as client:
+        log_sklearn(first, "churn")
+        log_sklearn(second, "churn")
+        client.set_registered_model_alias("churn", "champion", "1")
+        scored = score(spark_local.read.parquet(str(tmp_path / "in")), "models:/churn@champion", registry_uri=registry)
+        client.set_registered_model_alias("churn", "champion", "2")
+        table = _scored(scored)
+    inputs = read_inputs(paths).sort_by("customer_id")
+    assert_exact(table, inputs, {"model": tmp_path / "v1.joblib"}, passthrough=["customer_id", "tenure"])
+    assert set(table.column("model_version").to_pylist()) == {"1"}

@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from ..config import FIELDS, PLAN_FIELDS, JobConfig, check_numbers
-from ..errors import ConfigError, InputDataError, ModelError, param
+from ..errors import BatchscoreError, ConfigError, InputDataError, ModelError, param
 from ..io.layout import PART_NUMBER_DIGITS, part_name, table_data_folder
 from ..io.lease import held, plan_holder
 from ..io.output_guard import guard_output, guard_overlap, guard_plan_file
@@ -592,14 +592,15 @@ def plan_again(config: JobConfig, shards: int) -> Plan:
     return make_plan(files, output, artifact_dicts(artifacts), shards=shards)
 
 
-def job_artifacts(config: JobConfig, policy: ArtifactPolicy) -> tuple[Artifact, ...]:
-    """The champion's artifacts, then every challenger's that can be read and passes its pins
-    (hashed, not loaded); one that cannot is left out, as the plan left it out, unless required."""
+def job_artifacts(config: JobConfig, policy: ArtifactPolicy, challengers: bool = True) -> tuple[Artifact, ...]:
+    """The champion's artifacts, then (``challengers``) every challenger's that can be read and
+    passes its pins (hashed, not loaded); one that cannot, whatever the cause (a missing file, a
+    registry that does not answer), is left out, as the plan left it out, unless required."""
     found = list(artifact_digests(config.require("model"), config.scaler, config.storage, policy))
-    for entry in config.models:
+    for entry in config.models if challengers else ():
         try:
             found += artifact_digests(entry.model, entry.scaler, config.storage, policy, challenger_roles(entry.name))
-        except ModelError:
+        except BatchscoreError:
             if config.challengers_required:
                 raise
     return tuple(found)
@@ -768,7 +769,9 @@ def check_against_input(config: JobConfig, the_plan: Plan, source: str) -> None:
         check_footer(found, files[i])
     if config.model:
         policy = ArtifactPolicy.of(config).following(the_plan.artifacts)  # a registry alias: as planned
-        actual = {a.role: a for a in job_artifacts(config, policy)}
+        # A challenger not required is not fetched again: the shards scored the planned one or
+        # recorded why not, and its registry being down now must not stop the champion's commit.
+        actual = {a.role: a for a in job_artifacts(config, policy, challengers=config.challengers_required)}
         for entry in the_plan.artifacts:
             if challenger_of(entry["role"]) is not None and not config.challengers_required:
                 continue  # the shards scored the planned challenger or recorded why not: never the champion's failure

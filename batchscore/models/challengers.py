@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from ..errors import ModelError
+from ..errors import ModelError, StorageError
 from .artifacts import ArtifactPolicy, LoadedModel, challenger_roles, load_model
 from .engine import PREDICTED_AT, Predictor
 
@@ -56,13 +56,15 @@ class Challenger:
         return Challenger(self.name, self.version, None, error, self.fields)
 
     def to_dict(self) -> dict[str, Any]:
-        """What a receipt and the manifest record of it (its artifacts are the plan's)."""
+        """What a receipt and the manifest record of it: its artifacts are the plan's, each with
+        what a registry URI resolved to (name, alias, version, run id, source, every file's sha256)."""
         return {
             "name": self.name,
             "model_version": self.version,
             "status": "ok" if self.ok else "failed",
             "error": self.error,
             "columns": [f.name for f in self.fields],
+            "artifacts": [a.to_dict() for a in self.model.artifacts] if self.model is not None else [],
         }
 
 
@@ -71,6 +73,12 @@ def fields_of(model: LoadedModel, name: str, version: str) -> tuple[pa.Field, ..
     ``probability_CLASS``, ``model_version``) with ``__NAME`` after each; ``predicted_at`` is the job's."""
     fields = Predictor(model, version, datetime.now(timezone.utc)).fields
     return tuple(pa.field(column_name(f.name, name), f.type) for f in fields if f.name != PREDICTED_AT)
+
+
+def registry_version(model: LoadedModel) -> str | None:
+    """The registry version a model's estimator was resolved to (None for a file or a run's artifact)."""
+    registry = model.artifacts[0].registry or {}
+    return str(registry["version"]) if registry.get("version") else None
 
 
 def _load(entry: ModelEntry, config: JobConfig, policy: ArtifactPolicy) -> LoadedModel:
@@ -94,7 +102,12 @@ def load_challengers(
 
     ``planned_roles`` (a shard's): the artifact roles its plan pinned; a challenger the plan does not
     name failed when the job was planned and is not tried again. ``planned_columns`` (name -> type)
-    give a challenger that fails now the columns the plan promised, written null.
+    give a challenger that fails now the columns the plan promised, written null. A challenger
+    whose entry names no ``model_version`` takes its registry version, as the champion does.
+
+    A challenger required (``challengers_required``) that cannot be loaded fails the job with the
+    exit code of its cause's kind: a registry or store that did not answer is exit 1 (a retry may
+    pass), anything else exit 4.
     """
     found: list[Challenger] = []
     for entry in config.models:
@@ -106,7 +119,13 @@ def load_challengers(
         )
         if planned_roles is not None and challenger_roles(entry.name)[0] not in planned_roles:
             found.append(
-                Challenger(entry.name, version, None, "not in the plan: it failed when the job was planned", ())
+                Challenger(
+                    entry.name,
+                    version,
+                    None,
+                    f"not in the plan: {entry.model} failed to load when the job was planned (its log says why)",
+                    (),
+                )
             )
             continue
         try:
@@ -116,10 +135,12 @@ def load_challengers(
                 f"challenger {entry.name}: {exc if isinstance(exc, ModelError) else f'{type(exc).__name__}: {exc}'}"
             )
             if config.challengers_required:
-                raise ModelError(f"{message} (challengers_required)") from None
+                kind = StorageError if isinstance(exc, StorageError) else ModelError
+                raise kind(f"{message} (challengers_required)") from None
             log.warning("%s; the champion's output is not affected", message)
             found.append(Challenger(entry.name, version, None, message, planned_fields))
             continue
+        version = entry.model_version or registry_version(model) or UNVERSIONED
         found.append(Challenger(entry.name, version, model, None, fields_of(model, entry.name, version)))
     return found
 

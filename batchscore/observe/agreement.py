@@ -214,6 +214,8 @@ def challengers_section(
     for receipt in receipts:
         for entry in receipt.get("challengers") or ():
             seen = found.setdefault(entry["name"], {**entry, "failed_shards": []})
+            if not seen.get("artifacts") and entry.get("artifacts"):  # what it scored with, where it loaded
+                seen["artifacts"] = entry["artifacts"]
             if entry["status"] != "ok":
                 seen["failed_shards"].append(receipt.get("shard"))
                 if seen["status"] == "ok" or seen.get("error") is None:
