@@ -152,12 +152,25 @@ def test_docs_library_examples_run(tmp_path: Path) -> None:
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
+        register_sample_model("churn", "champion", f"sqlite:///{tmp_path / 'mlruns.db'}")
         namespace: dict[str, object] = {}
         for name, block in [("README.md", first[0])] + [("docs/library.md", block) for block in blocks]:
             exec(compile(block, name, "exec"), namespace)  # noqa: S102 - the docs' own examples
     finally:
         os.chdir(cwd)
     assert (tmp_path / "out" / "churn-scores" / "_SUCCESS").exists()
+
+
+def register_sample_model(name: str, alias: str, uri: str) -> None:
+    """The sample model, logged and registered in the registry at ``uri`` under ``name@alias``
+    (a SQLite registry keeps its artifacts in ./mlruns), as the docs' registry example expects."""
+    import joblib
+
+    from mlflow_fixtures import log_sklearn, tracking
+
+    with tracking(uri) as client:
+        version, _ = log_sklearn(joblib.load("sample_data/model/model.joblib"), name)
+        client.set_registered_model_alias(name, alias, version)
 
 
 def test_modules_import_each_other_without_a_cycle() -> None:

@@ -69,7 +69,8 @@ def test_batches_stay_within_max_bytes_and_keep_every_row_once_in_order(tmp_path
 
 
 def test_narrow_rows_are_read_in_full_batches_after_the_probe(tmp_path: Path) -> None:
-    """Dictionary-encoded text is measured on its first rows, then read at ``batch_size``."""
+    """Dictionary-encoded text that might not fit is measured on its first rows, then read at
+    ``batch_size``; text whose column chunks are small enough to fit in any case is not probed."""
     table = churn_table(9_008, seed=3, first_id=1)
     path = tmp_path / "narrow.parquet"
     pq.write_table(table, path, row_group_size=9_008)
@@ -80,6 +81,11 @@ def test_narrow_rows_are_read_in_full_batches_after_the_probe(tmp_path: Path) ->
         4_000,
         1_008,
     ]  # numbers only: the footer tells their width, no probe
+    assert [b.num_rows for b in iter_batches(str(path), [0], table.column_names, 4_000, max_bytes=1 << 26)] == [
+        4_000,
+        4_000,
+        1_008,
+    ]  # short dictionaries: no value can be wider than its column chunk, far within the bound
 
 
 def test_run_writes_wide_rows_in_batches_within_max_bytes(tmp_path: Path, binary_model_paths: dict[str, Path]) -> None:

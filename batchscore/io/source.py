@@ -373,23 +373,26 @@ def read_footers(uris: Iterable[str], storage: StorageSettings | None = None) ->
 PROBE_ROWS = 256
 
 
-def footer_width(meta: pq.FileMetaData, row_groups: Sequence[int], columns: Sequence[str]) -> tuple[float, bool]:
+def footer_width(meta: pq.FileMetaData, row_groups: Sequence[int], columns: Sequence[str]) -> tuple[float, float]:
     """Bytes a row of ``columns`` takes once decoded, as the footer tells it (the widest of the
-    row groups), and whether that can be far too low (dictionary-encoded byte arrays)."""
-    wanted, width, unsure = set(columns), 0.0, False
+    row groups), and the most it can take where the footer cannot tell: a dictionary-encoded text
+    value may stand for a long string, but never for one longer than its whole column chunk."""
+    wanted, width, ceiling = set(columns), 0.0, 0.0
     for g in row_groups:
         group = meta.row_group(g)
         if not group.num_rows:
             continue
-        total = 0
+        total, unsure = 0, 0
         for c in range(group.num_columns):
             chunk = group.column(c)
             if chunk.path_in_schema.split(".")[0] not in wanted:
                 continue
             total += chunk.total_uncompressed_size
-            unsure = unsure or (chunk.physical_type == "BYTE_ARRAY" and chunk.has_dictionary_page)
+            if chunk.physical_type == "BYTE_ARRAY" and chunk.has_dictionary_page:
+                unsure += chunk.total_uncompressed_size
         width = max(width, total / group.num_rows)
-    return width, unsure
+        ceiling = max(ceiling, total / group.num_rows + unsure)
+    return width, ceiling
 
 
 def iter_batches(
@@ -409,8 +412,8 @@ def iter_batches(
     bounded by ``batch_size`` and ``STREAM_BUFFER``, not by the row groups' size.
 
     With ``max_bytes``, a batch also holds no more than that many bytes of decoded columns: its
-    rows are cut to the width the footer gives (or, for dictionary-encoded text, that the first
-    ``PROBE_ROWS`` rows measure); a batch found wider than that is handed on in slices within the
+    rows are cut to the width the footer gives (or, for dictionary-encoded text that may be wider
+    than the bound allows, that the first ``PROBE_ROWS`` rows measure); a batch found wider than that is handed on in slices within the
     bound and the reader goes on in smaller batches from the next row (each time at most half as
     many rows). ``start`` and ``rows`` keep only that range of rows (a slice of a row group larger
     than a part; the rows before it are decoded and dropped). With ``expected`` (the identity the
@@ -425,8 +428,11 @@ def iter_batches(
             on_footer(pf.metadata)
         step = batch_size
         if max_bytes is not None:
-            width, unsure = footer_width(pf.metadata, row_groups, columns)
-            step = max(1, min(step, int(max_bytes // width) if width else step, PROBE_ROWS if unsure else step))
+            width, ceiling = footer_width(pf.metadata, row_groups, columns)
+            if width:
+                step = max(1, min(step, int(max_bytes // width)))
+            if step * ceiling > max_bytes:  # rows may be wider than the footer tells: measure the first
+                step = min(step, PROBE_ROWS)
         sizes = [pf.metadata.row_group(g).num_rows for g in row_groups]
         done = start  # the first row (of the row groups' rows) not handed on yet
         try:
