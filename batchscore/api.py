@@ -293,6 +293,8 @@ def run_shard(
                 )
             if plan_sha256:
                 raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
+            if config.incremental:
+                raise ConfigError(_INCREMENTAL_SHARDS)
             receipt = shard.run_shard_of(config, index, count, observers)
         else:
             the_plan = _the_plan(plan, config, plan_sha256)
@@ -304,6 +306,14 @@ def run_shard(
             receipt = shard.run_shard(config, the_plan, index, source=_source(plan), observers=observers)
         observers.succeeded(receipt)
     return ShardResult.of(receipt)
+
+
+#: Why the shards of an incremental job share a plan file: each planning on the fly could see
+#: another set of new files (one arriving between them), and the commit another still.
+_INCREMENTAL_SHARDS = (
+    f"an incremental job's shards need a plan file ({param('plan')}, from `batchscore plan --out`): shards "
+    "planned on the fly could each find other new files"
+)
 
 
 def _source(plan: Plan | str) -> str:
@@ -364,6 +374,8 @@ def commit(
         elif plan_sha256:
             raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
         elif shards:
+            if config.incremental:
+                raise ConfigError(_INCREMENTAL_SHARDS)
             the_plan = planning.plan_again(config, shards)
         else:
             raise ConfigError(

@@ -139,3 +139,8 @@ class DriftError(BatchscoreError):
     """Tonight's distributions moved further from the reference's than ``--drift-fail`` allows."""
 
     exit_code = EXIT_DRIFT
+
+
+class NothingToScore(Exception):
+    """An incremental job that finds no input file to score: it commits nothing, and the command
+    exits 0 saying so (not a failure: the output is up to date)."""

@@ -43,7 +43,7 @@ from ..io.sink import (
 )
 from ..io.source import in_order, open_parquet
 from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
-from ..io.tables import TablePart, Target, table_commit, table_committed, table_parts
+from ..io.tables import Incremental, TablePart, Target, table_commit, table_committed, table_parts
 from ..logs import event
 from ..models.verification import engine_manifest
 from ..observe.run_report import build_report, publish
@@ -149,6 +149,17 @@ def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[
     }
 
 
+def _incremental(config: JobConfig, the_plan: Plan) -> Incremental | None:
+    """What an incremental commit records of the plan's files (see job/incremental.py)."""
+    if not config.incremental:
+        return None
+    from .incremental import scoring_key
+
+    scored = {the_plan.files.uri(i): (the_plan.files[i]["identity"], i) for i in range(len(the_plan.files))}
+    key = scoring_key(config, [a["sha256"] for a in the_plan.artifacts])
+    return Incremental(scored, key, config.full_refresh)
+
+
 def _commit_table(
     config: JobConfig,
     the_plan: Plan,
@@ -180,7 +191,9 @@ def _commit_table(
     stopping.check()  # a stop the main thread has not seen yet still commits nothing
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     with stopping.publishing():
-        version, new = table_commit(Target.of(config, table), out_path, files, schema, facts)
+        version, new = table_commit(
+            Target.of(config, table), out_path, files, schema, facts, _incremental(config, the_plan)
+        )
     if not new:
         log.info(f"plan {the_plan.plan_id} was committed to {the_plan.output} already, in version {version}")
     return {

@@ -748,7 +748,7 @@ def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     if twice:
         raise InputDataError(f"plan {source} inconsistent: it names {twice[0]} twice; plan again")
     missing = [uri for where, uri in listed.items() if where not in first]
-    if missing:
+    if missing and not config.incremental:  # an incremental plan names only the files it scores
         raise InputDataError(
             f"plan {source} inconsistent: the job's input matches {len(missing)} file(s) the plan lacks, "
             f"e.g. {missing[0]}; plan again"

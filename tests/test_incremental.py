@@ -1,0 +1,144 @@
+"""Incremental runs into a Delta table: after each delivery the table holds exactly what a full run
+over the inputs as they stand would (row for row, value for value), scoring only what changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import deltalake
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from batchscore.errors import EXIT_USAGE
+from batchscore.io.tables import SCORED_KEY, decode_record
+from batchscore.sample import FEATURES, churn_table
+from helpers import assert_exact, cli, save, training_frame
+
+#: Rows per input file: a multiple of 16 (see assert_exact), not a round number.
+ROWS = 1_328
+
+
+def _deliver(inputs: Path, name: str, number: int, seed: int) -> Path:
+    """One input file of ROWS rows, its ids its own (``number`` picks them)."""
+    path = inputs / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(churn_table(ROWS, seed=seed, first_id=1 + number * ROWS), path, row_group_size=500)
+    return path
+
+
+def _run(inputs: Path, table: str, model: dict[str, Path], *extra: str) -> Any:
+    args = ["--input", str(inputs), "--output", table, "--model", str(model["model"]), "--scaler"]
+    args += [str(model["scaler"]), "--output-format", "delta", "--incremental", *extra]
+    result = cli("run", *args)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def _table_rows(table: str) -> pa.Table:
+    return deltalake.DeltaTable(table).to_pyarrow_table().sort_by("customer_id")
+
+
+def _assert_full(table: str, inputs: Path, model: dict[str, Path]) -> None:
+    """The table equals a full run over every input file as it stands now."""
+    current = pa.concat_tables(pq.read_table(p) for p in sorted(inputs.rglob("*.parquet")))
+    assert_exact(_table_rows(table), current.sort_by("customer_id"), model)
+
+
+def _last_facts(table: str) -> dict[str, Any]:
+    return json.loads(deltalake.DeltaTable(table).history(1)[0]["batchscore"])
+
+
+def _other_model(folder: Path) -> dict[str, Path]:
+    frame = training_frame(seed=11)
+    scaler = StandardScaler().fit(frame[list(FEATURES)])
+    model = LogisticRegression(C=0.05).fit(scaler.transform(frame[list(FEATURES)]), frame["churned"])
+    return save(folder, model=model, scaler=scaler)
+
+
+def test_each_delivery_leaves_the_table_equal_to_a_full_run(tmp_path: Path, binary_model_paths) -> None:
+    inputs, table = tmp_path / "in", str(tmp_path / "out" / "scores")
+    _deliver(inputs, "dt=2026-11-20/a.parquet", 0, seed=1)
+    b = _deliver(inputs, "dt=2026-11-20/b.parquet", 1, seed=2)
+    _run(inputs, table, binary_model_paths)
+    _assert_full(table, inputs, binary_model_paths)
+    assert _last_facts(table)["inputs"] == 2
+
+    # Nothing new: nothing is scored or committed, and the run says so.
+    result = _run(inputs, table, binary_model_paths)
+    assert "nothing new to score" in result.stdout
+    assert deltalake.DeltaTable(table).version() == 0
+
+    # A new date, and a late file for the old date: only those two are scored.
+    _deliver(inputs, "dt=2026-11-21/c.parquet", 2, seed=3)
+    _deliver(inputs, "dt=2026-11-20/late.parquet", 3, seed=4)
+    _run(inputs, table, binary_model_paths)
+    _assert_full(table, inputs, binary_model_paths)
+    assert _last_facts(table)["inputs"] == 2 and deltalake.DeltaTable(table).version() == 1
+
+    # A re-delivered file with new contents (same ids, other values): its old rows are replaced.
+    before = os.stat(b)
+    _deliver(inputs, "dt=2026-11-20/b.parquet", 1, seed=22)
+    assert os.stat(b).st_mtime_ns != before.st_mtime_ns or os.stat(b).st_size != before.st_size
+    _run(inputs, table, binary_model_paths)
+    _assert_full(table, inputs, binary_model_paths)
+    assert _last_facts(table)["inputs"] == 1
+    history = deltalake.DeltaTable(table).history(1)[0]
+    assert history["operation"] == "WRITE"
+
+    # Another model: every file is rescored, every old row replaced, in one commit.
+    other = _other_model(tmp_path / "model-2")
+    _run(inputs, table, other)
+    _assert_full(table, inputs, other)
+    assert _last_facts(table)["inputs"] == 4
+    versions = deltalake.DeltaTable(table).version()
+
+    # The record is compact: one entry per input file, all pointing at the last commit's folder.
+    record = decode_record(deltalake.DeltaTable(table).history(1)[0][SCORED_KEY])
+    assert sorted(record) == sorted(str(p) for p in inputs.rglob("*.parquet"))
+    assert len({s.folder for s in record.values()}) == 1 and len({s.key for s in record.values()}) == 1
+
+    # The previous version (time travel) still holds the first model's rows of every file.
+    previous = deltalake.DeltaTable(table, version=versions - 1).to_pyarrow_table().sort_by("customer_id")
+    assert previous.num_rows == 4 * ROWS
+
+    # --full-refresh rescores everything, in one commit, and the table still equals a full run.
+    _run(inputs, table, other, "--full-refresh")
+    _assert_full(table, inputs, other)
+
+
+def test_plan_lists_each_file_as_score_skip_or_rescore(tmp_path: Path, binary_model_paths, caplog) -> None:
+    inputs, table = tmp_path / "in", str(tmp_path / "out" / "scores")
+    _deliver(inputs, "a.parquet", 0, seed=1)
+    b = _deliver(inputs, "b.parquet", 1, seed=2)
+    _run(inputs, table, binary_model_paths)
+    _deliver(inputs, "b.parquet", 1, seed=5)
+    _deliver(inputs, "c.parquet", 2, seed=6)
+    job = ["--input", str(inputs), "--output", table, "--model", str(binary_model_paths["model"])]
+    job += ["--scaler", str(binary_model_paths["scaler"]), "--output-format", "delta", "--incremental"]
+    with caplog.at_level("INFO"):
+        result = cli("plan", *job)
+    assert result.exit_code == 0, result.stderr
+    lines = caplog.text
+    assert f"skip {inputs / 'a.parquet'}: scored already, unchanged" in lines
+    assert f"rescore {b}: the file changed (" in lines
+    assert f"score {inputs / 'c.parquet'}: not scored yet" in lines
+    planned = json.loads(result.stdout)
+    assert [f[0] for f in planned["files"]] == [str(b), str(inputs / "c.parquet")]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "iceberg"])
+def test_incremental_is_refused_where_it_cannot_be_recorded_with_the_data(tmp_path: Path, fmt: str) -> None:
+    result = cli(
+        "validate", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", "m.joblib",
+        "--output-format", fmt, "--incremental",
+    )  # fmt: skip
+    assert result.exit_code == EXIT_USAGE
+    assert "--incremental needs --output-format delta" in result.stderr
+    why = "cannot record which files it scored atomically" if fmt == "parquet" else "Iceberg outputs do not"
+    assert why in result.stderr
