@@ -4,7 +4,9 @@ over the inputs as they stand would (row for row, value for value), scoring only
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,50 @@ def test_incremental_is_refused_where_it_cannot_be_recorded_with_the_data(tmp_pa
     assert "--incremental needs --output-format delta" in result.stderr
     why = "cannot record which files it scored atomically" if fmt == "parquet" else "Iceberg outputs do not"
     assert why in result.stderr
+
+
+class _Requests(logging.Handler):
+    """The S3 requests the loopback server answered (its werkzeug request log), as (method, path)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r'"([A-Z]+) (\S+) HTTP', record.getMessage())
+        if found:
+            self.seen.append((found.group(1), found.group(2)))
+
+
+def test_on_s3_a_run_with_nothing_new_reads_no_input_file(tmp_path: Path, s3, binary_model_paths) -> None:
+    """An incremental run over unchanged S3 input lists the prefix and reads the table's log: not one
+    GET or HEAD of an input object (no footer, no data page). A re-delivered object is the only one
+    read by the next run."""
+    fs, bucket, options = s3
+    for i in range(23):
+        churn = churn_table(48, seed=i, first_id=1 + i * 48)
+        with fs.open(f"{bucket}/in/dt=2026-11-2{i % 3}/f{i:03d}.parquet", "wb") as fh:
+            pq.write_table(churn, fh)
+    table = f"s3://{bucket}/tables/scores"
+    storage = ["--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    _run(f"s3://{bucket}/in/", table, binary_model_paths, *storage)
+    requests = _Requests()
+    server_log = logging.getLogger("werkzeug")
+    level = server_log.level
+    server_log.addHandler(requests)
+    server_log.setLevel(logging.INFO)
+    try:
+        result = _run(f"s3://{bucket}/in/", table, binary_model_paths, *storage)
+        assert "nothing new to score" in result.stdout
+        inputs_read = [(m, p) for m, p in requests.seen if p.startswith(f"/{bucket}/in/") and m in ("GET", "HEAD")]
+        assert requests.seen and not inputs_read, inputs_read
+        assert any(m == "GET" and "list-type=2" in p for m, p in requests.seen), "the prefix is listed"
+        requests.seen.clear()
+        with fs.open(f"{bucket}/in/dt=2026-11-21/f007.parquet", "wb") as fh:
+            pq.write_table(churn_table(48, seed=99, first_id=1 + 7 * 48), fh)
+        result = _run(f"s3://{bucket}/in/", table, binary_model_paths, *storage)
+        read = {p.split("?")[0] for m, p in requests.seen if p.startswith(f"/{bucket}/in/") and m in ("GET", "HEAD")}
+        assert read == {f"/{bucket}/in/dt=2026-11-21/f007.parquet"}, read
+    finally:
+        server_log.removeHandler(requests)
+        server_log.setLevel(level)

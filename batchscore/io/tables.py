@@ -188,15 +188,15 @@ def _open(where: Location) -> Any | None:
         raise StorageError(f"cannot read Delta table {where.uri}: {_one_line(exc)}") from None
 
 
-def _holds(table: Any, relative: str, partition: str | None, mode: str, incremental: bool = False) -> bool:
+def _holds(table: Any, relative: str, partition: str | None, mode: str, incremental: Location | None = None) -> bool:
     """Whether the table's current version holds the rows of the plan writing data folder
     ``relative``: its application transaction is recorded and, for ``replace``, the partition's
     (or the table's) files are still that folder's, not those of a later replace; for an
     incremental job, the record still names that folder for some input file."""
     if table.transaction_version(table_app_id(relative)) is None:
         return False
-    if incremental:
-        return any(s.folder == relative for s in (_record_of(table, table.table_uri) or {}).values())
+    if incremental is not None:  # the table's location: where its record is read from
+        return any(s.folder == relative for s in (_record_of(table, incremental) or {}).values())
     if mode != "replace":
         return True
     filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None
@@ -210,7 +210,9 @@ def committed_version(
     """The table version's number if the plan writing ``data_folder`` is committed to the table at
     ``where`` already and its rows are still there (see ``_holds``), else None."""
     table = _open(where)
-    if table is None or not _holds(table, table_relative(where.path, data_folder), partition, mode, incremental):
+    if table is None or not _holds(
+        table, table_relative(where.path, data_folder), partition, mode, where if incremental else None
+    ):
         return None
     return int(table.version())
 
@@ -278,13 +280,14 @@ def _check_fits(table: Any, where: Location, schema: pa.Schema, partition: str |
         )
 
 
-def _version_of(table: Any, base: int, commit_id: str) -> int:
+def _version_of(table: Any, where: Location, base: int, commit_id: str) -> int:
     """The version this process's commit became: the first after ``base`` whose commit info names
-    ``commit_id`` (other writers may have committed before or after it)."""
+    ``commit_id`` (other writers may have committed before or after it). Each version's commit info
+    is read from its log file (delta-rs's ``history`` holds the interpreter while it lists the log)."""
     table.update_incremental()
-    for info in table.history(max(1, int(table.version()) - base)):
-        if commit_id in str(info.get("batchscore", "")):
-            return int(info["version"])
+    for version in range(base + 1, int(table.version()) + 1):
+        if commit_id in str((_commit_info(where, version) or {}).get("batchscore", "")):
+            return version
     return int(table.version())
 
 
@@ -365,7 +368,7 @@ def commit_delta(
                 if table is None:
                     raise StorageError(f"cannot create Delta table {where.uri}: {_one_line(exc)}") from None
         _check_fits(table, where, schema, partition)
-        if _holds(table, relative, partition, mode, incremental is not None):
+        if _holds(table, relative, partition, mode, where if incremental is not None else None):
             return int(table.version()), False
         if table.transaction_version(app_id) is not None:  # a replace committed before, replaced since
             properties = CommitProperties(
@@ -385,7 +388,7 @@ def commit_delta(
             partition_filters=filters,
             commit_properties=properties,
         )
-        return _version_of(table, base, commit_id), True
+        return _version_of(table, where, base, commit_id), True
     except CommitFailedError as exc:
         raise ConfigError(
             f"Delta table {where.uri}: another writer committed first and this commit conflicts with it "
@@ -446,24 +449,44 @@ def decode_record(text: str) -> dict[str, Scored]:
     return {u: Scored(i, keys[k], folders[f], int(n)) for u, (i, k, f, n) in data["files"].items()}
 
 
-def _record_of(table: Any, uri: str) -> dict[str, Scored] | None:
+def _commit_info(where: Location, version: int) -> dict[str, Any] | None:
+    """The commit info of one version, read from its log file (one GET), or None when the log no
+    longer holds it."""
+    path = f"{where.path.rstrip('/')}/_delta_log/{version:020d}.json"
+    try:
+        with where.fs.open(path, "rb") as fh:
+            for line in fh:
+                action = json.loads(line)
+                if "commitInfo" in action:
+                    return dict(action["commitInfo"])
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read the log of Delta table {where.uri}: {exc}") from None
+    return {}
+
+
+def _record_of(table: Any, where: Location) -> dict[str, Scored] | None:
     """The record of the table's last incremental commit ({} for a table no incremental job wrote),
     or None when the table has none but an incremental job did write it (its commit has expired
     from the log): its rows could then be scored twice, so the job is refused."""
     if table is None or table.transaction_version(INCREMENTAL_APP_ID) is None:
         return {}
-    for info in table.history(RECORD_LOOKBACK):
+    for version in range(int(table.version()), max(-1, int(table.version()) - RECORD_LOOKBACK), -1):
+        info = _commit_info(where, version)
+        if info is None:  # expired from the log
+            break
         if SCORED_KEY in info:
             return decode_record(str(info[SCORED_KEY]))
     raise ConfigError(
-        f"Delta table {uri} was written by incremental jobs but its last {RECORD_LOOKBACK} commits hold no "
+        f"Delta table {where.uri} was written by incremental jobs but its last {RECORD_LOOKBACK} commits hold no "
         f"record of what they scored; rescore everything with {param('full_refresh')}"
     )
 
 
 def scored_record(where: Location) -> dict[str, Scored]:
     """What the Delta table at ``where`` records as scored, by input file URI (see ``_record_of``)."""
-    return _record_of(_open(where), where.uri) or {}
+    return _record_of(_open(where), where) or {}
 
 
 def part_number(name: str) -> int:
@@ -484,7 +507,7 @@ def _incremental_actions(
     table lists, for ``full_refresh``), the new record, and the incremental transaction's version."""
     from deltalake.transaction import RemoveAction
 
-    record = {} if full_refresh else dict(_record_of(table, where.uri) or {})
+    record = {} if full_refresh else dict(_record_of(table, where) or {})
     stale: set[tuple[str, int]] = set()
     for uri in scored:
         if uri in record:
