@@ -109,9 +109,16 @@ def test_each_delivery_leaves_the_table_equal_to_a_full_run(tmp_path: Path, bina
     previous = deltalake.DeltaTable(table, version=versions - 1).to_pyarrow_table().sort_by("customer_id")
     assert previous.num_rows == 4 * ROWS
 
+    # A scoring setting that changes the rows (the model version they carry), the same model bytes
+    # and inputs: every file is rescored, its rows replaced, none twice.
+    _run(inputs, table, other, "--model-version", "2.0")
+    _assert_full(table, inputs, other)
+    assert set(_table_rows(table)["model_version"].to_pylist()) == {"2.0"}
+
     # --full-refresh rescores everything, in one commit, and the table still equals a full run.
     _run(inputs, table, other, "--full-refresh")
     _assert_full(table, inputs, other)
+    assert set(_table_rows(table)["model_version"].to_pylist()) == {"unversioned"}
 
 
 def test_plan_lists_each_file_as_score_skip_or_rescore(tmp_path: Path, binary_model_paths, caplog) -> None:

@@ -41,10 +41,12 @@ class Target:
     partition: str | None = None
     catalog: str | None = None
     identifier: str | None = None
-    incremental: bool = False
+    #: For an incremental job: its scoring key (see ``scoring_key``), when the step knows its plan.
+    incremental: str | None = None
 
     @classmethod
-    def of(cls, config: JobConfig, where: Location) -> Target:
+    def of(cls, config: JobConfig, where: Location, artifact_sha256: Sequence[str] | None = None) -> Target:
+        """``artifact_sha256``: the plan's artifacts' digests, which an incremental job's key needs."""
         return cls(
             where,
             config.output_format,
@@ -52,7 +54,7 @@ class Target:
             config.partition,
             config.iceberg_catalog,
             config.iceberg_table,
-            config.incremental,
+            scoring_key(config, artifact_sha256) if config.incremental and artifact_sha256 is not None else None,
         )
 
 
@@ -188,15 +190,18 @@ def _open(where: Location) -> Any | None:
         raise StorageError(f"cannot read Delta table {where.uri}: {_one_line(exc)}") from None
 
 
-def _holds(table: Any, relative: str, partition: str | None, mode: str, incremental: Location | None = None) -> bool:
+def _holds(
+    table: Any, relative: str, partition: str | None, mode: str, incremental: tuple[Location, str] | None = None
+) -> bool:
     """Whether the table's current version holds the rows of the plan writing data folder
     ``relative``: its application transaction is recorded and, for ``replace``, the partition's
     (or the table's) files are still that folder's, not those of a later replace; for an
-    incremental job, the record still names that folder for some input file."""
+    incremental job, the record still names that folder, with the job's scoring key, for some input file."""
     if table.transaction_version(table_app_id(relative)) is None:
         return False
-    if incremental is not None:  # the table's location: where its record is read from
-        return any(s.folder == relative for s in (_record_of(table, incremental) or {}).values())
+    if incremental is not None:  # (the table's location, the job's scoring key)
+        where, key = incremental
+        return any(s.folder == relative and s.key == key for s in (_record_of(table, where) or {}).values())
     if mode != "replace":
         return True
     filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None
@@ -205,13 +210,13 @@ def _holds(table: Any, relative: str, partition: str | None, mode: str, incremen
 
 
 def committed_version(
-    where: Location, data_folder: str, partition: str | None, mode: str, incremental: bool = False
+    where: Location, data_folder: str, partition: str | None, mode: str, incremental: str | None = None
 ) -> int | None:
     """The table version's number if the plan writing ``data_folder`` is committed to the table at
     ``where`` already and its rows are still there (see ``_holds``), else None."""
     table = _open(where)
     if table is None or not _holds(
-        table, table_relative(where.path, data_folder), partition, mode, where if incremental else None
+        table, table_relative(where.path, data_folder), partition, mode, (where, incremental) if incremental else None
     ):
         return None
     return int(table.version())
@@ -368,7 +373,7 @@ def commit_delta(
                 if table is None:
                     raise StorageError(f"cannot create Delta table {where.uri}: {_one_line(exc)}") from None
         _check_fits(table, where, schema, partition)
-        if _holds(table, relative, partition, mode, where if incremental is not None else None):
+        if _holds(table, relative, partition, mode, (where, incremental.key) if incremental is not None else None):
             return int(table.version()), False
         if table.transaction_version(app_id) is not None:  # a replace committed before, replaced since
             properties = CommitProperties(
@@ -518,6 +523,8 @@ def _incremental_actions(
         for action in actions:
             path = str(action["path"])
             folder, _, name = path.rpartition("/")
+            if folder == relative:  # this job's own parts, added again by this commit (the same names)
+                continue
             if full_refresh or (folder, part_number(name)) in stale:
                 values = {k[len("partition.") :]: v for k, v in action.items() if k.startswith("partition.")}
                 removes.append(RemoveAction(path, True, stamp, int(action["size_bytes"]), values or None))
@@ -541,3 +548,20 @@ def _with_record(
         custom_metadata={**(properties.custom_metadata or {}), SCORED_KEY: record},
         app_transactions=[*(properties.app_transactions or []), Transaction(INCREMENTAL_APP_ID, counter, stamp)],
     )
+
+
+#: The settings whose values change what a row scores to (beside the artifacts' digests and the
+#: batchscore version): a change of any rescores every file of an incremental job.
+SCORING_SETTINGS = ("features", "keep", "model_version", "on_invalid", "engine")
+
+
+def scoring_key(config: JobConfig, artifact_sha256: Sequence[str]) -> str:
+    """What an input file's rows depend on besides the file: the artifacts (model, scaler,
+    challengers, by sha256), the scoring settings, and the batchscore version."""
+    import hashlib
+
+    from .. import __version__
+
+    settings = {name: getattr(config, name) for name in SCORING_SETTINGS}
+    text = json.dumps([list(artifact_sha256), settings, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

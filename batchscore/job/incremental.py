@@ -11,8 +11,6 @@ read for a file that is skipped: no footer, no data page.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,13 +21,11 @@ from ..errors import NothingToScore
 from ..io.listing import listed_identities
 from ..io.source import COMPARED_IDENTITY
 from ..io.storage import Location
+from ..io.tables import scoring_key
 from ..logs import event
 
 log = logging.getLogger(__name__)
 
-#: The settings whose values change what a row scores to (beside the artifacts' digests and the
-#: batchscore version): a change of any rescores every file.
-SCORING_SETTINGS = ("features", "keep", "model_version", "on_invalid", "engine")
 SCORE, SKIP, RESCORE = "score", "skip", "rescore"
 
 
@@ -38,16 +34,6 @@ class Decision:
     uri: str
     action: str  # score, skip, rescore
     reason: str
-
-
-def scoring_key(config: JobConfig, artifact_sha256: Sequence[str]) -> str:
-    """What a file's rows depend on besides the file: the artifacts (model, scaler, challengers,
-    by sha256), the scoring settings, and the batchscore version."""
-    from .. import __version__
-
-    settings = {name: getattr(config, name) for name in SCORING_SETTINGS}
-    text = json.dumps([list(artifact_sha256), settings, __version__], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _changed(listed: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:

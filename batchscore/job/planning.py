@@ -553,7 +553,8 @@ def committed_already(config: JobConfig, the_plan: Plan, parts: Location) -> boo
         return False
     from ..io.tables import Target, table_committed
 
-    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage)), parts.path)
+    digests = [a["sha256"] for a in the_plan.artifacts]
+    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage), digests), parts.path)
     if version is not None:
         log.info(f"plan {the_plan.plan_id} is committed to {the_plan.output} already (version {version})")
     return version is not None
