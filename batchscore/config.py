@@ -764,11 +764,6 @@ def validate_settings(
         raise ConfigError(
             f"{param('incremental')} needs {param('output_format')} delta: {why}; rescore everything instead"
         )
-    if config.incremental and config.table_mode != "append":
-        raise ConfigError(
-            f"{param('incremental')} appends what is new and replaces only the rows of rescored files; "
-            f"{param('table_mode')} replace would drop the rest (use {param('full_refresh')} to rescore everything)"
-        )
     if config.output_format == "iceberg" and config.partition:
         raise ConfigError(
             f"setting 'partition' applies to a Delta output: an Iceberg table takes the parts as they are "

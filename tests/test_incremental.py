@@ -198,3 +198,13 @@ def test_on_s3_a_run_with_nothing_new_reads_no_input_file(tmp_path: Path, s3, bi
     finally:
         server_log.removeHandler(requests)
         server_log.setLevel(level)
+
+
+def test_incremental_refuses_to_replace_the_table(tmp_path: Path, binary_model_paths) -> None:
+    _deliver(tmp_path / "in", "a.parquet", 0, seed=1)
+    job = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out" / "t"), "--output-format", "delta"]
+    job += ["--model", str(binary_model_paths["model"]), "--scaler", str(binary_model_paths["scaler"])]
+    job += ["--incremental", "--table-mode", "replace"]
+    result = cli("run", *job)
+    assert result.exit_code == EXIT_USAGE and "--table-mode replace would drop the rest" in result.stderr
+    assert not (tmp_path / "out" / "t").exists()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import JobConfig
-from ..errors import NothingToScore
+from ..errors import ConfigError, NothingToScore, param
 from ..io.listing import listed_identities
 from ..io.source import COMPARED_IDENTITY
 from ..io.storage import Location
@@ -70,6 +70,11 @@ def incremental_inputs(config: JobConfig, output: Location, artifact_sha256: Seq
     when there is none. Reads the listing and the table's log, no input file."""
     from ..io.tables import scored_record
 
+    if config.table_mode != "append":
+        raise ConfigError(
+            f"{param('incremental')} appends what is new and replaces only the rows of rescored files; "
+            f"{param('table_mode')} replace would drop the rest (use {param('full_refresh')} to rescore everything)"
+        )
     uris, identities = listed_identities(config.input, config.storage)
     record = scored_record(output)
     decisions = decide(uris, identities, record, scoring_key(config, artifact_sha256), config.full_refresh)
