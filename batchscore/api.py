@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import JobConfig, StorageSettings, check_numbers, refuse_template
-from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, param
+from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, NothingToScore, param
 
 if TYPE_CHECKING:
     from .job.planning import Plan
@@ -69,6 +69,9 @@ def _observed(config: JobConfig, shard: int | None = None, lineage: bool = True)
     observers = Observers.start(config, shard, lineage)
     try:
         yield observers
+    except NothingToScore:  # an incremental job with nothing new succeeded, committing nothing
+        observers.succeeded(None)
+        raise
     except BaseException as exc:
         failure = Failure.of(exc)
         observers.failed(failure.exit_code, failure.message)

@@ -208,3 +208,27 @@ def test_incremental_refuses_to_replace_the_table(tmp_path: Path, binary_model_p
     result = cli("run", *job)
     assert result.exit_code == EXIT_USAGE and "--table-mode replace would drop the rest" in result.stderr
     assert not (tmp_path / "out" / "t").exists()
+
+
+def test_a_sharded_incremental_job_commits_what_its_plan_scores(tmp_path: Path, binary_model_paths) -> None:
+    """plan --out names only the files to score; its shards and commit hold to it, the other input
+    files being the table's already; shards planned on the fly are refused."""
+    inputs, table = tmp_path / "in", str(tmp_path / "out" / "scores")
+    _deliver(inputs, "a.parquet", 0, seed=1)
+    _run(inputs, table, binary_model_paths)
+    _deliver(inputs, "b.parquet", 1, seed=2)
+    _deliver(inputs, "c.parquet", 2, seed=3)
+    job = ["--input", str(inputs), "--output", table, "--model", str(binary_model_paths["model"])]
+    job += ["--scaler", str(binary_model_paths["scaler"]), "--output-format", "delta", "--incremental"]
+    refused = cli("run", *job, "--shard", "0/2")
+    assert refused.exit_code == EXIT_USAGE and "need a plan file" in refused.stderr
+    plan = tmp_path / "plan.json"
+    assert cli("plan", *job, "--shards", "2", "--out", str(plan)).exit_code == 0
+    for shard in range(2):
+        result = cli("run", *job, "--plan", str(plan), "--shard", str(shard))
+        assert result.exit_code == 0, result.stderr
+    result = cli("commit", *job, "--plan", str(plan))
+    assert result.exit_code == 0, result.stderr
+    _assert_full(table, inputs, binary_model_paths)
+    assert _last_facts(table)["inputs"] == 2
+    assert "nothing new to score" in _run(inputs, table, binary_model_paths).stdout
