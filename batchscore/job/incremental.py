@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import JobConfig
-from ..errors import ConfigError, NothingToScore, param
+from ..errors import NOTHING_NEW, ConfigError, NothingToScore, param
 from ..io.listing import listed_identities
 from ..io.source import COMPARED_IDENTITY
 from ..io.storage import Location
@@ -91,7 +91,7 @@ def incremental_inputs(config: JobConfig, output: Location, artifact_sha256: Seq
     chosen = [d.uri for d in decisions if d.action != SKIP]
     if not chosen:
         raise NothingToScore(
-            f"nothing new to score: the {len(uris)} input file(s) are in {output.uri} already, scored by this "
+            f"{NOTHING_NEW}: the {len(uris)} input file(s) are in {output.uri} already, scored by this "
             "model with these settings; nothing was committed"
         )
     return chosen
