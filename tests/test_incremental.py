@@ -17,8 +17,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from batchscore.errors import EXIT_USAGE
-from batchscore.io.tables import SCORED_KEY, decode_record
+from batchscore.errors import EXIT_USAGE, ConfigError
+from batchscore.io.storage import resolve
+from batchscore.io.tables import SCORED_KEY, Incremental, TablePart, commit_delta, decode_record, scored_record
 from batchscore.sample import FEATURES, churn_table
 from helpers import assert_exact, cli, save, training_frame
 
@@ -232,3 +233,34 @@ def test_a_sharded_incremental_job_commits_what_its_plan_scores(tmp_path: Path, 
     _assert_full(table, inputs, binary_model_paths)
     assert _last_facts(table)["inputs"] == 2
     assert "nothing new to score" in _run(inputs, table, binary_model_paths).stdout
+
+
+def test_two_incremental_commits_from_one_version_one_is_refused(tmp_path: Path, binary_model_paths) -> None:
+    """Two incremental commits that read the same table version (writers that bypassed the lease)
+    each add another file's rows with a record that lacks the other's: the second is refused
+    (exit 2, nothing committed), so no record forgets rows the table holds."""
+    inputs, table = tmp_path / "in", str(tmp_path / "out" / "scores")
+    _deliver(inputs, "a.parquet", 0, seed=1)
+    _run(inputs, table, binary_model_paths)
+    [committed] = deltalake.DeltaTable(table).file_uris()
+    where = resolve(table)
+    first, second = deltalake.DeltaTable(table), deltalake.DeltaTable(table)
+    outcomes = []
+    for k, opened in enumerate((first, second)):
+        folder = Path(table, f"batchscore-run-{k:016d}")
+        folder.mkdir()
+        (folder / "part-00000-00000.parquet").write_bytes(Path(committed).read_bytes())
+        scored = {str(inputs / f"new-{k}.parquet"): ({"size": 1, "mtime_ns": k}, 0)}
+        part = TablePart("part-00000-00000.parquet", (folder / "part-00000-00000.parquet").stat().st_size, ROWS)
+        try:
+            commit_delta(
+                where, str(folder), [part], None, None, "append", {"plan_id": str(k)}, opened=opened,
+                incremental=Incremental(scored, "k" * 16),
+            )  # fmt: skip
+            outcomes.append("committed")
+        except ConfigError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == "committed" and "another writer committed first" in outcomes[1], outcomes
+    dt = deltalake.DeltaTable(table)
+    assert dt.version() == 1 and dt.to_pyarrow_table().num_rows == 2 * ROWS
+    assert sorted(scored_record(where)) == sorted([str(inputs / "a.parquet"), str(inputs / "new-0.parquet")])
