@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import JobConfig, StorageSettings, check_numbers, refuse_template
-from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, param
+from .errors import EXIT_FAILURE, BatchscoreError, ConfigError, NothingToScore, param
 
 if TYPE_CHECKING:
     from .job.planning import Plan
@@ -69,6 +69,9 @@ def _observed(config: JobConfig, shard: int | None = None, lineage: bool = True)
     observers = Observers.start(config, shard, lineage)
     try:
         yield observers
+    except NothingToScore:  # an incremental job with nothing new succeeded, committing nothing
+        observers.succeeded(None)
+        raise
     except BaseException as exc:
         failure = Failure.of(exc)
         observers.failed(failure.exit_code, failure.message)
@@ -299,6 +302,8 @@ def run_shard(
                 )
             if plan_sha256:
                 raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
+            if config.incremental:
+                raise ConfigError(_INCREMENTAL_SHARDS)
             receipt = shard.run_shard_of(config, index, count, observers)
         else:
             the_plan = _the_plan(plan, config, plan_sha256)
@@ -318,6 +323,14 @@ def run_shard(
             )
         observers.succeeded(receipt)
     return ShardResult.of(receipt)
+
+
+#: Why the shards of an incremental job share a plan file: each planning on the fly could see
+#: another set of new files (one arriving between them), and the commit another still.
+_INCREMENTAL_SHARDS = (
+    f"an incremental job's shards need a plan file ({param('plan')}, from `batchscore plan --out`): shards "
+    "planned on the fly could each find other new files"
+)
 
 
 def _source(plan: Plan | str) -> str:
@@ -378,6 +391,8 @@ def commit(
         elif plan_sha256:
             raise ConfigError(f"{param('plan_sha256')} needs {param('plan')}")
         elif shards:
+            if config.incremental:
+                raise ConfigError(_INCREMENTAL_SHARDS)
             the_plan = planning.plan_again(config, shards)
         else:
             raise ConfigError(

@@ -27,7 +27,7 @@ from .config import (
     build_config,
     check_numbers,
 )
-from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, ConfigError
+from .errors import EXIT_CODES, EXIT_DRIFT, EXIT_FAILURE, ConfigError, NothingToScore
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
@@ -85,6 +85,9 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except NothingToScore as exc:  # an incremental job with nothing new: done, nothing committed
+            click.echo(str(exc))
+            return None
         except (KeyboardInterrupt, Exception) as exc:
             failure = api.Failure.of(exc, flag)
             _fail(failure.message, failure.exit_code, with_traceback=failure.unexpected)

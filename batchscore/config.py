@@ -322,6 +322,18 @@ class JobConfig:
         "the table is partitioned by COLUMN, a string.",
         metavar="COLUMN=VALUE",
     )
+    incremental: bool = setting(
+        False,
+        "For a Delta output: score only input files the table has not recorded as scored with this model, "
+        "these scoring settings and this batchscore version; a file that changed is rescored and its rows "
+        "replaced in the same commit.",
+        switch=True,
+    )
+    full_refresh: bool = setting(
+        False,
+        "With incremental: rescore every input file, replacing every row of the table, in one commit.",
+        switch=True,
+    )
     iceberg_catalog: str | None = setting(
         None,
         "For an Iceberg output: the pyiceberg catalog to commit through, by name, configured as pyiceberg "
@@ -752,6 +764,17 @@ def validate_settings(
         key = "partition" if config.partition else "table_mode"
         raise ConfigError(
             f"setting '{key}' applies to a table output; give {param('output_format')} delta (YAML key 'output_format')"
+        )
+    if config.full_refresh and not config.incremental:
+        raise ConfigError(f"{param('full_refresh')} applies to an incremental job: give {param('incremental')} too")
+    if config.incremental and config.output_format != "delta":
+        why = (
+            "a folder output cannot record which files it scored atomically with its parts"
+            if config.output_format == "parquet"
+            else "incremental runs record what was scored in the Delta log; Iceberg outputs do not support it yet"
+        )
+        raise ConfigError(
+            f"{param('incremental')} needs {param('output_format')} delta: {why}; rescore everything instead"
         )
     if config.output_format == "iceberg" and config.partition:
         raise ConfigError(

@@ -139,3 +139,12 @@ class DriftError(BatchscoreError):
     """Tonight's distributions moved further from the reference's than ``--drift-fail`` allows."""
 
     exit_code = EXIT_DRIFT
+
+
+#: How the message of ``NothingToScore`` begins: what the CLI prints, and a DAG's plan task reads.
+NOTHING_NEW = "nothing new to score"
+
+
+class NothingToScore(Exception):
+    """An incremental job that finds no input file to score: it commits nothing, and the command
+    exits 0 saying so (not a failure: the output is up to date)."""

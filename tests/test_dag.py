@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -919,3 +919,49 @@ def test_drift_against_the_previous_interval_fails_the_commit_without_retry(
     report = read_run_report(output)
     assert report["held"] and report["drift"]["reference"] == str(scores / f"dt={DAY}")
     assert report["drift"]["max_psi_column"] == "age"
+
+
+@pytest.mark.slow
+def test_an_hourly_incremental_dag_scores_each_delivery_once(
+    airflow_home: Path, configs_dir: Path, tmp_path: Path, binary_model_paths
+) -> None:
+    """An hourly DAG over a growing prefix into a Delta table: the first run scores what is there;
+    a run with nothing new skips its shards and commit (no empty commit, no Asset event); a run
+    after a delivery scores only the new file. The table then holds every row once."""
+    import deltalake
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    events = tmp_path / "events"
+    files = write_inputs(events, files=2, rows=1_104, row_group_size=400)
+    table = tmp_path / "tables" / "scores"
+    job = {
+        "input": str(events) + "/",
+        "output": str(table),
+        "output_format": "delta",
+        "incremental": True,
+        "model": str(binary_model_paths["model"]),
+        "scaler": str(binary_model_paths["scaler"]),
+    }
+    write_job(configs_dir, "hourly", job, {**LOCAL_DAG, "schedule": "@hourly", "shards": 2})
+    dag = load_dags(configs_dir)["batchscore_hourly"]
+    assert dag.max_active_runs == 1  # overlapping runs wait: one commit at a time, besides the lease
+    first = dag.test(logical_date=LOGICAL_DATE)
+    assert first.state == DagRunState.SUCCESS
+    assert deltalake.DeltaTable(str(table)).version() == 0
+    idle = dag.test(logical_date=LOGICAL_DATE + timedelta(hours=1))
+    assert idle.state == DagRunState.SUCCESS
+    states = {ti.task_id: ti.state for ti in idle.get_task_instances()}
+    assert states["plan"] == TaskInstanceState.SKIPPED and states["commit"] == TaskInstanceState.SKIPPED
+    assert deltalake.DeltaTable(str(table)).version() == 0
+    files += write_inputs(events / "late", files=1, rows=1_104, row_group_size=400, seed=77)
+    third = dag.test(logical_date=LOGICAL_DATE + timedelta(hours=2))
+    assert third.state == DagRunState.SUCCESS
+    dt = deltalake.DeltaTable(str(table))
+    assert dt.version() == 1 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 1
+    rows = dt.to_pyarrow_table()
+    assert sorted(rows["customer_id"].to_pylist()) == sorted(read_inputs(files)["customer_id"].to_pylist())
+    with create_session() as session:
+        found = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).count()
+    assert found == 2

@@ -231,3 +231,64 @@ def test_kill_during_an_iceberg_commit_leaves_the_previous_snapshot(tmp_path: Pa
         assert count == 3, f"{name}: the first job's snapshot, then the replace's delete and append, once"
         assert_exact(seen, read_inputs(new), binary_model_paths, passthrough=["customer_id"])
     assert len(struck) >= 2, f"most kills must land on a running commit: {struck}"
+
+
+def test_kill_during_an_incremental_commit_then_the_next_run_scores_exactly_what_was_missing(
+    tmp_path: Path, binary_model_paths
+) -> None:
+    """An incremental `run` that scores a new file and a re-delivered one is killed as its report
+    appears (before the table commit), 20 ms later (inside it), and once the new version is there.
+    The table is then at version 0 with the old rows or version 1 with the new, exactly; the next
+    incremental run scores exactly what was missing: version 1 holds every file once, as a full run
+    over the inputs as they stand would, and a run after that finds nothing new."""
+    import pyarrow.parquet as pq
+
+    from batchscore.sample import churn_table
+
+    root = tmp_path
+    shutil.copytree(binary_model_paths["model"].parent, root / "model")
+    (root / "in").mkdir()
+
+    def deliver(name: str, number: int, seed: int) -> None:
+        table = churn_table(ROWS, seed=seed, first_id=1 + number * ROWS)
+        pq.write_table(table, root / "in" / name, row_group_size=1_500)
+
+    deliver("a.parquet", 0, 1)
+    deliver("b.parquet", 1, 2)
+    job = _job(root, "in", "--incremental")
+    result = cli("run", *job)
+    assert result.exit_code == 0, result.stderr
+    table, state = root / "out" / "scores", root / "out" / "_batchscore" / "scores"
+    before = deltalake.DeltaTable(str(table)).to_pyarrow_table().drop_columns(["predicted_at"]).sort_by("customer_id")
+    deliver("b.parquet", 1, 22)  # re-delivered with other values
+    deliver("c.parquet", 2, 3)  # new
+    inputs = sorted((root / "in").glob("*.parquet"))
+    (state / "report.json").unlink()
+    snapshot = root / "snapshot"
+    shutil.copytree(root / "out", snapshot)
+    args = _cli("run", *job)
+    log = table / "_delta_log"
+    triggers: list[tuple[str, Callable[[], bool], float]] = [
+        ("report written", lambda: (state / "report.json").exists(), 0.0),
+        ("just after the report", lambda: (state / "report.json").exists(), 0.02),
+        ("version 1 written", lambda: (log / "00000000000000000001.json").exists(), 0.0),
+    ]
+    struck = []
+    for name, ready, delay in triggers:
+        shutil.rmtree(root / "out")
+        shutil.copytree(snapshot, root / "out")
+        if _kill_when(args, ready, delay):
+            struck.append(name)
+        dt = deltalake.DeltaTable(str(table))
+        if dt.version() == 0:
+            assert dt.to_pyarrow_table().drop_columns(["predicted_at"]).sort_by("customer_id").equals(before), name
+        else:
+            assert dt.version() == 1, name
+        result = cli("run", *job)  # the next run, in this process
+        assert result.exit_code == 0, f"{name}: {result.stderr}"
+        dt = deltalake.DeltaTable(str(table))
+        assert dt.version() == 1, name
+        assert_exact(dt.to_pyarrow_table().sort_by("customer_id"), read_inputs(inputs), binary_model_paths)
+        again = cli("run", *job)
+        assert again.exit_code == 0 and "nothing new to score" in again.stdout, name
+    assert len(struck) >= 2, f"most kills must land on a running run: {struck}"

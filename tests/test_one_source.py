@@ -48,6 +48,8 @@ EVERY_SETTING: dict[str, Any] = {
     "output_format": "delta",
     "table_mode": "replace",
     "partition": "dt=2024-06-01",
+    "incremental": True,
+    "full_refresh": True,
     "iceberg_catalog": "warehouse",
     "iceberg_table": "scores.churn",
     "workers": 3,

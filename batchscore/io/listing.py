@@ -172,6 +172,7 @@ class ObjectTree:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
         self.fs = fs
         self.files: dict[str, int] = {}
+        self.etags: dict[str, str] = {}  # as the listing gives them: what an incremental job compares
         self.folders: set[str] = set()
         self.names: dict[str, set[str]] = {}  # folder -> the names in it
         self.markers: list[str] = []
@@ -186,6 +187,8 @@ class ObjectTree:
                 page = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, **token)
                 for item in page.get("Contents", []):
                     self._add(item["Key"], int(item.get("Size", 0)))
+                    if item.get("ETag") and not item["Key"].endswith("/"):
+                        self.etags[f"{bucket}/{item['Key']}"] = str(item["ETag"])
                 if not page.get("IsTruncated"):
                     break
                 token = {"ContinuationToken": page["NextContinuationToken"]}
@@ -333,8 +336,11 @@ def _remote_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         return False
 
 
-def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipped) -> list[str]:
-    """The paths ``spec`` stands for, each a regular file; errors for everything else."""
+def _matches(
+    spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipped, seen: dict[str, Any] | None = None
+) -> list[str]:
+    """The paths ``spec`` stands for, each a regular file; errors for everything else. ``seen``
+    (on S3) gets each listed object's size and ETag, by path."""
     if any(ch in path for ch in GLOB_CHARS):
         parts = path.split("/")
         fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB_CHARS))
@@ -351,6 +357,7 @@ def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipp
                 raise _not_regular(tree.uri(entry.path), entry.what)
             found.append(entry.path)
         if isinstance(tree, ObjectTree):
+            _seen(tree, found, seen)
             for marker in tree.markers:
                 skipped.add(MARKERS, marker)
         return sorted(set(found))
@@ -366,15 +373,50 @@ def _matches(spec: str, fs: fsspec.AbstractFileSystem, path: str, skipped: Skipp
         raise _not_regular(tree.uri(entry.path), entry.what)
     found = sorted(_search(tree, entry, skipped))
     if isinstance(tree, ObjectTree):
+        _seen(tree, found, seen)
         for marker in tree.markers:
             skipped.add(MARKERS, marker)
     return found
 
 
-def list_inputs(specs: Sequence[str], storage: StorageSettings | None = None) -> list[str]:
+def _seen(tree: ObjectTree, paths: Sequence[str], seen: dict[str, Any] | None) -> None:
+    if seen is not None:
+        for path in paths:
+            seen[path] = {"size": tree.files[path], **({"etag": tree.etags[path]} if path in tree.etags else {})}
+
+
+def listed_identities(
+    specs: Sequence[str], storage: StorageSettings | None = None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``list_inputs``'s URIs and each file's identity as known without opening it: size and ETag
+    from the S3 listing itself (a file named alone: one HEAD), size, mtime and inode from a local
+    ``stat``. What an incremental job compares with what it scored before; no data is read."""
+    seen: dict[str, Any] = {}
+    uris = list_inputs(specs, storage, seen)
+    found: dict[str, dict[str, Any]] = {}
+    for uri in uris:
+        where = resolve(uri, storage)
+        if is_local(where.fs):
+            with translated("look at input", uri):
+                status = os.stat(where.path)
+            found[uri] = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino}
+        elif where.path in seen:
+            found[uri] = seen[where.path]
+        else:  # named alone: one HEAD
+            bucket, _, key = where.path.partition("/")
+            with translated("look at input", uri):
+                head = where.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            found[uri] = {"size": int(head["ContentLength"]), "etag": str(head["ETag"])}
+    return uris, found
+
+
+def list_inputs(
+    specs: Sequence[str], storage: StorageSettings | None = None, seen: dict[str, Any] | None = None
+) -> list[str]:
     """Expand files, directories (recursively) and globs into a deterministic list of URIs.
 
     Each spec's matches are sorted; specs keep the order given; a file named twice is read once.
+    ``seen``: see ``_matches``.
     """
     if not specs:
         raise InputDataError(f"no input given: give {param('input')} (YAML key 'input')")
@@ -385,7 +427,7 @@ def list_inputs(specs: Sequence[str], storage: StorageSettings | None = None) ->
         skipped = Skipped()
         with translated("list input", spec, passthrough=(FileNotFoundError,)):
             try:
-                matches = _matches(spec, fs, path, skipped)
+                matches = _matches(spec, fs, path, skipped, seen)
             except FileNotFoundError:  # a missing bucket
                 raise InputDataError(f"input not found: {spec}") from None
         skipped.report(spec)

@@ -41,9 +41,12 @@ class Target:
     partition: str | None = None
     catalog: str | None = None
     identifier: str | None = None
+    #: For an incremental job: its scoring key (see ``scoring_key``), when the step knows its plan.
+    incremental: str | None = None
 
     @classmethod
-    def of(cls, config: JobConfig, where: Location) -> Target:
+    def of(cls, config: JobConfig, where: Location, artifact_sha256: Sequence[str] | None = None) -> Target:
+        """``artifact_sha256``: the plan's artifacts' digests, which an incremental job's key needs."""
         return cls(
             where,
             config.output_format,
@@ -51,6 +54,7 @@ class Target:
             config.partition,
             config.iceberg_catalog,
             config.iceberg_table,
+            scoring_key(config, artifact_sha256) if config.incremental and artifact_sha256 is not None else None,
         )
 
 
@@ -61,7 +65,7 @@ def table_committed(target: Target, data_folder: str) -> int | None:
         from .iceberg import committed_snapshot
 
         return committed_snapshot(target.where, data_folder, target.mode, target.catalog, target.identifier)
-    return committed_version(target.where, data_folder, target.partition, target.mode)
+    return committed_version(target.where, data_folder, target.partition, target.mode, target.incremental)
 
 
 def table_parts(target: Target, data_folder: str) -> dict[str, int]:
@@ -84,7 +88,12 @@ def table_check(target: Target, schema: pa.Schema) -> None:
 
 
 def table_commit(
-    target: Target, data_folder: str, parts: Sequence[TablePart], schema: pa.Schema | None, facts: Mapping[str, Any]
+    target: Target,
+    data_folder: str,
+    parts: Sequence[TablePart],
+    schema: pa.Schema | None,
+    facts: Mapping[str, Any],
+    incremental: Incremental | None = None,
 ) -> tuple[int, bool]:
     """Add the parts to the table in one commit (see commit_delta, iceberg.commit_iceberg)."""
     if target.format == "iceberg":
@@ -93,7 +102,19 @@ def table_commit(
         return commit_iceberg(
             target.where, data_folder, parts, schema, target.mode, facts, target.catalog, target.identifier
         )
-    return commit_delta(target.where, data_folder, parts, schema, target.partition, target.mode, facts)
+    return commit_delta(
+        target.where, data_folder, parts, schema, target.partition, target.mode, facts, incremental=incremental
+    )
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """What an incremental commit records: each input file it scored (URI: identity, file number
+    in the plan), the scoring key, and whether it replaces every row of the table."""
+
+    scored: Mapping[str, tuple[Mapping[str, Any], int]]
+    key: str
+    full_refresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,12 +190,18 @@ def _open(where: Location) -> Any | None:
         raise StorageError(f"cannot read Delta table {where.uri}: {_one_line(exc)}") from None
 
 
-def _holds(table: Any, relative: str, partition: str | None, mode: str) -> bool:
+def _holds(
+    table: Any, relative: str, partition: str | None, mode: str, incremental: tuple[Location, str] | None = None
+) -> bool:
     """Whether the table's current version holds the rows of the plan writing data folder
     ``relative``: its application transaction is recorded and, for ``replace``, the partition's
-    (or the table's) files are still that folder's, not those of a later replace."""
+    (or the table's) files are still that folder's, not those of a later replace; for an
+    incremental job, the record still names that folder, with the job's scoring key, for some input file."""
     if table.transaction_version(table_app_id(relative)) is None:
         return False
+    if incremental is not None:  # (the table's location, the job's scoring key)
+        where, key = incremental
+        return any(s.folder == relative and s.key == key for s in (_record_of(table, where) or {}).values())
     if mode != "replace":
         return True
     filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None
@@ -182,11 +209,15 @@ def _holds(table: Any, relative: str, partition: str | None, mode: str) -> bool:
     return bool(files) and all(f"/{relative}/" in uri for uri in files)
 
 
-def committed_version(where: Location, data_folder: str, partition: str | None, mode: str) -> int | None:
+def committed_version(
+    where: Location, data_folder: str, partition: str | None, mode: str, incremental: str | None = None
+) -> int | None:
     """The table version's number if the plan writing ``data_folder`` is committed to the table at
     ``where`` already and its rows are still there (see ``_holds``), else None."""
     table = _open(where)
-    if table is None or not _holds(table, table_relative(where.path, data_folder), partition, mode):
+    if table is None or not _holds(
+        table, table_relative(where.path, data_folder), partition, mode, (where, incremental) if incremental else None
+    ):
         return None
     return int(table.version())
 
@@ -254,13 +285,14 @@ def _check_fits(table: Any, where: Location, schema: pa.Schema, partition: str |
         )
 
 
-def _version_of(table: Any, base: int, commit_id: str) -> int:
+def _version_of(table: Any, where: Location, base: int, commit_id: str) -> int:
     """The version this process's commit became: the first after ``base`` whose commit info names
-    ``commit_id`` (other writers may have committed before or after it)."""
+    ``commit_id`` (other writers may have committed before or after it). Each version's commit info
+    is read from its log file (delta-rs's ``history`` holds the interpreter while it lists the log)."""
     table.update_incremental()
-    for info in table.history(max(1, int(table.version()) - base)):
-        if commit_id in str(info.get("batchscore", "")):
-            return int(info["version"])
+    for version in range(base + 1, int(table.version()) + 1):
+        if commit_id in str((_commit_info(where, version) or {}).get("batchscore", "")):
+            return version
     return int(table.version())
 
 
@@ -273,6 +305,7 @@ def commit_delta(
     mode: str,
     facts: Mapping[str, Any],
     opened: Any | None = None,
+    incremental: Incremental | None = None,
 ) -> tuple[int, bool]:
     """Add ``parts`` (files of ``data_folder``, inside the table) to the Delta table at ``where`` in
     one commit, creating the table if there is none; ``mode`` "replace" removes the partition's (or
@@ -321,6 +354,9 @@ def commit_delta(
                 f"nothing to commit to Delta table {where.uri}: the run wrote no rows and there is no table"
             )
         if table is None:
+            if incremental is not None:
+                removes, properties = _with_record(None, where, relative, incremental, properties, stamp)
+                adds = [*removes, *adds]
             try:
                 create_table_with_add_actions(
                     uri,
@@ -337,13 +373,16 @@ def commit_delta(
                 if table is None:
                     raise StorageError(f"cannot create Delta table {where.uri}: {_one_line(exc)}") from None
         _check_fits(table, where, schema, partition)
-        if _holds(table, relative, partition, mode):
+        if _holds(table, relative, partition, mode, (where, incremental.key) if incremental is not None else None):
             return int(table.version()), False
         if table.transaction_version(app_id) is not None:  # a replace committed before, replaced since
             properties = CommitProperties(
                 custom_metadata=metadata,
                 app_transactions=[Transaction(app_id, table.transaction_version(app_id) + 1, stamp)],
             )
+        if incremental is not None:
+            removes, properties = _with_record(table, where, relative, incremental, properties, stamp)
+            adds = [*removes, *adds]
         filters = [(column, "=", value)] if partition else None
         base = int(table.version())
         table.create_write_transaction(
@@ -354,7 +393,7 @@ def commit_delta(
             partition_filters=filters,
             commit_properties=properties,
         )
-        return _version_of(table, base, commit_id), True
+        return _version_of(table, where, base, commit_id), True
     except CommitFailedError as exc:
         raise ConfigError(
             f"Delta table {where.uri}: another writer committed first and this commit conflicts with it "
@@ -362,3 +401,167 @@ def commit_delta(
         ) from None
     except OSError as exc:
         raise StorageError(f"cannot commit to Delta table {where.uri}: {_one_line(exc)}") from None
+
+
+# --- incremental runs: what the table holds, recorded in the commit that added it -----------------
+
+#: The commit info key of an incremental commit's record of every input file the table holds rows
+#: of: the whole record, compacted (one entry per file, the newest), zlib-compressed JSON in base64.
+SCORED_KEY = "batchscore_scored"
+#: The application id every incremental commit advances: two incremental commits racing on one
+#: table conflict (delta-rs refuses the second), so neither overwrites the other's record.
+INCREMENTAL_APP_ID = "batchscore:incremental"
+#: How far back ``scored_record`` looks for the last incremental commit among other writers' commits.
+RECORD_LOOKBACK = 100
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the table holds of one input file: its identity when scored, the scoring key (model,
+    scaler, scoring settings, batchscore version), and its parts: data folder and file number."""
+
+    identity: Mapping[str, Any]
+    key: str
+    folder: str
+    number: int
+
+
+def encode_record(files: Mapping[str, Scored]) -> str:
+    """The record as the commit info carries it: keys stored once, then one short list per file."""
+    import base64
+    import zlib
+
+    keys = sorted({s.key for s in files.values()})
+    index = {k: i for i, k in enumerate(keys)}
+    folders = sorted({s.folder for s in files.values()})
+    where = {f: i for i, f in enumerate(folders)}
+    data = {
+        "format": 1,
+        "keys": keys,
+        "folders": folders,
+        "files": {u: [dict(s.identity), index[s.key], where[s.folder], s.number] for u, s in sorted(files.items())},
+    }
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return base64.b64encode(zlib.compress(raw, 6)).decode()
+
+
+def decode_record(text: str) -> dict[str, Scored]:
+    import base64
+    import zlib
+
+    data = json.loads(zlib.decompress(base64.b64decode(text)))
+    keys, folders = data["keys"], data["folders"]
+    return {u: Scored(i, keys[k], folders[f], int(n)) for u, (i, k, f, n) in data["files"].items()}
+
+
+def _commit_info(where: Location, version: int) -> dict[str, Any] | None:
+    """The commit info of one version, read from its log file (one GET), or None when the log no
+    longer holds it."""
+    path = f"{where.path.rstrip('/')}/_delta_log/{version:020d}.json"
+    try:
+        with where.fs.open(path, "rb") as fh:
+            for line in fh:
+                action = json.loads(line)
+                if "commitInfo" in action:
+                    return dict(action["commitInfo"])
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read the log of Delta table {where.uri}: {exc}") from None
+    return {}
+
+
+def _record_of(table: Any, where: Location) -> dict[str, Scored] | None:
+    """The record of the table's last incremental commit ({} for a table no incremental job wrote),
+    or None when the table has none but an incremental job did write it (its commit has expired
+    from the log): its rows could then be scored twice, so the job is refused."""
+    if table is None or table.transaction_version(INCREMENTAL_APP_ID) is None:
+        return {}
+    for version in range(int(table.version()), max(-1, int(table.version()) - RECORD_LOOKBACK), -1):
+        info = _commit_info(where, version)
+        if info is None:  # expired from the log
+            break
+        if SCORED_KEY in info:
+            return decode_record(str(info[SCORED_KEY]))
+    raise ConfigError(
+        f"Delta table {where.uri} was written by incremental jobs but its last {RECORD_LOOKBACK} commits hold no "
+        f"record of what they scored; rescore everything with {param('full_refresh')}"
+    )
+
+
+def scored_record(where: Location) -> dict[str, Scored]:
+    """What the Delta table at ``where`` records as scored, by input file URI (see ``_record_of``)."""
+    return _record_of(_open(where), where) or {}
+
+
+def part_number(name: str) -> int:
+    """The input file number of a part named ``part-FILE-ROWGROUP[-SLICE].parquet`` (layout.py)."""
+    return int(name.rsplit("/", 1)[-1].split("-")[1])
+
+
+def _incremental_actions(
+    table: Any,
+    where: Location,
+    relative: str,
+    scored: Mapping[str, tuple[Mapping[str, Any], int]],
+    key: str,
+    full_refresh: bool,
+    stamp: int,
+) -> tuple[list[Any], str, int]:
+    """The removes of every part holding rows of a file this commit scores again (every part the
+    table lists, for ``full_refresh``), the new record, and the incremental transaction's version."""
+    from deltalake.transaction import RemoveAction
+
+    record = {} if full_refresh else dict(_record_of(table, where) or {})
+    stale: set[tuple[str, int]] = set()
+    for uri in scored:
+        if uri in record:
+            stale.add((record[uri].folder, record[uri].number))
+    removes = []
+    if table is not None:
+        actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+        for action in actions:
+            path = str(action["path"])
+            folder, _, name = path.rpartition("/")
+            if folder == relative:  # this job's own parts, added again by this commit (the same names)
+                continue
+            if full_refresh or (folder, part_number(name)) in stale:
+                values = {k[len("partition.") :]: v for k, v in action.items() if k.startswith("partition.")}
+                removes.append(RemoveAction(path, True, stamp, int(action["size_bytes"]), values or None))
+    for uri, (identity, number) in scored.items():
+        record[uri] = Scored(identity, key, relative, number)
+    version = (table.transaction_version(INCREMENTAL_APP_ID) if table is not None else None) or 0
+    return removes, encode_record(record), version + 1
+
+
+def _with_record(
+    table: Any, where: Location, relative: str, incremental: Incremental, properties: Any, stamp: int
+) -> tuple[list[Any], Any]:
+    """An incremental commit's removes, and its properties with the new record and the advanced
+    incremental transaction added (see ``_incremental_actions``)."""
+    from deltalake.transaction import CommitProperties, Transaction
+
+    removes, record, counter = _incremental_actions(
+        table, where, relative, incremental.scored, incremental.key, incremental.full_refresh, stamp
+    )
+    return removes, CommitProperties(
+        custom_metadata={**(properties.custom_metadata or {}), SCORED_KEY: record},
+        app_transactions=[*(properties.app_transactions or []), Transaction(INCREMENTAL_APP_ID, counter, stamp)],
+    )
+
+
+#: The settings whose values change what a row scores to (beside the artifacts' digests and the
+#: batchscore version): a change of any rescores every file of an incremental job.
+SCORING_SETTINGS = ("features", "keep", "model_version", "on_invalid", "engine")
+
+
+def scoring_key(config: JobConfig, artifact_sha256: Sequence[str]) -> str:
+    """What an input file's rows depend on besides the file: the artifacts (model, scaler,
+    challengers, by sha256), the scoring settings, and the batchscore version."""
+    import hashlib
+
+    from .. import __version__
+
+    settings = {name: getattr(config, name) for name in SCORING_SETTINGS}
+    text = json.dumps([list(artifact_sha256), settings, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

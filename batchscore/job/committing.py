@@ -43,7 +43,7 @@ from ..io.sink import (
 )
 from ..io.source import in_order, open_parquet
 from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
-from ..io.tables import TablePart, Target, table_commit, table_committed, table_parts
+from ..io.tables import Incremental, TablePart, Target, scoring_key, table_commit, table_committed, table_parts
 from ..logs import event
 from ..models.verification import engine_manifest
 from ..observe.run_report import build_report, publish
@@ -153,13 +153,26 @@ def committed_manifest(config: JobConfig, the_plan: Plan, lease: Lease) -> dict[
         "table": {
             "format": config.output_format,
             "uri": the_plan.output,
-            "version": table_committed(Target.of(config, table), out_path),
+            "version": table_committed(Target.of(config, table, _digests(the_plan)), out_path),
             "mode": config.table_mode,
             "partition": config.partition,
             "data_folder": table_relative(table.path, out_path),
         },
         "committed_already": True,
     }
+
+
+def _digests(the_plan: Plan) -> list[str]:
+    return [a["sha256"] for a in the_plan.artifacts]
+
+
+def _incremental(config: JobConfig, the_plan: Plan) -> Incremental | None:
+    """What an incremental commit records of the plan's files (see job/incremental.py)."""
+    if not config.incremental:
+        return None
+    scored = {the_plan.files.uri(i): (the_plan.files[i]["identity"], i) for i in range(len(the_plan.files))}
+    key = scoring_key(config, _digests(the_plan))
+    return Incremental(scored, key, config.full_refresh)
 
 
 def _commit_table(
@@ -193,7 +206,9 @@ def _commit_table(
     stopping.check()  # a stop the main thread has not seen yet still commits nothing
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     with stopping.publishing():
-        version, new = table_commit(Target.of(config, table), out_path, files, schema, facts)
+        version, new = table_commit(
+            Target.of(config, table, _digests(the_plan)), out_path, files, schema, facts, _incremental(config, the_plan)
+        )
     if not new:
         log.info(f"plan {the_plan.plan_id} was committed to {the_plan.output} already, in version {version}")
     return {
@@ -224,7 +239,7 @@ def commit(
             return commit(config, the_plan, extra, own, accept_drift)
     fs, out_path = lease.location.fs, lease.location.path
     table = resolve(the_plan.output, config.storage) if config.output_format != "parquet" else None
-    if table is not None and table_committed(Target.of(config, table), out_path) is not None:
+    if table is not None and table_committed(Target.of(config, table, _digests(the_plan)), out_path) is not None:
         try:
             done = read_json(fs, manifest_path(out_path))
         except (FileNotFoundError, ValueError):

@@ -553,7 +553,8 @@ def committed_already(config: JobConfig, the_plan: Plan, parts: Location) -> boo
         return False
     from ..io.tables import Target, table_committed
 
-    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage)), parts.path)
+    digests = [a["sha256"] for a in the_plan.artifacts]
+    version = table_committed(Target.of(config, resolve(the_plan.output, config.storage), digests), parts.path)
     if version is not None:
         log.info(f"plan {the_plan.plan_id} is committed to {the_plan.output} already (version {version})")
     return version is not None
@@ -749,7 +750,7 @@ def check_within_input(config: JobConfig, the_plan: Plan, source: str) -> None:
     if twice:
         raise InputDataError(f"plan {source} inconsistent: it names {twice[0]} twice; plan again")
     missing = [uri for where, uri in listed.items() if where not in first]
-    if missing:
+    if missing and not config.incremental:  # an incremental plan names only the files it scores
         raise InputDataError(
             f"plan {source} inconsistent: the job's input matches {len(missing)} file(s) the plan lacks, "
             f"e.g. {missing[0]}; plan again"

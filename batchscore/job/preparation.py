@@ -93,7 +93,15 @@ def prepare(
     columns = {c["name"]: c["type"] for c in schema} if schema is not None else None
     challengers = load_challengers(config, policy, roles, columns)
     observers.model_loaded(model.load_seconds + sum(c.model.load_seconds for c in challengers if c.model))
-    uris = list(input_uris) if input_uris is not None else list_inputs(config.input, config.storage)
+    if input_uris is not None:
+        uris = list(input_uris)
+    elif config.incremental:  # only what the table has not scored: no footer of the rest is read
+        from .incremental import incremental_inputs
+
+        artifacts = [*model.artifacts, *(a for c in challengers if c.model is not None for a in c.model.artifacts)]
+        uris = incremental_inputs(config, output, [a.to_dict()["sha256"] for a in artifacts])
+    else:
+        uris = list_inputs(config.input, config.storage)
     predictor_fields = list(Predictor(model, config.model_version, now()).fields)
     files, contract = InputFiles(), None
     # Each footer is checked as it arrives and kept as a compact record: 100,000 files are never

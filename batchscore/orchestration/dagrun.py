@@ -24,7 +24,7 @@ except ImportError:  # Airflow 3.0
 from .. import schema
 from ..config import COMMAND_FIELDS, PLAN_FIELDS, shard_size_conflict
 from ..config import FIELDS as JOB_FIELDS
-from ..errors import PERMANENT_EXIT_CODES
+from ..errors import NOTHING_NEW, PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
 from .dagspec import JobSettings
 
@@ -454,7 +454,15 @@ def _plan(settings: JobSettings, context: Mapping[str, Any]) -> tuple[list[str],
         *size_args(settings, context["params"]),
         *schema.to_argv(PLAN_FIELDS, {"out": out}),
     ]
-    document = json.loads(run_cli(argv, env=rendered_env(settings, context), capture_stdout=True))
+    printed = run_cli(argv, env=rendered_env(settings, context), capture_stdout=True)
+    if printed.startswith(NOTHING_NEW):  # an incremental job: its shards and commit are skipped, no Asset event
+        try:
+            from airflow.sdk.exceptions import AirflowSkipException
+        except ImportError:  # Airflow 3.0
+            from airflow.exceptions import AirflowSkipException  # type: ignore[no-redef]
+
+        raise AirflowSkipException(printed.strip())
+    document = json.loads(printed)
     num_shards = int(document["num_shards"])
     if num_shards < 1:
         raise ValueError(f"the plan for {output} has no shard")
