@@ -722,3 +722,43 @@ def test_score_a_registry_alias_scores_the_version_resolved_when_called(
     inputs = read_inputs(paths).sort_by("customer_id")
     assert_exact(table, inputs, {"model": tmp_path / "v1.joblib"}, passthrough=["customer_id", "tenure"])
     assert set(table.column("model_version").to_pylist()) == {"1"}
+
+
+def test_run_job_into_a_delta_table_and_a_rerun_commits_nothing(
+    spark_local: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
+    """A Delta output on Spark: the tasks' parts (named for their attempts) go to the plan's data
+    folder and one table version; the same job again finds its rows committed, scores nothing,
+    counts the rows the table holds (under the names its attempts gave their parts), and adds no version."""
+    import deltalake
+
+    from batchscore.spark import run_job
+    from batchscore.spark.driver import score_plan
+
+    paths = write_inputs(tmp_path / "in", files=2, rows=728, row_group_size=250)
+    table = tmp_path / "scores"
+    config = batchscore.build_config(
+        None,
+        input=(str(tmp_path / "in"),),
+        output=str(table),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+        output_format="delta",
+    )
+    first = run_job(config, spark=spark_local, shards=2)
+    assert first.rows_out == 1_456 and len(first.parts) == 2
+    version = deltalake.DeltaTable(str(table)).version()
+    assert_exact(
+        deltalake.DeltaTable(str(table)).to_pyarrow_table().sort_by("customer_id"),
+        read_inputs(paths).sort_by("customer_id"),
+        binary_model_paths,
+    )
+    again = score_plan(config, spark=spark_local, shards=2)
+    assert again.rows == {"in": 1_456, "out": 1_456, "invalid": 0}
+    batchscore.commit(again.config, plan=again.plan_uri, plan_sha256=again.plan_sha256)
+    assert deltalake.DeltaTable(str(table)).version() == version
+    assert_exact(
+        deltalake.DeltaTable(str(table)).to_pyarrow_table().sort_by("customer_id"),
+        read_inputs(paths).sort_by("customer_id"),
+        binary_model_paths,
+    )

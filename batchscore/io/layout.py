@@ -176,6 +176,13 @@ def attempt_part_name(name: str, attempt: str) -> str:
     return f"{name[: -len('.parquet')]}_{attempt}.parquet"
 
 
+def planned_part_name(name: str) -> str:
+    """The plan's name of a part (``attempt_part_name`` undone): the name itself for a part an
+    attempt did not name for itself."""
+    stem, _, attempt = name[: -len(".parquet")].rpartition("_")
+    return f"{stem}.parquet" if stem and len(attempt) == ATTEMPT_DIGITS and name.endswith(".parquet") else name
+
+
 def part_path(output: str, name: str) -> str:
     return posixpath.join(output.rstrip("/"), name)
 

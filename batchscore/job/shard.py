@@ -16,6 +16,7 @@ from typing import Any
 from ..config import JobConfig
 from ..errors import InputDataError, StorageError, param
 from ..io.conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
+from ..io.layout import planned_part_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
 from ..io.sink import Streamed, json_bytes, receipt_path, rejected_folder, rejected_name, uncommit, write_json
@@ -159,8 +160,9 @@ def score_shard(
         from .committing import committed_manifest
 
         done = committed_manifest(config, the_plan, lease)
-        parts = {p["name"]: p["rows"] for p in done["parts"]}
-        listed = [{"name": u.part_name, "rows": parts.get(u.part_name, 0)} for u in shard.units]
+        parts = {planned_part_name(p["name"]): p for p in done["parts"]}  # committed as an attempt named them
+        held = [parts.get(u.part_name, {"name": u.part_name, "rows": 0}) for u in shard.units]
+        listed = [{"name": p["name"], "rows": p["rows"]} for p in held]
         rows_out = sum(p["rows"] for p in listed)
         log.info(f"shard {index}: {the_plan.output} holds its rows already; nothing to score")
         return {

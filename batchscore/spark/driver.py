@@ -246,7 +246,7 @@ def score_shard_task(
     return {
         "shard": index,
         "task_attempt": attempt,
-        "attempt": done.receipt["attempt"],
+        "attempt": done.receipt.get("attempt"),  # none for a plan the table holds already
         "rows_in": done.rows_in,
         "rows_out": done.rows_out,
         "rows_invalid": done.rows_invalid,
