@@ -1,0 +1,242 @@
+"""Challengers in folders of their own (``challenger_output: folders``): the output is exactly a
+champion-only run's, each challenger's folder exactly that model's own run on the same input,
+all committed by the one ``_SUCCESS`` and manifest; a failed challenger leaves no folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore.errors import EXIT_MODEL, EXIT_OK, EXIT_USAGE
+from batchscore.io import layout
+from helpers import (
+    assert_exact,
+    cli,
+    no_success,
+    read_inputs,
+    read_manifest,
+    read_output,
+    read_run_report,
+    write_inputs,
+)
+from test_challengers import FILES, ROWS, _job, models  # noqa: F401  (the models fixture)
+
+FOLDERS = {"challenger_output": "folders"}
+
+
+def folder(output: Path | str, name: str) -> str:
+    return layout.challenger_folder(str(output), name)
+
+
+def part_names(where: str, fs: Any = None) -> list[str]:
+    if fs is None:
+        return sorted(n for n in os.listdir(where) if n.startswith("part-"))
+    fs.invalidate_cache(where)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(where, detail=False) if "/part-" in p)
+
+
+def assert_folder_exact(
+    output: Path | str, name: str, inputs: pa.Table, paths: dict[str, Path], fs: Any = None
+) -> None:
+    """The challenger's folder is its own run: its rows equal its model's predict / predict_proba on
+    the user's DataFrame, in input order, passthrough columns as the input's; parts named as the
+    output's, each with the output's part's rows."""
+    where = folder(output, name)
+    table = read_output(where, fs)
+    assert_exact(table, inputs, paths)
+    assert table.column_names[-2:] == ["predicted_at", "model_version"]
+    assert set(table.column("model_version").to_pylist()) == {f"{name}-7"}
+    assert not any("__" in c for c in table.column_names)
+    assert part_names(where, fs) == part_names(str(output), fs)
+    for part in part_names(str(output), fs):
+        rows = [pq.read_metadata(f"{d}/{part}", filesystem=fs).num_rows for d in (str(output), where)]
+        assert rows[0] == rows[1], part
+
+
+def test_folders_hold_each_challenger_and_the_output_only_the_champion(tmp_path: Path, models) -> None:  # noqa: F811
+    """Champion + a forest Pipeline + a ridge regressor with its own scaler: the output folder is
+    a champion-only run's (columns, parts, values); folder readers of it see the champion's rows
+    only; each challenger's folder is exact; one manifest lists every folder's parts."""
+    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=700)
+    inputs = read_inputs(paths)
+    alone, out = tmp_path / "alone", tmp_path / "out"
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(alone), [])
+    assert cli("run", "--config", job).exit_code == EXIT_OK
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest", "ridge"], **FOLDERS)
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+    output = read_output(out)
+    assert_exact(output, inputs, models["champion"])
+    champion_only = read_output(alone)
+    assert output.schema == champion_only.schema and part_names(str(out)) == part_names(str(alone))
+    assert output.drop(["predicted_at"]).equals(champion_only.drop(["predicted_at"]))
+    # Every folder reader of the output, recursive discovery included, sees the champion's rows alone.
+    for dataset in (ds.dataset(out, format="parquet"), ds.dataset(out, format="parquet", partitioning="hive")):
+        assert dataset.to_table().num_rows == FILES * ROWS and dataset.schema.names == output.column_names
+    assert pq.read_table(out).num_rows == FILES * ROWS
+    assert sorted(os.listdir(out)) == ["_SUCCESS", *part_names(str(out))]
+    for name in ("forest", "ridge"):
+        assert_folder_exact(out, name, inputs, models[name])
+        assert not Path(folder(out, name), "_SUCCESS").exists()  # the output's _SUCCESS commits it
+    ridge = read_output(folder(out, "ridge"))
+    assert "probability" not in ridge.column_names and ridge.schema.field("prediction").type == pa.float64()
+    manifest = read_manifest(out)
+    by_name = {c["name"]: c for c in manifest["challengers"]}
+    for name in ("forest", "ridge"):
+        entry = by_name[name]
+        assert entry["status"] == "ok" and entry["folder"] == folder(out, name)
+        listed = [(p["name"], p["rows"]) for p in entry["parts"]]
+        assert listed == [(p["name"], p["rows"]) for p in manifest["parts"]] and entry["rows_out"] == FILES * ROWS
+        assert {"challenger:forest:model", "challenger:ridge:model", "challenger:ridge:scaler"} <= {
+            a["role"] for a in manifest["artifacts"]
+        }
+    report = {c["name"]: c for c in read_run_report(out)["challengers"]}
+    assert report["forest"]["agreement"]["rows_compared"] == FILES * ROWS and "parts" not in report["forest"]
+
+
+def test_sharded_job_on_s3_commits_every_folder_with_one_success(tmp_path: Path, s3, models) -> None:  # noqa: F811
+    """plan / run --shard x3 / commit on S3, champion + 2 challengers in folders: nothing looks
+    finished before the commit; then all three are exact and the manifest lists each folder."""
+    fs, bucket, options = s3
+    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=500)
+    for path in paths:
+        fs.put_file(str(path), f"{bucket}/in/{path.name}")
+    remote: dict[str, dict[str, Any]] = {}
+    for name in ("champion", "forest", "ridge"):
+        remote[name] = {}
+        for role, local in models[name].items():
+            fs.put_file(str(local), f"{bucket}/models/{name}/{role}.joblib")
+            remote[name][role] = f"s3://{bucket}/models/{name}/{role}.joblib"
+    output = f"s3://{bucket}/scores"
+    job = _job(tmp_path, remote, f"s3://{bucket}/in/", output, ["forest", "ridge"], storage_options=options, **FOLDERS)
+    plan = f"s3://{bucket}/plans/plan.json"
+    result = cli("plan", "--config", job, "--shards", "3", "--out", plan)
+    assert result.exit_code == 0, result.stderr
+    for shard in range(3):
+        result = cli("run", "--config", job, "--plan", plan, "--shard", str(shard))
+        assert result.exit_code == 0, result.stderr
+    where = f"{bucket}/scores"
+    assert part_names(layout.challenger_folder(where, "forest"), fs)  # written, but not finished:
+    assert not fs.exists(f"{where}/_SUCCESS") and not fs.exists(layout.manifest_path(where))
+    result = cli("commit", "--config", job, "--plan", plan)
+    assert result.exit_code == 0, result.stderr
+    inputs = read_inputs(paths)
+    output_table = read_output(where, fs)
+    assert_exact(output_table, inputs, models["champion"])
+    assert not any("__" in c for c in output_table.column_names)
+    for name in ("forest", "ridge"):
+        assert_folder_exact(where, name, inputs, models[name], fs)
+    manifest = read_manifest(where, fs)
+    assert len(manifest["parts"]) == FILES
+    for entry in manifest["challengers"]:
+        assert entry["folder"] == f"s3://{layout.challenger_folder(where, entry['name'])}"
+        assert [p["name"] for p in entry["parts"]] == [p["name"] for p in manifest["parts"]]
+        assert sum(p["rows"] for p in entry["parts"]) == FILES * ROWS
+
+
+def _with_old_customer(paths: list[Path], row: int, age: float = 250.0) -> None:
+    """One customer old enough that the raising challenger raises on its batch."""
+    table = read_inputs(paths)
+    ages = table.column("age").to_numpy().copy()
+    ages[row] = age
+    table = table.set_column(table.column_names.index("age"), "age", pa.array(ages))
+    rows = table.num_rows // len(paths)
+    for f, path in enumerate(paths):
+        pq.write_table(table.slice(f * rows, rows), path, row_group_size=700)
+
+
+@pytest.mark.fault
+def test_a_failing_challenger_leaves_no_folder_and_the_champion_commits(tmp_path: Path, models) -> None:  # noqa: F811
+    """One challenger's file is missing, one raises in the second file: neither has a folder
+    after the commit (the one that raised had written parts), the report says why, the
+    champion and the third challenger commit exactly; required, nothing commits (exit 4)."""
+    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=700)
+    _with_old_customer(paths, ROWS + 1_111)
+    local = {**models, "missing": {"model": tmp_path / "nowhere.joblib"}}
+    out = tmp_path / "out"
+    job = _job(tmp_path, local, str(tmp_path / "in"), str(out), ["missing", "raises", "forest"], workers=1, **FOLDERS)
+    plan = tmp_path / "plan.json"
+    assert cli("plan", "--config", job, "--shards", "2", "--out", plan).exit_code == EXIT_OK
+    for shard in range(2):
+        result = cli("run", "--config", job, "--plan", plan, "--shard", str(shard))
+        assert result.exit_code == EXIT_OK, result.stderr
+    assert part_names(folder(out, "raises"))  # it wrote the first file's part before it raised
+    result = cli("commit", "--config", job, "--plan", plan)
+    assert result.exit_code == EXIT_OK, result.stderr
+    inputs = read_inputs(paths)
+    assert_exact(read_output(out), inputs, models["champion"])
+    assert_folder_exact(out, "forest", inputs, models["forest"])
+    assert sorted(os.listdir(layout.challengers_folder(str(out)))) == ["forest"]  # no folder of either
+    report = {c["name"]: c for c in read_run_report(out)["challengers"]}
+    assert (
+        report["missing"]["status"] == "failed"
+        and "failed to load when the job was planned" in report["missing"]["error"]
+    )
+    assert report["raises"]["status"] == "failed" and "blew up on an old customer" in report["raises"]["error"]
+    manifest = {c["name"]: c for c in read_manifest(out)["challengers"]}
+    assert manifest["raises"]["folder"] is manifest["missing"]["folder"] is None and manifest["raises"]["parts"] == []
+    assert manifest["forest"]["status"] == "ok"
+
+    required = tmp_path / "required"
+    job = _job(tmp_path, local, str(tmp_path / "in"), str(required), ["raises"], challengers_required=True, **FOLDERS)
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_MODEL and "challengers_required" in result.stderr, result.stderr
+    assert no_success(required) and not Path(layout.manifest_path(str(required))).exists()
+
+
+@pytest.mark.fault
+def test_a_rerun_removes_stale_parts_and_folders(tmp_path: Path, models) -> None:  # noqa: F811
+    """A run over 3 files, then an overwrite over 1 file with another set of challengers: each
+    kept folder holds exactly the new parts, a dropped challenger's folder is gone; a killed
+    attempt's part left in a folder is removed; back in columns, no folder is left at all."""
+    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=700)
+    out = tmp_path / "out"
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest", "ridge"], **FOLDERS)
+    assert cli("run", "--config", job).exit_code == EXIT_OK
+    before = part_names(folder(out, "forest"))
+    for extra in paths[1:]:
+        extra.unlink()
+    stale = Path(folder(out, "forest"), ".part-00007-00000.parquet.tmp-0123abcd")  # a killed write's leftover
+    stale.write_bytes(b"partial")
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest"], overwrite=True, **FOLDERS)
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+    after = part_names(str(out))
+    assert len(after) < len(before) and os.listdir(folder(out, "forest")) == after
+    assert_folder_exact(out, "forest", read_inputs(paths[:1]), models["forest"])
+    assert sorted(os.listdir(layout.challengers_folder(str(out)))) == ["forest"]
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest"], overwrite=True)
+    assert cli("run", "--config", job).exit_code == EXIT_OK
+    assert not Path(layout.challengers_folder(str(out))).exists() or not os.listdir(layout.challengers_folder(str(out)))
+    assert "prediction__forest" in read_output(out).column_names
+
+
+def test_folders_are_refused_for_tables_and_spark(tmp_path: Path, models) -> None:  # noqa: F811
+    """A table output or the Spark runner with challenger folders: exit 2, one line naming the setting."""
+    write_inputs(tmp_path / "in", files=1, rows=ROWS, row_group_size=700)
+    job = _job(
+        tmp_path, models, str(tmp_path / "in"), str(tmp_path / "table"), ["forest"], output_format="delta", **FOLDERS
+    )
+    for argv in (("run", "--config", job), ("plan", "--config", job, "--shards", "2"), ("validate", "--config", job)):
+        result = cli(*argv)
+        assert result.exit_code == EXIT_USAGE, (argv, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "challenger-output" in errors[0] and "delta" in errors[0], result.stderr
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(tmp_path / "out"), ["forest"], **FOLDERS)
+    result = cli("spark", "--config", job, "--master", "local[1]")
+    assert result.exit_code == EXIT_USAGE, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "challenger-output" in errors[0] and "Spark" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_setting_reaches_the_cli(tmp_path: Path) -> None:
+    """--challenger-output comes from the declaration; another value is a usage error."""
+    result = cli("validate", "--challenger-output", "tables", "--input", str(tmp_path), "--model", "m.joblib")
+    assert result.exit_code == EXIT_USAGE and "tables" in result.stderr, result.stderr
