@@ -8,13 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import joblib
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from batchscore.errors import EXIT_MODEL, EXIT_OK, EXIT_USAGE
 from batchscore.io import layout
+from batchscore.io.sink import ATTEMPT_KEY
 from helpers import (
     assert_exact,
     cli,
@@ -23,6 +27,8 @@ from helpers import (
     read_manifest,
     read_output,
     read_run_report,
+    save,
+    training_frame,
     write_inputs,
 )
 from test_challengers import FILES, ROWS, _job, models  # noqa: F401  (the models fixture)
@@ -92,7 +98,11 @@ def test_folders_hold_each_challenger_and_the_output_only_the_champion(tmp_path:
         entry = by_name[name]
         assert entry["status"] == "ok" and entry["folder"] == folder(out, name)
         listed = [(p["name"], p["rows"]) for p in entry["parts"]]
-        assert listed == [(p["name"], p["rows"]) for p in manifest["parts"]] and entry["rows_out"] == FILES * ROWS
+        assert listed == [(p["name"], p["rows"]) for p in manifest["parts"]] and entry["rows"] == {
+            "in": FILES * ROWS,
+            "out": FILES * ROWS,
+            "invalid": 0,
+        }
         assert {"challenger:forest:model", "challenger:ridge:model", "challenger:ridge:scaler"} <= {
             a["role"] for a in manifest["artifacts"]
         }
@@ -240,3 +250,91 @@ def test_the_setting_reaches_the_cli(tmp_path: Path) -> None:
     """--challenger-output comes from the declaration; another value is a usage error."""
     result = cli("validate", "--challenger-output", "tables", "--input", str(tmp_path), "--model", "m.joblib")
     assert result.exit_code == EXIT_USAGE and "tables" in result.stderr, result.stderr
+
+
+def test_each_folder_holds_the_rows_its_own_model_scores(tmp_path: Path, models) -> None:  # noqa: F811
+    """on_invalid skip, a challenger reading a subset of the features: rows only the champion
+    cannot score (a NaN age) are in that challenger's folder, rows neither can (a NaN charge) in
+    none; a challenger with the champion's features leaves out the champion's rows. Each folder
+    equals its model's own predict_proba on the user's DataFrame of the rows it scores, in order."""
+    frame = training_frame(seed=13)
+    subset = save(
+        tmp_path / "subset", model=LogisticRegression().fit(frame[["tenure", "monthly_charges"]], frame["churned"])
+    )
+    paths = write_inputs(tmp_path / "in", files=1, rows=ROWS, row_group_size=700)
+    table = read_inputs(paths)
+    # 16 rows each (see helpers.assert_exact), some at a batch's or row group's edge.
+    bad_ages = [5, 90, 300, 555, 701, 702, 900, 1_100, 1_399, 1_400, 1_650, 1_900, 2_222, 2_300, 2_350, 2_382]
+    bad_charges = [7, 100, 233, 400, 699, 700, 999, 1_234, 1_401, 1_500, 1_501, 1_777, 2_003, 2_100, 2_380, 2_383]
+    ages = table.column("age").to_numpy().copy()
+    ages[bad_ages] = np.nan  # only the champion (and the forest) read age
+    charges = table.column("monthly_charges").to_numpy().copy()
+    charges[bad_charges] = np.nan  # every model reads monthly_charges
+    table = table.set_column(table.column_names.index("age"), "age", pa.array(ages))
+    table = table.set_column(table.column_names.index("monthly_charges"), "monthly_charges", pa.array(charges))
+    pq.write_table(table, paths[0], row_group_size=700)
+    out = tmp_path / "out"
+    local = {**models, "subset": subset}
+    job = _job(tmp_path, local, str(tmp_path / "in"), str(out), ["subset", "forest"], on_invalid="skip", **FOLDERS)
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+
+    def rows_without(bad: list[int]) -> pa.Table:
+        kept = np.ones(ROWS, dtype=bool)
+        kept[bad] = False
+        return table.filter(pa.array(kept))
+
+    both = rows_without(bad_ages + bad_charges)
+    assert_exact(read_output(out), both, models["champion"])  # the champion's rows as a run alone
+    for name, rows, features in (
+        ("forest", both, None),
+        ("subset", rows_without(bad_charges), ["tenure", "monthly_charges"]),
+    ):
+        got = read_output(folder(out, name))
+        assert got.column("customer_id").equals(rows.column("customer_id")), name  # its rows, in input order
+        model = joblib.load(local[name]["model"])
+        x = rows.to_pandas()[features or list(model.feature_names_in_)]
+        assert np.array_equal(got.column("probability").to_numpy(), model.predict_proba(x)[:, 1]), name
+        assert np.array_equal(got.column("prediction").to_numpy(), model.predict(x)), name
+    manifest = {c["name"]: c for c in read_manifest(out)["challengers"]}
+    assert manifest["subset"]["rows"] == {"in": ROWS, "out": ROWS - len(bad_charges), "invalid": len(bad_charges)}
+    report = {c["name"]: c for c in read_run_report(out)["challengers"]}
+    assert report["subset"]["agreement"]["rows_compared"] == both.num_rows  # rows both scored
+
+
+@pytest.mark.fault
+def test_a_challenger_part_not_its_receipts_fails_that_challenger_alone(tmp_path: Path, models) -> None:  # noqa: F811
+    """After the shards, one challenger's part is deleted and another's replaced by a part of a
+    later attempt (a zombie's): commit fails those two challengers, removes their folders, and
+    commits the champion and the untouched challenger; required, it commits nothing (exit 4)."""
+    paths = write_inputs(tmp_path / "in", files=2, rows=ROWS, row_group_size=700)
+    inputs = read_inputs(paths)
+    out = tmp_path / "out"
+    names = ["forest", "ridge", "sharing"]
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), names, **FOLDERS)
+    plan = tmp_path / "plan.json"
+    assert cli("plan", "--config", job, "--shards", "2", "--out", plan).exit_code == EXIT_OK
+
+    def shards_then_tamper() -> None:
+        for shard in range(2):
+            result = cli("run", "--config", job, "--plan", plan, "--shard", str(shard))
+            assert result.exit_code == EXIT_OK, result.stderr
+        last = part_names(str(out))[-1]
+        Path(folder(out, "forest"), last).unlink()
+        replaced = Path(folder(out, "ridge"), last)
+        zombie = {ATTEMPT_KEY: "0" * 32}  # same rows, written by an attempt no receipt names
+        pq.write_table(pq.read_table(replaced).replace_schema_metadata(zombie), replaced)
+
+    shards_then_tamper()
+    required = cli("commit", "--config", job, "--plan", plan, "--challengers-required")
+    assert required.exit_code == EXIT_MODEL and "challenger forest" in required.stderr, required.stderr
+    assert no_success(out) and not Path(layout.manifest_path(str(out))).exists()
+    result = cli("commit", "--config", job, "--plan", plan)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert_exact(read_output(out), inputs, models["champion"])
+    assert_folder_exact(out, "sharing", inputs, models["sharing"])
+    assert sorted(os.listdir(layout.challengers_folder(str(out)))) == ["sharing"]
+    report = {c["name"]: c for c in read_run_report(out)["challengers"]}
+    assert report["forest"]["status"] == "failed" and "missing" in report["forest"]["error"]
+    assert report["ridge"]["status"] == "failed" and "written by attempt" in report["ridge"]["error"]
+    assert report["sharing"]["status"] == "ok" and report["sharing"]["folder"] == folder(out, "sharing")

@@ -416,7 +416,7 @@ def commit(
             entry.update(folders[entry["name"]].report())
     # What the metrics push, and who reads the manifest alone; in folders each one's parts too.
     manifest["challengers"] = [
-        {**c, **folders[c["name"]].parts()} if c["name"] in folders else c for c in report["challengers"]
+        {**c, **folders[c["name"]].parts(the_plan.total_rows)} if c["name"] in folders else c for c in report["challengers"]
     ]
     _log_challengers(report["challengers"])
     try:
@@ -466,14 +466,15 @@ class ChallengerFolder:
             return {"status": "failed", "error": self.error, "folder": None}
         return {"folder": self.folder}
 
-    def parts(self) -> dict[str, Any]:
-        """The manifest's record of its parts, as of the output's: the name and rows of each."""
+    def parts(self, rows_in: int) -> dict[str, Any]:
+        """The manifest's record of its rows and parts, as of the output's: the name and rows of
+        each part; ``invalid``: the input rows it could not score, left out of its folder."""
         if self.error is not None:
-            return {"folder": None, "rows_out": 0, "parts": []}
+            return {"folder": None, "rows": None, "parts": []}
         rows, names = self.rows, self.names
         return {
             "folder": self.folder,
-            "rows_out": sum(rows),
+            "rows": {"in": rows_in, "out": sum(rows), "invalid": rows_in - sum(rows)},
             "parts": Streamed(lambda: ({"name": n, "rows": r} for n, r in zip(names(), rows)), len(rows)),
         }
 
