@@ -416,7 +416,8 @@ def commit(
             entry.update(folders[entry["name"]].report())
     # What the metrics push, and who reads the manifest alone; in folders each one's parts too.
     manifest["challengers"] = [
-        {**c, **folders[c["name"]].parts(the_plan.total_rows)} if c["name"] in folders else c for c in report["challengers"]
+        {**c, **folders[c["name"]].parts(the_plan.total_rows)} if c["name"] in folders else c
+        for c in report["challengers"]
     ]
     _log_challengers(report["challengers"])
     try:
