@@ -134,6 +134,12 @@ def test_sharded_job_on_s3_commits_every_folder_with_one_success(tmp_path: Path,
     where = f"{bucket}/scores"
     assert part_names(layout.challenger_folder(where, "forest"), fs)  # written, but not finished:
     assert not fs.exists(f"{where}/_SUCCESS") and not fs.exists(layout.manifest_path(where))
+    left = [  # what an earlier run left: a killed write's leftover, the folder of a challenger since dropped
+        f"{layout.challenger_folder(where, 'forest')}/.part-00009-00000.parquet.tmp-0123abcd",
+        f"{layout.challenger_folder(where, 'dropped')}/part-00000-00000.parquet",
+    ]
+    for path in left:
+        fs.pipe_file(path, b"stale")
     result = cli("commit", "--config", job, "--plan", plan)
     assert result.exit_code == 0, result.stderr
     inputs = read_inputs(paths)
@@ -144,6 +150,9 @@ def test_sharded_job_on_s3_commits_every_folder_with_one_success(tmp_path: Path,
         assert_folder_exact(where, name, inputs, models[name], fs)
     manifest = read_manifest(where, fs)
     assert len(manifest["parts"]) == FILES
+    fs.invalidate_cache()
+    assert not any(fs.exists(path) for path in left)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(layout.challengers_folder(where))) == ["forest", "ridge"]
     for entry in manifest["challengers"]:
         assert entry["folder"] == f"s3://{layout.challenger_folder(where, entry['name'])}"
         assert [p["name"] for p in entry["parts"]] == [p["name"] for p in manifest["parts"]]

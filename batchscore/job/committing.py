@@ -514,6 +514,9 @@ def _challenger_folders(
             else:
                 seen.rows.extend(rows)
     for name, folder in found.items():
+        listed = sum(1 for r in receipts.values() for e in r.get("challengers") or () if e["name"] == name)
+        if folder.error is None and listed != len(receipts):
+            folder.error = f"challenger {name}: in {listed} of the {len(receipts)} shards' receipts"
         if folder.error is None:
             folder.error = _check_folder(config, receipts, parts, lease, name, folder.rows)
         if folder.error is not None and config.challengers_required:
