@@ -5,6 +5,10 @@ all committed by the one ``_SUCCESS`` and manifest; a failed challenger leaves n
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +231,7 @@ def test_a_rerun_removes_stale_parts_and_folders(tmp_path: Path, models) -> None
     result = cli("run", "--config", job)
     assert result.exit_code == EXIT_OK, result.stderr
     after = part_names(str(out))
-    assert len(after) < len(before) and os.listdir(folder(out, "forest")) == after
+    assert len(after) < len(before) and sorted(os.listdir(folder(out, "forest"))) == after
     assert_folder_exact(out, "forest", read_inputs(paths[:1]), models["forest"])
     assert sorted(os.listdir(layout.challengers_folder(str(out)))) == ["forest"]
     job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest"], overwrite=True)
@@ -347,3 +351,42 @@ def test_a_challenger_part_not_its_receipts_fails_that_challenger_alone(tmp_path
     assert report["forest"]["status"] == "failed" and "missing" in report["forest"]["error"]
     assert report["ridge"]["status"] == "failed" and "written by attempt" in report["ridge"]["error"]
     assert report["sharing"]["status"] == "ok" and report["sharing"]["folder"] == folder(out, "sharing")
+
+
+@pytest.mark.fault
+def test_a_run_killed_while_writing_folders_then_rerun(tmp_path: Path, models) -> None:  # noqa: F811
+    """kill -9 of `run` (its whole process group) as soon as a challenger's part is being written:
+    nothing looks finished; the rerun commits the output and both folders exactly, with nothing
+    the killed run left behind."""
+    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=700)
+    out = tmp_path / "out"
+    job = _job(
+        tmp_path, models, str(tmp_path / "in"), str(out), ["forest", "ridge"], batch_size=200, workers=1, **FOLDERS
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "batchscore", "run", "--config", str(job)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    where = Path(folder(out, "ridge"))
+    deadline = time.monotonic() + 60
+    try:
+        while not (where.exists() and any(where.iterdir())):
+            assert run.poll() is None, f"the run ended before it was killed: {run.stderr.read() if run.stderr else ''}"
+            assert time.monotonic() < deadline, "no challenger part within 60 s"
+            time.sleep(0.005)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    assert no_success(out) and not Path(layout.manifest_path(str(out))).exists()
+    job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest", "ridge"], overwrite=True, **FOLDERS)
+    result = cli("run", "--config", job)
+    assert result.exit_code == EXIT_OK, result.stderr
+    inputs = read_inputs(paths)
+    assert_exact(read_output(out), inputs, models["champion"])
+    for name in ("forest", "ridge"):
+        assert_folder_exact(out, name, inputs, models[name])
+        assert sorted(os.listdir(folder(out, name))) == part_names(str(out))  # no temporary left
