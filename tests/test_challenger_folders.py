@@ -45,10 +45,18 @@ def folder(output: Path | str, name: str) -> str:
 
 
 def part_names(where: str, fs: Any = None) -> list[str]:
+    """The parts in a folder, a challenger's named by the output's parts they stand beside."""
     if fs is None:
-        return sorted(n for n in os.listdir(where) if n.startswith("part-"))
-    fs.invalidate_cache(where)
-    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(where, detail=False) if "/part-" in p)
+        names = [n for n in os.listdir(where) if n.startswith("part-")]
+    else:
+        fs.invalidate_cache(where)
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(where, detail=False) if "/part-" in p]
+    return sorted(n.removesuffix(layout.CHALLENGER_SUFFIX) for n in names)
+
+
+def challenger_files(output: Path | str, name: str) -> list[str]:
+    """Every file in a local challenger's folder: its parts, named as the output's, and nothing else."""
+    return sorted(os.listdir(folder(output, name)))
 
 
 def assert_folder_exact(
@@ -65,8 +73,14 @@ def assert_folder_exact(
     assert not any("__" in c for c in table.column_names)
     assert part_names(where, fs) == part_names(str(output), fs)
     for part in part_names(str(output), fs):
-        rows = [pq.read_metadata(f"{d}/{part}", filesystem=fs).num_rows for d in (str(output), where)]
+        rows = [
+            pq.read_metadata(path, filesystem=fs).num_rows
+            for path in (f"{output}/{part}", f"{where}/{layout.challenger_part_name(part)}")
+        ]
         assert rows[0] == rows[1], part
+    # No *.parquet glob picks a challenger's part up; folder readers (pyarrow, pandas) read the folder.
+    assert pq.read_table(where, filesystem=fs).num_rows == table.num_rows
+    assert fs is not None or not list(Path(where).glob("*.parquet"))
 
 
 def test_folders_hold_each_challenger_and_the_output_only_the_champion(tmp_path: Path, models) -> None:  # noqa: F811
@@ -90,6 +104,10 @@ def test_folders_hold_each_challenger_and_the_output_only_the_champion(tmp_path:
     for dataset in (ds.dataset(out, format="parquet"), ds.dataset(out, format="parquet", partitioning="hive")):
         assert dataset.to_table().num_rows == FILES * ROWS and dataset.schema.names == output.column_names
     assert pq.read_table(out).num_rows == FILES * ROWS
+    import pandas as pd
+
+    assert pd.read_parquet(out).equals(output.to_pandas())
+    assert pd.read_parquet(folder(out, "forest")).equals(read_output(folder(out, "forest")).to_pandas())
     assert sorted(os.listdir(out)) == ["_SUCCESS", *part_names(str(out))]
     for name in ("forest", "ridge"):
         assert_folder_exact(out, name, inputs, models[name])
@@ -102,7 +120,8 @@ def test_folders_hold_each_challenger_and_the_output_only_the_champion(tmp_path:
         entry = by_name[name]
         assert entry["status"] == "ok" and entry["folder"] == folder(out, name)
         listed = [(p["name"], p["rows"]) for p in entry["parts"]]
-        assert listed == [(p["name"], p["rows"]) for p in manifest["parts"]] and entry["rows"] == {
+        beside = [(layout.challenger_part_name(p["name"]), p["rows"]) for p in manifest["parts"]]
+        assert listed == beside and entry["rows"] == {
             "in": FILES * ROWS,
             "out": FILES * ROWS,
             "invalid": 0,
@@ -159,7 +178,9 @@ def test_sharded_job_on_s3_commits_every_folder_with_one_success(tmp_path: Path,
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(layout.challengers_folder(where))) == ["forest", "ridge"]
     for entry in manifest["challengers"]:
         assert entry["folder"] == f"s3://{layout.challenger_folder(where, entry['name'])}"
-        assert [p["name"] for p in entry["parts"]] == [p["name"] for p in manifest["parts"]]
+        assert [p["name"] for p in entry["parts"]] == [
+            layout.challenger_part_name(p["name"]) for p in manifest["parts"]
+        ]
         assert sum(p["rows"] for p in entry["parts"]) == FILES * ROWS
 
 
@@ -231,7 +252,9 @@ def test_a_rerun_removes_stale_parts_and_folders(tmp_path: Path, models) -> None
     result = cli("run", "--config", job)
     assert result.exit_code == EXIT_OK, result.stderr
     after = part_names(str(out))
-    assert len(after) < len(before) and sorted(os.listdir(folder(out, "forest"))) == after
+    assert len(after) < len(before) and challenger_files(out, "forest") == [
+        layout.challenger_part_name(n) for n in after
+    ]
     assert_folder_exact(out, "forest", read_inputs(paths[:1]), models["forest"])
     assert sorted(os.listdir(layout.challengers_folder(str(out)))) == ["forest"]
     job = _job(tmp_path, models, str(tmp_path / "in"), str(out), ["forest"], overwrite=True)
@@ -332,7 +355,7 @@ def test_a_challenger_part_not_its_receipts_fails_that_challenger_alone(tmp_path
         for shard in range(2):
             result = cli("run", "--config", job, "--plan", plan, "--shard", str(shard))
             assert result.exit_code == EXIT_OK, result.stderr
-        last = part_names(str(out))[-1]
+        last = layout.challenger_part_name(part_names(str(out))[-1])
         Path(folder(out, "forest"), last).unlink()
         replaced = Path(folder(out, "ridge"), last)
         zombie = {ATTEMPT_KEY: "0" * 32}  # same rows, written by an attempt no receipt names
@@ -389,4 +412,4 @@ def test_a_run_killed_while_writing_folders_then_rerun(tmp_path: Path, models) -
     assert_exact(read_output(out), inputs, models["champion"])
     for name in ("forest", "ridge"):
         assert_folder_exact(out, name, inputs, models[name])
-        assert sorted(os.listdir(folder(out, name))) == part_names(str(out))  # no temporary left
+        assert challenger_files(out, name) == [layout.challenger_part_name(n) for n in part_names(str(out))]

@@ -23,7 +23,14 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..errors import DriftError, InputDataError, ModelError, param
-from ..io.layout import attempt_part_name, challenger_folder, challengers_folder, receipt_name, table_relative
+from ..io.layout import (
+    attempt_part_name,
+    challenger_folder,
+    challenger_part_name,
+    challengers_folder,
+    receipt_name,
+    table_relative,
+)
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from ..io.sink import (
@@ -521,7 +528,7 @@ def _challenger_folders(
             folder.error = _check_folder(config, receipts, parts, lease, name, folder.rows)
         if folder.error is not None and config.challengers_required:
             raise ModelError(f"{folder.error} (challengers_required)")
-        folder.names = lambda: (n for _, n, _ in parts())
+        folder.names = lambda: (challenger_part_name(n) for _, n, _ in parts())
     keep = {name for name, f in found.items() if f.error is None}
     lease.renew()  # the clean-up deletes files: only while no other job may be writing them
     for name in listing(fs, challengers_folder(out_path)):
@@ -530,7 +537,7 @@ def _challenger_folders(
             with translated("remove", full_uri(fs, path), (FileNotFoundError,)), contextlib.suppress(FileNotFoundError):
                 fs.rm(path, recursive=True)
             continue
-        wanted = {part_path(path, n) for _, n, _ in parts()}
+        wanted = {part_path(path, challenger_part_name(n)) for _, n, _ in parts()}
         for stray in [part_path(path, n) for n in listing(fs, path)]:
             if stray not in wanted:
                 remove_if_exists(fs, stray)
@@ -551,11 +558,14 @@ def _check_folder(
     fs = lease.location.fs
     folder = challenger_folder(lease.location.path, name)
     present = set(listing(fs, folder))
-    absent = [part for _, part, _ in parts() if part not in present]
+    absent = [challenger_part_name(part) for _, part, _ in parts() if challenger_part_name(part) not in present]
     if absent:
         return f"challenger {name}: parts listed in receipts are missing from {full_uri(fs, folder)}: {_few(absent)}"
     uri = challenger_folder(lease.location.uri, name)
-    expected = ((i, part_path(uri, part), n, receipts[i].get("attempt")) for (i, part, _), n in zip(parts(), rows))
+    expected = (
+        (i, part_path(uri, challenger_part_name(part)), n, receipts[i].get("attempt"))
+        for (i, part, _), n in zip(parts(), rows)
+    )
     try:
         _check_footers(config, uri, expected)
     except InputDataError as exc:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ..config import StorageSettings
 from ..errors import InputDataError, ModelError, StorageError, param
-from ..io.layout import attempt_part_name, challenger_folder
+from ..io.layout import attempt_part_name, challenger_part_path
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
 from ..io.storage import Location, join
@@ -370,7 +370,7 @@ class _UnitScorer:
             # Each challenger's part in its own folder, named as the champion's: one per unit, even empty.
             folders = {
                 name: stack.enter_context(
-                    task.open_part(fs, part_path(challenger_folder(base, name), task.part_name(self.unit)), schema)
+                    task.open_part(fs, challenger_part_path(base, name, task.part_name(self.unit)), schema)
                 )
                 for name, schema in task.challenger_schemas.items()
             }

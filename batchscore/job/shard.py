@@ -16,7 +16,7 @@ from typing import Any
 from ..config import JobConfig
 from ..errors import InputDataError, StorageError, param
 from ..io.conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
-from ..io.layout import challenger_folder
+from ..io.layout import challenger_folder, challenger_part_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
 from ..io.sink import Streamed, json_bytes, receipt_path, rejected_folder, rejected_name, uncommit, write_json
@@ -225,7 +225,7 @@ def score_shard(
         out_path: lambda: (task.part_name(u) for u in units),
         rejected_folder(out_path): lambda: (rejected_name(task.part_name(u)) for u in units),
         **{
-            challenger_folder(out_path, name): lambda: (task.part_name(u) for u in units)
+            challenger_folder(out_path, name): lambda: (challenger_part_name(task.part_name(u)) for u in units)
             for name in task.challenger_schemas
         },
     }
