@@ -430,9 +430,8 @@ class _UnitScorer:
                             if profile is not None:
                                 profile.add_scores(scored)
                         rows_out += scored.num_rows
-                    if (
-                        self.challengers is not None and task.challenger_folders
-                    ):  # its own rows, also where the champion has none
+                    # In folders each challenger writes its own rows, also where the champion has none.
+                    if self.challengers is not None and task.challenger_folders:
                         for name, rows in self.challengers.folder_batches(
                             batch,
                             matrix,
