@@ -451,7 +451,7 @@ class JobConfig:
 
     models: tuple[ModelEntry, ...] = setting(
         (),
-        "Challengers scored in the same pass as the champion, each adding its own columns; YAML: a list of "
+        "Challengers scored in the same pass as the champion, each adding its own columns (or folder); YAML: a list of "
         "name, role, model, scaler, model_sha256, scaler_sha256, model_version (see Champion and challengers).",
         flag="--challenger",
         metavar="NAME=URI",
@@ -463,6 +463,12 @@ class JobConfig:
         "challenger fails to load or raises; by default "
         "the champion's output commits and the report and metrics record the failure.",
         switch=True,
+    )
+    challenger_output: Literal["columns", "folders"] = setting(
+        "columns",
+        "columns: each challenger adds its own columns (prediction__NAME, ...) to the output; folders: each "
+        "writes its own folder of parts, as a job of that model alone would, in the state folder, committed "
+        "by the output's _SUCCESS and manifest (Parquet folder outputs, not Spark; see Champion and challengers).",
     )
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")

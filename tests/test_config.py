@@ -71,6 +71,7 @@ EVERY_KEY: dict[str, Any] = {
         "ridge=ridge.joblib",
     ),
     "challengers_required": True,
+    "challenger_output": "folders",
 }
 
 

@@ -72,6 +72,7 @@ EVERY_SETTING: dict[str, Any] = {
         "ridge=models/ridge.joblib",
     ),
     "challengers_required": True,
+    "challenger_output": "folders",
 }
 
 PACKAGE_SOURCES = sorted([*(REPO / "batchscore").rglob("*.py"), *(REPO / "dags").glob("*.py")])

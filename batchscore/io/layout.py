@@ -21,6 +21,10 @@ Hive-style partition discovery skip)::
         receipts/shard-IIIII.json             what each shard wrote
         rejected/part-FFFFF-RRRRR.parquet.rejected   invalid rows (``--on-invalid quarantine``):
                                               Parquet that no ``*.parquet`` glob picks up
+        challengers/<NAME>/part-FFFFF-RRRRR.parquet.challenger   a challenger's own rows
+                                              (``challenger_output: folders``): a part for each of
+                                              the output's, committed by the output's _SUCCESS;
+                                              Parquet that no ``*.parquet`` glob picks up either
 
 A table output (``output_format: delta``) is a table path ``<parent>/<table>``. Its state folder is
 the same ``<parent>/_batchscore/<table>/``: one lease, plan, receipts and report per table, outside
@@ -64,6 +68,11 @@ LEASE_FILE = "lease.json"
 ICEBERG_CATALOG_FILE = "iceberg-catalog.db"
 RECEIPTS_DIR = "receipts"
 REJECTED_DIR = "rejected"
+#: Where each challenger's own folder lives under ``challenger_output: folders`` (in the state
+#: folder: readers of the output, or of its parent, never pick them up).
+CHALLENGERS_DIR = "challengers"
+#: Appended to the output's part name to name a challenger's part (``*.parquet`` globs skip it).
+CHALLENGER_SUFFIX = ".challenger"
 #: Appended to a rejected part's name so that ``*.parquet`` globs (DuckDB, Polars) never match it.
 REJECTED_SUFFIX = ".rejected"
 #: Fewest digits of the file and row group numbers in a part's name.
@@ -239,3 +248,23 @@ def rejected_name(part_name: str) -> str:
 def rejected_path(output: str, part_name: str) -> str:
     """Where the invalid rows of part ``part_name`` go (not a ``*.parquet`` name: see above)."""
     return posixpath.join(rejected_folder(output), rejected_name(part_name))
+
+
+def challengers_folder(output: str) -> str:
+    """Where the challengers' own folders of an output live (``challenger_output: folders``)."""
+    return posixpath.join(state_folder(output), CHALLENGERS_DIR)
+
+
+def challenger_folder(output: str, name: str) -> str:
+    """Challenger ``name``'s own folder of parts, named and ordered as the output's."""
+    return posixpath.join(challengers_folder(output), name)
+
+
+def challenger_part_name(part_name: str) -> str:
+    """A challenger's part beside the output's part ``part_name``: the same rows of the input."""
+    return part_name + CHALLENGER_SUFFIX
+
+
+def challenger_part_path(output: str, name: str, part_name: str) -> str:
+    """Where challenger ``name`` writes its rows of the output's part ``part_name``."""
+    return posixpath.join(challenger_folder(output, name), challenger_part_name(part_name))

@@ -7,20 +7,30 @@ version, and every part must still be the one its receipt names; only then are t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import platform
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from importlib.metadata import version
 from typing import Any
 
 import pyarrow as pa
 
 from ..config import JobConfig
-from ..errors import DriftError, InputDataError, param
-from ..io.layout import attempt_part_name, receipt_name, table_relative
+from ..errors import DriftError, InputDataError, ModelError, param
+from ..io.layout import (
+    attempt_part_name,
+    challenger_folder,
+    challenger_part_name,
+    challengers_folder,
+    receipt_name,
+    table_relative,
+)
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap, refuse_foreign
 from ..io.sink import (
@@ -42,7 +52,16 @@ from ..io.sink import (
     write_json,
 )
 from ..io.source import in_order, open_parquet
-from ..io.storage import Location, join, make_durable, remove_if_exists, resolve, write_bytes_atomic
+from ..io.storage import (
+    Location,
+    full_uri,
+    join,
+    make_durable,
+    remove_if_exists,
+    resolve,
+    translated,
+    write_bytes_atomic,
+)
 from ..io.tables import Incremental, TablePart, Target, scoring_key, table_commit, table_committed, table_parts
 from ..logs import event
 from ..models.verification import engine_manifest
@@ -72,6 +91,12 @@ def _check_part_attempts(
             for name in r["rejected_parts"]
         ),
     )
+    _check_footers(config, output, expected)
+
+
+def _check_footers(config: JobConfig, output: str, expected: Iterable[tuple[int, str, int | None, str | None]]) -> None:
+    """Refuse, naming the first, parts not written by their shard's attempt or with other rows:
+    (shard, part URI, rows or None, attempt) of each."""
 
     def problem(item: tuple[int, str, int | None, str | None]) -> str | None:
         index, uri, rows, attempt = item
@@ -350,6 +375,7 @@ def commit(
     for path in stray:
         remove_if_exists(fs, path)
     make_durable(fs, sorted(keep))
+    folders = _challenger_folders(config, receipts, parts, lease) if table is None else {}
     for name in listing(fs, receipts_folder(out_path)):
         if name.endswith(".json") and name not in {receipt_name(i) for i in receipts}:
             remove_if_exists(fs, join(receipts_folder(out_path), name))
@@ -392,7 +418,14 @@ def commit(
     }
     lease.renew()  # proof, just before publishing, that no other job has taken the output
     report = build_report(the_plan.plan_id, the_plan.output, receipts, manifest)
-    manifest["challengers"] = report["challengers"]  # what the metrics push, and who reads the manifest alone
+    for entry in report["challengers"]:  # in folders: where its rows are, or why it has none
+        if entry["name"] in folders:
+            entry.update(folders[entry["name"]].report())
+    # What the metrics push, and who reads the manifest alone; in folders each one's parts too.
+    manifest["challengers"] = [
+        {**c, **folders[c["name"]].parts(the_plan.total_rows)} if c["name"] in folders else c
+        for c in report["challengers"]
+    ]
     _log_challengers(report["challengers"])
     try:
         publish(config, fs, out_path, report, accept_drift)
@@ -421,6 +454,123 @@ def commit(
         extra=event("committed", output=the_plan.output, rows_out=manifest["rows"]["out"]),
     )
     return manifest
+
+
+@dataclass
+class ChallengerFolder:
+    """A challenger's own folder as commit finds it: its parts (named as the output's, in order)
+    and their rows, or why it has none (then it is removed)."""
+
+    name: str
+    folder: str | None
+    rows: array[int] = dc_field(default_factory=lambda: array("q"))
+    schema: Any = None
+    error: str | None = None
+    names: Callable[[], Iterator[str]] = lambda: iter(())
+
+    def report(self) -> dict[str, Any]:
+        """What the report says of it besides its agreement: where its rows are, or why none are."""
+        if self.error is not None:
+            return {"status": "failed", "error": self.error, "folder": None}
+        return {"folder": self.folder}
+
+    def parts(self, rows_in: int) -> dict[str, Any]:
+        """The manifest's record of its rows and parts, as of the output's: the name and rows of
+        each part; ``invalid``: the input rows it could not score, left out of its folder."""
+        if self.error is not None:
+            return {"folder": None, "rows": None, "parts": []}
+        rows, names = self.rows, self.names
+        return {
+            "folder": self.folder,
+            "rows": {"in": rows_in, "out": sum(rows), "invalid": rows_in - sum(rows)},
+            "parts": Streamed(lambda: ({"name": n, "rows": r} for n, r in zip(names(), rows)), len(rows)),
+        }
+
+
+def _challenger_folders(
+    config: JobConfig,
+    receipts: Mapping[int, Mapping[str, Any]],
+    parts: Callable[[], Iterator[tuple[int, str, int]]],
+    lease: Lease,
+) -> dict[str, ChallengerFolder]:
+    """Check each challenger's own folder (``challenger_output: folders``) against the receipts as
+    the output's parts are checked, then keep only the parts of those that scored every shard.
+
+    Everything else under the challengers' folder goes: a failed challenger's parts, parts of
+    another plan or attempt, folders of challengers no longer in the job or of a run in columns.
+    A challenger whose parts do not check out fails (the job, under ``challengers_required``)."""
+    fs, out_path = lease.location.fs, lease.location.path
+    found: dict[str, ChallengerFolder] = {}
+    for i in sorted(receipts):
+        for entry in receipts[i].get("challengers") or ():
+            if "folder" not in entry:
+                continue  # a receipt in columns
+            name = entry["name"]
+            seen = found.setdefault(name, ChallengerFolder(name, entry["folder"], schema=entry.get("schema")))
+            rows = entry.get("parts")
+            if seen.error is not None:
+                continue
+            if entry["status"] != "ok" or entry["folder"] is None or rows is None:
+                seen.error = entry.get("error") or f"challenger {name}: shard {i} wrote no folder"
+            elif len(rows) != len(receipts[i]["parts"]):
+                seen.error = (
+                    f"challenger {name}: shard {i}'s receipt lists {len(rows)} parts, not {len(receipts[i]['parts'])}"
+                )
+            elif entry.get("schema") != seen.schema:
+                seen.error = f"challenger {name}: shard {i} wrote another schema than the shards before it"
+            else:
+                seen.rows.extend(rows)
+    for name, folder in found.items():
+        listed = sum(1 for r in receipts.values() for e in r.get("challengers") or () if e["name"] == name)
+        if folder.error is None and listed != len(receipts):
+            folder.error = f"challenger {name}: in {listed} of the {len(receipts)} shards' receipts"
+        if folder.error is None:
+            folder.error = _check_folder(config, receipts, parts, lease, name, folder.rows)
+        if folder.error is not None and config.challengers_required:
+            raise ModelError(f"{folder.error} (challengers_required)")
+        folder.names = lambda: (challenger_part_name(n) for _, n, _ in parts())
+    keep = {name for name, f in found.items() if f.error is None}
+    lease.renew()  # the clean-up deletes files: only while no other job may be writing them
+    for name in listing(fs, challengers_folder(out_path)):
+        path = challenger_folder(out_path, name)
+        if name not in keep:  # a failed challenger's, or one no longer in the job: no folder at all
+            with translated("remove", full_uri(fs, path), (FileNotFoundError,)), contextlib.suppress(FileNotFoundError):
+                fs.rm(path, recursive=True)
+            continue
+        wanted = {part_path(path, challenger_part_name(n)) for _, n, _ in parts()}
+        for stray in [part_path(path, n) for n in listing(fs, path)]:
+            if stray not in wanted:
+                remove_if_exists(fs, stray)
+        make_durable(fs, sorted(wanted))
+    return found
+
+
+def _check_folder(
+    config: JobConfig,
+    receipts: Mapping[int, Mapping[str, Any]],
+    parts: Callable[[], Iterator[tuple[int, str, int]]],
+    lease: Lease,
+    name: str,
+    rows: Sequence[int],
+) -> str | None:
+    """Why challenger ``name``'s parts are not the ones its receipts name (missing, another
+    attempt's, other rows), or None: the checks the output's parts get."""
+    fs = lease.location.fs
+    folder = challenger_folder(lease.location.path, name)
+    present = set(listing(fs, folder))
+    absent = [challenger_part_name(part) for _, part, _ in parts() if challenger_part_name(part) not in present]
+    if absent:
+        return f"challenger {name}: parts listed in receipts are missing from {full_uri(fs, folder)}: {_few(absent)}"
+    uri = challenger_folder(lease.location.uri, name)
+    expected = (
+        (i, part_path(uri, challenger_part_name(part)), n, receipts[i].get("attempt"))
+        for (i, part, _), n in zip(parts(), rows)
+    )
+    try:
+        _check_footers(config, uri, expected)
+    except InputDataError as exc:
+        return f"challenger {name}: {exc}"
+    return None
 
 
 def _log_challengers(challengers: Sequence[Mapping[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import posixpath
 
-from ..io.layout import receipts_folder, rejected_folder, state_folder
+from ..io.layout import challenger_folder, receipts_folder, rejected_folder, state_folder
 from ..io.lease import Lease, run_holder
 from ..io.storage import Location, probe_writable
 from .preparation import Prepared
@@ -56,6 +56,7 @@ def check_access(prepared: Prepared, plan_out: Location | None = None, tidy: boo
     state = f"the state folder of output {prepared.output}"
     folders = [(state_folder(path), state), (path, None), (receipts_folder(path), state)]  # the lease's folder first
     folders += [(rejected_folder(path), state)] if config.on_invalid == "quarantine" else []
+    folders += [(challenger_folder(path, name), state) for name in prepared.challenger_schemas]
     for folder, role in folders:
         probe_writable(fs, folder, tidy=tidy, role=role)
     if plan_out:

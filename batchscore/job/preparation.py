@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
 from ..config import DEFAULT_MODEL_VERSION, JobConfig
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError, param
 from ..io.layout import check_output
 from ..io.source import InputFiles, iter_footers, list_inputs
 from ..io.storage import Location, resolve
@@ -35,6 +35,8 @@ class Prepared:
     contract: SchemaContract | None = None
     #: The job's challengers, loaded or failed, in its order (see models/challengers.py).
     challengers: tuple[Challenger, ...] = ()
+    #: ``challenger_output: folders``: each loaded challenger's own parts' schema, by name (in order).
+    challenger_schemas: Mapping[str, pa.Schema] = field(default_factory=dict)
 
     @property
     def output(self) -> str:
@@ -46,8 +48,27 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def check_challenger_output(config: JobConfig, runner: str | None = None) -> None:
+    """Refuse challenger folders where they cannot be committed with the output: a table output
+    commits its parts in one table transaction that holds no other folder; ``runner`` (Spark)
+    names a runner that does not write them."""
+    if config.challenger_output != "folders":
+        return
+    where = (
+        f"{runner} jobs"
+        if runner
+        else (f"{config.output_format} outputs" if config.output_format != "parquet" else None)
+    )
+    if where:
+        raise ConfigError(
+            f"{param('challenger_output')} folders is not supported for {where}; give "
+            f"{param('challenger_output')} columns (each challenger adds its own columns)"
+        )
+
+
 def output_location(config: JobConfig) -> Location:
     """Where the job writes, resolved once for the step that asks."""
+    check_challenger_output(config)
     output = resolve(config.require("output"), config.storage)
     check_output(output.uri, table=config.output_format != "parquet")  # its state goes beside it: a root has no beside
     return output
@@ -103,14 +124,16 @@ def prepare(
     else:
         uris = list_inputs(config.input, config.storage)
     predictor_fields = list(Predictor(model, config.model_version, now()).fields)
+    folders = config.challenger_output == "folders"
     files, contract = InputFiles(), None
     # Each footer is checked as it arrives and kept as a compact record: 100,000 files are never
     # 100,000 footers (or objects) held at once.
     for found in iter_footers(uris, config.storage):
         if contract is None:  # the first file fixes the contract (see SchemaContract)
             challengers = [_with_features(c, found.schema, config.challengers_required) for c in challengers]
+            columned = () if folders else challengers  # challengers in folders add no column here
             features = _features(model, challengers)
-            output_columns = [f.name for f in predictor_fields] + [f.name for c in challengers for f in c.fields]
+            output_columns = [f.name for f in predictor_fields] + [f.name for c in columned for f in c.fields]
             contract = SchemaContract.of(found, features, config.keep, output_columns)
         contract.check(found.uri, found.schema)
         files.append(found)
@@ -118,8 +141,16 @@ def prepare(
     passthrough = contract.passthrough
     # Nullable whatever the first file declares: a later file may hold nulls there, and its type is the same.
     fields = [contract.reference_schema.field(c).with_nullable(True) for c in passthrough] + predictor_fields
-    fields += [f.with_nullable(True) for c in challengers for f in c.fields]
-    return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract, tuple(challengers))
+    fields += [f.with_nullable(True) for c in (() if folders else challengers) for f in c.fields]
+    schemas = {}
+    if folders:  # each as a champion-only job of that model writes it
+        head = fields[: len(passthrough)]
+        schemas = {
+            c.name: pa.schema(head + list(Predictor(c.model, c.version, now()).fields))
+            for c in challengers
+            if c.model is not None
+        }
+    return Prepared(config, model, files, output, passthrough, pa.schema(fields), contract, tuple(challengers), schemas)
 
 
 def _with_features(challenger: Challenger, schema: pa.Schema, required: bool) -> Challenger:

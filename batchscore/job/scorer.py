@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,14 +19,14 @@ import pyarrow.compute as pc
 
 from ..config import StorageSettings
 from ..errors import InputDataError, ModelError, StorageError, param
-from ..io.layout import attempt_part_name
+from ..io.layout import attempt_part_name, challenger_part_path
 from ..io.sink import REJECT_REASON, part_path, part_writer, rejected_path
 from ..io.source import columns_with_nulls, iter_batches
 from ..io.storage import Location, join
 from ..io.validation import invalid_mask, invalid_reasons
 from ..models.artifacts import LoadedModel
 from ..models.challengers import Challenger, comparable, score_index
-from ..models.engine import Predictor, StageCache
+from ..models.engine import PREDICTED_AT, Predictor, StageCache
 from ..observe.agreement import Agreement, row_keys
 from ..observe.profile import UnitProfile, score_columns
 from .pipeline import BackgroundWriter, prefetch
@@ -58,6 +58,9 @@ class ScoreTask:
     challengers_required: bool = False  # a challenger that raises fails the job (else it is recorded)
     max_batch_bytes: int | None = None  # bytes of read columns per batch, besides batch_size's rows
     attempt_names: bool = False  # parts named for their attempt: another attempt may write the same units at once
+    challenger_folders: bool = False  # ``challenger_output: folders``: each challenger writes its own parts
+    #: In folders: each loaded challenger's parts' schema, by name
+    challenger_schemas: Mapping[str, pa.Schema] = field(default_factory=dict)
 
     @property
     def features(self) -> list[str]:
@@ -98,6 +101,9 @@ class UnitResult:
     rejected_part: str | None
     seconds: float
     profile: dict[str, Any] | None = None
+    #: ``challenger_output: folders``: rows of each challenger's part (by name), and why any stopped
+    challenger_rows: dict[str, int] = field(default_factory=dict)
+    challenger_errors: dict[str, str] = field(default_factory=dict)
 
 
 def _first_row(file: Mapping[str, Any], unit: Unit) -> int:
@@ -124,6 +130,51 @@ class ChallengerScoring:
                 predictor.isolates_failures = False  # a challenger that raises stops, recorded
                 self.predictors[c.name] = predictor
 
+    def scored(
+        self,
+        batch: pa.RecordBatch,
+        matrix: np.ndarray,
+        n: int,
+        champion_bad: np.ndarray | None,
+        feature_bad: np.ndarray | None,
+        champion_columns: list[pa.Array] | None,
+        file_nulls: frozenset[str],
+        place: tuple[int, int],
+        profile: UnitProfile | None,
+    ) -> list[tuple[Challenger, tuple[list[pa.Array], np.ndarray] | None]]:
+        """Every challenger's columns over the batch's ``n`` rows (its predictor's, ``predicted_at``
+        included) and which rows hold its values; None for one that gave none.
+
+        In columns the rows are the champion's: a row it set aside (``champion_bad``) is no one's.
+        In folders each challenger's rows are its own: it leaves out only rows invalid for its own
+        features (``feature_bad``: the champion's null/NaN/inf rows, placeholders in the shared
+        matrix) or refused after its own transforms."""
+        folders = self.task.challenger_folders
+        # The champion's matrix: its invalid rows are already placeholders, in ``feature_bad``.
+        matrices: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray | None]] = {
+            tuple(self.champion.model.features): (matrix, feature_bad if folders else None)
+        }
+        baseline = None if folders else champion_bad
+        found: list[tuple[Challenger, tuple[list[pa.Array], np.ndarray] | None]] = []
+        for c in self.task.challengers:
+            predictor = self.predictors.get(c.name)
+            values = None
+            if predictor is not None and c.name not in self.errors:
+                try:
+                    values = self._score(c, predictor, batch, matrices, n, baseline, file_nulls)
+                except Exception as exc:  # the challenger's failure, never the champion's
+                    message = f"challenger {c.name} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    if self.task.challengers_required:
+                        raise ModelError(f"{message} (challengers_required)") from None
+                    self.errors[c.name] = message
+                    if profile is not None:
+                        profile.challenger_errors.setdefault(c.name, message)
+            if values is not None and profile is not None and predictor is not None and champion_columns is not None:
+                self._compare(c, predictor, champion_columns, values[0], values[1], champion_bad, place, profile)
+            found.append((c, values))
+        self.cache.clear()
+        return found
+
     def columns(
         self,
         batch: pa.RecordBatch,
@@ -136,36 +187,47 @@ class ChallengerScoring:
         profile: UnitProfile | None,
     ) -> list[pa.Array]:
         """Every challenger's columns for the batch's ``n`` rows (null where it gave no value)."""
-        # The champion's matrix: its invalid rows are already placeholders, and in ``champion_bad``.
-        matrices: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray | None]] = {
-            tuple(self.champion.model.features): (matrix, None)
-        }
         arrays: list[pa.Array] = []
-        for c in self.task.challengers:
-            predictor = self.predictors.get(c.name)
-            values = None
-            if predictor is not None and c.name not in self.errors:
-                try:
-                    values = self._score(c, predictor, batch, matrices, n, champion_bad, file_nulls)
-                except Exception as exc:  # the challenger's failure, never the champion's
-                    message = f"challenger {c.name} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    if self.task.challengers_required:
-                        raise ModelError(f"{message} (challengers_required)") from None
-                    self.errors[c.name] = message
-                    if profile is not None:
-                        profile.challenger_errors.setdefault(c.name, message)
+        for c, values in self.scored(
+            batch, matrix, n, champion_bad, None, champion_columns, file_nulls, place, profile
+        ):
             if values is None:
                 arrays += [pa.nulls(n, f.type) for f in c.fields]
                 continue
             columns, valid = values
-            if profile is not None and predictor is not None:
-                self._compare(c, predictor, champion_columns, columns, valid, champion_bad, place, profile)
+            # The challenger's predicted_at is the job's: its columns are the champion's but that one.
+            columns = [a for a, f in zip(columns, self.predictors[c.name].fields) if f.name != PREDICTED_AT]
             if not valid.all():
                 mask = pa.array(valid)
                 columns = [pc.if_else(mask, column, pa.nulls(n, column.type)) for column in columns]
             arrays += columns
-        self.cache.clear()
         return arrays
+
+    def folder_batches(
+        self,
+        batch: pa.RecordBatch,
+        matrix: np.ndarray,
+        n: int,
+        champion_bad: np.ndarray | None,
+        feature_bad: np.ndarray | None,
+        champion_columns: list[pa.Array] | None,
+        file_nulls: frozenset[str],
+        place: tuple[int, int],
+        profile: UnitProfile | None,
+    ) -> dict[str, pa.RecordBatch]:
+        """Each scoring challenger's rows of the batch for its own folder: the passthrough columns,
+        then its predictor's, only the rows it scored (see ``scored``)."""
+        found: dict[str, pa.RecordBatch] = {}
+        passthrough = [batch.column(c) for c in self.task.passthrough]
+        for c, values in self.scored(
+            batch, matrix, n, champion_bad, feature_bad, champion_columns, file_nulls, place, profile
+        ):
+            if values is None or c.name not in self.task.challenger_schemas:
+                continue
+            columns, valid = values
+            rows = pa.RecordBatch.from_arrays(passthrough + columns, schema=self.task.challenger_schemas[c.name])
+            found[c.name] = rows if valid.all() else rows.filter(pa.array(valid))
+        return found
 
     def _score(
         self,
@@ -174,10 +236,11 @@ class ChallengerScoring:
         batch: pa.RecordBatch,
         matrices: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray | None]],
         n: int,
-        champion_bad: np.ndarray | None,
+        baseline: np.ndarray | None,
         file_nulls: frozenset[str],
     ) -> tuple[list[pa.Array], np.ndarray] | None:
-        """The challenger's columns over the batch's rows, and which of them hold its values."""
+        """The challenger's columns over the batch's rows, and which of them hold its values
+        (``baseline``: rows set aside before it scores)."""
         features = tuple(predictor.model.features)
         if features not in matrices:
             built = predictor.feature_matrix(batch, file_nulls)
@@ -186,7 +249,7 @@ class ChallengerScoring:
                 built[:n][own] = 0.0  # a placeholder, never scored (as the champion's)
             matrices[features] = (built, own)
         matrix, own = matrices[features]
-        invalid = np.zeros(n, dtype=bool) if champion_bad is None else champion_bad.copy()
+        invalid = np.zeros(n, dtype=bool) if baseline is None else baseline.copy()
         if own is not None:
             invalid |= own
         scored = predictor.score(matrix, n, invalid)
@@ -194,8 +257,7 @@ class ChallengerScoring:
             return None
         if scored.refused is not None:
             invalid |= scored.refused
-        # The challenger's predicted_at is the job's: its columns are the champion's but that one.
-        return [a for a, f in zip(scored.columns, predictor.fields) if f.name != "predicted_at"], ~invalid
+        return scored.columns, ~invalid
 
     def _compare(
         self,
@@ -305,6 +367,14 @@ class _UnitScorer:
                 task.open_part(fs, part_path(base, task.part_name(self.unit)), task.output_schema)
             )
             writer = stack.enter_context(BackgroundWriter(parquet.write_batch))
+            # Each challenger's part in its own folder, named as the champion's: one per unit, even empty.
+            folders = {
+                name: stack.enter_context(
+                    task.open_part(fs, challenger_part_path(base, name, task.part_name(self.unit)), schema)
+                )
+                for name, schema in task.challenger_schemas.items()
+            }
+            challenger_rows = dict.fromkeys(folders, 0)
             file_nulls: frozenset[str] = frozenset()
 
             def footer(meta: Any) -> None:
@@ -339,6 +409,7 @@ class _UnitScorer:
                 bad = invalid_mask(matrix[:n])
                 if bad is not None:
                     matrix[:n][bad] = 0.0  # a placeholder: the predictor never scores it (see engine.TransformCheck)
+                feature_bad = bad
                 if n:
                     prediction = predictor.score(matrix, n, bad)
                     if prediction.refused is not None:  # rows scikit-learn refuses after a transform
@@ -347,7 +418,7 @@ class _UnitScorer:
                         self._handle_invalid(batch, bad, offset, stack, prediction.reasons)
                     if prediction.columns is not None:
                         columns = [batch.column(c) for c in task.passthrough] + prediction.columns
-                        if self.challengers is not None:
+                        if self.challengers is not None and not task.challenger_folders:
                             columns += self.challengers.columns(
                                 batch, matrix, n, bad, prediction.columns, file_nulls, (self.unit.file, offset), profile
                             )
@@ -359,6 +430,22 @@ class _UnitScorer:
                             if profile is not None:
                                 profile.add_scores(scored)
                         rows_out += scored.num_rows
+                    # In folders each challenger writes its own rows, also where the champion has none.
+                    if self.challengers is not None and task.challenger_folders:
+                        for name, rows in self.challengers.folder_batches(
+                            batch,
+                            matrix,
+                            n,
+                            bad,
+                            feature_bad,
+                            prediction.columns,
+                            file_nulls,
+                            (self.unit.file, offset),
+                            profile,
+                        ).items():
+                            if rows.num_rows:
+                                folders[name].write_batch(rows)
+                            challenger_rows[name] += rows.num_rows
                 rows_in += n
                 offset += n
                 report_progress((n, time.perf_counter() - batch_started))  # rows, scoring seconds
@@ -370,6 +457,8 @@ class _UnitScorer:
             rejected_part=task.part_name(self.unit) if self.rejected_writer is not None else None,
             seconds=time.perf_counter() - started,
             profile=profile.to_dict() if profile is not None else None,
+            challenger_rows=challenger_rows,
+            challenger_errors=dict(self.challengers.errors) if self.challengers is not None else {},
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import JobConfig
 from ..errors import InputDataError, StorageError, param
 from ..io.conditional import PreconditionFailed, create_exclusive, read_tagged, replace_if
-from ..io.layout import planned_part_name
+from ..io.layout import challenger_folder, challenger_part_name, planned_part_name
 from ..io.lease import Lease
 from ..io.output_guard import guard_overlap
 from ..io.sink import Streamed, json_bytes, receipt_path, rejected_folder, rejected_name, uncommit, write_json
@@ -209,6 +209,8 @@ def score_shard(
         challengers_required=config.challengers_required,
         max_batch_bytes=config.max_batch_bytes,
         attempt_names=concurrent,
+        challenger_folders=config.challenger_output == "folders",
+        challenger_schemas=prepared.challenger_schemas,
     )
     workers = config.worker_count
     log.info(
@@ -223,6 +225,10 @@ def score_shard(
     uploads = {
         out_path: lambda: (task.part_name(u) for u in units),
         rejected_folder(out_path): lambda: (rejected_name(task.part_name(u)) for u in units),
+        **{
+            challenger_folder(out_path, name): lambda: (challenger_part_name(task.part_name(u)) for u in units)
+            for name in task.challenger_schemas
+        },
     }
     for folder, names in uploads.items():
         abort_uploads(fs, folder, names())
@@ -231,6 +237,9 @@ def score_shard(
     # 100,000 units holds no result object, nor profile, per unit.
     counts = {key: array("q", bytes(8 * len(shard.units))) for key in ("rows_in", "rows_out", "rows_invalid")}
     rejected: dict[int, str] = {}
+    # In folders: each challenger's rows by unit (its part's name is the unit's), and why any stopped.
+    challenger_rows = {name: array("q", bytes(8 * len(shard.units))) for name in task.challenger_schemas}
+    challenger_errors: dict[str, str] = {}
 
     def _keep(index: int, result: Any) -> None:
         profiles.add(index, result.profile)
@@ -238,6 +247,10 @@ def score_shard(
             column[index] = getattr(result, key)
         if result.rejected_part:
             rejected[index] = result.rejected_part
+        for name, rows in result.challenger_rows.items():
+            challenger_rows[name][index] = rows
+        for name, error in result.challenger_errors.items():
+            challenger_errors.setdefault(name, error)
 
     try:
         with progress(log, shard.rows) as rows:
@@ -277,7 +290,9 @@ def score_shard(
         ),
         "workers": min(workers, max(1, len(shard.units))),
         "engine": engine.to_dict(),
-        "challengers": [c.to_dict() for c in prepared.challengers],
+        "challengers": [
+            _challenger_entry(c, prepared, challenger_rows, challenger_errors) for c in prepared.challengers
+        ],
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 3),
         "profile": profiles.result(len(units)),
@@ -288,6 +303,31 @@ def score_shard(
         return _claim_receipt(fs, receipt_path(out_path, index), receipt, the_plan)
     write_json(fs, receipt_path(out_path, index), receipt, compact=True)  # one part a file: it grows with the input
     return receipt
+
+
+def _challenger_entry(
+    challenger: Any,
+    prepared: Prepared,
+    rows: Mapping[str, array[int]],
+    errors: Mapping[str, str],
+) -> dict[str, Any]:
+    """What a receipt records of a challenger; in folders also its folder, schema and each part's
+    rows (in unit order: its parts are named as the champion's), or why it stopped scoring."""
+    entry = challenger.to_dict()
+    if prepared.config.challenger_output != "folders":
+        return entry
+    schema = prepared.challenger_schemas.get(challenger.name)
+    entry.update(folder=None, schema=None, columns=[], parts=None)
+    if schema is not None:
+        entry.update(
+            folder=challenger_folder(prepared.location.uri, challenger.name),
+            schema=schema_dicts(schema),
+            columns=schema.names,
+            parts=list(rows[challenger.name]),
+        )
+    if challenger.name in errors and entry["status"] == "ok":
+        entry.update(status="failed", error=errors[challenger.name])
+    return entry
 
 
 def _standing_receipt(fs: Any, path: str, the_plan: Plan) -> tuple[dict[str, Any], str] | None:

@@ -213,7 +213,9 @@ def challengers_section(
     found: dict[str, dict[str, Any]] = {}
     for receipt in receipts:
         for entry in receipt.get("challengers") or ():
-            seen = found.setdefault(entry["name"], {**entry, "failed_shards": []})
+            # A challenger in its own folder: its parts are the manifest's, not the report's.
+            shown = {k: v for k, v in entry.items() if k not in ("parts", "schema")}
+            seen = found.setdefault(entry["name"], {**shown, "failed_shards": []})
             if not seen.get("artifacts") and entry.get("artifacts"):  # what it scored with, where it loaded
                 seen["artifacts"] = entry["artifacts"]
             if entry["status"] != "ok":

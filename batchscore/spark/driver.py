@@ -44,6 +44,7 @@ from ..errors import (
     param,
 )
 from ..io import layout
+from ..job.preparation import check_challenger_output
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def score_plan(
     config.require("input")
     config.require("output")
     config.require("model")
+    check_challenger_output(config, "Spark")  # its tasks write the output's parts only: refused before a session starts
     if plan is not None and shards is not None:
         raise ConfigError(f"{param('shards')} would plan the job again: {param('plan')} is scored as it was planned")
     if plan is None and plan_sha256:
