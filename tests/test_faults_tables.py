@@ -292,3 +292,79 @@ def test_kill_during_an_incremental_commit_then_the_next_run_scores_exactly_what
         again = cli("run", *job)
         assert again.exit_code == 0 and "nothing new to score" in again.stdout, name
     assert len(struck) >= 2, f"most kills must land on a running run: {struck}"
+
+
+def test_kill_during_an_incremental_iceberg_commit_then_the_next_run_scores_exactly_what_was_missing(
+    tmp_path: Path, binary_model_paths
+) -> None:
+    """The same for an Iceberg output: an incremental `run` scoring a new file and a re-delivered
+    one is killed as its report appears, as its record file appears (written before the commit),
+    as the new table metadata file appears (before the catalog points at it), and once committed,
+    before its manifest. The table is then at its first snapshot with the old rows or at a second with the new,
+    exactly; the next run scores exactly what was missing (two snapshots in all, the table equal to
+    a full run over the inputs as they stand) and a run after that finds nothing new."""
+    import pyarrow.parquet as pq
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from batchscore.sample import churn_table
+
+    root = tmp_path
+    shutil.copytree(binary_model_paths["model"].parent, root / "model")
+    (root / "in").mkdir()
+
+    def deliver(name: str, number: int, seed: int) -> None:
+        table = churn_table(ROWS, seed=seed, first_id=1 + number * ROWS)
+        pq.write_table(table, root / "in" / name, row_group_size=1_500)
+
+    deliver("a.parquet", 0, 1)
+    deliver("b.parquet", 1, 2)
+    job = [*_job(root, "in")[:-4], "--output-format", "iceberg", "--workers", "2", "--incremental"]
+    result = cli("run", *job)
+    assert result.exit_code == 0, result.stderr
+    table, state = root / "out" / "scores", root / "out" / "_batchscore" / "scores"
+
+    def read() -> tuple[int, pa.Table]:
+        catalog = SqlCatalog("batchscore", uri=f"sqlite:///{state}/iceberg-catalog.db")
+        scores = catalog.load_table("batchscore.scores")
+        return len(scores.snapshots()), scores.scan().to_arrow().sort_by("customer_id")
+
+    _, before = read()
+    before = before.drop_columns(["predicted_at"])
+    deliver("b.parquet", 1, 22)  # re-delivered with other values
+    deliver("c.parquet", 2, 3)  # new
+    inputs = sorted((root / "in").glob("*.parquet"))
+    (state / "report.json").unlink()
+    (state / "manifest.json").unlink()
+    snapshot = root / "snapshot"
+    shutil.copytree(root / "out", snapshot)
+    metadata = table / "metadata"
+    written = len(list(metadata.glob("*.metadata.json")))
+    args = _cli("run", *job)
+    triggers: list[tuple[str, Callable[[], bool], float]] = [
+        ("report written", lambda: (state / "report.json").exists(), 0.0),
+        ("record written", lambda: len(list(table.glob("batchscore-run-*/_batchscore-scored-*"))) > 1, 0.0),
+        ("new metadata written", lambda: len(list(metadata.glob("*.metadata.json"))) > written, 0.0),
+        ("committed, before the manifest", lambda: (state / "manifest.json").exists(), 0.0),
+    ]
+    struck, outcomes = [], set()
+    for name, ready, delay in triggers:
+        shutil.rmtree(root / "out")
+        shutil.copytree(snapshot, root / "out")
+        if _kill_when(args, ready, delay):
+            struck.append(name)
+        count, seen = read()
+        outcomes.add(count)
+        if count == 1:
+            assert seen.drop_columns(["predicted_at"]).equals(before), name
+        else:
+            assert count == 2, name
+            assert_exact(seen, read_inputs(inputs), binary_model_paths)
+        result = cli("run", *job)  # the next run, in this process
+        assert result.exit_code == 0, f"{name}: {result.stderr}"
+        count, seen = read()
+        assert count == 2, name
+        assert_exact(seen, read_inputs(inputs), binary_model_paths)
+        again = cli("run", *job)
+        assert again.exit_code == 0 and "nothing new to score" in again.stdout, name
+    assert len(struck) >= 3, f"most kills must land on a running run: {struck}"
+    assert outcomes == {1, 2}, f"kills before the commit and after it: {outcomes}"

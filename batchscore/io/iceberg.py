@@ -27,12 +27,23 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import ConfigError, InputDataError, StorageError, param
-from .layout import iceberg_catalog_path, part_path, table_app_id, table_relative
-from .storage import Location
+from .layout import iceberg_catalog_path, part_path, scored_record_name, table_app_id, table_relative
+from .scored import Incremental, Scored, next_record, part_number, record_bytes, record_from_bytes
+from .storage import Location, write_bytes_atomic
 
 #: The snapshot summary keys a commit writes: the plan's application id, and the manifest's facts.
 APP_ID_KEY = "batchscore.app_id"
 FACTS_KEY = "batchscore"
+#: An incremental commit's pointer, in its snapshot's summary, to the record it wrote before the
+#: commit (io/scored.py): the record file's path relative to the table, and its sha256. Only the
+#: pointer is in the summary (the table's metadata keeps every snapshot's summary).
+SCORED_KEY = "batchscore.scored"
+SCORED_SHA256_KEY = "batchscore.scored_sha256"
+#: The table property incremental commits set: a table that has it but no snapshot pointing to a
+#: record any more is refused, rather than its files scored twice.
+INCREMENTAL_PROPERTY = "batchscore.incremental"
+#: How far back ``scored_record`` looks for the last incremental commit among other writers' snapshots.
+RECORD_LOOKBACK = 100
 
 
 def _catalog(where: Location, catalog: str | None) -> Any:
@@ -78,15 +89,18 @@ def _open(where: Location, catalog: str | None, table: str | None) -> tuple[Any,
         raise StorageError(f"cannot read Iceberg table {identifier(where, table)}: {exc}") from None
 
 
-def _holds(table: Any, relative: str, mode: str) -> bool:
+def _holds(table: Any, relative: str, mode: str, where: Location, incremental: str | None = None) -> bool:
     """Whether the table's current snapshot holds the rows of the plan writing data folder
     ``relative``: a snapshot in its history names the plan's application id and, for ``replace``,
-    every current data file is still that folder's."""
+    every current data file is still that folder's; for an incremental job (``incremental``: its
+    scoring key), the record names that folder, with that key, for some input file."""
     from pyiceberg.table.snapshots import ancestors_of
 
     current = table.current_snapshot()
     if current is None:
         return False
+    if incremental is not None:
+        return any(s.folder == relative and s.key == incremental for s in _record_of(table, where).values())
     app_id = table_app_id(relative)
     if not any(
         s.summary is not None and s.summary.get(APP_ID_KEY) == app_id for s in ancestors_of(current, table.metadata)
@@ -99,11 +113,16 @@ def _holds(table: Any, relative: str, mode: str) -> bool:
 
 
 def committed_snapshot(
-    where: Location, data_folder: str, mode: str, catalog: str | None, table: str | None
+    where: Location,
+    data_folder: str,
+    mode: str,
+    catalog: str | None,
+    table: str | None,
+    incremental: str | None = None,
 ) -> int | None:
     """The current snapshot's id if the table holds the plan writing ``data_folder``, else None."""
     _, found = _open(where, catalog, table)
-    if found is None or not _holds(found, table_relative(where.path, data_folder), mode):
+    if found is None or not _holds(found, table_relative(where.path, data_folder), mode, where, incremental):
         return None
     return int(found.current_snapshot().snapshot_id)
 
@@ -151,17 +170,23 @@ def commit_iceberg(
     facts: Mapping[str, Any],
     catalog: str | None,
     table: str | None,
+    incremental: Incremental | None = None,
+    opened: Any | None = None,
 ) -> tuple[int, bool]:
     """Add ``parts`` (files of ``data_folder``) to the Iceberg table in one catalog commit, creating
     the table at the output's location if there is none; ``replace`` deletes every row of the table
-    in that same commit. Returns (snapshot id, whether this call committed)."""
+    in that same commit, an incremental commit the parts of the files it scores again (see
+    ``_commit_incremental``). Returns (snapshot id, whether this call committed). ``opened``: the
+    table as loaded already (the metadata the catalog checks this commit against), else it is
+    loaded now."""
     from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
     from pyiceberg.expressions import AlwaysTrue
 
     relative = table_relative(where.path, data_folder)
     name = identifier(where, table)
-    found_catalog, found = _open(where, catalog, table)
+    found_catalog, found = _open(where, catalog, table) if opened is None else (None, opened)
     if found is None:
+        assert found_catalog is not None
         if schema is None:
             raise InputDataError(
                 f"nothing to commit to Iceberg table {name}: the run wrote no rows and there is no table"
@@ -174,7 +199,7 @@ def commit_iceberg(
             found = found_catalog.load_table(name)
     if schema is not None:
         _check_fits(found, schema)
-    if _holds(found, relative, mode):
+    if _holds(found, relative, mode, where, incremental.key if incremental is not None else None):
         return int(found.current_snapshot().snapshot_id), False
     commit_id = uuid.uuid4().hex
     properties = {
@@ -185,12 +210,17 @@ def commit_iceberg(
     # Parts carry no statistics for string columns (see sink.py); pyiceberg warns once per column
     # and file that it found none, which says nothing to the job's reader.
     logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)
+    if incremental is not None:
+        _without_retries(found)
     try:
         with found.transaction() as tx:
-            if mode == "replace" and found.current_snapshot() is not None:
-                tx.delete(AlwaysTrue(), snapshot_properties=properties)
-            if files:
-                tx.add_files(files, snapshot_properties=properties)
+            if incremental is not None:
+                _commit_incremental(tx, found, where, relative, files, incremental, properties)
+            else:
+                if mode == "replace" and found.current_snapshot() is not None:
+                    tx.delete(AlwaysTrue(), snapshot_properties=properties)
+                if files:
+                    tx.add_files(files, snapshot_properties=properties)
     except CommitFailedException as exc:
         raise ConfigError(
             f"Iceberg table {name}: another writer committed first and this commit conflicts with it ({exc}); "
@@ -200,3 +230,117 @@ def commit_iceberg(
         raise StorageError(f"cannot commit to Iceberg table {name}: {exc}") from None
     found = found.refresh()
     return int(found.current_snapshot().snapshot_id), True
+
+
+# --- incremental runs: what the table holds, recorded in a file the commit's snapshot points to ---
+
+
+def _record_of(table: Any, where: Location) -> dict[str, Scored]:
+    """The record the last incremental snapshot points to ({} for a table no incremental job
+    wrote); a table incremental jobs wrote whose recent snapshots point to none is refused."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    current = table.current_snapshot()
+    if current is None or INCREMENTAL_PROPERTY not in table.properties:
+        return {}
+    for _, snapshot in zip(range(RECORD_LOOKBACK), ancestors_of(current, table.metadata)):
+        summary = snapshot.summary
+        if summary is not None and summary.get(SCORED_KEY):
+            return _read_record(table, where, str(summary.get(SCORED_KEY)), str(summary.get(SCORED_SHA256_KEY)))
+    raise ConfigError(
+        f"Iceberg table {'.'.join(table.name())} was written by incremental jobs but none of its last "
+        f"{RECORD_LOOKBACK} snapshots points to a record of what they scored; rescore everything with "
+        f"{param('full_refresh')}"
+    )
+
+
+def _read_record(table: Any, where: Location, relative: str, sha256: str) -> dict[str, Scored]:
+    """The record file a snapshot points to (one GET), checked against the digest it names."""
+    import hashlib
+
+    path = f"{where.path.rstrip('/')}/{relative}"
+    try:
+        with where.fs.open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        data = None
+    except OSError as exc:
+        raise StorageError(f"cannot read the incremental record of Iceberg table {where.uri}: {exc}") from None
+    if data is None or hashlib.sha256(data).hexdigest() != sha256:
+        raise ConfigError(
+            f"Iceberg table {'.'.join(table.name())}: the record of what its incremental jobs scored, "
+            f"{where.uri.rstrip('/')}/{relative}, is {'missing' if data is None else 'not the one its snapshot names'}; "
+            f"rescore everything with {param('full_refresh')}"
+        )
+    return record_from_bytes(data)
+
+
+def scored_record(where: Location, catalog: str | None, table: str | None) -> dict[str, Scored]:
+    """What the Iceberg table records as scored, by input file URI (see ``_record_of``)."""
+    _, found = _open(where, catalog, table)
+    return {} if found is None else _record_of(found, where)
+
+
+def _write_record(where: Location, relative: str, record: Mapping[str, Scored]) -> dict[str, str]:
+    """Write the record into the commit's data folder, named by its sha256 (so never changed once
+    written); the summary properties that point to it."""
+    import hashlib
+
+    data = record_bytes(record)
+    sha256 = hashlib.sha256(data).hexdigest()
+    name = f"{relative}/{scored_record_name(sha256)}"
+    try:
+        write_bytes_atomic(where.fs, f"{where.path.rstrip('/')}/{name}", data)
+    except OSError as exc:
+        raise StorageError(f"cannot write the incremental record of Iceberg table {where.uri}: {exc}") from None
+    return {SCORED_KEY: name, SCORED_SHA256_KEY: sha256}
+
+
+def _without_retries(table: Any) -> None:
+    """Commit this table object's next transaction once, never retried onto a newer snapshot:
+    pyiceberg (0.12 on) retries a commit that lost a race by rebasing its snapshot onto the
+    winner's, which would keep this commit's record, read from the snapshot it started from, and
+    forget what the winner scored. Set on the loaded metadata only (the table's own properties,
+    which every writer reads, stay as they are)."""
+    properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
+    table.metadata = table.metadata.model_copy(update={"properties": properties})
+
+
+def _commit_incremental(
+    tx: Any,
+    table: Any,
+    where: Location,
+    relative: str,
+    files: Sequence[str],
+    incremental: Incremental,
+    properties: Mapping[str, str],
+) -> None:
+    """One snapshot, in transaction ``tx``: remove every data file holding rows of an input file
+    this commit scores again (every data file, for a full refresh; this data folder's own files,
+    which it writes again), add ``files``, and point the summary to the new record, written before
+    the commit. The catalog commits it only onto the metadata the record was read from."""
+    from pyiceberg.table import TableProperties, _parquet_files_to_data_files
+
+    previous = {} if incremental.full_refresh else _record_of(table, where)
+    record, stale = next_record(previous, incremental, relative)
+    pointer = _write_record(where, relative, record)
+    root = where.uri.rstrip("/") + "/"
+    removed = []
+    if table.current_snapshot() is not None:
+        for task in table.scan().plan_files():
+            path = str(task.file.file_path)
+            folder, _, name = path[len(root) :].rpartition("/") if path.startswith(root) else ("", "", "")
+            if incremental.full_refresh or folder == relative or (folder and (folder, part_number(name)) in stale):
+                removed.append(task.file)
+    updates = {INCREMENTAL_PROPERTY: "true"}
+    if tx.table_metadata.name_mapping() is None:  # what add_files sets: the parts carry no field ids
+        updates[TableProperties.DEFAULT_NAME_MAPPING] = tx.table_metadata.schema().name_mapping.model_dump_json()
+    if any(tx.table_metadata.properties.get(k) != v for k, v in updates.items()):
+        tx.set_properties(**updates)
+    added = _parquet_files_to_data_files(table_metadata=tx.table_metadata, file_paths=list(files), io=table.io)
+    update = tx.update_snapshot(snapshot_properties={**properties, **pointer})
+    with update.overwrite() if removed else update.fast_append() as snapshot:
+        for data_file in removed:
+            snapshot.delete_data_file(data_file)
+        for data_file in added:
+            snapshot.append_data_file(data_file)
