@@ -12,8 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from batchscore.errors import ConfigError
+from batchscore.errors import EXIT_USAGE, ConfigError
 from batchscore.io.iceberg import SCORED_KEY, SCORED_SHA256_KEY, commit_iceberg, scored_record
 from batchscore.io.scored import Incremental, record_from_bytes
 from batchscore.io.storage import resolve
@@ -150,3 +151,73 @@ def test_two_incremental_iceberg_commits_from_one_snapshot_one_is_refused(tmp_pa
     assert sorted(scored_record(where, None, None)) == sorted(
         [str(inputs / "a.parquet"), str(inputs / "new-0.parquet")]
     )
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("damage", ["removed", "rewritten"])
+def test_a_lost_or_altered_record_is_refused_and_a_full_refresh_rescores(
+    tmp_path: Path, binary_model_paths, damage: str
+) -> None:
+    """The file the current snapshot points to, gone or not the bytes its sha256 names: an
+    incremental run exits 2 naming it and --full-refresh (nothing committed, the snapshot kept);
+    --full-refresh then rescores every file, the table equal to a full run."""
+    inputs, table = tmp_path / "in", str(tmp_path / "out" / "scores")
+    _deliver(inputs, "a.parquet", 0, seed=1)
+    _run(inputs, table, binary_model_paths)
+    _deliver(inputs, "b.parquet", 1, seed=2)
+    record = Path(table, _summary(table)[SCORED_KEY])
+    if damage == "removed":
+        record.unlink()
+    else:
+        record.write_bytes(record.read_bytes()[:-1] + b"\0")
+    args = ["--input", str(inputs), "--output", table, "--model", str(binary_model_paths["model"]), "--scaler"]
+    args += [str(binary_model_paths["scaler"]), "--output-format", "iceberg", "--incremental"]
+    result = cli("run", *args)
+    assert result.exit_code == EXIT_USAGE and str(record) in result.stderr and "--full-refresh" in result.stderr
+    assert len(_table(table).snapshots()) == 1
+    _run(inputs, table, binary_model_paths, "--full-refresh")
+    _assert_full(table, inputs, binary_model_paths)
+    assert "nothing new to score" in _run(inputs, table, binary_model_paths).stdout
+
+
+def test_on_s3_through_a_named_catalog(tmp_path: Path, s3, binary_model_paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Iceberg table on S3 through a named SQL catalog: a new file and a re-delivered one after
+    a first run are all the second run scores, the record written beside the parts on S3 and read
+    back by the next run, which finds nothing new."""
+    fs, bucket, options = s3
+    catalog = {
+        "TYPE": "sql",
+        "URI": f"sqlite:///{tmp_path}/catalog.db",
+        "WAREHOUSE": f"s3://{bucket}/warehouse",
+        "S3__ENDPOINT": options["endpoint_url"],
+        "S3__ACCESS_KEY_ID": "testing",
+        "S3__SECRET_ACCESS_KEY": "testing",
+        "S3__REGION": "us-east-1",
+    }
+    for key, value in catalog.items():
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__LAKE__{key}", value)
+    from pyiceberg.utils.config import Config
+
+    monkeypatch.setattr("pyiceberg.catalog._ENV_CONFIG", Config())  # pyiceberg reads its variables once, on import
+
+    def deliver(name: str, number: int, seed: int) -> None:
+        local = _deliver(tmp_path / "staged", name, number, seed)
+        fs.put(str(local), f"{bucket}/in/{name}")
+
+    deliver("a.parquet", 0, 1)
+    deliver("b.parquet", 1, 2)
+    table = f"s3://{bucket}/tables/scores"
+    extra = ["--storage-option", f"endpoint_url={options['endpoint_url']}", "--iceberg-catalog", "lake"]
+    _run(f"s3://{bucket}/in/", table, binary_model_paths, *extra)
+    deliver("b.parquet", 1, 22)
+    deliver("c.parquet", 2, 3)
+    _run(f"s3://{bucket}/in/", table, binary_model_paths, *extra)
+    from pyiceberg.catalog import load_catalog
+
+    scores = load_catalog("lake").load_table("batchscore.scores")
+    assert len(scores.snapshots()) == 2
+    pointer = dict(scores.current_snapshot().summary.additional_properties)[SCORED_KEY]
+    assert fs.exists(f"{bucket}/tables/scores/{pointer}")
+    current = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "staged").glob("*.parquet")))
+    assert_exact(scores.scan().to_arrow().sort_by("customer_id"), current.sort_by("customer_id"), binary_model_paths)
+    assert "nothing new to score" in _run(f"s3://{bucket}/in/", table, binary_model_paths, *extra).stdout

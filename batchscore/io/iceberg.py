@@ -100,7 +100,11 @@ def _holds(table: Any, relative: str, mode: str, where: Location, incremental: s
     if current is None:
         return False
     if incremental is not None:
-        return any(s.folder == relative and s.key == incremental for s in _record_of(table, where).values())
+        try:
+            record = _record_of(table, where)
+        except ConfigError:  # no record to say so (a full refresh rescores it; anything else is refused)
+            return False
+        return any(s.folder == relative and s.key == incremental for s in record.values())
     app_id = table_app_id(relative)
     if not any(
         s.summary is not None and s.summary.get(APP_ID_KEY) == app_id for s in ancestors_of(current, table.metadata)

@@ -212,7 +212,11 @@ def _holds(
         return False
     if incremental is not None:  # (the table's location, the job's scoring key)
         where, key = incremental
-        return any(s.folder == relative and s.key == key for s in (_record_of(table, where) or {}).values())
+        try:
+            record = _record_of(table, where) or {}
+        except ConfigError:  # no record to say so (a full refresh rescores it; anything else is refused)
+            return False
+        return any(s.folder == relative and s.key == key for s in record.values())
     if mode != "replace":
         return True
     filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None

@@ -77,7 +77,12 @@ def incremental_inputs(config: JobConfig, output: Location, artifact_sha256: Seq
             f"{param('table_mode')} replace would drop the rest (use {param('full_refresh')} to rescore everything)"
         )
     uris, identities = listed_identities(config.input, config.storage)
-    record = table_record(Target.of(config, output))
+    try:
+        record = table_record(Target.of(config, output))
+    except ConfigError:
+        if not config.full_refresh:
+            raise
+        record = {}  # unreadable or expired: a full refresh replaces every row without it
     decisions = decide(uris, identities, record, scoring_key(config, artifact_sha256), config.full_refresh)
     counts = {action: 0 for action in (SCORE, RESCORE, SKIP)}
     for d in decisions:
