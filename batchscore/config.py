@@ -772,11 +772,6 @@ def validate_settings(
             f"{param('incremental')} needs {param('output_format')} delta or iceberg: a folder output cannot "
             "record which files it scored atomically with its parts; rescore everything instead"
         )
-    if config.output_format == "iceberg" and config.partition:
-        raise ConfigError(
-            f"setting 'partition' applies to a Delta output: an Iceberg table takes the parts as they are "
-            f"written, which hold no partition column; append, or replace the whole table ({param('table_mode')})"
-        )
     return config
 
 

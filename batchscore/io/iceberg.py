@@ -27,7 +27,14 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import ConfigError, InputDataError, StorageError, param
-from .layout import iceberg_catalog_path, part_path, scored_record_name, table_app_id, table_relative
+from .layout import (
+    iceberg_catalog_path,
+    part_path,
+    scored_record_name,
+    split_partition,
+    table_app_id,
+    table_relative,
+)
 from .scored import Incremental, Scored, next_record, part_number, record_bytes, record_from_bytes
 from .storage import Location, write_bytes_atomic
 
@@ -89,10 +96,17 @@ def _open(where: Location, catalog: str | None, table: str | None) -> tuple[Any,
         raise StorageError(f"cannot read Iceberg table {identifier(where, table)}: {exc}") from None
 
 
-def _holds(table: Any, relative: str, mode: str, where: Location, incremental: str | None = None) -> bool:
+def _holds(
+    table: Any,
+    relative: str,
+    mode: str,
+    where: Location,
+    incremental: str | None = None,
+    partition: str | None = None,
+) -> bool:
     """Whether the table's current snapshot holds the rows of the plan writing data folder
     ``relative``: a snapshot in its history names the plan's application id and, for ``replace``,
-    every current data file is still that folder's; for an incremental job (``incremental``: its
+    every current data file (of the partition) is still that folder's; for an incremental job (``incremental``: its
     scoring key), the record names that folder, with that key, for some input file."""
     from pyiceberg.table.snapshots import ancestors_of
 
@@ -112,8 +126,20 @@ def _holds(table: Any, relative: str, mode: str, where: Location, incremental: s
         return False
     if mode != "replace":
         return True
-    files = table.inspect.files().column("file_path").to_pylist()
+    if partition:
+        files = [f.file_path for f in _partition_files(table, partition)]
+    else:
+        files = table.inspect.files().column("file_path").to_pylist()
     return bool(files) and all(f"/{relative}/" in f for f in files)
+
+
+def _partition_files(table: Any, partition: str) -> list[Any]:
+    """The current snapshot's data files of partition ``COLUMN=VALUE`` (the table is partitioned by
+    COLUMN's identity alone: see ``_check_fits``), from its manifests."""
+    if table.current_snapshot() is None:
+        return []
+    _, value = split_partition(partition)
+    return [task.file for task in table.scan().plan_files() if task.file.partition[0] == value]
 
 
 def committed_snapshot(
@@ -123,10 +149,12 @@ def committed_snapshot(
     catalog: str | None,
     table: str | None,
     incremental: str | None = None,
+    partition: str | None = None,
 ) -> int | None:
     """The current snapshot's id if the table holds the plan writing ``data_folder``, else None."""
     _, found = _open(where, catalog, table)
-    if found is None or not _holds(found, table_relative(where.path, data_folder), mode, where, incremental):
+    relative = table_relative(where.path, data_folder)
+    if found is None or not _holds(found, relative, mode, where, incremental, partition):
         return None
     return int(found.current_snapshot().snapshot_id)
 
@@ -145,14 +173,47 @@ def committed_parts(where: Location, data_folder: str, catalog: str | None, tabl
     }
 
 
-def check_table(where: Location, schema: pa.Schema, catalog: str | None, table: str | None) -> None:
-    """An Iceberg table already there has this job's columns."""
+def check_table(
+    where: Location, schema: pa.Schema, catalog: str | None, table: str | None, partition: str | None = None
+) -> None:
+    """Before anything is scored: the partition column is not an output column, and an Iceberg
+    table already there has this job's columns and partitioning."""
+    full = _table_schema(schema, partition)
     _, found = _open(where, catalog, table)
     if found is not None:
-        _check_fits(found, schema)
+        _check_fits(found, full, partition)
 
 
-def _check_fits(table: Any, schema: pa.Schema) -> None:
+def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
+    """The table's schema: the parts' columns, then the partition column (a string whose value is
+    in the table's manifests, not in the parts, as Delta keeps it in its log)."""
+    schema = pa.schema(list(schema), metadata=None)
+    if partition:
+        column, _ = split_partition(partition)
+        if column in schema.names:
+            raise InputDataError(
+                f"{param('partition')} {partition}: the output already has a column {column!r}; leave it out "
+                f"with {param('keep')} or partition by another name"
+            )
+        schema = schema.append(pa.field(column, pa.string()))
+    return schema
+
+
+def _check_fits(table: Any, schema: pa.Schema, partition: str | None) -> None:
+    """The table must be partitioned by the identity of the job's partition column (or by nothing
+    without one), and have the job's columns (``schema``: with the partition column)."""
+    from pyiceberg.transforms import IdentityTransform
+
+    spec = table.spec().fields
+    columns = [table.schema().find_column_name(f.source_id) for f in spec]
+    wanted = [split_partition(partition)[0]] if partition else []
+    if columns != wanted or any(not isinstance(f.transform, IdentityTransform) for f in spec):
+        raise ConfigError(
+            f"Iceberg table {'.'.join(table.name())} is partitioned by "
+            f"{', '.join(f'{f.transform}({c})' for f, c in zip(spec, columns)) or 'nothing'}, not "
+            f"{wanted or 'nothing'}: give {param('partition')} "
+            + ("COLUMN=VALUE with its column" if columns else "only for a partitioned table")
+        )
     theirs = [f.name for f in table.schema().fields]
     if sorted(theirs) != sorted(schema.names):
         differ = sorted(
@@ -176,10 +237,12 @@ def commit_iceberg(
     table: str | None,
     incremental: Incremental | None = None,
     opened: Any | None = None,
+    partition: str | None = None,
 ) -> tuple[int, bool]:
     """Add ``parts`` (files of ``data_folder``) to the Iceberg table in one catalog commit, creating
-    the table at the output's location if there is none; ``replace`` deletes every row of the table
-    in that same commit, an incremental commit the parts of the files it scores again (see
+    the table at the output's location if there is none (partitioned by ``partition``'s column);
+    ``replace`` deletes every row of the table (of the partition) in that same commit, an
+    incremental commit the parts of the files it scores again (see
     ``_commit_incremental``). Returns (snapshot id, whether this call committed). ``opened``: the
     table as loaded already (the metadata the catalog checks this commit against), else it is
     loaded now."""
@@ -197,13 +260,19 @@ def commit_iceberg(
             )
         namespace = name.rsplit(".", 1)[0]
         found_catalog.create_namespace_if_not_exists(namespace)
-        try:
-            found = found_catalog.create_table(name, schema=schema, location=where.uri.rstrip("/"))
+        try:  # the table with its partitioning, in one catalog commit
+            with found_catalog.create_table_transaction(
+                name, schema=_table_schema(schema, partition), location=where.uri.rstrip("/")
+            ) as created:
+                if partition:
+                    with created.update_spec() as spec:
+                        spec.add_identity(split_partition(partition)[0])
         except TableAlreadyExistsError:  # another writer created it first
-            found = found_catalog.load_table(name)
+            pass
+        found = found_catalog.load_table(name)
     if schema is not None:
-        _check_fits(found, schema)
-    if _holds(found, relative, mode, where, incremental.key if incremental is not None else None):
+        _check_fits(found, _table_schema(schema, partition), partition)
+    if _holds(found, relative, mode, where, incremental.key if incremental is not None else None, partition):
         return int(found.current_snapshot().snapshot_id), False
     commit_id = uuid.uuid4().hex
     properties = {
@@ -219,7 +288,10 @@ def commit_iceberg(
     try:
         with found.transaction() as tx:
             if incremental is not None:
-                _commit_incremental(tx, found, where, relative, files, incremental, properties)
+                _commit_incremental(tx, found, where, relative, files, incremental, properties, partition)
+            elif partition:  # one snapshot: the partition's files replaced, or the parts appended
+                removed = _partition_files(found, partition) if mode == "replace" else []
+                _commit_files(tx, found, removed, files, properties, partition)
             else:
                 if mode == "replace" and found.current_snapshot() is not None:
                     tx.delete(AlwaysTrue(), snapshot_properties=properties)
@@ -318,13 +390,12 @@ def _commit_incremental(
     files: Sequence[str],
     incremental: Incremental,
     properties: Mapping[str, str],
+    partition: str | None = None,
 ) -> None:
     """One snapshot, in transaction ``tx``: remove every data file holding rows of an input file
     this commit scores again (every data file, for a full refresh; this data folder's own files,
     which it writes again), add ``files``, and point the summary to the new record, written before
     the commit. The catalog commits it only onto the metadata the record was read from."""
-    from pyiceberg.table import TableProperties, _parquet_files_to_data_files
-
     previous = {} if incremental.full_refresh else _record_of(table, where)
     record, stale = next_record(previous, incremental, relative)
     pointer = _write_record(where, relative, record)
@@ -336,13 +407,35 @@ def _commit_incremental(
             folder, _, name = path[len(root) :].rpartition("/") if path.startswith(root) else ("", "", "")
             if incremental.full_refresh or folder == relative or (folder and (folder, part_number(name)) in stale):
                 removed.append(task.file)
-    updates = {INCREMENTAL_PROPERTY: "true"}
+    _commit_files(tx, table, removed, files, {**properties, **pointer}, partition, {INCREMENTAL_PROPERTY: "true"})
+
+
+def _commit_files(
+    tx: Any,
+    table: Any,
+    removed: Sequence[Any],
+    files: Sequence[str],
+    properties: Mapping[str, str],
+    partition: str | None,
+    table_properties: Mapping[str, str] | None = None,
+) -> None:
+    """One snapshot, in transaction ``tx``, that removes data files ``removed`` and adds ``files``
+    (an ``overwrite``; an ``append`` when it removes none), its summary carrying ``properties``.
+    The parts hold no partition column: each added file's partition value is set in the manifest,
+    which is where Iceberg readers take an identity partition column missing from a data file."""
+    from pyiceberg.table import TableProperties, _parquet_files_to_data_files
+
+    updates = dict(table_properties or {})
     if tx.table_metadata.name_mapping() is None:  # what add_files sets: the parts carry no field ids
         updates[TableProperties.DEFAULT_NAME_MAPPING] = tx.table_metadata.schema().name_mapping.model_dump_json()
     if any(tx.table_metadata.properties.get(k) != v for k, v in updates.items()):
         tx.set_properties(**updates)
-    added = _parquet_files_to_data_files(table_metadata=tx.table_metadata, file_paths=list(files), io=table.io)
-    update = tx.update_snapshot(snapshot_properties={**properties, **pointer})
+    added = list(_parquet_files_to_data_files(table_metadata=tx.table_metadata, file_paths=list(files), io=table.io))
+    if partition:
+        _, value = split_partition(partition)
+        for data_file in added:
+            data_file.partition[0] = value  # inferred as unknown: the column is not in the file
+    update = tx.update_snapshot(snapshot_properties=dict(properties))
     with update.overwrite() if removed else update.fast_append() as snapshot:
         for data_file in removed:
             snapshot.delete_data_file(data_file)

@@ -66,7 +66,13 @@ def table_committed(target: Target, data_folder: str) -> int | None:
         from .iceberg import committed_snapshot
 
         return committed_snapshot(
-            target.where, data_folder, target.mode, target.catalog, target.identifier, target.incremental
+            target.where,
+            data_folder,
+            target.mode,
+            target.catalog,
+            target.identifier,
+            target.incremental,
+            target.partition,
         )
     return committed_version(target.where, data_folder, target.partition, target.mode, target.incremental)
 
@@ -85,7 +91,7 @@ def table_check(target: Target, schema: pa.Schema) -> None:
     if target.format == "iceberg":
         from . import iceberg
 
-        iceberg.check_table(target.where, schema, target.catalog, target.identifier)
+        iceberg.check_table(target.where, schema, target.catalog, target.identifier, target.partition)
     else:
         check_table(target.where, schema, target.partition)
 
@@ -112,6 +118,7 @@ def table_commit(
             target.catalog,
             target.identifier,
             incremental=incremental,
+            partition=target.partition,
         )
     return commit_delta(
         target.where, data_folder, parts, schema, target.partition, target.mode, facts, incremental=incremental
