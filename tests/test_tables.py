@@ -416,3 +416,39 @@ def test_iceberg_partitions_replace_and_append_exactly_their_rows(tmp_path: Path
         result = run("new", *extra)
         assert result.exit_code == code and says in result.stderr, result.stderr
     assert len(scores().snapshots()) == 5
+
+
+def test_two_replaces_of_one_iceberg_partition_from_one_snapshot_one_is_refused(
+    tmp_path: Path, binary_model_paths
+) -> None:
+    """Two replaces of one partition that loaded the same metadata (writers that bypassed the
+    lease): the second is refused (exit 2, nothing committed) rather than rebased onto the first,
+    which would leave both jobs' rows in the partition."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from batchscore.io.iceberg import commit_iceberg
+
+    write_inputs(tmp_path / "in", files=1, rows=ROWS)
+    table = str(tmp_path / "out" / "scores")
+    args = [*_job(tmp_path / "in", table, binary_model_paths)[:8], "--output-format", "iceberg", "--partition", "dt=1"]
+    assert cli("run", *args).exit_code == 0
+    catalog = SqlCatalog("batchscore", uri=f"sqlite:///{tmp_path}/out/_batchscore/scores/iceberg-catalog.db")
+    [committed] = catalog.load_table("batchscore.scores").inspect.files().column("file_path").to_pylist()
+    first, second = catalog.load_table("batchscore.scores"), catalog.load_table("batchscore.scores")
+    outcomes = []
+    for k, opened in enumerate((first, second)):
+        folder = Path(table, "dt=1", f"batchscore-run-{k:016d}")
+        folder.mkdir(parents=True)
+        (folder / "part-00000-00000.parquet").write_bytes(Path(committed.removeprefix("file://")).read_bytes())
+        part = TablePart("part-00000-00000.parquet", (folder / "part-00000-00000.parquet").stat().st_size, ROWS)
+        try:
+            commit_iceberg(
+                resolve(table), str(folder), [part], None, "replace", {"plan_id": str(k)}, None, None,
+                opened=opened, partition="dt=1",
+            )  # fmt: skip
+            outcomes.append("committed")
+        except ConfigError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == "committed" and "another writer committed first" in outcomes[1], outcomes
+    files = catalog.load_table("batchscore.scores").inspect.files().column("file_path").to_pylist()
+    assert len(files) == 1 and "/dt=1/batchscore-run-0000000000000000/" in files[0], files

@@ -6,7 +6,11 @@ metadata under ``metadata/``); the catalog is the one named by ``iceberg_catalog
 pyiceberg reads it, or for a local output with none named an embedded SQL catalog on a SQLite file
 in the table's state folder. One ``Transaction`` adds the parts (``add_files``) and, for
 ``replace``, deletes the table's rows first; the catalog swaps the table's metadata once for both,
-so readers see the previous snapshot or the new one. The snapshot's summary carries the manifest's
+so readers see the previous snapshot or the new one. A partitioned table is partitioned by the
+identity of the partition column, whose value is in the manifests, not the parts (as Delta keeps it
+in its log); its commits are one snapshot, removing the partition's files for ``replace``. An
+incremental commit's snapshot points to the record of what the table holds (io/scored.py), in a
+file written before the commit. The snapshot's summary carries the manifest's
 facts and the plan's application id: a rerun of a committed plan finds it and commits nothing
 twice, and of two writers committing at once the catalog's check of the metadata they started
 from refuses the second.
@@ -246,7 +250,13 @@ def commit_iceberg(
     ``_commit_incremental``). Returns (snapshot id, whether this call committed). ``opened``: the
     table as loaded already (the metadata the catalog checks this commit against), else it is
     loaded now."""
-    from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+    from pyiceberg import exceptions
+    from pyiceberg.exceptions import TableAlreadyExistsError
+
+    # A lost race: the catalog's check, or (pyiceberg 0.12 on) a retry's check of what the winner added.
+    conflicts = tuple(
+        getattr(exceptions, n) for n in ("CommitFailedException", "ValidationException") if hasattr(exceptions, n)
+    )
     from pyiceberg.expressions import AlwaysTrue
 
     relative = table_relative(where.path, data_folder)
@@ -283,8 +293,8 @@ def commit_iceberg(
     # Parts carry no statistics for string columns (see sink.py); pyiceberg warns once per column
     # and file that it found none, which says nothing to the job's reader.
     logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.ERROR)
-    if incremental is not None:
-        _without_retries(found)
+    if incremental is not None or (partition and mode == "replace"):
+        _without_retries(found)  # what they remove was chosen from this snapshot's files
     try:
         with found.transaction() as tx:
             if incremental is not None:
@@ -297,7 +307,7 @@ def commit_iceberg(
                     tx.delete(AlwaysTrue(), snapshot_properties=properties)
                 if files:
                     tx.add_files(files, snapshot_properties=properties)
-    except CommitFailedException as exc:
+    except conflicts as exc:
         raise ConfigError(
             f"Iceberg table {name}: another writer committed first and this commit conflicts with it ({exc}); "
             f"nothing of this run was committed: run it again"
@@ -375,9 +385,11 @@ def _write_record(where: Location, relative: str, record: Mapping[str, Scored]) 
 def _without_retries(table: Any) -> None:
     """Commit this table object's next transaction once, never retried onto a newer snapshot:
     pyiceberg (0.12 on) retries a commit that lost a race by rebasing its snapshot onto the
-    winner's, which would keep this commit's record, read from the snapshot it started from, and
-    forget what the winner scored. Set on the loaded metadata only (the table's own properties,
-    which every writer reads, stay as they are)."""
+    winner's, which would keep what this commit chose from the snapshot it started from: an
+    incremental record that forgets what the winner scored, or a partition's files to replace
+    without the winner's (the partition would then hold both jobs' rows). The loser fails instead
+    (exit 2, nothing committed). Set on the loaded metadata only (the table's own properties, which
+    every writer reads, stay as they are)."""
     properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
     table.metadata = table.metadata.model_copy(update={"properties": properties})
 
