@@ -324,7 +324,7 @@ class JobConfig:
     )
     incremental: bool = setting(
         False,
-        "For a Delta output: score only input files the table has not recorded as scored with this model, "
+        "For a table output (Delta or Iceberg): score only input files the table has not recorded as scored with this model, "
         "these scoring settings and this batchscore version; a file that changed is rescored and its rows "
         "replaced in the same commit.",
         switch=True,
@@ -773,19 +773,10 @@ def validate_settings(
         )
     if config.full_refresh and not config.incremental:
         raise ConfigError(f"{param('full_refresh')} applies to an incremental job: give {param('incremental')} too")
-    if config.incremental and config.output_format != "delta":
-        why = (
-            "a folder output cannot record which files it scored atomically with its parts"
-            if config.output_format == "parquet"
-            else "incremental runs record what was scored in the Delta log; Iceberg outputs do not support it yet"
-        )
+    if config.incremental and config.output_format == "parquet":
         raise ConfigError(
-            f"{param('incremental')} needs {param('output_format')} delta: {why}; rescore everything instead"
-        )
-    if config.output_format == "iceberg" and config.partition:
-        raise ConfigError(
-            f"setting 'partition' applies to a Delta output: an Iceberg table takes the parts as they are "
-            f"written, which hold no partition column; append, or replace the whole table ({param('table_mode')})"
+            f"{param('incremental')} needs {param('output_format')} delta or iceberg: a folder output cannot "
+            "record which files it scored atomically with its parts; rescore everything instead"
         )
     return config
 

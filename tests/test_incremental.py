@@ -13,7 +13,6 @@ from typing import Any
 import deltalake
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -142,16 +141,14 @@ def test_plan_lists_each_file_as_score_skip_or_rescore(tmp_path: Path, binary_mo
     assert [f[0] for f in planned["files"]] == [str(b), str(inputs / "c.parquet")]
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "iceberg"])
-def test_incremental_is_refused_where_it_cannot_be_recorded_with_the_data(tmp_path: Path, fmt: str) -> None:
+def test_incremental_is_refused_where_it_cannot_be_recorded_with_the_data(tmp_path: Path) -> None:
     result = cli(
         "validate", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", "m.joblib",
-        "--output-format", fmt, "--incremental",
+        "--output-format", "parquet", "--incremental",
     )  # fmt: skip
     assert result.exit_code == EXIT_USAGE
-    assert "--incremental needs --output-format delta" in result.stderr
-    why = "cannot record which files it scored atomically" if fmt == "parquet" else "Iceberg outputs do not"
-    assert why in result.stderr
+    assert "--incremental needs --output-format delta or iceberg" in result.stderr
+    assert "cannot record which files it scored atomically" in result.stderr
 
 
 class _Requests(logging.Handler):

@@ -347,4 +347,108 @@ def test_iceberg_table_append_replace_readers_and_reruns(tmp_path: Path, binary_
     assert rows.num_rows == 1_616 and set(rows["model_version"].to_pylist()) == {"c"}
     assert_exact(rows.sort_by("customer_id"), read_inputs(second), binary_model_paths)
     result = cli("run", *job("b", "c", "--partition", "dt=1"))
-    assert result.exit_code == EXIT_USAGE and "applies to a Delta output" in result.stderr, result.stderr
+    assert result.exit_code == EXIT_USAGE and "is partitioned by nothing, not ['dt']" in result.stderr, result.stderr
+
+
+def test_iceberg_partitions_replace_and_append_exactly_their_rows(tmp_path: Path, binary_model_paths) -> None:
+    """A partitioned Iceberg table (identity of dt, its values in the manifests, not the parts):
+    replace swaps exactly one partition's rows in one snapshot, append adds to one; pyiceberg (a
+    filtered scan too), a Hive-style file-list dataset and the previous snapshot read exactly the
+    committed rows; a rerun commits nothing; another partitioning is refused before scoring."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    old = write_inputs(tmp_path / "old", files=2, rows=ROWS, row_group_size=600)
+    other = write_inputs(tmp_path / "other", files=1, rows=ROWS, seed=17)
+    new = write_inputs(tmp_path / "new", files=1, rows=1_616, row_group_size=700, seed=99)
+    table = str(tmp_path / "out" / "scores")
+
+    def run(inputs: str, *extra: str) -> Any:
+        args = [*_job(tmp_path / inputs, table, binary_model_paths)[:8], "--output-format", "iceberg", *extra]
+        return cli("run", *args)
+
+    def scores() -> Any:
+        uri = f"sqlite:///{tmp_path}/out/_batchscore/scores/iceberg-catalog.db"
+        return SqlCatalog("batchscore", uri=uri).load_table("batchscore.scores")
+
+    for inputs, extra in (("old", ["dt=1"]), ("other", ["dt=2"]), ("new", ["dt=1", "--table-mode", "replace"])):
+        result = run(inputs, "--partition", *extra)
+        assert result.exit_code == 0, result.stderr
+    current = scores()
+    assert [str(f.transform) for f in current.spec().fields] == ["identity"]
+    snapshots = current.snapshots()
+    assert len(snapshots) == 3 and current.current_snapshot().summary.operation.value == "overwrite"
+    files = current.inspect.files().column("file_path").to_pylist()
+    readers = {
+        "pyiceberg": current.scan().to_arrow(),
+        "file list": ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=table).to_table(),
+    }
+    for name, rows in readers.items():
+        rows = rows.cast(readers["pyiceberg"].schema)
+        assert rows.num_rows == 1_616 + ROWS, name
+        assert_exact(_rows(rows, "1"), read_inputs(new), binary_model_paths)
+        assert_exact(_rows(rows, "2"), read_inputs(other), binary_model_paths)
+    assert_exact(_rows(current.scan(row_filter="dt == '1'").to_arrow()), read_inputs(new), binary_model_paths)
+    before = current.scan(snapshot_id=snapshots[1].snapshot_id).to_arrow()
+    assert_exact(_rows(before, "1"), read_inputs(old), binary_model_paths)
+    assert _rows(before, "2").num_rows == ROWS
+
+    # A rerun of the replace commits nothing; going back to the old input replaces again.
+    assert run("new", "--partition", "dt=1", "--table-mode", "replace").exit_code == 0
+    assert len(scores().snapshots()) == 3
+    assert run("old", "--partition", "dt=1", "--table-mode", "replace").exit_code == 0
+    rows = scores().scan().to_arrow()
+    assert_exact(_rows(rows, "1"), read_inputs(old), binary_model_paths)
+    # Append adds to its partition only.
+    assert run("new", "--partition", "dt=2", "--model-version", "appended").exit_code == 0
+    rows = _rows(scores().scan().to_arrow(), "2")
+    appended = pc.equal(rows["model_version"], "appended")
+    assert_exact(rows.filter(appended), read_inputs(new), binary_model_paths)
+    assert_exact(rows.filter(pc.invert(appended)), read_inputs(other), binary_model_paths)
+    assert _rows(scores().scan().to_arrow(), "1").num_rows == 2 * ROWS and len(scores().snapshots()) == 5
+
+    # Another partitioning, or none, is refused before anything is scored; so is a partition
+    # column that is also an output column.
+    for extra, code, says in (
+        ([], EXIT_USAGE, "is partitioned by identity(dt), not nothing"),
+        (["--partition", "day=1"], EXIT_USAGE, "not ['day']"),
+        (["--partition", "customer_id=1"], EXIT_INPUT, "the output already has a column 'customer_id'"),
+    ):
+        result = run("new", *extra)
+        assert result.exit_code == code and says in result.stderr, result.stderr
+    assert len(scores().snapshots()) == 5
+
+
+def test_two_replaces_of_one_iceberg_partition_from_one_snapshot_one_is_refused(
+    tmp_path: Path, binary_model_paths
+) -> None:
+    """Two replaces of one partition that loaded the same metadata (writers that bypassed the
+    lease): the second is refused (exit 2, nothing committed) rather than rebased onto the first,
+    which would leave both jobs' rows in the partition."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from batchscore.io.iceberg import commit_iceberg
+
+    write_inputs(tmp_path / "in", files=1, rows=ROWS)
+    table = str(tmp_path / "out" / "scores")
+    args = [*_job(tmp_path / "in", table, binary_model_paths)[:8], "--output-format", "iceberg", "--partition", "dt=1"]
+    assert cli("run", *args).exit_code == 0
+    catalog = SqlCatalog("batchscore", uri=f"sqlite:///{tmp_path}/out/_batchscore/scores/iceberg-catalog.db")
+    [committed] = catalog.load_table("batchscore.scores").inspect.files().column("file_path").to_pylist()
+    first, second = catalog.load_table("batchscore.scores"), catalog.load_table("batchscore.scores")
+    outcomes = []
+    for k, opened in enumerate((first, second)):
+        folder = Path(table, "dt=1", f"batchscore-run-{k:016d}")
+        folder.mkdir(parents=True)
+        (folder / "part-00000-00000.parquet").write_bytes(Path(committed.removeprefix("file://")).read_bytes())
+        part = TablePart("part-00000-00000.parquet", (folder / "part-00000-00000.parquet").stat().st_size, ROWS)
+        try:
+            commit_iceberg(
+                resolve(table), str(folder), [part], None, "replace", {"plan_id": str(k)}, None, None,
+                opened=opened, partition="dt=1",
+            )  # fmt: skip
+            outcomes.append("committed")
+        except ConfigError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == "committed" and "another writer committed first" in outcomes[1], outcomes
+    files = catalog.load_table("batchscore.scores").inspect.files().column("file_path").to_pylist()
+    assert len(files) == 1 and "/dt=1/batchscore-run-0000000000000000/" in files[0], files

@@ -36,6 +36,8 @@ and ``.`` names, still removes them once replaced)::
     <parent>/<table>/
         _delta_log/                           the table's commits (written by delta-rs)
         [<column>=<value>/]batchscore-run-<plan id>/part-FFFFF-RRRRR.parquet
+        [<column>=<value>/]batchscore-run-<plan id>/_batchscore-scored-<sha256>.zlib
+                                              an incremental Iceberg commit's record (iceberg.py)
 
 The data folder is named by the plan id (a content hash), so every step of a sharded job finds it
 without sharing a file, and a new plan never writes over files that a committed version lists.
@@ -167,6 +169,16 @@ def table_app_id(data_folder_relative: str) -> str:
     """The application id a table commit records for one plan's data folder: a rerun of a committed
     plan finds it in the table and commits nothing twice."""
     return f"batchscore:{data_folder_relative}"
+
+
+#: An incremental Iceberg commit's record of the input files the table holds (io/scored.py), in the
+#: commit's data folder, named by its content: written once before the commit, never changed.
+SCORED_RECORD_PREFIX = "_batchscore-scored-"
+SCORED_RECORD_PATTERN = re.compile(rf"^{re.escape(SCORED_RECORD_PREFIX)}[0-9a-f]{{32}}\.zlib$")
+
+
+def scored_record_name(sha256: str) -> str:
+    return f"{SCORED_RECORD_PREFIX}{sha256[:32]}.zlib"
 
 
 def part_name(file: int, row_group: int, slice: int | None = None, digits: int = PART_NUMBER_DIGITS) -> str:

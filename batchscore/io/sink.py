@@ -24,6 +24,7 @@ from .layout import (  # noqa: F401  (re-exported: the paths every module uses)
     PART_PATTERN,
     REJECTED_PATTERN,
     REJECTED_SUFFIX,
+    SCORED_RECORD_PATTERN,
     SUCCESS_FILE,
     held_path,
     manifest_path,
@@ -44,6 +45,8 @@ TEMP_PATTERN = re.compile(r"^\.part-.*\.tmp-[0-9a-f]+$")
 #: What else batchscore writes into an output folder: the marker, and the hidden probe of ``validate``.
 PROBE_PATTERN = re.compile(r"^\.batchscore-probe-[0-9a-f]+$")
 SUCCESS_TEMP_PATTERN = re.compile(r"^\." + re.escape(SUCCESS_FILE) + r"\.tmp-[0-9a-f]+$")
+#: What a killed write of an incremental Iceberg commit's record leaves (see ``SCORED_RECORD_PATTERN``).
+SCORED_TEMP_PATTERN = re.compile(r"^\." + SCORED_RECORD_PATTERN.pattern[1:-1] + r"\.tmp-[0-9a-f]+$")
 
 #: Parquet settings for parts: snappy is read everywhere and cheap to write; dictionary encoding
 #: only pays for repetitive (string-like) columns, not for model outputs.
@@ -192,9 +195,18 @@ def sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
 
 def owned_name(relative: str) -> bool:
     """Whether batchscore writes files under this name (relative to an output folder): its parts,
-    their temporary files, ``_SUCCESS`` and the probe; all at the top level, none in subfolders."""
+    their temporary files, ``_SUCCESS``, the probe, and in a table's data folder an incremental
+    Iceberg commit's record; all at the top level, none in subfolders."""
     return relative == SUCCESS_FILE or any(
-        p.match(relative) for p in (PART_PATTERN, TEMP_PATTERN, PROBE_PATTERN, SUCCESS_TEMP_PATTERN)
+        p.match(relative)
+        for p in (
+            PART_PATTERN,
+            TEMP_PATTERN,
+            PROBE_PATTERN,
+            SUCCESS_TEMP_PATTERN,
+            SCORED_RECORD_PATTERN,
+            SCORED_TEMP_PATTERN,
+        )
     )
 
 
@@ -202,7 +214,8 @@ def iter_own_files(fs: fsspec.AbstractFileSystem, output: str) -> Iterator[tuple
     """(kind, path) of every data or temp file this tool may have left in ``output`` and in its
     rejected rows' folder."""
     for name in listing(fs, output):
-        if owned_name(name) and name != SUCCESS_FILE:  # parts, and what killed attempts or probes left
+        # Parts, and what killed attempts or probes left; never a record a table's snapshot may point to.
+        if owned_name(name) and name != SUCCESS_FILE and not SCORED_RECORD_PATTERN.match(name):
             yield "part", part_path(output, name)
     folder = rejected_folder(output)
     for name in listing(fs, folder):

@@ -27,6 +27,7 @@ import pyarrow as pa
 from ..config import JobConfig
 from ..errors import ConfigError, InputDataError, StorageError, param
 from .layout import split_partition, table_app_id, table_relative
+from .scored import Incremental, Scored, decode_record, encode_record, next_record, part_number
 from .storage import Location
 
 
@@ -64,7 +65,15 @@ def table_committed(target: Target, data_folder: str) -> int | None:
     if target.format == "iceberg":
         from .iceberg import committed_snapshot
 
-        return committed_snapshot(target.where, data_folder, target.mode, target.catalog, target.identifier)
+        return committed_snapshot(
+            target.where,
+            data_folder,
+            target.mode,
+            target.catalog,
+            target.identifier,
+            target.incremental,
+            target.partition,
+        )
     return committed_version(target.where, data_folder, target.partition, target.mode, target.incremental)
 
 
@@ -82,7 +91,7 @@ def table_check(target: Target, schema: pa.Schema) -> None:
     if target.format == "iceberg":
         from . import iceberg
 
-        iceberg.check_table(target.where, schema, target.catalog, target.identifier)
+        iceberg.check_table(target.where, schema, target.catalog, target.identifier, target.partition)
     else:
         check_table(target.where, schema, target.partition)
 
@@ -100,21 +109,30 @@ def table_commit(
         from .iceberg import commit_iceberg
 
         return commit_iceberg(
-            target.where, data_folder, parts, schema, target.mode, facts, target.catalog, target.identifier
+            target.where,
+            data_folder,
+            parts,
+            schema,
+            target.mode,
+            facts,
+            target.catalog,
+            target.identifier,
+            incremental=incremental,
+            partition=target.partition,
         )
     return commit_delta(
         target.where, data_folder, parts, schema, target.partition, target.mode, facts, incremental=incremental
     )
 
 
-@dataclass(frozen=True)
-class Incremental:
-    """What an incremental commit records: each input file it scored (URI: identity, file number
-    in the plan), the scoring key, and whether it replaces every row of the table."""
+def table_record(target: Target) -> dict[str, Scored]:
+    """What the table records as scored by its incremental commits, by input file URI (see
+    ``scored_record``, iceberg.scored_record)."""
+    if target.format == "iceberg":
+        from . import iceberg
 
-    scored: Mapping[str, tuple[Mapping[str, Any], int]]
-    key: str
-    full_refresh: bool = False
+        return iceberg.scored_record(target.where, target.catalog, target.identifier)
+    return scored_record(target.where)
 
 
 @dataclass(frozen=True)
@@ -201,7 +219,11 @@ def _holds(
         return False
     if incremental is not None:  # (the table's location, the job's scoring key)
         where, key = incremental
-        return any(s.folder == relative and s.key == key for s in (_record_of(table, where) or {}).values())
+        try:
+            record = _record_of(table, where) or {}
+        except ConfigError:  # no record to say so (a full refresh rescores it; anything else is refused)
+            return False
+        return any(s.folder == relative and s.key == key for s in record.values())
     if mode != "replace":
         return True
     filters = [(split_partition(partition)[0], "=", split_partition(partition)[1])] if partition else None
@@ -415,45 +437,6 @@ INCREMENTAL_APP_ID = "batchscore:incremental"
 RECORD_LOOKBACK = 100
 
 
-@dataclass(frozen=True)
-class Scored:
-    """What the table holds of one input file: its identity when scored, the scoring key (model,
-    scaler, scoring settings, batchscore version), and its parts: data folder and file number."""
-
-    identity: Mapping[str, Any]
-    key: str
-    folder: str
-    number: int
-
-
-def encode_record(files: Mapping[str, Scored]) -> str:
-    """The record as the commit info carries it: keys stored once, then one short list per file."""
-    import base64
-    import zlib
-
-    keys = sorted({s.key for s in files.values()})
-    index = {k: i for i, k in enumerate(keys)}
-    folders = sorted({s.folder for s in files.values()})
-    where = {f: i for i, f in enumerate(folders)}
-    data = {
-        "format": 1,
-        "keys": keys,
-        "folders": folders,
-        "files": {u: [dict(s.identity), index[s.key], where[s.folder], s.number] for u, s in sorted(files.items())},
-    }
-    raw = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return base64.b64encode(zlib.compress(raw, 6)).decode()
-
-
-def decode_record(text: str) -> dict[str, Scored]:
-    import base64
-    import zlib
-
-    data = json.loads(zlib.decompress(base64.b64decode(text)))
-    keys, folders = data["keys"], data["folders"]
-    return {u: Scored(i, keys[k], folders[f], int(n)) for u, (i, k, f, n) in data["files"].items()}
-
-
 def _commit_info(where: Location, version: int) -> dict[str, Any] | None:
     """The commit info of one version, read from its log file (one GET), or None when the log no
     longer holds it."""
@@ -494,11 +477,6 @@ def scored_record(where: Location) -> dict[str, Scored]:
     return _record_of(_open(where), where) or {}
 
 
-def part_number(name: str) -> int:
-    """The input file number of a part named ``part-FILE-ROWGROUP[-SLICE].parquet`` (layout.py)."""
-    return int(name.rsplit("/", 1)[-1].split("-")[1])
-
-
 def _incremental_actions(
     table: Any,
     where: Location,
@@ -512,11 +490,9 @@ def _incremental_actions(
     table lists, for ``full_refresh``), the new record, and the incremental transaction's version."""
     from deltalake.transaction import RemoveAction
 
-    record = {} if full_refresh else dict(_record_of(table, where) or {})
-    stale: set[tuple[str, int]] = set()
-    for uri in scored:
-        if uri in record:
-            stale.add((record[uri].folder, record[uri].number))
+    record, stale = next_record(
+        {} if full_refresh else (_record_of(table, where) or {}), Incremental(scored, key, full_refresh), relative
+    )
     removes = []
     if table is not None:
         actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
@@ -528,8 +504,6 @@ def _incremental_actions(
             if full_refresh or (folder, part_number(name)) in stale:
                 values = {k[len("partition.") :]: v for k, v in action.items() if k.startswith("partition.")}
                 removes.append(RemoveAction(path, True, stamp, int(action["size_bytes"]), values or None))
-    for uri, (identity, number) in scored.items():
-        record[uri] = Scored(identity, key, relative, number)
     version = (table.transaction_version(INCREMENTAL_APP_ID) if table is not None else None) or 0
     return removes, encode_record(record), version + 1
 

@@ -1,12 +1,13 @@
 """Incremental jobs: which input files to score, from the listing and the table's record alone.
 
-A Delta output's incremental commits record, in their commit info, every input file the table
-holds rows of: its identity when scored, the scoring key, and which parts hold its rows
-(io/tables.py). A job compares each listed file with that record before it opens any file: a file
-not recorded is scored, one recorded with the same identity and key is skipped, and one whose
-identity (size, mtime or inode; ETag on S3) or scoring key changed is rescored, its previous parts
-removed in the same commit that adds its new ones. Nothing but the listing and the table's log is
-read for a file that is skipped: no footer, no data page.
+A table output's incremental commits record every input file the table holds rows of: its
+identity when scored, the scoring key, and which parts hold its rows (io/scored.py; kept in a Delta
+commit's info, io/tables.py, or in a file an Iceberg snapshot points to, io/iceberg.py). A job
+compares each listed file with that record before it opens any file: a file not recorded is
+scored, one recorded with the same identity and key is skipped, and one whose identity (size, mtime
+or inode; ETag on S3) or scoring key changed is rescored, its previous parts removed in the same
+commit that adds its new ones. Nothing but the listing and the table's log (or its metadata and
+record) is read for a file that is skipped: no footer, no data page.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def decide(
 def incremental_inputs(config: JobConfig, output: Location, artifact_sha256: Sequence[str]) -> list[str]:
     """The input files an incremental job scores, each decision logged; raises ``NothingToScore``
     when there is none. Reads the listing and the table's log, no input file."""
-    from ..io.tables import scored_record
+    from ..io.tables import Target, table_record
 
     if config.table_mode != "append":
         raise ConfigError(
@@ -76,7 +77,12 @@ def incremental_inputs(config: JobConfig, output: Location, artifact_sha256: Seq
             f"{param('table_mode')} replace would drop the rest (use {param('full_refresh')} to rescore everything)"
         )
     uris, identities = listed_identities(config.input, config.storage)
-    record = scored_record(output)
+    try:
+        record = table_record(Target.of(config, output))
+    except ConfigError:
+        if not config.full_refresh:
+            raise
+        record = {}  # unreadable or expired: a full refresh replaces every row without it
     decisions = decide(uris, identities, record, scoring_key(config, artifact_sha256), config.full_refresh)
     counts = {action: 0 for action in (SCORE, RESCORE, SKIP)}
     for d in decisions:
