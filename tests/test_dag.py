@@ -1050,10 +1050,11 @@ def start_asset_triggered(dag: Any) -> list[Any]:
         time.sleep(0.2)
 
 
-def finish_run(dag: Any, run_id: str) -> Any:
+def finish_run(dag: Any, run_id: str, after: dict[str, Any] | None = None) -> Any:
     """Take a started run to its end as the scheduler does (``_schedule_dag_run``: the run's state, the
     DAG's count of active runs, which tasks are due), running each due task in this process as
-    ``dag.test()`` runs them (Airflow's ``_run_task``: no executor or API server is up). The finished run."""
+    ``dag.test()`` runs them (Airflow's ``_run_task``: no executor or API server is up), and
+    ``after[task_id]()`` once that task has run. The finished run."""
     from airflow.jobs.job import Job
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
     from airflow.models.dagrun import DagRun
@@ -1070,6 +1071,7 @@ def finish_run(dag: Any, run_id: str) -> Any:
             session.commit()
             for ti in run.get_task_instances(state=[TaskInstanceState.SCHEDULED], session=session):
                 _run_task(ti=ti, task=dag.task_dict[ti.task_id])
+                (after or {}).pop(ti.task_id, lambda: None)()
         session.commit()
         states = {ti.task_id: ti.state for ti in run.get_task_instances(session=session)}
         session.expunge_all()
@@ -1082,10 +1084,11 @@ def test_upstream_asset_events_start_incremental_runs_that_score_each_delivery_o
     airflow_home: Path, configs_dir: Path, tmp_path: Path, binary_model_paths, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An upstream DAG delivers files into a growing prefix and emits an Asset event for it; the
-    batchscore DAG scheduled on that Asset (``dag.assets``) scores the delivery. An event that comes
-    while a run is active waits for it (no second run at ``max_active_runs: 1``) and is not lost; its
-    run finds nothing new and commits nothing. Two deliveries whose events the scheduler coalesces
-    into one run are scored once each.
+    batchscore DAG scheduled on that Asset (``dag.assets``) scores the delivery. Events that come
+    while a run is active wait for it (no second run at ``max_active_runs: 1``) and are not lost: a
+    delivery that landed before the active run planned is scored by it, one that landed after by the
+    next run, which the waiting events start. An event with nothing new behind it starts a run that
+    commits nothing; two deliveries whose events the scheduler coalesces into one run are scored once each.
 
     What runs is Airflow's own: the upstream through ``dag.test()`` (its task's outlet records the
     event and queues the consumer), the DAG processor's write of both DAGs (``sync_bag_to_db``), the
@@ -1162,35 +1165,48 @@ def test_upstream_asset_events_start_incremental_runs_that_score_each_delivery_o
     [first] = start_asset_triggered(dag)
     assert first.run_type == DagRunType.ASSET_TRIGGERED and first.triggered_by == DagRunTriggeredByType.ASSET
     assert first.state == DagRunState.RUNNING
-    deliveries(2)  # while the first run is active: its event stays queued, no second run starts
+    deliveries(2)  # while the first run is active, before it plans: no second run starts
     assert start_asset_triggered(dag) == []
-    first = finish_run(dag, first.run_id)
+
+    def during_first() -> None:  # once the first run has planned: this delivery is not in its plan
+        deliveries(3)
+        assert start_asset_triggered(dag) == []
+
+    first = finish_run(dag, first.run_id, after={"plan": during_first})
     parse()
     assert first.state == DagRunState.SUCCESS
-    # the run planned after the second delivery landed: it scored both, each once
-    assert deltalake.DeltaTable(str(table)).version() == 0
-    assert committed() == sorted(read_inputs(delivered)["customer_id"].to_pylist())
+    assert deltalake.DeltaTable(str(table)).version() == 0  # deliveries 1 and 2, planned after both landed
+    assert committed() == sorted(read_inputs(delivered[:2])["customer_id"].to_pylist())
 
-    [second] = start_asset_triggered(dag)  # the queued event starts its run: nothing new behind it
+    [second] = start_asset_triggered(dag)  # the events that waited (2 and 3) start one run
     second = finish_run(dag, second.run_id)
     parse()
-    assert second.state == DagRunState.SUCCESS
-    assert second.task_states["plan"] == TaskInstanceState.SKIPPED
-    assert second.task_states["commit"] == TaskInstanceState.SKIPPED
-    assert deltalake.DeltaTable(str(table)).version() == 0
-
-    deliveries(3, 4)  # both land before the scheduler looks: one run for both events
-    assert upstream_events() == 4
-    [third] = start_asset_triggered(dag)
-    third = finish_run(dag, third.run_id)
-    parse()
-    assert third.state == DagRunState.SUCCESS
     dt = deltalake.DeltaTable(str(table))
-    assert dt.version() == 1 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 2
-    assert len(delivered) == 4
+    assert second.state == DagRunState.SUCCESS
+    assert dt.version() == 1 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 1  # delivery 3 only
+    assert committed() == sorted(read_inputs(delivered)["customer_id"].to_pylist())
+
+    deliveries(0)  # an event with nothing new behind it
+    [idle] = start_asset_triggered(dag)
+    idle = finish_run(dag, idle.run_id)
+    parse()
+    assert idle.state == DagRunState.SUCCESS
+    assert idle.task_states["plan"] == TaskInstanceState.SKIPPED
+    assert idle.task_states["commit"] == TaskInstanceState.SKIPPED
+    assert deltalake.DeltaTable(str(table)).version() == 1
+
+    deliveries(4, 5)  # both land before the scheduler looks: one run for both events
+    assert upstream_events() == 6
+    [last] = start_asset_triggered(dag)
+    last = finish_run(dag, last.run_id)
+    parse()
+    assert last.state == DagRunState.SUCCESS
+    dt = deltalake.DeltaTable(str(table))
+    assert dt.version() == 2 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 2
+    assert len(delivered) == 5
     assert committed() == sorted(read_inputs(delivered)["customer_id"].to_pylist())  # every row once
     assert start_asset_triggered(dag) == []  # no event, no run
     with create_session() as session:
         ours = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).count()
-    assert ours == 2  # one per commit; the run with nothing new sent none
-    assert caplog.text.count(f"started by an Asset event on {uri}; ") == 3  # each plan task's log
+    assert ours == 3  # one per commit; the run with nothing new sent none
+    assert caplog.text.count(f"started by an Asset event on {uri}; ") == 4  # each plan task's log

@@ -211,9 +211,9 @@ class DagSpec(BaseModel):
     )
     assets: Strings = setting(
         (),
-        "URIs of upstream Airflow Assets (`s3://acme-events/churn`; another job's output as its Asset event names "
-        "it): a run starts when they are updated (see `assets_match`). With a `schedule` too, the DAG also runs "
-        "on it (Asset or time).",
+        "URIs of upstream Airflow Assets, e.g. `s3://acme-events/churn` (another batchscore job's: its output "
+        "without the date folder); their events start runs (see `assets_match`). With a `schedule` too, the DAG "
+        "runs on either (Asset or time).",
         shown="none",
     )
     assets_match: Literal["any", "all"] = setting(
