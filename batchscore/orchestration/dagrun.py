@@ -397,8 +397,10 @@ def timetable(settings: JobSettings) -> Any:
     cron = CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
     if condition is None:
         return cron
-    from airflow.sdk import AssetOrTimeSchedule
-
+    try:
+        from airflow.sdk import AssetOrTimeSchedule
+    except ImportError:  # Airflow 3.0
+        from airflow.timetables.assets import AssetOrTimeSchedule  # type: ignore[assignment]  # 3.0's home
     return AssetOrTimeSchedule(timetable=cron, assets=condition)
 
 
