@@ -1210,3 +1210,50 @@ def test_upstream_asset_events_start_incremental_runs_that_score_each_delivery_o
         ours = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).count()
     assert ours == 3  # one per commit; the run with nothing new sent none
     assert caplog.text.count(f"started by an Asset event on {uri}; ") == 4  # each plan task's log
+
+
+@pytest.mark.slow
+def test_a_job_scheduled_on_another_jobs_output_follows_its_asset(
+    airflow_home: Path, configs_dir: Path, tmp_path: Path
+) -> None:
+    """A job whose ``dag.assets`` is another batchscore job's output URI is queued by that job's Asset
+    events: the reference by URI resolves to the producer's Asset (named ``batchscore/<job>``), and
+    no second Asset is made for the reference."""
+    from airflow.assets.manager import AssetManager
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow.models.asset import AssetActive, AssetDagRunQueue, AssetModel, resolve_ref_to_asset
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    from batchscore_dagfactory import asset_uri
+
+    scores = tmp_path / "scores"
+    daily = {"input": str(tmp_path / "events" / "dt={{ ds }}") + "/", "output": str(scores / "dt={{ ds }}") + "/"}
+    write_job(configs_dir, "daily_scores", daily, {**LOCAL_DAG})
+    downstream = {"input": str(scores) + "/", "output": str(tmp_path / "rollup"), "output_format": "delta"}
+    producer_uri = asset_uri(daily["output"])
+    assert producer_uri == f"file://{scores}"
+    write_job(
+        configs_dir,
+        "rollup",
+        {**downstream, "incremental": True},
+        {**LOCAL_DAG, "schedule": None, "assets": producer_uri},
+    )
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(bag, "dags-folder", None)
+    with create_session() as session:
+        resolved = resolve_ref_to_asset(uri=producer_uri, session=session)
+        assert resolved is not None and resolved.name == "batchscore/daily_scores"
+        names = {name for (name,) in session.query(AssetModel.name).filter(AssetModel.uri == producer_uri)}
+        assert names == {"batchscore/daily_scores"}  # no second Asset made for the reference
+        assert session.query(AssetActive).filter(AssetActive.uri == producer_uri).count() == 1
+        # an event of the producer's Asset (what its commit task emits) queues the rollup's next run
+        session.query(DagModel).filter(DagModel.dag_id == "batchscore_rollup").update({"is_paused": False})
+        AssetManager.register_asset_change(asset=resolved, extra={"output": "x"}, session=session)
+        queued = session.query(AssetDagRunQueue).filter(AssetDagRunQueue.target_dag_id == "batchscore_rollup")
+        assert queued.count() == 1
+        queued.delete()  # leave no pending run behind for the tests that follow
+        session.query(DagModel).filter(DagModel.dag_id == "batchscore_rollup").update({"is_paused": True})
