@@ -26,6 +26,7 @@ from batchscore.orchestration.dagrun import (
     execution_timeout,
     inputs_ready,
     local_score_environment,
+    log_triggering_events,
     permanent_failure,
     plan_shards,
     plan_spark,
@@ -278,6 +279,7 @@ def build_dag(settings: JobSettings) -> DAG:
             from airflow.sdk import get_current_context
 
             context = get_current_context()
+            log_triggering_events(settings, context)
             return plan_spark(settings, context) if spec.runner == "spark" else plan_shards(settings, context)
 
         @task(task_id="commit", outlets=[output_asset])

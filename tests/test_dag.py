@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -965,3 +966,294 @@ def test_an_hourly_incremental_dag_scores_each_delivery_once(
     with create_session() as session:
         found = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).count()
     assert found == 2
+
+
+# --------------------------------------------------------------------------- Asset-triggered runs
+
+
+def test_asset_keys_make_the_schedule_and_bad_ones_fail_parsing(airflow_env: Path, configs_dir: Path) -> None:
+    """``dag.assets`` schedules on upstream Assets (by URI), alone or with a cron schedule (Asset or time);
+    conflicting or empty values fail parsing, naming the file and the key."""
+    from airflow.sdk import AssetAll, AssetAny, AssetOrTimeSchedule, CronDataIntervalTimetable
+    from airflow.sdk.definitions.asset import AssetUriRef
+    from airflow.sdk.definitions.timetables.assets import AssetTriggeredTimetable
+
+    from batchscore_dagfactory import DagConfigError, load_jobs
+
+    base = {"input": "in/", "output": "out/"}
+    local = {"start_date": "2024-01-01", "runner": "local"}
+    write_job(configs_dir, "on_events", base, {**local, "assets": "s3://acme-events/churn"})
+    write_job(configs_dir, "on_both", base, {**local, "assets": ["s3://a/x", "s3://b/y"], "assets_match": "all"})
+    write_job(configs_dir, "or_time", base, {**local, "schedule": "@hourly", "assets": ["file:///data/in"]})
+    dags = load_dags(configs_dir)
+    on_events = dags["batchscore_on_events"]
+    assert isinstance(on_events.timetable, AssetTriggeredTimetable)
+    assert on_events.timetable.asset_condition == AssetAny(AssetUriRef("s3://acme-events/churn"))
+    assert dags["batchscore_on_both"].timetable.asset_condition == AssetAll(
+        AssetUriRef("s3://a/x"), AssetUriRef("s3://b/y")
+    )
+    or_time = dags["batchscore_or_time"]
+    assert isinstance(or_time.timetable, AssetOrTimeSchedule)
+    assert or_time.timetable.asset_condition == AssetAny(AssetUriRef("file:///data/in"))
+    assert or_time.timetable.timetable == CronDataIntervalTimetable("0 * * * *", timezone="UTC")  # data intervals
+    assert all(dag.max_active_runs == 1 for dag in dags.values())
+    for name in ("on_events", "on_both", "or_time"):
+        (configs_dir / f"{name}.yaml").unlink()
+
+    bad = [
+        ({"schedule": "@once", "assets": ["s3://a/x"]}, r"dag.schedule '@once' cannot be combined with dag.assets"),
+        ({"schedule": "@continuous", "assets": "s3://a/x"}, r"'@continuous' cannot be combined with dag.assets"),
+        ({"schedule": ["s3://a/x"]}, r"dag.schedule \['s3://a/x'\] is not a cron expression.*dag.assets"),
+        ({"assets": ["s3://a/x", ""]}, "dag.assets has an empty URI"),
+        ({"assets": "  "}, "dag.assets has an empty URI"),
+        ({"assets": []}, "dag.assets is an empty list"),
+        ({"assets": ["s3://a/x y"]}, r"dag.assets URI 's3://a/x y' has white space"),
+        ({"assets": ["s3://a/x", "s3://a/x"]}, "dag.assets names s3://a/x more than once"),
+        ({"assets": ["airflow://x"]}, "airflow:// scheme is Airflow's own"),
+        ({"assets": ["s3://a/{{ds}}"]}, r"dag.assets: 's3://a/\{\{ds\}\}' is a template"),
+        ({"schedule": "@daily", "assets_match": "any"}, "dag.assets_match is given without dag.assets"),
+        ({"assets": ["s3://a/x"], "assets_match": "some"}, "dag.assets_match must be one of"),
+        ({"assets": {"uri": "s3://a/x"}}, "dag.assets"),
+    ]
+    for dag, message in bad:
+        write_job(configs_dir, "bad_assets", base, {**local, **dag})
+        with pytest.raises(DagConfigError, match=r"bad_assets\.yaml: .*" + message):
+            load_jobs(configs_dir)
+
+
+def start_asset_triggered(dag: Any) -> list[Any]:
+    """What the scheduler does with queued Asset events, through its own code: it creates the
+    Asset-triggered runs (``_create_dagruns_for_dags``, which leaves the events queued while the DAG has
+    ``max_active_runs`` runs active) and starts them (``_start_queued_dagruns``). Returns the new runs."""
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.sqlalchemy import prohibit_commit
+    from airflow.utils.state import DagRunState
+
+    scheduler = SchedulerJobRunner(job=Job(), executors=[])
+    with create_session() as session:
+        before = {run.run_id for run in session.query(DagRun).filter(DagRun.dag_id == dag.dag_id)}
+        with prohibit_commit(session) as guard:
+            scheduler._create_dagruns_for_dags(guard, session)
+    deadline = time.monotonic() + 30
+    while True:  # a run is picked up once the clock has passed its queued_at
+        with create_session() as session:
+            scheduler._start_queued_dagruns(session)
+        with create_session() as session:
+            runs = session.query(DagRun).filter(DagRun.dag_id == dag.dag_id, DagRun.run_id.notin_(before)).all()
+            session.expunge_all()
+        if all(run.state != DagRunState.QUEUED for run in runs):
+            return runs
+        assert time.monotonic() < deadline, "the scheduler did not start the queued run"
+        time.sleep(0.2)
+
+
+def finish_run(dag: Any, run_id: str, after: dict[str, Any] | None = None) -> Any:
+    """Take a started run to its end as the scheduler does (``_schedule_dag_run``: the run's state, the
+    DAG's count of active runs, which tasks are due), running each due task in this process as
+    ``dag.test()`` runs them (Airflow's ``_run_task``: no executor or API server is up), and
+    ``after[task_id]()`` once that task has run. The finished run."""
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    scheduler = SchedulerJobRunner(job=Job(), executors=[])
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag.dag_id, DagRun.run_id == run_id).one()
+        while run.state == DagRunState.RUNNING:
+            session.expire_all()
+            scheduler._schedule_dag_run(run, session)
+            session.commit()
+            for ti in run.get_task_instances(state=[TaskInstanceState.SCHEDULED], session=session):
+                _run_task(ti=ti, task=dag.task_dict[ti.task_id])
+                (after or {}).pop(ti.task_id, lambda: None)()
+        session.commit()
+        states = {ti.task_id: ti.state for ti in run.get_task_instances(session=session)}
+        session.expunge_all()
+    run.task_states = states
+    return run
+
+
+@pytest.mark.slow
+def test_upstream_asset_events_start_incremental_runs_that_score_each_delivery_once(
+    airflow_home: Path, configs_dir: Path, tmp_path: Path, binary_model_paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream DAG delivers files into a growing prefix and emits an Asset event for it; the
+    batchscore DAG scheduled on that Asset (``dag.assets``) scores the delivery. Events that come
+    while a run is active wait for it (no second run at ``max_active_runs: 1``) and are not lost: a
+    delivery that landed before the active run planned is scored by it, one that landed after by the
+    next run, which the waiting events start. An event with nothing new behind it starts a run that
+    commits nothing; two deliveries whose events the scheduler coalesces into one run are scored once each.
+
+    What runs is Airflow's own: the upstream through ``dag.test()`` (its task's outlet records the
+    event and queues the consumer), the DAG processor's write of both DAGs (``sync_bag_to_db``), the
+    scheduler's creation and start of Asset-triggered runs and its scheduling of their tasks
+    (``SchedulerJobRunner``), each task run as ``dag.test()`` runs it. Only the loop that calls them
+    is the test's: ``dag.test()`` makes a manual run of its own, so it cannot run an Asset-triggered one."""
+    import deltalake
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow.models.asset import AssetEvent
+    from airflow.models.dag import DagModel
+    from airflow.sdk import DAG, Asset, task
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+
+    events = tmp_path / "events"
+    events.mkdir()
+    uri = f"file://{events}"
+    delivered: list[Path] = []
+    # the upstream names its Asset as it likes; the job file names it by its URI
+    delivery = Asset(name="deliveries", uri=uri)
+
+    with DAG("upstream_deliveries", schedule=None, start_date=LOGICAL_DATE, params={"seed": 0}) as upstream:
+
+        @task(outlets=[delivery])
+        def deliver(**context: Any) -> None:
+            seed = context["params"]["seed"]
+            if seed:
+                delivered.extend(
+                    write_inputs(events / f"delivery-{seed}", files=1, rows=707, row_group_size=300, seed=seed)
+                )
+            context["outlet_events"][delivery].extra = {"delivery": seed}
+
+        deliver()
+
+    table = tmp_path / "tables" / "scores"
+    job = {
+        "input": str(events) + "/",
+        "output": str(table),
+        "output_format": "delta",
+        "incremental": True,
+        "model": str(binary_model_paths["model"]),
+        "scaler": str(binary_model_paths["scaler"]),
+    }
+    write_job(configs_dir, "on_delivery", job, {**LOCAL_DAG, "schedule": None, "assets": [uri], "shards": 1})
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    dag = bag.dags["batchscore_on_delivery"]
+    bag.bag_dag(upstream)
+    DagBundlesManager().sync_bundles_to_db()
+
+    def parse() -> None:
+        """What the DAG processor writes each time it parses the DAG files (every 30 s by default),
+        among it whether each DAG is at ``max_active_runs``."""
+        sync_bag_to_db(bag, "dags-folder", None)
+
+    parse()
+    with create_session() as session:  # `airflow dags unpause`: a paused DAG is not queued for events
+        session.query(DagModel).filter(DagModel.dag_id == dag.dag_id).update({"is_paused": False})
+
+    def deliveries(*seeds: int) -> None:
+        for seed in seeds:
+            assert upstream.test(run_conf={"seed": seed}, logical_date=None).state == DagRunState.SUCCESS
+
+    def committed() -> list[int]:
+        return sorted(deltalake.DeltaTable(str(table)).to_pyarrow_table()["customer_id"].to_pylist())
+
+    def upstream_events() -> int:
+        with create_session() as session:
+            return session.query(AssetEvent).filter(AssetEvent.source_dag_id == upstream.dag_id).count()
+
+    deliveries(1)
+    [first] = start_asset_triggered(dag)
+    assert first.run_type == DagRunType.ASSET_TRIGGERED and first.triggered_by == DagRunTriggeredByType.ASSET
+    assert first.state == DagRunState.RUNNING
+    deliveries(2)  # while the first run is active, before it plans: no second run starts
+    assert start_asset_triggered(dag) == []
+
+    def during_first() -> None:  # once the first run has planned: this delivery is not in its plan
+        deliveries(3)
+        assert start_asset_triggered(dag) == []
+
+    first = finish_run(dag, first.run_id, after={"plan": during_first})
+    parse()
+    assert first.state == DagRunState.SUCCESS
+    assert deltalake.DeltaTable(str(table)).version() == 0  # deliveries 1 and 2, planned after both landed
+    assert committed() == sorted(read_inputs(delivered[:2])["customer_id"].to_pylist())
+
+    [second] = start_asset_triggered(dag)  # the events that waited (2 and 3) start one run
+    second = finish_run(dag, second.run_id)
+    parse()
+    dt = deltalake.DeltaTable(str(table))
+    assert second.state == DagRunState.SUCCESS
+    assert dt.version() == 1 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 1  # delivery 3 only
+    assert committed() == sorted(read_inputs(delivered)["customer_id"].to_pylist())
+
+    deliveries(0)  # an event with nothing new behind it
+    [idle] = start_asset_triggered(dag)
+    idle = finish_run(dag, idle.run_id)
+    parse()
+    assert idle.state == DagRunState.SUCCESS
+    assert idle.task_states["plan"] == TaskInstanceState.SKIPPED
+    assert idle.task_states["commit"] == TaskInstanceState.SKIPPED
+    assert deltalake.DeltaTable(str(table)).version() == 1
+
+    deliveries(4, 5)  # both land before the scheduler looks: one run for both events
+    assert upstream_events() == 6
+    [last] = start_asset_triggered(dag)
+    last = finish_run(dag, last.run_id)
+    parse()
+    assert last.state == DagRunState.SUCCESS
+    dt = deltalake.DeltaTable(str(table))
+    assert dt.version() == 2 and json.loads(dt.history(1)[0]["batchscore"])["inputs"] == 2
+    assert len(delivered) == 5
+    assert committed() == sorted(read_inputs(delivered)["customer_id"].to_pylist())  # every row once
+    assert start_asset_triggered(dag) == []  # no event, no run
+    with create_session() as session:
+        ours = session.query(AssetEvent).filter(AssetEvent.source_dag_id == dag.dag_id).count()
+    assert ours == 3  # one per commit; the run with nothing new sent none
+    assert caplog.text.count(f"started by an Asset event on {uri}; ") == 4  # each plan task's log
+
+
+@pytest.mark.slow
+def test_a_job_scheduled_on_another_jobs_output_follows_its_asset(
+    airflow_home: Path, configs_dir: Path, tmp_path: Path
+) -> None:
+    """A job whose ``dag.assets`` is another batchscore job's output URI is queued by that job's Asset
+    events: the reference by URI resolves to the producer's Asset (named ``batchscore/<job>``), and
+    no second Asset is made for the reference."""
+    from airflow.assets.manager import AssetManager
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow.models.asset import AssetActive, AssetDagRunQueue, AssetModel, resolve_ref_to_asset
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    from batchscore_dagfactory import asset_uri
+
+    scores = tmp_path / "scores"
+    daily = {"input": str(tmp_path / "events" / "dt={{ ds }}") + "/", "output": str(scores / "dt={{ ds }}") + "/"}
+    write_job(configs_dir, "daily_scores", daily, {**LOCAL_DAG})
+    downstream = {"input": str(scores) + "/", "output": str(tmp_path / "rollup"), "output_format": "delta"}
+    producer_uri = asset_uri(daily["output"])
+    assert producer_uri == f"file://{scores}"
+    write_job(
+        configs_dir,
+        "rollup",
+        {**downstream, "incremental": True},
+        {**LOCAL_DAG, "schedule": None, "assets": producer_uri},
+    )
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(bag, "dags-folder", None)
+    with create_session() as session:
+        resolved = resolve_ref_to_asset(uri=producer_uri, session=session)
+        assert resolved is not None and resolved.name == "batchscore/daily_scores"
+        names = {name for (name,) in session.query(AssetModel.name).filter(AssetModel.uri == producer_uri)}
+        assert names == {"batchscore/daily_scores"}  # no second Asset made for the reference
+        assert session.query(AssetActive).filter(AssetActive.uri == producer_uri).count() == 1
+        # an event of the producer's Asset (what its commit task emits) queues the rollup's next run
+        session.query(DagModel).filter(DagModel.dag_id == "batchscore_rollup").update({"is_paused": False})
+        AssetManager.register_asset_change(asset=resolved, extra={"output": "x"}, session=session)
+        queued = session.query(AssetDagRunQueue).filter(AssetDagRunQueue.target_dag_id == "batchscore_rollup")
+        assert queued.count() == 1
+        queued.delete()  # leave no pending run behind for the tests that follow
+        session.query(DagModel).filter(DagModel.dag_id == "batchscore_rollup").update({"is_paused": True})

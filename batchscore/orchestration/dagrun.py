@@ -26,7 +26,7 @@ from ..config import COMMAND_FIELDS, PLAN_FIELDS, shard_size_conflict
 from ..config import FIELDS as JOB_FIELDS
 from ..errors import NOTHING_NEW, PERMANENT_EXIT_CODES
 from ..io.layout import plan_path
-from .dagspec import JobSettings
+from .dagspec import ONE_OFF_SCHEDULES, JobSettings
 
 log = logging.getLogger(__name__)
 #: A run's param that picks the date it scores (YYYY-MM-DD), whatever kind of run it is.
@@ -381,18 +381,83 @@ def plan_uri(output: str) -> str:
 
 
 def timetable(settings: JobSettings) -> Any:
-    """Cron schedules cover data intervals, whatever ``create_cron_data_intervals`` says.
+    """Cron schedules cover data intervals, whatever ``create_cron_data_intervals`` says; with
+    ``dag.assets``, Asset events start runs too (alone, or Asset or time).
 
     The run for 2024-06-01 of a daily job starts once that day is over and its ``{{ ds }}`` is
     2024-06-01: the date a run scores is the date its output is named after.
     """
-    if settings.dag.schedule is None or settings.dag.schedule in ("@once", "@continuous"):
-        return settings.dag.schedule
+    condition = upstream_assets(settings)
+    if settings.dag.schedule is None or settings.dag.schedule in ONE_OFF_SCHEDULES:
+        return condition if condition is not None else settings.dag.schedule
     try:
         from airflow.sdk import CronDataIntervalTimetable
     except ImportError:  # Airflow 3.0
         from airflow.timetables.interval import CronDataIntervalTimetable  # type: ignore[assignment]  # 3.0's home
-    return CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
+    cron = CronDataIntervalTimetable(settings.dag.schedule, timezone=settings.dag.timezone)
+    if condition is None:
+        return cron
+    try:
+        from airflow.sdk import AssetOrTimeSchedule
+    except ImportError:  # Airflow 3.0
+        from airflow.timetables.assets import AssetOrTimeSchedule  # type: ignore[assignment]  # 3.0's home
+    return AssetOrTimeSchedule(timetable=cron, assets=condition)
+
+
+def upstream_assets(settings: JobSettings) -> Any:
+    """``dag.assets`` as the condition Airflow schedules on, or None without them.
+
+    Each is a reference by URI (``Asset.ref``): it matches the producer's Asset whatever name the
+    producer gave it (a batchscore job names its output ``batchscore/<job>``).
+    """
+    from airflow.sdk import Asset, AssetAll, AssetAny
+
+    spec = settings.dag
+    if not spec.assets:
+        return None
+    refs = [Asset.ref(uri=uri) for uri in spec.assets]
+    return AssetAny(*refs) if spec.assets_match == "any" else AssetAll(*refs)
+
+
+def triggering_events(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The upstream Asset events this run consumed (none for a scheduled or manual run), oldest first:
+    each one's URI, its producer's run and its ``extra``."""
+    events: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for found in (context.get("triggering_asset_events") or {}).values():
+        for event in found:  # an event reached through an alias too is listed under both: keep one
+            key = (event.asset.uri, str(event.timestamp), event.source_run_id, event.source_map_index)
+            events[key] = {
+                "uri": event.asset.uri,
+                "timestamp": str(event.timestamp),
+                "source_dag_id": event.source_dag_id,
+                "source_run_id": event.source_run_id,
+                "extra": dict(event.extra or {}),
+            }
+    return sorted(events.values(), key=lambda event: event["timestamp"])
+
+
+def log_triggering_events(settings: JobSettings, context: Mapping[str, Any]) -> None:
+    """Say in the plan task's log that an Asset event started this run, and which events, where Airflow
+    attached them to the run (3.3 attaches none to a run started through a URI reference)."""
+    dag_run = context.get("dag_run")
+    run_type = getattr(dag_run, "run_type", None)
+    if getattr(run_type, "value", run_type) != "asset_triggered":
+        return
+    events = triggering_events(context)
+    log.info(
+        "started by an Asset event on %s; %d event(s) attached to the run",
+        " or ".join(settings.dag.assets) if settings.dag.assets_match == "any" else " and ".join(settings.dag.assets),
+        len(events),
+    )
+    for event in events:
+        log.info(
+            "  %s at %s from %s/%s, extra %s",
+            event["uri"],
+            event["timestamp"],
+            event["source_dag_id"],
+            event["source_run_id"],
+            event["extra"],
+        )
 
 
 # --------------------------------------------------------------------------- the tasks' bodies

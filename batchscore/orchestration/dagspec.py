@@ -98,6 +98,8 @@ PARALLEL_WHY = f"each is a pod or process at once; the scheduler runs far fewer 
 MAX_EXECUTOR_CORES = 512
 #: A size as Spark's ``--executor-memory`` takes it (a number, then k, m, g, t or p).
 SPARK_SIZE = re.compile(r"[0-9]+[kmgtp]?b?", re.IGNORECASE)
+#: Schedules that are not a time table, so an Asset-or-time schedule cannot be built on them.
+ONE_OFF_SCHEDULES = ("@once", "@continuous")
 STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -205,7 +207,19 @@ class DagSpec(BaseModel):
         None,
         'Cron expression or preset ("0 3 * * *", "@daily"). Runs cover **data intervals**: the run for '
         "2024-06-01 of a daily job starts once that interval has ended, and its `{{ ds }}` is `2024-06-01`.",
-        shown="required (may be `null`: manual runs only)",
+        shown="required unless `assets` (may be `null`: manual runs only)",
+    )
+    assets: Strings = setting(
+        (),
+        "URIs of upstream Airflow Assets, e.g. `s3://acme-events/churn` (another batchscore job's: its output "
+        "without the date folder); their events start runs (see `assets_match`). With a `schedule` too, the DAG "
+        "runs on either (Asset or time).",
+        shown="none",
+    )
+    assets_match: Literal["any", "all"] = setting(
+        "any",
+        "`any`: an event for any of `assets` starts a run; `all`: every one of them must have been updated "
+        "since the last run (Airflow's rule for a list).",
     )
     start_date: When = setting(..., "First date to schedule, like 2024-06-01.", shown="required")
     end_date: When | None = setting(None, "Last date to schedule.")
@@ -415,6 +429,31 @@ class DagSpec(BaseModel):
             )
         return conf
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _not_assets(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple, Mapping)):
+            raise ValueError(
+                f"dag.schedule {value!r} is not a cron expression or preset; name upstream Assets in dag.assets"
+            )
+        return value
+
+    @field_validator("assets")
+    @classmethod
+    def _asset_uris(cls, uris: tuple[str, ...]) -> tuple[str, ...]:
+        """An Asset is named by its URI exactly: a blank, spaced or repeated one would match nothing or twice."""
+        for uri in uris:
+            if not uri.strip():
+                raise ValueError("dag.assets has an empty URI; give each upstream Asset's URI, like s3://bucket/prefix")
+            if uri != uri.strip() or any(ch.isspace() for ch in uri):
+                raise ValueError(f"dag.assets URI {uri!r} has white space; an Asset's URI has none")
+            if uri.split("://", 1)[0].lower() == "airflow" and "://" in uri:
+                raise ValueError(f"dag.assets URI {uri!r}: the airflow:// scheme is Airflow's own")
+        repeated = sorted({uri for uri in uris if uris.count(uri) > 1})
+        if repeated:
+            raise ValueError(f"dag.assets names {', '.join(repeated)} more than once")
+        return uris
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -441,6 +480,15 @@ class DagSpec(BaseModel):
 
         if self.runner in ("kubernetes", "docker") and not self.image:
             raise ValueError(f"dag.image is required for the {self.runner} runner")
+        if self.assets and self.schedule in ONE_OFF_SCHEDULES:
+            raise ValueError(
+                f"dag.schedule {self.schedule!r} cannot be combined with dag.assets: give assets alone "
+                "(runs on Asset events) or with a cron schedule (Asset events or time)"
+            )
+        if "assets" in self.model_fields_set and not self.assets:
+            raise ValueError("dag.assets is an empty list; name at least one upstream Asset's URI, or leave it out")
+        if "assets_match" in self.model_fields_set and not self.assets:
+            raise ValueError("dag.assets_match is given without dag.assets; name the upstream Assets")
         conflict = shard_size_conflict(self.shards, self.rows_per_shard, lambda key: f"dag.{key}")
         if conflict:
             raise ValueError(conflict)
@@ -619,8 +667,12 @@ def parse_job(source: str, data: Mapping[str, Any]) -> JobSettings:
     )
 
 
+#: A ``dag:`` section with one of these keys makes a DAG.
+SCHEDULE_KEYS = {"schedule", "assets"}
+
+
 def load_jobs(configs_dir: str | os.PathLike[str]) -> list[JobSettings]:
-    """Every ``*.yaml``/``*.yml`` in the folder whose ``dag:`` section has a ``schedule`` key."""
+    """Every ``*.yaml``/``*.yml`` in the folder whose ``dag:`` section has a ``schedule`` or ``assets`` key."""
     jobs = []
     folder = Path(configs_dir)
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
@@ -631,7 +683,7 @@ def load_jobs(configs_dir: str | os.PathLike[str]) -> list[JobSettings]:
                 raise DagConfigError(f"{path}: {exc}") from None
             except yaml.YAMLError as exc:
                 raise DagConfigError(f"{path}: not valid YAML: {exc}") from None
-        if isinstance(data, Mapping) and isinstance(data.get("dag"), Mapping) and "schedule" in data["dag"]:
+        if isinstance(data, Mapping) and isinstance(data.get("dag"), Mapping) and SCHEDULE_KEYS & set(data["dag"]):
             jobs.append(parse_job(str(path), data))
     return jobs
 
