@@ -88,7 +88,7 @@ def test_docker_gets_the_same_amounts() -> None:
         ({"secrets": [{"secret": "s3", "key": "id"}]}, "give both 'key' and 'env', or neither"),
         ({"secrets": [{"name": "s3"}]}, "dag.secrets.0.name is not a known setting"),
         ({"env": {"API_TOKEN": "x"}}, "dag.env API_TOKEN look like credentials; use dag.secrets instead"),
-        ({"shard": 3}, "unknown dag key(s) shard; known: schedule, start_date"),
+        ({"shard": 3}, "unknown dag key(s) shard; known: schedule, assets, assets_match, start_date"),
     ],
 )
 def test_bad_dag_keys_are_named_with_their_file(dag: dict[str, Any], message: str) -> None:
