@@ -41,6 +41,7 @@ from .layout import (
 )
 from .scored import Incremental, Scored, next_record, part_number, record_bytes, record_from_bytes
 from .storage import Location, write_bytes_atomic
+from .tables import table_schema
 
 #: The snapshot summary keys a commit writes: the plan's application id, and the manifest's facts.
 APP_ID_KEY = "batchscore.app_id"
@@ -182,25 +183,10 @@ def check_table(
 ) -> None:
     """Before anything is scored: the partition column is not an output column, and an Iceberg
     table already there has this job's columns and partitioning."""
-    full = _table_schema(schema, partition)
+    full = table_schema(schema, partition)
     _, found = _open(where, catalog, table)
     if found is not None:
         _check_fits(found, full, partition)
-
-
-def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
-    """The table's schema: the parts' columns, then the partition column (a string whose value is
-    in the table's manifests, not in the parts, as Delta keeps it in its log)."""
-    schema = pa.schema(list(schema), metadata=None)
-    if partition:
-        column, _ = split_partition(partition)
-        if column in schema.names:
-            raise InputDataError(
-                f"{param('partition')} {partition}: the output already has a column {column!r}; leave it out "
-                f"with {param('keep')} or partition by another name"
-            )
-        schema = schema.append(pa.field(column, pa.string()))
-    return schema
 
 
 def _check_fits(table: Any, schema: pa.Schema, partition: str | None) -> None:
@@ -272,7 +258,7 @@ def commit_iceberg(
         found_catalog.create_namespace_if_not_exists(namespace)
         try:  # the table with its partitioning, in one catalog commit
             with found_catalog.create_table_transaction(
-                name, schema=_table_schema(schema, partition), location=where.uri.rstrip("/")
+                name, schema=table_schema(schema, partition), location=where.uri.rstrip("/")
             ) as created:
                 if partition:
                     with created.update_spec() as spec:
@@ -281,7 +267,7 @@ def commit_iceberg(
             pass
         found = found_catalog.load_table(name)
     if schema is not None:
-        _check_fits(found, _table_schema(schema, partition), partition)
+        _check_fits(found, table_schema(schema, partition), partition)
     if _holds(found, relative, mode, where, incremental.key if incremental is not None else None, partition):
         return int(found.current_snapshot().snapshot_id), False
     commit_id = uuid.uuid4().hex

@@ -258,9 +258,9 @@ def committed_parts(where: Location, data_folder: str) -> dict[str, int]:
     }
 
 
-def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
-    """The table's schema: the parts' columns, then the partition column (a string, stored in the
-    table's log, not in the parts)."""
+def table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
+    """The table's schema: the parts' columns, then the partition column (a string whose value a
+    Delta table keeps in its log and an Iceberg table in its manifests, never in the parts)."""
     schema = pa.schema(list(schema), metadata=None)
     if partition:
         column, _ = split_partition(partition)
@@ -276,7 +276,7 @@ def _table_schema(schema: pa.Schema, partition: str | None) -> pa.Schema:
 def check_table(where: Location, schema: pa.Schema, partition: str | None) -> None:
     """Before anything is scored: the partition column is not an output column, and a table
     already at ``where`` has this job's columns, types and partitioning."""
-    full = _table_schema(schema, partition)
+    full = table_schema(schema, partition)
     table = _open(where)
     if table is not None:
         _check_fits(table, where, full, partition)
@@ -368,7 +368,7 @@ def commit_delta(
     try:
         table = opened if opened is not None else _open(where)
         if schema is not None:
-            schema = _table_schema(schema, partition)
+            schema = table_schema(schema, partition)
         elif table is not None:
             schema = pa.schema(table.schema().to_arrow())
         else:
