@@ -33,6 +33,7 @@ from helpers import (
     read_manifest,
     read_output,
     receipt_file,
+    training_frame,
     write_inputs,
 )
 from spark_fixtures import spark_cluster, spark_local  # noqa: F401  (fixtures)
@@ -762,3 +763,44 @@ def test_run_job_into_a_delta_table_and_a_rerun_commits_nothing(
         read_inputs(paths).sort_by("customer_id"),
         binary_model_paths,
     )
+
+
+def test_run_job_with_the_compiled_engine_is_verified_in_every_task(spark_local: Any, tmp_path: Path) -> None:
+    """`engine: compiled` on local[2]: every task scores with the library built once into the job's
+    cache, verified against scikit-learn on its own shard's rows; the output agrees with a
+    scikit-learn run within the engine's tolerance, classes identical, in input order."""
+    import joblib
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from batchscore.models.verification import TOLERANCE
+    from batchscore.sample import FEATURES
+    from batchscore.spark import run_job
+
+    frame = training_frame()
+    model = HistGradientBoostingClassifier(max_iter=12, max_depth=3, random_state=0)
+    joblib.dump(model.fit(frame[list(FEATURES)], frame["churned"]), tmp_path / "hgb.joblib")
+    write_inputs(tmp_path / "in", files=3, rows=1_003, row_group_size=400)
+
+    def job(out: str, **settings: Any) -> Any:
+        return batchscore.build_config(
+            None,
+            input=(str(tmp_path / "in"),),
+            output=str(tmp_path / out),
+            model=str(tmp_path / "hgb.joblib"),
+            **settings,
+        )
+
+    batchscore.run(job("sklearn"))
+    run_job(job("compiled", engine="compiled", compiled_cache=str(tmp_path / "cache")), spark=spark_local, shards=3)
+    expected, got = read_output(tmp_path / "sklearn"), read_output(tmp_path / "compiled")
+    assert got.num_rows == expected.num_rows == 3_009
+    for column in got.column_names:
+        if column == "probability":
+            a, b = got.column(column).to_numpy(), expected.column(column).to_numpy()
+            assert np.max(np.abs(a - b)) <= TOLERANCE
+        elif column != "predicted_at":
+            assert got.column(column).equals(expected.column(column)), column
+    engine = read_manifest(tmp_path / "compiled")["engine"]
+    assert engine["used"] == "compiled" and engine["class_mismatches"] == 0
+    assert engine["largest_difference"] <= TOLERANCE and engine["checked_rows"] >= 3 * 256
+    assert len(engine["shards"]) == 3 and {s["library_sha256"] for s in engine["shards"]} == {engine["library_sha256"]}
