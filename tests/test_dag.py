@@ -787,6 +787,57 @@ def test_a_shard_failing_once_is_retried_without_duplicates(
     assert_same_scores(read_parts(str(scores / f"dt={DAY}")), local_data["reference"], local_data["rows"])
 
 
+ALIAS_WRAPPER = """\
+import os, subprocess, sys
+args = sys.argv[1:]
+if args[0] == "run" and not os.path.exists({marker!r}):  # the first shard starts after the plan pinned v1
+    open({marker!r}, "w").close()
+    from mlflow import MlflowClient
+    MlflowClient(tracking_uri={uri!r}, registry_uri={uri!r}).set_registered_model_alias("churn_dag", "champion", "2")
+sys.exit(subprocess.call([sys.executable, "-m", "batchscore", *args]))
+"""
+
+
+@pytest.mark.slow
+def test_shards_score_the_registry_version_their_plan_pinned(
+    airflow_home: Path,
+    configs_dir: Path,
+    local_data: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job whose model is `models:/NAME@ALIAS` in a SQLite registry: the plan task resolves the
+    alias; the alias then moves to another version before the first shard starts. Every shard
+    scores the planned version (the output equals the file model's single-process run) and the
+    manifest names it."""
+    import joblib
+    from airflow.utils.state import DagRunState
+    from sklearn.linear_model import LogisticRegression
+
+    from mlflow_fixtures import log_sklearn, tracking
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    first = joblib.load(local_data["model"])
+    other = LogisticRegression(C=0.01).fit(local_data["reference"].select(list(FEATURES)).to_pandas(), [0, 1] * 1_800)
+    monkeypatch.chdir(tmp_path)  # a SQLite registry keeps its artifacts in ./mlruns
+    with tracking(uri) as client:
+        assert [log_sklearn(m, "churn_dag")[0] for m in (first, other)] == ["1", "2"]
+        client.set_registered_model_alias("churn_dag", "champion", "1")
+    marker, wrapper = tmp_path / "moved", tmp_path / "alias_moving_batchscore.py"
+    wrapper.write_text(ALIAS_WRAPPER.format(marker=str(marker), uri=uri))
+    scores = tmp_path / "scores"
+    job = {**local_job(local_data, scores), "model": "models:/churn_dag@champion", "registry_uri": uri}
+    write_job(configs_dir, "registry_e2e", job, {**LOCAL_DAG, "local_command": [sys.executable, str(wrapper)]})
+    run = load_dags(configs_dir)["batchscore_registry_e2e"].test(logical_date=LOGICAL_DATE)
+    assert run.state == DagRunState.SUCCESS and marker.exists() and len(score_tis(run)) == 3
+    output = scores / f"dt={DAY}"
+    assert_same_scores(read_parts(str(output)), local_data["reference"], local_data["rows"])
+    (model,) = [a for a in read_manifest(output)["artifacts"] if a["role"] == "model"]
+    assert model["registry"]["version"] == "1" and model["registry"]["reference"] == "models:/churn_dag@champion"
+    with tracking(uri) as client:
+        assert str(client.get_model_version_by_alias("churn_dag", "champion").version) == "2"
+
+
 ENV_WRAPPER = """\
 import os, subprocess, sys
 with open({log!r}, "a") as fh:
