@@ -263,8 +263,9 @@ def test_a_rerun_removes_stale_parts_and_folders(tmp_path: Path, models) -> None
     assert "prediction__forest" in read_output(out).column_names
 
 
-def test_folders_are_refused_for_tables_and_spark(tmp_path: Path, models) -> None:  # noqa: F811
-    """A table output or the Spark runner with challenger folders: exit 2, one line naming the setting."""
+def test_folders_are_refused_for_tables_on_every_runner(tmp_path: Path, models) -> None:  # noqa: F811
+    """A table output with challenger folders, run, planned, validated or on Spark: exit 2, one
+    line naming the setting, nothing written."""
     write_inputs(tmp_path / "in", files=1, rows=ROWS, row_group_size=700)
     job = _job(
         tmp_path, models, str(tmp_path / "in"), str(tmp_path / "table"), ["forest"], output_format="delta", **FOLDERS
@@ -274,12 +275,11 @@ def test_folders_are_refused_for_tables_and_spark(tmp_path: Path, models) -> Non
         assert result.exit_code == EXIT_USAGE, (argv, result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and "challenger-output" in errors[0] and "delta" in errors[0], result.stderr
-    job = _job(tmp_path, models, str(tmp_path / "in"), str(tmp_path / "out"), ["forest"], **FOLDERS)
     result = cli("spark", "--config", job, "--master", "local[1]")
     assert result.exit_code == EXIT_USAGE, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "challenger-output" in errors[0] and "Spark" in errors[0], result.stderr
-    assert not (tmp_path / "out").exists()
+    assert len(errors) == 1 and "challenger-output" in errors[0] and "delta" in errors[0], result.stderr
+    assert not (tmp_path / "table").exists()
 
 
 def test_the_setting_reaches_the_cli(tmp_path: Path) -> None:

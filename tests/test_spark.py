@@ -804,3 +804,41 @@ def test_run_job_with_the_compiled_engine_is_verified_in_every_task(spark_local:
     assert engine["used"] == "compiled" and engine["class_mismatches"] == 0
     assert engine["largest_difference"] <= TOLERANCE and engine["checked_rows"] >= 3 * 256
     assert len(engine["shards"]) == 3 and {s["library_sha256"] for s in engine["shards"]} == {engine["library_sha256"]}
+
+
+def test_run_job_writes_challenger_folders_exactly_through_a_killed_attempt(
+    spark_local: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`challenger_output: folders` on local[2], shard 0's first attempt killed once its first part
+    is written: the output holds the champion's parts alone, the challenger's folder its own rows
+    exactly, and the commit keeps only the standing attempts' parts in both."""
+    from batchscore.spark import run_job
+    from helpers import pipeline_model
+    from test_challenger_folders import assert_folder_exact, folder, part_names
+
+    monkeypatch.setitem(spark_local.sparkContext.environment, "BATCHSCORE_SPARK_FAULT", "0:part")
+    paths = write_inputs(tmp_path / "in", files=3, rows=688, row_group_size=300)
+    champion, forest = binary_model(tmp_path / "champion"), pipeline_model(tmp_path / "forest")
+    out = tmp_path / "out"
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(out),
+        challenger_output="folders",
+        models=[
+            {"name": "lr", "role": "champion", "model": str(champion["model"]), "scaler": str(champion["scaler"])},
+            {"name": "forest", "model": str(forest["model"]), "model_version": "forest-7"},
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="batchscore.spark.driver"):
+        result = run_job(batchscore.build_config(str(job)), spark=spark_local, shards=2)
+    assert "shard 0 by task attempt 1" in caplog.text
+    inputs = read_inputs(paths)
+    assert_exact(read_output(out), inputs, champion)
+    assert_folder_exact(out, "forest", inputs, forest)
+    (entry,) = result.manifest["challengers"]
+    assert entry["status"] == "ok" and entry["rows"]["out"] == inputs.num_rows
+    attempts = {s["attempt"] for s in result.manifest["shards"]}
+    for where in (str(out), folder(out, "forest")):  # the standing attempts' parts, and nothing else
+        names = part_names(where)
+        assert len(names) == len(result.parts) and all(any(a in n for a in attempts) for n in names), names

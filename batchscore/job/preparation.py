@@ -48,20 +48,12 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def check_challenger_output(config: JobConfig, runner: str | None = None) -> None:
+def check_challenger_output(config: JobConfig) -> None:
     """Refuse challenger folders where they cannot be committed with the output: a table output
-    commits its parts in one table transaction that holds no other folder; ``runner`` (Spark)
-    names a runner that does not write them."""
-    if config.challenger_output != "folders":
-        return
-    where = (
-        f"{runner} jobs"
-        if runner
-        else (f"{config.output_format} outputs" if config.output_format != "parquet" else None)
-    )
-    if where:
+    commits its parts in one table transaction that holds no other folder."""
+    if config.challenger_output == "folders" and config.output_format != "parquet":
         raise ConfigError(
-            f"{param('challenger_output')} folders is not supported for {where}; give "
+            f"{param('challenger_output')} folders is not supported for {config.output_format} outputs; give "
             f"{param('challenger_output')} columns (each challenger adds its own columns)"
         )
 

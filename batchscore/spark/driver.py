@@ -133,7 +133,7 @@ def score_plan(
     config.require("input")
     config.require("output")
     config.require("model")
-    check_challenger_output(config, "Spark")  # its tasks write the output's parts only: refused before a session starts
+    check_challenger_output(config)  # refused before a session starts
     if plan is not None and shards is not None:
         raise ConfigError(f"{param('shards')} would plan the job again: {param('plan')} is scored as it was planned")
     if plan is None and plan_sha256:
