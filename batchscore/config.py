@@ -468,7 +468,7 @@ class JobConfig:
         "columns",
         "columns: each challenger adds its own columns (prediction__NAME, ...) to the output; folders: each "
         "writes its own folder of parts, as a job of that model alone would, in the state folder, committed "
-        "by the output's _SUCCESS and manifest (Parquet folder outputs, not Spark; see Champion and challengers).",
+        "by the output's _SUCCESS and manifest (Parquet folder outputs, not tables; see Champion and challengers).",
     )
 
     @field_validator("input", "trusted_types", "features", "keep", mode="before")

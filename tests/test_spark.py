@@ -330,6 +330,11 @@ def test_score_keeps_skips_and_refuses(spark_local: Any, tmp_path: Path, binary_
         score(df.drop("tenure"), model, scaler=scaler)
     with pytest.raises(ConfigError, match="would be overwritten"):
         score(df.withColumnRenamed("churned", "probability"), model, scaler=scaler)
+    pair = [{"name": "lr", "role": "champion", "model": model, "scaler": scaler}, {"name": "again", "model": model}]
+    with pytest.raises(ConfigError, match=r"names challengers \(again\)"):
+        score(df, str(_job_file(tmp_path, models=pair)))  # one pass of every model is a job's: batchscore spark
+    with pytest.raises(ConfigError, match="engine compiled"):
+        score(df, model, scaler=scaler, engine="compiled")
 
 
 def test_slices_bound_rows_and_bytes() -> None:

@@ -57,7 +57,9 @@ def score(
     """``df`` scored: its passthrough columns (``keep``, else all of them) and the prediction columns.
 
     Rows with a null, NaN or infinite feature fail the job (``on_invalid: fail``, naming the
-    column) or are left out (``skip``); ``quarantine`` needs a job's state folder and is refused.
+    column) or are left out (``skip``); ``quarantine`` needs a job's state folder and is refused,
+    as are challengers and ``engine: compiled`` (a job's, with its manifest: ``batchscore spark``).
+    ``engine: auto`` scores with scikit-learn.
     Lazy like any DataFrame: nothing is scored until an action runs.
     """
     import pyarrow as pa
@@ -74,6 +76,16 @@ def score(
         raise ConfigError(
             "on_invalid quarantine writes rejected rows beside a job's output; a DataFrame has none: "
             "use fail or skip, or filter the rows first"
+        )
+    if config.models:
+        raise ConfigError(
+            f"score(df) scores one model, and the job names challengers ({', '.join(m.name for m in config.models)}): "
+            "score each model in a call of its own, or run the job with batchscore spark (one pass, every model)"
+        )
+    if config.engine == "compiled":
+        raise ConfigError(
+            "score(df) scores with scikit-learn; engine compiled (a verified library per job) is for jobs: "
+            "run the job with batchscore spark, or use engine sklearn or auto"
         )
     model = load(config)  # on the driver: features, classes and digests, checked before any task starts
     digests = {a.role: a.sha256 for a in model.artifacts}
