@@ -35,7 +35,7 @@ from helpers import (
     training_frame,
     write_inputs,
 )
-from test_challengers import FILES, ROWS, _job, models  # noqa: F401  (the models fixture)
+from test_challengers import FILES, ROWS, _job, models, on_s3  # noqa: F401  (the models fixture)
 
 FOLDERS = {"challenger_output": "folders"}
 
@@ -137,15 +137,7 @@ def test_sharded_job_on_s3_commits_every_folder_with_one_success(tmp_path: Path,
     """plan / run --shard x3 / commit on S3, champion + 2 challengers in folders: nothing looks
     finished before the commit; then all three are exact and the manifest lists each folder."""
     fs, bucket, options = s3
-    paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=500)
-    for path in paths:
-        fs.put_file(str(path), f"{bucket}/in/{path.name}")
-    remote: dict[str, dict[str, Any]] = {}
-    for name in ("champion", "forest", "ridge"):
-        remote[name] = {}
-        for role, local in models[name].items():
-            fs.put_file(str(local), f"{bucket}/models/{name}/{role}.joblib")
-            remote[name][role] = f"s3://{bucket}/models/{name}/{role}.joblib"
+    paths, remote = on_s3(fs, bucket, tmp_path, models)
     output = f"s3://{bucket}/scores"
     job = _job(tmp_path, remote, f"s3://{bucket}/in/", output, ["forest", "ridge"], storage_options=options, **FOLDERS)
     plan = f"s3://{bucket}/plans/plan.json"

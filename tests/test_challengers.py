@@ -218,18 +218,27 @@ def test_champion_and_challengers_in_one_pass_each_exact(tmp_path: Path, models)
     assert "<h2>Challengers</h2>" in page and "Spearman" in page and "top 1% overlap" in page
 
 
-def test_sharded_champion_and_two_challengers_on_s3_exact(tmp_path: Path, s3, models) -> None:
-    """plan pins every model's digests; each shard scores exactly them; commit adds the agreements up."""
-    fs, bucket, options = s3
+def on_s3(
+    fs: Any, bucket: str, tmp_path: Path, models: dict[str, dict[str, Path]]
+) -> tuple[list[Path], dict[str, Any]]:
+    """The job's input files and the three models put in the bucket: (local inputs, each model's
+    roles by their s3:// URIs)."""
     paths = write_inputs(tmp_path / "in", files=FILES, rows=ROWS, row_group_size=500)
     for path in paths:
         fs.put_file(str(path), f"{bucket}/in/{path.name}")
-    remote: dict[str, dict[str, Path]] = {}
+    remote: dict[str, Any] = {}
     for name in ("champion", "forest", "ridge"):
         remote[name] = {}
         for role, local in models[name].items():
             fs.put_file(str(local), f"{bucket}/models/{name}/{role}.joblib")
-            remote[name][role] = f"s3://{bucket}/models/{name}/{role}.joblib"  # type: ignore[assignment]
+            remote[name][role] = f"s3://{bucket}/models/{name}/{role}.joblib"
+    return paths, remote
+
+
+def test_sharded_champion_and_two_challengers_on_s3_exact(tmp_path: Path, s3, models) -> None:
+    """plan pins every model's digests; each shard scores exactly them; commit adds the agreements up."""
+    fs, bucket, options = s3
+    paths, remote = on_s3(fs, bucket, tmp_path, models)
     output = f"s3://{bucket}/scores"
     job = _job(tmp_path, remote, f"s3://{bucket}/in/", output, ["forest", "ridge"], storage_options=options)
     plan = f"s3://{bucket}/plans/plan.json"
