@@ -253,6 +253,23 @@ def test_kill_during_an_iceberg_commit_leaves_the_previous_snapshot(
     assert len(struck) >= 2, f"most kills must land on a running commit: {struck}"
 
 
+def _delivering(root: Path, model_paths: dict[str, Path]) -> Callable[[str, int, int], None]:
+    """The job's model copied under ``root``, and ``deliver(name, number, seed)``: input file
+    ``name`` written (again) in ``root/in``, ``ROWS`` churn rows from id ``1 + number * ROWS``."""
+    import pyarrow.parquet as pq
+
+    from batchscore.sample import churn_table
+
+    shutil.copytree(model_paths["model"].parent, root / "model")
+    (root / "in").mkdir()
+
+    def deliver(name: str, number: int, seed: int) -> None:
+        table = churn_table(ROWS, seed=seed, first_id=1 + number * ROWS)
+        pq.write_table(table, root / "in" / name, row_group_size=1_500)
+
+    return deliver
+
+
 def test_kill_during_an_incremental_commit_then_the_next_run_scores_exactly_what_was_missing(
     tmp_path: Path, binary_model_paths
 ) -> None:
@@ -261,18 +278,8 @@ def test_kill_during_an_incremental_commit_then_the_next_run_scores_exactly_what
     The table is then at version 0 with the old rows or version 1 with the new, exactly; the next
     incremental run scores exactly what was missing: version 1 holds every file once, as a full run
     over the inputs as they stand would, and a run after that finds nothing new."""
-    import pyarrow.parquet as pq
-
-    from batchscore.sample import churn_table
-
     root = tmp_path
-    shutil.copytree(binary_model_paths["model"].parent, root / "model")
-    (root / "in").mkdir()
-
-    def deliver(name: str, number: int, seed: int) -> None:
-        table = churn_table(ROWS, seed=seed, first_id=1 + number * ROWS)
-        pq.write_table(table, root / "in" / name, row_group_size=1_500)
-
+    deliver = _delivering(root, binary_model_paths)
     deliver("a.parquet", 0, 1)
     deliver("b.parquet", 1, 2)
     job = _job(root, "in", "--incremental")
@@ -323,19 +330,10 @@ def test_kill_during_an_incremental_iceberg_commit_then_the_next_run_scores_exac
     before its manifest. The table is then at its first snapshot with the old rows or at a second with the new,
     exactly; the next run scores exactly what was missing (two snapshots in all, the table equal to
     a full run over the inputs as they stand) and a run after that finds nothing new."""
-    import pyarrow.parquet as pq
     from pyiceberg.catalog.sql import SqlCatalog
 
-    from batchscore.sample import churn_table
-
     root = tmp_path
-    shutil.copytree(binary_model_paths["model"].parent, root / "model")
-    (root / "in").mkdir()
-
-    def deliver(name: str, number: int, seed: int) -> None:
-        table = churn_table(ROWS, seed=seed, first_id=1 + number * ROWS)
-        pq.write_table(table, root / "in" / name, row_group_size=1_500)
-
+    deliver = _delivering(root, binary_model_paths)
     deliver("a.parquet", 0, 1)
     deliver("b.parquet", 1, 2)
     job = [*_job(root, "in")[:-4], "--output-format", "iceberg", "--workers", "2", "--incremental"]
