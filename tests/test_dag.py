@@ -973,6 +973,18 @@ def test_drift_against_the_previous_interval_fails_the_commit_without_retry(
     assert report["drift"]["max_psi_column"] == "age"
 
 
+def incremental_delta_job(events: Path, table: Path, model: dict[str, Path]) -> dict[str, Any]:
+    """A job scoring the growing prefix ``events`` incrementally into the Delta table ``table``."""
+    return {
+        "input": str(events) + "/",
+        "output": str(table),
+        "output_format": "delta",
+        "incremental": True,
+        "model": str(model["model"]),
+        "scaler": str(model["scaler"]),
+    }
+
+
 @pytest.mark.slow
 def test_an_hourly_incremental_dag_scores_each_delivery_once(
     airflow_home: Path, configs_dir: Path, tmp_path: Path, binary_model_paths
@@ -988,14 +1000,7 @@ def test_an_hourly_incremental_dag_scores_each_delivery_once(
     events = tmp_path / "events"
     files = write_inputs(events, files=2, rows=1_104, row_group_size=400)
     table = tmp_path / "tables" / "scores"
-    job = {
-        "input": str(events) + "/",
-        "output": str(table),
-        "output_format": "delta",
-        "incremental": True,
-        "model": str(binary_model_paths["model"]),
-        "scaler": str(binary_model_paths["scaler"]),
-    }
+    job = incremental_delta_job(events, table, binary_model_paths)
     write_job(configs_dir, "hourly", job, {**LOCAL_DAG, "schedule": "@hourly", "shards": 2})
     dag = load_dags(configs_dir)["batchscore_hourly"]
     assert dag.max_active_runs == 1  # overlapping runs wait: one commit at a time, besides the lease
@@ -1177,14 +1182,7 @@ def test_upstream_asset_events_start_incremental_runs_that_score_each_delivery_o
         deliver()
 
     table = tmp_path / "tables" / "scores"
-    job = {
-        "input": str(events) + "/",
-        "output": str(table),
-        "output_format": "delta",
-        "incremental": True,
-        "model": str(binary_model_paths["model"]),
-        "scaler": str(binary_model_paths["scaler"]),
-    }
+    job = incremental_delta_job(events, table, binary_model_paths)
     write_job(configs_dir, "on_delivery", job, {**LOCAL_DAG, "schedule": None, "assets": [uri], "shards": 1})
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     assert bag.import_errors == {}
