@@ -88,6 +88,35 @@ def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(
         assert footer[b"batchscore.attempt"].decode() in {s["attempt"] for s in manifest["shards"]}
 
 
+@pytest.mark.slow
+@pytest.mark.fault
+def test_submitted_job_survives_a_killed_executor(
+    spark_cluster: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
+) -> None:
+    """The executor running shard 1's first attempt is killed (SIGKILL of its JVM) once that attempt
+    has written its first part: Spark loses the executor, runs the shard again on a live one, and
+    the commit is exact, holding the parts of the attempts whose receipts stand and nothing else."""
+    paths = write_inputs(tmp_path / "in", files=4, rows=528, row_group_size=200)
+    output = tmp_path / "out"
+    job = _job_file(
+        tmp_path,
+        input=str(tmp_path / "in"),
+        output=str(output),
+        model=str(binary_model_paths["model"]),
+        scaler=str(binary_model_paths["scaler"]),
+    )
+    done = spark_cluster.submit(
+        ["--config", str(job), "--shards", "2"], conf={"spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:executor"}
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(r"Lost executor \d+", done.stderr), spark_cluster.batchscore_lines(done)
+    assert "shard 1 by task attempt 1" in done.stdout + done.stderr, spark_cluster.batchscore_lines(done)
+    assert_exact(read_output(output), read_inputs(paths), binary_model_paths)
+    manifest = read_manifest(output)
+    assert manifest["rows"] == {"in": 2_112, "out": 2_112, "invalid": 0}
+    assert _output_files(output) == sorted([p["name"] for p in manifest["parts"]] + ["_SUCCESS"])
+
+
 #: Spark's speculation, as eager as it goes: a task running 1.2 times the median of those done
 #: (after a third of them) gets a copy on another host, checked every 100 ms.
 SPECULATION = {

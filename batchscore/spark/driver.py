@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -52,8 +53,9 @@ log = logging.getLogger(__name__)
 PERMANENT = {EXIT_USAGE: ConfigError, EXIT_INPUT: InputDataError, EXIT_MODEL: ModelError, EXIT_DRIFT: DriftError}
 #: A fault for the tests to inject into an executor: ``SHARD:WHEN`` makes the first attempt of task
 #: SHARD die (``os._exit``) at ``start``, once its first ``part`` is written (at the latest after its
-#: receipt), or after its ``receipt`` (Spark sees a lost task either way); or, with ``slow``, score
-#: one row per batch, so that Spark sees a straggler (and, with speculation on, starts a copy).
+#: receipt), or after its ``receipt`` (Spark sees a lost task either way); with ``executor``, kill
+#: the executor's JVM (SIGKILL) once its first part is written (Spark sees a lost executor); or, with
+#: ``slow``, score one row per batch, so that Spark sees a straggler (and, with speculation on, starts a copy).
 FAULT_ENV = "BATCHSCORE_SPARK_FAULT"
 #: How long the driver waits, after the last task succeeded, for attempts Spark is killing
 #: (speculative copies, attempts of a lost executor) to end before it commits.
@@ -232,7 +234,7 @@ def score_shard_task(
         os._exit(137)
     if fault == "slow":
         config = replace(config, batch_size=1)  # the same rows, one batch each: a straggler
-    watching = _die_once_written(output, first_parts[index], config) if fault == "part" else None
+    watching = _die_once_written(output, first_parts[index], config, fault) if fault in ("part", "executor") else None
     loads = kept_loads()
     try:
         done = api.run_shard(config, index, plan=plan_uri, plan_sha256=plan_sha256, keep_model=True, concurrent=True)
@@ -243,8 +245,8 @@ def score_shard_task(
     finally:
         if watching is not None:
             watching.set()
-    if fault in ("part", "receipt"):  # a shard of one part may finish before the watch saw it
-        os._exit(137)
+    if fault in ("part", "receipt", "executor"):  # a shard of one part may finish before the watch saw it
+        _die(fault)
     return {
         "shard": index,
         "task_attempt": attempt,
@@ -264,9 +266,27 @@ def _fault(index: int, attempt: int) -> str | None:
     return when if shard and attempt == 0 and int(shard) == index else None
 
 
-def _die_once_written(output: str, part_name: str | None, config: JobConfig) -> threading.Event:
-    """End this process as soon as a part of the planned ``part_name`` is in ``output`` (whatever
-    attempt it is named for: an attempt killed between parts), until the returned event is set."""
+def _die(fault: str) -> None:
+    """End this Python worker, and for ``executor`` first the executor JVM it works for (the
+    ancestor running ``CoarseGrainedExecutorBackend``, on every cluster manager; none in local mode)."""
+    if fault == "executor":
+        pid = os.getppid()
+        while pid > 1:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"CoarseGrainedExecutorBackend" in cmdline.read():
+                        os.kill(pid, signal.SIGKILL)
+                        break
+                with open(f"/proc/{pid}/stat") as stat:
+                    pid = int(stat.read().rpartition(")")[2].split()[1])
+            except OSError:
+                break
+    os._exit(137)
+
+
+def _die_once_written(output: str, part_name: str | None, config: JobConfig, fault: str) -> threading.Event:
+    """End this process (``_die``) as soon as a part of the planned ``part_name`` is in ``output``
+    (whatever attempt it is named for: an attempt killed between parts), until the returned event is set."""
     from ..io.sink import listing
     from ..io.storage import resolve
 
@@ -285,7 +305,7 @@ def _die_once_written(output: str, part_name: str | None, config: JobConfig) -> 
     def watch() -> None:
         while not done.is_set():
             if written() and not done.is_set():
-                os._exit(137)
+                _die(fault)
             time.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()
