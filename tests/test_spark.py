@@ -45,6 +45,13 @@ def _job_file(folder: Path, **job: Any) -> Path:
     return path
 
 
+def _local_job(folder: Path, models: dict[str, Path], **job: Any) -> tuple[Path, Path]:
+    """A job file scoring ``folder/in`` with ``models`` into ``folder/out``, and that output."""
+    output = folder / "out"
+    model, scaler = str(models["model"]), str(models["scaler"])
+    return _job_file(folder, input=str(folder / "in"), output=str(output), model=model, scaler=scaler, **job), output
+
+
 def _output_files(output: Path) -> list[str]:
     return sorted(os.listdir(output))
 
@@ -60,14 +67,7 @@ def test_submitted_job_is_exact_and_survives_a_killed_task_attempt(
     of shard 1 dies (os._exit) once its first part is written. Spark retries it; the commit is
     exact, in input order, with one part per planned unit and nothing else in the output."""
     paths = write_inputs(tmp_path / "in", files=5, rows=656, row_group_size=200)
-    output = tmp_path / "out"
-    job = _job_file(
-        tmp_path,
-        input=str(tmp_path / "in"),
-        output=str(output),
-        model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]),
-    )
+    job, output = _local_job(tmp_path, binary_model_paths)
     done = spark_cluster.submit(
         ["--config", str(job), "--shards", "3"], conf={"spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:part"}
     )
@@ -97,14 +97,7 @@ def test_submitted_job_survives_a_killed_executor(
     has written its first part: Spark loses the executor, runs the shard again on a live one, and
     the commit is exact, holding the parts of the attempts whose receipts stand and nothing else."""
     paths = write_inputs(tmp_path / "in", files=4, rows=528, row_group_size=200)
-    output = tmp_path / "out"
-    job = _job_file(
-        tmp_path,
-        input=str(tmp_path / "in"),
-        output=str(output),
-        model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]),
-    )
+    job, output = _local_job(tmp_path, binary_model_paths)
     done = spark_cluster.submit(
         ["--config", str(job), "--shards", "2"], conf={"spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:executor"}
     )
@@ -139,14 +132,7 @@ def test_a_real_speculative_copy_commits_exactly_without_stray_parts(
     and Spark kills the other attempt. The committed output is exact, holds the parts of the
     attempt whose receipt stands and nothing else, and every part of the other attempt is gone."""
     paths = write_inputs(tmp_path / "in", files=12, rows=752, row_group_size=376)  # a part a file, 4 a shard
-    output = tmp_path / "out"
-    job = _job_file(
-        tmp_path,
-        input=str(tmp_path / "in"),
-        output=str(output),
-        model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]),
-    )
+    job, output = _local_job(tmp_path, binary_model_paths)
     done = spark_cluster.submit(
         ["--config", str(job), "--shards", "3"],
         conf={**SPECULATION, "spark.executorEnv.BATCHSCORE_SPARK_FAULT": "1:slow"},
@@ -207,15 +193,7 @@ def test_submitted_job_with_a_wrong_pin_exits_4_and_writes_nothing(
     spark_cluster: Any, tmp_path: Path, binary_model_paths: dict[str, Path]
 ) -> None:
     write_inputs(tmp_path / "in", files=1, rows=480, row_group_size=160)
-    output = tmp_path / "out"
-    job = _job_file(
-        tmp_path,
-        input=str(tmp_path / "in"),
-        output=str(output),
-        model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]),
-        model_sha256="0" * 64,
-    )
+    job, output = _local_job(tmp_path, binary_model_paths, model_sha256="0" * 64)
     done = spark_cluster.submit(["--config", str(job)])
     assert done.returncode == 4, done.stderr[-4000:]
     assert "does not match its pinned digest" in done.stdout + done.stderr
@@ -397,15 +375,7 @@ def test_two_attempts_of_one_shard_at_once_commit_exactly(tmp_path: Path, binary
     planned again, whose attempt does not take the earlier run's receipt for its own; then a plain
     rerun of the shard replaces it, and the commit removes every part named for an attempt."""
     paths = write_inputs(tmp_path / "in", files=4, rows=1_600, row_group_size=400)
-    output = tmp_path / "out"
-    job = _job_file(
-        tmp_path,
-        input=str(tmp_path / "in"),
-        output=str(output),
-        model=str(binary_model_paths["model"]),
-        scaler=str(binary_model_paths["scaler"]),
-        workers=2,
-    )
+    job, output = _local_job(tmp_path, binary_model_paths, workers=2)
     config = batchscore.build_config(str(job))
     plan = batchscore.plan(config, shards=1, out=plan_path(str(output)))
     attempt = [sys.executable, "-c", _ATTEMPT, str(job), plan_path(str(output)), plan.sha256]

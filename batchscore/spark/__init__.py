@@ -9,53 +9,27 @@ input order, through batchscore's own storage layer), and the driver commits wit
 step (``batchscore spark --plan P --no-commit``, what the Airflow DAG submits).
 ``score`` scores a DataFrame a Spark job already has, with ``mapInArrow`` over the same predictor.
 
-pyspark is imported only when one of them is called (the ``spark`` extra installs it).
+Their modules, and pyspark with them, are imported only when one of them is first used (the
+``spark`` extra installs pyspark).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..api import CommitResult
-    from ..config import JobConfig
-    from .driver import ScoredPlan
+    from .driver import run_job, score_plan
+    from .frame import score
+
+#: Where each entry point lives: its module (and pyspark with it) is imported on first use.
+_HOMES = {"run_job": "driver", "score_plan": "driver", "score": "frame"}
 
 
-def run_job(
-    config: JobConfig,
-    spark: Any = None,
-    shards: int | None = None,
-    master: str | None = None,
-    plan: str | None = None,
-    plan_sha256: str | None = None,
-) -> CommitResult:
-    """Score ``config``'s job on Spark and commit it; see ``batchscore.spark.driver``."""
-    from .driver import run_job as run
-
-    return run(config, spark=spark, shards=shards, master=master, plan=plan, plan_sha256=plan_sha256)
-
-
-def score_plan(
-    config: JobConfig,
-    spark: Any = None,
-    shards: int | None = None,
-    master: str | None = None,
-    plan: str | None = None,
-    plan_sha256: str | None = None,
-) -> ScoredPlan:
-    """Score every shard of ``plan`` on Spark without committing (an orchestrator's commit step
-    follows); see ``batchscore.spark.driver``."""
-    from .driver import score_plan as score_shards
-
-    return score_shards(config, spark=spark, shards=shards, master=master, plan=plan, plan_sha256=plan_sha256)
-
-
-def score(df: Any, config_or_model: Any, **settings: Any) -> Any:
-    """``df`` with the job's prediction columns; see ``batchscore.spark.frame``."""
-    from .frame import score as score_frame
-
-    return score_frame(df, config_or_model, **settings)
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
 
 
 __all__ = ["run_job", "score", "score_plan"]
